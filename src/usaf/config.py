@@ -1,0 +1,85 @@
+"""The one config tree: engine settings (``UsafConfig``) and run settings (``TrainConfig``).
+
+Every field carries its help text; the CLI flags, the YAML run files and the docs are derived from
+these dataclasses, and the resolved config is saved beside every run.
+"""
+
+from __future__ import annotations
+
+from dataclasses import MISSING, dataclass, field, fields
+
+
+def _f(default, help: str, **kw):
+    return field(default=default, metadata={"help": help, **kw})
+
+
+@dataclass
+class UsafConfig:
+    """How a model is made trainable (used by ``usaf.prepare`` and ``usaf.select``)."""
+
+    density: float = _f(0.005, "fraction of expert weights in the trainable layers that train")
+    train_layers: str = _f("all", "decoder layers that train: all | top:N | a-b (inclusive, 0-based)")
+    quant: str = _f("4bit", "frozen expert storage: 4bit | 8bit | none", choices=("4bit", "8bit", "none"))
+    group_size: int = _f(64, "quantization group size (64 -> 4.5 bits/weight at 4-bit)")
+    train_router: bool = _f(True, "train the routers of the trainable layers (fp32 masters)")
+    router_aux_loss: bool = _f(False, "add the family's load-balancing auxiliary loss, where it has one")
+    score: str = _f("abs", "importance: abs = sum |grad|, sq = sum grad^2", choices=("abs", "sq"))
+    score_budget_mb: int = _f(1024, "memory for dense importance buffers; layers are scored in groups")
+    layer_share_cap: float = _f(4.0, "a layer may take at most this multiple of its fair share of budget")
+    chunk_mb: int = _f(256, "max dequantized expert weights held at once per layer, MB")
+
+
+@dataclass
+class TrainConfig:
+    """A training run (``usaf train``)."""
+
+    model: str = _f("", "local Hugging Face checkpoint directory, or a hub id when online")
+    data: str = _f("", "training data: .jsonl (text | prompt/completion | messages | input_ids) or .txt")
+    out: str = _f("", "output directory")
+    eval_data: str = _f("", "held-out data; default: a split of --data")
+    steps: int = _f(0, "optimizer steps (0 = derive from --epochs)")
+    epochs: float = _f(1.0, "epochs over the training data when --steps is 0")
+    seq_len: int = _f(512, "tokens per sequence")
+    batch_size: int = _f(4, "sequences per micro-batch")
+    grad_accum: int = _f(1, "micro-batches per optimizer step")
+    lr: float = _f(2e-4, "learning rate of the sparse expert deltas")
+    router_lr: float = _f(5e-5, "learning rate of the routers")
+    weight_decay: float = _f(0.0, "AdamW weight decay of the deltas (pulls them toward the base)")
+    warmup: float = _f(0.05, "warmup, as a fraction of the steps")
+    reselect_every: int = _f(50, "RigL reselection period in steps (0 = off)")
+    reselect_fraction: float = _f(0.3, "initial fraction of active elements replaced; decays to 0")
+    calib_batches: int = _f(4, "batches used to score importance for the initial selection")
+    eval_every: int = _f(0, "evaluate every N steps (0 = only before and after)")
+    save_every: int = _f(0, "checkpoint every N steps (0 = only at the end)")
+    max_eval_batches: int = _f(0, "cap on eval batches (0 = all)")
+    seed: int = _f(0, "random seed")
+    device: str = _f("auto", "auto | cpu | cuda | cuda:N | mps")
+    dtype: str = _f("auto", "compute dtype: auto (bf16 where fast) | bf16 | fp16 | fp32")
+    resume: str = _f("", "resume the run in this output directory")
+    overwrite: bool = _f(False, "replace an existing run in --out")
+    quiet: bool = _f(False, "no progress bar")
+    trust_remote_code: bool = _f(False, "allow model code from the checkpoint (off by default)")
+    usaf: UsafConfig = field(default_factory=UsafConfig)
+
+
+def to_dict(cfg) -> dict:
+    out = {}
+    for f in fields(cfg):
+        v = getattr(cfg, f.name)
+        out[f.name] = to_dict(v) if hasattr(v, "__dataclass_fields__") else v
+    return out
+
+
+def from_dict(cls, data: dict):
+    """Build a config from a (possibly partial) dict; unknown keys are an error naming the key."""
+    known = {f.name: f for f in fields(cls)}
+    kwargs = {}
+    for k, v in data.items():
+        k = k.replace("-", "_")
+        if k not in known:
+            raise ValueError(f"unknown config key {k!r} (known: {', '.join(known)})")
+        factory = known[k].default_factory
+        if factory is not MISSING and isinstance(v, dict):
+            v = from_dict(factory, v)
+        kwargs[k] = v
+    return cls(**kwargs)

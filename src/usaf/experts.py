@@ -1,0 +1,233 @@
+"""The hot path: routed expert compute over a frozen (optionally quantized) base plus sparse deltas.
+
+``UsafExperts`` replaces a transformers fused-experts module. Its forward groups the routed
+(token, expert) pairs by expert, and ``ExpertsFunction`` runs only the experts that were hit:
+
+- forward: per run of hit experts, dequantize the frozen stack, add that run's delta (O(nnz)),
+  then one matmul pair per expert; it saves the sorted inputs and the gate/up pre-activations only.
+- backward: re-dequantizes the weights (never saved), returns the input gradient and the gradient of
+  the compact delta values, ``g[k] = sum_t dY[t, r_k] * X[t, c_k]`` over the tokens of that expert.
+  Either gather-dot (O(T * nnz)) or a per-expert GEMM ``dY^T X`` gathered and freed at once, chosen by
+  cost; no dense gradient of a whole expert stack ever exists.
+- selection mode (``scores`` set): also accumulates ``|dL/dW|`` (or its square) into per-layer dense score
+  buffers, used by ``usaf.select`` and RigL reselection.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .delta import SparseDelta
+from .store import DenseStack, freeze_stack
+
+NAMES = ("gate_up_proj", "down_proj")
+
+# Relative cost of one gather-dot multiply-add vs one GEMM multiply-add (measured: bench/sparse_grad.py).
+GATHER_COST = 24.0
+# Bound on the temporary (T x nnz) gather buffer, in elements.
+GATHER_CHUNK = 1 << 22
+
+
+def _default_gate(act_fn):
+    def gate(h: torch.Tensor) -> torch.Tensor:
+        g, u = h.chunk(2, dim=-1)
+        return act_fn(g) * u
+
+    return gate
+
+
+class UsafExperts(nn.Module):
+    """Drop-in replacement for a transformers fused experts module.
+
+    The frozen stacks live in ``self.frozen`` (dense or quantized, not parameters); the only trainable
+    expert tensors are ``self.deltas[name].values``.
+    """
+
+    def __init__(self, stock: nn.Module, transposed: bool, bias: bool, quant: str = "none",
+                 group_size: int = 64, chunk_bytes: int = 256 << 20):
+        super().__init__()
+        self.transposed = transposed
+        self.num_experts = stock.gate_up_proj.shape[0]
+        self.frozen = {name: freeze_stack(getattr(stock, name).data, quant, group_size) for name in NAMES}
+        self.base_dtype = stock.gate_up_proj.dtype
+        self.quant = quant
+        if bias:
+            self.register_buffer("gate_up_bias", stock.gate_up_proj_bias.detach().clone(), persistent=False)
+            self.register_buffer("down_bias", stock.down_proj_bias.detach().clone(), persistent=False)
+        else:
+            self.gate_up_bias = self.down_bias = None
+        apply_gate = getattr(type(stock), "_apply_gate", None)  # set by transformers' experts decorator
+        if apply_gate is not None:
+            self._gate = lambda h, _s=stock: apply_gate(_s, h)
+        else:
+            self._gate = _default_gate(stock.act_fn)
+        # Keep the stock module (minus its big tensors) for its gate constants (e.g. gpt_oss alpha/limit).
+        for name in NAMES + ("gate_up_proj_bias", "down_proj_bias"):
+            if name in stock._parameters:
+                del stock._parameters[name]
+        self._stock = [stock]
+        self.deltas = nn.ModuleDict()
+        self.chunk_bytes = chunk_bytes
+        self.scores: dict[str, torch.Tensor] | None = None
+        self.score_power = 1
+
+    # ----------------------------------------------------------------------------------------------
+    def shape(self, name: str) -> tuple[int, ...]:
+        return tuple(self.frozen[name].shape)
+
+    def init_deltas(self, device=None) -> None:
+        for name in NAMES:
+            if name not in self.deltas:
+                self.deltas[name] = SparseDelta(self.shape(name), device=device)
+
+    def weight(self, name: str, start: int, stop: int, dtype, device, values=None) -> torch.Tensor:
+        """Effective weights of experts ``[start, stop)``: dequantized base + delta, (n, R, C)."""
+        delta = self.deltas[name] if name in self.deltas else None
+        has_delta = delta is not None and delta.span(start, stop)[0] != delta.span(start, stop)[1]
+        frozen = self.frozen[name]
+        if isinstance(frozen, DenseStack):
+            w = frozen.dequantize(start, stop, dtype, device) if has_delta or frozen.dtype != dtype else \
+                frozen.tensor[start:stop].to(device)
+        else:
+            w = frozen.dequantize(start, stop, dtype=dtype, device=device)
+        if has_delta:
+            delta.add_to(w, start, stop, values=values)
+        return w
+
+    def runs(self, counts: list[int]) -> list[tuple[int, int]]:
+        """Group consecutive hit experts into runs whose dequantized weights fit ``chunk_bytes``."""
+        per_expert = 2 * sum(int(torch.tensor(self.shape(n)[1:]).prod()) for n in NAMES)
+        cap = max(1, self.chunk_bytes // max(per_expert, 1))
+        runs, start = [], None
+        for e, c in enumerate(counts + [0]):
+            if c and start is None:
+                start = e
+            if start is not None and (not c or e - start >= cap):
+                runs.append((start, e))
+                start = e if c else None
+        return runs
+
+    def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor,
+                score_on_input: bool = False) -> torch.Tensor:
+        """Args: hidden_states (T, H); top_k_index (T, K); top_k_weights (T, K). Returns (T, H)."""
+        num_tokens, top_k = top_k_index.shape
+        flat = top_k_index.reshape(-1)
+        _, perm = torch.sort(flat, stable=True)
+        counts = torch.bincount(flat, minlength=self.num_experts + 1)[: self.num_experts].tolist()
+        perm = perm[: sum(counts)]  # routes to the sentinel expert (index == E) are dropped
+        tok = perm // top_k
+        weights = top_k_weights.reshape(-1)[perm].unsqueeze(-1)
+        xs = hidden_states[tok]  # (S, H) grouped by expert
+        if score_on_input:  # llama4: the routing score scales the expert input
+            xs = xs * weights
+        values = [self.deltas[n].values for n in NAMES]
+        ys = ExpertsFunction.apply(xs, values[0], values[1], self, counts)
+        if not score_on_input:
+            ys = ys * weights
+        out = torch.zeros_like(hidden_states)
+        return out.index_add_(0, tok, ys.to(hidden_states.dtype))
+
+
+def _sparse_grad(left: torch.Tensor, right: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """Gather of ``(left^T @ right).view(-1)[idx]`` without forming it when that is cheaper.
+
+    Args:
+        left: (T, R); right: (T, C); idx: (n,) int64 flat indices into (R, C). Returns (n,) fp32.
+    """
+    n_tok, rows = left.shape
+    cols = right.shape[1]
+    if idx.numel() * GATHER_COST >= rows * cols:
+        return (left.t() @ right).view(-1)[idx].float()
+    out = torch.empty(idx.numel(), dtype=torch.float32, device=left.device)
+    step = max(1, GATHER_CHUNK // max(n_tok, 1))
+    lf, rf = left.float(), right.float()
+    for a in range(0, idx.numel(), step):
+        k = idx[a : a + step]
+        out[a : a + step] = (lf[:, k // cols] * rf[:, k % cols]).sum(0)
+    return out
+
+
+class ExpertsFunction(torch.autograd.Function):
+    """Routed expert MLP over ``base + delta``; gradients for the inputs and the delta values only."""
+
+    @staticmethod
+    def forward(ctx, x, v_gate_up, v_down, mod: UsafExperts, counts: list[int]):
+        # x: (S, H) token rows grouped by expert, counts[e] rows for expert e.
+        bounds = [0]
+        for c in counts:
+            bounds.append(bounds[-1] + c)
+        width = mod.shape("gate_up_proj")[2 if mod.transposed else 1]
+        out = x.new_empty(x.shape[0], x.shape[1])
+        h_all = x.new_empty(x.shape[0], width)  # (S, 2I) pre-activations, saved for backward
+        for start, stop in mod.runs(counts):
+            w_gu = mod.weight("gate_up_proj", start, stop, x.dtype, x.device, v_gate_up)
+            w_dn = mod.weight("down_proj", start, stop, x.dtype, x.device, v_down)
+            for e in range(start, stop):
+                a, b = bounds[e], bounds[e + 1]
+                wg, wd = w_gu[e - start], w_dn[e - start]
+                h = x[a:b] @ (wg if mod.transposed else wg.t())
+                if mod.gate_up_bias is not None:
+                    h = h + mod.gate_up_bias[e]
+                h_all[a:b] = h
+                y = mod._gate(h) @ (wd if mod.transposed else wd.t())
+                if mod.down_bias is not None:
+                    y = y + mod.down_bias[e]
+                out[a:b] = y
+        ctx.save_for_backward(x, h_all)
+        ctx.mod, ctx.bounds, ctx.counts = mod, bounds, counts
+        return out
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, h_all = ctx.saved_tensors
+        mod, bounds, counts = ctx.mod, ctx.bounds, ctx.counts
+        dy = dy.contiguous()
+        dx = torch.zeros_like(x)
+        want = ctx.needs_input_grad[1] or ctx.needs_input_grad[2]
+        grads = {n: torch.zeros_like(mod.deltas[n].values) for n in NAMES} if want else None
+        scores = mod.scores
+        for start, stop in mod.runs(counts):
+            w_gu = mod.weight("gate_up_proj", start, stop, x.dtype, x.device)
+            w_dn = mod.weight("down_proj", start, stop, x.dtype, x.device)
+            for e in range(start, stop):
+                a, b = bounds[e], bounds[e + 1]
+                xe, he, dye = x[a:b], h_all[a:b], dy[a:b]
+                wg, wd = w_gu[e - start], w_dn[e - start]
+                with torch.enable_grad():
+                    hh = he.detach().requires_grad_(True)
+                    act = mod._gate(hh)  # (T, I)
+                dact = dye @ (wd.t() if mod.transposed else wd)
+                (dh,) = torch.autograd.grad(act, hh, dact)
+                dx[a:b] = dh @ (wg.t() if mod.transposed else wg)
+                act = act.detach()
+                # dW = left^T @ right in the native layout of each stack.
+                pairs = {"down_proj": (act, dye) if mod.transposed else (dye, act),
+                         "gate_up_proj": (xe, dh) if mod.transposed else (dh, xe)}
+                for name, (left, right) in pairs.items():
+                    if scores is not None and name in scores:
+                        dw = left.t() @ right
+                        scores[name][e] += dw.abs().to(scores[name].dtype) if mod.score_power == 1 else \
+                            dw.float().square().to(scores[name].dtype)
+                    if grads is not None:
+                        delta = mod.deltas[name]
+                        i0, i1 = delta.span(e, e + 1)
+                        if i0 != i1:
+                            grads[name][i0:i1] = _sparse_grad(left, right, delta.local(e, e + 1))
+        g_gu = grads["gate_up_proj"] if grads is not None else None
+        g_dn = grads["down_proj"] if grads is not None else None
+        return dx, g_gu, g_dn, None, None
+
+
+def llama4_block_forward(self, hidden_states: torch.Tensor):
+    """Routed equivalent of ``Llama4TextMoe.forward`` (stock computes every expert for every token)."""
+    hidden_states = hidden_states.reshape(-1, self.hidden_dim)
+    router_scores, router_logits = self.router(hidden_states)  # (T, E) zero outside the top-k
+    top_idx = torch.topk(router_logits, self.top_k, dim=1).indices
+    top_w = router_scores.gather(1, top_idx)
+    routed = self.experts(hidden_states, top_idx, top_w, score_on_input=True)
+    out = self.shared_expert(hidden_states)
+    out.add_(routed)
+    return out, router_logits
+
+

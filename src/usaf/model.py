@@ -1,0 +1,259 @@
+"""Turn a loaded transformers MoE model into a trainable usaf model: ``prepare(model, UsafConfig())``.
+
+After ``prepare``:
+- every fused experts module is a ``UsafExperts`` (frozen base outside the parameters, quantized if
+  asked, plus sparse deltas in the trainable layers);
+- every parameter is frozen except the delta values and the routers of the trainable layers;
+- the model is still the same ``nn.Module`` and runs in a plain PyTorch loop or in ``transformers.Trainer``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import types
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from .config import UsafConfig
+from .delta import SparseDelta
+from .experts import NAMES, UsafExperts, llama4_block_forward
+from .families import Family, UnsupportedModelError, family_for, get_path, set_path
+
+FORMAT_VERSION = "1"
+
+
+@dataclass
+class MoeLayer:
+    """One decoder layer's MoE block after ``prepare``."""
+
+    index: int  # decoder layer index
+    prefix: str  # module name of the experts module, e.g. "model.layers.3.mlp.experts"
+    experts: UsafExperts
+    router: nn.Module
+    router_prefix: str
+    trainable: bool
+
+
+def decoder_layers(model: nn.Module) -> nn.ModuleList:
+    cfg = model.config.get_text_config()
+    n = cfg.num_hidden_layers
+    for path in ("model.layers", "model.language_model.layers", "language_model.model.layers"):
+        layers = get_path(model, path)
+        if isinstance(layers, nn.ModuleList) and len(layers) == n:
+            return layers
+    for _, mod in model.named_modules():
+        if isinstance(mod, nn.ModuleList) and len(mod) == n:
+            return mod
+    raise UnsupportedModelError(f"could not find the {n} decoder layers of {type(model).__name__}")
+
+
+def parse_layers(spec: str, num_layers: int) -> range:
+    """``all`` | ``top:N`` | ``a-b`` (inclusive) -> range of decoder layer indices."""
+    spec = (spec or "all").strip()
+    try:
+        if spec == "all":
+            return range(num_layers)
+        if spec.startswith("top:"):
+            n = int(spec[4:])
+            if not 1 <= n <= num_layers:
+                raise ValueError
+            return range(num_layers - n, num_layers)
+        a, b = (int(x) for x in spec.split("-"))
+        if not 0 <= a <= b < num_layers:
+            raise ValueError
+        return range(a, b + 1)
+    except ValueError:
+        raise ValueError(
+            f"--train-layers {spec!r} is not valid for a model with {num_layers} layers "
+            f"(use all, top:N with 1<=N<={num_layers}, or a-b with 0<=a<=b<={num_layers - 1})"
+        ) from None
+
+
+def fingerprint(model: nn.Module, family: Family) -> str:
+    """A short hash of the base model: family, shapes and a strided sample of every expert/router weight."""
+    h = hashlib.sha256(family.model_type.encode())
+    for name, p in model.named_parameters():
+        if ".experts." in f".{name}" or p.dim() == 3 or "router" in name or name.endswith("gate.weight"):
+            flat = p.detach().reshape(-1)
+            step = max(1, flat.numel() // 4096)
+            h.update(name.encode() + str(tuple(p.shape)).encode())
+            h.update(flat[::step].float().cpu().numpy().tobytes())
+    return h.hexdigest()[:32]
+
+
+class UsafModel:
+    """Handle on a prepared model: its MoE layers, deltas, routers and the delta file."""
+
+    def __init__(self, model: nn.Module, config: UsafConfig, family: Family, layers: list[MoeLayer],
+                 base_fingerprint: str):
+        self.model = model
+        self.config = config
+        self.family = family
+        self.layers = layers
+        self.fingerprint = base_fingerprint
+
+    # -- views -----------------------------------------------------------------------------------
+    @property
+    def trainable_layers(self) -> list[MoeLayer]:
+        return [m for m in self.layers if m.trainable]
+
+    def deltas(self) -> dict[str, SparseDelta]:
+        """``{"<experts prefix>.<tensor name>": SparseDelta}`` for the trainable layers."""
+        return {f"{m.prefix}.{n}": m.experts.deltas[n] for m in self.trainable_layers for n in NAMES}
+
+    def router_parameters(self) -> dict[str, nn.Parameter]:
+        if not self.config.train_router:
+            return {}
+        return {f"{m.router_prefix}.{n}": p for m in self.trainable_layers for n, p in m.router.named_parameters()}
+
+    def expert_elements(self) -> int:
+        """Expert weights in the trainable layers (what the density applies to)."""
+        return sum(d.numel for d in self.deltas().values())
+
+    def budget(self, density: float | None = None) -> int:
+        density = self.config.density if density is None else density
+        return int(round(density * self.expert_elements()))
+
+    def active(self) -> int:
+        return sum(len(d) for d in self.deltas().values())
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        return [d.values for d in self.deltas().values()] + list(self.router_parameters().values())
+
+    # -- delta file --------------------------------------------------------------------------------
+    def delta_state(self) -> dict[str, torch.Tensor]:
+        out = {}
+        for key, d in self.deltas().items():
+            out[f"{key}.indices"] = d.indices.detach().cpu().contiguous()
+            out[f"{key}.values"] = d.values.detach().float().cpu().contiguous()
+        for key, p in self.router_parameters().items():
+            out[f"router::{key}"] = p.detach().float().cpu().contiguous()
+        return out
+
+    def delta_metadata(self, **extra) -> dict[str, str]:
+        shapes = {k: list(d.shape) for k, d in self.deltas().items()}
+        meta = {
+            "format": "usaf-delta",
+            "version": FORMAT_VERSION,
+            "model_type": self.family.model_type,
+            "base_fingerprint": self.fingerprint,
+            "density": repr(self.config.density),
+            "active": str(self.active()),
+            "train_layers": self.config.train_layers,
+            "shapes": json.dumps(shapes),
+        }
+        meta.update({k: str(v) for k, v in extra.items()})
+        return meta
+
+    def save_delta(self, path, **extra) -> None:
+        """Write the delta file (safetensors): indices, values, routers, metadata."""
+        from .io import atomic_save_safetensors
+
+        atomic_save_safetensors(self.delta_state(), path, metadata=self.delta_metadata(**extra))
+
+    def load_delta(self, path, check_fingerprint: bool = True) -> dict[str, str]:
+        """Load a delta file into this prepared model; refuses a delta made for another base."""
+        from .io import read_safetensors
+
+        tensors, meta = read_safetensors(path)
+        if meta.get("format") != "usaf-delta":
+            raise ValueError(f"{path} is not a usaf delta file")
+        if check_fingerprint and meta.get("base_fingerprint") != self.fingerprint:
+            raise ValueError(
+                f"{path} was made for another base model (fingerprint {meta.get('base_fingerprint')}, "
+                f"this model is {self.fingerprint})"
+            )
+        self.load_delta_state(tensors)
+        return meta
+
+    @torch.no_grad()
+    def load_delta_state(self, tensors: dict[str, torch.Tensor]) -> None:
+        deltas = self.deltas()
+        keys = {k.rsplit(".", 1)[0] for k in tensors if not k.startswith("router::")}
+        missing = keys - set(deltas)
+        if missing:
+            raise ValueError(f"delta has tensors for layers that do not train here: {sorted(missing)[:3]}")
+        for key, d in deltas.items():
+            if f"{key}.indices" in tensors:
+                d.set(tensors[f"{key}.indices"], tensors[f"{key}.values"])
+            else:
+                d.set(torch.empty(0, dtype=torch.int64))
+        routers = self.router_parameters()
+        for k, v in tensors.items():
+            if k.startswith("router::"):
+                name = k[len("router::"):]
+                if name not in routers:
+                    raise ValueError(f"delta has a router {name!r} that does not train here")
+                routers[name].copy_(v.to(routers[name].dtype))
+
+
+def prepare(model: nn.Module, config: UsafConfig | None = None) -> UsafModel:
+    """Make a loaded transformers MoE model trainable with sparse expert deltas.
+
+    Args:
+        model: a ``*ForCausalLM`` of a family in ``usaf.families.FAMILIES``.
+        config: engine settings; ``UsafConfig()`` defaults when omitted.
+
+    Returns:
+        A ``UsafModel`` handle; ``handle.model`` is the same (patched) module.
+
+    Raises:
+        UnsupportedModelError: dense model or unknown family (one line naming the supported ones).
+        ValueError: a bad ``train_layers`` spec or density.
+    """
+    config = config or UsafConfig()
+    if not 0 < config.density <= 1:
+        raise ValueError(f"density must be in (0, 1], got {config.density}")
+    family = family_for(model.config)
+    layers = decoder_layers(model)
+    train_range = parse_layers(config.train_layers, len(layers))
+    base_fp = fingerprint(model, family)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    moe: list[MoeLayer] = []
+    names = {id(m): n for n, m in model.named_modules()}
+    for i, layer in enumerate(layers):
+        block = get_path(layer, family.block)
+        stock = get_path(block, family.experts) if block is not None else None
+        if stock is None or getattr(getattr(stock, "gate_up_proj", None), "dim", lambda: 0)() != 3:
+            continue  # a dense layer (e.g. deepseek's leading layers)
+        experts = UsafExperts(stock, family.transposed, family.bias, config.quant, config.group_size,
+                              chunk_bytes=config.chunk_mb << 20)
+        set_path(block, family.experts, experts)
+        if family.dispatch == "llama4":
+            block.forward = types.MethodType(llama4_block_forward, block)
+        trainable = i in train_range
+        experts.init_deltas(device=next(iter(layer.parameters())).device)
+        for d in experts.deltas.values():
+            d.values.requires_grad_(trainable)
+        router = get_path(block, family.router)
+        if trainable and config.train_router:
+            for p in router.parameters():
+                p.requires_grad_(True)
+        prefix = f"{names[id(block)]}.{family.experts}"
+        moe.append(MoeLayer(i, prefix, experts, router, names[id(router)], trainable))
+    if not moe:
+        raise UnsupportedModelError(
+            f"{type(model).__name__} has no fused expert layers (a dense model?); usaf trains "
+            f"Mixture-of-Experts models"
+        )
+    if not any(m.trainable for m in moe):
+        raise ValueError(f"--train-layers {config.train_layers!r} contains no MoE layer")
+    text_cfg = model.config.get_text_config()
+    if hasattr(text_cfg, "output_router_logits"):
+        text_cfg.output_router_logits = config.router_aux_loss
+        model.config.output_router_logits = config.router_aux_loss
+    handle = UsafModel(model, config, family, moe, base_fp)
+    model.usaf = handle  # type: ignore[attr-defined]
+    return handle
+
+
+@torch.no_grad()
+def effective_weight(layer: MoeLayer, name: str, dtype=None) -> torch.Tensor:
+    """Dense effective ``[E, R, C]`` weight (base + delta) of one stack: for tests, merge and export."""
+    ex = layer.experts
+    dtype = dtype or ex.base_dtype
+    return ex.weight(name, 0, ex.num_experts, dtype, ex.deltas[name].values.device)
