@@ -64,7 +64,8 @@ class SparseDelta(nn.Module):
         self.indices = indices.to(index_dtype(self.numel))
         bounds = torch.arange(self.shape[0] + 1, device=device, dtype=torch.int64) * self.per_expert
         self.offsets = torch.searchsorted(indices, bounds)
-        self.values.data = values.contiguous()  # same Parameter object: optimizers keep track of it
+        # A new Parameter (autograd caches a leaf's shape): optimizers swap it in, see UsafOptimizer.remap.
+        self.values = nn.Parameter(values.contiguous(), requires_grad=self.values.requires_grad)
         return perm
 
     def span(self, start: int, stop: int) -> tuple[int, int]:

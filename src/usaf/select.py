@@ -1,0 +1,132 @@
+"""Choosing what trains: importance scores and the budget allocated across layers and experts.
+
+Importance of an expert weight = ``sum |dL/dW|`` (or ``sum (dL/dW)^2``) over a few calibration batches,
+computed inside the experts' backward (``UsafExperts.scores``). Layers are scored in groups from the
+top, so that the dense score buffers of at most ``score_budget_mb`` exist at once (one layer at a time
+for a large model). Each scored layer keeps only its best candidates (at most ``layer_share_cap`` times
+its fair share of the budget), then one global threshold picks the budget over all candidates: the
+budget goes where the scores are, not a fixed fraction of every tensor.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Iterable
+
+import torch
+
+from .experts import NAMES
+from .model import MoeLayer, UsafModel
+
+
+def default_loss(model, batch: dict) -> torch.Tensor:
+    device = next(model.parameters()).device
+    batch = {k: v.to(device) for k, v in batch.items()}
+    return model(**batch).loss
+
+
+def _groups(layers: list[MoeLayer], budget_bytes: int, elem_bytes: int) -> list[list[MoeLayer]]:
+    groups, cur, used = [], [], 0
+    for m in layers:
+        size = sum(m.experts.deltas[n].numel for n in NAMES) * elem_bytes
+        if cur and used + size > budget_bytes:
+            groups.append(cur)
+            cur, used = [], 0
+        cur.append(m)
+        used += size
+    if cur:
+        groups.append(cur)
+    return groups
+
+
+def candidates(handle: UsafModel, batches: Iterable[dict], budget: int, exclude_active: bool = False,
+               loss_fn: Callable | None = None, n_batches: int | None = None) -> list[tuple]:
+    """Score the trainable layers and return each layer's top candidates.
+
+    Returns:
+        list of ``(layer, flat_scores (k,), flat_index (k,))`` where flat_index runs over the layer's
+        stacks concatenated in ``NAMES`` order.
+    """
+    cfg = handle.config
+    loss_fn = loss_fn or default_loss
+    batches = list(batches) if n_batches is None else [b for _, b in zip(range(n_batches), batches)]
+    if not batches:
+        raise ValueError("no calibration batches for selection")
+    layers = list(reversed(handle.trainable_layers))  # from the top
+    total = handle.expert_elements()
+    elem_bytes = 4
+    out = []
+    model = handle.model
+    was_training = model.training
+    model.train()
+    try:
+        for group in _groups(layers, cfg.score_budget_mb << 20, elem_bytes):
+            for m in group:
+                m.experts.scores = {n: torch.zeros(m.experts.shape(n), dtype=torch.float32,
+                                                   device=m.experts.deltas[n].values.device) for n in NAMES}
+                m.experts.score_power = 1 if cfg.score == "abs" else 2
+            for batch in batches:
+                loss_fn(model, batch).backward()
+                for p in handle.trainable_parameters():
+                    p.grad = None
+            for m in group:
+                scores = torch.cat([m.experts.scores[n].view(-1) for n in NAMES])
+                m.experts.scores = None
+                if exclude_active:
+                    base = 0
+                    for n in NAMES:
+                        d = m.experts.deltas[n]
+                        scores[base + d.indices.long()] = -1.0
+                        base += d.numel
+                share = sum(m.experts.deltas[n].numel for n in NAMES) / max(total, 1)
+                k = min(scores.numel(), max(1, math.ceil(cfg.layer_share_cap * budget * share)))
+                top = torch.topk(scores, k, sorted=False)
+                keep = top.values >= 0
+                out.append((m, top.values[keep], top.indices[keep]))
+                del scores
+    finally:
+        model.train(was_training)
+    return out
+
+
+def pick(cands: list[tuple], k: int) -> dict[tuple[int, str], torch.Tensor]:
+    """Global top-``k`` over all candidates -> ``{(layer index, stack name): flat indices}``."""
+    if not cands:
+        return {}
+    scores = torch.cat([c[1].float().cpu() for c in cands])
+    k = min(k, scores.numel())
+    chosen = torch.zeros(scores.numel(), dtype=torch.bool)
+    if k > 0:
+        chosen[torch.topk(scores, k, sorted=False).indices] = True
+    out, pos = {}, 0
+    for m, s, idx in cands:
+        sel = idx[chosen[pos : pos + s.numel()].to(idx.device)]
+        pos += s.numel()
+        base = 0
+        for n in NAMES:
+            numel = m.experts.deltas[n].numel
+            part = sel[(sel >= base) & (sel < base + numel)] - base
+            out[(m.index, n)] = part
+            base += numel
+    return out
+
+
+def select(handle: UsafModel, batches: Iterable[dict], density: float | None = None,
+           loss_fn: Callable | None = None, n_batches: int | None = None) -> dict:
+    """Initial selection: score, then activate the ``density`` budget with zero deltas.
+
+    Returns a report: budget, active, seconds, per-layer active counts.
+    """
+    t0 = time.perf_counter()
+    budget = handle.budget(density)
+    cands = candidates(handle, batches, budget, loss_fn=loss_fn, n_batches=n_batches)
+    chosen = pick(cands, budget)
+    per_layer = {}
+    for m in handle.trainable_layers:
+        for n in NAMES:
+            idx = chosen.get((m.index, n), torch.empty(0, dtype=torch.int64))
+            m.experts.deltas[n].set(idx)
+        per_layer[m.index] = sum(len(m.experts.deltas[n]) for n in NAMES)
+    return {"budget": budget, "active": handle.active(), "seconds": time.perf_counter() - t0,
+            "per_layer": per_layer}
