@@ -143,6 +143,9 @@ class UsafModel:
             "density": repr(self.config.density),
             "active": str(self.active()),
             "train_layers": self.config.train_layers,
+            "quant": self.config.quant,
+            "group_size": str(self.config.group_size),
+            "train_router": str(self.config.train_router),
             "shapes": json.dumps(shapes),
         }
         meta.update({k: str(v) for k, v in extra.items()})

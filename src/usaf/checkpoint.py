@@ -1,0 +1,113 @@
+"""Training checkpoints: everything needed to continue as if nothing happened.
+
+A checkpoint is a directory ``checkpoints/step-XXXXXXX/`` holding ``state.safetensors`` (delta indices and
+values, routers, AdamW moments, router masters, RNG states) and ``state.json`` (step, schedule position,
+data position, counters). It is written under a temporary name, fsynced and renamed, so a run killed at
+any moment leaves only complete checkpoints; the newest ``keep`` are kept.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import torch
+
+from .io import _fsync_dir, atomic_save_safetensors, atomic_write_json, read_safetensors
+from .model import UsafModel
+from .optim import UsafOptimizer
+
+
+def _opt_tensors(opt: UsafOptimizer) -> tuple[dict[str, torch.Tensor], dict]:
+    tensors, steps = {}, {}
+    for group, params in (("v", opt.values), ("r", opt.masters)):
+        for i, p in enumerate(params):
+            st = opt.opt.state.get(p)
+            if st:
+                tensors[f"opt::{group}{i}.exp_avg"] = st["exp_avg"].detach().cpu()
+                tensors[f"opt::{group}{i}.exp_avg_sq"] = st["exp_avg_sq"].detach().cpu()
+                steps[f"{group}{i}"] = float(st["step"])
+    for i, m in enumerate(opt.masters):
+        tensors[f"master::{i}"] = m.detach().cpu()
+    return tensors, steps
+
+
+def save(out_dir, step: int, handle: UsafModel, opt: UsafOptimizer, sched, state: dict, keep: int = 2) -> Path:
+    """Write ``out_dir/checkpoints/step-<step>`` atomically and prune older ones."""
+    root = Path(out_dir) / "checkpoints"
+    root.mkdir(parents=True, exist_ok=True)
+    final = root / f"step-{step:07d}"
+    tmp = root / f".tmp-step-{step:07d}-{os.getpid()}"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir()
+    try:
+        tensors = handle.delta_state()
+        opt_t, opt_steps = _opt_tensors(opt)
+        tensors.update(opt_t)
+        tensors["rng::torch"] = torch.get_rng_state()
+        if torch.cuda.is_available():
+            for i, s in enumerate(torch.cuda.get_rng_state_all()):
+                tensors[f"rng::cuda{i}"] = s
+        atomic_save_safetensors(tensors, tmp / "state.safetensors", metadata=handle.delta_metadata())
+        meta = dict(state, step=step, opt_steps=opt_steps, sched=sched.state_dict() if sched else None,
+                    lrs=[g["lr"] for g in opt.opt.param_groups])
+        atomic_write_json(tmp / "state.json", meta)
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        _fsync_dir(root)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    for old in sorted(root.glob("step-*"))[:-keep] if keep > 0 else []:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def latest(out_dir) -> Path | None:
+    """The newest complete checkpoint (both files present), or None."""
+    root = Path(out_dir) / "checkpoints"
+    for d in sorted(root.glob("step-*"), reverse=True):
+        if (d / "state.json").exists() and (d / "state.safetensors").exists():
+            return d
+    return None
+
+
+def read(ckpt: Path) -> tuple[dict[str, torch.Tensor], dict]:
+    tensors, _ = read_safetensors(ckpt / "state.safetensors")
+    return tensors, json.loads((ckpt / "state.json").read_text())
+
+
+@torch.no_grad()
+def load_deltas(tensors: dict[str, torch.Tensor], handle: UsafModel) -> None:
+    """Restore the active sets, delta values and routers (before the optimizer is built)."""
+    handle.load_delta_state({k: v for k, v in tensors.items() if "::" not in k or k.startswith("router::")})
+
+
+@torch.no_grad()
+def load_training(tensors: dict[str, torch.Tensor], meta: dict, opt: UsafOptimizer, sched) -> None:
+    """Restore optimizer moments, router masters, schedule and RNG states."""
+    for group, params in (("v", opt.values), ("r", opt.masters)):
+        for i, p in enumerate(params):
+            key = f"opt::{group}{i}"
+            if f"{key}.exp_avg" in tensors:
+                opt.opt.state[p] = {
+                    "step": torch.tensor(meta["opt_steps"][f"{group}{i}"]),
+                    "exp_avg": tensors[f"{key}.exp_avg"].to(p.device),
+                    "exp_avg_sq": tensors[f"{key}.exp_avg_sq"].to(p.device),
+                }
+    for i, (m, r) in enumerate(zip(opt.masters, opt.routers)):
+        m.copy_(tensors[f"master::{i}"])
+        r.copy_(m.to(r.dtype))
+    if sched is not None and meta.get("sched"):
+        sched.load_state_dict(meta["sched"])
+    for g, lr in zip(opt.opt.param_groups, meta.get("lrs", [])):
+        g["lr"] = lr
+    torch.set_rng_state(tensors["rng::torch"])
+    if torch.cuda.is_available():
+        states = [tensors[k] for k in sorted(k for k in tensors if k.startswith("rng::cuda"))]
+        if states:
+            torch.cuda.set_rng_state_all(states)

@@ -1,0 +1,42 @@
+"""Perplexity, computed exactly as the training loss is: same masking, token-weighted."""
+
+from __future__ import annotations
+
+import math
+import resource
+from collections.abc import Iterable
+
+import torch
+
+from .data import token_weighted_loss
+
+
+@torch.no_grad()
+def evaluate(model, batches: Iterable[dict], device=None, max_batches: int = 0) -> dict:
+    """Token-weighted loss and perplexity over ``batches`` (collated dicts).
+
+    Returns ``{"loss": float, "ppl": float, "tokens": int}``.
+    """
+    was_training = model.training
+    model.eval()
+    device = device or next(model.parameters()).device
+    total, count = 0.0, 0
+    for i, batch in enumerate(batches):
+        if max_batches and i >= max_batches:
+            break
+        logits = model(input_ids=batch["input_ids"].to(device),
+                       attention_mask=batch["attention_mask"].to(device)).logits
+        s, n = token_weighted_loss(logits, batch["labels"].to(device))
+        total += float(s)
+        count += int(n)
+    model.train(was_training)
+    loss = total / max(count, 1)
+    return {"loss": loss, "ppl": math.exp(min(loss, 700.0)), "tokens": count}
+
+
+def peak_memory_mb(device: torch.device | str = "cpu") -> float:
+    """Peak resident memory of this process (CPU) or peak allocated device memory (CUDA), in MB."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024

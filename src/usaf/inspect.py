@@ -1,0 +1,59 @@
+"""``usaf inspect``: family, MoE layout, expert/router parameter counts, budget at a density.
+
+Reads config.json only (the model is built on the meta device), so it works for any size.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .families import family_for, get_path
+from .loading import load_config
+
+
+def inspect_model(model: str, density: float = 0.005, trust_remote_code: bool = False) -> dict:
+    from transformers import AutoModelForCausalLM
+
+    if not 0 < density <= 1:
+        raise ValueError(f"--density must be in (0, 1], got {density}")
+    config = load_config(model, trust_remote_code)
+    fam = family_for(config)
+    with torch.device("meta"):
+        m = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
+    from .model import decoder_layers
+
+    layers = decoder_layers(m)
+    moe_layers, expert_params, router_params, shapes = [], 0, 0, None
+    for i, layer in enumerate(layers):
+        block = get_path(layer, fam.block)
+        ex = get_path(block, fam.experts) if block is not None else None
+        if ex is None or getattr(getattr(ex, "gate_up_proj", None), "dim", lambda: 0)() != 3:
+            continue
+        moe_layers.append(i)
+        expert_params += ex.gate_up_proj.numel() + ex.down_proj.numel()
+        router_params += sum(p.numel() for p in get_path(block, fam.router).parameters())
+        shapes = {"gate_up_proj": list(ex.gate_up_proj.shape), "down_proj": list(ex.down_proj.shape)}
+    total = sum(p.numel() for p in m.parameters())
+    layout = "transposed [E, in, out]" if fam.transposed else "standard [E, out, in]"
+    if fam.bias:
+        layout += " + expert biases"
+    report = {
+        "model_type": fam.model_type, "family": fam.model_type, "layout": layout,
+        "dispatch": fam.dispatch, "router_kind": fam.router_kind,
+        "block": fam.block or "(decoder layer)", "experts": fam.experts, "router": fam.router,
+        "shared_experts": fam.shared, "num_layers": len(layers), "moe_layers": moe_layers,
+        "expert_shapes": shapes, "total_params": total, "expert_params": expert_params,
+        "router_params": router_params, "density": density,
+        "active_budget_all_layers": int(round(density * expert_params)),
+    }
+    report["text"] = "\n".join([
+        f"family        {fam.model_type} ({layout}; router: {fam.router_kind})",
+        f"MoE block     layer.{fam.block or ''}{'.' if fam.block else ''}{fam.experts} / router "
+        f"{fam.router}{'; shared: ' + fam.shared if fam.shared else ''}",
+        f"layers        {len(layers)} decoder layers, {len(moe_layers)} MoE",
+        f"expert stacks {shapes}",
+        f"parameters    {total:,} total, {expert_params:,} in experts, {router_params:,} in routers",
+        f"budget        {report['active_budget_all_layers']:,} active expert weights at density {density} "
+        f"(all layers)",
+    ])
+    return report

@@ -1,0 +1,512 @@
+"""Tiny, seeded, random Mixture-of-Experts models for tests (no downloads).
+
+Every helper here builds its model from a config written in this file, so tests can run offline and fast:
+
+* :func:`tiny_config` - a small :class:`~transformers.PretrainedConfig` for one of :data:`FAMILIES`.
+* :func:`make_tiny_model` - the matching ``*ForCausalLM`` with every parameter re-initialised from a seeded
+  normal distribution (norm weights kept at 1), so routers really route and experts are non-zero.
+* :func:`make_tiny_tokenizer` - a byte-level BPE tokenizer trained on the fly on :data:`TINY_CORPUS`, with a
+  ChatML-style chat template.
+* :func:`save_tiny_checkpoint` - a ``save_pretrained`` directory (safetensors + tokenizer), either in the
+  fused in-memory layout of transformers 5 or in the per-expert layout that published checkpoints use.
+
+Family names are the transformers ``model_type`` values, except ``gemma4`` and ``llama4`` which build the
+text-only models (``gemma4_text`` -> ``Gemma4ForCausalLM``, ``llama4_text`` -> ``Llama4ForCausalLM``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from pathlib import Path
+from typing import Any
+
+import torch
+
+__all__ = [
+    "FAMILIES",
+    "PER_EXPERT_FAMILIES",
+    "TINY_CORPUS",
+    "CHAT_TEMPLATE",
+    "tiny_config",
+    "make_tiny_model",
+    "make_tiny_tokenizer",
+    "save_tiny_checkpoint",
+]
+
+FAMILIES: tuple[str, ...] = (
+    "qwen3_moe",
+    "qwen2_moe",
+    "mixtral",
+    "olmoe",
+    "deepseek_v3",
+    "glm4_moe",
+    "gpt_oss",
+    "granitemoe",
+    "gemma4",
+    "llama4",
+)
+
+# Families whose published checkpoints store experts differently from transformers' fused in-memory layout
+# (transformers converts them on load, see ``transformers/conversion_mapping.py``). ``granitemoe`` is listed
+# although its published experts are *not* split per expert: its checkpoints keep the fused tensors under the
+# legacy names ``block_sparse_moe.input_linear/output_linear`` and ``router.layer``.
+PER_EXPERT_FAMILIES: tuple[str, ...] = (
+    "qwen3_moe",
+    "qwen2_moe",
+    "mixtral",
+    "olmoe",
+    "deepseek_v3",
+    "glm4_moe",
+    "granitemoe",
+)
+
+_MODEL_TYPE = {family: family for family in FAMILIES}
+_MODEL_TYPE["gemma4"] = "gemma4_text"
+_MODEL_TYPE["llama4"] = "llama4_text"
+_ALIASES = {"gemma4_text": "gemma4", "llama4_text": "llama4"}
+
+# Standard deviation used to re-initialise every non-norm parameter in :func:`make_tiny_model`.
+INIT_STD = 0.05
+
+# ---------------------------------------------------------------------------------------------------------
+# Tokenizer
+# ---------------------------------------------------------------------------------------------------------
+
+PAD_TOKEN, UNK_TOKEN, BOS_TOKEN, EOS_TOKEN = "<pad>", "<unk>", "<s>", "</s>"
+IM_START, IM_END = "<|im_start|>", "<|im_end|>"
+# Trained in this order, so their ids are 0..5.
+SPECIAL_TOKENS: tuple[str, ...] = (PAD_TOKEN, UNK_TOKEN, BOS_TOKEN, EOS_TOKEN, IM_START, IM_END)
+PAD_ID, UNK_ID, BOS_ID, EOS_ID = 0, 1, 2, 3
+DEFAULT_VOCAB_SIZE = 320
+
+TINY_CORPUS = """\
+The quick brown fox jumps over the lazy dog. A mixture of experts is a neural network layer in which a small
+router picks, for every token, a few experts out of many. Each expert is a feed-forward block with its own
+weights, and only the chosen experts are run, so the model can be very large while each token stays cheap.
+
+Fine-tuning such a model does not have to touch every weight. One can train the router and a sparse set of
+changes to the expert weights, keep the rest frozen, and still teach the model a new task. The changes are
+stored as deltas: small lists of positions and values that are added to the original tensors when needed.
+
+The weather was mild that morning. She walked to the market, bought bread, apples, cheese and a bottle of
+water, and then sat by the river to read. Children played near the bridge, a dog chased the ducks, and the
+old clock on the tower struck nine. "What a lovely day," she said to herself, and turned the page.
+
+Numbers and symbols appear in text as well: 1, 2, 3, 10, 42, 100 and 2024; plus (+), minus (-), equals (=),
+the percent sign (%), the hash (#) and the at sign (@). Code often looks like this: def add(a, b): return a + b.
+Questions end with a question mark? Answers often start with yes or no. Lists use commas, and sentences end.
+
+User: How many experts does the layer use for each token?
+Assistant: It uses the top two experts, chosen by the router, and mixes their outputs with the router weights.
+User: Thank you! Can you explain that again, more slowly?
+Assistant: Of course. First the router scores every expert, then it keeps the best two, then it adds them up.
+"""
+
+CHAT_TEMPLATE = (
+    "{%- for message in messages %}"
+    "{{- '<|im_start|>' + message['role'] + '\\n' }}"
+    "{%- if message['role'] == 'assistant' %}"
+    "{%- generation %}{{- message['content'] + '<|im_end|>' }}{%- endgeneration %}{{- '\\n' }}"
+    "{%- else %}"
+    "{{- message['content'] + '<|im_end|>' + '\\n' }}"
+    "{%- endif %}"
+    "{%- endfor %}"
+    "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}"
+)
+
+
+def make_tiny_tokenizer(vocab_size: int = DEFAULT_VOCAB_SIZE):
+    """A deterministic byte-level BPE tokenizer trained on :data:`TINY_CORPUS`.
+
+    Ids 0..5 are ``<pad> <unk> <s> </s> <|im_start|> <|im_end|>``, the next 256 ids are the byte alphabet and the
+    rest are BPE merges, so every string round-trips. No BOS/EOS is added automatically. The ChatML-style
+    :data:`CHAT_TEMPLATE` supports ``add_generation_prompt`` and ``return_assistant_tokens_mask``.
+    """
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    min_size = len(SPECIAL_TOKENS) + 256
+    if vocab_size < min_size:
+        raise ValueError(
+            f"vocab_size must be at least {min_size} (specials + byte alphabet), got {vocab_size}"
+        )
+
+    tok = Tokenizer(models.BPE(unk_token=UNK_TOKEN))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        min_frequency=1,
+        special_tokens=list(SPECIAL_TOKENS),
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(TINY_CORPUS.splitlines(keepends=True), trainer=trainer, length=None)
+    for i, token in enumerate(SPECIAL_TOKENS):
+        assert tok.token_to_id(token) == i, (token, tok.token_to_id(token))
+
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        bos_token=BOS_TOKEN,
+        eos_token=EOS_TOKEN,
+        pad_token=PAD_TOKEN,
+        unk_token=UNK_TOKEN,
+        additional_special_tokens=[IM_START, IM_END],
+        clean_up_tokenization_spaces=False,
+        model_max_length=512,
+    )
+    tokenizer.chat_template = CHAT_TEMPLATE
+    return tokenizer
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Configs
+# ---------------------------------------------------------------------------------------------------------
+
+HIDDEN = 64
+DENSE_INTERMEDIATE = 96  # dense MLPs (deepseek/glm4 first layer, gemma4's always-on MLP, llama4 dense layers)
+MOE_INTERMEDIATE = 24  # every routed expert (2 * 24 != 64, so gate_up_proj is never square)
+SHARED_INTERMEDIATE = 40  # qwen2_moe's shared expert
+NUM_EXPERTS = 8
+TOP_K = 2
+
+_COMMON: dict[str, Any] = {
+    "vocab_size": DEFAULT_VOCAB_SIZE,
+    "hidden_size": HIDDEN,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "max_position_embeddings": 512,
+    "initializer_range": 0.02,
+    "tie_word_embeddings": False,
+    "pad_token_id": PAD_ID,
+    "bos_token_id": BOS_ID,
+    "eos_token_id": EOS_ID,
+}
+
+_FAMILY_KWARGS: dict[str, dict[str, Any]] = {
+    "qwen3_moe": {
+        "head_dim": 16,
+        "intermediate_size": DENSE_INTERMEDIATE,  # only used by mlp_only_layers (none by default)
+        "moe_intermediate_size": MOE_INTERMEDIATE,
+        "num_experts": NUM_EXPERTS,
+        "num_experts_per_tok": TOP_K,
+        "norm_topk_prob": True,  # as in the published Qwen3 MoE checkpoints
+        "decoder_sparse_step": 1,
+    },
+    "qwen2_moe": {
+        "intermediate_size": DENSE_INTERMEDIATE,
+        "moe_intermediate_size": MOE_INTERMEDIATE,
+        "shared_expert_intermediate_size": SHARED_INTERMEDIATE,
+        "num_experts": NUM_EXPERTS,
+        "num_experts_per_tok": TOP_K,
+        "decoder_sparse_step": 1,
+    },
+    "mixtral": {
+        "intermediate_size": MOE_INTERMEDIATE,  # mixtral experts use intermediate_size
+        "num_local_experts": NUM_EXPERTS,
+        "num_experts_per_tok": TOP_K,
+    },
+    "olmoe": {
+        "intermediate_size": MOE_INTERMEDIATE,  # olmoe experts use intermediate_size
+        "num_experts": NUM_EXPERTS,
+        "num_experts_per_tok": TOP_K,
+    },
+    "deepseek_v3": {
+        "num_hidden_layers": 3,
+        "first_k_dense_replace": 1,  # layer 0 dense, layers 1-2 MoE
+        "num_key_value_heads": 4,
+        "intermediate_size": DENSE_INTERMEDIATE,
+        "moe_intermediate_size": MOE_INTERMEDIATE,
+        "n_routed_experts": NUM_EXPERTS,
+        "n_shared_experts": 1,
+        "num_experts_per_tok": TOP_K,
+        "n_group": 1,
+        "topk_group": 1,
+        "q_lora_rank": 40,
+        "kv_lora_rank": 16,
+        "qk_rope_head_dim": 8,
+        "qk_nope_head_dim": 8,
+        "v_head_dim": 16,
+        "num_mtp_layers": 0,  # transformers does not build MTP layers in DeepseekV3ForCausalLM
+    },
+    "glm4_moe": {
+        "num_hidden_layers": 3,
+        "first_k_dense_replace": 1,
+        "intermediate_size": DENSE_INTERMEDIATE,
+        "moe_intermediate_size": MOE_INTERMEDIATE,
+        "n_routed_experts": NUM_EXPERTS,
+        "n_shared_experts": 1,
+        "num_experts_per_tok": TOP_K,
+        "n_group": 1,
+        "topk_group": 1,
+        "num_mtp_layers": 0,
+    },
+    "gpt_oss": {
+        "head_dim": 16,
+        "intermediate_size": MOE_INTERMEDIATE,  # gpt_oss experts use intermediate_size
+        "num_local_experts": NUM_EXPERTS,
+        "num_experts_per_tok": TOP_K,
+        "sliding_window": 8,
+        "rope_parameters": {
+            "rope_type": "yarn",
+            "rope_theta": 150000.0,
+            "factor": 4.0,
+            "beta_fast": 32.0,
+            "beta_slow": 1.0,
+            "truncate": False,
+            "original_max_position_embeddings": 128,
+        },
+    },
+    "granitemoe": {
+        "intermediate_size": MOE_INTERMEDIATE,  # granitemoe experts use intermediate_size
+        "num_local_experts": NUM_EXPERTS,
+        "num_experts_per_tok": TOP_K,
+    },
+    "gemma4": {
+        "head_dim": 16,
+        "global_head_dim": 32,  # head_dim of the full-attention layers (popped by Gemma4TextConfig)
+        "intermediate_size": DENSE_INTERMEDIATE,  # the dense MLP that runs next to the MoE block
+        "moe_intermediate_size": MOE_INTERMEDIATE,
+        "enable_moe_block": True,
+        "num_experts": NUM_EXPERTS,
+        "top_k_experts": TOP_K,
+        "sliding_window": 8,
+        "hidden_size_per_layer_input": 0,  # no per-layer embeddings (PLE)
+        "vocab_size_per_layer_input": DEFAULT_VOCAB_SIZE,
+    },
+    "llama4": {
+        "head_dim": 16,
+        "intermediate_size": MOE_INTERMEDIATE,  # routed experts and the shared expert
+        "intermediate_size_mlp": DENSE_INTERMEDIATE,  # dense layers (none with interleave_moe_layer_step=1)
+        "num_local_experts": NUM_EXPERTS,
+        "num_experts_per_tok": TOP_K,
+        "interleave_moe_layer_step": 1,
+        "no_rope_layer_interval": 2,  # layer 1 is a NoPE (full attention) layer, layer 0 chunked + RoPE
+        "attention_chunk_size": 8,
+    },
+}
+
+
+def _family(family: str) -> str:
+    family = _ALIASES.get(family, family)
+    if family not in FAMILIES:
+        raise ValueError(f"unknown family {family!r}; expected one of {FAMILIES}")
+    return family
+
+
+def tiny_config(family: str, **overrides):
+    """A tiny config for ``family`` (see :data:`FAMILIES`); ``overrides`` are passed to the config class.
+
+    Defaults: hidden 64, 4 heads / 2 KV heads, 2 layers (3 for deepseek_v3/glm4_moe, whose layer 0 is dense),
+    8 experts, top-2, expert intermediate 24, dense intermediate 96, vocab 320 (= :func:`make_tiny_tokenizer`),
+    max_position_embeddings 512, untied embeddings, eager attention. Layer-indexed lists (``layer_types``,
+    ``moe_layers``...) are derived from ``num_hidden_layers`` by the config class unless overridden.
+    """
+    from transformers import AutoConfig
+
+    family = _family(family)
+    kwargs: dict[str, Any] = {**_COMMON, **_FAMILY_KWARGS[family]}
+    kwargs["attn_implementation"] = "eager"
+    kwargs.update(overrides)
+    if family == "gemma4" and "layer_types" not in overrides:
+        # sliding-window layers with a final full-attention layer (the config forces the last layer to full)
+        n = kwargs["num_hidden_layers"]
+        kwargs["layer_types"] = ["sliding_attention"] * (n - 1) + ["full_attention"]
+    config = AutoConfig.for_model(_MODEL_TYPE[family], **kwargs)
+    layer_types = getattr(config, "layer_types", None)
+    if layer_types is not None and len(layer_types) != config.num_hidden_layers:
+        raise ValueError(f"layer_types has {len(layer_types)} entries for {config.num_hidden_layers} layers")
+    return config
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Models
+# ---------------------------------------------------------------------------------------------------------
+
+# 1-D multiplicative scales (not norms) that a model initialises to ones: re-initialised to 1 + N(0, std).
+_ONE_CENTERED_PARAMS = ("router.scale", "router.per_expert_scale")
+# Persistent buffers that are real checkpoint weights and get random values too.
+_RANDOM_BUFFERS = ("e_score_correction_bias",)
+
+
+def _is_norm(module: torch.nn.Module) -> bool:
+    return "norm" in type(module).__name__.lower()
+
+
+@torch.no_grad()
+def _reinit_(model: torch.nn.Module, seed: int, std: float = INIT_STD) -> None:
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    norm_params: set[int] = set()
+    for module in model.modules():
+        if _is_norm(module):
+            for name, param in module.named_parameters(recurse=False):
+                norm_params.add(id(param))
+                if name == "bias":
+                    param.zero_()
+                else:
+                    param.fill_(1.0)
+    for name, param in model.named_parameters():
+        if id(param) in norm_params:
+            continue
+        values = torch.randn(param.shape, generator=gen, dtype=torch.float32) * std
+        if name.endswith(_ONE_CENTERED_PARAMS):
+            values += 1.0
+        param.copy_(values)
+    for name, buf in model.named_buffers():
+        if name.endswith(_RANDOM_BUFFERS):
+            buf.copy_(torch.randn(buf.shape, generator=gen, dtype=torch.float32) * std)
+
+
+def make_tiny_model(family: str, seed: int = 0, dtype: torch.dtype = torch.float32, **overrides):
+    """Build the ``AutoModelForCausalLM`` class for ``tiny_config(family, **overrides)``, seeded, in eval mode.
+
+    Every parameter is overwritten with ``N(0, INIT_STD)`` drawn from a generator seeded with ``seed`` (values are
+    drawn in float32, then cast, so different dtypes get the same rounded weights), except norm weights (1) and
+    biases (0), and gemma4's router ``scale``/``per_expert_scale`` (1 + N(0, INIT_STD)). deepseek_v3/glm4_moe's
+    ``e_score_correction_bias`` buffer is random as well.
+    """
+    from transformers import AutoModelForCausalLM
+
+    config = tiny_config(family, **overrides)
+    with torch.random.fork_rng(devices=[]):  # leave the caller's global RNG untouched
+        torch.manual_seed(seed)
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    _reinit_(model, seed)
+    return model.eval()
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Checkpoints
+# ---------------------------------------------------------------------------------------------------------
+
+# family -> (per-expert projection names for gate, up, down; rename of the MoE block prefix on disk)
+_PER_EXPERT_NAMES: dict[str, tuple[tuple[str, str, str], tuple[str, str] | None]] = {
+    "qwen3_moe": (("gate_proj", "up_proj", "down_proj"), None),
+    "qwen2_moe": (("gate_proj", "up_proj", "down_proj"), None),
+    "olmoe": (("gate_proj", "up_proj", "down_proj"), None),
+    "deepseek_v3": (("gate_proj", "up_proj", "down_proj"), None),
+    "glm4_moe": (("gate_proj", "up_proj", "down_proj"), None),
+    "mixtral": (("w1", "w3", "w2"), (".mlp.", ".block_sparse_moe.")),
+}
+_FUSED_EXPERT_KEY = re.compile(r"^(?P<prefix>.*\.experts)\.(?P<name>gate_up_proj|down_proj)$")
+
+
+def _original_layout_state_dict(family: str, state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Map a fused (in-memory) state dict to the on-disk layout of published checkpoints of ``family``.
+
+    This is the reverse of what ``transformers/conversion_mapping.py`` does on load:
+
+    * qwen3_moe, qwen2_moe, olmoe, deepseek_v3, glm4_moe (``qwen2_moe`` pattern):
+      ``mlp.experts.gate_up_proj [E, 2I, H]`` -> ``mlp.experts.{e}.gate_proj.weight [I, H]`` (first half) and
+      ``mlp.experts.{e}.up_proj.weight [I, H]`` (second half); ``mlp.experts.down_proj [E, H, I]`` ->
+      ``mlp.experts.{e}.down_proj.weight [H, I]``. Routers and shared experts keep their names.
+    * mixtral: the same split with ``w1`` (gate), ``w3`` (up), ``w2`` (down), and ``.mlp.`` -> ``.block_sparse_moe.``
+      everywhere (so the router is ``block_sparse_moe.gate.weight``).
+    * granitemoe: experts stay fused but are renamed ``block_sparse_moe.input_linear.weight [E, 2I, H]`` and
+      ``block_sparse_moe.output_linear.weight [E, H, I]``; the router becomes ``block_sparse_moe.router.layer.weight``.
+    """
+    family = _family(family)
+    out: dict[str, torch.Tensor] = {}
+    if family == "granitemoe":
+        renames = {
+            ".block_sparse_moe.experts.gate_up_proj": ".block_sparse_moe.input_linear.weight",
+            ".block_sparse_moe.experts.down_proj": ".block_sparse_moe.output_linear.weight",
+            ".block_sparse_moe.router.weight": ".block_sparse_moe.router.layer.weight",
+        }
+        for key, tensor in state_dict.items():
+            for old, new in renames.items():
+                if key.endswith(old):
+                    key = key[: -len(old)] + new
+                    break
+            out[key] = tensor.detach().clone().contiguous()
+        return out
+    if family not in _PER_EXPERT_NAMES:
+        raise ValueError(
+            f"{family!r} checkpoints store experts in transformers' fused layout (no conversion on load); "
+            f"per_expert is supported for {PER_EXPERT_FAMILIES}"
+        )
+    (gate_name, up_name, down_name), block_rename = _PER_EXPERT_NAMES[family]
+    for key, tensor in state_dict.items():
+        disk_key = key.replace(*block_rename) if block_rename else key
+        match = _FUSED_EXPERT_KEY.match(disk_key)
+        if match is None:
+            out[disk_key] = tensor.detach().clone().contiguous()
+            continue
+        prefix = match["prefix"]
+        if match["name"] == "gate_up_proj":
+            intermediate = tensor.shape[1] // 2
+            for e in range(tensor.shape[0]):
+                out[f"{prefix}.{e}.{gate_name}.weight"] = (
+                    tensor[e, :intermediate].detach().clone().contiguous()
+                )
+                out[f"{prefix}.{e}.{up_name}.weight"] = tensor[e, intermediate:].detach().clone().contiguous()
+        else:
+            for e in range(tensor.shape[0]):
+                out[f"{prefix}.{e}.{down_name}.weight"] = tensor[e].detach().clone().contiguous()
+    return out
+
+
+def _write_safetensors(
+    state_dict: dict[str, torch.Tensor], path: Path, max_shard_size: str | int, total_parameters: int
+) -> None:
+    from huggingface_hub import split_torch_state_dict_into_shards
+    from safetensors.torch import save_file
+
+    split = split_torch_state_dict_into_shards(
+        state_dict, filename_pattern="model{suffix}.safetensors", max_shard_size=max_shard_size
+    )
+    for filename, names in split.filename_to_tensors.items():
+        save_file({name: state_dict[name] for name in names}, str(path / filename), metadata={"format": "pt"})
+    if split.is_sharded:
+        index = {
+            "metadata": {"total_parameters": total_parameters, **split.metadata},
+            "weight_map": dict(sorted(split.tensor_to_filename.items())),
+        }
+        (path / "model.safetensors.index.json").write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+
+
+def save_tiny_checkpoint(
+    family: str,
+    path: str | os.PathLike,
+    seed: int = 0,
+    dtype: torch.dtype = torch.float32,
+    per_expert: bool = False,
+    max_shard_size: str | None = None,
+    **overrides,
+) -> Path:
+    """Save ``make_tiny_model(family, seed, dtype, **overrides)`` and the tiny tokenizer into ``path``.
+
+    ``per_expert=False`` writes transformers 5's fused in-memory names (``save_original_format=False``; note that a
+    plain ``save_pretrained`` would already revert to the published layout for families with a conversion
+    mapping). ``per_expert=True`` writes the layout of published checkpoints (see
+    :func:`_original_layout_state_dict`), only for :data:`PER_EXPERT_FAMILIES`; ``ValueError`` otherwise.
+    ``max_shard_size`` (e.g. ``"20KB"``) shards the weights and writes ``model.safetensors.index.json``.
+    """
+    family = _family(family)
+    if per_expert and family not in PER_EXPERT_FAMILIES:
+        raise ValueError(
+            f"{family!r} checkpoints store experts in transformers' fused layout (no conversion on load); "
+            f"per_expert is supported for {PER_EXPERT_FAMILIES}"
+        )
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    model = make_tiny_model(family, seed=seed, dtype=dtype, **overrides)
+    shard = max_shard_size if max_shard_size is not None else "50GB"
+    model.save_pretrained(path, save_original_format=False, max_shard_size=shard)
+    if per_expert:
+        for old in list(path.glob("model*.safetensors")) + list(path.glob("model.safetensors.index.json")):
+            old.unlink()
+        state_dict = dict(model.state_dict())
+        try:  # drop tied aliases (e.g. lm_head with tie_word_embeddings=True), like save_pretrained does
+            from transformers.modeling_utils import remove_tied_weights_from_state_dict
+        except ImportError:  # pragma: no cover - older/newer transformers
+            pass
+        else:
+            state_dict = remove_tied_weights_from_state_dict(state_dict, model)
+        state_dict = _original_layout_state_dict(family, state_dict)
+        _write_safetensors(state_dict, path, shard, model.num_parameters())
+    make_tiny_tokenizer(model.config.vocab_size).save_pretrained(path)
+    return path
