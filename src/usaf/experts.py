@@ -70,6 +70,7 @@ class UsafExperts(nn.Module):
         self.deltas = nn.ModuleDict()
         self.chunk_bytes = chunk_bytes
         self.scores: dict[str, torch.Tensor] | None = None
+        self.merged: dict[str, torch.Tensor] | None = None  # base values replaced by UsafModel.merge
         self.score_power = 1
 
     # ----------------------------------------------------------------------------------------------
@@ -83,7 +84,7 @@ class UsafExperts(nn.Module):
 
     def weight(self, name: str, start: int, stop: int, dtype, device, values=None) -> torch.Tensor:
         """Effective weights of experts ``[start, stop)``: dequantized base + delta, (n, R, C)."""
-        delta = self.deltas[name] if name in self.deltas else None
+        delta = self.deltas[name] if name in self.deltas and self.merged is None else None
         has_delta = delta is not None and delta.span(start, stop)[0] != delta.span(start, stop)[1]
         frozen = self.frozen[name]
         if isinstance(frozen, DenseStack):

@@ -123,6 +123,41 @@ class UsafModel:
     def trainable_parameters(self) -> list[nn.Parameter]:
         return [d.values for d in self.deltas().values()] + list(self.router_parameters().values())
 
+    # -- merge ---------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def merge(self) -> None:
+        """Fold the deltas into an unquantized frozen base (``base[idx] = round(base[idx] + v)``).
+
+        The replaced base values are kept so that ``unmerge`` restores the original bytes exactly.
+        While merged, the forward does not add the deltas again.
+        """
+        for m in self.trainable_layers:
+            ex = m.experts
+            if ex.merged is not None:
+                continue
+            saved = {}
+            for n in NAMES:
+                frozen = ex.frozen[n]
+                if not hasattr(frozen, "tensor"):
+                    raise ValueError("merge needs an unquantized base (quant='none')")
+                d = ex.deltas[n]
+                flat = frozen.tensor.view(-1)
+                idx = d.indices.long()
+                saved[n] = flat[idx].clone()
+                flat[idx] = (flat[idx].float() + d.values.detach()).to(flat.dtype)
+            ex.merged = saved
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        """Undo ``merge``: the frozen base returns to its original bytes."""
+        for m in self.trainable_layers:
+            ex = m.experts
+            if ex.merged is None:
+                continue
+            for n in NAMES:
+                ex.frozen[n].tensor.view(-1)[ex.deltas[n].indices.long()] = ex.merged[n]
+            ex.merged = None
+
     # -- delta file --------------------------------------------------------------------------------
     def delta_state(self) -> dict[str, torch.Tensor]:
         out = {}
