@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import platform
+import statistics
 import time
 
 import torch
@@ -41,13 +42,18 @@ def make_weights(kind: str, shape: tuple[int, ...], seed: int = 0) -> torch.Tens
 
 
 def timeit(fn, reps: int) -> float:
+    """Best of ``reps`` calls: the CPU is shared, the minimum is the least disturbed run."""
+    return min(time_calls(fn, reps))
+
+
+def time_calls(fn, reps: int) -> list[float]:
     fn()  # warm-up
     ts = []
     for _ in range(reps):
         t0 = time.perf_counter()
         fn()
         ts.append(time.perf_counter() - t0)
-    return min(ts)  # best of reps: the CPU is shared, the minimum is the least disturbed
+    return ts
 
 
 def errors(qt: QuantizedTensor, w: torch.Tensor) -> tuple[float, float]:
@@ -110,19 +116,23 @@ def variants(qt: QuantizedTensor, reps: int) -> list[tuple[str, float, float]]:
         out = torch.empty(rows, gs, dtype=torch.bfloat16)
         return torch.addcmul(zf, codes.float(), sf, out=out)
 
-    res = [("chosen: split nibbles, 2^19-elem fp32 chunks, cast", timeit(qt.dequantize, reps), 0.0)]
-    for name, fn in [
+    fns = [
+        ("chosen: split nibbles, 2^19-elem fp32 chunks, cast", qt.dequantize),
         ("split nibbles, whole range fp32, cast", unchunked_fp32),
         ("interleaved nibbles, stack, fp32, cast", interleaved_stack),
         ("interleaved, byte LUT (F.embedding), fp32, cast", byte_lut),
         ("per-group 16-entry bf16 LUT + gather", group_lut_gather),
         ("addcmul fp32 -> bf16 out=", addcmul_mixed),
         ("bf16 arithmetic (inexact)", bf16_arith),
-    ]:
-        got = fn().view(chosen.shape)
-        diff = float((got.float() - chosen.float()).abs().max())
-        res.append((name, timeit(fn, reps), diff))
-    return res
+    ]
+    diffs = [float((fn().view(chosen.shape).float() - chosen.float()).abs().max()) for _, fn in fns]
+    best = [float("inf")] * len(fns)
+    for _ in range(reps):  # round-robin so every formulation sees the same (shared) CPU conditions
+        for i, (_, fn) in enumerate(fns):
+            t0 = time.perf_counter()
+            fn()
+            best[i] = min(best[i], time.perf_counter() - t0)
+    return [(name, t, d) for (name, _), t, d in zip(fns, best, diffs)]
 
 
 def cpu_pressure() -> str:
@@ -140,7 +150,7 @@ def main() -> None:
     ap.add_argument("--rows", type=int, default=1536)
     ap.add_argument("--cols", type=int, default=2048)
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--reps", type=int, default=5)
+    ap.add_argument("--reps", type=int, default=8)
     ap.add_argument("--variants", action="store_true", help="also time alternative 4-bit formulations")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -152,8 +162,8 @@ def main() -> None:
     print(f"shape {list(shape)} bf16 ({numel * 2 / 1e6:.0f} MB); cpu pressure at start {cpu_pressure()}\n")
     hdr = (
         f"| {'dist':6} | {'spec':8} | {'bits/w':6} | {'rel frob err':12} | {'max abs err':11} | "
-        f"{'quant s':7} | {'deq all GB/s':12} | {'deq all Gw/s':12} | {'deq 1-exp GB/s':14} | "
-        f"{'deq 1-exp Gw/s':14} |"
+        f"{'quant s':7} | {'all: GB/s':9} | {'all: Gw/s':9} | {'1-exp: GB/s':11} | {'1-exp: Gw/s':11} | "
+        f"{'1-exp median GB/s':17} |"
     )
     print(hdr)
     print("|" + "|".join("-" * (len(c)) for c in hdr.split("|")[1:-1]) + "|")
@@ -166,17 +176,20 @@ def main() -> None:
             tq = time.perf_counter() - t0
             rel, mx = errors(qt, w)
             t_all = timeit(qt.dequantize, args.reps)
-
-            def per_expert(qt=qt):
+            one = []  # one expert per call, as the trainer does; every call timed
+            for _ in range(args.reps):
                 for e in range(qt.num_experts):
+                    t0 = time.perf_counter()
                     qt.dequantize(e, e + 1)
-
-            t_one = timeit(per_expert, max(1, args.reps // 2))
+                    one.append(time.perf_counter() - t0)
+            per_exp = numel // qt.num_experts
+            t_one, t_med = min(one), statistics.median(one)
             name = f"{spec.bits}b g{spec.group_size}"
             print(
                 f"| {kind:6} | {name:8} | {qt.bits_per_weight():6.3f} | {rel:12.5f} | {mx:11.2e} | "
-                f"{tq:7.2f} | {numel * 2 / t_all / 1e9:12.2f} | {numel / t_all / 1e9:12.2f} | "
-                f"{numel * 2 / t_one / 1e9:14.2f} | {numel / t_one / 1e9:14.2f} |",
+                f"{tq:7.2f} | {numel * 2 / t_all / 1e9:9.2f} | {numel / t_all / 1e9:9.2f} | "
+                f"{per_exp * 2 / t_one / 1e9:11.2f} | {per_exp / t_one / 1e9:11.2f} | "
+                f"{per_exp * 2 / t_med / 1e9:17.2f} |",
                 flush=True,
             )
         del w
@@ -190,7 +203,7 @@ def main() -> None:
         print("| formulation | ms | GB/s bf16 out | max abs diff vs chosen |")
         print("|---|---|---|---|")
         nw = qt.numel()
-        for name, t, diff in variants(qt, args.reps):
+        for name, t, diff in variants(qt, 2 * args.reps):
             print(f"| {name} | {t * 1e3:.1f} | {nw * 2 / t / 1e9:.2f} | {diff:.1e} |", flush=True)
 
     print(f"\ncpu pressure at end {cpu_pressure()} (PSI avg10; high values mean the timings were disturbed)")

@@ -47,8 +47,25 @@ def test_zero_delta_logits_equal_stock(family):
     assert all(len(d) == 0 for d in handle.deltas().values())
 
 
+def test_sparse_grad_gather_and_gemm_paths_agree():
+    from usaf import experts
+
+    g = torch.Generator().manual_seed(0)
+    left, right = torch.randn(7, 30, generator=g), torch.randn(7, 20, generator=g)
+    idx = torch.randperm(600, generator=g)[:9]
+    dense = (left.t() @ right).reshape(-1)[idx]
+    torch.testing.assert_close(experts._sparse_grad(left, right, idx, gather_cost=0.0), dense, rtol=1e-5,
+                               atol=1e-6)
+    torch.testing.assert_close(experts._sparse_grad(left, right, idx, gather_cost=1e9), dense, rtol=1e-5,
+                               atol=1e-6)
+
+
 @pytest.mark.parametrize("family", FAMILIES)
-def test_values_and_router_gradients_equal_dense_autograd(family):
+@pytest.mark.parametrize("gather_cost", [0.0, 1e9])  # gather-dot path, GEMM-then-gather path
+def test_values_and_router_gradients_equal_dense_autograd(family, gather_cost, monkeypatch):
+    from usaf import experts
+
+    monkeypatch.setattr(experts, "GATHER_COST", gather_cost)
     stock, model, handle = _prepared(family)
     _random_deltas(handle)
     # Dense reference: the stock model with base + delta, expert stacks and routers trainable.

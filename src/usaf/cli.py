@@ -202,6 +202,10 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     for noisy in ("transformers", "httpx", "huggingface_hub"):
         logging.getLogger(noisy).setLevel(logging.ERROR)
+    import transformers
+
+    transformers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.set_verbosity_error()
     args = build_parser().parse_args(argv)
     if getattr(args, "quiet", False):
         logging.getLogger("usaf").setLevel(logging.WARNING)

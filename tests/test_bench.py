@@ -1,0 +1,82 @@
+"""``usaf bench``: the speed bench end to end in a tiny configuration (structure only, not timings)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from usaf.bench import SPEED_METHODS, parse_extra, run_bench, table, targets
+
+# One small layer. jobs=0 runs the methods in the test process (one worker process costs ~5 s of imports);
+# test_workers covers the one-process-per-method path. Timings mean nothing here.
+TINY = ["layers=1", "hidden=64", "experts=4", "top_k=2", "moe_inter=64", "heads=2", "kv_heads=1", "head_dim=32",
+        "vocab=512", "seq=32", "batch=2", "steps=2", "warmup=0", "calib=1"]
+
+
+def test_speed_bench_json(tmp_path, capsys):
+    out = tmp_path / "speed.json"
+    assert run_bench("speed", json_path=str(out), extra=TINY + ["jobs=0"]) == 0
+    doc = json.loads(out.read_text())
+    assert doc["bench"] == "speed"
+    assert doc["command"].startswith("usaf bench speed")
+    assert doc["machine"]["cores"] >= 1 and doc["machine"]["cpu"]
+    assert [r["method"] for r in doc["results"]] == list(SPEED_METHODS)
+    by = {r["method"]: r for r in doc["results"]}
+    for r in doc["results"]:
+        assert "error" not in r, r
+        assert r["tokens_per_s"] > 0 and r["cpu_tokens_per_s"] > 0
+        assert r["peak_rss_mb"] > 0
+        assert isinstance(r["trainable_params"], int)
+    assert by["inference"]["trainable_params"] == by["inference-bf16"]["trainable_params"] == 0
+    assert 0 < by["usaf"]["trainable_params"] < by["lora-r8"]["trainable_params"] < by["full"]["trainable_params"]
+    assert by["usaf"]["active"] > 0
+    assert {t["target"] for t in doc["targets"]} >= {"usaf tokens/s >= 1.5x lora-r8",
+                                                     "usaf peak RSS <= 1.15x inference (same 4-bit base)"}
+    printed = capsys.readouterr().out
+    assert "| usaf " in printed and "tokens/s" in printed
+
+
+def test_workers(tmp_path):
+    """Each method in its own process (two at once here), results parsed back from the workers."""
+    out = tmp_path / "memory.json"
+    assert run_bench("memory", json_path=str(out), extra=TINY + ["jobs=2"]) == 0
+    doc = json.loads(out.read_text())
+    assert doc["bench"] == "memory"
+    assert [r["method"] for r in doc["results"]] == ["inference", "usaf"]
+    for r in doc["results"]:
+        assert "error" not in r, r
+        assert r["peak_rss_mb"] > 100  # a process with torch loaded
+    ratio = next(t for t in doc["targets"] if t["target"].startswith("usaf peak RSS"))
+    assert ratio["ratio"] > 0
+
+
+def test_quality_not_implemented():
+    with pytest.raises(ValueError, match="not implemented yet"):
+        run_bench("quality")
+
+
+def test_settings():
+    cfg = parse_extra(["layers=2", "seq=64"], quick=True)
+    assert cfg["layers"] == 2 and cfg["seq"] == 64 and cfg["steps"] == 3 and cfg["hidden"] == 256
+    assert parse_extra(["size=mid"])["experts"] == 64
+    for bad in (["nokey=1"], ["layers"], ["layers=x"], ["size=huge"], ["dtype=fp8"], ["top_k=9", "experts=4"]):
+        with pytest.raises(ValueError):
+            parse_extra(bad)
+    with pytest.raises(ValueError, match="unknown method"):
+        run_bench("speed", extra=["methods=usaf,qlora"])
+
+
+def test_table_and_targets():
+    res = [{"method": "usaf", "tokens_per_s": 300.0, "cpu_tokens_per_s": 310.0, "step_s_median": 1.0,
+            "peak_rss_mb": 110.0, "steps_peak_rss_mb": 100.0, "trainable_params": 5},
+           {"method": "lora-r8", "tokens_per_s": 100.0, "cpu_tokens_per_s": 100.0, "step_s_median": 3.0,
+            "peak_rss_mb": 120.0, "steps_peak_rss_mb": None, "trainable_params": 50},
+           {"method": "inference", "tokens_per_s": 1000.0, "cpu_tokens_per_s": 1000.0, "step_s_median": 0.3,
+            "peak_rss_mb": 100.0, "steps_peak_rss_mb": 100.0, "trainable_params": 0},
+           {"method": "full", "error": "boom"}]
+    text = table(res)
+    assert "FAILED" in text and "| lora-r8" in text
+    got = {t["target"]: t for t in targets("speed", res)}
+    assert got["usaf tokens/s >= 1.5x lora-r8"]["met"] is True
+    assert got["usaf peak RSS <= 1.15x inference (same 4-bit base)"]["ratio"] == 1.1
