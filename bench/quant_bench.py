@@ -152,6 +152,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--reps", type=int, default=8)
     ap.add_argument("--variants", action="store_true", help="also time alternative 4-bit formulations")
+    ap.add_argument("--no-table", action="store_true", help="skip the main table (use with --variants)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     shape = (args.experts, args.rows, args.cols)
@@ -165,10 +166,11 @@ def main() -> None:
         f"{'quant s':7} | {'all: GB/s':9} | {'all: Gw/s':9} | {'1-exp: GB/s':11} | {'1-exp: Gw/s':11} | "
         f"{'1-exp median GB/s':17} |"
     )
-    print(hdr)
-    print("|" + "|".join("-" * (len(c)) for c in hdr.split("|")[1:-1]) + "|")
+    if not args.no_table:
+        print(hdr)
+        print("|" + "|".join("-" * (len(c)) for c in hdr.split("|")[1:-1]) + "|")
     specs = [QuantSpec(4, 64), QuantSpec(4, 128), QuantSpec(8, 64)]
-    for kind in ("normal", "heavy"):
+    for kind in () if args.no_table else ("normal", "heavy"):
         w = make_weights(kind, shape)
         for spec in specs:
             t0 = time.perf_counter()

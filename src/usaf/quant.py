@@ -236,9 +236,11 @@ class QuantizedTensor:
         if k == 0 or n == 0:
             return torch.empty(out_shape, dtype=dtype, device=dev)
 
-        q = self.qdata[start:stop].to(dev, non_blocking=True)
-        s = self.scale[start:stop].to(dev, non_blocking=True).reshape(k * groups, 1)
-        z = self.zero[start:stop].to(dev, non_blocking=True).reshape(k * groups, 1)
+        # async host->device copies are safe (stream-ordered); device->host ones are not
+        nb = dev.type != "cpu"
+        q = self.qdata[start:stop].to(dev, non_blocking=nb)
+        s = self.scale[start:stop].to(dev, non_blocking=nb).reshape(k * groups, 1)
+        z = self.zero[start:stop].to(dev, non_blocking=nb).reshape(k * groups, 1)
         rows = k * groups
         out = torch.empty(rows, gs, dtype=dtype, device=dev)
         chunk = _DEQUANT_CHUNK_CPU if dev.type == "cpu" else _DEQUANT_CHUNK_ACCEL

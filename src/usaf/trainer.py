@@ -19,8 +19,8 @@ from . import checkpoint
 from .config import TrainConfig, to_dict
 from .data import Batches, DataError, load_examples, split_eval, token_weighted_loss
 from .evaluate import evaluate, peak_memory_mb
-from .io import atomic_write_json, atomic_write_text
 from .families import family_for
+from .io import atomic_write_json, atomic_write_text
 from .loading import load_config, load_model, load_tokenizer, resolve_device, resolve_dtype
 from .model import parse_layers, prepare
 from .optim import UsafOptimizer, make_scheduler
