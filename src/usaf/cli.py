@@ -221,8 +221,8 @@ def main(argv: list[str] | None = None) -> int:
         print("usaf: error: out of memory; run `usaf plan` to see what fits (fewer --train-layers, "
               "smaller --seq-len / --batch-size, --quant 4bit)", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("usaf: interrupted", file=sys.stderr)
+    except KeyboardInterrupt as e:
+        print(f"usaf: {e or 'interrupted'}", file=sys.stderr)
         return 130
 
 

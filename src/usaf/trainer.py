@@ -9,6 +9,8 @@ from __future__ import annotations
 import json
 import logging
 import math
+import signal
+import threading
 import time
 from pathlib import Path
 
@@ -144,8 +146,12 @@ def train(cfg: TrainConfig) -> dict:
     model.train()
     progress = _progress(total_steps, step, cfg.quiet)
     logf = open(out / "log.jsonl", "a")
+    interrupt = _InterruptFlag()
     try:
         while step < total_steps:
+            if interrupt.set:
+                checkpoint.save(out, step, handle, opt, sched, {"batches": batches.state_dict(), "state": state})
+                raise Interrupted(f"interrupted; checkpoint saved at step {step}; continue with --resume {out}")
             t0 = time.perf_counter()
             micro = [batches.next_batch() for _ in range(cfg.grad_accum)]
             n_tok = sum(_n_loss_tokens(b) for b in micro)
@@ -187,6 +193,7 @@ def train(cfg: TrainConfig) -> dict:
             if cfg.save_every and step % cfg.save_every == 0 and step < total_steps:
                 checkpoint.save(out, step, handle, opt, sched, {"batches": batches.state_dict(), "state": state})
     finally:
+        interrupt.restore()
         logf.close()
         progress(None, None, None)
 
@@ -218,6 +225,30 @@ def train(cfg: TrainConfig) -> dict:
     atomic_write_json(out / "metrics.json", metrics)
     _plot(out)
     return metrics
+
+
+class Interrupted(KeyboardInterrupt):
+    """Ctrl-C during training: a checkpoint was saved at the last completed step."""
+
+
+class _InterruptFlag:
+    """Turns SIGINT into a flag checked between steps, so a checkpoint is never taken mid-step."""
+
+    def __init__(self):
+        self.set = False
+        self._old = None
+        if threading.current_thread() is threading.main_thread():
+            self._old = signal.signal(signal.SIGINT, self._handle)
+
+    def _handle(self, signum, frame):
+        if self.set:  # a second Ctrl-C stops at once
+            raise KeyboardInterrupt
+        self.set = True
+
+    def restore(self):
+        if self._old is not None:
+            signal.signal(signal.SIGINT, self._old)
+            self._old = None
 
 
 def _optimizer(cfg: TrainConfig, handle, total_steps: int):
