@@ -2,8 +2,10 @@
 
 A checkpoint is a directory ``checkpoints/step-XXXXXXX/`` holding ``state.safetensors`` (delta indices and
 values, routers, AdamW moments, router masters, RNG states) and ``state.json`` (step, schedule position,
-data position, counters). It is written under a temporary name, fsynced and renamed, so a run killed at
-any moment leaves only complete checkpoints; the newest ``keep`` are kept.
+data position, counters, loss-scaler state, the identity of the data and model). It is written under a
+temporary name (``.tmp-step-...``), fsynced and renamed, so a run killed at any moment leaves only complete
+checkpoints; the newest ``keep`` are kept. Temporary directories left by a killed run are ignored by
+:func:`latest` and removed by :func:`clean`.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from .io import _fsync_dir, atomic_save_safetensors, atomic_write_json, read_safetensors
+from .io import _fsync_dir, atomic_save_safetensors, atomic_write_json, read_safetensors, remove_stale_temps
 from .model import UsafModel
 from .optim import UsafOptimizer
 
@@ -35,11 +37,16 @@ def _opt_tensors(opt: UsafOptimizer) -> tuple[dict[str, torch.Tensor], dict]:
 
 
 def save(out_dir, step: int, handle: UsafModel, opt: UsafOptimizer, sched, state: dict, keep: int = 2) -> Path:
-    """Write ``out_dir/checkpoints/step-<step>`` atomically and prune older ones."""
+    """Write ``out_dir/checkpoints/step-<step>`` atomically, then prune all but the newest ``keep``.
+
+    On any failure (e.g. a full disk) the temporary directory is removed and every existing checkpoint is
+    left as it was.
+    """
     root = Path(out_dir) / "checkpoints"
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"step-{step:07d}"
     tmp = root / f".tmp-step-{step:07d}-{os.getpid()}"
+    old = root / f".old-step-{step:07d}-{os.getpid()}"
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir()
@@ -55,30 +62,76 @@ def save(out_dir, step: int, handle: UsafModel, opt: UsafOptimizer, sched, state
         meta = dict(state, step=step, opt_steps=opt_steps, sched=sched.state_dict() if sched else None,
                     lrs=[g["lr"] for g in opt.opt.param_groups])
         atomic_write_json(tmp / "state.json", meta)
-        if final.exists():
-            shutil.rmtree(final)
+        _fsync_dir(tmp)
+        if final.exists():  # the same step saved again (a resumed run that ends where it resumed)
+            os.replace(final, old)
         os.replace(tmp, final)
         _fsync_dir(root)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
+        if old.exists() and not final.exists():
+            os.replace(old, final)
         raise
-    for old in sorted(root.glob("step-*"))[:-keep] if keep > 0 else []:
-        shutil.rmtree(old, ignore_errors=True)
+    shutil.rmtree(old, ignore_errors=True)
+    if keep > 0:
+        for d in complete(out_dir)[keep:]:
+            shutil.rmtree(d, ignore_errors=True)
     return final
 
 
-def latest(out_dir) -> Path | None:
-    """The newest complete checkpoint (both files present), or None."""
+def _is_complete(d: Path) -> bool:
+    return (d / "state.json").is_file() and (d / "state.safetensors").is_file()
+
+
+def complete(out_dir) -> list[Path]:
+    """Complete checkpoints (both files present), newest first."""
     root = Path(out_dir) / "checkpoints"
-    for d in sorted(root.glob("step-*"), reverse=True):
-        if (d / "state.json").exists() and (d / "state.safetensors").exists():
-            return d
-    return None
+    dirs = [d for d in root.glob("step-*") if d.is_dir() and d.name[5:].isdigit() and _is_complete(d)]
+    return sorted(dirs, key=lambda d: int(d.name[5:]), reverse=True)
+
+
+def latest(out_dir) -> Path | None:
+    """The newest complete checkpoint, or None."""
+    found = complete(out_dir)
+    return found[0] if found else None
+
+
+def clean(out_dir) -> list[Path]:
+    """Remove what a killed run left behind: temporary checkpoint directories (``.tmp-*``, ``.old-*``),
+    incomplete ``step-*`` directories, and stale temporary files of atomic writes. Returns what was removed."""
+    root = Path(out_dir) / "checkpoints"
+    removed = remove_stale_temps(out_dir)
+    if root.is_dir():
+        for d in root.iterdir():
+            if d.is_dir() and (d.name.startswith((".tmp-", ".old-")) or
+                               (d.name.startswith("step-") and not _is_complete(d))):
+                shutil.rmtree(d, ignore_errors=True)
+                removed.append(d)
+            elif d.is_dir() and d.name.startswith("step-"):
+                removed += remove_stale_temps(d)
+        removed += remove_stale_temps(root)
+    return removed
+
+
+def discard(ckpt: Path) -> Path:
+    """Move an unreadable checkpoint aside (``.corrupt-step-...``) so it is neither used nor pruned into."""
+    target = ckpt.with_name(f".corrupt-{ckpt.name}")
+    shutil.rmtree(target, ignore_errors=True)
+    os.replace(ckpt, target)
+    return target
+
+
+def read_meta(ckpt: Path) -> dict:
+    """``state.json`` of a checkpoint (cheap: no tensors)."""
+    try:
+        return json.loads((Path(ckpt) / "state.json").read_text())
+    except ValueError:
+        raise ValueError(f"{ckpt}/state.json is not valid JSON") from None
 
 
 def read(ckpt: Path) -> tuple[dict[str, torch.Tensor], dict]:
-    tensors, _ = read_safetensors(ckpt / "state.safetensors")
-    return tensors, json.loads((ckpt / "state.json").read_text())
+    tensors, _ = read_safetensors(Path(ckpt) / "state.safetensors")
+    return tensors, read_meta(ckpt)
 
 
 @torch.no_grad()

@@ -74,12 +74,13 @@ def _load_prepared(model: str, delta: str | None, device: str, dtype: str, trust
     from safetensors import safe_open
 
     from .loading import load_model, load_tokenizer, resolve_device, resolve_dtype
-    from .model import prepare
+    from .stream import load_prepared
 
     dev = resolve_device(device)
     tok = load_tokenizer(model, trust_remote_code)
-    m = load_model(model, dtype=resolve_dtype(dtype, dev), device=dev, trust_remote_code=trust_remote_code)
-    if delta:
+    if not delta:
+        m = load_model(model, dtype=resolve_dtype(dtype, dev), device=dev, trust_remote_code=trust_remote_code)
+    else:
         if not Path(delta).exists():
             raise FileNotFoundError(f"delta file not found: {delta}")
         try:
@@ -92,8 +93,9 @@ def _load_prepared(model: str, delta: str | None, device: str, dtype: str, trust
         cfg = UsafConfig(quant=meta.get("quant", "none"), group_size=int(meta.get("group_size", 64)),
                          train_layers=meta.get("train_layers", "all"), density=float(meta.get("density", 0.005)),
                          train_router=meta.get("train_router", "True") == "True")
-        handle = prepare(m, cfg)
+        handle = load_prepared(model, cfg, resolve_dtype(dtype, dev), dev, trust_remote_code)
         handle.load_delta(delta)
+        m = handle.model
     return m, tok, dev
 
 
@@ -195,6 +197,9 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--quick", action="store_true", help="smaller, faster variant")
     b.add_argument("extra", nargs="*", help="benchmark-specific key=value settings")
     b.set_defaults(func=cmd_bench)
+
+    from .plan import add_parser as _plan; _plan(sub)  # noqa: E702, I001
+    from .export import add_parsers; add_parsers(sub)  # noqa: E702, I001
     return p
 
 

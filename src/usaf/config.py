@@ -51,6 +51,9 @@ class TrainConfig:
     calib_batches: int = _f(4, "batches used to score importance for the initial selection")
     eval_every: int = _f(0, "evaluate every N steps (0 = only before and after)")
     save_every: int = _f(0, "checkpoint every N steps (0 = only at the end)")
+    keep_checkpoints: int = _f(2, "checkpoints kept in <out>/checkpoints (the newest; at least 1)")
+    max_skips: int = _f(10, "stop (with a checkpoint) after this many consecutive steps skipped for a "
+                        "non-finite loss or gradient (0 = never stop)")
     max_eval_batches: int = _f(0, "cap on eval batches (0 = all)")
     seed: int = _f(0, "random seed")
     device: str = _f("auto", "auto | cpu | cuda | cuda:N | mps")

@@ -74,8 +74,8 @@ def run_demo(out: str = "runs/demo", steps: int = 0, quiet: bool = False) -> dic
     import logging
 
     from .generate import generate
-    from .loading import load_model, load_tokenizer, resolve_device, resolve_dtype
-    from .model import prepare
+    from .loading import load_tokenizer, resolve_device, resolve_dtype
+    from .stream import load_prepared
     from .trainer import train
     from .upcycle import prepare_upcycled_smollm2
 
@@ -88,16 +88,15 @@ def run_demo(out: str = "runs/demo", steps: int = 0, quiet: bool = False) -> dic
 
     device = resolve_device("auto")
     tok = load_tokenizer(model_dir)
-    base = load_model(model_dir, dtype=resolve_dtype("auto", device), device=device)
-    prepare(base, cfg.usaf)  # same quantized base as training, zero deltas
+    base = load_prepared(model_dir, cfg.usaf, resolve_dtype("auto", device), device).model  # zero deltas
     before = [generate(base, tok, p, max_new_tokens=24) for p in prompts]
     del base
 
     metrics = train(cfg)
 
-    tuned = load_model(model_dir, dtype=resolve_dtype("auto", device), device=device)
-    handle = prepare(tuned, cfg.usaf)
+    handle = load_prepared(model_dir, cfg.usaf, resolve_dtype("auto", device), device)
     handle.load_delta(Path(cfg.out) / "delta.safetensors")
+    tuned = handle.model
     after = [generate(tuned, tok, p, max_new_tokens=24) for p in prompts]
 
     print()

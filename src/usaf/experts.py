@@ -45,11 +45,11 @@ class UsafExperts(nn.Module):
     """
 
     def __init__(self, stock: nn.Module, transposed: bool, bias: bool, quant: str = "none",
-                 group_size: int = 64, chunk_bytes: int = 256 << 20):
+                 group_size: int = 64, chunk_bytes: int = 256 << 20, frozen: dict | None = None):
         super().__init__()
         self.transposed = transposed
         self.num_experts = stock.gate_up_proj.shape[0]
-        self.frozen = {name: freeze_stack(getattr(stock, name).data, quant, group_size) for name in NAMES}
+        self.frozen = frozen or {name: freeze_stack(getattr(stock, name).data, quant, group_size) for name in NAMES}
         self.base_dtype = stock.gate_up_proj.dtype
         self.quant = quant
         if bias:

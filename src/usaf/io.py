@@ -1,15 +1,45 @@
-"""Safe file handling: safetensors only, atomic writes (temp name, fsync, rename)."""
+"""Safe file handling: safetensors only, atomic writes (temp name, fsync, rename), stale-temp cleanup.
+
+Every file usaf writes goes through :func:`atomic_write`: the bytes go to a hidden temporary file
+(``.<name>.<random>.tmp``) in the destination directory, which is fsynced and then renamed over the target,
+and the directory is fsynced. A process killed at any moment leaves either the old file or the new one,
+plus possibly a stale temporary file, which :func:`remove_stale_temps` deletes (on resume). A full disk
+raises :class:`DiskFullError` (an ``OSError`` with ``errno.ENOSPC``) naming the file; the target is untouched.
+"""
 
 from __future__ import annotations
 
+import errno
 import json
 import os
+import re
 import tempfile
 from pathlib import Path
 
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
+
+_DISK_FULL = (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC))
+_DISK_FULL_TEXT = ("No space left on device", "os error 28", "Disk quota exceeded", "os error 122")
+_STALE = re.compile(r"^\..+\.tmp$")
+
+
+class DiskFullError(OSError):
+    """No space left (or quota exceeded) while writing ``filename``; the previous file is intact."""
+
+    def __init__(self, path):
+        super().__init__(errno.ENOSPC, "no space left on device", str(path))
+
+    def __str__(self) -> str:
+        return f"no space left on device while writing {self.filename}"
+
+
+def is_disk_full(e: BaseException) -> bool:
+    """Whether ``e`` reports a full disk (OSError ENOSPC/EDQUOT, or a library error carrying that text)."""
+    if isinstance(e, OSError) and e.errno in _DISK_FULL:
+        return True
+    return any(t in str(e) for t in _DISK_FULL_TEXT)
 
 
 def _fsync_dir(path: Path) -> None:
@@ -37,10 +67,25 @@ def atomic_write(path, write) -> None:
             os.fsync(f.fileno())
         os.replace(tmp, path)
         _fsync_dir(path.parent)
-    except BaseException:
+    except BaseException as e:
         if os.path.exists(tmp):
             os.unlink(tmp)
+        if isinstance(e, Exception) and not isinstance(e, DiskFullError) and is_disk_full(e):
+            raise DiskFullError(path) from None
         raise
+
+
+def remove_stale_temps(directory) -> list[Path]:
+    """Delete the temporary files (``.<name>.<random>.tmp``) a killed process left in ``directory``."""
+    removed = []
+    d = Path(directory)
+    if not d.is_dir():
+        return removed
+    for p in d.iterdir():
+        if _STALE.match(p.name) and p.is_file():
+            p.unlink(missing_ok=True)
+            removed.append(p)
+    return removed
 
 
 def atomic_save_safetensors(tensors: dict[str, torch.Tensor], path, metadata: dict | None = None) -> None:
@@ -70,3 +115,24 @@ def read_safetensors(path, device: str = "cpu") -> tuple[dict[str, torch.Tensor]
         raise
     except Exception as e:  # safetensors raises its own error types for corrupt headers
         raise ValueError(f"{path} is not a readable safetensors file ({str(e).splitlines()[0]})") from None
+
+
+def check_safetensors(path) -> None:
+    """Cheap integrity check of a safetensors file from its header alone: it must be complete.
+
+    Raises ``ValueError`` (one line) for a file that is truncated, empty or not safetensors at all.
+    """
+    path = Path(path)
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        head = f.read(8)
+        n = int.from_bytes(head, "little") if len(head) == 8 else -1
+        if n < 2 or n > min(size - 8, 1 << 30):
+            raise ValueError(f"{path} is truncated or not a safetensors file ({size} bytes)")
+        try:
+            header = json.loads(f.read(n))
+            end = max((int(v["data_offsets"][1]) for k, v in header.items() if k != "__metadata__"), default=0)
+        except (ValueError, TypeError, KeyError, IndexError, AttributeError):
+            raise ValueError(f"{path} is not a safetensors file (unreadable header)") from None
+    if 8 + n + end > size:
+        raise ValueError(f"{path} is truncated: {size} bytes, its header needs {8 + n + end}")

@@ -75,38 +75,78 @@ def load_config(model: str, trust_remote_code: bool = False):
         raise LoadError(f"cannot read the config of {model}: {str(e).splitlines()[0]}") from None
 
 
-def load_model(model: str, dtype=torch.bfloat16, device="cpu", trust_remote_code: bool = False):
-    """Load a causal LM from a local directory (or hub id); refuses unsupported families before loading."""
-    from transformers import AutoModelForCausalLM
-
+def check_model(model: str, trust_remote_code: bool = False):
+    """Everything about ``--model`` that can be checked without reading weights: the directory, its
+    config and family (dense / unknown models are refused), and, for a local directory, its safetensors
+    files (present, inside the directory, complete). Returns the transformers config."""
     from .families import family_for
 
-    family_for(load_config(model, trust_remote_code))  # one-line error for dense / unknown models
+    config = load_config(model, trust_remote_code)
+    family_for(config)
     p = Path(model)
     if p.exists():
         _check_shards(p)
+    return config
+
+
+def load_model(model: str, dtype=torch.bfloat16, device="cpu", trust_remote_code: bool = False):
+    """Load a causal LM from a local directory (or hub id); refuses unsupported families before loading.
+
+    Only safetensors weights are read (``use_safetensors=True``: never a pickle); a checkpoint that lacks
+    some of the model's weights is refused rather than completed with random values.
+    """
+    from transformers import AutoModelForCausalLM
+
+    check_model(model, trust_remote_code)  # one-line errors for dense / unknown models, bad shards
     try:
-        m = AutoModelForCausalLM.from_pretrained(model, dtype=dtype, trust_remote_code=trust_remote_code)
+        m, info = AutoModelForCausalLM.from_pretrained(model, dtype=dtype, trust_remote_code=trust_remote_code,
+                                                       use_safetensors=True, output_loading_info=True)
+    except (MemoryError, torch.OutOfMemoryError):
+        raise
     except Exception as e:
         raise LoadError(f"cannot load {model}: {str(e).splitlines()[0]}") from None
+    missing = sorted(info.get("missing_keys") or ())
+    if missing:
+        raise LoadError(f"{model} lacks {len(missing)} weight(s) of the model, e.g. {missing[0]} "
+                        f"(an incomplete or mismatched checkpoint)")
     return m.to(device).eval()
 
 
 def _check_shards(p: Path) -> None:
-    """Index entries must name files inside the directory that exist (no path escapes)."""
+    """The safetensors weights must exist and be complete; index entries must name files inside the
+    directory (no absolute paths, no ``..``), so a crafted index cannot make usaf read elsewhere."""
+    from .io import check_safetensors
+
     index = p / "model.safetensors.index.json"
     if not index.exists():
-        if not (p / "model.safetensors").exists():
-            raise LoadError(f"{p} has no model.safetensors (usaf reads safetensors checkpoints only)")
+        single = p / "model.safetensors"
+        if not single.exists():
+            pickles = [f.name for f in p.glob("*.bin")] + [f.name for f in p.glob("*.pt")]
+            hint = f" (found {pickles[0]}: pickle files are never loaded)" if pickles else ""
+            raise LoadError(f"{p} has no model.safetensors (usaf reads safetensors checkpoints only){hint}")
+        _check_file(single, check_safetensors)
         return
     try:
-        files = set(json.loads(index.read_text())["weight_map"].values())
-    except (ValueError, KeyError) as e:
+        weight_map = json.loads(index.read_text())["weight_map"]
+        files = set(weight_map.values())
+        if not all(isinstance(f, str) for f in files):
+            raise ValueError("shard names must be strings")
+    except (ValueError, KeyError, TypeError, AttributeError) as e:
         raise LoadError(f"{index} is not a valid safetensors index ({e})") from None
-    root = p.resolve()
     for f in sorted(files):
-        target = (p / f).resolve()
-        if root not in target.parents:
+        parts = Path(f).parts
+        if not f or Path(f).is_absolute() or ".." in parts or "\\" in f:
             raise LoadError(f"{index} names a shard outside the model directory: {f!r}")
-        if not target.exists():
+        if not f.endswith(".safetensors"):
+            raise LoadError(f"{index} names a shard that is not a .safetensors file: {f!r}")
+        target = p / f
+        if not target.is_file():
             raise LoadError(f"{index} names a missing shard: {f}")
+        _check_file(target, check_safetensors)
+
+
+def _check_file(path: Path, check) -> None:
+    try:
+        check(path)
+    except ValueError as e:
+        raise LoadError(str(e)) from None

@@ -72,15 +72,30 @@ def parse_layers(spec: str, num_layers: int) -> range:
         ) from None
 
 
-def fingerprint(model: nn.Module, family: Family) -> str:
-    """A short hash of the base model: family, shapes and a strided sample of every expert/router weight."""
+def fingerprint_keys(model: nn.Module) -> list[str]:
+    """Names of the parameters that identify a base model: expert stacks and biases, routers."""
+    return [n for n, p in model.named_parameters()
+            if ".experts." in f".{n}" or p.dim() == 3 or "router" in n or n.endswith("gate.weight")]
+
+
+def sample_index(numel: int) -> torch.Tensor:
+    """The strided positions of a flattened tensor that enter the fingerprint."""
+    return torch.arange(0, numel, max(1, numel // 4096))
+
+
+def fingerprint(model: nn.Module, family: Family, samples: dict[str, torch.Tensor] | None = None) -> str:
+    """A short hash of the base model: family, shapes and a strided sample of every expert/router weight.
+
+    ``samples`` supplies ``flat[sample_index(numel)]`` for parameters that are not materialized (streamed
+    loading); the hash is the same either way.
+    """
     h = hashlib.sha256(family.model_type.encode())
-    for name, p in model.named_parameters():
-        if ".experts." in f".{name}" or p.dim() == 3 or "router" in name or name.endswith("gate.weight"):
-            flat = p.detach().reshape(-1)
-            step = max(1, flat.numel() // 4096)
-            h.update(name.encode() + str(tuple(p.shape)).encode())
-            h.update(flat[::step].float().cpu().numpy().tobytes())
+    params = dict(model.named_parameters())
+    for name in fingerprint_keys(model):
+        p = params[name]
+        sample = samples[name] if samples and name in samples else p.detach().reshape(-1)[sample_index(p.numel())]
+        h.update(name.encode() + str(tuple(p.shape)).encode())
+        h.update(sample.float().cpu().numpy().tobytes())
     return h.hexdigest()[:32]
 
 
@@ -228,12 +243,16 @@ class UsafModel:
                 routers[name].copy_(v.to(routers[name].dtype))
 
 
-def prepare(model: nn.Module, config: UsafConfig | None = None) -> UsafModel:
+def prepare(model: nn.Module, config: UsafConfig | None = None, frozen: dict | None = None,
+            base_fingerprint: str | None = None) -> UsafModel:
     """Make a loaded transformers MoE model trainable with sparse expert deltas.
 
     Args:
         model: a ``*ForCausalLM`` of a family in ``usaf.families.FAMILIES``.
         config: engine settings; ``UsafConfig()`` defaults when omitted.
+        frozen: ``{experts module name: {stack name: frozen stack}}`` built elsewhere (streamed loading);
+            by default the stacks are taken from the model's own parameters.
+        base_fingerprint: precomputed ``fingerprint`` (streamed loading).
 
     Returns:
         A ``UsafModel`` handle; ``handle.model`` is the same (patched) module.
@@ -248,7 +267,7 @@ def prepare(model: nn.Module, config: UsafConfig | None = None) -> UsafModel:
     family = family_for(model.config)
     layers = decoder_layers(model)
     train_range = parse_layers(config.train_layers, len(layers))
-    base_fp = fingerprint(model, family)
+    base_fp = base_fingerprint or fingerprint(model, family)
     for p in model.parameters():
         p.requires_grad_(False)
     moe: list[MoeLayer] = []
@@ -258,8 +277,9 @@ def prepare(model: nn.Module, config: UsafConfig | None = None) -> UsafModel:
         stock = get_path(block, family.experts) if block is not None else None
         if stock is None or getattr(getattr(stock, "gate_up_proj", None), "dim", lambda: 0)() != 3:
             continue  # a dense layer (e.g. deepseek's leading layers)
+        name = f"{names[id(block)]}.{family.experts}"
         experts = UsafExperts(stock, family.transposed, family.bias, config.quant, config.group_size,
-                              chunk_bytes=config.chunk_mb << 20)
+                              chunk_bytes=config.chunk_mb << 20, frozen=(frozen or {}).get(name))
         set_path(block, family.experts, experts)
         if family.dispatch == "llama4":
             block.forward = types.MethodType(llama4_block_forward, block)

@@ -23,11 +23,12 @@ from .data import Batches, DataError, load_examples, split_eval, token_weighted_
 from .evaluate import evaluate, peak_memory_mb
 from .families import family_for
 from .io import atomic_write_json, atomic_write_text
-from .loading import load_config, load_model, load_tokenizer, resolve_device, resolve_dtype
-from .model import parse_layers, prepare
+from .loading import load_config, load_tokenizer, resolve_device, resolve_dtype
+from .model import parse_layers
 from .optim import UsafOptimizer, make_scheduler
 from .rigl import drop_fraction, reselect
 from .select import select
+from .stream import load_prepared
 
 log = logging.getLogger("usaf")
 
@@ -105,8 +106,8 @@ def train(cfg: TrainConfig) -> dict:
     if stats.truncated or stats.dropped:
         log.warning("data: %d rows truncated to --seq-len %d, %d dropped", stats.truncated, cfg.seq_len,
                     stats.dropped)
-    model = load_model(cfg.model, dtype=dtype, device=device, trust_remote_code=cfg.trust_remote_code)
-    handle = prepare(model, cfg.usaf)
+    handle = load_prepared(cfg.model, cfg.usaf, dtype, device, cfg.trust_remote_code)
+    model = handle.model
     pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
     batches = Batches(train_ex, cfg.batch_size, seed=cfg.seed, pad_id=pad)
     eval_batches = lambda: Batches(eval_ex, cfg.batch_size, shuffle=False, pad_id=pad)  # noqa: E731

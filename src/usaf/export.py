@@ -1,0 +1,684 @@
+"""Export a trained delta: ``usaf export`` (hf | delta | gguf) and ``usaf apply`` (merge / revert).
+
+- ``hf``: a full checkpoint in the *source's own on-disk layout* (same tensor names, shapes, dtypes, shards
+  and index). The fused in-memory delta indices ``[E, R, C]`` are mapped back onto the on-disk tensors
+  (per-expert ``experts.N.gate_proj/up_proj/down_proj`` or mixtral ``w1/w3/w2``: gate_up rows ``[0, I)`` are
+  gate, ``[I, 2I)`` up; fused families keep their fused names). Written shard by shard: a shard with nothing
+  to patch is copied as a file, the others are read with ``safe_open``, patched and written atomically.
+- ``delta``: the delta file plus the on-disk values it replaces (``<stack>.original``,
+  ``router_original::<name>``), so that ``usaf apply --revert`` restores the original bytes exactly and
+  ``usaf apply`` can tell the wrong base from the right one without loading it.
+- ``gguf``: see ``usaf.gguf_export``.
+
+Base weights (``--base-weights``): ``full`` (default) adds the deltas to the original full-precision
+weights at the active positions (``w[i] = round(w[i] + delta[i])``, everything else untouched);
+``dequantized`` writes the expert weights training saw (the dequantized 4/8-bit base plus the deltas).
+docs/export.md has the measurement behind the default.
+
+Every export ends with a check: what was written is reloaded (transformers for hf, llama.cpp or the gguf
+reader for gguf) and its logits are compared with usaf's in-memory merged model; a failed check removes the
+output and raises ``ExportCheckError`` (a ``ValueError``: one line, exit code 2 on the command line).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+
+from .io import atomic_save_safetensors, atomic_write_json, read_safetensors
+
+log = logging.getLogger("usaf")
+
+BASE_WEIGHTS = ("full", "dequantized")
+DEFAULT_BASE_WEIGHTS = "full"
+DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}
+NAMED_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+PROVENANCE = "usaf_export.json"
+# Relative logit tolerance of the reload check (fp32 forward of identical weights on both sides).
+HF_TOLERANCE = 1e-4
+_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf", ".ckpt")
+_PER_EXPERT_NAMES = (("gate_proj", "up_proj", "down_proj"), ("w1", "w3", "w2"))
+
+
+class ExportError(ValueError):
+    """A user-facing export problem (one line, exit code 2)."""
+
+
+class BaseMismatchError(ExportError):
+    """The delta was made for another base model."""
+
+
+class ExportCheckError(ExportError):
+    """The reload check of a written export failed (the output was removed)."""
+
+
+# ------------------------------------------------------------------------------------------------ the run
+@dataclass
+class Run:
+    """A delta file and the base checkpoint it belongs to."""
+
+    delta: Path
+    base: str
+    tensors: dict[str, torch.Tensor]
+    meta: dict[str, str]
+    train_dtype: torch.dtype
+
+    @property
+    def shapes(self) -> dict[str, tuple[int, ...]]:
+        return {k: tuple(v) for k, v in json.loads(self.meta.get("shapes", "{}")).items()}
+
+    @property
+    def routers(self) -> dict[str, torch.Tensor]:
+        return {k[len("router::"):]: v for k, v in self.tensors.items() if k.startswith("router::")}
+
+    def stack(self, key: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """(indices int64, values fp32) of one expert stack (empty when it has no delta)."""
+        if f"{key}.indices" not in self.tensors:
+            return torch.empty(0, dtype=torch.int64), torch.empty(0)
+        return self.tensors[f"{key}.indices"].long(), self.tensors[f"{key}.values"].float()
+
+    def active(self) -> int:
+        return sum(v.numel() for k, v in self.tensors.items() if k.endswith(".indices"))
+
+
+def read_delta(path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"delta file not found: {path}")
+    tensors, meta = read_safetensors(path)
+    if meta.get("format") != "usaf-delta":
+        raise ExportError(f"{path} is not a usaf delta file")
+    return tensors, meta
+
+
+def load_run(run, base: str | None = None, train_dtype: str | None = None) -> Run:
+    """``run``: a training output directory (delta.safetensors + config.yaml) or a delta file (needs ``base``)."""
+    import yaml
+
+    from .loading import resolve_device, resolve_dtype
+
+    run = Path(run)
+    cfg: dict = {}
+    if run.is_dir():
+        delta = run / "delta.safetensors"
+        if not delta.exists():
+            raise ExportError(f"{run} has no delta.safetensors (is it a finished `usaf train` output?)")
+        if (run / "config.yaml").exists():
+            cfg = yaml.safe_load((run / "config.yaml").read_text()) or {}
+    elif run.exists():
+        delta = run
+    else:
+        raise FileNotFoundError(f"no run or delta file at {run}")
+    base = base or cfg.get("model")
+    if not base:
+        raise ExportError(f"{run}: which base model? give --base (no config.yaml naming the model)")
+    tensors, meta = read_delta(delta)
+    spec = train_dtype or cfg.get("dtype") or "auto"
+    try:
+        dtype = NAMED_DTYPES.get(spec) or resolve_dtype(spec, resolve_device(cfg.get("device") or "auto"))
+    except ValueError:
+        dtype = resolve_dtype(spec, torch.device("cpu"))
+    return Run(delta, str(base), tensors, meta, dtype)
+
+
+# ------------------------------------------------------------------------------------ the source checkpoint
+class Checkpoint:
+    """A safetensors checkpoint directory: where each tensor lives, its dtype and shape (read lazily)."""
+
+    def __init__(self, path):
+        self.dir = Path(path)
+        if not (self.dir / "config.json").is_file():
+            raise ExportError(f"{self.dir} is not a Hugging Face checkpoint directory (no config.json)")
+        self.index_file = self.dir / "model.safetensors.index.json"
+        if self.index_file.exists():
+            self.where = dict(json.loads(self.index_file.read_text())["weight_map"])
+        elif (self.dir / "model.safetensors").exists():
+            self.index_file = None
+            with safe_open(str(self.dir / "model.safetensors"), "pt") as f:
+                self.where = {k: "model.safetensors" for k in f.keys()}
+        else:
+            raise ExportError(f"{self.dir} has no model.safetensors (usaf exports safetensors checkpoints only)")
+        self.files = list(dict.fromkeys(self.where.values()))
+        self._info: dict[str, tuple[torch.dtype, tuple[int, ...]]] = {}
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.where
+
+    def info(self, name: str) -> tuple[torch.dtype, tuple[int, ...]]:
+        if name not in self._info:
+            with safe_open(str(self.dir / self.where[name]), "pt") as f:
+                for k in f.keys():
+                    s = f.get_slice(k)
+                    self._info[k] = (DTYPES.get(s.get_dtype(), s.get_dtype()), tuple(s.get_shape()))
+        return self._info[name]
+
+    def get(self, name: str) -> torch.Tensor:
+        with safe_open(str(self.dir / self.where[name]), "pt") as f:
+            return f.get_tensor(name)
+
+
+# ------------------------------------------------------------------------------- in-memory -> on-disk map
+@dataclass
+class StackMap:
+    """Where the rows of one fused ``[E, R, C]`` stack live on disk.
+
+    ``names[i]`` holds the fused flat range ``[starts[i], starts[i + 1])`` (the pieces tile the stack in
+    order: per expert, gate rows then up rows, or the whole stack for fused layouts).
+    """
+
+    key: str
+    shape: tuple[int, ...]
+    names: list[str]
+    starts: torch.Tensor  # (len(names) + 1,) int64
+
+    def split(self, idx: torch.Tensor) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        """Fused flat indices (sorted) -> ``{disk name: (positions into idx, flat indices in that tensor)}``."""
+        piece = torch.searchsorted(self.starts, idx, right=True) - 1
+        out = {}
+        bounds = torch.searchsorted(piece, torch.arange(len(self.names) + 1))
+        for i in torch.nonzero(bounds[1:] > bounds[:-1]).flatten().tolist():
+            a, b = int(bounds[i]), int(bounds[i + 1])
+            out[self.names[i]] = (torch.arange(a, b), idx[a:b] - self.starts[i])
+        return out
+
+
+def stack_map(key: str, shape: tuple[int, ...], ckpt: Checkpoint, transposed: bool = False) -> StackMap:
+    """Map the in-memory stack ``key`` (e.g. ``model.layers.1.mlp.experts.gate_up_proj``) to ``ckpt``'s tensors."""
+    prefix, name = key.rsplit(".", 1)
+    n_exp, rows, cols = shape
+    numel = n_exp * rows * cols
+    prefixes = list(dict.fromkeys([prefix, prefix.replace(".mlp.", ".block_sparse_moe.")]))
+    block = prefix.rsplit(".experts", 1)[0]
+    legacy = {"gate_up_proj": "input_linear", "down_proj": "output_linear"}[name]  # granitemoe
+    for cand in [f"{p}.{name}" for p in prefixes] + [f"{p}.{name}.weight" for p in prefixes] + \
+            [f"{block}.{legacy}.weight"]:
+        if cand in ckpt:
+            _expect(ckpt, cand, tuple(shape))
+            return StackMap(key, tuple(shape), [cand], torch.tensor([0, numel]))
+    for p in prefixes:
+        for gate, up, down in _PER_EXPERT_NAMES:
+            first = f"{p}.0.{down if name == 'down_proj' else gate}.weight"
+            if first not in ckpt:
+                continue
+            if transposed:
+                raise ExportError(f"{key}: per-expert on-disk tensors for a transposed layout are not supported")
+            names, starts = [], [0]
+            parts = [(gate, rows // 2), (up, rows // 2)] if name == "gate_up_proj" else [(down, rows)]
+            for e in range(n_exp):
+                for part, n_rows in parts:
+                    disk = f"{p}.{e}.{part}.weight"
+                    if disk not in ckpt:
+                        raise ExportError(f"{ckpt.dir}: {disk} is missing (per-expert layout of {key})")
+                    _expect(ckpt, disk, (n_rows, cols))
+                    names.append(disk)
+                    starts.append(starts[-1] + n_rows * cols)
+            return StackMap(key, tuple(shape), names, torch.tensor(starts))
+    raise ExportError(f"{ckpt.dir}: no on-disk tensor holds {key} (looked for fused and per-expert names)")
+
+
+def router_name(key: str, ckpt: Checkpoint, shape: tuple[int, ...]) -> str:
+    """On-disk name of an in-memory router parameter (mixtral ``block_sparse_moe.gate``, granite ``router.layer``)."""
+    cands = [key, key.replace(".mlp.", ".block_sparse_moe."), key.replace(".router.weight", ".router.layer.weight")]
+    for cand in dict.fromkeys(cands):
+        if cand in ckpt:
+            _expect(ckpt, cand, tuple(shape))
+            return cand
+    raise ExportError(f"{ckpt.dir}: no on-disk tensor holds the router {key}")
+
+
+def _expect(ckpt: Checkpoint, name: str, shape: tuple[int, ...]) -> None:
+    got = ckpt.info(name)[1]
+    if tuple(got) != tuple(shape):
+        raise BaseMismatchError(f"{ckpt.dir}: {name} has shape {tuple(got)}, the delta expects {tuple(shape)} "
+                                f"(the delta was made for another base model)")
+
+
+@dataclass
+class Patches:
+    """What changes on disk: expert positions (flat index, delta values) and whole router tensors."""
+
+    experts: dict[str, list[tuple[str, torch.Tensor, torch.Tensor]]] = field(default_factory=dict)
+    routers: dict[str, str] = field(default_factory=dict)  # disk name -> in-memory router key
+
+    def touched(self) -> set[str]:
+        return set(self.experts) | set(self.routers)
+
+
+def plan(run_tensors: dict[str, torch.Tensor], meta: dict[str, str], ckpt: Checkpoint) -> tuple[Patches, dict]:
+    """Map every delta entry to on-disk tensors. Returns (patches, {stack key: StackMap})."""
+    from .families import FAMILIES
+
+    fam = FAMILIES.get(meta.get("model_type", ""))
+    transposed = bool(fam and fam.transposed)
+    shapes = {k: tuple(v) for k, v in json.loads(meta.get("shapes", "{}")).items()}
+    patches, maps = Patches(), {}
+    for key, shape in shapes.items():
+        maps[key] = m = stack_map(key, shape, ckpt, transposed)
+        if f"{key}.indices" not in run_tensors:
+            continue
+        idx = run_tensors[f"{key}.indices"].long()
+        for disk, (pos, local) in m.split(idx).items():
+            patches.experts.setdefault(disk, []).append((key, pos, local))
+    for k, v in run_tensors.items():
+        if k.startswith("router::"):
+            name = k[len("router::"):]
+            patches.routers[router_name(name, ckpt, tuple(v.shape))] = name
+    return patches, maps
+
+
+# --------------------------------------------------------------------------------------- writing a checkpoint
+def write_checkpoint(src: Checkpoint, out: Path, touched: set[str], patch, provenance: dict | None) -> None:
+    """Copy ``src`` into the (new) directory ``out``, replacing the tensors in ``touched`` by ``patch(name, t)``.
+
+    Shards without a touched tensor are copied as files; the others are read with ``safe_open`` and written
+    atomically (temp name, fsync, rename) with the same tensors, order and metadata. The index and every
+    non-weight file (config, tokenizer, chat template, generation config, ...) are copied.
+    """
+    out.mkdir(parents=True, exist_ok=True)
+    for file in src.files:
+        names = [n for n, f in src.where.items() if f == file]
+        if not touched.intersection(names):
+            shutil.copyfile(src.dir / file, out / file)
+            continue
+        tensors = {}
+        with safe_open(str(src.dir / file), "pt") as f:
+            meta = f.metadata()
+            for name in f.keys():
+                t = f.get_tensor(name)
+                if name in touched:
+                    new = patch(name, t)
+                    if new.dtype != t.dtype or new.shape != t.shape:
+                        raise ExportError(f"internal: patched {name} changed dtype/shape")
+                    t = new
+                tensors[name] = t
+        atomic_save_safetensors(tensors, out / file, metadata=meta)
+        del tensors
+    for item in sorted(src.dir.iterdir()):
+        if item.name.startswith(".") or item.name in src.files or item.name == PROVENANCE:
+            continue
+        if item.is_dir():
+            shutil.copytree(item, out / item.name)
+        elif item.name.endswith(_WEIGHT_SUFFIXES):
+            log.warning("not copying %s (usaf writes safetensors only)", item.name)
+        else:
+            shutil.copyfile(item, out / item.name)
+    if provenance:
+        atomic_write_json(out / PROVENANCE, provenance)
+
+
+def merged_values(orig: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+    """``round_to_dtype(orig + delta)``: the formula training uses (``SparseDelta.add_to``)."""
+    return (orig.float() + values).to(orig.dtype)
+
+
+def _full_patch(run: Run, patches: Patches):
+    def patch(name: str, t: torch.Tensor) -> torch.Tensor:
+        if name in patches.routers:
+            return run.routers[patches.routers[name]].to(t.dtype).reshape(t.shape).contiguous()
+        t = t.clone()
+        flat = t.view(-1)
+        for key, pos, local in patches.experts[name]:
+            flat[local] = merged_values(flat[local], run.stack(key)[1][pos])
+        return t
+
+    return patch
+
+
+def _dequantized_patch(run: Run, patches: Patches, maps: dict, ref):
+    """Replace every expert tensor by the effective weights of usaf's (quantized) model, cast to disk dtype."""
+    layers = {m.prefix: m.experts for m in ref.layers}
+    where = {}
+    for key, m in maps.items():
+        for i, disk in enumerate(m.names):
+            where[disk] = (key, int(m.starts[i]), int(m.starts[i + 1]))
+
+    def patch(name: str, t: torch.Tensor) -> torch.Tensor:
+        if name in patches.routers:
+            return run.routers[patches.routers[name]].to(t.dtype).reshape(t.shape).contiguous()
+        key, a, b = where[name]
+        prefix, stack = key.rsplit(".", 1)
+        w = layers[prefix].frozen[stack].tensor.reshape(-1)[a:b]
+        return w.to(t.dtype).reshape(t.shape).contiguous()
+
+    return patch, set(where)
+
+
+# ------------------------------------------------------------------------------- usaf's in-memory model
+class _Cast:
+    """A model seen through a dtype cast (what loading it at that dtype would give): for fingerprints."""
+
+    def __init__(self, model, dtype):
+        self.model, self.dtype = model, dtype
+
+    def named_parameters(self, *a, **k):
+        for n, p in self.model.named_parameters(*a, **k):
+            yield n, p.detach().to(self.dtype)
+
+
+def check_fingerprint(model, meta: dict, where: str) -> None:
+    """Refuse a base whose fingerprint (at any load dtype) differs from the delta's ``base_fingerprint``."""
+    from .families import family_for
+    from .model import fingerprint
+
+    want = meta.get("base_fingerprint")
+    family = family_for(model.config)
+    if family.model_type != meta.get("model_type", family.model_type):
+        raise BaseMismatchError(f"the delta was made for a {meta.get('model_type')} model, {where} is "
+                                f"{family.model_type}")
+    got = [fingerprint(_Cast(model, dt), family) for dt in (torch.bfloat16, torch.float32, torch.float16)]
+    if want not in got:
+        raise BaseMismatchError(f"the delta was made for another base model than {where} "
+                                f"(fingerprint {want}, {where} is {got[0]})")
+
+
+def reference_model(base: str, tensors: dict, meta: dict, dtype, quant: str = "none"):
+    """usaf's model of ``base`` with the delta: loaded at ``dtype``, experts frozen as ``quant``, deltas folded.
+
+    The fingerprint is checked first. Every expert stack is replaced by its effective dense weights (base +
+    delta, rounded to ``dtype`` exactly as in training), so ``handle.layers[i].experts.frozen[name].tensor``
+    holds what an export writes.
+    """
+    from .config import UsafConfig
+    from .loading import load_model
+    from .model import prepare
+    from .store import DenseStack
+
+    model = load_model(base, dtype=dtype, device="cpu")
+    check_fingerprint(model, meta, base)
+    cfg = UsafConfig(density=float(meta.get("density", 0.005)), train_layers=meta.get("train_layers", "all"),
+                     quant=quant, group_size=int(meta.get("group_size", 64)),
+                     train_router=meta.get("train_router", "True") == "True")
+    handle = prepare(model, cfg)
+    handle.load_delta_state(tensors)
+    with torch.no_grad():
+        for m in handle.layers:
+            ex = m.experts
+            for name in list(ex.frozen):
+                ex.frozen[name] = DenseStack(ex.weight(name, 0, ex.num_experts, dtype, torch.device("cpu")))
+            ex.merged = {}  # deltas are folded into the frozen stacks: the forward must not add them again
+    return handle
+
+
+def probe_ids(vocab_size: int, n: int = 12) -> torch.Tensor:
+    g = torch.Generator().manual_seed(1234)
+    return torch.randint(0, vocab_size, (2, n), generator=g)
+
+
+@torch.no_grad()
+def fp32_logits(model, ids: torch.Tensor) -> torch.Tensor:
+    model.float().eval()
+    return model(input_ids=ids).logits.float()
+
+
+def compare_logits(ref: torch.Tensor, got: torch.Tensor, tol: float, what: str) -> float:
+    """Max |difference| relative to the largest reference logit; raises ExportCheckError above ``tol``."""
+    if got.shape != ref.shape:
+        raise ExportCheckError(f"check failed: {what} logits have shape {tuple(got.shape)}, expected "
+                               f"{tuple(ref.shape)}; output removed")
+    err = float((ref - got).abs().max() / ref.abs().max().clamp_min(1.0))
+    if not err <= tol:
+        raise ExportCheckError(f"check failed: {what} logits differ from usaf's merged model (max relative "
+                               f"error {err:.2e} > {tol:.0e}); output removed")
+    return err
+
+
+def _hf_logits(path: Path, ids: torch.Tensor) -> torch.Tensor:
+    from transformers import AutoModelForCausalLM
+
+    try:
+        model = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32)
+    except Exception as e:  # noqa: BLE001 - any load failure is a failed check
+        raise ExportCheckError(f"check failed: transformers cannot load the export ({str(e).splitlines()[0]}); "
+                               f"output removed") from None
+    return fp32_logits(model, ids)
+
+
+# --------------------------------------------------------------------------------------- staging outputs
+class _Staged:
+    """Write into a hidden sibling, move into place on success, remove it on any failure."""
+
+    def __init__(self, out, overwrite: bool, is_dir: bool):
+        self.out = Path(out)
+        if self.out.exists() and not overwrite:
+            raise ExportError(f"{self.out} already exists (use --overwrite to replace it)")
+        self.out.parent.mkdir(parents=True, exist_ok=True)
+        self.is_dir = is_dir
+        self.tmp = Path(tempfile.mkdtemp(prefix=f".{self.out.name}.partial-", dir=self.out.parent))
+        self.path = self.tmp if is_dir else self.tmp / self.out.name
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, exc_type, exc, tb):
+        if exc_type is None:
+            if self.out.exists():
+                old = self.out.with_name(f".{self.out.name}.old-{os.getpid()}")
+                os.replace(self.out, old)
+                shutil.rmtree(old) if old.is_dir() else old.unlink()
+            os.replace(self.path, self.out)
+        shutil.rmtree(self.tmp, ignore_errors=True)
+        return False
+
+
+def _disk_dtype(ckpt: Checkpoint, maps: dict) -> torch.dtype:
+    first = next(iter(maps.values()))
+    return ckpt.info(first.names[0])[0]
+
+
+# ------------------------------------------------------------------------------------------- export hf
+def export_hf(run: Run, out, base_weights: str = DEFAULT_BASE_WEIGHTS, overwrite: bool = False,
+              check: bool = True) -> dict:
+    """Write the merged model as a checkpoint in the source's own layout; returns a small report."""
+    if base_weights not in BASE_WEIGHTS:
+        raise ExportError(f"--base-weights must be one of {BASE_WEIGHTS}, got {base_weights!r}")
+    ckpt = Checkpoint(run.base)
+    patches, maps = plan(run.tensors, run.meta, ckpt)
+    disk_dtype = _disk_dtype(ckpt, maps)
+    dequant = base_weights == "dequantized" and run.meta.get("quant", "none") != "none"
+    ref = reference_model(run.base, run.tensors, run.meta, run.train_dtype if dequant else disk_dtype,
+                          run.meta.get("quant") if dequant else "none")
+    if dequant:  # every MoE layer's experts were quantized in training, not only the trained ones
+        from .experts import NAMES
+
+        transposed = ref.family.transposed
+        all_maps = {f"{m.prefix}.{n}": stack_map(f"{m.prefix}.{n}", m.experts.shape(n), ckpt, transposed)
+                    for m in ref.layers for n in NAMES}
+        patch, expert_names = _dequantized_patch(run, patches, all_maps, ref)
+        touched = expert_names | set(patches.routers)
+    else:
+        patch, touched = _full_patch(run, patches), patches.touched()
+    prov = {"format": "usaf-export-hf", "delta": str(run.delta), "base": str(run.base),
+            "base_fingerprint": run.meta.get("base_fingerprint"), "base_weights": base_weights,
+            "active": run.active()}
+    report = {"out": str(out), "base_weights": base_weights, "touched_tensors": len(touched),
+              "shards": len(ckpt.files)}
+    with _Staged(out, overwrite, is_dir=True) as st:
+        write_checkpoint(ckpt, st.path, touched, patch, prov)
+        if check:
+            ids = probe_ids(ref.model.config.get_text_config().vocab_size)
+            want = fp32_logits(ref.model, ids)
+            del ref
+            report["check_error"] = compare_logits(want, _hf_logits(st.path, ids), HF_TOLERANCE, "the export's")
+    return report
+
+
+# ------------------------------------------------------------------------------------------ export delta
+def export_delta(run: Run, out, overwrite: bool = False, check: bool = True) -> dict:
+    """The delta file plus the on-disk values it replaces (for byte-exact revert and a cheap base check)."""
+    ckpt = Checkpoint(run.base)
+    patches, maps = plan(run.tensors, run.meta, ckpt)
+    from .loading import load_model
+
+    model = load_model(run.base, dtype=_disk_dtype(ckpt, maps), device="cpu")
+    check_fingerprint(model, run.meta, run.base)  # the originals must come from the right base
+    del model
+    tensors = dict(run.tensors)
+    originals: dict[str, torch.Tensor] = {}
+    for disk, entries in patches.experts.items():
+        t = ckpt.get(disk).reshape(-1)
+        for key, pos, local in entries:
+            if key not in originals:
+                originals[key] = torch.empty(run.stack(key)[0].numel(), dtype=t.dtype)
+            originals[key][pos] = t[local]
+    for key, o in originals.items():
+        tensors[f"{key}.original"] = o
+    for disk, key in patches.routers.items():
+        tensors[f"router_original::{key}"] = ckpt.get(disk)
+    meta = dict(run.meta)
+    meta.update({"revertible": "1", "layout": json.dumps({k: m.names[0] for k, m in maps.items()}),
+                 "export_version": "1"})
+    with _Staged(out, overwrite, is_dir=False) as st:
+        atomic_save_safetensors(tensors, st.path, metadata=meta)
+        back, back_meta = read_delta(st.path)
+        if set(back) != set(tensors) or any(not torch.equal(back[k], tensors[k]) for k in tensors):
+            raise ExportCheckError("check failed: the written delta file does not read back identically; "
+                                   "output removed")
+        size = st.path.stat().st_size
+    active = run.active()
+    return {"out": str(out), "bytes": size, "active": active,
+            "mb_per_million_active": size / 1e6 / max(active / 1e6, 1e-12)}
+
+
+# ------------------------------------------------------------------------------------------------- apply
+def _read_positions(ckpt: Checkpoint, patches: Patches, run_tensors: dict) -> dict[str, torch.Tensor]:
+    """Current on-disk values at the touched positions, in delta order, per stack key."""
+    out: dict[str, torch.Tensor] = {}
+    for disk, entries in patches.experts.items():
+        t = ckpt.get(disk).reshape(-1)
+        for key, pos, local in entries:
+            if key not in out:
+                out[key] = torch.empty(run_tensors[f"{key}.indices"].numel(), dtype=t.dtype)
+            out[key][pos] = t[local]
+    return out
+
+
+def _bits(t: torch.Tensor) -> torch.Tensor:
+    return t.contiguous().view({1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}[t.element_size()])
+
+
+def _count_diff(a: torch.Tensor, b: torch.Tensor) -> int:
+    if a.dtype != b.dtype or a.shape != b.shape:
+        return max(a.numel(), b.numel())
+    return int((_bits(a) != _bits(b)).sum())
+
+
+def apply_delta(model: str, delta, out, revert: bool = False, overwrite: bool = False, check: bool = True) -> dict:
+    """Merge a delta into a copy of checkpoint ``model`` (full-precision rule), or take it out again (``revert``)."""
+    tensors, meta = read_delta(delta)
+    ckpt = Checkpoint(model)
+    run = Run(Path(delta), model, tensors, meta, torch.float32)
+    patches, maps = plan(tensors, meta, ckpt)
+    has_orig = meta.get("revertible") == "1"
+    if revert and not has_orig:
+        raise ExportError(f"{delta} carries no original values; make a revertible file with "
+                          f"`usaf export RUN --format delta --out FILE`")
+    current = _read_positions(ckpt, patches, tensors)
+    if has_orig:
+        expect = {k: tensors[f"{k}.original"] for k in current}
+        if revert:
+            expect = {k: merged_values(v, run.stack(k)[1]) for k, v in expect.items()}
+        bad = sum(_count_diff(current[k], expect[k]) for k in current)
+        for disk, key in patches.routers.items():
+            want = tensors[f"router_original::{key}"]
+            if revert:
+                want = run.routers[key].to(want.dtype).reshape(want.shape)
+            bad += _count_diff(ckpt.get(disk), want)
+        if bad:
+            what = "does not contain this delta" if revert else "is not the base this delta was made for"
+            raise BaseMismatchError(f"refused: {model} {what} ({bad} touched values differ)")
+    ref = None
+    if not revert and check or not has_orig:
+        disk_dtype = _disk_dtype(ckpt, maps)
+        ref = reference_model(model, tensors, meta, disk_dtype, "none")  # checks the fingerprint
+    if revert:
+        def patch(name, t):
+            if name in patches.routers:
+                return tensors[f"router_original::{patches.routers[name]}"].reshape(t.shape).contiguous()
+            t = t.clone()
+            flat = t.view(-1)
+            for key, pos, local in patches.experts[name]:
+                flat[local] = tensors[f"{key}.original"][pos]
+            return t
+        prov = None
+    else:
+        patch = _full_patch(run, patches)
+        prov = {"format": "usaf-apply", "delta": str(delta), "base": str(model),
+                "base_fingerprint": meta.get("base_fingerprint"), "base_weights": "full"}
+    report = {"out": str(out), "revert": revert, "touched_tensors": len(patches.touched())}
+    with _Staged(out, overwrite, is_dir=True) as st:
+        write_checkpoint(ckpt, st.path, patches.touched(), patch, prov)
+        if check and revert:
+            from .loading import load_model
+
+            check_fingerprint(load_model(str(st.path), dtype=_disk_dtype(ckpt, maps), device="cpu"), meta,
+                              "the reverted checkpoint")
+        elif check:
+            ids = probe_ids(ref.model.config.get_text_config().vocab_size)
+            want = fp32_logits(ref.model, ids)
+            del ref
+            report["check_error"] = compare_logits(want, _hf_logits(st.path, ids), HF_TOLERANCE, "the merged")
+    return report
+
+
+# ---------------------------------------------------------------------------------------------------- CLI
+def cmd_export(args) -> int:
+    run = load_run(args.run, args.base, args.train_dtype)
+    check = not args.no_check
+    if args.format == "hf":
+        r = export_hf(run, args.out, args.base_weights, args.overwrite, check)
+        print(f"wrote {r['out']} ({r['shards']} shard(s), {r['touched_tensors']} tensors patched, base weights "
+              f"{r['base_weights']})" + (f"; reload check ok (max rel. logit error {r['check_error']:.1e})"
+                                         if "check_error" in r else ""))
+    elif args.format == "delta":
+        r = export_delta(run, args.out, args.overwrite, check)
+        print(f"wrote {r['out']}: {r['bytes'] / 1e6:.3f} MB for {r['active']:,} active elements "
+              f"({r['mb_per_million_active']:.2f} MB per million active elements, originals included)")
+    else:
+        from .gguf_export import export_gguf
+
+        r = export_gguf(run, args.out, args.type, args.base_weights, args.overwrite, check, args.tokenizer_pre)
+        print(f"wrote {r['out']} ({r['arch']}, {r['type']}, {r['tensors']} tensors); check: {r['check']}")
+    return 0
+
+
+def cmd_apply(args) -> int:
+    r = apply_delta(args.model, args.delta, args.out, args.revert, args.overwrite, not args.no_check)
+    verb = "reverted" if r["revert"] else "applied"
+    print(f"{verb} {args.delta} -> {r['out']} ({r['touched_tensors']} tensors patched); check ok")
+    return 0
+
+
+def add_parsers(sub) -> None:
+    """``usaf export`` and ``usaf apply`` (called from ``usaf.cli.build_parser``)."""
+    x = sub.add_parser("export", help="export a trained delta: full checkpoint (hf), revertible delta file, GGUF")
+    x.add_argument("run", help="training output directory (delta.safetensors + config.yaml) or a delta file")
+    x.add_argument("--format", choices=("hf", "delta", "gguf"), default="hf")
+    x.add_argument("--out", required=True, help="output directory (hf) or file (delta, gguf)")
+    x.add_argument("--base", help="base checkpoint directory (default: the model named in the run's config.yaml)")
+    x.add_argument("--base-weights", choices=BASE_WEIGHTS, default=DEFAULT_BASE_WEIGHTS,
+                   help="full: deltas added to the original full-precision weights (default); dequantized: "
+                        "the dequantized 4/8-bit base training saw, plus the deltas")
+    x.add_argument("--type", choices=("f16", "bf16", "q8_0"), default="f16", help="GGUF tensor type")
+    x.add_argument("--tokenizer-pre", help="GGUF: llama.cpp pre-tokenizer name, when it cannot be detected")
+    x.add_argument("--train-dtype", choices=tuple(NAMED_DTYPES) + ("auto",),
+                   help="compute dtype training used (default: from config.yaml); matters for dequantized")
+    x.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+    x.add_argument("--no-check", action="store_true", help="skip the reload check (not recommended)")
+    x.set_defaults(func=cmd_export)
+
+    a = sub.add_parser("apply", help="merge a delta into a copy of a checkpoint, or take it out (--revert)")
+    a.add_argument("--model", required=True, help="checkpoint directory to copy")
+    a.add_argument("--delta", required=True, help="delta file (from `usaf export --format delta` to revert)")
+    a.add_argument("--out", required=True, help="output checkpoint directory")
+    a.add_argument("--revert", action="store_true", help="restore the original bytes of a merged checkpoint")
+    a.add_argument("--overwrite", action="store_true")
+    a.add_argument("--no-check", action="store_true", help="skip the reload check (not recommended)")
+    a.set_defaults(func=cmd_apply)

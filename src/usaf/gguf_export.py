@@ -1,0 +1,345 @@
+"""``usaf export RUN --format gguf``: the merged model as a GGUF file that llama.cpp loads.
+
+Covered: ``qwen3_moe`` (llama.cpp arch ``qwen3moe``) and ``mixtral`` (arch ``llama`` with experts), as
+llama.cpp's own ``convert_hf_to_gguf.py`` writes them:
+
+- tensor names from ``gguf.TensorNameMap``; expert stacks as ``blk.N.ffn_{gate,up,down}_exps.weight``
+  (``[E, I, H]`` / ``[E, H, I]`` in numpy order: gate_up rows ``[0, I)`` are gate, ``[I, 2I)`` up);
+- llama arch: q/k rows permuted from HF's rotate-half order to llama.cpp's interleaved RoPE;
+- 1-D tensors, norms and routers (``ffn_gate_inp``) in F32; other matrices in the chosen type (q8_0 falls
+  back to f16 for rows that are not a multiple of 32, like the converter);
+- tokenizer: byte-level BPE only (``tokenizer.ggml.model = gpt2``), tokens and types from tokenizer.json,
+  merges, special ids and the chat template via ``gguf.SpecialVocab``; the pre-tokenizer name is
+  detected from tokenizer.json's pre_tokenizer (``--tokenizer-pre`` overrides).
+
+The check: with ``llama_cpp`` importable, the file is loaded by llama.cpp and its logits on a few tokens are
+compared with usaf's merged model (and the tokenizer with transformers'); without it, the file is read back
+with ``gguf.GGUFReader`` and its tensor names, shapes and types are compared with what was meant.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .export import (
+    DEFAULT_BASE_WEIGHTS,
+    Checkpoint,
+    ExportCheckError,
+    ExportError,
+    Run,
+    _disk_dtype,
+    _Staged,
+    compare_logits,
+    fp32_logits,
+    plan,
+    probe_ids,
+    reference_model,
+)
+
+log = logging.getLogger("usaf")
+
+ARCH = {"qwen3_moe": "QWEN3MOE", "mixtral": "LLAMA"}
+# Relative logit tolerance of the llama.cpp check, per tensor type (measured errors are ~10x smaller).
+TOLERANCE = {"f32": 1e-3, "f16": 1e-2, "bf16": 3e-2, "q8_0": 5e-2}
+# Known pre-tokenizer regexes (tokenizer.json ``Split`` patterns) -> llama.cpp ``tokenizer.ggml.pre``.
+_SPLIT_PRE = {
+    "(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\\r\\n\\p{L}\\p{N}]?\\p{L}+|\\p{N}| ?[^\\s\\p{L}\\p{N}]+[\\r\\n]*|"
+    "\\s*[\\r\\n]+|\\s+(?!\\S)|\\s+": "qwen2",
+    "(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\\r\\n\\p{L}\\p{N}]?\\p{L}+|\\p{N}{1,3}| ?[^\\s\\p{L}\\p{N}]+[\\r\\n]*|"
+    "\\s*[\\r\\n]+|\\s+(?!\\S)|\\s+": "llama-bpe",
+}
+
+
+def _qtype(name: str):
+    import gguf
+
+    return {"f32": gguf.GGMLQuantizationType.F32, "f16": gguf.GGMLQuantizationType.F16,
+            "bf16": gguf.GGMLQuantizationType.BF16, "q8_0": gguf.GGMLQuantizationType.Q8_0}[name]
+
+
+def _ftype(name: str):
+    import gguf
+
+    return {"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16,
+            "bf16": gguf.LlamaFileType.MOSTLY_BF16, "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0}[name]
+
+
+# ------------------------------------------------------------------------------------------------ tokenizer
+def tokenizer_pre(tok: dict) -> str | None:
+    """llama.cpp's pre-tokenizer name for a tokenizer.json, or None when it is not one we recognise."""
+    pre = tok.get("pre_tokenizer") or {}
+    items = pre.get("pretokenizers", []) if pre.get("type") == "Sequence" else [pre]
+    kinds = [p.get("type") for p in items]
+    if kinds == ["ByteLevel"] and items[0].get("use_regex", True):
+        return "gpt-2"
+    if kinds == ["Digits", "ByteLevel"] and items[0].get("individual_digits") and items[1].get("use_regex", True):
+        return "smollm"
+    if kinds[-1:] == ["ByteLevel"] and not items[-1].get("use_regex", True) and kinds[:-1] == ["Split"]:
+        return _SPLIT_PRE.get((items[0].get("pattern") or {}).get("Regex"))
+    return None
+
+
+def _vocab(src: Path, vocab_size: int) -> tuple[list[str], list[int]]:
+    """Token strings (byte-level encoded, as llama.cpp's gpt2 vocab expects) and types, padded to vocab_size."""
+    import gguf
+
+    tok = json.loads((src / "tokenizer.json").read_text(encoding="utf-8"))
+    vocab = dict(tok["model"]["vocab"])
+    added = {t["content"]: t for t in tok.get("added_tokens", [])}
+    for t in added.values():
+        vocab[t["content"]] = t["id"]
+    by_id = {i: s for s, i in vocab.items()}
+    if by_id and max(by_id) >= vocab_size:
+        raise ExportError(f"the tokenizer has id {max(by_id)} >= the model's vocab_size {vocab_size}")
+    tokens, types = [], []
+    for i in range(vocab_size):
+        s = by_id.get(i)
+        if s is None:
+            tokens.append(f"[PAD{i}]")
+            types.append(gguf.TokenType.UNUSED)
+        elif s in added:
+            special = added[s].get("special") or (s.startswith("<|") and s.endswith("|>"))
+            tokens.append(s)
+            types.append(gguf.TokenType.CONTROL if special else gguf.TokenType.USER_DEFINED)
+        else:
+            tokens.append(s)
+            types.append(gguf.TokenType.NORMAL)
+    return tokens, types
+
+
+def _add_tokenizer(w, src: Path, vocab_size: int, pre_override: str | None) -> None:
+    import gguf
+
+    path = src / "tokenizer.json"
+    if not path.is_file():
+        raise ExportError(f"{src} has no tokenizer.json (GGUF export supports byte-level BPE tokenizers)")
+    tok = json.loads(path.read_text(encoding="utf-8"))
+    if (tok.get("model") or {}).get("type") != "BPE" or (tok.get("model") or {}).get("byte_fallback"):
+        raise ExportError("GGUF export supports byte-level BPE tokenizers (gpt2-style) only")
+    pre = pre_override or tokenizer_pre(tok)
+    if pre is None:
+        raise ExportError("cannot tell llama.cpp's pre-tokenizer for this tokenizer.json; give "
+                          "--tokenizer-pre NAME (e.g. gpt-2, qwen2, llama-bpe, smollm)")
+    tokens, types = _vocab(src, vocab_size)
+    w.add_tokenizer_model("gpt2")
+    w.add_tokenizer_pre(pre)
+    w.add_token_list(tokens)
+    w.add_token_types(types)
+    special = gguf.SpecialVocab(src, load_merges=True, n_vocab=vocab_size)
+    add_bos, add_eos = _adds_special(src)
+    special.add_special_token["bos"] = add_bos
+    special.add_special_token["eos"] = add_eos
+    special.add_to_gguf(w, quiet=True)
+
+
+def _adds_special(src: Path) -> tuple[bool, bool]:
+    """Whether transformers' tokenizer adds BOS / EOS to plain text (llama.cpp must do the same)."""
+    from .loading import load_tokenizer
+
+    tok = load_tokenizer(str(src))
+    ids = tok("a")["input_ids"]
+    return (tok.bos_token_id is not None and ids[:1] == [tok.bos_token_id],
+            tok.eos_token_id is not None and ids[-1:] == [tok.eos_token_id] and len(ids) > 1)
+
+
+# -------------------------------------------------------------------------------------------------- tensors
+def _permute(w: torch.Tensor, n_head: int) -> torch.Tensor:
+    """HF rotate-half q/k rows -> llama.cpp's interleaved RoPE order (convert_hf_to_gguf's ``permute``)."""
+    return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def gguf_tensors(handle, arch_name: str) -> list[tuple[str, torch.Tensor]]:
+    """(GGUF name, tensor) of the merged in-memory model (expert stacks taken from its folded frozen stacks)."""
+    import gguf
+
+    cfg = handle.model.config.get_text_config()
+    arch = getattr(gguf.MODEL_ARCH, arch_name)
+    tmap = gguf.get_tensor_name_map(arch, cfg.num_hidden_layers)
+    out = []
+    for name, p in handle.model.named_parameters():
+        if ".deltas." in name:
+            continue
+        new = tmap.get_name(name, try_suffixes=(".weight", ".bias"))
+        if new is None:
+            raise ExportError(f"GGUF export: no llama.cpp name for {name}")
+        t = p.detach()
+        if arch_name == "LLAMA" and name.endswith("q_proj.weight"):
+            t = _permute(t, cfg.num_attention_heads)
+        elif arch_name == "LLAMA" and name.endswith("k_proj.weight"):
+            t = _permute(t, cfg.num_key_value_heads)
+        out.append((new, t))
+    for m in handle.layers:
+        gate_up = m.experts.frozen["gate_up_proj"].tensor
+        inter = gate_up.shape[1] // 2
+        fmt = {k: gguf.TENSOR_NAMES[getattr(gguf.MODEL_TENSOR, k)].format(bid=m.index) + ".weight"
+               for k in ("FFN_GATE_EXP", "FFN_UP_EXP", "FFN_DOWN_EXP")}
+        out.append((fmt["FFN_GATE_EXP"], gate_up[:, :inter]))
+        out.append((fmt["FFN_UP_EXP"], gate_up[:, inter:]))
+        out.append((fmt["FFN_DOWN_EXP"], m.experts.frozen["down_proj"].tensor))
+    return out
+
+
+def _hparams(w, cfg, family: str, qtype: str) -> None:
+    rope = getattr(cfg, "rope_parameters", None) or {}
+    if rope.get("rope_type", "default") not in ("default", None):
+        raise ExportError(f"GGUF export: rope_type {rope.get('rope_type')!r} is not supported")
+    w.add_block_count(cfg.num_hidden_layers)
+    w.add_context_length(cfg.max_position_embeddings)
+    w.add_embedding_length(cfg.hidden_size)
+    w.add_feed_forward_length(cfg.intermediate_size)
+    w.add_head_count(cfg.num_attention_heads)
+    w.add_head_count_kv(cfg.num_key_value_heads)
+    w.add_rope_freq_base(float(rope.get("rope_theta", getattr(cfg, "rope_theta", 10000.0))))
+    w.add_layer_norm_rms_eps(cfg.rms_norm_eps)
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    w.add_key_length(head_dim)
+    w.add_value_length(head_dim)
+    if family == "mixtral":
+        w.add_expert_count(cfg.num_local_experts)
+        w.add_vocab_size(cfg.vocab_size)
+        w.add_rope_dimension_count(head_dim)
+    else:
+        w.add_expert_count(cfg.num_experts)
+        w.add_expert_feed_forward_length(cfg.moe_intermediate_size)
+    w.add_expert_used_count(cfg.num_experts_per_tok)
+    w.add_file_type(_ftype(qtype))
+
+
+def _supported(cfg, family: str) -> None:
+    if family not in ARCH:
+        raise ExportError(f"GGUF export supports {', '.join(ARCH)}; this model is {family}")
+    if family == "qwen3_moe":
+        if not getattr(cfg, "norm_topk_prob", True):
+            raise ExportError("GGUF export: qwen3_moe with norm_topk_prob=False has no llama.cpp equivalent")
+        if getattr(cfg, "mlp_only_layers", None) or getattr(cfg, "decoder_sparse_step", 1) != 1:
+            raise ExportError("GGUF export: qwen3_moe with dense (mlp_only) layers is not supported")
+        if getattr(cfg, "use_sliding_window", False):
+            raise ExportError("GGUF export: sliding-window attention is not supported")
+    if family == "mixtral" and getattr(cfg, "sliding_window", None):
+        raise ExportError("GGUF export: mixtral with sliding_window is not supported")
+
+
+def write_gguf(handle, src: Path, path: Path, qtype: str = "f16", tokenizer_pre_name: str | None = None) -> list:
+    """Write ``handle``'s merged model to ``path``; returns [(name, numpy shape, GGML type)] as written."""
+    import gguf
+
+    cfg = handle.model.config.get_text_config()
+    family = handle.family.model_type
+    _supported(cfg, family)
+    arch_name = ARCH[family]
+    w = gguf.GGUFWriter(str(path), gguf.MODEL_ARCH_NAMES[getattr(gguf.MODEL_ARCH, arch_name)])
+    w.add_type(gguf.GGUFType.MODEL)
+    w.add_name(src.name)
+    _hparams(w, cfg, family, qtype)
+    _add_tokenizer(w, src, cfg.vocab_size, tokenizer_pre_name)
+    written = []
+    for name, t in gguf_tensors(handle, arch_name):
+        data = t.float().contiguous().numpy()
+        kind = _qtype(qtype)
+        if data.ndim <= 1 or name.endswith("_norm.weight") or ".ffn_gate_inp." in name:
+            kind = gguf.GGMLQuantizationType.F32
+        try:
+            q = gguf.quants.quantize(data, kind)
+        except gguf.QuantError:
+            kind = gguf.GGMLQuantizationType.F16
+            q = gguf.quants.quantize(data, kind)
+        w.add_tensor(name, q, raw_dtype=kind)
+        written.append((name, tuple(data.shape), kind))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return written
+
+
+# ---------------------------------------------------------------------------------------------------- check
+def llama_cpp_logits(path: Path, ids: torch.Tensor) -> torch.Tensor:
+    """Logits of every position of each row of ``ids`` as computed by llama.cpp (llama_cpp.Llama)."""
+    from llama_cpp import Llama
+
+    llm = Llama(model_path=str(path), logits_all=True, n_ctx=max(32, ids.shape[1]), n_batch=max(32, ids.shape[1]),
+                verbose=False, n_threads=max(1, min(4, torch.get_num_threads())))
+    rows = []
+    for row in ids.tolist():
+        llm.reset()
+        llm.eval(row)
+        rows.append(torch.from_numpy(np.array(llm.scores[: len(row)], dtype=np.float32)))
+    llm.close() if hasattr(llm, "close") else None
+    return torch.stack(rows)
+
+
+def llama_cpp_tokens(path: Path, text: str) -> list[int]:
+    from llama_cpp import Llama
+
+    llm = Llama(model_path=str(path), vocab_only=True, verbose=False)
+    return llm.tokenize(text.encode(), add_bos=llm.metadata.get("tokenizer.ggml.add_bos_token") == "true",
+                        special=True)
+
+
+def have_llama_cpp() -> bool:
+    try:
+        import llama_cpp  # noqa: F401
+    except Exception:  # noqa: BLE001 - a broken build is as good as none
+        return False
+    return True
+
+
+def _read_back(path: Path, written: list) -> None:
+    import gguf
+
+    reader = gguf.GGUFReader(str(path))
+    got = {t.name: (tuple(int(x) for x in reversed(t.shape.tolist())), t.tensor_type) for t in reader.tensors}
+    want = {n: (s, k) for n, s, k in written}
+    if got != want:
+        bad = sorted(set(got) ^ set(want)) or [n for n in want if got[n] != want[n]]
+        raise ExportCheckError(f"check failed: the GGUF reads back with different tensors (e.g. {bad[0]}); "
+                               f"output removed")
+
+
+CHECK_TEXT = "The quick brown fox jumps over the lazy dog. 42 + 7 = 49?\n<|im_start|>user\nHi!<|im_end|>"
+
+
+def export_gguf(run: Run, out, qtype: str = "f16", base_weights: str = DEFAULT_BASE_WEIGHTS,
+                overwrite: bool = False, check: bool = True, tokenizer_pre_name: str | None = None) -> dict:
+    """Write the merged model as GGUF; then check it (llama.cpp logits when available, else the reader)."""
+    try:
+        import gguf  # noqa: F401
+    except ImportError:
+        raise ExportError("GGUF export needs the gguf package: pip install gguf") from None
+    if qtype not in TOLERANCE:
+        raise ExportError(f"--type must be one of {tuple(TOLERANCE)}, got {qtype!r}")
+    ckpt = Checkpoint(run.base)
+    _, maps = plan(run.tensors, run.meta, ckpt)
+    family = run.meta.get("model_type", "")
+    if family not in ARCH:
+        raise ExportError(f"GGUF export supports {', '.join(ARCH)}; this model is {family}")
+    dequant = base_weights == "dequantized" and run.meta.get("quant", "none") != "none"
+    ref = reference_model(run.base, run.tensors, run.meta, run.train_dtype if dequant else _disk_dtype(ckpt, maps),
+                          run.meta.get("quant") if dequant else "none")
+    report = {"out": str(out), "type": qtype, "arch": ARCH[family].lower(), "check": "skipped"}
+    with _Staged(out, overwrite, is_dir=False) as st:
+        written = write_gguf(ref, ckpt.dir, st.path, qtype, tokenizer_pre_name)
+        report["tensors"] = len(written)
+        if not check:
+            return report
+        _read_back(st.path, written)
+        if not have_llama_cpp():
+            report["check"] = "names/shapes/types read back with gguf.GGUFReader (llama_cpp not installed)"
+            return report
+        ids = probe_ids(ref.model.config.get_text_config().vocab_size)
+        want = fp32_logits(ref.model, ids)
+        del ref
+        err = compare_logits(want, llama_cpp_logits(st.path, ids), TOLERANCE[qtype], "llama.cpp's")
+        from .loading import load_tokenizer
+
+        hf_ids = load_tokenizer(str(ckpt.dir))(CHECK_TEXT)["input_ids"]
+        if llama_cpp_tokens(st.path, CHECK_TEXT) != hf_ids:
+            raise ExportCheckError("check failed: llama.cpp tokenizes differently from transformers; output removed")
+        report["check"] = f"llama.cpp logits ok (max rel. error {err:.1e}), tokenizer ok"
+        report["check_error"] = err
+    return report

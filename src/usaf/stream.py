@@ -1,0 +1,306 @@
+"""Loading models larger than memory: meta-device build, lazy shard reads, quantize-while-streaming, cache.
+
+``load_streamed(model_dir, cfg)`` never holds the model at full precision:
+
+1. the module tree is built with parameters on the meta device (buffers real, e.g. rotary tables);
+2. each non-expert tensor is read from its shard (safetensors, one tensor at a time) and assigned;
+3. each expert stack is assembled one expert at a time — from fused tensors or from the per-expert
+   tensors most published checkpoints use (``experts.N.gate_proj.weight`` ...) — and quantized at once;
+4. the quantized stacks are written to a cache (safetensors) keyed by the checkpoint's fingerprint and the
+   quantization; later runs map the cache (mmap) instead of reading the checkpoint's experts again.
+
+Tiers: a frozen stack lives on the compute device, in host RAM, or on disk (the mmap of the cache, paged
+in on use); ``Prefetcher`` asks the kernel for the next layer's pages while the current layer computes.
+The on-disk -> in-memory name mapping comes from transformers' own conversion tables (reverted on the
+meta model), so any family transformers can load is covered without a table of names here.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import mmap
+import os
+import re
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+
+from .config import UsafConfig
+from .experts import NAMES
+from .families import family_for, get_path
+from .io import atomic_save_safetensors
+from .model import UsafModel, decoder_layers, fingerprint, prepare, sample_index
+from .quant import QuantizedTensor, QuantSpec
+from .store import DenseStack
+
+log = logging.getLogger("usaf")
+
+_EXPERT_KEY = re.compile(r"\.experts\.(\d+)\.(\w+)\.weight$")
+_GATE, _UP, _DOWN = {"gate_proj", "w1"}, {"up_proj", "w3"}, {"down_proj", "w2"}
+_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "U8": torch.uint8,
+           "I32": torch.int32, "I64": torch.int64, "I8": torch.int8}
+
+
+class ShardReader:
+    """Lazy access to every tensor of a safetensors checkpoint directory (one tensor read at a time)."""
+
+    def __init__(self, model_dir: Path):
+        self.dir = Path(model_dir)
+        index = self.dir / "model.safetensors.index.json"
+        if index.exists():
+            self.where = json.loads(index.read_text())["weight_map"]
+        else:
+            with safe_open(str(self.dir / "model.safetensors"), "pt") as f:
+                self.where = {k: "model.safetensors" for k in f.keys()}
+        self._open: dict[str, object] = {}
+
+    def keys(self) -> set[str]:
+        return set(self.where)
+
+    def get(self, key: str) -> torch.Tensor:
+        file = self.where[key]
+        if file not in self._open:
+            self._open[file] = safe_open(str(self.dir / file), "pt")
+        return self._open[file].get_tensor(key)
+
+    def get_slice(self, key: str):
+        """A lazy slice handle: ``reader.get_slice(k)[e]`` reads only expert ``e``."""
+        file = self.where[key]
+        if file not in self._open:
+            self._open[file] = safe_open(str(self.dir / file), "pt")
+        return self._open[file].get_slice(key)
+
+    def files_signature(self) -> str:
+        h = hashlib.sha256()
+        for file in sorted(set(self.where.values())):
+            st = (self.dir / file).stat()
+            h.update(f"{file}:{st.st_size}:{int(st.st_mtime)}".encode())
+        return h.hexdigest()[:16]
+
+
+def _source_keys(meta_model, key: str, tensor: torch.Tensor) -> list[str]:
+    """On-disk names of one in-memory tensor, from transformers' conversion tables (reverted)."""
+    from transformers.core_model_loading import revert_weight_conversion
+
+    return list(revert_weight_conversion(meta_model, {key: tensor}).keys())
+
+
+def _expert_parts(keys: list[str], name: str, num_experts: int) -> list[list[str]]:
+    """Per-expert on-disk keys of a fused stack, in concatenation order (gate rows, then up rows)."""
+    parts: list[dict[str, str]] = [{} for _ in range(num_experts)]
+    for k in keys:
+        m = _EXPERT_KEY.search(k)
+        if m is None:
+            raise ValueError(f"unexpected on-disk expert tensor {k}")
+        parts[int(m.group(1))][m.group(2)] = k
+    out = []
+    for e, p in enumerate(parts):
+        kinds = [_GATE, _UP] if name == "gate_up_proj" else [_DOWN]
+        row = []
+        for kind in kinds:
+            match = [v for n, v in p.items() if n in kind]
+            if len(match) != 1:
+                raise ValueError(f"cannot find expert {e}'s {'/'.join(sorted(kind))} tensor on disk")
+            row.append(match[0])
+        out.append(row)
+    return out
+
+
+class _StackBuilder:
+    """Reads one fused expert stack, expert by expert, quantizing as it goes."""
+
+    def __init__(self, reader: ShardReader, meta_model, key: str, meta: torch.Tensor, dtype, quant: str,
+                 group_size: int):
+        self.reader, self.key, self.shape, self.dtype = reader, key, tuple(meta.shape), dtype
+        self.quant, self.group_size = quant, group_size
+        disk = reader.keys()
+        if key in disk:
+            self.mode, self.src = "fused", key
+        else:
+            src = [k for k in _source_keys(meta_model, key, meta) if k in disk] or []
+            if len(src) == 1:
+                self.mode, self.src = "fused", src[0]
+            elif src:
+                self.mode, self.src = "per_expert", _expert_parts(src, key.rsplit(".", 1)[1], self.shape[0])
+            else:
+                raise ValueError(f"checkpoint has no tensor for {key}")
+
+    def expert(self, e: int, fused: torch.Tensor | None) -> torch.Tensor:
+        if self.mode == "fused":
+            w = fused[e]
+        else:
+            w = torch.cat([self.reader.get(k) for k in self.src[e]], dim=0)
+        if tuple(w.shape) != self.shape[1:]:
+            raise ValueError(f"{self.key}: expert {e} has shape {tuple(w.shape)}, expected {self.shape[1:]}")
+        return w.to(self.dtype)
+
+    def build(self):
+        """Returns (frozen stack, fingerprint sample of the full-precision stack)."""
+        fused = self.reader.get_slice(self.src) if self.mode == "fused" else None  # reads one expert at a time
+        per = 1
+        for s in self.shape[1:]:
+            per *= s
+        idx = sample_index(self.shape[0] * per)
+        samples, parts = [], []
+        for e in range(self.shape[0]):
+            w = self.expert(e, fused)
+            local = idx[(idx >= e * per) & (idx < (e + 1) * per)] - e * per
+            samples.append(w.reshape(-1)[local].float())
+            if self.quant in ("none", None):
+                parts.append(w.unsqueeze(0))
+            else:
+                bits = 4 if self.quant == "4bit" else 8
+                parts.append(QuantizedTensor.quantize(w.unsqueeze(0), QuantSpec(bits=bits, group_size=self.group_size)))
+        sample = torch.cat(samples)
+        if self.quant in ("none", None):
+            return DenseStack(torch.cat(parts)), sample
+        t = {n: torch.cat([p.tensors()[n] for p in parts]) for n in ("qdata", "scale", "zero")}
+        return QuantizedTensor.from_tensors(t, self.shape, parts[0].bits, self.group_size), sample
+
+
+def _mmap_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str], mmap.mmap]:
+    """Tensors of a safetensors file as views of a private (copy-on-write) mmap: the disk tier."""
+    f = open(path, "rb")
+    mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
+    f.close()
+    n = int.from_bytes(mm[:8], "little")
+    header = json.loads(mm[8 : 8 + n])
+    meta = header.pop("__metadata__", {}) or {}
+    out = {}
+    for k, info in header.items():
+        s, e = info["data_offsets"]
+        dt = _DTYPES[info["dtype"]]
+        t = torch.frombuffer(mm, dtype=torch.uint8, count=e - s, offset=8 + n + s) if e > s else \
+            torch.empty(0, dtype=torch.uint8)
+        out[k] = t.view(dt).view(info["shape"])
+    return out, meta, mm
+
+
+def cache_path(model_dir: Path, reader: ShardReader, cfg: UsafConfig, dtype, cache_root: Path | None) -> Path:
+    """``$USAF_QUANT_CACHE`` or ``$USAF_CACHE/quant`` (default ``~/.cache/usaf/quant``)."""
+    root = cache_root or Path(os.environ.get("USAF_QUANT_CACHE") or
+                              Path(os.environ.get("USAF_CACHE", Path.home() / ".cache" / "usaf")) / "quant")
+    tag = f"{Path(model_dir).resolve()}|{reader.files_signature()}|{cfg.quant}|{cfg.group_size}|{dtype}"
+    return root / f"{hashlib.sha256(tag.encode()).hexdigest()[:24]}.safetensors"
+
+
+def load_streamed(model_dir, cfg: UsafConfig | None = None, dtype=torch.bfloat16, device="cpu",
+                  tier: str = "disk", cache_root: Path | None = None, attn_implementation: str | None = None
+                  ) -> UsafModel:
+    """Load and prepare a checkpoint without ever holding its experts at full precision.
+
+    Args:
+        tier: where frozen expert stacks live: "device", "host" (RAM) or "disk" (mmap of the cache).
+    """
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    cfg = cfg or UsafConfig()
+    model_dir = Path(model_dir)
+    config = AutoConfig.from_pretrained(model_dir)
+    family = family_for(config)
+    kw = {"attn_implementation": attn_implementation} if attn_implementation else {}
+    with init_empty_weights(include_buffers=False):
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype, **kw)
+    reader = ShardReader(model_dir)
+    stacks: dict[str, tuple[str, str, torch.Tensor]] = {}  # in-memory key -> (experts prefix, name, meta)
+    for layer in decoder_layers(model):
+        block = get_path(layer, family.block)
+        ex = get_path(block, family.experts) if block is not None else None
+        if ex is None or getattr(getattr(ex, "gate_up_proj", None), "dim", lambda: 0)() != 3:
+            continue
+        prefix = next(n for n, m in model.named_modules() if m is ex)
+        for name in NAMES:
+            stacks[f"{prefix}.{name}"] = (prefix, name, getattr(ex, name))
+
+    # 1. Non-expert tensors, one at a time, straight to their device.
+    disk = reader.keys()
+    for key, p in list(model.named_parameters()):
+        if key in stacks:
+            continue
+        src = key if key in disk else next((k for k in _source_keys(model, key, p) if k in disk), None)
+        if src is None:
+            continue  # tied (lm_head) or computed
+        t = reader.get(src).to(dtype=p.dtype if p.is_floating_point() else None, device=device)
+        if tuple(t.shape) != tuple(p.shape):
+            raise ValueError(f"{src}: shape {tuple(t.shape)} does not match the model's {tuple(p.shape)}")
+        mod_name, _, pname = key.rpartition(".")
+        get_path(model, mod_name)._parameters[pname] = torch.nn.Parameter(t, requires_grad=False)
+    for key, b in list(model.named_buffers()):
+        if key in disk:
+            mod_name, _, bname = key.rpartition(".")
+            get_path(model, mod_name)._buffers[bname] = reader.get(key).to(device=device, dtype=b.dtype)
+    model.tie_weights()
+    missing = [n for n, p in model.named_parameters() if p.is_meta and n not in stacks]
+    if missing:
+        raise ValueError(f"checkpoint {model_dir} lacks {len(missing)} tensors, e.g. {missing[0]}")
+
+    # 2. Expert stacks: from the quantized cache, or streamed + quantized + cached.
+    cpath = cache_path(model_dir, reader, cfg, dtype, cache_root)
+    frozen: dict[str, dict] = {}
+    if cpath.exists():
+        tensors, meta, _mm = _mmap_safetensors(cpath)
+        base_fp = meta["base_fingerprint"]
+        for key, (prefix, name, m) in stacks.items():
+            frozen.setdefault(prefix, {})[name] = _from_cache(tensors, key, tuple(m.shape), cfg)
+        log.info("expert stacks mapped from the quantized cache %s", cpath)
+    else:
+        samples, out = {}, {}
+        for key, (prefix, name, m) in stacks.items():
+            stack, samples[key] = _StackBuilder(reader, model, key, m, dtype, cfg.quant, cfg.group_size).build()
+            frozen.setdefault(prefix, {})[name] = stack
+            for k, v in stack.tensors().items():
+                out[f"{key}.{k}"] = v
+        base_fp = fingerprint(model, family, samples)
+        atomic_save_safetensors(out, cpath, metadata={"base_fingerprint": base_fp, "quant": cfg.quant,
+                                                       "group_size": str(cfg.group_size)})
+        log.info("expert stacks quantized and cached in %s", cpath)
+        if tier == "disk":
+            tensors, _, _mm = _mmap_safetensors(cpath)
+            frozen = {}
+            for key, (prefix, name, m) in stacks.items():
+                frozen.setdefault(prefix, {})[name] = _from_cache(tensors, key, tuple(m.shape), cfg)
+    if tier in ("device", "host"):
+        target = device if tier == "device" else "cpu"
+        frozen = {p: {n: _clone_to(s, target) for n, s in d.items()} for p, d in frozen.items()}
+    handle = prepare(model, cfg, frozen=frozen, base_fingerprint=base_fp)
+    model.eval()
+    return handle
+
+
+def _from_cache(tensors: dict, key: str, shape: tuple, cfg: UsafConfig):
+    if cfg.quant in ("none", None):
+        return DenseStack(tensors[f"{key}.dense"])
+    t = {n: tensors[f"{key}.{n}"] for n in ("qdata", "scale", "zero")}
+    return QuantizedTensor.from_tensors(t, shape, 4 if cfg.quant == "4bit" else 8, cfg.group_size)
+
+
+def _clone_to(stack, device):
+    if isinstance(stack, DenseStack):
+        return DenseStack(stack.tensor.to(device, copy=True))
+    t = {k: v.to(device, copy=True) for k, v in stack.tensors().items()}
+    return QuantizedTensor.from_tensors(t, stack.shape, stack.bits, stack.group_size)
+
+
+def load_prepared(model: str, cfg: UsafConfig, dtype, device, trust_remote_code: bool = False,
+                  tier: str = "auto") -> UsafModel:
+    """The one way usaf loads a model to train or evaluate: streamed for local safetensors checkpoints
+    (quantized cache, tiers), ``from_pretrained`` + ``prepare`` otherwise (hub ids, remote code)."""
+    from .loading import _check_shards, load_config, load_model
+
+    family_for(load_config(model, trust_remote_code))
+    p = Path(model)
+    if p.is_dir() and not trust_remote_code:
+        _check_shards(p)
+        if tier == "auto":
+            tier = "host" if torch.device(device).type == "cpu" else "device"
+        try:
+            handle = load_streamed(p, cfg, dtype=dtype, device=device, tier=tier)
+        except (OSError, RuntimeError) as e:
+            raise ValueError(f"cannot load {model}: {str(e).splitlines()[0]}") from None
+        handle.model.to(device)
+        return handle
+    return prepare(load_model(model, dtype=dtype, device=device, trust_remote_code=trust_remote_code), cfg)

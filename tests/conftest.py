@@ -1,0 +1,5 @@
+import os
+import tempfile
+
+# Quantized expert caches written by the tests go to a throw-away directory.
+os.environ.setdefault("USAF_QUANT_CACHE", tempfile.mkdtemp(prefix="usaf-quant-cache-"))
