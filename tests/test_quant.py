@@ -254,3 +254,15 @@ def test_cuda_matches_cpu():
         assert moved.device.type == "cuda"
         torch.testing.assert_close(moved.cpu(), ref, rtol=0, atol=1e-7)
         assert q_cpu.to("cuda").to("cpu").dequantize().equal(q_cpu.dequantize())
+
+
+@pytest.mark.parametrize("offset", [0, 1, 2, 3])
+def test_unaligned_buffer(offset):
+    # mmap'd safetensors tensors may start at any byte; the 4-bit unpacker reads int32 words
+    w = _rand((3, 16, 40), seed=12)
+    qt = QuantizedTensor.quantize(w, QuantSpec(4, 64))
+    raw = bytearray(offset) + bytearray(qt.qdata.numpy().tobytes())
+    q = torch.frombuffer(raw, dtype=torch.uint8, count=qt.qdata.numel(), offset=offset).view(qt.qdata.shape)
+    moved = QuantizedTensor(q, qt.scale, qt.zero, qt.shape, qt.bits, qt.group_size)
+    assert torch.equal(moved.dequantize(), qt.dequantize())
+    assert torch.equal(moved.dequantize(1, 3, dtype=torch.float32), qt.dequantize(1, 3, dtype=torch.float32))

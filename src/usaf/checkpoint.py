@@ -17,7 +17,15 @@ from pathlib import Path
 
 import torch
 
-from .io import _fsync_dir, atomic_save_safetensors, atomic_write_json, read_safetensors, remove_stale_temps
+from .io import (
+    DiskFullError,
+    _fsync_dir,
+    atomic_save_safetensors,
+    atomic_write_json,
+    check_safetensors,
+    read_safetensors,
+    remove_stale_temps,
+)
 from .model import UsafModel
 from .optim import UsafOptimizer
 
@@ -32,7 +40,7 @@ def _opt_tensors(opt: UsafOptimizer) -> tuple[dict[str, torch.Tensor], dict]:
                 tensors[f"opt::{group}{i}.exp_avg_sq"] = st["exp_avg_sq"].detach().cpu()
                 steps[f"{group}{i}"] = float(st["step"])
     for i, m in enumerate(opt.masters):
-        tensors[f"master::{i}"] = m.detach().cpu()
+        tensors[f"master::{i}"] = m.detach().cpu().clone()  # may be the router itself (fp32)
     return tensors, steps
 
 
@@ -67,10 +75,12 @@ def save(out_dir, step: int, handle: UsafModel, opt: UsafOptimizer, sched, state
             os.replace(final, old)
         os.replace(tmp, final)
         _fsync_dir(root)
-    except BaseException:
+    except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
         if old.exists() and not final.exists():
             os.replace(old, final)
+        if isinstance(e, DiskFullError):
+            raise DiskFullError(f"checkpoint {final}") from None
         raise
     shutil.rmtree(old, ignore_errors=True)
     if keep > 0:
@@ -130,6 +140,8 @@ def read_meta(ckpt: Path) -> dict:
 
 
 def read(ckpt: Path) -> tuple[dict[str, torch.Tensor], dict]:
+    """Tensors and ``state.json`` of a checkpoint; ``ValueError`` if either is damaged."""
+    check_safetensors(Path(ckpt) / "state.safetensors")
     tensors, _ = read_safetensors(Path(ckpt) / "state.safetensors")
     return tensors, read_meta(ckpt)
 

@@ -216,19 +216,47 @@ def main(argv: list[str] | None = None) -> int:
         logging.getLogger("usaf").setLevel(logging.WARNING)
     try:
         return args.func(args)
-    except USER_ERRORS as e:
-        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
-        if isinstance(e, KeyError):
-            msg = f"missing key {msg}"
-        print(f"usaf: error: {msg}", file=sys.stderr)
-        return 2
-    except MemoryError:
-        print("usaf: error: out of memory; run `usaf plan` to see what fits (fewer --train-layers, "
-              "smaller --seq-len / --batch-size, --quant 4bit)", file=sys.stderr)
-        return 2
     except KeyboardInterrupt as e:
         print(f"usaf: {e or 'interrupted'}", file=sys.stderr)
         return 130
+    except Exception as e:  # expected failures become one line and exit code 2; anything else is a bug
+        msg = _error_line(e)
+        if msg is None:
+            raise
+        print(f"usaf: error: {msg}", file=sys.stderr)
+        return 2
+
+
+OOM_HINT = ("run `usaf plan` to see what fits, then use fewer --train-layers, a smaller --seq-len / "
+            "--batch-size, --quant 4bit or a lower --density")
+
+
+def _is_oom(e: BaseException) -> bool:
+    import torch
+
+    if isinstance(e, (MemoryError, getattr(torch, "OutOfMemoryError", MemoryError))):
+        return True
+    text = str(e)
+    return isinstance(e, (RuntimeError, ValueError)) and (
+        "out of memory" in text.lower() or "can't allocate memory" in text or "not enough memory" in text)
+
+
+def _error_line(e: BaseException) -> str | None:
+    """The one-line message for an expected failure (user error, out of memory, disk full, I/O), else None.
+    Out of memory is reported as such and never retried."""
+    first = (str(e).strip().splitlines() or [""])[0]
+    if _is_oom(e):
+        detail = f" ({first[:160]})" if first else ""
+        return f"out of memory{detail}; {OOM_HINT}"
+    if isinstance(e, KeyError):
+        return f"missing key {first or type(e).__name__}"
+    if isinstance(e, USER_ERRORS):
+        return first or type(e).__name__
+    if isinstance(e, OSError):  # disk full (DiskFullError says which file), I/O errors
+        if e.filename and e.strerror:
+            return f"{e.strerror}: {e.filename}"
+        return first or type(e).__name__
+    return None
 
 
 if __name__ == "__main__":

@@ -55,6 +55,8 @@ class TrainConfig:
     max_skips: int = _f(10, "stop (with a checkpoint) after this many consecutive steps skipped for a "
                         "non-finite loss or gradient (0 = never stop)")
     max_eval_batches: int = _f(0, "cap on eval batches (0 = all)")
+    prefix_cache: bool = _f(True, "compute the frozen layers below the first trainable one once and cache their "
+                                  "output on disk ($USAF_CACHE/prefix); they then need no memory")
     seed: int = _f(0, "random seed")
     device: str = _f("auto", "auto | cpu | cuda | cuda:N | mps")
     dtype: str = _f("auto", "compute dtype: auto (bf16 where fast) | bf16 | fp16 | fp32")

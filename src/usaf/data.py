@@ -783,7 +783,11 @@ class Batches:
         self.position += 1
         self._normalize()
         batch = [self.examples[i] for i in indices]
-        return batch if self.pad_id is None else collate(batch, self.pad_id)
+        if self.pad_id is None:
+            return batch
+        out = collate(batch, self.pad_id)
+        out["index"] = torch.tensor(indices, dtype=torch.long)  # which examples (frozen-prefix cache rows)
+        return out
 
     def __iter__(self) -> Iterator[list[Example] | dict[str, torch.Tensor]]:
         self._normalize()

@@ -9,6 +9,7 @@ from collections.abc import Iterable
 import torch
 
 from .data import token_weighted_loss
+from .prefix import logits_of
 
 
 @torch.no_grad()
@@ -24,8 +25,7 @@ def evaluate(model, batches: Iterable[dict], device=None, max_batches: int = 0) 
     for i, batch in enumerate(batches):
         if max_batches and i >= max_batches:
             break
-        logits = model(input_ids=batch["input_ids"].to(device),
-                       attention_mask=batch["attention_mask"].to(device)).logits
+        logits = logits_of(model, batch, device)
         s, n = token_weighted_loss(logits, batch["labels"].to(device))
         total += float(s)
         count += int(n)

@@ -22,6 +22,7 @@ output and raises ``ExportCheckError`` (a ``ValueError``: one line, exit code 2 
 
 from __future__ import annotations
 
+import gc
 import json
 import logging
 import os
@@ -305,7 +306,10 @@ def write_checkpoint(src: Checkpoint, out: Path, touched: set[str], patch, prove
         if item.name.startswith(".") or item.name in src.files or item.name == PROVENANCE:
             continue
         if item.is_dir():
-            shutil.copytree(item, out / item.name)
+            if any(f.name.endswith(_WEIGHT_SUFFIXES) for f in item.rglob("*")):
+                log.warning("not copying %s/ (it holds other weight files)", item.name)
+            else:
+                shutil.copytree(item, out / item.name)
         elif item.name.endswith(_WEIGHT_SUFFIXES):
             log.warning("not copying %s (usaf writes safetensors only)", item.name)
         else:
@@ -363,46 +367,74 @@ class _Cast:
             yield n, p.detach().to(self.dtype)
 
 
+def _fingerprint_as(model, family, dtype) -> str:
+    """``usaf.model.fingerprint`` of ``model`` as if it had been loaded at ``dtype``."""
+    from . import model as usaf_model
+
+    sample_index = getattr(usaf_model, "sample_index", None)
+    if sample_index is None:  # older fingerprint(): hash a cast view of the model
+        return usaf_model.fingerprint(_Cast(model, dtype), family)
+    samples = {n: p.detach().reshape(-1)[sample_index(p.numel())].to(dtype) for n, p in model.named_parameters()}
+    return usaf_model.fingerprint(model, family, samples)
+
+
 def check_fingerprint(model, meta: dict, where: str) -> None:
     """Refuse a base whose fingerprint (at any load dtype) differs from the delta's ``base_fingerprint``."""
     from .families import family_for
-    from .model import fingerprint
 
     want = meta.get("base_fingerprint")
     family = family_for(model.config)
     if family.model_type != meta.get("model_type", family.model_type):
         raise BaseMismatchError(f"the delta was made for a {meta.get('model_type')} model, {where} is "
                                 f"{family.model_type}")
-    got = [fingerprint(_Cast(model, dt), family) for dt in (torch.bfloat16, torch.float32, torch.float16)]
-    if want not in got:
-        raise BaseMismatchError(f"the delta was made for another base model than {where} "
-                                f"(fingerprint {want}, {where} is {got[0]})")
+    got = []
+    for dtype in (torch.bfloat16, torch.float32, torch.float16):
+        got.append(_fingerprint_as(model, family, dtype))
+        if got[-1] == want:
+            return
+    raise BaseMismatchError(f"the delta was made for another base model than {where} "
+                            f"(fingerprint {want}, {where} is {got[0]})")
 
 
-def reference_model(base: str, tensors: dict, meta: dict, dtype, quant: str = "none"):
-    """usaf's model of ``base`` with the delta: loaded at ``dtype``, experts frozen as ``quant``, deltas folded.
+def reference_model(base: str, tensors: dict, meta: dict, dtype, quant: str = "none", compute_dtype=None):
+    """usaf's model of ``base`` with the delta folded in: what an export must reproduce.
 
-    The fingerprint is checked first. Every expert stack is replaced by its effective dense weights (base +
-    delta, rounded to ``dtype`` exactly as in training), so ``handle.layers[i].experts.frozen[name].tensor``
-    holds what an export writes.
+    The model is loaded at ``dtype`` (the on-disk dtype) and its fingerprint checked. With ``quant`` set
+    (``dequantized`` base weights), the expert stacks are first cast to ``compute_dtype`` (training's dtype)
+    and quantized exactly as training did. Every stack is then replaced by its effective dense weights
+    (base + delta, rounded to ``compute_dtype`` as in training, then to ``dtype``), so
+    ``handle.layers[i].experts.frozen[name].tensor`` holds what an export writes.
     """
     from .config import UsafConfig
+    from .experts import NAMES
+    from .families import family_for, get_path
     from .loading import load_model
-    from .model import prepare
+    from .model import decoder_layers, prepare
     from .store import DenseStack
 
+    compute_dtype = compute_dtype or dtype
     model = load_model(base, dtype=dtype, device="cpu")
     check_fingerprint(model, meta, base)
+    if quant != "none":  # training loaded (and so quantized) the experts at its compute dtype
+        family = family_for(model.config)
+        for layer in decoder_layers(model):
+            stock = get_path(get_path(layer, family.block) or layer, family.experts)
+            for name in NAMES:
+                p = getattr(stock, name, None) if stock is not None else None
+                if p is not None and p.dim() == 3:
+                    p.data = p.data.to(compute_dtype)
     cfg = UsafConfig(density=float(meta.get("density", 0.005)), train_layers=meta.get("train_layers", "all"),
                      quant=quant, group_size=int(meta.get("group_size", 64)),
                      train_router=meta.get("train_router", "True") == "True")
     handle = prepare(model, cfg)
-    handle.load_delta_state(tensors)
+    handle.load_delta_state({k: v for k, v in tensors.items()
+                             if k.startswith("router::") or k.endswith((".indices", ".values"))})
+    cpu = torch.device("cpu")
     with torch.no_grad():
         for m in handle.layers:
             ex = m.experts
             for name in list(ex.frozen):
-                ex.frozen[name] = DenseStack(ex.weight(name, 0, ex.num_experts, dtype, torch.device("cpu")))
+                ex.frozen[name] = DenseStack(ex.weight(name, 0, ex.num_experts, compute_dtype, cpu).to(dtype))
             ex.merged = {}  # deltas are folded into the frozen stacks: the forward must not add them again
     return handle
 
@@ -483,8 +515,8 @@ def export_hf(run: Run, out, base_weights: str = DEFAULT_BASE_WEIGHTS, overwrite
     patches, maps = plan(run.tensors, run.meta, ckpt)
     disk_dtype = _disk_dtype(ckpt, maps)
     dequant = base_weights == "dequantized" and run.meta.get("quant", "none") != "none"
-    ref = reference_model(run.base, run.tensors, run.meta, run.train_dtype if dequant else disk_dtype,
-                          run.meta.get("quant") if dequant else "none")
+    ref = reference_model(run.base, run.tensors, run.meta, disk_dtype, run.meta.get("quant") if dequant else "none",
+                          run.train_dtype if dequant else None)
     if dequant:  # every MoE layer's experts were quantized in training, not only the trained ones
         from .experts import NAMES
 
@@ -495,19 +527,29 @@ def export_hf(run: Run, out, base_weights: str = DEFAULT_BASE_WEIGHTS, overwrite
         touched = expert_names | set(patches.routers)
     else:
         patch, touched = _full_patch(run, patches), patches.touched()
+    base_weights = "dequantized" if dequant else "full"
     prov = {"format": "usaf-export-hf", "delta": str(run.delta), "base": str(run.base),
             "base_fingerprint": run.meta.get("base_fingerprint"), "base_weights": base_weights,
             "active": run.active()}
     report = {"out": str(out), "base_weights": base_weights, "touched_tensors": len(touched),
               "shards": len(ckpt.files)}
+    ids, want = _reference_logits(ref, check)
+    if not dequant:  # full: the shards are patched from disk + delta alone; peak memory ~ one shard
+        del ref
+        gc.collect()
     with _Staged(out, overwrite, is_dir=True) as st:
         write_checkpoint(ckpt, st.path, touched, patch, prov)
         if check:
-            ids = probe_ids(ref.model.config.get_text_config().vocab_size)
-            want = fp32_logits(ref.model, ids)
-            del ref
             report["check_error"] = compare_logits(want, _hf_logits(st.path, ids), HF_TOLERANCE, "the export's")
     return report
+
+
+def _reference_logits(ref, check: bool):
+    """Probe token ids and usaf's fp32 logits for them (computed before the export is written)."""
+    if not check:
+        return None, None
+    ids = probe_ids(ref.model.config.get_text_config().vocab_size)
+    return ids, fp32_logits(ref.model, ids)
 
 
 # ------------------------------------------------------------------------------------------ export delta
@@ -613,6 +655,9 @@ def apply_delta(model: str, delta, out, revert: bool = False, overwrite: bool = 
         prov = {"format": "usaf-apply", "delta": str(delta), "base": str(model),
                 "base_fingerprint": meta.get("base_fingerprint"), "base_weights": "full"}
     report = {"out": str(out), "revert": revert, "touched_tensors": len(patches.touched())}
+    ids, want = _reference_logits(ref, check and not revert)
+    del ref
+    gc.collect()
     with _Staged(out, overwrite, is_dir=True) as st:
         write_checkpoint(ckpt, st.path, patches.touched(), patch, prov)
         if check and revert:
@@ -621,9 +666,6 @@ def apply_delta(model: str, delta, out, revert: bool = False, overwrite: bool = 
             check_fingerprint(load_model(str(st.path), dtype=_disk_dtype(ckpt, maps), device="cpu"), meta,
                               "the reverted checkpoint")
         elif check:
-            ids = probe_ids(ref.model.config.get_text_config().vocab_size)
-            want = fp32_logits(ref.model, ids)
-            del ref
             report["check_error"] = compare_logits(want, _hf_logits(st.path, ids), HF_TOLERANCE, "the merged")
     return report
 

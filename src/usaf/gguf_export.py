@@ -319,8 +319,9 @@ def export_gguf(run: Run, out, qtype: str = "f16", base_weights: str = DEFAULT_B
     if family not in ARCH:
         raise ExportError(f"GGUF export supports {', '.join(ARCH)}; this model is {family}")
     dequant = base_weights == "dequantized" and run.meta.get("quant", "none") != "none"
-    ref = reference_model(run.base, run.tensors, run.meta, run.train_dtype if dequant else _disk_dtype(ckpt, maps),
-                          run.meta.get("quant") if dequant else "none")
+    ref = reference_model(run.base, run.tensors, run.meta, _disk_dtype(ckpt, maps),
+                          run.meta.get("quant") if dequant else "none",
+                          run.train_dtype if dequant else None)
     report = {"out": str(out), "type": qtype, "arch": ARCH[family].lower(), "check": "skipped"}
     with _Staged(out, overwrite, is_dir=False) as st:
         written = write_gguf(ref, ckpt.dir, st.path, qtype, tokenizer_pre_name)

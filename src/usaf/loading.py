@@ -72,17 +72,30 @@ def load_config(model: str, trust_remote_code: bool = False):
     try:
         return AutoConfig.from_pretrained(model, trust_remote_code=trust_remote_code)
     except Exception as e:
-        raise LoadError(f"cannot read the config of {model}: {str(e).splitlines()[0]}") from None
+        text = str(e)
+        if not trust_remote_code and ("custom code" in text or "trust_remote_code" in text):
+            raise LoadError(f"{model} needs to run its own Python code (auto_map in config.json); usaf does "
+                            f"not run it unless you pass --trust-remote-code") from None
+        raise LoadError(f"cannot read the config of {model}: {text.splitlines()[0]}") from None
 
 
 def check_model(model: str, trust_remote_code: bool = False):
     """Everything about ``--model`` that can be checked without reading weights: the directory, its
     config and family (dense / unknown models are refused), and, for a local directory, its safetensors
     files (present, inside the directory, complete). Returns the transformers config."""
-    from .families import family_for
+    from .families import UnsupportedModelError, family_for, supported
 
     config = load_config(model, trust_remote_code)
-    family_for(config)
+    try:
+        family_for(config)
+    except UnsupportedModelError:
+        text = config.get_text_config().to_dict()
+        experts = [v for k, v in text.items() if "expert" in k and isinstance(v, int) and not isinstance(v, bool)]
+        if max(experts, default=0) <= 1:
+            raise UnsupportedModelError(
+                f"{model} is a dense model (model_type {getattr(config, 'model_type', None)!r}, no experts); "
+                f"usaf fine-tunes Mixture-of-Experts models (supported: {supported()})") from None
+        raise
     p = Path(model)
     if p.exists():
         _check_shards(p)

@@ -437,13 +437,20 @@ def layer_expert_bytes(lc: LayerCounts, quant: str, group_size: int, d: int) -> 
     return total + lc.expert_bias_params * d
 
 
-def _dequant_run_bytes(lc: LayerCounts, chunk_mb: int, d: int) -> int:
-    """Dequantized weights of one run of experts (``UsafExperts.runs`` caps a run at chunk_mb of bf16)."""
+def _dequant_bytes(lc: LayerCounts, chunk_mb: int, d: int) -> int:
+    """Peak dequantized expert weights of one layer (``UsafExperts.runs`` caps a run at chunk_mb of bf16).
+
+    One run holds its gate/up and down weights; when a layer has several runs, the next run's gate/up is
+    dequantized while the previous run's weights are still referenced.
+    """
     if not lc.moe:
         return 0
     per_expert = sum(lc.stack_numels) // lc.num_experts
     cap = max(1, (chunk_mb << 20) // max(2 * per_expert, 1))
-    return min(cap, lc.num_experts) * per_expert * d
+    run = min(cap, lc.num_experts) * per_expert * d
+    if cap >= lc.num_experts:
+        return run
+    return run + run * lc.stack_numels[0] // sum(lc.stack_numels)
 
 
 def _layer_activations(mc: ModelCounts, lc: LayerCounts, s: Settings, d: int, attn: str) -> int:
@@ -462,7 +469,8 @@ def _layer_activations(mc: ModelCounts, lc: LayerCounts, s: Settings, d: int, at
         sk = n * mc.top_k
         b += n * h * d  # router input (the router trains)
         b += n * lc.num_experts * 4 + n * mc.top_k * 12  # fp32 routing probabilities, top-k ids + weights
-        b += sk * d * (2 * h + 2 * lc.expert_inter)  # expert inputs (S, H), pre-activations (S, 2I), outputs
+        # expert inputs (S, H), pre-activations (S, 2I), outputs and weighted outputs (S, H) each
+        b += sk * d * (3 * h + 2 * lc.expert_inter)
         b += sk * 16  # token order / index tensors (int64)
     return b
 
@@ -633,11 +641,10 @@ def _phase(mc: ModelCounts, s: Settings, train: bool) -> dict:
 
     # -- dequantization transients (current layer; two runs overlap) ----------------------------------------
     moe_res = [lc for lc in layers if lc.moe]
-    run = max(_dequant_run_bytes(lc, s.chunk_mb, d) for lc in moe_res)
+    dq = max(_dequant_bytes(lc, s.chunk_mb, d) for lc in moe_res)
     scratch_el = DEQUANT_SCRATCH_CPU if s.cpu else DEQUANT_SCRATCH_ACCEL
     scratch = 0 if s.quant == "none" else min(scratch_el, max(sum(lc.stack_numels) for lc in moe_res)) * 4
-    p.add(f"dequantized expert weights (2 runs of <= {s.chunk_mb} MB) + scratch", 2 * run + scratch,
-          dev_tier, "step")
+    p.add(f"dequantized expert weights (runs of <= {s.chunk_mb} MB) + scratch", dq + scratch, dev_tier, "step")
     if p.device_free() < 0:
         p.failed.append("trainable state, activations, logits and transients alone exceed the "
                         + ("host memory" if s.cpu else "device memory"))

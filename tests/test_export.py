@@ -1,0 +1,287 @@
+"""usaf export / apply: hf checkpoints in the source's own layout, revertible delta files, GGUF for llama.cpp."""
+
+import filecmp
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from safetensors import safe_open
+
+import usaf
+from usaf.cli import main
+from usaf.export import export_hf, load_run
+from usaf.loading import load_model
+from usaf.testing import FAMILIES, PER_EXPERT_FAMILIES, save_tiny_checkpoint
+
+DTYPE_NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16"}
+
+
+def _train(ckpt: Path, out: Path, dtype=torch.float32, quant="4bit", train_layers="all", steps=3) -> Path:
+    """A few real training steps through the Python API; writes a run directory like `usaf train` does."""
+    model = load_model(str(ckpt), dtype=dtype)
+    handle = usaf.prepare(model, usaf.UsafConfig(density=0.05, quant=quant, train_layers=train_layers))
+    g = torch.Generator().manual_seed(0)
+    batches = []
+    for _ in range(steps):
+        ids = torch.randint(6, model.config.vocab_size, (4, 24), generator=g)
+        batches.append({"input_ids": ids, "labels": ids})
+    usaf.select(handle, batches[:2])
+    opt = usaf.UsafOptimizer(handle, lr=0.02, router_lr=0.01)
+    model.train()
+    for b in batches:
+        model(**b).loss.backward()
+        opt.step()
+        opt.zero_grad()
+    out.mkdir(parents=True)
+    handle.save_delta(out / "delta.safetensors", steps=steps)
+    (out / "config.yaml").write_text(yaml.safe_dump({"model": str(ckpt), "dtype": DTYPE_NAMES[dtype]}))
+    return out
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """qwen3_moe trained in bf16 on its top layer only; mixtral in fp32 on all layers. Both 4-bit, sharded."""
+    root = tmp_path_factory.mktemp("export")
+    out = {}
+    for family, dtype, layers in (("qwen3_moe", torch.bfloat16, "top:1"), ("mixtral", torch.float32, "all")):
+        ckpt = save_tiny_checkpoint(family, root / family / "ckpt", per_expert=True, max_shard_size="30KB")
+        out[family] = (ckpt, _train(ckpt, root / family / "run", dtype, train_layers=layers))
+    return out
+
+
+@pytest.fixture(scope="module")
+def hf_exports(runs, tmp_path_factory):
+    root = tmp_path_factory.mktemp("hf")
+    out = {}
+    for family, (_, run) in runs.items():
+        assert main(["export", str(run), "--format", "hf", "--out", str(root / family)]) == 0
+        out[family] = root / family
+    return out
+
+
+def _tensors(path: Path) -> dict[str, tuple[str, torch.Tensor]]:
+    out = {}
+    for f in sorted(path.glob("*.safetensors")):
+        with safe_open(str(f), "pt") as s:
+            for k in s.keys():
+                out[k] = (f.name, s.get_tensor(k))
+    return out
+
+
+def _same_bytes(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return a.dtype == b.dtype and a.shape == b.shape and torch.equal(a.view(torch.uint8), b.view(torch.uint8)) \
+        if a.numel() else a.shape == b.shape
+
+
+def _merged_logits(ckpt: Path, delta: Path, ids: torch.Tensor, quant="none", dtype=torch.float32):
+    """usaf's own in-memory model with the delta loaded (the reference an export must reproduce)."""
+    meta = load_run(delta, base=str(ckpt)).meta
+    handle = usaf.prepare(load_model(str(ckpt), dtype=dtype),
+                          usaf.UsafConfig(quant=quant, train_layers=meta["train_layers"]))
+    handle.load_delta(delta, check_fingerprint=False)
+    with torch.no_grad():
+        return handle.model(input_ids=ids).logits.float()
+
+
+IDS = torch.tensor([[5, 17, 99, 250, 3, 42, 7, 300, 11, 64], [200, 1, 33, 8, 150, 77, 260, 19, 4, 90]])
+
+
+@pytest.mark.parametrize("family", ["qwen3_moe", "mixtral"])
+def test_export_hf_same_layout_and_logits(runs, hf_exports, family):
+    from transformers import AutoModelForCausalLM
+
+    ckpt, run = runs[family]
+    out = hf_exports[family]
+    got = AutoModelForCausalLM.from_pretrained(str(out), dtype=torch.float32)
+    with torch.no_grad():
+        logits = got(input_ids=IDS).logits
+    want = _merged_logits(ckpt, run / "delta.safetensors", IDS)
+    torch.testing.assert_close(logits, want, atol=1e-5, rtol=1e-5)
+    base = AutoModelForCausalLM.from_pretrained(str(ckpt), dtype=torch.float32)
+    with torch.no_grad():
+        assert (base(input_ids=IDS).logits - want).abs().max() > 1e-3  # the delta is really there
+
+    src, dst = _tensors(ckpt), _tensors(out)
+    assert set(src) == set(dst)
+    assert all(src[k][0] == dst[k][0] and src[k][1].dtype == dst[k][1].dtype and
+               src[k][1].shape == dst[k][1].shape for k in src)  # names, shard map, dtypes, shapes
+    assert (ckpt / "model.safetensors.index.json").read_bytes() == (out / "model.safetensors.index.json").read_bytes()
+    changed = {k for k in src if not _same_bytes(src[k][1], dst[k][1])}
+    expert_key = ".block_sparse_moe.experts." if family == "mixtral" else ".mlp.experts."
+    assert changed and all(expert_key in k or k.endswith(("mlp.gate.weight", "moe.gate.weight")) for k in changed)
+    if family == "qwen3_moe":  # trained top:1 -> layer 0 untouched
+        assert not any(k.startswith("model.layers.0.") for k in changed)
+    # touched tensors differ only at a few positions (sparse delta), routers anywhere
+    for k in changed:
+        if "experts" in k:
+            assert int((src[k][1] != dst[k][1]).sum()) < src[k][1].numel() // 4
+    for f in ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
+              "chat_template.jinja"):
+        if (ckpt / f).exists():
+            assert filecmp.cmp(ckpt / f, out / f, shallow=False), f
+    assert json.loads((out / "usaf_export.json").read_text())["base_weights"] == "full"
+
+
+def test_export_hf_dequantized_base_weights(runs, tmp_path):
+    """--base-weights dequantized writes exactly the expert weights training saw (4-bit base + delta, bf16)."""
+    ckpt, run = runs["qwen3_moe"]
+    out = tmp_path / "deq"
+    assert main(["export", str(run), "--out", str(out), "--base-weights", "dequantized"]) == 0
+    model = load_model(str(ckpt), dtype=torch.bfloat16)  # as training loaded it
+    handle = usaf.prepare(model, usaf.UsafConfig(quant="4bit", train_layers="top:1"))
+    handle.load_delta(run / "delta.safetensors")  # same dtype as training: the fingerprint matches
+    disk = _tensors(out)
+    for m in handle.layers:
+        eff = m.experts.weight("gate_up_proj", 0, 8, torch.bfloat16, "cpu")
+        inter = eff.shape[1] // 2
+        for e in range(8):
+            gate = disk[f"{m.prefix}.{e}.gate_proj.weight"][1]
+            assert gate.dtype == torch.float32 and torch.equal(gate, eff[e, :inter].float())
+            assert torch.equal(disk[f"{m.prefix}.{e}.up_proj.weight"][1], eff[e, inter:].float())
+        down = m.experts.weight("down_proj", 0, 8, torch.bfloat16, "cpu")
+        assert torch.equal(disk[f"{m.prefix}.3.down_proj.weight"][1], down[3].float())
+
+
+def test_delta_file_apply_revert_roundtrip(runs, hf_exports, tmp_path, capsys):
+    ckpt, run = runs["mixtral"]
+    delta = tmp_path / "d.safetensors"
+    assert main(["export", str(run), "--format", "delta", "--out", str(delta)]) == 0
+    assert "MB per million active elements" in capsys.readouterr().out
+    with safe_open(str(delta), "pt") as f:
+        meta = f.metadata()
+    assert meta["base_fingerprint"] == load_run(run).meta["base_fingerprint"] and meta["revertible"] == "1"
+
+    merged, back = tmp_path / "merged", tmp_path / "back"
+    assert main(["apply", "--model", str(ckpt), "--delta", str(delta), "--out", str(merged)]) == 0
+    a, b = _tensors(merged), _tensors(hf_exports["mixtral"])
+    assert set(a) == set(b) and all(_same_bytes(a[k][1], b[k][1]) for k in a)  # apply == export hf
+    assert main(["apply", "--model", str(merged), "--delta", str(delta), "--out", str(back), "--revert"]) == 0
+    for f in sorted(p.name for p in ckpt.iterdir()):  # every file byte-identical to the original
+        assert filecmp.cmp(ckpt / f, back / f, shallow=False), f
+    assert sorted(p.name for p in back.iterdir()) == sorted(p.name for p in ckpt.iterdir())
+
+    capsys.readouterr()
+    assert main(["apply", "--model", str(merged), "--delta", str(delta), "--out", str(tmp_path / "x")]) == 2
+    assert main(["apply", "--model", str(ckpt), "--delta", str(delta), "--out", str(tmp_path / "y"),
+                 "--revert"]) == 2
+    assert main(["apply", "--model", str(ckpt), "--delta", str(run / "delta.safetensors"), "--out",
+                 str(tmp_path / "z"), "--revert"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 3 and all(e.startswith("usaf: error: ") for e in err)
+    assert "not the base this delta was made for" in err[0] and "does not contain this delta" in err[1]
+    assert "no original values" in err[2]
+    assert not any((tmp_path / n).exists() for n in "xyz")
+
+
+def test_wrong_base_refused(runs, tmp_path, capsys):
+    ckpt, run = runs["mixtral"]
+    other = save_tiny_checkpoint("mixtral", tmp_path / "other", seed=1, per_expert=True, max_shard_size="30KB")
+    delta = tmp_path / "d.safetensors"
+    assert main(["export", str(run), "--format", "delta", "--out", str(delta)]) == 0
+    capsys.readouterr()
+    cmds = [["export", str(run / "delta.safetensors"), "--base", str(other), "--out", str(tmp_path / "a")],
+            ["apply", "--model", str(other), "--delta", str(run / "delta.safetensors"), "--out", str(tmp_path / "b")],
+            ["apply", "--model", str(other), "--delta", str(delta), "--out", str(tmp_path / "c")],
+            ["export", str(run), "--base", str(runs["qwen3_moe"][0]), "--out", str(tmp_path / "d")]]
+    for cmd in cmds:
+        assert main(cmd) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 4 and all(e.startswith("usaf: error: ") for e in err)
+    assert "another base model" in err[0] and "another base model" in err[1]
+    assert "not the base this delta was made for" in err[2] and "qwen3_moe" in err[3]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["d.safetensors", "other"]  # nothing half-written
+
+
+def test_failed_check_removes_output(runs, tmp_path, monkeypatch, capsys):
+    import usaf.export as ex
+
+    ckpt, run = runs["mixtral"]
+    real = ex.merged_values
+    monkeypatch.setattr(ex, "merged_values", lambda o, v: real(o, v * 1.5))  # a wrong merge
+    assert main(["export", str(run), "--out", str(tmp_path / "bad")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("usaf: error: check failed") and "\n" not in err
+    assert list(tmp_path.iterdir()) == []
+
+
+# Layouts beyond the two above: per-expert (qwen2_moe, olmoe, deepseek_v3, glm4_moe), granite's legacy fused
+# names, and families stored fused (gpt_oss, llama4, gemma4). Random deltas + routers; export_hf's own reload
+# check compares transformers' logits with usaf's merged model.
+OTHER = [f for f in FAMILIES if f not in ("qwen3_moe", "mixtral")]
+
+
+@pytest.mark.parametrize("family", OTHER)
+def test_export_hf_other_layouts(family, tmp_path):
+    ckpt = save_tiny_checkpoint(family, tmp_path / "ckpt", per_expert=family in PER_EXPERT_FAMILIES,
+                                max_shard_size="40KB")
+    handle = usaf.prepare(load_model(str(ckpt), dtype=torch.float32), usaf.UsafConfig(quant="none"))
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for d in handle.deltas().values():
+            idx = torch.randperm(d.numel, generator=g)[: d.numel // 10]
+            d.set(idx, torch.randn(idx.numel(), generator=g) * 0.05)
+        for p in handle.router_parameters().values():
+            p.add_(torch.randn(p.shape, generator=g) * 0.05)
+    handle.save_delta(tmp_path / "d.safetensors")
+    report = export_hf(load_run(tmp_path / "d.safetensors", base=str(ckpt)), tmp_path / "out")
+    assert report["check_error"] < 1e-5
+    src, dst = _tensors(ckpt), _tensors(tmp_path / "out")
+    assert {k: (v[0], v[1].dtype, v[1].shape) for k, v in src.items()} == \
+        {k: (v[0], v[1].dtype, v[1].shape) for k, v in dst.items()}
+
+
+# ---------------------------------------------------------------------------------------------------- GGUF
+@pytest.mark.parametrize("family", ["qwen3_moe", "mixtral"])
+def test_gguf_written_and_read_back(runs, tmp_path, family, monkeypatch):
+    """Without llama.cpp: names, shapes, hyper-parameters and tokenizer metadata as llama.cpp expects them."""
+    gguf = pytest.importorskip("gguf")
+    import usaf.gguf_export as ge
+
+    monkeypatch.setattr(ge, "have_llama_cpp", lambda: False)
+    ckpt, run = runs[family]
+    out = tmp_path / "m.gguf"
+    assert main(["export", str(run), "--format", "gguf", "--out", str(out)]) == 0
+    r = gguf.GGUFReader(str(out))
+    arch = {"qwen3_moe": "qwen3moe", "mixtral": "llama"}[family]
+
+    def field(name):
+        f = r.fields[name]
+        return f.contents() if hasattr(f, "contents") else f.parts[f.data[0]]
+
+    assert field("general.architecture") == arch
+    assert field(f"{arch}.expert_count") == 8 and field(f"{arch}.expert_used_count") == 2
+    assert field(f"{arch}.block_count") == 2 and field(f"{arch}.embedding_length") == 64
+    assert field("tokenizer.ggml.model") == "gpt2" and field("tokenizer.ggml.pre") == "gpt-2"
+    assert len(field("tokenizer.ggml.tokens")) == 320 and len(field("tokenizer.ggml.merges")) > 0
+    assert field("tokenizer.ggml.eos_token_id") == 3 and "im_start" in field("tokenizer.chat_template")
+    shapes = {t.name: tuple(int(x) for x in t.shape) for t in r.tensors}  # ggml order: [H, I, E]
+    assert shapes["blk.1.ffn_gate_exps.weight"] == (64, 24, 8) and shapes["blk.1.ffn_down_exps.weight"] == (24, 64, 8)
+    assert shapes["blk.0.ffn_gate_inp.weight"] == (64, 8) and "output.weight" in shapes
+    assert ("blk.0.attn_q_norm.weight" in shapes) == (family == "qwen3_moe")
+
+
+@pytest.mark.parametrize("family,qtype", [("qwen3_moe", "f16"), ("mixtral", "f16"), ("qwen3_moe", "q8_0"),
+                                          ("mixtral", "bf16")])
+def test_gguf_llama_cpp_logits(runs, hf_exports, tmp_path, family, qtype):
+    """llama.cpp's next-token logits of the GGUF agree with transformers' logits of the merged checkpoint."""
+    pytest.importorskip("gguf")
+    import usaf.gguf_export as ge
+
+    if not ge.have_llama_cpp():
+        pytest.skip("llama_cpp is not importable (pip install llama-cpp-python builds llama.cpp from source)")
+    from transformers import AutoModelForCausalLM
+
+    ckpt, run = runs[family]
+    out = tmp_path / "m.gguf"
+    assert main(["export", str(run), "--format", "gguf", "--out", str(out), "--type", qtype]) == 0
+    got = ge.llama_cpp_logits(out, IDS)
+    hf = AutoModelForCausalLM.from_pretrained(str(hf_exports[family]), dtype=torch.float32)
+    with torch.no_grad():
+        want = hf(input_ids=IDS).logits
+    err = float((got - want).abs().max() / want.abs().max())
+    assert err < ge.TOLERANCE[qtype], err
+    assert (got.argmax(-1) == want.argmax(-1)).float().mean() > 0.9
+    tok = usaf.loading.load_tokenizer(str(ckpt))
+    assert ge.llama_cpp_tokens(out, ge.CHECK_TEXT) == tok(ge.CHECK_TEXT)["input_ids"]

@@ -1,0 +1,52 @@
+"""Frozen-prefix cache: cached hidden states equal a fresh forward; training from them changes nothing."""
+
+import json
+
+import pytest
+import torch
+
+import usaf
+from usaf.cli import main
+from usaf.prefix import prefix_hidden, suffix_logits, suffix_matches
+from usaf.testing import FAMILIES, make_tiny_model, save_tiny_checkpoint
+
+IDS = torch.randint(6, 320, (2, 16), generator=torch.Generator().manual_seed(1))
+MASK = torch.ones_like(IDS)
+MASK[1, 12:] = 0
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_prefix_hidden_and_suffix_forward_are_exact(family):
+    model = make_tiny_model(family)
+    handle = usaf.prepare(model, usaf.UsafConfig(quant="none", train_layers="top:1"))
+    start = handle.trainable_layers[0].index
+    with torch.no_grad():
+        full = model(input_ids=IDS, attention_mask=MASK, output_hidden_states=True)
+        hidden = prefix_hidden(model, start, IDS, MASK)
+        assert torch.equal(hidden, full.hidden_states[start])  # bit for bit
+        logits = suffix_logits(model, start, hidden, MASK)
+    assert torch.equal(logits[MASK.bool()], full.logits[MASK.bool()])
+    assert suffix_matches(model, start, IDS, MASK)
+
+
+def test_training_with_prefix_cache_equals_without(tmp_path, monkeypatch):
+    monkeypatch.setenv("USAF_PREFIX_CACHE", str(tmp_path / "prefix"))
+    ckpt = save_tiny_checkpoint("deepseek_v3", tmp_path / "c")
+    rows = [{"text": f"{w} fox {w} dog {i} " * 4} for i, w in enumerate("abcdefghijklmnopqrstuvwxyz")]
+    data = tmp_path / "d.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    common = ["train", "--model", str(ckpt), "--data", str(data), "--steps", "6", "--seq-len", "32",
+              "--batch-size", "4", "--lr", "0.01", "--density", "0.05", "--train-layers", "top:1",
+              "--reselect-every", "3", "--quiet"]
+    assert main(common + ["--out", str(tmp_path / "a"), "--no-prefix-cache"]) == 0
+    assert main(common + ["--out", str(tmp_path / "b")]) == 0
+    assert len(list((tmp_path / "prefix").glob("*.bin"))) == 1
+    la = [json.loads(x)["loss"] for x in (tmp_path / "a" / "log.jsonl").read_text().splitlines()]
+    lb = [json.loads(x)["loss"] for x in (tmp_path / "b" / "log.jsonl").read_text().splitlines()]
+    assert la == lb
+    ma = json.loads((tmp_path / "a" / "metrics.json").read_text())
+    mb = json.loads((tmp_path / "b" / "metrics.json").read_text())
+    assert ma["eval_ppl_before"] == mb["eval_ppl_before"] and ma["eval_ppl_after"] == mb["eval_ppl_after"]
+    # a second run reuses the cache file
+    assert main(common + ["--out", str(tmp_path / "c2")]) == 0
+    assert len(list((tmp_path / "prefix").glob("*.bin"))) == 1
