@@ -288,3 +288,17 @@ def test_train_layers_range_freezes_the_rest():
     _, model, handle = _prepared("deepseek_v3", train_layers="top:1")
     assert [m.index for m in handle.trainable_layers] == [2]
     assert all(not m.trainable for m in handle.layers if m.index != 2)
+
+
+def test_activation_checkpointing_gives_the_same_gradients():
+    _, model, handle = _prepared("qwen3_moe")
+    _random_deltas(handle, frac=0.01)
+    model.train()
+    model(IDS, labels=IDS).loss.backward()
+    ref = [p.grad.clone() for p in handle.trainable_parameters()]
+    for p in handle.trainable_parameters():
+        p.grad = None
+    model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    model(IDS, labels=IDS).loss.backward()
+    for a, p in zip(ref, handle.trainable_parameters()):
+        torch.testing.assert_close(p.grad, a, rtol=1e-5, atol=1e-7)

@@ -55,6 +55,9 @@ class TrainConfig:
     max_skips: int = _f(10, "stop (with a checkpoint) after this many consecutive steps skipped for a "
                         "non-finite loss or gradient (0 = never stop)")
     max_eval_batches: int = _f(0, "cap on eval batches (0 = all)")
+    checkpointing: str = _f("auto", "activation checkpointing at decoder-layer boundaries: auto (on when the "
+                                    "trainable layers' activations would exceed 512 MB) | on | off",
+                            choices=("auto", "on", "off"))
     prefix_cache: bool = _f(True, "compute the frozen layers below the first trainable one once and cache their "
                                   "output on disk ($USAF_CACHE/prefix); they then need no memory")
     seed: int = _f(0, "random seed")

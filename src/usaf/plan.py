@@ -498,9 +498,17 @@ def _logits_bytes(mc: ModelCounts, s: Settings, d: int, train: bool) -> int:
     return max(forward, n * 12) if train else forward
 
 
+# Kinds of parts: ``resident`` (the whole run), ``step`` (every moment of a step), ``loss`` (around the
+# loss: forward end + start of backward), ``layer`` (inside one layer's forward/backward), ``save`` (while a
+# checkpoint is written, between steps). The peak is resident + step + the largest of loss / layer / save.
+_TRANSIENT = ("loss", "layer", "save")
+_WHEN = {"step": " (during the step)", "loss": " (at the loss)", "layer": " (inside a layer)",
+         "save": " (while saving)"}
+
+
 @dataclass
 class _Plan:
-    """Accumulates one phase's parts: (name, bytes, tier)."""
+    """Accumulates one phase's parts: (name, bytes, tier, kind)."""
 
     cpu: bool
     device_budget: int
@@ -513,15 +521,20 @@ class _Plan:
         if nbytes > 0:
             self.parts.append({"item": name, "bytes": int(nbytes), "tier": tier, "kind": kind})
 
-    def used(self, tier: str, kinds: tuple[str, ...] = ("resident", "step")) -> int:
-        return sum(p["bytes"] for p in self.parts if p["tier"] == tier and p["kind"] in kinds)
+    def used(self, tiers: tuple[str, ...], kinds: tuple[str, ...]) -> int:
+        return sum(p["bytes"] for p in self.parts if p["tier"] in tiers and p["kind"] in kinds)
+
+    def peak(self, tier: str) -> int:
+        """Peak bytes of a tier (on CPU the device tier is host RAM: both tiers together)."""
+        tiers = ("device", "host") if self.cpu else (tier,)
+        base = self.used(tiers, ("resident", "step"))
+        return base + max(self.used(tiers, (k,)) for k in _TRANSIENT)
 
     def device_free(self) -> int:
-        used = self.used("device") + (self.used("host") if self.cpu else 0)
-        return self.device_budget - used
+        return self.device_budget - self.peak("device")
 
     def host_free(self) -> int:
-        return self.host_budget - (self.used("host") + (self.used("device") if self.cpu else 0))
+        return self.host_budget - self.peak("host")
 
 
 def _place_block(p: _Plan, name: str, pieces: list[int], device_staging: int, mapped: int) -> dict:
@@ -542,7 +555,7 @@ def _place_block(p: _Plan, name: str, pieces: list[int], device_staging: int, ma
         if device_staging > p.device_free():
             p.failed.append(f"{name}: the device has no room for the streaming buffers "
                             f"({fmt_bytes(device_staging)})")
-        p.add(f"{name}: streaming buffers (current + next)", device_staging, "device", "step")
+        p.add(f"{name}: streaming buffers (current + next)", device_staging, "device")
     on = {"device": 0, "host": 0, "disk": 0}
     for size in pieces:
         if size <= p.device_free() - on["device"]:
@@ -557,7 +570,7 @@ def _place_block(p: _Plan, name: str, pieces: list[int], device_staging: int, ma
         if on[tier]:
             p.add(f"{name} ({counts[tier]} of {len(pieces)})", on[tier], tier)
     if counts["disk"]:
-        p.add(f"{name}: mmap pages in use", mapped, "device" if p.cpu else "host", "step")
+        p.add(f"{name}: mmap pages in use", mapped, "device" if p.cpu else "host")
     return counts
 
 
@@ -609,10 +622,10 @@ def _phase(mc: ModelCounts, s: Settings, train: bool) -> dict:
         if train:
             p.add("deltas: indices + fp32 values + AdamW moments (16 B/elt)",
                   int(active * (per_el + 12)) + offsets, dev_tier)
-            p.add("deltas: fp32 gradients (4 B/elt)", active * 4, dev_tier, "step")
+            p.add("deltas: fp32 gradients (4 B/elt)", active * 4, dev_tier, "layer")
             master = 0 if d == 4 else 4  # fp32 models: the router parameter is its own master
             p.add("routers: fp32 masters + AdamW moments", router * (master + 8), dev_tier)
-            p.add("routers: gradients", router * (d + (4 if master else 0)), dev_tier, "step")
+            p.add("routers: gradients", router * (d + (4 if master else 0)), dev_tier, "layer")
         else:
             p.add("deltas: indices + fp32 values (applied)", int(active * (per_el + 4)) + offsets, dev_tier)
 
@@ -623,28 +636,28 @@ def _phase(mc: ModelCounts, s: Settings, train: bool) -> dict:
         if s.checkpointing:
             p.add(f"activations: layer inputs ({len(span)} layers x B x T x H)", len(span) * n_tok * mc.hidden * d,
                   dev_tier, "step")
-            p.add("activations: one layer recomputed in full", max(full), dev_tier, "step")
+            p.add("activations: one layer recomputed in full", max(full), dev_tier, "layer")
         else:
             p.add(f"activations: {len(span)} layers in full", sum(full), dev_tier, "step")
         sk = n_tok * mc.top_k
         p.add("backward working set (input grads, residual grads)",
-              sk * mc.hidden * d + 4 * n_tok * mc.hidden * 4, dev_tier, "step")
+              sk * mc.hidden * d + 4 * n_tok * mc.hidden * 4, dev_tier, "layer")
         p.add("final norm input (fp32)", n_tok * mc.hidden * 4, dev_tier, "step")
     else:
         p.add("activations: one layer's working set + residual",
-              max(_layer_infer_working(mc, lc, s, d, attn) for lc in layers), dev_tier, "step")
+              max(_layer_infer_working(mc, lc, s, d, attn) for lc in layers), dev_tier, "layer")
         if mc.use_cache:
             kv = sum(n_tok * mc.kv_heads * (mc.qk_head_dim + mc.v_head_dim) * d for _ in range(L))
             p.add("KV cache (use_cache)", kv, dev_tier, "step")
     p.add("logits (B x T x V) + fp32 upcast" + (" + gradient" if train else " + log-softmax"),
-          _logits_bytes(mc, s, d, train), dev_tier, "step")
+          _logits_bytes(mc, s, d, train), dev_tier, "loss")
 
     # -- dequantization transients (current layer; two runs overlap) ----------------------------------------
     moe_res = [lc for lc in layers if lc.moe]
     dq = max(_dequant_bytes(lc, s.chunk_mb, d) for lc in moe_res)
     scratch_el = DEQUANT_SCRATCH_CPU if s.cpu else DEQUANT_SCRATCH_ACCEL
     scratch = 0 if s.quant == "none" else min(scratch_el, max(sum(lc.stack_numels) for lc in moe_res)) * 4
-    p.add(f"dequantized expert weights (runs of <= {s.chunk_mb} MB) + scratch", dq + scratch, dev_tier, "step")
+    p.add(f"dequantized expert weights (runs of <= {s.chunk_mb} MB) + scratch", dq + scratch, dev_tier, "layer")
     if p.device_free() < 0:
         p.failed.append("trainable state, activations, logits and transients alone exceed the "
                         + ("host memory" if s.cpu else "device memory"))
@@ -681,12 +694,8 @@ def _phase(mc: ModelCounts, s: Settings, train: bool) -> dict:
         p.add("checkpoint staging (host copy of deltas, moments, routers)", ckpt, host_tier, "save")
         select = _select_phase(p, mc, s, moe_train, d, dev_tier, host_tier)
 
-    dev_peak = p.used("device", ("resident", "step"))
-    host_peak = p.used("host", ("resident", "step"))
-    if s.cpu:
-        dev_peak = host_peak = max(dev_peak, p.used("device", ("resident", "save")))
-    else:
-        host_peak = max(host_peak, p.used("host", ("resident", "save")))
+    dev_peak = p.peak("device")
+    host_peak = p.peak("host")
     fits = not p.failed and dev_peak <= dev_budget and (s.cpu or host_peak <= s.host_memory)
     if not p.failed and dev_peak > dev_budget:
         p.failed.append(f"{'host' if s.cpu else 'device'} peak {fmt_bytes(dev_peak)} exceeds the budget "
@@ -697,7 +706,7 @@ def _phase(mc: ModelCounts, s: Settings, train: bool) -> dict:
         "fits": bool(fits),
         "peak_device_bytes": int(dev_peak),
         "peak_host_bytes": int(host_peak),
-        "disk_bytes": p.used("disk", ("resident", "step")),
+        "disk_bytes": p.used(("disk",), ("resident",)),
         "layers": [resident[0], resident[-1]] if resident else [],
         "experts_placement": placed,
         "non_expert_placement": next((q["tier"] for q in p.parts if q["item"] == "non-expert weights"
@@ -729,8 +738,8 @@ def _select_phase(p: _Plan, mc: ModelCounts, s: Settings, moe_train: list[LayerC
     biggest = max(lc.expert_params for lc in moe_train)
     scores = max(groups) + biggest * 4  # the group's buffers + the concatenated copy of one layer
     per_expert = max(sum(lc.stack_numels) // lc.num_experts for lc in moe_train) * (d + 4)  # dense dW
-    base_dev = p.used("device", ("resident", "step"))
-    base_host = p.used("host", ("resident", "step"))
+    base_dev = p.peak("device")
+    base_host = p.peak("host")
     if s.cpu or base_dev + scores + per_expert <= p.device_budget:
         tier = dev_tier
         dev, host = base_dev + scores + per_expert, base_host
@@ -738,7 +747,7 @@ def _select_phase(p: _Plan, mc: ModelCounts, s: Settings, moe_train: list[LayerC
         tier = host_tier
         dev, host = base_dev + per_expert, base_host + scores
     if s.cpu:
-        dev = host = dev + base_host
+        dev = host = max(dev, host)
     fits = dev <= p.device_budget and (s.cpu or host <= p.host_budget)
     return {"fits": bool(fits), "peak_device_bytes": int(dev), "peak_host_bytes": int(host),
             "score_buffers_bytes": int(scores), "score_buffers_tier": tier}
@@ -996,7 +1005,7 @@ def format_plan(r: dict) -> str:
         lines += ["", f"{title}: where each part goes"]
         for part in ph["breakdown"]:
             tier = dev_name if part["tier"] == "device" else part["tier"]
-            when = {"step": " (during the step)", "save": " (while saving)"}.get(part["kind"], "")
+            when = _WHEN.get(part["kind"], "")
             lines.append(f"  {part['item'][:64]:<66}{fmt_bytes(part['bytes']):>12}  {tier}{when}")
         if ph is train:
             lines.append(f"  {'selection: dense fp32 importance scores (one layer group)':<66}"

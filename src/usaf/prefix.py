@@ -208,3 +208,15 @@ def logits_of(model: nn.Module, batch: dict, device) -> torch.Tensor:
         return model(input_ids=batch["input_ids"].to(device), attention_mask=mask).logits
     hidden = cache.batch(batch["index"], batch["input_ids"].shape[1]).to(device)
     return suffix_logits(model, cache.start, hidden, mask)
+
+
+def use_checkpointing(handle: UsafModel, mode: str, batch_size: int, seq_len: int) -> bool:
+    """``auto``: on when the trainable layers' saved activations (about 24 values of size H per token per
+    layer, in the compute dtype) would exceed 512 MB; checkpointing then keeps only each layer's input."""
+    if mode in ("on", "off"):
+        return mode == "on"
+    cfg = handle.model.config.get_text_config()
+    first = first_trainable_layer(handle)
+    n_layers = cfg.num_hidden_layers - first
+    estimate = batch_size * seq_len * n_layers * cfg.hidden_size * 2 * 24
+    return estimate > 512 << 20

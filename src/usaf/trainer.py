@@ -37,7 +37,7 @@ from .model import parse_layers
 from .optim import UsafOptimizer, make_scheduler
 from .rigl import drop_fraction, reselect
 from .select import select
-from .prefix import enable_prefix_cache, logits_of, offset_index
+from .prefix import enable_prefix_cache, logits_of, offset_index, use_checkpointing
 from .stream import load_prepared
 
 log = logging.getLogger("usaf")
@@ -346,6 +346,8 @@ def train(cfg: TrainConfig) -> dict:
     pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
     if cfg.prefix_cache:
         enable_prefix_cache(handle, train_ex, eval_ex, cfg.batch_size, pad)
+    if use_checkpointing(handle, cfg.checkpointing, cfg.batch_size, cfg.seq_len):
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     batches = Batches(train_ex, cfg.batch_size, seed=cfg.seed, pad_id=pad)
     eval_batches = lambda: offset_index(Batches(eval_ex, cfg.batch_size, shuffle=False, pad_id=pad),  # noqa: E731
                                         len(train_ex))
