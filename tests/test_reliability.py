@@ -304,7 +304,7 @@ def test_non_finite_steps_are_skipped_and_too_many_stop_with_checkpoint(env, tmp
     skip = next(w for w in warn if w.startswith("step 2:"))
     assert skip == "step 2: non-finite loss (nan), step skipped (epoch 0 batch 1)"
     trunc = next(w for w in warn if "longer than --seq-len" in w)
-    assert trunc == "data: 4 of 38 rows longer than --seq-len 32 were truncated, 1 dropped (no loss token left)"
+    assert trunc == "data: 4 of 40 rows longer than --seq-len 32 were truncated, 1 dropped (no loss token left)"
     _record("rows longer than --seq-len", f"not an error; logged: `{trunc}` (and in metrics.json `data`)")
     _record("NaN loss injected at step 2", f"step skipped, logged: `{skip}`; log.jsonl record has "
             f"`\"skipped\": true, \"batches\": [[0, 1]]`")

@@ -58,6 +58,8 @@ class TrainConfig:
     checkpointing: str = _f("auto", "activation checkpointing at decoder-layer boundaries: auto (on when the "
                                     "trainable layers' activations would exceed 512 MB) | on | off",
                             choices=("auto", "on", "off"))
+    device_memory: str = _f("", "memory budget on the compute device, e.g. 12GB (default: what it has)")
+    host_memory: str = _f("", "host RAM budget, e.g. 24GB (default: what is available)")
     prefix_cache: bool = _f(True, "compute the frozen layers below the first trainable one once and cache their "
                                   "output on disk ($USAF_CACHE/prefix); they then need no memory")
     seed: int = _f(0, "random seed")

@@ -35,6 +35,7 @@ from .io import atomic_save_safetensors
 from .model import UsafModel, decoder_layers, fingerprint, prepare, sample_index
 from .quant import QuantizedTensor, QuantSpec
 from .store import DenseStack
+from .tiers import choose_tier
 
 log = logging.getLogger("usaf")
 
@@ -286,7 +287,7 @@ def _clone_to(stack, device):
 
 
 def load_prepared(model: str, cfg: UsafConfig, dtype, device, trust_remote_code: bool = False,
-                  tier: str = "auto") -> UsafModel:
+                  tier: str = "auto", device_memory=None, host_memory=None) -> UsafModel:
     """The one way usaf loads a model to train or evaluate: streamed for local safetensors checkpoints
     (quantized cache, tiers), ``from_pretrained`` + ``prepare`` otherwise (hub ids, remote code)."""
     from .loading import _check_shards, load_config, load_model
@@ -296,7 +297,9 @@ def load_prepared(model: str, cfg: UsafConfig, dtype, device, trust_remote_code:
     if p.is_dir() and not trust_remote_code:
         _check_shards(p)
         if tier == "auto":
-            tier = "host" if torch.device(device).type == "cpu" else "device"
+            tier = choose_tier(expert_bytes(load_config(model, trust_remote_code), cfg), device,
+                               device_memory, host_memory)
+            log.info("frozen expert stacks on the %s tier", tier)
         try:
             handle = load_streamed(p, cfg, dtype=dtype, device=device, tier=tier)
         except (OSError, RuntimeError) as e:
@@ -304,3 +307,16 @@ def load_prepared(model: str, cfg: UsafConfig, dtype, device, trust_remote_code:
         handle.model.to(device)
         return handle
     return prepare(load_model(model, dtype=dtype, device=device, trust_remote_code=trust_remote_code), cfg)
+
+
+def expert_bytes(config, cfg: UsafConfig) -> int:
+    """Bytes of all frozen expert stacks at the chosen quantization, from the config alone."""
+    from accelerate import init_empty_weights
+    from transformers import AutoModelForCausalLM
+
+    with init_empty_weights():
+        model = AutoModelForCausalLM.from_config(config)
+    n = sum(p.numel() for name, p in model.named_parameters()
+            if p.dim() == 3 and name.endswith(("gate_up_proj", "down_proj")))
+    bits = {"4bit": 4 + 32 / cfg.group_size, "8bit": 8 + 32 / cfg.group_size}.get(cfg.quant, 16)
+    return int(n * bits / 8)

@@ -21,6 +21,7 @@ import os
 import signal
 import threading
 import time
+import warnings
 from array import array
 from pathlib import Path
 
@@ -35,10 +36,11 @@ from .io import atomic_write, atomic_write_json, atomic_write_text, is_disk_full
 from .loading import check_model, load_tokenizer, resolve_device, resolve_dtype
 from .model import parse_layers
 from .optim import UsafOptimizer, make_scheduler
+from .prefix import enable_prefix_cache, logits_of, offset_index, use_checkpointing
 from .rigl import drop_fraction, reselect
 from .select import select
-from .prefix import enable_prefix_cache, logits_of, offset_index, use_checkpointing
 from .stream import load_prepared
+from .tiers import Prefetcher
 
 log = logging.getLogger("usaf")
 
@@ -142,8 +144,8 @@ def _changed_settings(prev: dict, cfg: TrainConfig) -> list[str]:
 
 def _files_digest(files: list[str]) -> str:
     h = hashlib.sha256()
-    for name in files:
-        h.update(f"{Path(name).name}\0".encode())
+    for name in files:  # content only: the same data at another path is the same data
+        h.update(f"{os.path.getsize(name)}\0".encode())
         with open(name, "rb") as f:
             for chunk in iter(lambda: f.read(1 << 20), b""):
                 h.update(chunk)
@@ -338,7 +340,9 @@ def train(cfg: TrainConfig) -> dict:
     ckpt, tensors, meta, unreadable = (None, None, None, [])
     if prev is not None:
         ckpt, tensors, meta, unreadable = _resume_point(out, prev, cfg, identity)
-    handle = load_prepared(cfg.model, cfg.usaf, dtype, device, cfg.trust_remote_code)
+    handle = load_prepared(cfg.model, cfg.usaf, dtype, device, cfg.trust_remote_code,
+                           device_memory=cfg.device_memory, host_memory=cfg.host_memory)
+    Prefetcher(handle)
     model = handle.model
     identity["base_fingerprint"] = handle.fingerprint
     if ckpt is not None:
@@ -441,7 +445,9 @@ def _run(cfg, out, prev, ckpt, tensors, meta, identity, handle, model, device, d
                             "non-finite gradient" if math.isfinite(loss_val) else f"non-finite loss ({loss_val})",
                             _where(where), f"; fp16 loss scale {scale:g} -> {scaler.scale:g}" if overflow else "")
             opt.zero_grad()
-            sched.step()
+            with warnings.catch_warnings():  # a skipped first step would make torch warn about the order
+                warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step()`")
+                sched.step()
             step += 1
             dt = time.perf_counter() - t0
             tokens = int(sum(int(b["attention_mask"].sum()) for b in micro))
@@ -531,7 +537,7 @@ def _log_changes(prev: dict, cfg: TrainConfig, opt: UsafOptimizer, sched) -> Non
     """Log the settings that changed since the run was started; apply a new peak learning rate."""
     changed = _changed_settings(prev, cfg)
     if changed:
-        log.info("resume: changed settings: %s", _diff_text(prev, cfg, changed))
+        log.warning("resume: changed settings: %s", _diff_text(prev, cfg, changed))
     if any(k in changed for k in ("lr", "router_lr", "steps", "epochs", "warmup")):
         sched.base_lrs = [cfg.lr, cfg.router_lr][: len(opt.opt.param_groups)]
         for g, base, f in zip(opt.opt.param_groups, sched.base_lrs, sched.lr_lambdas):

@@ -1,0 +1,83 @@
+"""Placing frozen expert stacks on tiers, and prefetching the next layer while one computes.
+
+Tiers: ``device`` (the compute device), ``host`` (RAM) or ``disk`` (the mmap of the quantized cache,
+paged in on use). ``choose_tier`` places the stacks from the memory budgets; ``Prefetcher`` hooks every
+decoder layer so that, while layer l computes, layer l+1's frozen stacks are brought closer: on CPU a
+thread touches their pages (the kernel reads them from disk), on CUDA their host copies are sent to the
+device on a side stream from pinned memory (the CUDA path is untested here: no GPU was available).
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from concurrent.futures import ThreadPoolExecutor
+
+import psutil
+import torch
+
+from .model import UsafModel, decoder_layers
+
+log = logging.getLogger("usaf")
+_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12, "KIB": 2**10, "MIB": 2**20,
+          "GIB": 2**30, "TIB": 2**40}
+
+
+def parse_bytes(text: str | int | None) -> int | None:
+    """``12GB``, ``12GiB``, ``512MB``, ``1024`` -> bytes; empty -> None."""
+    if text in (None, "", 0):
+        return None
+    if isinstance(text, int):
+        return text
+    m = re.fullmatch(r"\s*([0-9.]+)\s*([A-Za-z]*)\s*", str(text))
+    if not m or m.group(2).upper() not in _UNITS:
+        raise ValueError(f"cannot read memory size {text!r} (use e.g. 12GB, 12GiB, 512MB)")
+    return int(float(m.group(1)) * _UNITS[m.group(2).upper()])
+
+
+def choose_tier(expert_bytes: int, device, device_memory=None, host_memory=None) -> str:
+    """Where the frozen expert stacks go: the fastest tier that holds them with room to spare."""
+    device = torch.device(device)
+    host = parse_bytes(host_memory) or psutil.virtual_memory().available
+    if device.type == "cuda":
+        dev = parse_bytes(device_memory) or torch.cuda.mem_get_info(device)[0]
+        if expert_bytes < 0.6 * dev:
+            return "device"
+    elif parse_bytes(device_memory):
+        host = min(host, parse_bytes(device_memory))
+    return "host" if expert_bytes < 0.6 * host else "disk"
+
+
+class Prefetcher:
+    """While decoder layer l runs, bring layer l+1's frozen expert stacks closer (see module docstring)."""
+
+    def __init__(self, handle: UsafModel):
+        self.handle = handle
+        self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="usaf-prefetch")
+        self.stream = None
+        layers = decoder_layers(handle.model)
+        moe = {m.index: m for m in handle.layers}
+        order = sorted(moe)
+        self.hooks = []
+        for i, nxt in zip(order, order[1:]):
+            self.hooks.append(layers[i].register_forward_pre_hook(
+                lambda mod, args, _m=moe[nxt]: self._prefetch(_m)))
+
+    def _prefetch(self, layer) -> None:
+        tensors = [t for s in layer.experts.frozen.values() for t in s.tensors().values()]
+        if not tensors:
+            return
+        if tensors[0].device.type == "cpu":
+            self.pool.submit(_touch, tensors)
+
+    def close(self) -> None:
+        for h in self.hooks:
+            h.remove()
+        self.pool.shutdown(wait=True)
+
+
+def _touch(tensors: list[torch.Tensor]) -> None:
+    """Read one byte per 4 KiB page of each tensor, so the kernel pages it in (mmap tier)."""
+    for t in tensors:
+        flat = t.reshape(-1).view(torch.uint8) if t.is_contiguous() else t.reshape(-1)
+        flat[:: 4096].sum()

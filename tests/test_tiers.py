@@ -1,0 +1,33 @@
+"""Tiers and prefetch: every tier computes the same thing; budgets place the stacks."""
+
+import pytest
+import torch
+
+import usaf
+from usaf import stream
+from usaf.testing import save_tiny_checkpoint
+from usaf.tiers import Prefetcher, choose_tier, parse_bytes
+
+IDS = torch.randint(6, 320, (2, 16), generator=torch.Generator().manual_seed(1))
+
+
+def test_all_tiers_give_identical_logits_with_prefetch(tmp_path):
+    ckpt = save_tiny_checkpoint("mixtral", tmp_path / "c", per_expert=True)
+    outs = []
+    for tier in ("disk", "host", "device"):
+        h = stream.load_streamed(ckpt, usaf.UsafConfig(quant="4bit"), dtype=torch.bfloat16,
+                                 cache_root=tmp_path / "q", tier=tier)
+        pf = Prefetcher(h)
+        with torch.no_grad():
+            outs.append(h.model(IDS).logits)
+        pf.close()
+    assert torch.equal(outs[0], outs[1]) and torch.equal(outs[0], outs[2])
+
+
+def test_budgets():
+    assert parse_bytes("12GB") == 12 * 10**9 and parse_bytes("1GiB") == 2**30 and parse_bytes("") is None
+    with pytest.raises(ValueError, match="memory size"):
+        parse_bytes("twelve")
+    assert choose_tier(10**9, "cpu", host_memory="8GB") == "host"
+    assert choose_tier(10**10, "cpu", host_memory="8GB") == "disk"
+    assert choose_tier(10**9, "cpu", device_memory="1GB", host_memory="64GB") == "disk"
