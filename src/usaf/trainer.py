@@ -446,7 +446,7 @@ def _run(cfg, out, prev, ckpt, tensors, meta, identity, handle, model, device, d
                             _where(where), f"; fp16 loss scale {scale:g} -> {scaler.scale:g}" if overflow else "")
             opt.zero_grad()
             with warnings.catch_warnings():  # a skipped first step would make torch warn about the order
-                warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step()`")
+                warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler\.step\(\)`")
                 sched.step()
             step += 1
             dt = time.perf_counter() - t0
