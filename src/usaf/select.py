@@ -70,6 +70,10 @@ def candidates(handle: UsafModel, batches: Iterable[dict], budget: int, exclude_
                 loss_fn(model, batch).backward()
                 for p in handle.trainable_parameters():
                     p.grad = None
+            if torch.distributed.is_available() and torch.distributed.is_initialized():
+                for m in group:  # data parallel: every rank ranks the same summed scores
+                    for n in NAMES:
+                        torch.distributed.all_reduce(m.experts.scores[n])
             for m in group:
                 scores = torch.cat([m.experts.scores[n].view(-1) for n in NAMES])
                 m.experts.scores = None
