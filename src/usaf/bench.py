@@ -535,7 +535,9 @@ def run_bench(name: str, json_path: str | None = None, quick: bool = False, extr
         raise ValueError(f"unknown bench {name!r} (choose speed, memory or quality)")
     cfg = parse_extra(extra, quick)
     methods = _methods(name, cfg)
-    command = "usaf bench " + " ".join([name] + (["--quick"] if quick else []) + [shlex.quote(w) for w in extra or []])
+    # key=value words before the flags: argparse cannot parse the words after ``--quick`` / ``--json F``
+    words = [name] + [shlex.quote(w) for w in extra or []] + (["--quick"] if quick else [])
+    command = "usaf bench " + " ".join(words + (["--json", shlex.quote(json_path)] if json_path else []))
     machine = machine_info()
     model_desc = (f"Qwen3-MoE {cfg['size']}: hidden {cfg['hidden']}, {cfg['layers']} layers, {cfg['experts']} "
                   f"experts top-{cfg['top_k']}, moe_intermediate {cfg['moe_inter']}, {cfg['heads']}/{cfg['kv_heads']} "

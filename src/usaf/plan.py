@@ -98,6 +98,8 @@ class LayerCounts:
         attn_norm_width: per-token width normalized inside the attention (q/k norms, MLA lora norms).
         mlp_width: per-token output width of the frozen dense/shared MLP projections other than the
             down projection (gate + up for a SwiGLU MLP).
+        heads / kv_heads / qk_head_dim / v_head_dim: the attention's shape (per layer: some families mix
+            head sizes across layers).
     """
 
     index: int
@@ -112,6 +114,10 @@ class LayerCounts:
     other_params: int = 0
     attn_norm_width: int = 0
     mlp_width: int = 0
+    heads: int = 1
+    kv_heads: int = 1
+    qk_head_dim: int = 0
+    v_head_dim: int = 0
 
     @property
     def non_expert_params(self) -> int:
@@ -127,10 +133,6 @@ class ModelCounts:
     hidden: int
     vocab: int
     top_k: int
-    heads: int
-    kv_heads: int
-    qk_head_dim: int
-    v_head_dim: int
     attn: str
     use_cache: bool
     tied: bool
@@ -188,7 +190,9 @@ def _load_config(model: Any, trust_remote_code: bool = False):
             raise ValueError(f"{p} is not a readable JSON config ({str(e).splitlines()[0]})") from None
         if not isinstance(data, dict):
             raise ValueError(f"{p} is not a config (a JSON object with model_type)")
-        return _config_from_dict(data, str(p))
+        config = _config_from_dict(data, str(p))
+        config._name_or_path = str(p.resolve().parent)
+        return config
     from .loading import load_config
 
     return load_config(str(model), trust_remote_code)
@@ -219,6 +223,15 @@ def _top_k(text_cfg, block, router) -> int:
             if isinstance(v, int) and v > 0:
                 return v
     raise ValueError("cannot find the number of experts per token (num_experts_per_tok) in the config")
+
+
+def _int_attr(obj, name: str) -> int:
+    """An int attribute, 0 when missing (some configs raise on per-layer attributes read globally)."""
+    try:
+        v = getattr(obj, name, 0)
+    except Exception:  # noqa: BLE001
+        return 0
+    return int(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else 0
 
 
 def _attention_module(layer):
@@ -291,12 +304,11 @@ def _count(config, trust_remote_code: bool) -> ModelCounts:
 
     top_k = None
     out_layers: list[LayerCounts] = []
-    heads = int(getattr(text, "num_attention_heads", 1) or 1)
-    qk_dim = int(getattr(text, "qk_head_dim", 0) or 0) or (
-        int(getattr(text, "qk_nope_head_dim", 0) or 0) + int(getattr(text, "qk_rope_head_dim", 0) or 0))
-    qk_dim = qk_dim or int(getattr(text, "head_dim", 0) or 0) or hidden // heads
-    v_dim = int(getattr(text, "v_head_dim", 0) or 0) or qk_dim
-    kv_heads = int(getattr(text, "num_key_value_heads", 0) or 0) or heads
+    heads = _int_attr(text, "num_attention_heads") or 1
+    cfg_qk = _int_attr(text, "qk_head_dim") or (_int_attr(text, "qk_nope_head_dim")
+                                                + _int_attr(text, "qk_rope_head_dim"))
+    cfg_qk = cfg_qk or _int_attr(text, "head_dim") or hidden // heads
+    cfg_kv = _int_attr(text, "num_key_value_heads") or heads
     for i, layer in enumerate(layers):
         block = get_path(layer, fam.block)
         ex = get_path(block, fam.experts) if block is not None else None
@@ -305,7 +317,12 @@ def _count(config, trust_remote_code: bool) -> ModelCounts:
         shared = get_path(block, fam.shared) if is_moe and fam.shared else None
         attn = _attention_module(layer)
         skip = {id(mod) for mod in (ex, router, shared, attn) if mod is not None}
-        info: dict[str, Any] = {"index": i, "moe": is_moe}
+        qk_dim = _int_attr(attn, "qk_head_dim") or _int_attr(attn, "head_dim") or cfg_qk
+        v_dim = _int_attr(attn, "v_head_dim") or qk_dim
+        groups = _int_attr(attn, "num_key_value_groups")
+        kv_heads = heads // groups if groups else cfg_kv
+        info: dict[str, Any] = {"index": i, "moe": is_moe, "heads": heads, "kv_heads": kv_heads,
+                                "qk_head_dim": qk_dim, "v_head_dim": v_dim}
         if is_moe:
             gu, dn = ex.gate_up_proj, ex.down_proj
             stacks = (gu.numel(), dn.numel())
@@ -323,8 +340,9 @@ def _count(config, trust_remote_code: bool) -> ModelCounts:
                 w = getattr(mod, "weight", None)
                 if "norm" in type(mod).__name__.lower() and w is not None and w.dim() == 1:
                     leaf = name.rsplit(".", 1)[-1]
+                    per_head = leaf[:1] in ("q", "k", "v") and "_a_" not in leaf and w.numel() in (qk_dim, v_dim)
                     n_heads = heads if leaf.startswith("q") else kv_heads
-                    norm_width += w.numel() * (n_heads if w.numel() in (qk_dim, v_dim) else 1)
+                    norm_width += w.numel() * (n_heads if per_head else 1)
         # frozen dense / shared MLP projections (not attention, experts, router): their widths
         mlp_width = 0
         stack = [layer]
@@ -350,7 +368,6 @@ def _count(config, trust_remote_code: bool) -> ModelCounts:
     name = (getattr(config, "_name_or_path", "") or "").rstrip("/").rsplit("/", 1)[-1] or fam.model_type
     return ModelCounts(
         model_type=fam.model_type, name=name, hidden=hidden, vocab=int(text.vocab_size), top_k=int(top_k),
-        heads=heads, kv_heads=kv_heads, qk_head_dim=qk_dim, v_head_dim=v_dim,
         attn="eager" if attn_impl == "eager" else "sdpa", use_cache=bool(getattr(text, "use_cache", True)),
         tied=tied, layers=tuple(out_layers), embed_params=embed_params, lm_head_params=head_params,
         other_params=other, total_params=total,
@@ -453,18 +470,26 @@ def _dequant_bytes(lc: LayerCounts, chunk_mb: int, d: int) -> int:
     return run + run * lc.stack_numels[0] // sum(lc.stack_numels)
 
 
-def _layer_activations(mc: ModelCounts, lc: LayerCounts, s: Settings, d: int, attn: str) -> int:
-    """Bytes autograd saves for one layer in training (frozen linears save no inputs; see docs/plan.md)."""
+def _layer_activations(mc: ModelCounts, lc: LayerCounts, s: Settings, d: int, attn: str,
+                       first: bool = False) -> int:
+    """Bytes autograd saves for one layer in training (frozen linears save no inputs; see docs/plan.md).
+
+    ``first``: the lowest layer of the span, whose input does not require grad (it comes from the prefix
+    cache or the frozen embeddings), so its norms, attention and frozen MLPs save nothing; only the router
+    (which trains) and the experts (whose deltas train) do.
+    """
     n = s.batch_size * s.seq_len
-    h, nh = mc.hidden, mc.heads
-    b = n * h * 4 * 2  # the two RMSNorms keep their fp32 input (x^2 and x * rsqrt)
-    b += n * lc.attn_norm_width * 4  # q/k norms (or MLA lora norms), fp32 inputs
-    if attn == "eager":  # q, repeated k, repeated v; softmax output (fp32) + its cast for P @ V
-        b += n * d * (2 * nh * mc.qk_head_dim + nh * mc.v_head_dim)
-        b += s.batch_size * nh * s.seq_len * s.seq_len * (4 + d)
-    else:  # SDPA (flash / efficient): q, k, v (repeated for GQA when masked), output, logsumexp
-        b += n * d * (2 * nh * mc.qk_head_dim + 2 * nh * mc.v_head_dim) + n * nh * 4
-    b += n * d * 3 * lc.mlp_width // 2  # frozen SwiGLU MLPs: act input, act output, up output
+    h, nh = mc.hidden, lc.heads
+    b = 0
+    if not first:
+        b += n * h * 4 * 2  # the two RMSNorms keep their fp32 input (x^2 and x * rsqrt)
+        b += n * lc.attn_norm_width * 4  # q/k norms (or MLA lora norms), fp32 inputs
+        if attn == "eager":  # q, repeated k, repeated v; softmax output (fp32) + its cast for P @ V
+            b += n * d * (2 * nh * lc.qk_head_dim + nh * lc.v_head_dim)
+            b += s.batch_size * nh * s.seq_len * s.seq_len * (4 + d)
+        else:  # SDPA (flash / efficient): q, k, v (repeated for GQA when masked), output, logsumexp
+            b += n * d * (2 * nh * lc.qk_head_dim + 2 * nh * lc.v_head_dim) + n * nh * 4
+        b += n * d * 3 * lc.mlp_width // 2  # frozen SwiGLU MLPs: act input, act output, up output
     if lc.moe:
         sk = n * mc.top_k
         b += n * h * d  # router input (the router trains)
@@ -478,9 +503,9 @@ def _layer_activations(mc: ModelCounts, lc: LayerCounts, s: Settings, d: int, at
 def _layer_infer_working(mc: ModelCounts, lc: LayerCounts, s: Settings, d: int, attn: str) -> int:
     """Peak transient bytes inside one layer of a no-grad forward (residual + the largest sub-block)."""
     n = s.batch_size * s.seq_len
-    h, nh = mc.hidden, mc.heads
+    h, nh = mc.hidden, lc.heads
     base = n * h * (2 * d + 8)  # residual, normed input, fp32 norm temporaries
-    attn_b = n * d * (2 * nh * mc.qk_head_dim + 2 * nh * mc.v_head_dim) + n * lc.attn_norm_width * 4
+    attn_b = n * d * (2 * nh * lc.qk_head_dim + 2 * nh * lc.v_head_dim) + n * lc.attn_norm_width * 4
     if attn == "eager":
         attn_b += s.batch_size * nh * s.seq_len * s.seq_len * (2 * d + 4)
     mlp_b = 2 * n * lc.mlp_width * d
@@ -552,7 +577,7 @@ def _place_block(p: _Plan, name: str, pieces: list[int], device_staging: int, ma
         counts["device"] = len(pieces)
         return counts
     if not p.cpu:
-        if device_staging > p.device_free():
+        if device_staging > p.device_free() and not p.failed:
             p.failed.append(f"{name}: the device has no room for the streaming buffers "
                             f"({fmt_bytes(device_staging)})")
         p.add(f"{name}: streaming buffers (current + next)", device_staging, "device")
@@ -632,7 +657,7 @@ def _phase(mc: ModelCounts, s: Settings, train: bool) -> dict:
     # -- activations ----------------------------------------------------------------------------------
     span_layers = [mc.layers[i] for i in span]
     if train:
-        full = [_layer_activations(mc, lc, s, d, attn) for lc in span_layers]
+        full = [_layer_activations(mc, lc, s, d, attn, first=k == 0) for k, lc in enumerate(span_layers)]
         if s.checkpointing:
             p.add(f"activations: layer inputs ({len(span)} layers x B x T x H)", len(span) * n_tok * mc.hidden * d,
                   dev_tier, "step")
@@ -647,7 +672,7 @@ def _phase(mc: ModelCounts, s: Settings, train: bool) -> dict:
         p.add("activations: one layer's working set + residual",
               max(_layer_infer_working(mc, lc, s, d, attn) for lc in layers), dev_tier, "layer")
         if mc.use_cache:
-            kv = sum(n_tok * mc.kv_heads * (mc.qk_head_dim + mc.v_head_dim) * d for _ in range(L))
+            kv = sum(n_tok * lc.kv_heads * (lc.qk_head_dim + lc.v_head_dim) * d for lc in mc.layers)
             p.add("KV cache (use_cache)", kv, dev_tier, "step")
     p.add("logits (B x T x V) + fp32 upcast" + (" + gradient" if train else " + log-softmax"),
           _logits_bytes(mc, s, d, train), dev_tier, "loss")
@@ -659,7 +684,9 @@ def _phase(mc: ModelCounts, s: Settings, train: bool) -> dict:
     scratch = 0 if s.quant == "none" else min(scratch_el, max(sum(lc.stack_numels) for lc in moe_res)) * 4
     p.add(f"dequantized expert weights (runs of <= {s.chunk_mb} MB) + scratch", dq + scratch, dev_tier, "layer")
     if p.device_free() < 0:
-        p.failed.append("trainable state, activations, logits and transients alone exceed the "
+        what = "trainable state, activations, logits and transients" if train else \
+            "activations, logits and transients"
+        p.failed.append(f"{what} alone ({fmt_bytes(p.peak('device'))}) exceed the "
                         + ("host memory" if s.cpu else "device memory"))
 
     # -- non-expert weights (bf16): device if they fit, else host ---------------------------------------------
@@ -687,7 +714,7 @@ def _phase(mc: ModelCounts, s: Settings, train: bool) -> dict:
                               for lc in prefix)
             if not mc.tied:
                 disk_prefix += mc.embed_params * d
-            p.add(f"frozen prefix layers 0-{first - 1} + embeddings (only to build the prefix cache)",
+            p.add(f"frozen layers 0-{first - 1} + embeddings (prefix-cache build only)",
                   disk_prefix, "disk")
             p.add("prefix cache: hidden states (B x T x H per batch)", n_tok * mc.hidden * d, "disk")
         ckpt = int(active * (per_el + 12)) + sum(lc.router_params for lc in moe_train) * 12

@@ -160,9 +160,13 @@ def release_prefix(handle: UsafModel, start: int) -> int:
     """Drop the weights of the frozen layers below ``start`` (they are not run any more). Returns bytes freed."""
     freed = 0
     layers = decoder_layers(handle.model)
+    from .stream import evict
+
     for m in handle.layers:
         if m.index < start:
             freed += sum(s.nbytes() for s in m.experts.frozen.values())
+            for s in m.experts.frozen.values():
+                evict(s)
             m.experts.frozen = {}
     for layer in list(layers)[:start]:
         freed += sum(p.numel() * p.element_size() for p in layer.parameters())

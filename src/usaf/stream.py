@@ -177,7 +177,26 @@ def _mmap_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, st
         t = torch.frombuffer(mm, dtype=torch.uint8, count=e - s, offset=8 + n + s) if e > s else \
             torch.empty(0, dtype=torch.uint8)
         out[k] = t.view(dt).view(info["shape"])
+        _MMAP_RANGES[out[k].data_ptr()] = (mm, 8 + n + s, e - s)
     return out, meta, mm
+
+
+# data_ptr of an mmap-backed tensor -> (mmap, byte offset, length): lets the disk tier drop pages.
+_MMAP_RANGES: dict[int, tuple] = {}
+
+
+def evict(stack) -> None:
+    """Drop the resident pages of an mmap-backed frozen stack (disk tier); they are re-read on next use."""
+    for t in stack.tensors().values():
+        r = _MMAP_RANGES.get(t.data_ptr())
+        if r is None:
+            continue
+        mm, off, length = r
+        start = off - off % mmap.PAGESIZE
+        end = off + length
+        end = end - end % mmap.PAGESIZE  # never touch pages shared with a neighbouring tensor's tail
+        if end > start:
+            mm.madvise(mmap.MADV_DONTNEED, start, end - start)
 
 
 def cache_path(model_dir: Path, reader: ShardReader, cfg: UsafConfig, dtype, cache_root: Path | None) -> Path:

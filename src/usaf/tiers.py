@@ -62,6 +62,9 @@ class Prefetcher:
         for i, nxt in zip(order, order[1:]):
             self.hooks.append(layers[i].register_forward_pre_hook(
                 lambda mod, args, _m=moe[nxt]: self._prefetch(_m)))
+        for i in order:  # frozen layers on the disk tier give their pages back after use
+            if not moe[i].trainable:
+                self.hooks.append(layers[i].register_forward_hook(lambda mod, a, out, _m=moe[i]: self._evict(_m)))
 
     def _prefetch(self, layer) -> None:
         tensors = [t for s in layer.experts.frozen.values() for t in s.tensors().values()]
@@ -69,6 +72,12 @@ class Prefetcher:
             return
         if tensors[0].device.type == "cpu":
             self.pool.submit(_touch, tensors)
+
+    def _evict(self, layer) -> None:
+        from .stream import evict
+
+        for s in layer.experts.frozen.values():
+            evict(s)
 
     def close(self) -> None:
         for h in self.hooks:
