@@ -6,15 +6,21 @@ reselection reduce their importance scores across ranks before the top-k, so eve
 indices; a checksum of the active sets is compared across ranks after each (re)selection and a mismatch
 stops the run. Only rank 0 writes files.
 
-Backends: gloo on CPU, nccl on CUDA. Launch: ``torchrun --nproc-per-node N -m usaf train ...``; multi-node
-with torchrun's usual ``--nnodes/--node-rank/--rdzv-endpoint`` flags (docs/distributed.md).
+Backends: gloo on CPU, nccl on CUDA. Launch: ``torchrun --nproc-per-node N -m usaf train ...`` (or
+``usaf train --nproc N``); multi-node with torchrun's usual ``--nnodes/--node-rank/--rdzv-endpoint`` flags
+(docs/distributed.md).
+
+Errors before training (settings, --out, data, loading) are agreed on: :func:`run_agreed` runs a phase on
+every rank (or on rank 0 only) and, if it failed anywhere, raises on every rank, so that a user error seen by
+rank 0 stops all ranks cleanly instead of leaving them blocked in a collective.
 """
 
 from __future__ import annotations
 
 import hashlib
 import os
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as dist
@@ -25,6 +31,8 @@ class Dist:
     rank: int = 0
     world: int = 1
     local_rank: int = 0
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))  # where collectives run
+    owned: bool = False  # this process group was created by :func:`init` (and is destroyed by shutdown)
 
     @property
     def main(self) -> bool:
@@ -35,17 +43,31 @@ class Dist:
         return self.world > 1
 
 
+class PeerFailed(ValueError):
+    """Another rank failed (its message is this one's); raised on the ranks that did not fail themselves."""
+
+
 def init(device_spec: str = "auto") -> Dist:
-    """Join the process group when launched by torchrun (WORLD_SIZE > 1); a no-op otherwise."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world <= 1:
-        return Dist()
+    """Join the process group when launched by torchrun (WORLD_SIZE > 1); a no-op otherwise.
+
+    The backend is nccl when CUDA is used (then each rank uses ``cuda:<LOCAL_RANK>``), gloo otherwise. A
+    process group that already exists (created by the caller) is used as it is.
+    """
+    local = int(os.environ.get("LOCAL_RANK", "0"))
+    owned = False
     if not dist.is_initialized():
-        cuda = torch.cuda.is_available() and device_spec not in ("cpu",)
-        dist.init_process_group(backend="nccl" if cuda else "gloo")
+        if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+            return Dist()
+        cuda = torch.cuda.is_available() and not str(device_spec).startswith(("cpu", "mps"))
         if cuda:
-            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-    return Dist(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")))
+            torch.cuda.set_device(local)
+        dist.init_process_group(backend="nccl" if cuda else "gloo")
+        owned = True
+    if dist.get_world_size() <= 1:
+        return Dist(owned=owned)
+    nccl = dist.get_backend() == "nccl"
+    device = torch.device(f"cuda:{local}") if nccl else torch.device("cpu")
+    return Dist(dist.get_rank(), dist.get_world_size(), local, device, owned)
 
 
 def device_for(d: Dist, spec: str) -> str:
@@ -58,24 +80,42 @@ def device_for(d: Dist, spec: str) -> str:
 def all_sum(value: float | int, d: Dist) -> float:
     if not d.on:
         return value
-    t = torch.tensor([float(value)], dtype=torch.float64)
-    dist.all_reduce(t)
-    return float(t.item())
+    return all_sum_many([value], d)[0]
 
 
-def all_reduce_grads(params: list[torch.Tensor], d: Dist) -> int:
-    """Sum the gradients of ``params`` over ranks in one flat fp32 bucket; returns bytes sent per rank."""
+def all_sum_many(values: list[float], d: Dist) -> list[float]:
+    """Sum a few numbers over ranks (float64, one collective)."""
     if not d.on:
-        return 0
-    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
-    flat = torch.cat([g.reshape(-1).float() for g in grads]) if grads else torch.zeros(0)
+        return [float(v) for v in values]
+    t = torch.tensor([float(v) for v in values], dtype=torch.float64, device=d.device)
+    dist.all_reduce(t)
+    return t.cpu().tolist()
+
+
+def all_reduce_grads(params: list[torch.Tensor], d: Dist, extra: list[float] = ()) -> tuple[int, list[float]]:
+    """Sum the gradients of ``params`` over ranks in one flat fp32 bucket (one collective per step).
+
+    The bucket also carries one has-gradient flag per parameter (a parameter without a gradient on every
+    rank keeps ``grad = None``, exactly as in one process) and the numbers in ``extra`` (e.g. the step's
+    summed loss). Returns ``(bucket bytes, summed extra)``; with one process nothing is sent: ``(0, extra)``.
+    """
+    if not d.on:
+        return 0, [float(x) for x in extra]
+    device = params[0].device if params else d.device
+    grads = [p.grad.detach().reshape(-1).float() if p.grad is not None else
+             torch.zeros(p.numel(), dtype=torch.float32, device=device) for p in params]
+    flags = torch.tensor([float(p.grad is not None) for p in params], dtype=torch.float32)
+    tail = torch.cat([flags, torch.tensor([float(x) for x in extra], dtype=torch.float32)]).to(device)
+    flat = torch.cat([*grads, tail])
     dist.all_reduce(flat)
+    n_grads = flat.numel() - tail.numel()
+    tail = flat[n_grads:].double().cpu()
     pos = 0
-    for p, g in zip(params, grads):
-        n = g.numel()
-        p.grad = flat[pos : pos + n].view_as(g).to(g.dtype)
+    for i, p in enumerate(params):
+        n = p.numel()
+        p.grad = flat[pos : pos + n].view_as(p).to(p.dtype) if tail[i] > 0 else None
         pos += n
-    return flat.numel() * 4
+    return flat.numel() * 4, tail[len(params):].tolist()
 
 
 def all_reduce_(t: torch.Tensor, d: Dist) -> torch.Tensor:
@@ -84,21 +124,102 @@ def all_reduce_(t: torch.Tensor, d: Dist) -> torch.Tensor:
     return t
 
 
-def check_same_selection(handle, d: Dist) -> str:
-    """Checksum of every active set; raises if any rank differs."""
+def selection_digest(handle) -> str:
+    """Checksum of every active set (delta names and sorted indices)."""
     h = hashlib.sha256()
     for key, delta in sorted(handle.deltas().items()):
         h.update(key.encode())
         h.update(delta.indices.cpu().numpy().tobytes())
-    digest = h.hexdigest()[:16]
+    return h.hexdigest()[:16]
+
+
+def check_same_selection(handle, d: Dist) -> str:
+    """Checksum of every active set; raises ``RuntimeError`` if any rank's differs."""
+    digest = selection_digest(handle)
     if d.on:
-        mine = torch.tensor([int(digest, 16) & ((1 << 62) - 1)], dtype=torch.int64)
+        mine = torch.tensor([int(digest, 16) & ((1 << 62) - 1)], dtype=torch.int64, device=d.device)
         lo, hi = mine.clone(), mine.clone()
         dist.all_reduce(lo, op=dist.ReduceOp.MIN)
         dist.all_reduce(hi, op=dist.ReduceOp.MAX)
         if lo.item() != hi.item():
-            raise RuntimeError("ranks selected different active sets (checksum mismatch); stopping")
+            raise RuntimeError(f"rank {d.rank}: ranks selected different active sets (checksum mismatch, "
+                               f"this rank {digest}); stopping")
     return digest
+
+
+def _describe(e: BaseException) -> str:
+    first = (str(e).strip().splitlines() or [""])[0]
+    if isinstance(e, (ValueError, FileNotFoundError, NotADirectoryError, PermissionError, OSError)):
+        return first or type(e).__name__
+    return f"{type(e).__name__}: {first}" if first else type(e).__name__
+
+
+def run_agreed(d: Dist, fn: Callable | None, main_only: bool = False):
+    """Run ``fn()`` on every rank (``main_only``: on rank 0, whose result every rank then gets; ``fn=None``:
+    this rank only takes part). If it raised anywhere, every rank raises: a rank that failed its own error,
+    the others :class:`PeerFailed` with the first failing rank's message."""
+    if not d.on:
+        return fn() if fn is not None else None
+    result, err = None, None
+    if fn is not None and (d.main or not main_only):
+        try:
+            result = fn()
+        except Exception as e:  # noqa: BLE001 - re-raised below, on every rank
+            err = e
+    infos: list = [None] * d.world
+    dist.all_gather_object(infos, None if err is None else _describe(err))
+    failed = [(r, msg) for r, msg in enumerate(infos) if msg is not None]
+    if failed:
+        if err is not None:
+            raise err
+        r, msg = failed[0]
+        raise PeerFailed(f"rank {r}: {msg}" if d.main else msg)
+    if main_only:
+        return broadcast_object(result, d)
+    return result
+
+
+def local_main_first(d: Dist, fn: Callable):
+    """``fn()`` on each node's local rank 0 first (it fills the on-disk caches: quantized experts, frozen
+    prefix), then on the other ranks (they map what it wrote); failures are agreed on."""
+    first = d.local_rank == 0
+    a = run_agreed(d, fn if first else None)
+    b = run_agreed(d, None if first else fn)
+    return a if first else b
+
+
+def broadcast_object(obj, d: Dist):
+    """Rank 0's ``obj`` on every rank (pickled)."""
+    if not d.on:
+        return obj
+    box = [obj if d.main else None]
+    dist.broadcast_object_list(box, src=0, device=d.device if d.device.type == "cuda" else None)
+    return box[0]
+
+
+def broadcast_tensors(tensors: dict[str, torch.Tensor] | None, d: Dist) -> dict[str, torch.Tensor]:
+    """Rank 0's ``{name: tensor}`` (CPU) on every rank: the layout as an object, then the bytes of every
+    tensor in one uint8 buffer (one collective)."""
+    if not d.on:
+        return tensors
+    layout = None
+    if d.main:
+        layout = [(k, v.dtype, tuple(v.shape), v.numel() * v.element_size()) for k, v in tensors.items()]
+    layout = broadcast_object(layout, d)
+    total = sum(n for *_, n in layout)
+    if d.main:
+        parts = [v.detach().contiguous().cpu().reshape(-1).view(torch.uint8) for v in tensors.values()]
+        buf = torch.cat(parts) if parts else torch.zeros(0, dtype=torch.uint8)
+    else:
+        buf = torch.empty(total, dtype=torch.uint8)
+    buf = buf.to(d.device)
+    dist.broadcast(buf, src=0)
+    buf = buf.cpu()
+    out, pos = {}, 0
+    for k, dtype, shape, n in layout:
+        out[k] = buf[pos : pos + n].clone().view(dtype).reshape(shape)
+        pos += n
+    return out
 
 
 def barrier(d: Dist) -> None:
@@ -107,5 +228,6 @@ def barrier(d: Dist) -> None:
 
 
 def shutdown(d: Dist) -> None:
-    if d.on and dist.is_initialized():
+    """Leave the process group (only one that :func:`init` created)."""
+    if d.owned and dist.is_initialized():
         dist.destroy_process_group()

@@ -70,6 +70,9 @@ class UsafExperts(nn.Module):
         self.deltas = nn.ModuleDict()
         self.chunk_bytes = chunk_bytes
         self.scores: dict[str, torch.Tensor] | None = None
+        # Streaming candidates (reselection): {name: per-expert k}; results appended to self.found[name].
+        self.stream_k: dict[str, int] | None = None
+        self.found: dict[str, list] = {}
         self.merged: dict[str, torch.Tensor] | None = None  # base values replaced by UsafModel.merge
         self.score_power = 1
 
@@ -150,6 +153,19 @@ def _sparse_grad(left: torch.Tensor, right: torch.Tensor, idx: torch.Tensor,
     return out
 
 
+def _stream_candidates(mod: UsafExperts, name: str, e: int, left: torch.Tensor, right: torch.Tensor) -> None:
+    """Top-k of ``|dL/dW|`` of one expert among its inactive elements, kept as (scores, flat indices):
+    one expert's dense gradient exists for a moment, never a layer's."""
+    g = (left.t() @ right).abs().float().view(-1)
+    delta = mod.deltas[name]
+    g[delta.local(e, e + 1)] = -1.0
+    k = min(mod.stream_k[name], g.numel())
+    top = torch.topk(g, k, sorted=False)
+    keep = top.values > 0
+    per = delta.per_expert
+    mod.found.setdefault(name, []).append((top.values[keep], top.indices[keep] + e * per))
+
+
 class ExpertsFunction(torch.autograd.Function):
     """Routed expert MLP over ``base + delta``; gradients for the inputs and the delta values only."""
 
@@ -211,6 +227,8 @@ class ExpertsFunction(torch.autograd.Function):
                         dw = left.t() @ right
                         scores[name][e] += dw.abs().to(scores[name].dtype) if mod.score_power == 1 else \
                             dw.float().square().to(scores[name].dtype)
+                    if mod.stream_k is not None and name in mod.stream_k:
+                        _stream_candidates(mod, name, e, left, right)
                     if grads is not None:
                         delta = mod.deltas[name]
                         i0, i1 = delta.span(e, e + 1)

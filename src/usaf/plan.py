@@ -525,10 +525,13 @@ def _logits_bytes(mc: ModelCounts, s: Settings, d: int, train: bool) -> int:
 
 # Kinds of parts: ``resident`` (the whole run), ``step`` (every moment of a step), ``loss`` (around the
 # loss: forward end + start of backward), ``layer`` (inside one layer's forward/backward), ``save`` (while a
-# checkpoint is written, between steps). The peak is resident + step + the largest of loss / layer / save.
-_TRANSIENT = ("loss", "layer", "save")
+# checkpoint is written, between steps), ``select`` (importance scoring: a backward pass, so on top of
+# ``layer``). A moment's peak is resident + step + its kinds; the step peak is the largest of loss / layer /
+# save, the selection peak is layer + select.
+_STEP_MOMENTS = (("loss",), ("layer",), ("save",))
+_SELECT_MOMENT = ("layer", "select")
 _WHEN = {"step": " (during the step)", "loss": " (at the loss)", "layer": " (inside a layer)",
-         "save": " (while saving)"}
+         "save": " (while saving)", "select": " (while scoring, selection)"}
 
 
 @dataclass
@@ -549,11 +552,20 @@ class _Plan:
     def used(self, tiers: tuple[str, ...], kinds: tuple[str, ...]) -> int:
         return sum(p["bytes"] for p in self.parts if p["tier"] in tiers and p["kind"] in kinds)
 
+    def _tiers(self, tier: str) -> tuple[str, ...]:
+        return ("device", "host") if self.cpu else (tier,)  # on CPU the device tier is host RAM
+
+    def step_peak(self, tier: str) -> int:
+        tiers = self._tiers(tier)
+        return self.used(tiers, ("resident", "step")) + max(self.used(tiers, m) for m in _STEP_MOMENTS)
+
+    def select_peak(self, tier: str) -> int:
+        tiers = self._tiers(tier)
+        return self.used(tiers, ("resident", "step") + _SELECT_MOMENT)
+
     def peak(self, tier: str) -> int:
-        """Peak bytes of a tier (on CPU the device tier is host RAM: both tiers together)."""
-        tiers = ("device", "host") if self.cpu else (tier,)
-        base = self.used(tiers, ("resident", "step"))
-        return base + max(self.used(tiers, (k,)) for k in _TRANSIENT)
+        """Peak bytes of a tier over every moment (step and selection)."""
+        return max(self.step_peak(tier), self.select_peak(tier))
 
     def device_free(self) -> int:
         return self.device_budget - self.peak("device")
@@ -566,7 +578,8 @@ def _place_block(p: _Plan, name: str, pieces: list[int], device_staging: int, ma
     """Greedy placement of frozen pieces (layers): device if they all fit, else device/host/disk per piece.
 
     Pieces not on the device are streamed: ``device_staging`` bytes of device buffers (current + prefetched
-    piece) are reserved first; pieces on disk keep ``mapped`` bytes of mmap pages resident on the host.
+    piece) are reserved first; if any piece ends on disk, ``mapped`` bytes of its mmap pages stay resident
+    in host RAM (reserved before placing, so the greedy fill leaves room for them).
     """
     total = sum(pieces)
     counts = {"device": 0, "host": 0, "disk": 0}
@@ -581,21 +594,32 @@ def _place_block(p: _Plan, name: str, pieces: list[int], device_staging: int, ma
             p.failed.append(f"{name}: the device has no room for the streaming buffers "
                             f"({fmt_bytes(device_staging)})")
         p.add(f"{name}: streaming buffers (current + next)", device_staging, "device")
-    on = {"device": 0, "host": 0, "disk": 0}
-    for size in pieces:
-        if size <= p.device_free() - on["device"]:
-            tier = "device"
-        elif not p.cpu and size <= p.host_free() - on["host"] - (mapped if counts["disk"] else 0):
-            tier = "host"
-        else:
-            tier = "disk"
-        on[tier] += size
-        counts[tier] += 1
+    host_tier = "device" if p.cpu else "host"
+
+    def fill(reserve: int) -> tuple[dict, dict]:
+        on = {"device": 0, "host": 0, "disk": 0}
+        n = {"device": 0, "host": 0, "disk": 0}
+        dev_free = p.device_free() - (reserve if p.cpu else 0)
+        host_free = p.host_free() - reserve
+        for size in pieces:
+            if size <= dev_free - on["device"]:
+                tier = "device"
+            elif not p.cpu and size <= host_free - on["host"]:
+                tier = "host"
+            else:
+                tier = "disk"
+            on[tier] += size
+            n[tier] += 1
+        return on, n
+
+    on, counts = fill(0)
+    if counts["disk"]:
+        on, counts = fill(mapped)
     for tier in ("device", "host", "disk"):
         if on[tier]:
             p.add(f"{name} ({counts[tier]} of {len(pieces)})", on[tier], tier)
     if counts["disk"]:
-        p.add(f"{name}: mmap pages in use", mapped, "device" if p.cpu else "host")
+        p.add(f"{name}: mmap pages in use", mapped, host_tier)
     return counts
 
 
@@ -616,14 +640,10 @@ def _phase(mc: ModelCounts, s: Settings, train: bool) -> dict:
     # -- which layers are resident ------------------------------------------------------------------
     first = rng.start
     span = list(range(first, L)) if train else list(range(L))
-    if train and not s.prefix_cache:
-        resident = list(range(L))
-    else:
-        resident = span
-    train_set = set(rng) if train else set()
+    resident = list(range(L)) if train and not s.prefix_cache else span
     layers = [mc.layers[i] for i in resident]
-    moe_train = [mc.layers[i] for i in sorted(train_set) if mc.layers[i].moe]
-    if train and not moe_train:
+    moe_train = [mc.layers[i] for i in rng if mc.layers[i].moe]
+    if not moe_train:
         raise ValueError(f"--train-layers {s.train_layers!r} contains no MoE layer "
                          f"(MoE layers: {_ranges(mc.moe_layers)})")
 
@@ -635,24 +655,20 @@ def _phase(mc: ModelCounts, s: Settings, train: bool) -> dict:
         p.add("runtime (Python, torch, transformers, CUDA libraries)", CUDA_RUNTIME_HOST, "host")
 
     # -- trainable state (hottest) --------------------------------------------------------------------
-    active = 0
-    if moe_train:
-        for lc in moe_train:
-            for numel in lc.stack_numels:
-                active += int(round(s.density * numel))
-        idx_bytes = sum(4 if numel < 2**31 else 8 for lc in moe_train for numel in lc.stack_numels)
-        per_el = idx_bytes / (2 * len(moe_train))  # mean index size over the stacks
-        offsets = sum((lc.num_experts + 1) * 8 * len(lc.stack_numels) for lc in moe_train)
-        router = sum(lc.router_params for lc in moe_train)
-        if train:
-            p.add("deltas: indices + fp32 values + AdamW moments (16 B/elt)",
-                  int(active * (per_el + 12)) + offsets, dev_tier)
-            p.add("deltas: fp32 gradients (4 B/elt)", active * 4, dev_tier, "layer")
-            master = 0 if d == 4 else 4  # fp32 models: the router parameter is its own master
-            p.add("routers: fp32 masters + AdamW moments", router * (master + 8), dev_tier)
-            p.add("routers: gradients", router * (d + (4 if master else 0)), dev_tier, "layer")
-        else:
-            p.add("deltas: indices + fp32 values (applied)", int(active * (per_el + 4)) + offsets, dev_tier)
+    active = sum(int(round(s.density * numel)) for lc in moe_train for numel in lc.stack_numels)
+    idx_bytes = sum(4 if numel < 2**31 else 8 for lc in moe_train for numel in lc.stack_numels)
+    per_el = idx_bytes / (2 * len(moe_train))  # mean index size over the stacks
+    offsets = sum((lc.num_experts + 1) * 8 * len(lc.stack_numels) for lc in moe_train)
+    router = sum(lc.router_params for lc in moe_train)
+    if train:
+        p.add("deltas: indices + fp32 values + AdamW moments (16 B/elt)", int(active * (per_el + 12)) + offsets,
+              dev_tier)
+        p.add("deltas: fp32 gradients (4 B/elt)", active * 4, dev_tier, "layer")
+        master = 0 if d == 4 else 4  # fp32 models: the router parameter is its own master
+        p.add("routers: fp32 masters + AdamW moments", router * (master + 8), dev_tier)
+        p.add("routers: gradients", router * (d + (4 if master else 0)), dev_tier, "layer")
+    else:
+        p.add("deltas: indices + fp32 values (applied)", int(active * (per_el + 4)) + offsets, dev_tier)
 
     # -- activations ----------------------------------------------------------------------------------
     span_layers = [mc.layers[i] for i in span]
@@ -664,9 +680,8 @@ def _phase(mc: ModelCounts, s: Settings, train: bool) -> dict:
             p.add("activations: one layer recomputed in full", max(full), dev_tier, "layer")
         else:
             p.add(f"activations: {len(span)} layers in full", sum(full), dev_tier, "step")
-        sk = n_tok * mc.top_k
         p.add("backward working set (input grads, residual grads)",
-              sk * mc.hidden * d + 4 * n_tok * mc.hidden * 4, dev_tier, "layer")
+              n_tok * mc.top_k * mc.hidden * d + 4 * n_tok * mc.hidden * 4, dev_tier, "layer")
         p.add("final norm input (fp32)", n_tok * mc.hidden * 4, dev_tier, "step")
     else:
         p.add("activations: one layer's working set + residual",
@@ -677,67 +692,73 @@ def _phase(mc: ModelCounts, s: Settings, train: bool) -> dict:
     p.add("logits (B x T x V) + fp32 upcast" + (" + gradient" if train else " + log-softmax"),
           _logits_bytes(mc, s, d, train), dev_tier, "loss")
 
-    # -- dequantization transients (current layer; two runs overlap) ----------------------------------------
+    # -- dequantization transients (current layer) -------------------------------------------------------
     moe_res = [lc for lc in layers if lc.moe]
     dq = max(_dequant_bytes(lc, s.chunk_mb, d) for lc in moe_res)
     scratch_el = DEQUANT_SCRATCH_CPU if s.cpu else DEQUANT_SCRATCH_ACCEL
     scratch = 0 if s.quant == "none" else min(scratch_el, max(sum(lc.stack_numels) for lc in moe_res)) * 4
     p.add(f"dequantized expert weights (runs of <= {s.chunk_mb} MB) + scratch", dq + scratch, dev_tier, "layer")
-    if p.device_free() < 0:
+
+    # -- training: checkpoint staging and the importance scores of selection / reselection ------------------
+    scores = 0
+    if train:
+        ckpt = int(active * (per_el + 12)) + router * 12
+        p.add("checkpoint staging (host copy of deltas, moments, routers)", ckpt, host_tier, "save")
+        scores = _score_bytes(s, moe_train)
+        dw = max(sum(lc.stack_numels) // lc.num_experts for lc in moe_train) * (d + 4)
+        p.add("selection: dense |dW| of one expert", dw, dev_tier, "select")
+        # scores are less hot than the frozen weights: planned on the host (RAM on CPU), moved below if room
+        p.add("selection: dense fp32 importance scores (one layer group)", scores, host_tier, "select")
+    if p.device_free() < 0 or p.host_free() < 0:
         what = "trainable state, activations, logits and transients" if train else \
             "activations, logits and transients"
-        p.failed.append(f"{what} alone ({fmt_bytes(p.peak('device'))}) exceed the "
-                        + ("host memory" if s.cpu else "device memory"))
+        tier = "device" if p.device_free() < 0 else "host"
+        p.failed.append(f"{what} alone ({fmt_bytes(p.peak(tier))}) exceed the "
+                        + ("host memory" if s.cpu or tier == "host" else "device memory"))
 
-    # -- non-expert weights (bf16): device if they fit, else host ---------------------------------------------
+    # -- non-expert weights (bf16): device if they fit, else host, else disk ---------------------------------
     per_layer = [lc.non_expert_params * d for lc in layers]
     head = (mc.lm_head_params or (mc.embed_params if mc.tied else 0)) * d
     need_embed = (not train) or (not s.prefix_cache) or mc.tied
     embed = mc.embed_params * d if need_embed and not mc.tied else 0
-    extra = head + embed + mc.other_params * d
-    ne_pieces = per_layer + [extra]
+    ne_total = sum(per_layer) + head + embed + mc.other_params * d
     ne_staging = max(2 * max(per_layer, default=0), head, embed)
-    _place_block(p, "non-expert weights", [sum(ne_pieces)], ne_staging, ne_staging)
+    ne_placed = _place_block(p, "non-expert weights", [ne_total], ne_staging, ne_staging)
 
-    # -- frozen experts of the resident layers --------------------------------------------------------------
+    # -- frozen experts of the resident layers: device, else host (streamed), else disk (mmap) -----------------
     ex_pieces = [layer_expert_bytes(lc, s.quant, s.group_size, d) for lc in moe_res]
     staging = 2 * max(ex_pieces)
     placed = _place_block(p, f"frozen experts ({s.quant})", ex_pieces, staging, staging)
 
-    # -- training only: disk parts, checkpoint staging, selection phase ------------------------------------------
-    disk_prefix = 0
-    select: dict[str, Any] = {}
+    # -- training: the scores go to the device if it has room at the selection moment; the disk parts ---------
     if train:
-        if s.prefix_cache and first > 0:
-            prefix = [mc.layers[i] for i in range(first)]
+        if not s.cpu and p.select_peak("device") + scores <= p.device_budget:
+            next(q for q in p.parts if q["item"].startswith("selection: dense fp32"))["tier"] = "device"
+        if s.prefix_cache and (first > 0 or not mc.tied):
             disk_prefix = sum(layer_expert_bytes(lc, s.quant, s.group_size, d) + lc.non_expert_params * d
-                              for lc in prefix)
-            if not mc.tied:
-                disk_prefix += mc.embed_params * d
-            p.add(f"frozen layers 0-{first - 1} + embeddings (prefix-cache build only)",
-                  disk_prefix, "disk")
+                              for lc in mc.layers[:first])
+            disk_prefix += 0 if mc.tied else mc.embed_params * d
+            what = f"frozen layers 0-{first - 1} + embeddings" if first > 0 else "embeddings"
+            p.add(f"{what} (prefix-cache build only)", disk_prefix, "disk")
             p.add("prefix cache: hidden states (B x T x H per batch)", n_tok * mc.hidden * d, "disk")
-        ckpt = int(active * (per_el + 12)) + sum(lc.router_params for lc in moe_train) * 12
-        p.add("checkpoint staging (host copy of deltas, moments, routers)", ckpt, host_tier, "save")
-        select = _select_phase(p, mc, s, moe_train, d, dev_tier, host_tier)
 
-    dev_peak = p.peak("device")
-    host_peak = p.peak("host")
-    fits = not p.failed and dev_peak <= dev_budget and (s.cpu or host_peak <= s.host_memory)
-    if not p.failed and dev_peak > dev_budget:
-        p.failed.append(f"{'host' if s.cpu else 'device'} peak {fmt_bytes(dev_peak)} exceeds the budget "
-                        f"{fmt_bytes(dev_budget)}")
-    if not s.cpu and host_peak > s.host_memory:
-        p.failed.append(f"host peak {fmt_bytes(host_peak)} exceeds the host budget {fmt_bytes(s.host_memory)}")
+    for tier, budget in (("device", dev_budget), ("host", s.host_memory)):
+        if (s.cpu and tier == "host") or p.failed:
+            continue
+        if p.step_peak(tier) > budget:
+            p.failed.append(f"{tier if not s.cpu else 'host'} peak {fmt_bytes(p.step_peak(tier))} exceeds the "
+                            f"budget {fmt_bytes(budget)}")
+        elif train and p.select_peak(tier) > budget:
+            p.failed.append(f"selection (importance scoring) peak {fmt_bytes(p.select_peak(tier))} on the "
+                            f"{tier if not s.cpu else 'host'} exceeds the budget {fmt_bytes(budget)}")
     out = {
-        "fits": bool(fits),
-        "peak_device_bytes": int(dev_peak),
-        "peak_host_bytes": int(host_peak),
+        "fits": not p.failed,
+        "peak_device_bytes": p.step_peak("device"),
+        "peak_host_bytes": p.step_peak("host"),
         "disk_bytes": p.used(("disk",), ("resident",)),
-        "layers": [resident[0], resident[-1]] if resident else [],
+        "layers": [resident[0], resident[-1]],
         "experts_placement": placed,
-        "non_expert_placement": next((q["tier"] for q in p.parts if q["item"] == "non-expert weights"
-                                      and q["kind"] == "resident"), "device"),
+        "non_expert_placement": next((k for k, v in ne_placed.items() if v), "device"),
         "breakdown": p.parts,
         "notes": p.notes,
         "problems": p.failed,
@@ -745,14 +766,19 @@ def _phase(mc: ModelCounts, s: Settings, train: bool) -> dict:
     if train:
         out["active_elements"] = active
         out["train_layers"] = [rng.start, rng.stop - 1]
-        out["select"] = select
-        out["fits"] = bool(fits and select["fits"])
+        sel_ok = p.select_peak("device") <= dev_budget and (s.cpu or p.select_peak("host") <= s.host_memory)
+        out["step_fits"] = not [f for f in p.failed if not f.startswith("selection")]
+        out["select"] = {"fits": bool(sel_ok and out["step_fits"]),
+                         "peak_device_bytes": p.select_peak("device"), "peak_host_bytes": p.select_peak("host"),
+                         "score_buffers_bytes": scores,
+                         "score_buffers_tier": next(q["tier"] for q in p.parts
+                                                    if q["item"].startswith("selection: dense fp32"))}
     return out
 
 
-def _select_phase(p: _Plan, mc: ModelCounts, s: Settings, moe_train: list[LayerCounts], d: int,
-                  dev_tier: str, host_tier: str) -> dict:
-    """Importance scoring (selection / reselection): dense fp32 scores of one group of layers at a time."""
+def _score_bytes(s: Settings, moe_train: list[LayerCounts]) -> int:
+    """Dense fp32 score buffers of the largest group of layers scored at once (``usaf.select``: groups of at
+    most ``score_budget_mb``, at least one layer), plus the concatenated copy of one layer's scores."""
     budget = s.score_budget_mb << 20
     groups, cur = [], 0
     for lc in reversed(moe_train):
@@ -762,22 +788,7 @@ def _select_phase(p: _Plan, mc: ModelCounts, s: Settings, moe_train: list[LayerC
             cur = 0
         cur += size
     groups.append(cur)
-    biggest = max(lc.expert_params for lc in moe_train)
-    scores = max(groups) + biggest * 4  # the group's buffers + the concatenated copy of one layer
-    per_expert = max(sum(lc.stack_numels) // lc.num_experts for lc in moe_train) * (d + 4)  # dense dW
-    base_dev = p.peak("device")
-    base_host = p.peak("host")
-    if s.cpu or base_dev + scores + per_expert <= p.device_budget:
-        tier = dev_tier
-        dev, host = base_dev + scores + per_expert, base_host
-    else:
-        tier = host_tier
-        dev, host = base_dev + per_expert, base_host + scores
-    if s.cpu:
-        dev = host = max(dev, host)
-    fits = dev <= p.device_budget and (s.cpu or host <= p.host_budget)
-    return {"fits": bool(fits), "peak_device_bytes": int(dev), "peak_host_bytes": int(host),
-            "score_buffers_bytes": int(scores), "score_buffers_tier": tier}
+    return max(groups) + max(lc.expert_params for lc in moe_train) * 4
 
 
 def _ranges(idx: list[int]) -> str:
@@ -807,14 +818,16 @@ def _evaluate(mc: ModelCounts, s: Settings) -> dict:
     return {"fits": train["fits"] and infer["fits"], "train": train, "infer": infer}
 
 
-def _min_budget(mc: ModelCounts, s: Settings, what: str) -> int | None:
-    """Smallest device (or, on CPU, host) budget at which these settings fit, by bisection."""
-    key = "host_memory" if s.cpu else "device_memory"
+def _min_budget(mc: ModelCounts, s: Settings, key: str = "") -> int | None:
+    """Smallest budget (``device_memory``, or ``host_memory``; default: the device tier's) at which these
+    settings fit, by bisection; None if not even 1 PB does."""
+    key = key or ("host_memory" if s.cpu else "device_memory")
 
     def ok(b: int) -> bool:
         t = replace(s, **{key: b})
-        r = _evaluate(mc, t)
-        return r["fits"] if what == "all" else r[what]["fits"]
+        if t.cpu:
+            t = replace(t, host_memory=b, device_memory=b)
+        return _evaluate(mc, t)["fits"]
 
     lo, hi = 1 << 20, max(getattr(s, key), 1 << 30)
     while not ok(hi):
@@ -830,69 +843,88 @@ def _min_budget(mc: ModelCounts, s: Settings, what: str) -> int | None:
     return hi
 
 
-def _candidates(mc: ModelCounts, s: Settings) -> list[tuple[str, Settings]]:
-    """Setting changes to try when the plan does not fit, least intrusive first."""
+_FLAGS = (("train_layers", "--train-layers"), ("seq_len", "--seq-len"), ("batch_size", "--batch-size"),
+          ("density", "--density"), ("quant", "--quant"), ("chunk_mb", "--chunk-mb"))
+
+
+def _label(s: Settings, c: Settings) -> str:
+    """The flags that differ between the user's settings and a candidate, e.g. ``--seq-len 256``."""
+    out = [f"{flag} {getattr(c, name):g}" if name == "density" else f"{flag} {getattr(c, name)}"
+           for name, flag in _FLAGS if getattr(c, name) != getattr(s, name)]
+    if c.batch_size < s.batch_size:
+        out.append(f"(raise --grad-accum x{s.batch_size // c.batch_size} to keep the tokens per step)")
+    return " ".join(out)
+
+
+def _halvings(start: int, stop: int) -> list[int]:
+    out, v = [], start // 2
+    while v >= stop:
+        out.append(v)
+        v //= 2
+    return out
+
+
+def _candidates(mc: ModelCounts, s: Settings) -> list[Settings]:
+    """Settings to try when the plan does not fit, least intrusive first."""
     rng, _ = _train_range(s.train_layers, mc.num_layers)
-    n_train = len(rng)
-    layer_opts = []
-    n = n_train // 2
-    while n >= 1:
-        layer_opts.append(n)
-        n //= 2
-    seq_opts = []
-    t = s.seq_len // 2
-    while t >= 64:
-        seq_opts.append(t)
-        t //= 2
-    out: list[tuple[str, Settings]] = []
+    layer_opts = [f"top:{n}" for n in _halvings(len(rng), 1)]
+    seq_opts = _halvings(s.seq_len, 64)
+    out: list[Settings] = []
     if s.quant != "4bit":
-        out.append(("--quant 4bit", replace(s, quant="4bit")))
-    if s.batch_size > 1:
-        out.append(("--batch-size 1 (raise --grad-accum to keep the tokens per step)", replace(s, batch_size=1)))
+        out.append(replace(s, quant="4bit"))
     base = replace(s, quant="4bit", batch_size=1)
-    for n in layer_opts:
-        out.append((f"--train-layers top:{n}", replace(base, train_layers=f"top:{n}")))
-    for t in seq_opts:
-        out.append((f"--seq-len {t}", replace(base, seq_len=t)))
+    out.append(base)
+    out += [replace(base, train_layers=n) for n in layer_opts]
+    out += [replace(base, density=s.density / k) for k in (2, 4)]
+    out += [replace(base, seq_len=t) for t in seq_opts]
     if s.chunk_mb > 64:
-        out.append(("--chunk-mb 64", replace(base, chunk_mb=64)))
-    for t in seq_opts:
-        for n in layer_opts:
-            out.append((f"--train-layers top:{n} --seq-len {t}", replace(base, seq_len=t, train_layers=f"top:{n}")))
+        out.append(replace(base, chunk_mb=64))
+    out += [replace(base, seq_len=t, train_layers=n) for t in seq_opts for n in layer_opts]
     small = replace(base, seq_len=seq_opts[-1] if seq_opts else s.seq_len, chunk_mb=min(s.chunk_mb, 64),
-                    train_layers=f"top:{layer_opts[-1] if layer_opts else n_train}")
-    out.append((f"--train-layers {small.train_layers} --seq-len {small.seq_len} --chunk-mb {small.chunk_mb}",
-                small))
-    # keep the user's changes only where they differ
-    return [(label, c) for label, c in out if c != s]
+                    train_layers=layer_opts[-1] if layer_opts else s.train_layers)
+    out.append(small)
+    seen, uniq = {s}, []
+    for c in out:
+        if c not in seen:
+            seen.add(c)
+            uniq.append(c)
+    return uniq
 
 
 def _suggest(mc: ModelCounts, s: Settings, result: dict) -> dict:
-    """What would make it fit: the first candidate that fits, and the budget the current settings need."""
-    tier = "host memory" if s.cpu else "device memory"
+    """What would make it fit: the first candidate that fits, and the budgets the current settings need."""
+    where = "host" if s.cpu else "device"
     lines: list[str] = []
     first = None
-    if not result["train"]["fits"] or not result["infer"]["fits"]:
-        for label, cand in _candidates(mc, s):
-            r = _evaluate(mc, cand)
-            if r["fits"]:
-                first = {"change": label, "settings": cand.describe(),
-                         "train_peak_device_bytes": r["train"]["peak_device_bytes"],
-                         "infer_peak_device_bytes": r["infer"]["peak_device_bytes"]}
-                lines.append(f"fits with {label} (train peak {fmt_bytes(r['train']['peak_device_bytes'])} on the "
-                             f"{'host' if s.cpu else 'device'})")
-                break
-    need = _min_budget(mc, s, "all")
+    for cand in _candidates(mc, s):
+        r = _evaluate(mc, cand)
+        if r["fits"]:
+            label = _label(s, cand)
+            first = {"change": label, "settings": cand.describe(),
+                     "train_peak_device_bytes": r["train"]["peak_device_bytes"],
+                     "infer_peak_device_bytes": r["infer"]["peak_device_bytes"]}
+            lines.append(f"fits with {label} (training peak {fmt_bytes(r['train']['peak_device_bytes'])}, "
+                         f"inference peak {fmt_bytes(r['infer']['peak_device_bytes'])} on the {where})")
+            break
+    need = _min_budget(mc, s)
     if need is not None:
-        lines.append(f"these settings need about {fmt_bytes(need)} of {tier}"
-                     + (" (--device-memory)" if not s.cpu else " (--host-memory)"))
+        flag = "--host-memory" if s.cpu else "--device-memory"
+        lines.append(f"or, with these settings, {flag} {fmt_bytes(need).replace(' ', '')} (about what they need)")
     if not s.cpu:
-        need_cpu = _min_budget(mc, replace(s, device="cpu", host_memory=s.host_memory), "all")
+        host_short = max(result["train"]["peak_host_bytes"], result["infer"]["peak_host_bytes"],
+                         result["train"]["select"]["peak_host_bytes"]) > s.host_memory
+        if host_short:
+            need_host = _min_budget(mc, s, "host_memory")
+            if need_host is not None:
+                lines.append(f"the host tier needs --host-memory {fmt_bytes(need_host).replace(' ', '')} (frozen "
+                             f"weights that do not fit there go to disk, but the streaming buffers and runtime "
+                             f"must)")
+        need_cpu = _min_budget(mc, replace(s, device="cpu", device_memory=s.host_memory))
         if need_cpu is not None and need_cpu <= s.host_memory:
-            lines.append(f"or train on the CPU: --device cpu fits in the {fmt_bytes(s.host_memory)} of host memory "
+            lines.append(f"or run on the CPU: --device cpu fits in {fmt_bytes(s.host_memory)} of host memory "
                          f"(needs about {fmt_bytes(need_cpu)})")
-    if first is None and not lines:
-        lines.append("nothing tried fits; use a smaller model")
+    if not lines:
+        lines.append("nothing tried fits; use a smaller model or a larger device")
     return {"first_fit": first, "min_budget_bytes": need, "lines": lines}
 
 
@@ -1027,18 +1059,13 @@ def format_plan(r: dict) -> str:
     def ok(f: bool) -> str:
         return "fits" if f else "DOES NOT FIT"
 
-    lines.append(f"{'':<24}{ok(train['fits']):>16}{ok(sel['fits']):>16}{ok(infer['fits']):>16}")
+    lines.append(f"{'':<24}{ok(train['step_fits']):>16}{ok(sel['fits']):>16}{ok(infer['fits']):>16}")
     for title, ph in (("training step", train), ("inference", infer)):
         lines += ["", f"{title}: where each part goes"]
         for part in ph["breakdown"]:
             tier = dev_name if part["tier"] == "device" else part["tier"]
             when = _WHEN.get(part["kind"], "")
             lines.append(f"  {part['item'][:64]:<66}{fmt_bytes(part['bytes']):>12}  {tier}{when}")
-        if ph is train:
-            lines.append(f"  {'selection: dense fp32 importance scores (one layer group)':<66}"
-                         f"{fmt_bytes(sel['score_buffers_bytes']):>12}  "
-                         f"{dev_name if sel['score_buffers_tier'] == 'device' else sel['score_buffers_tier']}"
-                         f" (while scoring)")
         for note in ph["notes"]:
             lines.append(f"  note: {note}")
     lines.append("")
@@ -1046,9 +1073,6 @@ def format_plan(r: dict) -> str:
         lines.append("verdict     fits: training, selection and inference stay within the budgets")
     else:
         problems = [f"training: {x}" for x in train["problems"]] + [f"inference: {x}" for x in infer["problems"]]
-        if not sel["fits"]:
-            problems.append(f"selection: peak {fmt_bytes(sel['peak_device_bytes'])} on the {dev_name} exceeds "
-                            f"the budget")
         lines.append("verdict     DOES NOT FIT")
         lines += [f"  - {x}" for x in problems]
         for x in r.get("suggestions", []):

@@ -50,7 +50,8 @@ def reselect(handle: UsafModel, opt: UsafOptimizer | None, batches: Iterable[dic
     if k == 0:
         return {"dropped": 0, "grown": 0, "active": active, "seconds": time.perf_counter() - t0}
     # Grow candidates are scored with the current effective weights, excluding the active set.
-    cands = candidates(handle, batches, k, exclude_active=True, loss_fn=loss_fn, n_batches=n_batches)
+    cands = candidates(handle, batches, k, exclude_active=True, loss_fn=loss_fn, n_batches=n_batches,
+                       streaming=True)
     grown = pick(cands, k)
     n_grow = sum(v.numel() for v in grown.values())
     keep = _drop_masks(handle, n_grow)  # drop exactly as many as can be grown: the budget is kept

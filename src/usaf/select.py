@@ -40,13 +40,23 @@ def _groups(layers: list[MoeLayer], budget_bytes: int, elem_bytes: int) -> list[
     return groups
 
 
+def _distributed() -> bool:
+    return torch.distributed.is_available() and torch.distributed.is_initialized()
+
+
 def candidates(handle: UsafModel, batches: Iterable[dict], budget: int, exclude_active: bool = False,
-               loss_fn: Callable | None = None, n_batches: int | None = None) -> list[tuple]:
-    """Score the trainable layers and return each layer's top candidates.
+               loss_fn: Callable | None = None, n_batches: int | None = None,
+               streaming: bool = False) -> list[tuple]:
+    """Score the trainable stacks and return each one's top candidates.
+
+    Two modes:
+      - accumulated (default): ``sum |dL/dW|`` over the batches in dense per-layer buffers (bf16 when a
+        layer's fp32 buffers would exceed ``score_budget_mb``), layers scored in groups that fit the budget;
+      - streaming (reselection, one pass over all layers): each expert's gradient is reduced to its top
+        candidates at once inside the backward, no layer-sized buffer exists (not used across ranks).
 
     Returns:
-        list of ``(layer, flat_scores (k,), flat_index (k,))`` where flat_index runs over the layer's
-        stacks concatenated in ``NAMES`` order.
+        list of ``(layer, stack name, scores (k,), flat indices into the stack (k,))``.
     """
     cfg = handle.config
     loss_fn = loss_fn or default_loss
@@ -55,41 +65,65 @@ def candidates(handle: UsafModel, batches: Iterable[dict], budget: int, exclude_
         raise ValueError("no calibration batches for selection")
     layers = list(reversed(handle.trainable_layers))  # from the top
     total = handle.expert_elements()
-    elem_bytes = 4
     out = []
     model = handle.model
     was_training = model.training
     model.train()
+
+    def cap(numel: int) -> int:
+        return max(1, math.ceil(cfg.layer_share_cap * budget * numel / max(total, 1)))
+
+    def run(batch_list):
+        for batch in batch_list:
+            loss_fn(model, batch).backward()
+            for p in handle.trainable_parameters():
+                p.grad = None
+
     try:
-        for group in _groups(layers, cfg.score_budget_mb << 20, elem_bytes):
+        if streaming and not _distributed():
+            for m in layers:
+                ex = m.experts
+                ex.stream_k = {n: math.ceil(cap(ex.deltas[n].numel) / ex.num_experts * 2) for n in NAMES}
+                ex.found = {}
+            run(batches)
+            for m in layers:
+                ex = m.experts
+                for n in NAMES:
+                    found = ex.found.get(n, [])
+                    if found:
+                        sc = torch.cat([f[0] for f in found])
+                        ix = torch.cat([f[1] for f in found])
+                        k = min(sc.numel(), cap(ex.deltas[n].numel))
+                        top = torch.topk(sc, k, sorted=False)
+                        out.append((m, n, top.values, ix[top.indices]))
+                ex.stream_k, ex.found = None, {}
+            return out
+        budget_bytes = cfg.score_budget_mb << 20
+        layer_elems = max(sum(m.experts.deltas[n].numel for n in NAMES) for m in layers)
+        dtype = torch.float32 if layer_elems * 4 <= budget_bytes else torch.bfloat16
+        elem_bytes = 4 if dtype == torch.float32 else 2
+        for group in _groups(layers, budget_bytes, elem_bytes):
             for m in group:
-                m.experts.scores = {n: torch.zeros(m.experts.shape(n), dtype=torch.float32,
+                m.experts.scores = {n: torch.zeros(m.experts.shape(n), dtype=dtype,
                                                    device=m.experts.deltas[n].values.device) for n in NAMES}
                 m.experts.score_power = 1 if cfg.score == "abs" else 2
-            for batch in batches:
-                loss_fn(model, batch).backward()
-                for p in handle.trainable_parameters():
-                    p.grad = None
-            if torch.distributed.is_available() and torch.distributed.is_initialized():
+            run(batches)
+            if _distributed():
                 for m in group:  # data parallel: every rank ranks the same summed scores
                     for n in NAMES:
                         torch.distributed.all_reduce(m.experts.scores[n])
             for m in group:
-                scores = torch.cat([m.experts.scores[n].view(-1) for n in NAMES])
+                for n in NAMES:
+                    scores = m.experts.scores[n].view(-1)
+                    if exclude_active:
+                        scores[m.experts.deltas[n].indices.long()] = -1.0
+                    top = torch.topk(scores, min(scores.numel(), cap(scores.numel())), sorted=False)
+                    keep = top.values >= 0
+                    out.append((m, n, top.values[keep].float(), top.indices[keep]))
                 m.experts.scores = None
-                if exclude_active:
-                    base = 0
-                    for n in NAMES:
-                        d = m.experts.deltas[n]
-                        scores[base + d.indices.long()] = -1.0
-                        base += d.numel
-                share = sum(m.experts.deltas[n].numel for n in NAMES) / max(total, 1)
-                k = min(scores.numel(), max(1, math.ceil(cfg.layer_share_cap * budget * share)))
-                top = torch.topk(scores, k, sorted=False)
-                keep = top.values >= 0
-                out.append((m, top.values[keep], top.indices[keep]))
-                del scores
     finally:
+        for m in layers:
+            m.experts.scores, m.experts.stream_k, m.experts.found = None, None, {}
         model.train(was_training)
     return out
 
@@ -98,21 +132,17 @@ def pick(cands: list[tuple], k: int) -> dict[tuple[int, str], torch.Tensor]:
     """Global top-``k`` over all candidates -> ``{(layer index, stack name): flat indices}``."""
     if not cands:
         return {}
-    scores = torch.cat([c[1].float().cpu() for c in cands])
+    scores = torch.cat([c[2].float().cpu() for c in cands])
     k = min(k, scores.numel())
     chosen = torch.zeros(scores.numel(), dtype=torch.bool)
     if k > 0:
         chosen[torch.topk(scores, k, sorted=False).indices] = True
     out, pos = {}, 0
-    for m, s, idx in cands:
+    for m, n, s, idx in cands:
         sel = idx[chosen[pos : pos + s.numel()].to(idx.device)]
         pos += s.numel()
-        base = 0
-        for n in NAMES:
-            numel = m.experts.deltas[n].numel
-            part = sel[(sel >= base) & (sel < base + numel)] - base
-            out[(m.index, n)] = part
-            base += numel
+        key = (m.index, n)
+        out[key] = torch.cat([out[key], sel]) if key in out else sel
     return out
 
 
