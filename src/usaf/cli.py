@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from dataclasses import MISSING, fields
 from pathlib import Path
@@ -48,7 +49,7 @@ def _train_config(args: argparse.Namespace) -> TrainConfig:
         if k.replace("-", "_") in usaf_keys:
             nested[k.replace("-", "_")] = data.pop(k)
     for k, v in vars(args).items():
-        if k in ("cmd", "config", "func"):
+        if k in ("cmd", "config", "func", "nproc", "argv"):
             continue
         (nested if k in usaf_keys else data)[k] = v
     if data.get("resume"):
@@ -62,11 +63,71 @@ def _train_config(args: argparse.Namespace) -> TrainConfig:
 
 
 def cmd_train(args) -> int:
+    nproc = getattr(args, "nproc", None)
+    if nproc is not None:
+        if nproc < 1:
+            raise ValueError(f"--nproc must be at least 1, got {nproc}")
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            raise ValueError("--nproc cannot be used in a process launched by torchrun")
+        if nproc > 1:
+            return _launch(_without_nproc(args.argv), nproc)
     from .trainer import train
 
-    metrics = train(_train_config(args))
-    print(f"eval ppl {metrics['eval_ppl_before']:.3f} -> {metrics['eval_ppl_after']:.3f}; "
-          f"{metrics['tokens_per_s']:.0f} tokens/s; outputs in {_train_config(args).out}")
+    rank = int(os.environ.get("RANK", "0"))
+    if rank == 0:
+        metrics = train(_train_config(args))
+        print(f"eval ppl {metrics['eval_ppl_before']:.3f} -> {metrics['eval_ppl_after']:.3f}; "
+              f"{metrics['tokens_per_s']:.0f} tokens/s; outputs in {_train_config(args).out}")
+        return 0
+    # Ranks > 0 of a torchrun launch: rank 0 reports the run and the errors every rank stopped on; an error
+    # of this rank alone is printed with its rank.
+    from .distributed import PeerFailed
+
+    try:
+        train(_train_config(args))
+    except PeerFailed:
+        return 2
+    except KeyboardInterrupt:
+        return 130
+    except Exception as e:
+        msg = _error_line(e)
+        if msg is None:
+            raise
+        print(f"usaf: error: rank {rank}: {msg}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def _without_nproc(argv: list[str]) -> list[str]:
+    out, skip = [], False
+    for a in argv:
+        if skip:
+            skip = False
+        elif a == "--nproc":
+            skip = True
+        elif not a.startswith("--nproc="):
+            out.append(a)
+    return out
+
+
+def _launch(argv: list[str], nproc: int) -> int:
+    """Run ``usaf <argv>`` on ``nproc`` local processes through torchrun (``torch.distributed.run``); exit code
+    2 when the ranks stopped on a user error (rank 0 printed it)."""
+    from torch.distributed import run as torchrun
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+
+    targs = torchrun.parse_args(["--standalone", "--nproc-per-node", str(nproc), "--module", "usaf", *argv])
+    try:
+        torchrun.run(targs)
+    except ChildFailedError as e:
+        codes = {f.exitcode for f in e.failures.values()}
+        if codes <= {2}:
+            return 2
+        if codes <= {130, 2, -2}:
+            return 130
+        print(f"usaf: error: {len(e.failures)} of {nproc} processes failed (exit codes "
+              f"{sorted(codes)}); see their output above", file=sys.stderr)
+        return 1
     return 0
 
 
@@ -150,6 +211,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     t = sub.add_parser("train", help="fine-tune a model (writes delta.safetensors, metrics.json, ...)")
     t.add_argument("--config", help="YAML file with the same keys as the flags (flags override)")
+    t.add_argument("--nproc", type=int, default=argparse.SUPPRESS,
+                   help="data parallel on N local processes (GPUs): relaunches through torchrun; --batch-size "
+                        "is per process (docs/distributed.md)")
     _add_dataclass_flags(t, TrainConfig)
     _add_dataclass_flags(t, UsafConfig)
     t.set_defaults(func=cmd_train)
@@ -212,6 +276,8 @@ def main(argv: list[str] | None = None) -> int:
     transformers.utils.logging.disable_progress_bar()
     transformers.utils.logging.set_verbosity_error()
     args = build_parser().parse_args(argv)
+    if getattr(args, "nproc", None) is not None:  # usaf train --nproc N relaunches these arguments
+        args.argv = list(sys.argv[1:] if argv is None else argv)
     if getattr(args, "quiet", False):
         logging.getLogger("usaf").setLevel(logging.WARNING)
     try:

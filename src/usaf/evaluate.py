@@ -13,8 +13,12 @@ from .prefix import logits_of
 
 
 @torch.no_grad()
-def evaluate(model, batches: Iterable[dict], device=None, max_batches: int = 0) -> dict:
+def evaluate(model, batches: Iterable[dict], device=None, max_batches: int = 0, dist=None) -> dict:
     """Token-weighted loss and perplexity over ``batches`` (collated dicts).
+
+    Data parallel (``dist``, a :class:`usaf.distributed.Dist` with several ranks): each rank passes its shard
+    of the eval set, and the summed loss and token count are added up over the ranks before the mean, so
+    the result is the one process' over the whole set (every rank gets it).
 
     Returns ``{"loss": float, "ppl": float, "tokens": int}``.
     """
@@ -30,6 +34,11 @@ def evaluate(model, batches: Iterable[dict], device=None, max_batches: int = 0) 
         total += float(s)
         count += int(n)
     model.train(was_training)
+    if dist is not None and dist.on:
+        from .distributed import all_sum_many
+
+        total, count = all_sum_many([total, count], dist)
+        count = int(round(count))
     loss = total / max(count, 1)
     return {"loss": loss, "ppl": math.exp(min(loss, 700.0)), "tokens": count}
 

@@ -525,11 +525,11 @@ def _logits_bytes(mc: ModelCounts, s: Settings, d: int, train: bool) -> int:
 
 # Kinds of parts: ``resident`` (the whole run), ``step`` (every moment of a step), ``loss`` (around the
 # loss: forward end + start of backward), ``layer`` (inside one layer's forward/backward), ``save`` (while a
-# checkpoint is written, between steps), ``select`` (importance scoring: a backward pass, so on top of
-# ``layer``). A moment's peak is resident + step + its kinds; the step peak is the largest of loss / layer /
-# save, the selection peak is layer + select.
+# checkpoint is written, between steps), ``select`` (importance scoring: the score buffers live through a
+# forward + backward pass). The step peak is resident + step + the largest of loss / layer / save; the
+# selection peak is resident + step + select + the larger of loss / layer.
 _STEP_MOMENTS = (("loss",), ("layer",), ("save",))
-_SELECT_MOMENT = ("layer", "select")
+_SELECT_MOMENTS = (("loss", "select"), ("layer", "select"))
 _WHEN = {"step": " (during the step)", "loss": " (at the loss)", "layer": " (inside a layer)",
          "save": " (while saving)", "select": " (while scoring, selection)"}
 
@@ -561,7 +561,7 @@ class _Plan:
 
     def select_peak(self, tier: str) -> int:
         tiers = self._tiers(tier)
-        return self.used(tiers, ("resident", "step") + _SELECT_MOMENT)
+        return self.used(tiers, ("resident", "step")) + max(self.used(tiers, m) for m in _SELECT_MOMENTS)
 
     def peak(self, tier: str) -> int:
         """Peak bytes of a tier over every moment (step and selection)."""

@@ -28,15 +28,15 @@ from pathlib import Path
 import torch
 import yaml
 
-from . import checkpoint
+from . import checkpoint, distributed
 from .config import TrainConfig, to_dict
-from .data import Batches, DataError, load_examples, split_eval, token_weighted_loss
+from .data import Batches, DataError, collate, load_examples, split_eval, token_weighted_loss
 from .evaluate import evaluate, peak_memory_mb
 from .io import atomic_write, atomic_write_json, atomic_write_text, is_disk_full
 from .loading import check_model, load_tokenizer, resolve_device, resolve_dtype
 from .model import parse_layers
 from .optim import UsafOptimizer, make_scheduler
-from .prefix import enable_prefix_cache, logits_of, offset_index, use_checkpointing
+from .prefix import enable_prefix_cache, logits_of, use_checkpointing
 from .rigl import drop_fraction, reselect
 from .select import select
 from .stream import load_prepared
@@ -45,8 +45,10 @@ from .tiers import Prefetcher
 log = logging.getLogger("usaf")
 
 # Settings that must match for --resume (they change the data stream or the trainable set). Others, like
-# --steps or --lr, may change: they are logged, and a new --lr applies from the next step.
-RESUME_KEYS = ("seq_len", "batch_size", "grad_accum", "seed")
+# --steps or --lr, may change: they are logged, and a new --lr applies from the next step. The global batch
+# (--batch-size x --grad-accum x processes) must match too; how it is split may change (checked against the
+# checkpoint: see _check_global_batch).
+RESUME_KEYS = ("seq_len", "seed")
 RESUME_USAF_KEYS = ("density", "train_layers", "quant", "group_size", "train_router")
 # Compared by content (data files, tokenized data, model config, base weights), not by path.
 RESUME_PATH_KEYS = ("model", "data", "eval_data")
@@ -186,9 +188,44 @@ def _check_identity(out: Path, saved: dict | None, now: dict, keys) -> None:
             raise RunError(f"cannot resume {out}: " + what.format(a=a, b=b))
 
 
-def _resume_point(out: Path, prev: dict, cfg: TrainConfig, identity: dict):
+def _global_batch(cfg: TrainConfig, world: int) -> int:
+    return cfg.batch_size * cfg.grad_accum * world
+
+
+def _check_global_batch(out: Path, prev: dict, meta: dict, cfg: TrainConfig, world: int) -> None:
+    """A resumed run must keep the global batch (sequences per optimizer step); the split into --batch-size,
+    --grad-accum and processes may change. The data position is stored in units of the checkpointed run's
+    per-micro-step batch (--batch-size x processes) and must fall on a boundary of the new one."""
+    pos = meta.get("batches") or {}
+    old_unit = int(pos.get("batch_size", prev.get("batch_size") or cfg.batch_size))
+    old = int(meta.get("global_batch") or old_unit * int(prev.get("grad_accum") or 1))  # older checkpoints: 1 rank
+    old_world = int(meta.get("world_size") or 1)
+    new = _global_batch(cfg, world)
+    if old != new:
+        raise RunError(
+            f"cannot resume {out}: the global batch changed ({old} -> {new} sequences per step = --batch-size "
+            f"{cfg.batch_size} x --grad-accum {cfg.grad_accum} x {world} process(es)); the run was "
+            f"checkpointed with {old_world} process(es): keep --batch-size x --grad-accum x processes = {old}")
+    unit = cfg.batch_size * world
+    if int(pos.get("position", 0)) * old_unit % unit:
+        raise RunError(
+            f"cannot resume {out}: its data position (epoch {pos.get('epoch')}, sequence "
+            f"{int(pos.get('position', 0)) * old_unit}) is not a multiple of the new --batch-size x processes "
+            f"({unit}); resume with --batch-size x processes = {old_unit}")
+
+
+def _convert_position(state: dict, unit: int) -> dict:
+    """A Batches state saved with another per-micro-step batch, in units of ``unit`` (checked beforehand)."""
+    old = int(state.get("batch_size", unit))
+    if old == unit:
+        return state
+    return dict(state, position=int(state["position"]) * old // unit, batch_size=unit)
+
+
+def _resume_point(out: Path, prev: dict, cfg: TrainConfig, identity: dict, world: int = 1):
     """The newest readable checkpoint of the run being resumed: (path, tensors, meta, unreadable newer ones),
-    or None. Refuses different data or model (by content) before any weights are loaded."""
+    or None. Refuses different data or model (by content), or a different global batch, before any weights
+    are loaded."""
     unreadable = []
     for ckpt in checkpoint.complete(out):
         try:
@@ -203,6 +240,7 @@ def _resume_point(out: Path, prev: dict, cfg: TrainConfig, identity: dict):
             if diffs:
                 raise RunError(f"cannot resume {out}: settings differ ({_diff_text(prev, cfg, diffs)})")
         _check_identity(out, saved, identity, ("model_config", "data", "eval_data", "tokens"))
+        _check_global_batch(out, prev, meta, cfg, world)
         return ckpt, tensors, meta, unreadable
     return None, None, None, unreadable
 
@@ -313,61 +351,122 @@ def train(cfg: TrainConfig) -> dict:
 
     Every check that can fail on the user's input (settings, --out, model files, tokenizer, data, a resume
     that does not match) runs before --out is created or changed.
+
+    Launched by torchrun (``WORLD_SIZE`` > 1), every rank runs this same function: data parallel over the
+    ranks (docs/distributed.md). Only rank 0 reads and writes --out, logs and shows progress; a failure
+    before training, on any rank, stops every rank (:func:`usaf.distributed.run_agreed`).
     """
     t_start = time.perf_counter()
+    d = distributed.init(cfg.device)
+    level = log.level
+    if not d.main:
+        log.setLevel(logging.ERROR)  # rank 0 speaks for the run
+    try:
+        return _train(cfg, d, t_start)
+    finally:
+        log.setLevel(level)
+        distributed.shutdown(d)
+
+
+def _train(cfg: TrainConfig, d: distributed.Dist, t_start: float) -> dict:
     _validate(cfg)
-    prev = _check_out_dir(cfg)
-    model_cfg = check_model(cfg.model, cfg.trust_remote_code)
-    parse_layers(cfg.usaf.train_layers, model_cfg.get_text_config().num_hidden_layers)
     out = Path(cfg.out)
+    prev = distributed.run_agreed(d, lambda: _check_out_dir(cfg), main_only=True)
+
+    def inputs():
+        model_cfg = check_model(cfg.model, cfg.trust_remote_code)
+        parse_layers(cfg.usaf.train_layers, model_cfg.get_text_config().num_hidden_layers)
+        device = resolve_device(distributed.device_for(d, cfg.device))
+        dtype = resolve_dtype(cfg.dtype, device)
+        tok = load_tokenizer(cfg.model, cfg.trust_remote_code)
+        examples, stats = load_examples(cfg.data, tok, cfg.seq_len)
+        eval_stats = None
+        if cfg.eval_data:
+            train_ex = examples
+            eval_ex, eval_stats = load_examples(cfg.eval_data, tok, cfg.seq_len)
+        else:
+            train_ex, eval_ex = split_eval(examples, fraction=0.1, seed=cfg.seed, max_eval=64)
+        _log_data("data", stats, cfg.seq_len)
+        if eval_stats is not None:
+            _log_data("eval data", eval_stats, cfg.seq_len)
+        identity = {"model_config": _config_digest(model_cfg), "data": _files_digest(stats.files),
+                    "eval_data": _files_digest(eval_stats.files) if eval_stats else None,
+                    "tokens": _examples_digest(examples, eval_ex if cfg.eval_data else [])}
+        return device, dtype, tok, stats, train_ex, eval_ex, identity
+
     torch.manual_seed(cfg.seed)
-    device = resolve_device(cfg.device)
-    dtype = resolve_dtype(cfg.dtype, device)
-    tok = load_tokenizer(cfg.model, cfg.trust_remote_code)
-    examples, stats = load_examples(cfg.data, tok, cfg.seq_len)
-    eval_stats = None
-    if cfg.eval_data:
-        train_ex = examples
-        eval_ex, eval_stats = load_examples(cfg.eval_data, tok, cfg.seq_len)
-    else:
-        train_ex, eval_ex = split_eval(examples, fraction=0.1, seed=cfg.seed, max_eval=64)
-    _log_data("data", stats, cfg.seq_len)
-    if eval_stats is not None:
-        _log_data("eval data", eval_stats, cfg.seq_len)
-    identity = {"model_config": _config_digest(model_cfg), "data": _files_digest(stats.files),
-                "eval_data": _files_digest(eval_stats.files) if eval_stats else None,
-                "tokens": _examples_digest(examples, eval_ex if cfg.eval_data else [])}
+    device, dtype, tok, stats, train_ex, eval_ex, identity = distributed.run_agreed(d, inputs)
+    if d.on:
+        log.info("data parallel: %d processes (%s), global batch %d = --batch-size %d x --grad-accum %d x %d",
+                 d.world, "nccl" if d.device.type == "cuda" else "gloo", _global_batch(cfg, d.world),
+                 cfg.batch_size, cfg.grad_accum, d.world)
     ckpt, tensors, meta, unreadable = (None, None, None, [])
-    if prev is not None:
-        ckpt, tensors, meta, unreadable = _resume_point(out, prev, cfg, identity)
-    handle = load_prepared(cfg.model, cfg.usaf, dtype, device, cfg.trust_remote_code,
-                           device_memory=cfg.device_memory, host_memory=cfg.host_memory)
-    Prefetcher(handle)
+    if prev is not None:  # rank 0 reads the checkpoint; the others get it from rank 0
+        read = {}
+
+        def point():
+            c, read["tensors"], m, u = _resume_point(out, prev, cfg, identity, d.world)
+            return c, m, u
+
+        ckpt, meta, unreadable = distributed.run_agreed(d, point, main_only=True)
+        if ckpt is not None:
+            tensors = distributed.broadcast_tensors(read.get("tensors"), d)
+        read.clear()
+    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+
+    def load():
+        handle = load_prepared(cfg.model, cfg.usaf, dtype, device, cfg.trust_remote_code,
+                               device_memory=cfg.device_memory, host_memory=cfg.host_memory)
+        Prefetcher(handle)
+        if ckpt is not None:
+            _check_identity(out, meta.get("identity"), dict(identity, base_fingerprint=handle.fingerprint),
+                            ("base_fingerprint",))
+        if cfg.prefix_cache:
+            enable_prefix_cache(handle, train_ex, eval_ex, cfg.batch_size, pad)
+        return handle
+
+    handle = distributed.local_main_first(d, load)
     model = handle.model
     identity["base_fingerprint"] = handle.fingerprint
-    if ckpt is not None:
-        _check_identity(out, meta.get("identity"), identity, ("base_fingerprint",))
-    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
-    if cfg.prefix_cache:
-        enable_prefix_cache(handle, train_ex, eval_ex, cfg.batch_size, pad)
     if use_checkpointing(handle, cfg.checkpointing, cfg.batch_size, cfg.seq_len):
         model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
-    batches = Batches(train_ex, cfg.batch_size, seed=cfg.seed, pad_id=pad)
-    eval_batches = lambda: offset_index(Batches(eval_ex, cfg.batch_size, shuffle=False, pad_id=pad),  # noqa: E731
-                                        len(train_ex))
+    # Batches of --batch-size x processes sequences; each rank gets its --batch-size slice of every one.
+    batches = Batches(train_ex, cfg.batch_size * d.world, seed=cfg.seed, rank=d.rank, world_size=d.world,
+                      pad_id=pad)
+    eval_batches = lambda: _eval_batches(eval_ex, cfg.batch_size, d, pad, len(train_ex),  # noqa: E731
+                                         cfg.max_eval_batches)
     steps_per_epoch = max(1, len(batches) // cfg.grad_accum)
     total_steps = cfg.steps or max(1, math.ceil(cfg.epochs * steps_per_epoch))
     with _disk_full_is_an_error(out):
-        _prepare_out(out, cfg, prev, unreadable)
-        return _run(cfg, out, prev, ckpt, tensors, meta, identity, handle, model, device, dtype, train_ex,
+        distributed.run_agreed(d, (lambda: _prepare_out(out, cfg, prev, unreadable)) if d.main else None)
+        return _run(cfg, d, out, prev, ckpt, tensors, meta, identity, handle, model, device, dtype, train_ex,
                     batches, eval_batches, total_steps, pad, stats, t_start)
 
 
-def _run(cfg, out, prev, ckpt, tensors, meta, identity, handle, model, device, dtype, train_ex, batches,
+def _eval_batches(eval_ex, batch_size: int, d: distributed.Dist, pad: int, offset: int, max_batches: int):
+    """This rank's contiguous shard of the eval set (at most ``max_batches`` global batches of --batch-size x
+    processes sequences), in batches of --batch-size; ``index`` is the row in the frozen-prefix cache (eval
+    rows follow the train rows). With one process: the eval set in order, exactly as before."""
+    n = len(eval_ex) if not max_batches else min(len(eval_ex), max_batches * batch_size * d.world)
+    lo, hi = n * d.rank // d.world, n * (d.rank + 1) // d.world
+    for a in range(lo, hi, batch_size):
+        idx = list(range(a, min(a + batch_size, hi)))
+        batch = collate([eval_ex[i] for i in idx], pad)
+        batch["index"] = torch.tensor(idx, dtype=torch.long) + offset
+        yield batch
+
+
+def _run(cfg, d, out, prev, ckpt, tensors, meta, identity, handle, model, device, dtype, train_ex, batches,
          eval_batches, total_steps, pad, stats, t_start) -> dict:
-    calib = lambda step: Batches(train_ex, cfg.batch_size, seed=cfg.seed + 7919 * (step + 1), pad_id=pad)  # noqa: E731
+    main = d.main
+    calib = lambda step: Batches(train_ex, cfg.batch_size * d.world, seed=cfg.seed + 7919 * (step + 1),  # noqa: E731
+                                 rank=d.rank, world_size=d.world, pad_id=pad)
+    # Selection scores --calib-batches micro-batches of --batch-size in all, spread over the ranks (each rank
+    # its slice of every calibration batch); a reselection one micro-batch per rank. Each rank scores its
+    # slices as one process scores a micro-batch; select.py sums the scores over the ranks.
+    calib_per_rank = math.ceil(cfg.calib_batches / d.world)
     state = {"selection_s": 0.0, "reselection_s": 0.0, "skipped": 0, "consecutive_skips": 0, "tokens": 0,
-             "train_s": 0.0, "eval_ppl_before": None, "eval_loss_before": None, "losses": []}
+             "train_s": 0.0, "eval_ppl_before": None, "eval_loss_before": None, "losses": [], "comm_bytes": 0}
     scaler = LossScaler(enabled=dtype == torch.float16)
     step = 0
     if ckpt is not None:
@@ -376,61 +475,86 @@ def _run(cfg, out, prev, ckpt, tensors, meta, identity, handle, model, device, d
         checkpoint.load_training(tensors, meta, opt, sched)
         del tensors
         step = meta["step"]
-        batches.load_state_dict(meta["batches"])
+        batches.load_state_dict(_convert_position(meta["batches"], batches.batch_size))
         state.update(meta["state"])
         scaler.load_state_dict(meta.get("loss_scaler"))
-        _truncate_log(out / "log.jsonl", step)
+        if main:
+            _truncate_log(out / "log.jsonl", step)
         log.info("resumed from %s at step %d", ckpt, step)
         _log_changes(prev, cfg, opt, sched)
+        if int(meta.get("world_size") or 1) != d.world:
+            log.info("resume: %d process(es) -> %d (global batch %d kept)", int(meta.get("world_size") or 1),
+                     d.world, _global_batch(cfg, d.world))
         if state["consecutive_skips"]:
             log.info("resume: the count of consecutive skipped steps (%d) starts again at 0",
                      state["consecutive_skips"])
             state["consecutive_skips"] = 0
         if step >= total_steps:
             log.info("the run is already at step %d (--steps %d): finishing", step, total_steps)
+        distributed.check_same_selection(handle, d)
     else:
         if prev is not None:
             log.info("no complete checkpoint in %s: starting from step 0", out)
-        _truncate_log(out / "log.jsonl", 0)
-        before = evaluate(model, eval_batches(), device, cfg.max_eval_batches)
+        if main:
+            _truncate_log(out / "log.jsonl", 0)
+        before = evaluate(model, eval_batches(), device, dist=d)
         state["eval_ppl_before"], state["eval_loss_before"] = before["ppl"], before["loss"]
         log.info("eval before: ppl %.3f (%d tokens)", before["ppl"], before["tokens"])
-        rep = select(handle, calib(-1), loss_fn=loss_fn, n_batches=cfg.calib_batches)
+        rep = select(handle, calib(-1), loss_fn=loss_fn, n_batches=calib_per_rank)
+        digest = distributed.check_same_selection(handle, d)
         state["selection_s"] = rep["seconds"]
-        log.info("selected %d of %d expert weights in %.1fs", rep["active"], handle.expert_elements(),
-                 rep["seconds"])
+        log.info("selected %d of %d expert weights in %.1fs%s", rep["active"], handle.expert_elements(),
+                 rep["seconds"], f" (same on all {d.world} ranks: {digest})" if d.on else "")
         opt, sched = _optimizer(cfg, handle, total_steps)
 
     model.train()
-    progress = _progress(total_steps, step, cfg.quiet)
-    logf = open(out / "log.jsonl", "a")
+    progress = _progress(total_steps, step, cfg.quiet or not main)
+    logf = open(out / "log.jsonl", "a") if main else None
 
-    def save() -> Path:
+    def save() -> Path | None:
+        if not main:
+            return None
         if not logf.closed:
             logf.flush()
         _fsync_file(out / "log.jsonl")  # the log lines up to the checkpoint survive a power loss too
         extra = {"batches": batches.state_dict(), "state": state, "loss_scaler": scaler.state_dict(),
-                 "identity": identity}
+                 "identity": identity, "global_batch": _global_batch(cfg, d.world), "world_size": d.world}
         return checkpoint.save(out, step, handle, opt, sched, extra, keep=cfg.keep_checkpoints)
+
+    def agreed(e: BaseException) -> BaseException:  # every rank stops; rank 0 reports it
+        return e if main or isinstance(e, KeyboardInterrupt) else distributed.PeerFailed(str(e))
 
     interrupt = _InterruptFlag()
     try:
         while step < total_steps:
-            if interrupt.set:
-                save()
-                raise Interrupted(f"interrupted; checkpoint saved at step {step}; continue with --resume {out}")
             t0 = time.perf_counter()
+            start = batches.state_dict()
             where, micro = [], []
             for _ in range(cfg.grad_accum):
                 pos = batches.state_dict()
                 where.append([pos["epoch"], pos["position"]])
                 micro.append(batches.next_batch())
-            n_tok = sum(_n_loss_tokens(b) for b in micro)
+            # The step's loss tokens over all ranks (and whether any rank was interrupted): one small
+            # collective; each rank divides its summed loss by the global count.
+            n_tok, tokens, stop = distributed.all_sum_many(
+                [sum(_n_loss_tokens(b) for b in micro), sum(int(b["attention_mask"].sum()) for b in micro),
+                 float(interrupt.set)], d)
+            n_tok, tokens = int(n_tok), int(tokens)
+            if stop:
+                batches.load_state_dict(start)  # the checkpoint is taken before this step
+                save()
+                raise agreed(Interrupted(f"interrupted; checkpoint saved at step {step}; continue with "
+                                         f"--resume {out}"))
             loss_sum = 0.0
             for b in micro:
                 loss, s = _micro_loss(model, b, device, n_tok)
                 scaler.scale_loss(loss).backward()
                 loss_sum += s
+            # Sum the gradients (values + routers) and the loss over the ranks: one flat fp32 bucket.
+            comm, (loss_sum,) = distributed.all_reduce_grads(opt.values + opt.routers, d, [loss_sum])
+            if d.on:
+                comm += 8 * 3  # the token counts above
+            state["comm_bytes"] = comm
             loss_val = loss_sum / max(n_tok, 1)
             scale = scaler.scale
             stepped, _ = _apply_step(opt, scaler, loss_val)
@@ -450,13 +574,12 @@ def _run(cfg, out, prev, ckpt, tensors, meta, identity, handle, model, device, d
                 sched.step()
             step += 1
             dt = time.perf_counter() - t0
-            tokens = int(sum(int(b["attention_mask"].sum()) for b in micro))
             state["tokens"] += tokens
             state["train_s"] += dt
             state["losses"].append(loss_val)
             rec = {"step": step, "loss": loss_val, "lr": opt.param_groups[0]["lr"], "tokens": tokens,
                    "tokens_per_s": tokens / dt, "active": handle.active(),
-                   "peak_mem_mb": round(peak_memory_mb(device), 1), "skipped": not stepped}
+                   "peak_mem_mb": round(peak_memory_mb(device), 1), "skipped": not stepped, "comm_bytes": comm}
             if not stepped:
                 rec["batches"] = where  # [epoch, batch index within the epoch] of each micro-batch
             if scaler.enabled:
@@ -464,30 +587,31 @@ def _run(cfg, out, prev, ckpt, tensors, meta, identity, handle, model, device, d
             if cfg.reselect_every and step % cfg.reselect_every == 0 and step < total_steps:
                 frac = drop_fraction(step, total_steps, cfg.reselect_fraction)
                 r = reselect(handle, opt, calib(step), frac, loss_fn=loss_fn, n_batches=1)
+                distributed.check_same_selection(handle, d)
                 state["reselection_s"] += r["seconds"]
                 rec["reselect"] = {k: r[k] for k in ("dropped", "grown", "seconds")}
             if cfg.eval_every and step % cfg.eval_every == 0 and step < total_steps:
-                ev = evaluate(model, eval_batches(), device, cfg.max_eval_batches)
+                ev = evaluate(model, eval_batches(), device, dist=d)
                 rec["eval_loss"], rec["eval_ppl"] = ev["loss"], ev["ppl"]
-            logf.write(json.dumps(rec) + "\n")
-            logf.flush()
+            if main:
+                logf.write(json.dumps(rec) + "\n")
+                logf.flush()
             progress(step, loss_val, state["tokens"] / max(state["train_s"], 1e-9))
             if cfg.max_skips and state["consecutive_skips"] >= cfg.max_skips:
                 saved = save()
-                raise Diverged(
+                raise agreed(Diverged(
                     f"stopped at step {step}: {state['consecutive_skips']} consecutive steps had a non-finite "
                     f"loss or gradient (last: {_where(where)}); checkpoint saved ({saved}); lower --lr, "
-                    f"check the data or use --dtype fp32, then continue with --resume {out}")
+                    f"check the data or use --dtype fp32, then continue with --resume {out}"))
             if cfg.save_every and step % cfg.save_every == 0 and step < total_steps:
                 save()
     finally:
         interrupt.restore()
-        logf.close()
+        if logf is not None:
+            logf.close()
         progress(None, None, None)
 
-    after = evaluate(model, eval_batches(), device, cfg.max_eval_batches)
-    save()
-    handle.save_delta(out / "delta.safetensors", steps=step)
+    after = evaluate(model, eval_batches(), device, dist=d)
     losses = [x for x in state["losses"] if math.isfinite(x)]
     metrics = {
         "loss_first": losses[0] if losses else None,
@@ -507,13 +631,22 @@ def _run(cfg, out, prev, ckpt, tensors, meta, identity, handle, model, device, d
         "skipped_steps": state["skipped"],
         "steps": step,
         "train_tokens": state["tokens"],
+        "world_size": d.world,
+        "global_batch": _global_batch(cfg, d.world),
+        "comm_bytes": state["comm_bytes"],
         "wall_s": time.perf_counter() - t_start,
         "data": stats.to_dict(),
     }
     if scaler.enabled:
         metrics["loss_scale"] = scaler.scale
-    atomic_write_json(out / "metrics.json", metrics)
-    _plot(out)
+
+    def finish():
+        save()
+        handle.save_delta(out / "delta.safetensors", steps=step)
+        atomic_write_json(out / "metrics.json", metrics)
+        _plot(out)
+
+    distributed.run_agreed(d, finish if main else None)
     return metrics
 
 

@@ -1,0 +1,277 @@
+"""``usaf plan``: parameter counts from config.json, peak-memory predictions, placement, suggestions, CLI."""
+
+from __future__ import annotations
+
+import json
+import weakref
+
+import pytest
+import torch
+
+from usaf import plan
+from usaf.families import UnsupportedModelError
+
+# Qwen/Qwen3-30B-A3B config.json (the fields that matter; published: 30.5 B total, 3.3 B active).
+QWEN3_30B = {
+    "architectures": ["Qwen3MoeForCausalLM"],
+    "model_type": "qwen3_moe",
+    "hidden_size": 2048,
+    "num_hidden_layers": 48,
+    "num_experts": 128,
+    "num_experts_per_tok": 8,
+    "moe_intermediate_size": 768,
+    "intermediate_size": 6144,
+    "num_attention_heads": 32,
+    "num_key_value_heads": 4,
+    "head_dim": 128,
+    "vocab_size": 151936,
+    "tie_word_embeddings": False,
+    "norm_topk_prob": True,
+    "decoder_sparse_step": 1,
+    "mlp_only_layers": [],
+    "max_position_embeddings": 40960,
+    "rms_norm_eps": 1e-06,
+    "rope_theta": 1000000.0,
+    "torch_dtype": "bfloat16",
+}
+GB = 10**9
+
+
+@pytest.fixture(scope="module")
+def qwen_dir(tmp_path_factory):
+    d = tmp_path_factory.mktemp("qwen3-30b-a3b")
+    (d / "config.json").write_text(json.dumps(QWEN3_30B))
+    return d
+
+
+@pytest.fixture(scope="module")
+def qwen8(qwen_dir):
+    return plan.predict(qwen_dir, 512, 1, 0.005, "top:8", "4bit", "bf16", "8GB", "32GB", "cuda")
+
+
+def test_parse_memory():
+    assert plan.parse_memory("12GB") == 12 * 10**9
+    assert plan.parse_memory("12GiB") == 12 * 2**30
+    assert plan.parse_memory("512MB") == 512 * 10**6
+    assert plan.parse_memory("1.5 tb") == 1_500_000_000_000
+    assert plan.parse_memory("4096") == 4096
+    for bad in ("12XB", "", "GB", "-1GB", "0GB", "twelve", "12 G B"):
+        with pytest.raises(ValueError) as e:
+            plan.parse_memory(bad, "--device-memory")
+        assert "\n" not in str(e.value) and "--device-memory" in str(e.value)
+
+
+def test_qwen3_30b_counts(qwen_dir):
+    mc = plan.count_model(qwen_dir / "config.json")  # a config.json path works like its directory
+    kinds = mc.by_kind()
+    assert abs(kinds["total"] - 30.5e9) / 30.5e9 < 0.01
+    assert abs(kinds["active"] - 3.3e9) / 3.3e9 < 0.05
+    assert kinds["experts"] == 48 * 128 * 3 * 2048 * 768
+    assert kinds["routers"] == 48 * 128 * 2048
+    assert kinds["embeddings"] == kinds["lm_head"] == 151936 * 2048  # untied
+    assert kinds["shared_experts"] == 0
+    assert mc.top_k == 8 and mc.num_layers == 48 and len(mc.moe_layers) == 48
+    # 4-bit g64 = 4.5 bits per weight
+    assert plan.layer_expert_bytes(mc.layers[0], "4bit", 64, 2) == 128 * 3 * 2048 * 768 * 9 // 16
+
+
+def test_qwen3_8gb_fits_and_streams_frozen_experts(qwen8):
+    r = qwen8
+    for key in ("fits", "train_peak_device_bytes", "train_peak_host_bytes", "infer_peak_device_bytes",
+                "infer_peak_host_bytes"):
+        assert key in r
+    assert r["fits"] and r["train_fits"] and r["infer_fits"]
+    assert r["train_peak_device_bytes"] <= 8 * GB and r["infer_peak_device_bytes"] <= 8 * GB
+    assert r["train_peak_host_bytes"] <= 32 * GB and r["infer_peak_host_bytes"] <= 32 * GB
+    # inference needs all 48 layers' experts (16.3 GB at 4 bit): most of them are streamed from the host
+    placed = r["infer"]["experts_placement"]
+    assert placed["host"] + placed["disk"] > 0 and sum(placed.values()) == 48
+    # training: the frozen layers below top:8 are only needed to build the prefix cache -> disk
+    assert r["train"]["train_layers"] == [40, 47]
+    disk = [p for p in r["train"]["breakdown"] if p["tier"] == "disk"]
+    assert disk and r["train"]["disk_bytes"] > 10 * GB
+    # 24.2 M active elements at 16 B (+4 B gradient during the step)
+    assert r["train"]["active_elements"] == pytest.approx(0.005 * 8 * 128 * 3 * 2048 * 768, rel=1e-6)
+    json.dumps(r)  # JSON-serializable
+
+
+def test_qwen3_1gb_does_not_fit_and_suggests(qwen_dir):
+    r = plan.predict(qwen_dir, 512, 1, 0.005, "top:8", "4bit", "bf16", "1GB", "32GB", "cuda")
+    assert not r["fits"]
+    assert r["train"]["problems"] and r["suggestions"]
+    assert r["min_budget_bytes"] > 1 * GB
+    text = plan.format_plan(r)
+    assert "DOES NOT FIT" in text and "try:" in text
+
+
+def test_suggestion_is_a_setting_that_fits(qwen_dir):
+    r = plan.predict(qwen_dir, 2048, 4, 0.005, "top:8", "8bit", "bf16", "3GB", "32GB", "cuda")
+    assert not r["fits"] and r["suggestion"] is not None
+    args = r["suggestion"]["settings"].split()
+    kw = {args[i][2:].replace("-", "_"): args[i + 1] for i in range(0, len(args), 2)}
+    again = plan.predict(qwen_dir, int(kw["seq_len"]), int(kw["batch_size"]), float(kw["density"]),
+                         kw["train_layers"], kw["quant"], "bf16", "3GB", "32GB", "cuda",
+                         chunk_mb=int(kw["chunk_mb"]))
+    assert again["fits"]
+
+
+def test_cpu_device_is_host_ram(qwen_dir):
+    r = plan.predict(qwen_dir, device="cpu", host_memory="24GB")
+    assert r["fits"] and r["device_budget_bytes"] == r["host_budget_bytes"] == 24 * GB
+    assert r["train_peak_device_bytes"] == r["train_peak_host_bytes"] <= 24 * GB
+    assert r["infer_peak_device_bytes"] == r["infer_peak_host_bytes"] <= 24 * GB
+
+
+def test_layout_options_move_peaks_the_right_way(qwen_dir):
+    base = plan.predict(qwen_dir, device_memory="80GB", host_memory="64GB")
+    no_ckpt = plan.predict(qwen_dir, device_memory="80GB", host_memory="64GB", checkpointing=False)
+    resident = plan.predict(qwen_dir, device_memory="80GB", host_memory="64GB", prefix_cache=False)
+    longer = plan.predict(qwen_dir, seq_len=2048, device_memory="80GB", host_memory="64GB")
+    assert no_ckpt["train_peak_device_bytes"] > base["train_peak_device_bytes"]
+    assert resident["train_peak_device_bytes"] > base["train_peak_device_bytes"] + 10 * GB
+    assert longer["train_peak_device_bytes"] > base["train_peak_device_bytes"]
+
+
+def test_user_errors_are_one_line(qwen_dir):
+    dense = {"model_type": "llama", "hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4,
+             "vocab_size": 100, "intermediate_size": 128}
+    with pytest.raises(UnsupportedModelError, match="not a supported Mixture-of-Experts") as e:
+        plan.predict(dense, device_memory="8GB")
+    assert "\n" not in str(e.value)
+    for kwargs in ({"device_memory": "8 bananas"}, {}, {"device_memory": "8GB", "train_layers": "top:x"},
+                   {"device_memory": "8GB", "density": 0}, {"device_memory": "8GB", "quant": "3bit"}):
+        with pytest.raises(ValueError) as e:
+            plan.predict(qwen_dir, **kwargs)
+        assert "\n" not in str(e.value)
+
+
+def test_cli_json_and_errors(qwen_dir, tmp_path, capsys):
+    from usaf.cli import main
+
+    assert main(["plan", "--model", str(qwen_dir), "--device-memory", "8GB", "--host-memory", "32GB",
+                 "--json"]) == 0
+    r = json.loads(capsys.readouterr().out)
+    assert {"fits", "train_peak_device_bytes", "train_peak_host_bytes", "infer_peak_device_bytes",
+            "infer_peak_host_bytes"} <= set(r)
+    assert main(["plan", "--model", str(qwen_dir / "config.json"), "--device", "cpu", "--host-memory",
+                 "24GiB"]) == 0
+    out = capsys.readouterr().out
+    assert "host RAM" in out and "verdict" in out
+    assert main(["plan", "--model", str(qwen_dir), "--device-memory", "12XB"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("usaf: error:") and err.count("\n") == 1
+    dense = tmp_path / "config.json"
+    dense.write_text(json.dumps({"model_type": "llama", "hidden_size": 64, "num_hidden_layers": 2,
+                                 "num_attention_heads": 4, "vocab_size": 100, "intermediate_size": 128}))
+    assert main(["plan", "--model", str(dense), "--device-memory", "8GB"]) == 2
+    err = capsys.readouterr().err
+    assert "not a supported Mixture-of-Experts" in err and err.count("\n") == 1
+
+
+@pytest.mark.parametrize("family", __import__("usaf.testing", fromlist=["FAMILIES"]).FAMILIES)
+def test_tiny_families_plan(family):
+    from usaf.testing import tiny_config
+
+    for device in ("cuda", "cpu"):
+        r = plan.predict(tiny_config(family), device_memory="2GB", host_memory="4GB", device=device)
+        assert r["fits"], r["train"]["problems"] + r["infer"]["problems"]
+        assert r["model"]["params"]["experts"] > 0 and r["train"]["active_elements"] > 0
+        plan.format_plan(r)
+
+
+# ---------------------------------------------------------------------------------------------- accuracy
+class _LiveTensors(torch.utils._python_dispatch.TorchDispatchMode):
+    """Peak bytes of live tensor storages created under this mode (``ignore``: storages that already exist)."""
+
+    def __init__(self, ignore: set[int]):
+        super().__init__()
+        self.ignore, self.live, self.cur, self.peak = ignore, {}, 0, 0
+
+    def _track(self, t: torch.Tensor) -> None:
+        st = t.untyped_storage()
+        key = st.data_ptr()
+        if key == 0 or key in self.live or key in self.ignore:
+            return
+        self.live[key] = n = st.nbytes()
+        self.cur += n
+        self.peak = max(self.peak, self.cur)
+
+        def gone(k=key, n=n):
+            if self.live.pop(k, None) is not None:
+                self.cur -= n
+
+        weakref.finalize(st, gone)
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in torch.utils._pytree.tree_flatten(out)[0]:
+            if isinstance(t, torch.Tensor):
+                self._track(t)
+        return out
+
+
+def _storages(tensors) -> dict[int, int]:
+    return {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in tensors}
+
+
+@pytest.mark.parametrize("attn,checkpointing", [("sdpa", False), ("eager", True)])
+def test_prediction_matches_live_tensor_peak(attn, checkpointing):
+    """Resident layout (what ``usaf train`` runs today): predicted vs measured peak of live tensor bytes."""
+    from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM
+
+    import usaf
+    from usaf.data import token_weighted_loss
+
+    conf = Qwen3MoeConfig(vocab_size=2048, hidden_size=128, num_hidden_layers=2, num_attention_heads=2,
+                          num_key_value_heads=1, head_dim=64, intermediate_size=128, moe_intermediate_size=64,
+                          num_experts=8, num_experts_per_tok=2, norm_topk_prob=True, decoder_sparse_step=1,
+                          tie_word_embeddings=False, use_cache=False, attn_implementation=attn)
+    torch.manual_seed(0)
+    model = Qwen3MoeForCausalLM(conf).to(torch.bfloat16)
+    handle = usaf.prepare(model, usaf.UsafConfig(density=0.01, quant="4bit", train_layers="all"))
+    ids = torch.randint(3, 2048, (2, 64))
+    for d in handle.deltas().values():  # an active set of the planned size (what select would pick)
+        d.set(torch.randperm(d.numel)[: round(0.01 * d.numel)])
+    opt = usaf.UsafOptimizer(handle)
+    model.train()
+    if checkpointing:
+        enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
+        enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+    def step() -> None:
+        logits = model(input_ids=ids).logits
+        loss, _ = token_weighted_loss(logits, ids)
+        del logits
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+
+    def base() -> dict[int, int]:
+        ts = list(model.parameters()) + list(model.buffers()) + opt.masters
+        ts += [t for m in handle.layers for st in m.experts.frozen.values() for t in st.tensors().values()]
+        ts += [t for st in opt.opt.state.values() for t in st.values() if isinstance(t, torch.Tensor)]
+        return _storages(ts)
+
+    step()  # allocates the optimizer state
+    held = base()
+    with _LiveTensors(set(held)) as mode:
+        step()
+    train_measured = sum(held.values()) + mode.peak
+    model.eval()
+    held = base()
+    with _LiveTensors(set(held)) as mode, torch.no_grad():
+        logits = model(input_ids=ids).logits
+        loss, _ = token_weighted_loss(logits, ids)
+        del logits, loss
+    infer_measured = sum(held.values()) + mode.peak
+
+    r = plan.predict(conf, seq_len=64, batch_size=2, density=0.01, train_layers="all", device="cpu",
+                     host_memory="64GB", checkpointing=checkpointing, prefix_cache=False, attn=attn, suggest=False)
+
+    def predicted(phase: dict) -> int:  # tensors only: no runtime, no checkpoint staging
+        parts = [p for p in phase["breakdown"] if not p["item"].startswith("runtime") and p["tier"] != "disk"]
+        kind = lambda *ks: sum(p["bytes"] for p in parts if p["kind"] in ks)  # noqa: E731
+        return kind("resident", "step") + max(kind("loss"), kind("layer"))
+
+    assert predicted(r["train"]) == pytest.approx(train_measured, rel=0.2)
+    assert predicted(r["infer"]) == pytest.approx(infer_measured, rel=0.2)
