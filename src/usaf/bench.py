@@ -14,7 +14,13 @@ Methods:
 - ``inference``: forward only (``torch.no_grad``) over the usaf 4-bit base (``prepare`` without selection).
 - ``inference-bf16``: forward only over the stock model in the compute dtype.
 
-Settings are ``key=value`` words (``usaf bench speed steps=3 seq=128``); see ``KEYS``.
+Reported per method: tokens/s (wall clock, median over the timed steps), tokens per CPU-second (process
+CPU time; robust when other processes share the cores, with ``threads=1``), peak RSS (``ru_maxrss``: the
+whole process) and the peak of the timed steps alone (kernel high-water mark reset after setup), the
+sampled peak of anonymous memory (no library code pages), and the trainable parameter count.
+
+Settings are ``key=value`` words, written before the flags (``usaf bench speed steps=3 seq=128 --json F``);
+see ``KEYS``. Results and the discussion: ``docs/benchmarks.md``.
 """
 
 from __future__ import annotations

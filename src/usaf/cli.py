@@ -117,6 +117,12 @@ def _launch(argv: list[str], nproc: int) -> int:
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
 
     targs = torchrun.parse_args(["--standalone", "--nproc-per-node", str(nproc), "--module", "usaf", *argv])
+    # The ranks print their own errors; torchrun's per-failure log lines would only repeat them.
+    quiet = [lg for name, lg in logging.root.manager.loggerDict.items()
+             if name.startswith("torch.distributed.elastic") and isinstance(lg, logging.Logger)]
+    levels = [lg.level for lg in quiet]
+    for lg in quiet:
+        lg.setLevel(logging.CRITICAL)
     try:
         torchrun.run(targs)
     except ChildFailedError as e:
@@ -128,6 +134,9 @@ def _launch(argv: list[str], nproc: int) -> int:
         print(f"usaf: error: {len(e.failures)} of {nproc} processes failed (exit codes "
               f"{sorted(codes)}); see their output above", file=sys.stderr)
         return 1
+    finally:
+        for lg, level in zip(quiet, levels):
+            lg.setLevel(level)
     return 0
 
 

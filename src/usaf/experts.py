@@ -166,25 +166,47 @@ def _stream_candidates(mod: UsafExperts, name: str, e: int, left: torch.Tensor, 
     mod.found.setdefault(name, []).append((top.values[keep], top.indices[keep] + e * per))
 
 
+def _bucket(n: int) -> int:
+    """Row counts are rounded up (multiples of 16, about 8 sizes per octave) so matmul shapes repeat:
+    on CPU every new shape costs oneDNN a primitive (~1 ms to build, memory kept in its cache)."""
+    if n <= 0:
+        return 0
+    step = max(16, 1 << max(0, n.bit_length() - 4))
+    return -(-n // step) * step
+
+
+def _padded_layout(counts: list[int], device) -> tuple[list[int], torch.Tensor]:
+    """Bounds of each expert's padded segment, and the padded row of every real row (S,)."""
+    bounds, rows = [0], []
+    for c in counts:
+        rows.append(torch.arange(bounds[-1], bounds[-1] + c))
+        bounds.append(bounds[-1] + _bucket(c))
+    pos = torch.cat(rows) if rows else torch.empty(0, dtype=torch.long)
+    return bounds, pos.to(device)
+
+
 class ExpertsFunction(torch.autograd.Function):
     """Routed expert MLP over ``base + delta``; gradients for the inputs and the delta values only."""
 
     @staticmethod
     def forward(ctx, x, v_gate_up, v_down, mod: UsafExperts, counts: list[int]):
-        # x: (S, H) token rows grouped by expert, counts[e] rows for expert e.
-        bounds = [0]
-        for c in counts:
-            bounds.append(bounds[-1] + c)
+        # x: (S, H) token rows grouped by expert, counts[e] rows for expert e. Computed on a padded copy
+        # (zero rows up to _bucket(count) per expert) so that matmul shapes repeat across steps.
+        bounds, pos = _padded_layout(counts, x.device)
+        xp = x.new_zeros(bounds[-1], x.shape[1])
+        xp[pos] = x
         width = mod.shape("gate_up_proj")[2 if mod.transposed else 1]
-        out = x.new_empty(x.shape[0], x.shape[1])
-        h_all = x.new_empty(x.shape[0], width)  # (S, 2I) pre-activations, saved for backward
+        out = x.new_empty(bounds[-1], x.shape[1])
+        h_all = x.new_empty(bounds[-1], width)  # (S_pad, 2I) pre-activations, saved for backward
         for start, stop in mod.runs(counts):
             w_gu = mod.weight("gate_up_proj", start, stop, x.dtype, x.device, v_gate_up)
             w_dn = mod.weight("down_proj", start, stop, x.dtype, x.device, v_down)
             for e in range(start, stop):
                 a, b = bounds[e], bounds[e + 1]
+                if a == b:
+                    continue
                 wg, wd = w_gu[e - start], w_dn[e - start]
-                h = x[a:b] @ (wg if mod.transposed else wg.t())
+                h = xp[a:b] @ (wg if mod.transposed else wg.t())
                 if mod.gate_up_bias is not None:
                     h = h + mod.gate_up_bias[e]
                 h_all[a:b] = h
@@ -192,32 +214,35 @@ class ExpertsFunction(torch.autograd.Function):
                 if mod.down_bias is not None:
                     y = y + mod.down_bias[e]
                 out[a:b] = y
-        ctx.save_for_backward(x, h_all)
+        ctx.save_for_backward(xp, h_all, pos)
         ctx.mod, ctx.bounds, ctx.counts = mod, bounds, counts
-        return out
+        return out[pos]
 
     @staticmethod
     def backward(ctx, dy):
-        x, h_all = ctx.saved_tensors
+        xp, h_all, pos = ctx.saved_tensors
         mod, bounds, counts = ctx.mod, ctx.bounds, ctx.counts
-        dy = dy.contiguous()
-        dx = torch.zeros_like(x)
+        dyp = dy.new_zeros(xp.shape[0], dy.shape[1])
+        dyp[pos] = dy  # padded rows carry no gradient
+        dxp = torch.zeros_like(xp)
         want = ctx.needs_input_grad[1] or ctx.needs_input_grad[2]
         grads = {n: torch.zeros_like(mod.deltas[n].values) for n in NAMES} if want else None
         scores = mod.scores
         for start, stop in mod.runs(counts):
-            w_gu = mod.weight("gate_up_proj", start, stop, x.dtype, x.device)
-            w_dn = mod.weight("down_proj", start, stop, x.dtype, x.device)
+            w_gu = mod.weight("gate_up_proj", start, stop, xp.dtype, xp.device)
+            w_dn = mod.weight("down_proj", start, stop, xp.dtype, xp.device)
             for e in range(start, stop):
                 a, b = bounds[e], bounds[e + 1]
-                xe, he, dye = x[a:b], h_all[a:b], dy[a:b]
+                if a == b:
+                    continue
+                xe, he, dye = xp[a:b], h_all[a:b], dyp[a:b]
                 wg, wd = w_gu[e - start], w_dn[e - start]
                 with torch.enable_grad():
                     hh = he.detach().requires_grad_(True)
                     act = mod._gate(hh)  # (T, I)
                 dact = dye @ (wd.t() if mod.transposed else wd)
                 (dh,) = torch.autograd.grad(act, hh, dact)
-                dx[a:b] = dh @ (wg.t() if mod.transposed else wg)
+                dxp[a:b] = dh @ (wg.t() if mod.transposed else wg)
                 act = act.detach()
                 # dW = left^T @ right in the native layout of each stack.
                 pairs = {"down_proj": (act, dye) if mod.transposed else (dye, act),
@@ -236,7 +261,7 @@ class ExpertsFunction(torch.autograd.Function):
                             grads[name][i0:i1] = _sparse_grad(left, right, delta.local(e, e + 1))
         g_gu = grads["gate_up_proj"] if grads is not None else None
         g_dn = grads["down_proj"] if grads is not None else None
-        return dx, g_gu, g_dn, None, None
+        return dxp[pos], g_gu, g_dn, None, None
 
 
 def llama4_block_forward(self, hidden_states: torch.Tensor):

@@ -3,11 +3,11 @@
 Reads ``config.json`` only (the model is built on the meta device, like ``usaf inspect``), so it works for a
 model that is not downloaded. For both INFERENCE (a no-grad forward of ``batch x seq`` with the loss, as
 ``usaf eval`` runs it) and TRAINING (one step: forward + backward through the trainable layers, then the
-optimizer step; plus the importance-scoring phase of selection/reselection), it predicts the peak bytes on the
-*device* tier (the accelerator; host RAM with ``--device cpu``) and on the *host* tier, with a greedy placement
-of every part on device, host or disk under the given budgets. When something does not fit it says so and
-re-runs the predictor on candidate settings (fewer ``--train-layers``, shorter ``--seq-len``, ...) to report
-the first that fits. The model, formulas and assumptions are in ``docs/plan.md``.
+optimizer step; plus the importance-scoring phase of selection/reselection), it predicts the peak bytes on
+the *device* tier (the accelerator; host RAM with ``--device cpu``) and on the *host* tier, with a greedy
+placement of every part on device, host or disk under the given budgets. When something does not fit it
+says so and re-runs the predictor on candidate settings (fewer ``--train-layers``, shorter ``--seq-len``,
+...) to report the first that fits. The model, formulas and assumptions are in ``docs/plan.md``.
 
 Python API: :func:`predict` (a dict, see its docstring), :func:`count_model` (parameter counts by kind),
 :func:`parse_memory` (``"12GB"`` -> bytes).
@@ -23,8 +23,16 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-__all__ = ["ModelCounts", "LayerCounts", "Settings", "parse_memory", "count_model", "predict", "format_plan",
-           "add_parser"]
+__all__ = [
+    "ModelCounts",
+    "LayerCounts",
+    "Settings",
+    "parse_memory",
+    "count_model",
+    "predict",
+    "format_plan",
+    "add_parser",
+]
 
 # ------------------------------------------------------------------------------------------------ constants
 # Fixed runtime costs that are not tensors of the model (see docs/plan.md).
@@ -37,8 +45,18 @@ DEQUANT_SCRATCH_CPU = 1 << 19
 DTYPE_BYTES = {"bf16": 2, "fp16": 2, "fp32": 4}
 QUANTS = ("4bit", "8bit", "none")
 
-_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
-          "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
+_UNITS = {
+    "": 1,
+    "b": 1,
+    "kb": 10**3,
+    "mb": 10**6,
+    "gb": 10**9,
+    "tb": 10**12,
+    "kib": 2**10,
+    "mib": 2**20,
+    "gib": 2**30,
+    "tib": 2**40,
+}
 _MEM_RE = re.compile(r"^\s*(\d+(?:\.\d+)?|\.\d+)\s*([a-z]*)\s*$", re.IGNORECASE)
 
 
@@ -57,8 +75,9 @@ def parse_memory(text: str | int | float, flag: str = "memory") -> int:
     m = _MEM_RE.match(str(text))
     unit = m.group(2).lower() if m else None
     if m is None or unit not in _UNITS:
-        raise ValueError(f"{flag} {text!r} is not a memory size (use e.g. 12GB, 12GiB, 512MB; "
-                         f"GB = 10^9 bytes, GiB = 2^30)")
+        raise ValueError(
+            f"{flag} {text!r} is not a memory size (use e.g. 12GB, 12GiB, 512MB; GB = 10^9 bytes, GiB = 2^30)"
+        )
     value = int(float(m.group(1)) * _UNITS[unit])
     if value <= 0:
         raise ValueError(f"{flag} must be positive, got {text!r}")
@@ -207,17 +226,23 @@ def _config_from_dict(data: dict, where: str):
     if model_type not in CONFIG_MAPPING:
         from .families import UnsupportedModelError, supported
 
-        raise UnsupportedModelError(f"model_type {model_type!r} is not known to transformers "
-                                    f"(usaf supports: {supported()})")
+        raise UnsupportedModelError(
+            f"model_type {model_type!r} is not known to transformers (usaf supports: {supported()})"
+        )
     try:
         return CONFIG_MAPPING[model_type].from_dict(data)
     except Exception as e:  # noqa: BLE001 - any config-class complaint is a user error here
-        raise ValueError(f"cannot build a {model_type} config from {where}: {str(e).splitlines()[0]}") from None
+        raise ValueError(
+            f"cannot build a {model_type} config from {where}: {str(e).splitlines()[0]}"
+        ) from None
 
 
 def _top_k(text_cfg, block, router) -> int:
-    for obj, attrs in ((text_cfg, ("num_experts_per_tok", "top_k_experts", "num_experts_per_token", "moe_topk")),
-                       (router, ("top_k",)), (block, ("top_k",))):
+    for obj, attrs in (
+        (text_cfg, ("num_experts_per_tok", "top_k_experts", "num_experts_per_token", "moe_topk")),
+        (router, ("top_k",)),
+        (block, ("top_k",)),
+    ):
         for a in attrs:
             v = getattr(obj, a, None) if obj is not None else None
             if isinstance(v, int) and v > 0:
@@ -305,8 +330,9 @@ def _count(config, trust_remote_code: bool) -> ModelCounts:
     top_k = None
     out_layers: list[LayerCounts] = []
     heads = _int_attr(text, "num_attention_heads") or 1
-    cfg_qk = _int_attr(text, "qk_head_dim") or (_int_attr(text, "qk_nope_head_dim")
-                                                + _int_attr(text, "qk_rope_head_dim"))
+    cfg_qk = _int_attr(text, "qk_head_dim") or (
+        _int_attr(text, "qk_nope_head_dim") + _int_attr(text, "qk_rope_head_dim")
+    )
     cfg_qk = cfg_qk or _int_attr(text, "head_dim") or hidden // heads
     cfg_kv = _int_attr(text, "num_key_value_heads") or heads
     for i, layer in enumerate(layers):
@@ -321,13 +347,23 @@ def _count(config, trust_remote_code: bool) -> ModelCounts:
         v_dim = _int_attr(attn, "v_head_dim") or qk_dim
         groups = _int_attr(attn, "num_key_value_groups")
         kv_heads = heads // groups if groups else cfg_kv
-        info: dict[str, Any] = {"index": i, "moe": is_moe, "heads": heads, "kv_heads": kv_heads,
-                                "qk_head_dim": qk_dim, "v_head_dim": v_dim}
+        info: dict[str, Any] = {
+            "index": i,
+            "moe": is_moe,
+            "heads": heads,
+            "kv_heads": kv_heads,
+            "qk_head_dim": qk_dim,
+            "v_head_dim": v_dim,
+        }
         if is_moe:
             gu, dn = ex.gate_up_proj, ex.down_proj
             stacks = (gu.numel(), dn.numel())
-            info.update(expert_params=numel([gu, dn]), stack_numels=stacks, num_experts=int(gu.shape[0]),
-                        expert_inter=int((gu.shape[2] if fam.transposed else gu.shape[1]) // 2))
+            info.update(
+                expert_params=numel([gu, dn]),
+                stack_numels=stacks,
+                num_experts=int(gu.shape[0]),
+                expert_inter=int((gu.shape[2] if fam.transposed else gu.shape[1]) // 2),
+            )
             info["expert_bias_params"] = numel(ex.parameters())  # biases (the stacks are counted already)
             info["router_params"] = numel(router.parameters())
             info["shared_params"] = numel(shared.parameters()) if shared is not None else 0
@@ -340,7 +376,9 @@ def _count(config, trust_remote_code: bool) -> ModelCounts:
                 w = getattr(mod, "weight", None)
                 if "norm" in type(mod).__name__.lower() and w is not None and w.dim() == 1:
                     leaf = name.rsplit(".", 1)[-1]
-                    per_head = leaf[:1] in ("q", "k", "v") and "_a_" not in leaf and w.numel() in (qk_dim, v_dim)
+                    per_head = (
+                        leaf[:1] in ("q", "k", "v") and "_a_" not in leaf and w.numel() in (qk_dim, v_dim)
+                    )
                     n_heads = heads if leaf.startswith("q") else kv_heads
                     norm_width += w.numel() * (n_heads if per_head else 1)
         # frozen dense / shared MLP projections (not attention, experts, router): their widths
@@ -367,10 +405,19 @@ def _count(config, trust_remote_code: bool) -> ModelCounts:
     attn_impl = getattr(m.config, "_attn_implementation", None) or "sdpa"
     name = (getattr(config, "_name_or_path", "") or "").rstrip("/").rsplit("/", 1)[-1] or fam.model_type
     return ModelCounts(
-        model_type=fam.model_type, name=name, hidden=hidden, vocab=int(text.vocab_size), top_k=int(top_k),
-        attn="eager" if attn_impl == "eager" else "sdpa", use_cache=bool(getattr(text, "use_cache", True)),
-        tied=tied, layers=tuple(out_layers), embed_params=embed_params, lm_head_params=head_params,
-        other_params=other, total_params=total,
+        model_type=fam.model_type,
+        name=name,
+        hidden=hidden,
+        vocab=int(text.vocab_size),
+        top_k=int(top_k),
+        attn="eager" if attn_impl == "eager" else "sdpa",
+        use_cache=bool(getattr(text, "use_cache", True)),
+        tied=tied,
+        layers=tuple(out_layers),
+        embed_params=embed_params,
+        lm_head_params=head_params,
+        other_params=other,
+        total_params=total,
     )
 
 
@@ -390,7 +437,7 @@ class Settings:
     host_memory: int = 0
     chunk_mb: int = 256
     attn: str | None = None  # None: the config's attention implementation (default sdpa)
-    checkpointing: bool = True
+    checkpointing: str = "auto"  # auto | on | off, as ``usaf train --checkpointing``
     prefix_cache: bool = True
     group_size: int = 64
     score_budget_mb: int = 1024
@@ -400,8 +447,10 @@ class Settings:
         return self.device == "cpu"
 
     def describe(self) -> str:
-        return (f"--train-layers {self.train_layers} --seq-len {self.seq_len} --batch-size {self.batch_size} "
-                f"--density {self.density:g} --quant {self.quant} --chunk-mb {self.chunk_mb}")
+        return (
+            f"--train-layers {self.train_layers} --seq-len {self.seq_len} --batch-size {self.batch_size} "
+            f"--density {self.density:g} --quant {self.quant} --chunk-mb {self.chunk_mb}"
+        )
 
 
 def _check(s: Settings) -> None:
@@ -415,6 +464,8 @@ def _check(s: Settings) -> None:
         raise ValueError(f"--dtype {s.dtype!r} is not one of {', '.join(DTYPE_BYTES)}")
     if s.attn not in (None, "eager", "sdpa"):
         raise ValueError(f"--attn {s.attn!r} is not eager or sdpa")
+    if s.checkpointing not in ("auto", "on", "off"):
+        raise ValueError(f"--checkpointing {s.checkpointing!r} is not auto, on or off")
     if s.chunk_mb < 1:
         raise ValueError(f"--chunk-mb must be >= 1, got {s.chunk_mb}")
     if s.group_size < 8 or s.group_size % 8:
@@ -450,7 +501,9 @@ def layer_expert_bytes(lc: LayerCounts, quant: str, group_size: int, d: int) -> 
     """Frozen (quantized) bytes of one layer's expert stacks, biases included."""
     if not lc.moe:
         return 0
-    total = sum(_quant_bytes(n // lc.num_experts, lc.num_experts, quant, group_size, d) for n in lc.stack_numels)
+    total = sum(
+        _quant_bytes(n // lc.num_experts, lc.num_experts, quant, group_size, d) for n in lc.stack_numels
+    )
     return total + lc.expert_bias_params * d
 
 
@@ -470,8 +523,9 @@ def _dequant_bytes(lc: LayerCounts, chunk_mb: int, d: int) -> int:
     return run + run * lc.stack_numels[0] // sum(lc.stack_numels)
 
 
-def _layer_activations(mc: ModelCounts, lc: LayerCounts, s: Settings, d: int, attn: str,
-                       first: bool = False) -> int:
+def _layer_activations(
+    mc: ModelCounts, lc: LayerCounts, s: Settings, d: int, attn: str, first: bool = False
+) -> int:
     """Bytes autograd saves for one layer in training (frozen linears save no inputs; see docs/plan.md).
 
     ``first``: the lowest layer of the span, whose input does not require grad (it comes from the prefix
@@ -530,8 +584,13 @@ def _logits_bytes(mc: ModelCounts, s: Settings, d: int, train: bool) -> int:
 # selection peak is resident + step + select + the larger of loss / layer.
 _STEP_MOMENTS = (("loss",), ("layer",), ("save",))
 _SELECT_MOMENTS = (("loss", "select"), ("layer", "select"))
-_WHEN = {"step": " (during the step)", "loss": " (at the loss)", "layer": " (inside a layer)",
-         "save": " (while saving)", "select": " (while scoring, selection)"}
+_WHEN = {
+    "step": " (during the step)",
+    "loss": " (at the loss)",
+    "layer": " (inside a layer)",
+    "save": " (while saving)",
+    "select": " (while scoring, selection)",
+}
 
 
 @dataclass
@@ -591,8 +650,9 @@ def _place_block(p: _Plan, name: str, pieces: list[int], device_staging: int, ma
         return counts
     if not p.cpu:
         if device_staging > p.device_free() and not p.failed:
-            p.failed.append(f"{name}: the device has no room for the streaming buffers "
-                            f"({fmt_bytes(device_staging)})")
+            p.failed.append(
+                f"{name}: the device has no room for the streaming buffers ({fmt_bytes(device_staging)})"
+            )
         p.add(f"{name}: streaming buffers (current + next)", device_staging, "device")
     host_tier = "device" if p.cpu else "host"
 
@@ -644,8 +704,9 @@ def _phase(mc: ModelCounts, s: Settings, train: bool) -> dict:
     layers = [mc.layers[i] for i in resident]
     moe_train = [mc.layers[i] for i in rng if mc.layers[i].moe]
     if not moe_train:
-        raise ValueError(f"--train-layers {s.train_layers!r} contains no MoE layer "
-                         f"(MoE layers: {_ranges(mc.moe_layers)})")
+        raise ValueError(
+            f"--train-layers {s.train_layers!r} contains no MoE layer (MoE layers: {_ranges(mc.moe_layers)})"
+        )
 
     # -- runtime ------------------------------------------------------------------------------------
     if s.cpu:
@@ -661,8 +722,11 @@ def _phase(mc: ModelCounts, s: Settings, train: bool) -> dict:
     offsets = sum((lc.num_experts + 1) * 8 * len(lc.stack_numels) for lc in moe_train)
     router = sum(lc.router_params for lc in moe_train)
     if train:
-        p.add("deltas: indices + fp32 values + AdamW moments (16 B/elt)", int(active * (per_el + 12)) + offsets,
-              dev_tier)
+        p.add(
+            "deltas: indices + fp32 values + AdamW moments (16 B/elt)",
+            int(active * (per_el + 12)) + offsets,
+            dev_tier,
+        )
         p.add("deltas: fp32 gradients (4 B/elt)", active * 4, dev_tier, "layer")
         master = 0 if d == 4 else 4  # fp32 models: the router parameter is its own master
         p.add("routers: fp32 masters + AdamW moments", router * (master + 8), dev_tier)
@@ -674,47 +738,75 @@ def _phase(mc: ModelCounts, s: Settings, train: bool) -> dict:
     span_layers = [mc.layers[i] for i in span]
     if train:
         full = [_layer_activations(mc, lc, s, d, attn, first=k == 0) for k, lc in enumerate(span_layers)]
-        if s.checkpointing:
-            p.add(f"activations: layer inputs ({len(span)} layers x B x T x H)", len(span) * n_tok * mc.hidden * d,
-                  dev_tier, "step")
+        if _checkpointing(mc, s, first):
+            p.add(
+                f"activations: layer inputs ({len(span)} layers x B x T x H)",
+                len(span) * n_tok * mc.hidden * d,
+                dev_tier,
+                "step",
+            )
             p.add("activations: one layer recomputed in full", max(full), dev_tier, "layer")
         else:
             p.add(f"activations: {len(span)} layers in full", sum(full), dev_tier, "step")
-        p.add("backward working set (input grads, residual grads)",
-              n_tok * mc.top_k * mc.hidden * d + 4 * n_tok * mc.hidden * 4, dev_tier, "layer")
+        p.add(
+            "backward working set (input grads, residual grads)",
+            n_tok * mc.top_k * mc.hidden * d + 4 * n_tok * mc.hidden * 4,
+            dev_tier,
+            "layer",
+        )
         p.add("final norm input (fp32)", n_tok * mc.hidden * 4, dev_tier, "step")
     else:
-        p.add("activations: one layer's working set + residual",
-              max(_layer_infer_working(mc, lc, s, d, attn) for lc in layers), dev_tier, "layer")
+        p.add(
+            "activations: one layer's working set + residual",
+            max(_layer_infer_working(mc, lc, s, d, attn) for lc in layers),
+            dev_tier,
+            "layer",
+        )
         if mc.use_cache:
             kv = sum(n_tok * lc.kv_heads * (lc.qk_head_dim + lc.v_head_dim) * d for lc in mc.layers)
             p.add("KV cache (use_cache)", kv, dev_tier, "step")
-    p.add("logits (B x T x V) + fp32 upcast" + (" + gradient" if train else " + log-softmax"),
-          _logits_bytes(mc, s, d, train), dev_tier, "loss")
+    p.add(
+        "logits (B x T x V) + fp32 upcast" + (" + gradient" if train else " + log-softmax"),
+        _logits_bytes(mc, s, d, train),
+        dev_tier,
+        "loss",
+    )
 
     # -- dequantization transients (current layer) -------------------------------------------------------
     moe_res = [lc for lc in layers if lc.moe]
     dq = max(_dequant_bytes(lc, s.chunk_mb, d) for lc in moe_res)
     scratch_el = DEQUANT_SCRATCH_CPU if s.cpu else DEQUANT_SCRATCH_ACCEL
     scratch = 0 if s.quant == "none" else min(scratch_el, max(sum(lc.stack_numels) for lc in moe_res)) * 4
-    p.add(f"dequantized expert weights (runs of <= {s.chunk_mb} MB) + scratch", dq + scratch, dev_tier, "layer")
+    p.add(
+        f"dequantized expert weights (runs of <= {s.chunk_mb} MB) + scratch", dq + scratch, dev_tier, "layer"
+    )
 
     # -- training: checkpoint staging and the importance scores of selection / reselection ------------------
     scores = 0
     if train:
         ckpt = int(active * (per_el + 12)) + router * 12
         p.add("checkpoint staging (host copy of deltas, moments, routers)", ckpt, host_tier, "save")
-        scores = _score_bytes(s, moe_train)
+        scores, score_dtype = _score_bytes(s, moe_train)
         dw = max(sum(lc.stack_numels) // lc.num_experts for lc in moe_train) * (d + 4)
         p.add("selection: dense |dW| of one expert", dw, dev_tier, "select")
         # scores are less hot than the frozen weights: planned on the host (RAM on CPU), moved below if room
-        p.add("selection: dense fp32 importance scores (one layer group)", scores, host_tier, "select")
+        p.add(
+            f"selection: importance scores ({score_dtype}, one layer group) + top-k",
+            scores,
+            host_tier,
+            "select",
+        )
     if p.device_free() < 0 or p.host_free() < 0:
-        what = "trainable state, activations, logits and transients" if train else \
-            "activations, logits and transients"
+        what = (
+            "trainable state, activations, logits and transients"
+            if train
+            else "activations, logits and transients"
+        )
         tier = "device" if p.device_free() < 0 else "host"
-        p.failed.append(f"{what} alone ({fmt_bytes(p.peak(tier))}) exceed the "
-                        + ("host memory" if s.cpu or tier == "host" else "device memory"))
+        p.failed.append(
+            f"{what} alone ({fmt_bytes(p.peak(tier))}) exceed the "
+            + ("host memory" if s.cpu or tier == "host" else "device memory")
+        )
 
     # -- non-expert weights (bf16): device if they fit, else host, else disk ---------------------------------
     per_layer = [lc.non_expert_params * d for lc in layers]
@@ -725,18 +817,20 @@ def _phase(mc: ModelCounts, s: Settings, train: bool) -> dict:
     ne_staging = max(2 * max(per_layer, default=0), head, embed)
     ne_placed = _place_block(p, "non-expert weights", [ne_total], ne_staging, ne_staging)
 
-    # -- frozen experts of the resident layers: device, else host (streamed), else disk (mmap) -----------------
+    # -- frozen experts of the resident layers: device, else host (streamed), else disk (mmap) ----------
     ex_pieces = [layer_expert_bytes(lc, s.quant, s.group_size, d) for lc in moe_res]
     staging = 2 * max(ex_pieces)
     placed = _place_block(p, f"frozen experts ({s.quant})", ex_pieces, staging, staging)
 
-    # -- training: the scores go to the device if it has room at the selection moment; the disk parts ---------
+    # -- training: the scores go to the device if it has room at the selection moment; disk parts ------
     if train:
         if not s.cpu and p.select_peak("device") + scores <= p.device_budget:
-            next(q for q in p.parts if q["item"].startswith("selection: dense fp32"))["tier"] = "device"
+            next(q for q in p.parts if q["item"].startswith("selection: importance"))["tier"] = "device"
         if s.prefix_cache and (first > 0 or not mc.tied):
-            disk_prefix = sum(layer_expert_bytes(lc, s.quant, s.group_size, d) + lc.non_expert_params * d
-                              for lc in mc.layers[:first])
+            disk_prefix = sum(
+                layer_expert_bytes(lc, s.quant, s.group_size, d) + lc.non_expert_params * d
+                for lc in mc.layers[:first]
+            )
             disk_prefix += 0 if mc.tied else mc.embed_params * d
             what = f"frozen layers 0-{first - 1} + embeddings" if first > 0 else "embeddings"
             p.add(f"{what} (prefix-cache build only)", disk_prefix, "disk")
@@ -746,11 +840,15 @@ def _phase(mc: ModelCounts, s: Settings, train: bool) -> dict:
         if (s.cpu and tier == "host") or p.failed:
             continue
         if p.step_peak(tier) > budget:
-            p.failed.append(f"{tier if not s.cpu else 'host'} peak {fmt_bytes(p.step_peak(tier))} exceeds the "
-                            f"budget {fmt_bytes(budget)}")
+            p.failed.append(
+                f"{tier if not s.cpu else 'host'} peak {fmt_bytes(p.step_peak(tier))} exceeds the "
+                f"budget {fmt_bytes(budget)}"
+            )
         elif train and p.select_peak(tier) > budget:
-            p.failed.append(f"selection (importance scoring) peak {fmt_bytes(p.select_peak(tier))} on the "
-                            f"{tier if not s.cpu else 'host'} exceeds the budget {fmt_bytes(budget)}")
+            p.failed.append(
+                f"selection (importance scoring) peak {fmt_bytes(p.select_peak(tier))} on the "
+                f"{tier if not s.cpu else 'host'} exceeds the budget {fmt_bytes(budget)}"
+            )
     out = {
         "fits": not p.failed,
         "peak_device_bytes": p.step_peak("device"),
@@ -765,30 +863,49 @@ def _phase(mc: ModelCounts, s: Settings, train: bool) -> dict:
     }
     if train:
         out["active_elements"] = active
+        out["checkpointing"] = "on" if _checkpointing(mc, s, first) else "off"
         out["train_layers"] = [rng.start, rng.stop - 1]
         sel_ok = p.select_peak("device") <= dev_budget and (s.cpu or p.select_peak("host") <= s.host_memory)
         out["step_fits"] = not [f for f in p.failed if not f.startswith("selection")]
-        out["select"] = {"fits": bool(sel_ok and out["step_fits"]),
-                         "peak_device_bytes": p.select_peak("device"), "peak_host_bytes": p.select_peak("host"),
-                         "score_buffers_bytes": scores,
-                         "score_buffers_tier": next(q["tier"] for q in p.parts
-                                                    if q["item"].startswith("selection: dense fp32"))}
+        out["select"] = {
+            "fits": bool(sel_ok and out["step_fits"]),
+            "peak_device_bytes": p.select_peak("device"),
+            "peak_host_bytes": p.select_peak("host"),
+            "score_buffers_bytes": scores,
+            "score_buffers_tier": next(
+                q["tier"] for q in p.parts if q["item"].startswith("selection: importance")
+            ),
+        }
     return out
 
 
-def _score_bytes(s: Settings, moe_train: list[LayerCounts]) -> int:
-    """Dense fp32 score buffers of the largest group of layers scored at once (``usaf.select``: groups of at
-    most ``score_budget_mb``, at least one layer), plus the concatenated copy of one layer's scores."""
+def _checkpointing(mc: ModelCounts, s: Settings, first: int) -> bool:
+    """``usaf train``'s rule: ``auto`` is on when B x T x (layers from the first trainable one) x H x 2 B x 24
+    (a rough size of the saved activations) exceeds 512 MiB."""
+    if s.checkpointing != "auto":
+        return s.checkpointing == "on"
+    return s.batch_size * s.seq_len * (mc.num_layers - first) * mc.hidden * 2 * 24 > 512 << 20
+
+
+def _score_bytes(s: Settings, moe_train: list[LayerCounts]) -> tuple[int, str]:
+    """Dense score buffers of the largest group of layers scored at once, as ``usaf.select`` allocates them:
+    fp32 when one layer's buffers fit ``score_budget_mb`` (else bf16), layers grouped within that budget (at
+    least one), plus the top-k candidates of the largest stack (values + int64 indices)."""
     budget = s.score_budget_mb << 20
+    elem = 4 if max(lc.expert_params for lc in moe_train) * 4 <= budget else 2
     groups, cur = [], 0
     for lc in reversed(moe_train):
-        size = lc.expert_params * 4
+        size = lc.expert_params * elem
         if cur and cur + size > budget:
             groups.append(cur)
             cur = 0
         cur += size
     groups.append(cur)
-    return max(groups) + max(lc.expert_params for lc in moe_train) * 4
+    total = sum(lc.expert_params for lc in moe_train)
+    budget_el = s.density * total
+    biggest = max(n for lc in moe_train for n in lc.stack_numels)
+    k = min(biggest, math.ceil(4.0 * budget_el * biggest / total))  # layer_share_cap = 4
+    return max(groups) + k * (elem + 8), ("fp32" if elem == 4 else "bf16")
 
 
 def _ranges(idx: list[int]) -> str:
@@ -843,14 +960,23 @@ def _min_budget(mc: ModelCounts, s: Settings, key: str = "") -> int | None:
     return hi
 
 
-_FLAGS = (("train_layers", "--train-layers"), ("seq_len", "--seq-len"), ("batch_size", "--batch-size"),
-          ("density", "--density"), ("quant", "--quant"), ("chunk_mb", "--chunk-mb"))
+_FLAGS = (
+    ("train_layers", "--train-layers"),
+    ("seq_len", "--seq-len"),
+    ("batch_size", "--batch-size"),
+    ("density", "--density"),
+    ("quant", "--quant"),
+    ("chunk_mb", "--chunk-mb"),
+)
 
 
 def _label(s: Settings, c: Settings) -> str:
     """The flags that differ between the user's settings and a candidate, e.g. ``--seq-len 256``."""
-    out = [f"{flag} {getattr(c, name):g}" if name == "density" else f"{flag} {getattr(c, name)}"
-           for name, flag in _FLAGS if getattr(c, name) != getattr(s, name)]
+    out = [
+        f"{flag} {getattr(c, name):g}" if name == "density" else f"{flag} {getattr(c, name)}"
+        for name, flag in _FLAGS
+        if getattr(c, name) != getattr(s, name)
+    ]
     if c.batch_size < s.batch_size:
         out.append(f"(raise --grad-accum x{s.batch_size // c.batch_size} to keep the tokens per step)")
     return " ".join(out)
@@ -880,8 +1006,12 @@ def _candidates(mc: ModelCounts, s: Settings) -> list[Settings]:
     if s.chunk_mb > 64:
         out.append(replace(base, chunk_mb=64))
     out += [replace(base, seq_len=t, train_layers=n) for t in seq_opts for n in layer_opts]
-    small = replace(base, seq_len=seq_opts[-1] if seq_opts else s.seq_len, chunk_mb=min(s.chunk_mb, 64),
-                    train_layers=layer_opts[-1] if layer_opts else s.train_layers)
+    small = replace(
+        base,
+        seq_len=seq_opts[-1] if seq_opts else s.seq_len,
+        chunk_mb=min(s.chunk_mb, 64),
+        train_layers=layer_opts[-1] if layer_opts else s.train_layers,
+    )
     out.append(small)
     seen, uniq = {s}, []
     for c in out:
@@ -900,40 +1030,77 @@ def _suggest(mc: ModelCounts, s: Settings, result: dict) -> dict:
         r = _evaluate(mc, cand)
         if r["fits"]:
             label = _label(s, cand)
-            first = {"change": label, "settings": cand.describe(),
-                     "train_peak_device_bytes": r["train"]["peak_device_bytes"],
-                     "infer_peak_device_bytes": r["infer"]["peak_device_bytes"]}
-            lines.append(f"fits with {label} (training peak {fmt_bytes(r['train']['peak_device_bytes'])}, "
-                         f"inference peak {fmt_bytes(r['infer']['peak_device_bytes'])} on the {where})")
+            first = {
+                "change": label,
+                "settings": cand.describe(),
+                "train_peak_device_bytes": r["train"]["peak_device_bytes"],
+                "infer_peak_device_bytes": r["infer"]["peak_device_bytes"],
+            }
+            lines.append(
+                f"fits with {label} (training peak {fmt_bytes(r['train']['peak_device_bytes'])}, "
+                f"inference peak {fmt_bytes(r['infer']['peak_device_bytes'])} on the {where})"
+            )
             break
     need = _min_budget(mc, s)
     if need is not None:
         flag = "--host-memory" if s.cpu else "--device-memory"
-        lines.append(f"or, with these settings, {flag} {fmt_bytes(need).replace(' ', '')} (about what they need)")
+        lines.append(
+            f"{'or, ' if lines else ''}with these settings: {flag} {fmt_bytes(need).replace(' ', '')} "
+            f"(about what they need)"
+        )
     if not s.cpu:
-        host_short = max(result["train"]["peak_host_bytes"], result["infer"]["peak_host_bytes"],
-                         result["train"]["select"]["peak_host_bytes"]) > s.host_memory
+        host_short = (
+            max(
+                result["train"]["peak_host_bytes"],
+                result["infer"]["peak_host_bytes"],
+                result["train"]["select"]["peak_host_bytes"],
+            )
+            > s.host_memory
+        )
         if host_short:
             need_host = _min_budget(mc, s, "host_memory")
             if need_host is not None:
-                lines.append(f"the host tier needs --host-memory {fmt_bytes(need_host).replace(' ', '')} (frozen "
-                             f"weights that do not fit there go to disk, but the streaming buffers and runtime "
-                             f"must)")
+                lines.append(
+                    f"the host tier needs --host-memory {fmt_bytes(need_host).replace(' ', '')} (frozen "
+                    f"weights that do not fit there go to disk, but the streaming buffers and runtime "
+                    f"must)"
+                )
         need_cpu = _min_budget(mc, replace(s, device="cpu", device_memory=s.host_memory))
         if need_cpu is not None and need_cpu <= s.host_memory:
-            lines.append(f"or run on the CPU: --device cpu fits in {fmt_bytes(s.host_memory)} of host memory "
-                         f"(needs about {fmt_bytes(need_cpu)})")
+            lines.append(
+                f"or run on the CPU: --device cpu fits in {fmt_bytes(s.host_memory)} of host memory "
+                f"(needs about {fmt_bytes(need_cpu)})"
+            )
     if not lines:
         lines.append("nothing tried fits; use a smaller model or a larger device")
     return {"first_fit": first, "min_budget_bytes": need, "lines": lines}
 
 
-def predict(config: Any, seq_len: int = 512, batch_size: int = 1, density: float = 0.005,
-            train_layers: str = "top:8", quant: str = "4bit", dtype: str = "bf16",
-            device_memory: int | str | None = None, host_memory: int | str | None = None,
-            device: str = "cuda", *, chunk_mb: int = 256, attn: str | None = None, checkpointing: bool = True,
-            prefix_cache: bool = True, group_size: int = 64, score_budget_mb: int = 1024,
-            suggest: bool = True, trust_remote_code: bool = False) -> dict:
+def _on_off(v: str | bool) -> str:
+    return ("on" if v else "off") if isinstance(v, bool) else str(v)
+
+
+def predict(
+    config: Any,
+    seq_len: int = 512,
+    batch_size: int = 1,
+    density: float = 0.005,
+    train_layers: str = "top:8",
+    quant: str = "4bit",
+    dtype: str = "bf16",
+    device_memory: int | str | None = None,
+    host_memory: int | str | None = None,
+    device: str = "cuda",
+    *,
+    chunk_mb: int = 256,
+    attn: str | None = None,
+    checkpointing: str | bool = "auto",
+    prefix_cache: bool = True,
+    group_size: int = 64,
+    score_budget_mb: int = 1024,
+    suggest: bool = True,
+    trust_remote_code: bool = False,
+) -> dict:
     """Predict peak memory and placement of inference and of one training step.
 
     Args:
@@ -950,10 +1117,12 @@ def predict(config: Any, seq_len: int = 512, batch_size: int = 1, density: float
         device: ``cuda`` (any accelerator) or ``cpu``.
         chunk_mb: ``UsafConfig.chunk_mb`` (dequantized expert weights held at once per layer).
         attn: ``eager`` | ``sdpa``; default the config's attention implementation (sdpa if unset).
-        checkpointing: activation checkpointing at layer boundaries (the streaming executor's layout).
-            False keeps every trainable layer's activations (what ``usaf train`` does today).
+        checkpointing: activation checkpointing at layer boundaries: ``auto`` (``usaf train``'s rule: on
+            when B x T x layers x H x 48 B exceeds 512 MiB), ``on``/True, ``off``/False (every layer of the
+            span keeps its activations).
         prefix_cache: layers below the trainable range run once to build a cache of hidden states and are
-            not resident while training. False keeps them resident (what ``usaf train`` does today).
+            not resident while training (``usaf train --prefix-cache``, the default). False keeps them
+            resident.
         group_size, score_budget_mb: ``UsafConfig`` fields of the same names.
         suggest: when it does not fit, try candidate settings and report the first that fits.
 
@@ -967,8 +1136,15 @@ def predict(config: Any, seq_len: int = 512, batch_size: int = 1, density: float
     Raises:
         ValueError: bad settings or budgets (one line); ``UnsupportedModelError`` for dense / unknown models.
     """
-    dev_kind = "cpu" if str(device) == "cpu" else ("cuda" if str(device).startswith("cuda") or device in (
-        "auto", "gpu", "accelerator", "mps", "xpu") else None)
+    dev_kind = (
+        "cpu"
+        if str(device) == "cpu"
+        else (
+            "cuda"
+            if str(device).startswith("cuda") or device in ("auto", "gpu", "accelerator", "mps", "xpu")
+            else None
+        )
+    )
     if dev_kind is None:
         raise ValueError(f"--device {device!r} is not cpu or cuda")
     host = parse_memory(host_memory, "--host-memory") if host_memory is not None else None
@@ -980,11 +1156,23 @@ def predict(config: Any, seq_len: int = 512, batch_size: int = 1, density: float
         if dev_mem is None:
             raise ValueError("--device-memory is required (e.g. --device-memory 12GB), or use --device cpu")
         host = host or _host_default()
-    s = Settings(seq_len=int(seq_len), batch_size=int(batch_size), density=float(density),
-                 train_layers=str(train_layers), quant=str(quant), dtype=str(dtype), device=dev_kind,
-                 device_memory=dev_mem, host_memory=host, chunk_mb=int(chunk_mb), attn=attn,
-                 checkpointing=bool(checkpointing), prefix_cache=bool(prefix_cache), group_size=int(group_size),
-                 score_budget_mb=int(score_budget_mb))
+    s = Settings(
+        seq_len=int(seq_len),
+        batch_size=int(batch_size),
+        density=float(density),
+        train_layers=str(train_layers),
+        quant=str(quant),
+        dtype=str(dtype),
+        device=dev_kind,
+        device_memory=dev_mem,
+        host_memory=host,
+        chunk_mb=int(chunk_mb),
+        attn=attn,
+        checkpointing=_on_off(checkpointing),
+        prefix_cache=bool(prefix_cache),
+        group_size=int(group_size),
+        score_budget_mb=int(score_budget_mb),
+    )
     _check(s)
     mc = count_model(config, trust_remote_code)
     res = _evaluate(mc, s)
@@ -1001,10 +1189,17 @@ def predict(config: Any, seq_len: int = 512, batch_size: int = 1, density: float
         "select_peak_host_bytes": train["select"]["peak_host_bytes"],
         "device_budget_bytes": s.device_memory,
         "host_budget_bytes": s.host_memory,
-        "model": {"name": mc.name, "model_type": mc.model_type, "num_layers": mc.num_layers,
-                  "moe_layers": len(mc.moe_layers), "num_experts": max(x.num_experts for x in mc.layers),
-                  "top_k": mc.top_k, "tied_embeddings": mc.tied, "attn": s.attn or mc.attn,
-                  "params": mc.by_kind()},
+        "model": {
+            "name": mc.name,
+            "model_type": mc.model_type,
+            "num_layers": mc.num_layers,
+            "moe_layers": len(mc.moe_layers),
+            "num_experts": max(x.num_experts for x in mc.layers),
+            "top_k": mc.top_k,
+            "tied_embeddings": mc.tied,
+            "attn": s.attn or mc.attn,
+            "params": mc.by_kind(),
+        },
         "settings": {k: getattr(s, k) for k in Settings.__dataclass_fields__},
         "train": train,
         "infer": infer,
@@ -1032,30 +1227,44 @@ def format_plan(r: dict) -> str:
         f"{m['num_experts']} experts, top-{m['top_k']}, attention {m['attn']}",
         f"parameters  {_fmt_count(pc['total'])} total, {_fmt_count(pc['active'])} active per token; experts "
         f"{_fmt_count(pc['experts'])}, routers {_fmt_count(pc['routers'])}, shared experts "
-        f"{_fmt_count(pc['shared_experts'])}, attention/dense {_fmt_count(pc['attention_dense'])}, embeddings "
+        f"{_fmt_count(pc['shared_experts'])}, attention/dense {_fmt_count(pc['attention_dense'])}, "
+        f"embeddings "
         f"{_fmt_count(pc['embeddings'])}, lm_head "
         + ("tied" if m["tied_embeddings"] else _fmt_count(pc["lm_head"])),
         f"settings    train layers {train['train_layers'][0]}-{train['train_layers'][1]} "
         f"({s['train_layers']}), seq {s['seq_len']} x batch {s['batch_size']}, density {s['density']:g} "
         f"({_fmt_count(train['active_elements'])} active), {s['quant']} experts, {s['dtype']}, "
-        f"{'checkpointing' if s['checkpointing'] else 'no checkpointing'}, "
+        f"checkpointing {train['checkpointing']}{' (auto)' if s['checkpointing'] == 'auto' else ''}, "
         f"{'prefix cache' if s['prefix_cache'] else 'no prefix cache'}",
-        "budgets     " + (f"host RAM {fmt_bytes(s['host_memory'])} (--device cpu)" if cpu else
-                           f"device {fmt_bytes(s['device_memory'])}, host {fmt_bytes(s['host_memory'])}"),
+        "budgets     "
+        + (
+            f"host RAM {fmt_bytes(s['host_memory'])} (--device cpu)"
+            if cpu
+            else f"device {fmt_bytes(s['device_memory'])}, host {fmt_bytes(s['host_memory'])}"
+        ),
         "",
         f"{'peak':<24}{'training step':>16}{'selection':>16}{'inference':>16}",
     ]
     sel = train["select"]
     if cpu:
-        lines.append(f"{'host RAM':<24}{fmt_bytes(train['peak_device_bytes']):>16}"
-                     f"{fmt_bytes(sel['peak_device_bytes']):>16}{fmt_bytes(infer['peak_device_bytes']):>16}")
+        lines.append(
+            f"{'host RAM':<24}{fmt_bytes(train['peak_device_bytes']):>16}"
+            f"{fmt_bytes(sel['peak_device_bytes']):>16}{fmt_bytes(infer['peak_device_bytes']):>16}"
+        )
     else:
-        lines.append(f"{'device':<24}{fmt_bytes(train['peak_device_bytes']):>16}"
-                     f"{fmt_bytes(sel['peak_device_bytes']):>16}{fmt_bytes(infer['peak_device_bytes']):>16}")
-        lines.append(f"{'host':<24}{fmt_bytes(train['peak_host_bytes']):>16}"
-                     f"{fmt_bytes(sel['peak_host_bytes']):>16}{fmt_bytes(infer['peak_host_bytes']):>16}")
-    lines.append(f"{'disk (mmap / cache)':<24}{fmt_bytes(train['disk_bytes']):>16}{'':>16}"
-                 f"{fmt_bytes(infer['disk_bytes']):>16}")
+        lines.append(
+            f"{'device':<24}{fmt_bytes(train['peak_device_bytes']):>16}"
+            f"{fmt_bytes(sel['peak_device_bytes']):>16}{fmt_bytes(infer['peak_device_bytes']):>16}"
+        )
+        lines.append(
+            f"{'host':<24}{fmt_bytes(train['peak_host_bytes']):>16}"
+            f"{fmt_bytes(sel['peak_host_bytes']):>16}{fmt_bytes(infer['peak_host_bytes']):>16}"
+        )
+    lines.append(
+        f"{'disk (mmap / cache)':<24}{fmt_bytes(train['disk_bytes']):>16}{'':>16}"
+        f"{fmt_bytes(infer['disk_bytes']):>16}"
+    )
+
     def ok(f: bool) -> str:
         return "fits" if f else "DOES NOT FIT"
 
@@ -1072,7 +1281,9 @@ def format_plan(r: dict) -> str:
     if r["fits"]:
         lines.append("verdict     fits: training, selection and inference stay within the budgets")
     else:
-        problems = [f"training: {x}" for x in train["problems"]] + [f"inference: {x}" for x in infer["problems"]]
+        problems = [f"training: {x}" for x in train["problems"]] + [
+            f"inference: {x}" for x in infer["problems"]
+        ]
         lines.append("verdict     DOES NOT FIT")
         lines += [f"  - {x}" for x in problems]
         for x in r.get("suggestions", []):
@@ -1086,21 +1297,36 @@ def _json_safe(r: dict) -> dict:
 
 def cmd_plan(args: argparse.Namespace) -> int:
     """Handler of ``usaf plan``: prints the table (or JSON); exit code 0 (also when it does not fit)."""
-    r = predict(args.model, seq_len=args.seq_len, batch_size=args.batch_size, density=args.density,
-                train_layers=args.train_layers, quant=args.quant, dtype=args.dtype,
-                device_memory=args.device_memory, host_memory=args.host_memory, device=args.device,
-                chunk_mb=args.chunk_mb, attn=args.attn, checkpointing=args.checkpointing,
-                prefix_cache=args.prefix_cache, trust_remote_code=args.trust_remote_code)
+    r = predict(
+        args.model,
+        seq_len=args.seq_len,
+        batch_size=args.batch_size,
+        density=args.density,
+        train_layers=args.train_layers,
+        quant=args.quant,
+        dtype=args.dtype,
+        device_memory=args.device_memory,
+        host_memory=args.host_memory,
+        device=args.device,
+        chunk_mb=args.chunk_mb,
+        attn=args.attn,
+        checkpointing=args.checkpointing,
+        prefix_cache=args.prefix_cache,
+        trust_remote_code=args.trust_remote_code,
+    )
     print(json.dumps(_json_safe(r), indent=2) if args.json else format_plan(r))
     return 0
 
 
 def add_parser(sub) -> argparse.ArgumentParser:
     """Add ``usaf plan`` to the CLI's subparsers; returns the subparser."""
-    q = sub.add_parser("plan", help="predict peak memory of inference and training, and where each part goes",
-                       description="Predict peak device/host memory of inference and of one training step from "
-                                   "config.json alone, with a device/host/disk placement; says what to change "
-                                   "when it does not fit. Sizes: 12GB = 12*10^9 bytes, 12GiB = 12*2^30.")
+    q = sub.add_parser(
+        "plan",
+        help="predict peak memory of inference and training, and where each part goes",
+        description="Predict peak device/host memory of inference and of one training step from "
+        "config.json alone, with a device/host/disk placement; says what to change "
+        "when it does not fit. Sizes: 12GB = 12*10^9 bytes, 12GiB = 12*2^30.",
+    )
     q.add_argument("--model", required=True, help="checkpoint directory, path to a config.json, or a hub id")
     q.add_argument("--device-memory", help="device budget, e.g. 12GB (required unless --device cpu)")
     q.add_argument("--host-memory", help="host RAM budget (default: this machine's RAM)")
@@ -1112,11 +1338,22 @@ def add_parser(sub) -> argparse.ArgumentParser:
     q.add_argument("--dtype", default="bf16", choices=tuple(DTYPE_BYTES))
     q.add_argument("--device", default="cuda", help="cuda (any accelerator) or cpu (default: cuda)")
     q.add_argument("--chunk-mb", type=int, default=256, help="dequantized expert weights per run, MB")
-    q.add_argument("--attn", choices=("eager", "sdpa"), help="attention implementation (default: the config's)")
-    q.add_argument("--checkpointing", action=argparse.BooleanOptionalAction, default=True,
-                   help="activation checkpointing at layer boundaries (default: on)")
-    q.add_argument("--prefix-cache", action=argparse.BooleanOptionalAction, default=True,
-                   help="layers below the trainable range are cached hidden states, not resident (default: on)")
+    q.add_argument(
+        "--attn", choices=("eager", "sdpa"), help="attention implementation (default: the config's)"
+    )
+    q.add_argument(
+        "--checkpointing",
+        default="auto",
+        choices=("auto", "on", "off"),
+        help="activation checkpointing at layer boundaries, as in usaf train (default: auto = on "
+        "when the trainable layers' activations would exceed 512 MiB)",
+    )
+    q.add_argument(
+        "--prefix-cache",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="layers below the trainable range are cached hidden states, not resident (default: on)",
+    )
     q.add_argument("--json", action="store_true", help="print the full prediction as JSON")
     q.add_argument("--trust-remote-code", action="store_true")
     q.set_defaults(func=cmd_plan)
