@@ -302,3 +302,14 @@ def test_activation_checkpointing_gives_the_same_gradients():
     model(IDS, labels=IDS).loss.backward()
     for a, p in zip(ref, handle.trainable_parameters()):
         torch.testing.assert_close(p.grad, a, rtol=1e-5, atol=1e-7)
+
+
+def test_top_candidates_threshold_path_equals_topk():
+    from usaf.select import top_candidates
+
+    g = torch.Generator().manual_seed(0)
+    scores = torch.rand(5_000_000, generator=g)
+    vals, idx = top_candidates(scores, 20_000)
+    ref = torch.topk(scores, 20_000)
+    assert set(idx.tolist()) == set(ref.indices.tolist())
+    assert torch.equal(scores[idx], vals)

@@ -11,12 +11,16 @@ Train a tiny, well-chosen fraction of the real expert weights (default 0.5%) plu
     handle.save_delta("delta.safetensors")
 """
 
-from .config import TrainConfig, UsafConfig
-from .families import FAMILIES, Family, UnsupportedModelError, register
-from .model import UsafModel, prepare
-from .optim import UsafOptimizer, make_scheduler
-from .rigl import drop_fraction, reselect
-from .select import select
+from .runtime import tune as _tune
+
+_tune()
+
+from .config import TrainConfig, UsafConfig  # noqa: E402
+from .families import FAMILIES, Family, UnsupportedModelError, register  # noqa: E402
+from .model import UsafModel, prepare  # noqa: E402
+from .optim import UsafOptimizer, make_scheduler  # noqa: E402
+from .rigl import drop_fraction, reselect  # noqa: E402
+from .select import select  # noqa: E402
 
 __version__ = "0.1.0"
 

@@ -318,6 +318,14 @@ def _setup(method: str, cfg: dict, batches: list[dict]):
         info["selection_s"] = round(time.perf_counter() - t0, 3)
         info["active"] = rep["active"]
         opt = usaf.UsafOptimizer(handle, lr=2e-4, router_lr=5e-5)
+        # The same activation-checkpointing choice `usaf train --checkpointing auto` makes.
+        from usaf.prefix import use_checkpointing
+
+        info["checkpointing"] = use_checkpointing(handle, cfg.get("checkpointing", "auto"), b0["input_ids"].shape[0],
+                                                  b0["input_ids"].shape[1]) if (b0 := batches[0]) else False
+        if info["checkpointing"]:
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        model.train()
 
         def step(b):
             loss = fwd_loss(b)

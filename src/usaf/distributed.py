@@ -71,8 +71,9 @@ def init(device_spec: str = "auto") -> Dist:
 
 
 def device_for(d: Dist, spec: str) -> str:
-    """Each rank's device: ``cuda:<local rank>`` when CUDA is used, else the spec."""
-    if d.on and torch.cuda.is_available() and spec in ("auto", "cuda"):
+    """Each rank's device: ``cuda:<local rank>`` when CUDA is used (``auto``, ``cuda`` or ``cuda:N``: with
+    several ranks each one takes its own GPU; choose them with CUDA_VISIBLE_DEVICES), else the spec."""
+    if d.on and torch.cuda.is_available() and (spec in ("auto", "cuda") or spec.startswith("cuda:")):
         return f"cuda:{d.local_rank}"
     return spec
 

@@ -546,12 +546,24 @@ def _layer_activations(
         b += n * d * 3 * lc.mlp_width // 2  # frozen SwiGLU MLPs: act input, act output, up output
     if lc.moe:
         sk = n * mc.top_k
+        sp = padded_rows(sk, lc.num_experts)
         b += n * h * d  # router input (the router trains)
         b += n * lc.num_experts * 4 + n * mc.top_k * 12  # fp32 routing probabilities, top-k ids + weights
-        # expert inputs (S, H), pre-activations (S, 2I), outputs and weighted outputs (S, H) each
-        b += sk * d * (3 * h + 2 * lc.expert_inter)
-        b += sk * 16  # token order / index tensors (int64)
+        b += sp * d * (h + 2 * lc.expert_inter)  # padded expert inputs (S', H) and pre-activations (S', 2I)
+        b += sk * d * 2 * h  # expert outputs and weighted outputs (S, H)
+        b += sk * 24  # token order, row positions (int64)
     return b
+
+
+def padded_rows(rows: int, experts: int) -> int:
+    """Rows the expert kernel computes: each expert's rows are padded to a repeating bucket size
+    (``usaf.experts._bucket``); routing is taken as balanced (``rows / experts`` per expert)."""
+    try:
+        from .experts import _bucket
+    except ImportError:  # no padding in this version of the hot path
+        return rows
+    hit = max(1, min(experts, rows))
+    return hit * _bucket(-(-rows // hit))
 
 
 def _layer_infer_working(mc: ModelCounts, lc: LayerCounts, s: Settings, d: int, attn: str) -> int:
@@ -566,7 +578,10 @@ def _layer_infer_working(mc: ModelCounts, lc: LayerCounts, s: Settings, d: int, 
     moe_b = 0
     if lc.moe:
         sk = n * mc.top_k
-        moe_b = n * lc.num_experts * (d + 4) + sk * d * (3 * h + 2 * lc.expert_inter) + sk * 16
+        sp = padded_rows(sk, lc.num_experts)
+        moe_b = (
+            n * lc.num_experts * (d + 4) + sk * d * 3 * h + sp * d * (2 * h + 2 * lc.expert_inter) + sk * 24
+        )
     return base + max(attn_b, mlp_b + moe_b)
 
 
@@ -750,7 +765,10 @@ def _phase(mc: ModelCounts, s: Settings, train: bool) -> dict:
             p.add(f"activations: {len(span)} layers in full", sum(full), dev_tier, "step")
         p.add(
             "backward working set (input grads, residual grads)",
-            n_tok * mc.top_k * mc.hidden * d + 4 * n_tok * mc.hidden * 4,
+            (2 * max(padded_rows(n_tok * mc.top_k, lc.num_experts) for lc in moe_train) + n_tok * mc.top_k)
+            * mc.hidden
+            * d
+            + 4 * n_tok * mc.hidden * 4,
             dev_tier,
             "layer",
         )
@@ -1114,7 +1132,7 @@ def predict(
         device_memory: device budget (bytes or a string like ``"12GB"``); required unless ``device="cpu"``.
         host_memory: host budget; default this machine's RAM. With ``device="cpu"`` it is the only budget
             (``device_memory`` is used when ``host_memory`` is not given).
-        device: ``cuda`` (any accelerator) or ``cpu``.
+        device: ``cuda`` (also ``cuda:N``, ``mps``, ``xpu``: any accelerator with its own memory) or ``cpu``.
         chunk_mb: ``UsafConfig.chunk_mb`` (dequantized expert weights held at once per layer).
         attn: ``eager`` | ``sdpa``; default the config's attention implementation (sdpa if unset).
         checkpointing: activation checkpointing at layer boundaries: ``auto`` (``usaf train``'s rule: on
@@ -1136,17 +1154,13 @@ def predict(
     Raises:
         ValueError: bad settings or budgets (one line); ``UnsupportedModelError`` for dense / unknown models.
     """
-    dev_kind = (
-        "cpu"
-        if str(device) == "cpu"
-        else (
-            "cuda"
-            if str(device).startswith("cuda") or device in ("auto", "gpu", "accelerator", "mps", "xpu")
-            else None
-        )
-    )
-    if dev_kind is None:
-        raise ValueError(f"--device {device!r} is not cpu or cuda")
+    dev = str(device)
+    if dev == "cpu":
+        dev_kind = "cpu"
+    elif dev.split(":")[0] in ("cuda", "gpu", "mps", "xpu"):
+        dev_kind = "cuda"  # any accelerator with its own memory
+    else:
+        raise ValueError(f"--device {device!r} is not cpu or cuda (cuda:N, mps and xpu plan like cuda)")
     host = parse_memory(host_memory, "--host-memory") if host_memory is not None else None
     dev_mem = parse_memory(device_memory, "--device-memory") if device_memory is not None else None
     if dev_kind == "cpu":
@@ -1225,17 +1239,17 @@ def format_plan(r: dict) -> str:
     lines = [
         f"model       {m['name']} ({m['model_type']}): {m['num_layers']} layers ({m['moe_layers']} MoE), "
         f"{m['num_experts']} experts, top-{m['top_k']}, attention {m['attn']}",
-        f"parameters  {_fmt_count(pc['total'])} total, {_fmt_count(pc['active'])} active per token; experts "
-        f"{_fmt_count(pc['experts'])}, routers {_fmt_count(pc['routers'])}, shared experts "
+        f"parameters  {_fmt_count(pc['total'])} total, {_fmt_count(pc['active'])} active per token",
+        f"            experts {_fmt_count(pc['experts'])}, routers {_fmt_count(pc['routers'])}, shared experts "
         f"{_fmt_count(pc['shared_experts'])}, attention/dense {_fmt_count(pc['attention_dense'])}, "
-        f"embeddings "
-        f"{_fmt_count(pc['embeddings'])}, lm_head "
+        f"embeddings {_fmt_count(pc['embeddings'])}, lm_head "
         + ("tied" if m["tied_embeddings"] else _fmt_count(pc["lm_head"])),
         f"settings    train layers {train['train_layers'][0]}-{train['train_layers'][1]} "
         f"({s['train_layers']}), seq {s['seq_len']} x batch {s['batch_size']}, density {s['density']:g} "
-        f"({_fmt_count(train['active_elements'])} active), {s['quant']} experts, {s['dtype']}, "
+        f"({_fmt_count(train['active_elements'])} active),",
+        f"            {s['quant']} experts, {s['dtype']}, "
         f"checkpointing {train['checkpointing']}{' (auto)' if s['checkpointing'] == 'auto' else ''}, "
-        f"{'prefix cache' if s['prefix_cache'] else 'no prefix cache'}",
+        f"{'prefix cache' if s['prefix_cache'] else 'no prefix cache'}, chunk {s['chunk_mb']} MB",
         "budgets     "
         + (
             f"host RAM {fmt_bytes(s['host_memory'])} (--device cpu)"

@@ -18,6 +18,7 @@ import torch
 
 from .experts import NAMES
 from .model import MoeLayer, UsafModel
+from .runtime import release_free_memory
 
 
 def default_loss(model, batch: dict) -> torch.Tensor:
@@ -38,6 +39,38 @@ def _groups(layers: list[MoeLayer], budget_bytes: int, elem_bytes: int) -> list[
     if cur:
         groups.append(cur)
     return groups
+
+
+def _layer_params(handle: UsafModel, m: MoeLayer) -> list:
+    params = [m.experts.deltas[n].values for n in NAMES]
+    if handle.config.train_router:
+        params += list(m.router.parameters())
+    return params
+
+
+def top_candidates(scores: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The ``k`` largest entries of a flat score buffer and their positions.
+
+    Small buffers use ``torch.topk``. Large ones first find a threshold from a strided sample (a quantile),
+    keep what is above it, and take the exact top-k of those: no sort-sized temporaries of the buffer.
+    """
+    n = scores.numel()
+    if n <= 1 << 22 or k >= n // 4:
+        top = torch.topk(scores, k, sorted=False)
+        return top.values, top.indices
+    sample = scores[:: max(1, n // (1 << 20))].float()
+    frac = 1.5 * k / n
+    while True:
+        thr = torch.quantile(sample, max(0.0, 1.0 - frac)).to(scores.dtype)
+        idx = (scores >= thr).nonzero().squeeze(1)
+        if idx.numel() >= k or frac >= 1.0:
+            break
+        frac = min(1.0, frac * 2)
+    vals = scores[idx]
+    if vals.numel() > k:
+        top = torch.topk(vals, k, sorted=False)
+        return top.values, idx[top.indices]
+    return vals, idx
 
 
 def _distributed() -> bool:
@@ -73,11 +106,22 @@ def candidates(handle: UsafModel, batches: Iterable[dict], budget: int, exclude_
     def cap(numel: int) -> int:
         return max(1, math.ceil(cfg.layer_share_cap * budget * numel / max(total, 1)))
 
-    def run(batch_list):
-        for batch in batch_list:
-            loss_fn(model, batch).backward()
-            for p in handle.trainable_parameters():
-                p.grad = None
+    def run(batch_list, only=None):
+        # Only the scored layers' parameters require grad: autograd then stops below the lowest of them.
+        params = handle.trainable_parameters()
+        keep = None if only is None else {id(p) for m in only for p in _layer_params(handle, m)}
+        flags = [p.requires_grad for p in params]
+        try:
+            if keep is not None:
+                for p in params:
+                    p.requires_grad_(id(p) in keep)
+            for batch in batch_list:
+                loss_fn(model, batch).backward()
+                for p in params:
+                    p.grad = None
+        finally:
+            for p, f in zip(params, flags):
+                p.requires_grad_(f)
 
     try:
         if streaming and not _distributed():
@@ -107,7 +151,7 @@ def candidates(handle: UsafModel, batches: Iterable[dict], budget: int, exclude_
                 m.experts.scores = {n: torch.zeros(m.experts.shape(n), dtype=dtype,
                                                    device=m.experts.deltas[n].values.device) for n in NAMES}
                 m.experts.score_power = 1 if cfg.score == "abs" else 2
-            run(batches)
+            run(batches, only=group)
             if _distributed():
                 for m in group:  # data parallel: every rank ranks the same summed scores
                     for n in NAMES:
@@ -117,9 +161,9 @@ def candidates(handle: UsafModel, batches: Iterable[dict], budget: int, exclude_
                     scores = m.experts.scores[n].view(-1)
                     if exclude_active:
                         scores[m.experts.deltas[n].indices.long()] = -1.0
-                    top = torch.topk(scores, min(scores.numel(), cap(scores.numel())), sorted=False)
-                    keep = top.values >= 0
-                    out.append((m, n, top.values[keep].float(), top.indices[keep]))
+                    vals, idx = top_candidates(scores, min(scores.numel(), cap(scores.numel())))
+                    keep = vals >= 0
+                    out.append((m, n, vals[keep].float(), idx[keep]))
                 m.experts.scores = None
     finally:
         for m in layers:
@@ -162,5 +206,6 @@ def select(handle: UsafModel, batches: Iterable[dict], density: float | None = N
             idx = chosen.get((m.index, n), torch.empty(0, dtype=torch.int64))
             m.experts.deltas[n].set(idx)
         per_layer[m.index] = sum(len(m.experts.deltas[n]) for n in NAMES)
+    release_free_memory()
     return {"budget": budget, "active": handle.active(), "seconds": time.perf_counter() - t0,
             "per_layer": per_layer}
