@@ -563,14 +563,7 @@ def export_delta(run: Run, out, overwrite: bool = False, check: bool = True) -> 
     check_fingerprint(model, run.meta, run.base)  # the originals must come from the right base
     del model
     tensors = dict(run.tensors)
-    originals: dict[str, torch.Tensor] = {}
-    for disk, entries in patches.experts.items():
-        t = ckpt.get(disk).reshape(-1)
-        for key, pos, local in entries:
-            if key not in originals:
-                originals[key] = torch.empty(run.stack(key)[0].numel(), dtype=t.dtype)
-            originals[key][pos] = t[local]
-    for key, o in originals.items():
+    for key, o in read_positions(ckpt, patches, run.tensors).items():
         tensors[f"{key}.original"] = o
     for disk, key in patches.routers.items():
         tensors[f"router_original::{key}"] = ckpt.get(disk)
@@ -590,7 +583,7 @@ def export_delta(run: Run, out, overwrite: bool = False, check: bool = True) -> 
 
 
 # ------------------------------------------------------------------------------------------------- apply
-def _read_positions(ckpt: Checkpoint, patches: Patches, run_tensors: dict) -> dict[str, torch.Tensor]:
+def read_positions(ckpt: Checkpoint, patches: Patches, run_tensors: dict) -> dict[str, torch.Tensor]:
     """Current on-disk values at the touched positions, in delta order, per stack key."""
     out: dict[str, torch.Tensor] = {}
     for disk, entries in patches.experts.items():
@@ -622,7 +615,7 @@ def apply_delta(model: str, delta, out, revert: bool = False, overwrite: bool = 
     if revert and not has_orig:
         raise ExportError(f"{delta} carries no original values; make a revertible file with "
                           f"`usaf export RUN --format delta --out FILE`")
-    current = _read_positions(ckpt, patches, tensors)
+    current = read_positions(ckpt, patches, tensors)
     if has_orig:
         expect = {k: tensors[f"{k}.original"] for k in current}
         if revert:
@@ -637,7 +630,7 @@ def apply_delta(model: str, delta, out, revert: bool = False, overwrite: bool = 
             what = "does not contain this delta" if revert else "is not the base this delta was made for"
             raise BaseMismatchError(f"refused: {model} {what} ({bad} touched values differ)")
     ref = None
-    if not revert and check or not has_orig:
+    if (check and not revert) or not has_orig:
         disk_dtype = _disk_dtype(ckpt, maps)
         ref = reference_model(model, tensors, meta, disk_dtype, "none")  # checks the fingerprint
     if revert:
@@ -694,7 +687,8 @@ def cmd_export(args) -> int:
 def cmd_apply(args) -> int:
     r = apply_delta(args.model, args.delta, args.out, args.revert, args.overwrite, not args.no_check)
     verb = "reverted" if r["revert"] else "applied"
-    print(f"{verb} {args.delta} -> {r['out']} ({r['touched_tensors']} tensors patched); check ok")
+    print(f"{verb} {args.delta} -> {r['out']} ({r['touched_tensors']} tensors patched)"
+          + ("" if args.no_check else "; reload check ok"))
     return 0
 
 
