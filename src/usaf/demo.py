@@ -64,7 +64,7 @@ def write_demo_data(out_dir: Path, n_eval: int = 16) -> tuple[Path, Path, list[s
 
 def demo_config(model: str, train: Path, evald: Path, out: Path, steps: int = 0, quiet: bool = False) -> TrainConfig:
     return TrainConfig(
-        model=model, data=str(train), eval_data=str(evald), out=str(out), steps=steps or 30, seq_len=64,
+        model=model, data=str(train), eval_data=str(evald), out=str(out), steps=steps or 20, seq_len=64,
         batch_size=8, lr=2e-3, router_lr=1e-4, warmup=0.1, reselect_every=10, calib_batches=2,
         overwrite=True, quiet=quiet,
         # bf16 base: generation before/after stays fast on 2 cores (4-bit is what `usaf train` defaults to).
