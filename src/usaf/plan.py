@@ -556,14 +556,19 @@ def _layer_activations(
 
 
 def padded_rows(rows: int, experts: int) -> int:
-    """Rows the expert kernel computes: each expert's rows are padded to a repeating bucket size
-    (``usaf.experts._bucket``); routing is taken as balanced (``rows / experts`` per expert)."""
+    """Rows the expert kernel computes: each expert's rows are padded up to a repeating bucket size
+    (``usaf.experts._bucket``). Routing is uneven, so the padding is averaged over per-expert counts
+    spread +-50% around the mean ``rows / experts``."""
     try:
         from .experts import _bucket
     except ImportError:  # no padding in this version of the hot path
         return rows
     hit = max(1, min(experts, rows))
-    return hit * _bucket(-(-rows // hit))
+    mean = -(-rows // hit)
+    lo, hi = max(1, mean // 2), mean + mean // 2
+    samples = sorted({lo + (hi - lo) * i // 63 for i in range(64)})
+    pad = sum(_bucket(n) - n for n in samples) / len(samples)
+    return rows + int(round(hit * pad))
 
 
 def _layer_infer_working(mc: ModelCounts, lc: LayerCounts, s: Settings, d: int, attn: str) -> int:
@@ -579,8 +584,10 @@ def _layer_infer_working(mc: ModelCounts, lc: LayerCounts, s: Settings, d: int, 
     if lc.moe:
         sk = n * mc.top_k
         sp = padded_rows(sk, lc.num_experts)
+        # router logits + probabilities; rows in token order (input, output); padded input, pre-activations,
+        # padded output
         moe_b = (
-            n * lc.num_experts * (d + 4) + sk * d * 3 * h + sp * d * (2 * h + 2 * lc.expert_inter) + sk * 24
+            n * lc.num_experts * (d + 4) + sk * d * 2 * h + sp * d * (2 * h + 2 * lc.expert_inter) + sk * 24
         )
     return base + max(attn_b, mlp_b + moe_b)
 
@@ -765,7 +772,10 @@ def _phase(mc: ModelCounts, s: Settings, train: bool) -> dict:
             p.add(f"activations: {len(span)} layers in full", sum(full), dev_tier, "step")
         p.add(
             "backward working set (input grads, residual grads)",
-            (2 * max(padded_rows(n_tok * mc.top_k, lc.num_experts) for lc in moe_train) + n_tok * mc.top_k)
+            max(
+                0,
+                2 * max(padded_rows(n_tok * mc.top_k, lc.num_experts) for lc in moe_train) - n_tok * mc.top_k,
+            )
             * mc.hidden
             * d
             + 4 * n_tok * mc.hidden * 4,
