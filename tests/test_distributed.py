@@ -5,8 +5,9 @@ a global batch of 4). Same micro-batch size, so even the selection must agree: i
 micro-batch of |gradient| (select.py), and every rank scores its micro-batches as one process does; with
 --batch-size 4 in one process the selection would differ (it scores batches of 4), not the training step.
 
-The 2-process run (``usaf train --nproc 2``, i.e. ``torch.distributed.run ... -m usaf train``) is started
-first, the 1-process reference runs in this process meanwhile.
+The 2-process run (``python -m torch.distributed.run --standalone --nproc-per-node 2 -m usaf train``) is
+started first, the 1-process reference runs in this process meanwhile. ``usaf train --nproc 2`` (which
+relaunches through the same module) is checked without starting processes.
 """
 
 import json
@@ -30,7 +31,7 @@ from usaf.testing import save_tiny_checkpoint
 COMMON = ["--seq-len", "32", "--dtype", "fp32", "--steps", "4", "--density", "0.05", "--lr", "0.01",
           "--batch-size", "2", "--save-every", "2", "--quiet"]
 ONE = ["--grad-accum", "2", "--reselect-every", "0"]
-TWO = ["--reselect-every", "3", "--nproc", "2"]
+TWO = ["--reselect-every", "3"]
 
 
 def _train_args(ckpt, data, out, *extra):
@@ -46,7 +47,8 @@ def runs(tmp_path_factory):
     data.write_text("".join(json.dumps(r) + "\n" for r in rows))
     env = dict(os.environ, OMP_NUM_THREADS="1")
     env.pop("WORLD_SIZE", None)
-    two = subprocess.Popen([sys.executable, "-m", "usaf", *_train_args(ckpt, data, root / "two", *TWO)],
+    launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m", "usaf"]
+    two = subprocess.Popen(launch + _train_args(ckpt, data, root / "two", *TWO),
                            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         assert main(_train_args(ckpt, data, root / "one", *ONE)) == 0
@@ -151,3 +153,28 @@ def test_gradient_bucket_keeps_missing_gradients_missing():
         assert a.grad.tolist() == [1.0, 2.0, 3.0] and b.grad.dtype == torch.bfloat16 and c.grad is None
     finally:
         dist.destroy_process_group()
+
+
+def test_nproc_relaunches_through_torchrun(monkeypatch, capsys):
+    from torch.distributed import run as torchrun
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError, ProcessFailure
+
+    calls = []
+    monkeypatch.setattr(torchrun, "run", lambda args: calls.append(args))
+    argv = ["train", "--model", "m", "--nproc", "3", "--data", "d.jsonl", "--out", "o", "--batch-size", "2"]
+    assert main(argv) == 0
+    (args,) = calls
+    assert args.nproc_per_node == "3" and args.standalone and args.module
+    assert [args.training_script, *args.training_script_args] == \
+        ["usaf", "train", "--model", "m", "--data", "d.jsonl", "--out", "o", "--batch-size", "2"]
+
+    def failing(code):
+        def run(args):
+            failure = ProcessFailure(local_rank=0, pid=1, exitcode=code, error_file="/nonexistent")
+            raise ChildFailedError("usaf", {0: failure, 1: failure})
+        return run
+
+    monkeypatch.setattr(torchrun, "run", failing(2))  # the ranks stopped on a user error (rank 0 printed it)
+    assert main(argv) == 2
+    monkeypatch.setattr(torchrun, "run", failing(1))
+    assert main(argv) == 1 and "2 of 3 processes failed" in capsys.readouterr().err

@@ -26,20 +26,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .export import (
-    DEFAULT_BASE_WEIGHTS,
-    Checkpoint,
-    ExportCheckError,
-    ExportError,
-    Run,
-    _disk_dtype,
-    _Staged,
-    compare_logits,
-    fp32_logits,
-    plan,
-    probe_ids,
-    reference_model,
-)
+from .export import DEFAULT_BASE_WEIGHTS, compare_logits, fp32_logits, probe_ids, reference_model
+from .export_layout import Checkpoint, ExportCheckError, ExportError, Run, Staged, disk_dtype, plan
 
 log = logging.getLogger("usaf")
 
@@ -319,11 +307,11 @@ def export_gguf(run: Run, out, qtype: str = "f16", base_weights: str = DEFAULT_B
     if family not in ARCH:
         raise ExportError(f"GGUF export supports {', '.join(ARCH)}; this model is {family}")
     dequant = base_weights == "dequantized" and run.meta.get("quant", "none") != "none"
-    ref = reference_model(run.base, run.tensors, run.meta, _disk_dtype(ckpt, maps),
+    ref = reference_model(run.base, run.tensors, run.meta, disk_dtype(ckpt, maps),
                           run.meta.get("quant") if dequant else "none",
                           run.train_dtype if dequant else None)
     report = {"out": str(out), "type": qtype, "arch": ARCH[family].lower(), "check": "skipped"}
-    with _Staged(out, overwrite, is_dir=False) as st:
+    with Staged(out, overwrite, is_dir=False) as st:
         written = write_gguf(ref, ckpt.dir, st.path, qtype, tokenizer_pre_name)
         report["tensors"] = len(written)
         if not check:

@@ -578,7 +578,7 @@ def _layer_infer_working(mc: ModelCounts, lc: LayerCounts, s: Settings, d: int, 
     base = n * h * (2 * d + 8)  # residual, normed input, fp32 norm temporaries
     attn_b = n * d * (2 * nh * lc.qk_head_dim + 2 * nh * lc.v_head_dim) + n * lc.attn_norm_width * 4
     if attn == "eager":
-        attn_b += s.batch_size * nh * s.seq_len * s.seq_len * (2 * d + 4)
+        attn_b += s.batch_size * nh * s.seq_len * s.seq_len * (d + 8)  # scores, fp32 upcast, softmax
     mlp_b = 2 * n * lc.mlp_width * d
     moe_b = 0
     if lc.moe:
@@ -655,18 +655,21 @@ class _Plan:
         return self.host_budget - self.peak("host")
 
 
-def _place_block(p: _Plan, name: str, pieces: list[int], device_staging: int, mapped: int) -> dict:
+def _place_block(
+    p: _Plan, name: str, pieces: list[int], device_staging: int, mapped: int, reserve: int = 0
+) -> dict:
     """Greedy placement of frozen pieces (layers): device if they all fit, else device/host/disk per piece.
 
     Pieces not on the device are streamed: ``device_staging`` bytes of device buffers (current + prefetched
     piece) are reserved first; if any piece ends on disk, ``mapped`` bytes of its mmap pages stay resident
-    in host RAM (reserved before placing, so the greedy fill leaves room for them).
+    in host RAM (reserved before placing, so the greedy fill leaves room for them). ``reserve``: device
+    bytes to leave free for what is placed later (its streaming buffers at least).
     """
     total = sum(pieces)
     counts = {"device": 0, "host": 0, "disk": 0}
     if total == 0:
         return counts
-    if total <= p.device_free():
+    if total + reserve <= p.device_free():
         p.add(name, total, "device")
         counts["device"] = len(pieces)
         return counts
@@ -678,11 +681,11 @@ def _place_block(p: _Plan, name: str, pieces: list[int], device_staging: int, ma
         p.add(f"{name}: streaming buffers (current + next)", device_staging, "device")
     host_tier = "device" if p.cpu else "host"
 
-    def fill(reserve: int) -> tuple[dict, dict]:
+    def fill(mapped_reserve: int) -> tuple[dict, dict]:
         on = {"device": 0, "host": 0, "disk": 0}
         n = {"device": 0, "host": 0, "disk": 0}
-        dev_free = p.device_free() - (reserve if p.cpu else 0)
-        host_free = p.host_free() - reserve
+        dev_free = p.device_free() - reserve - (mapped_reserve if p.cpu else 0)
+        host_free = p.host_free() - mapped_reserve
         for size in pieces:
             if size <= dev_free - on["device"]:
                 tier = "device"
@@ -843,11 +846,14 @@ def _phase(mc: ModelCounts, s: Settings, train: bool) -> dict:
     embed = mc.embed_params * d if need_embed and not mc.tied else 0
     ne_total = sum(per_layer) + head + embed + mc.other_params * d
     ne_staging = max(2 * max(per_layer, default=0), head, embed)
-    ne_placed = _place_block(p, "non-expert weights", [ne_total], ne_staging, ne_staging)
-
-    # -- frozen experts of the resident layers: device, else host (streamed), else disk (mmap) ----------
     ex_pieces = [layer_expert_bytes(lc, s.quant, s.group_size, d) for lc in moe_res]
     staging = 2 * max(ex_pieces)
+    # leave room for the experts' streaming buffers (or the experts themselves, if smaller)
+    ne_placed = _place_block(
+        p, "non-expert weights", [ne_total], ne_staging, ne_staging, reserve=min(staging, sum(ex_pieces))
+    )
+
+    # -- frozen experts of the resident layers: device, else host (streamed), else disk (mmap) ----------
     placed = _place_block(p, f"frozen experts ({s.quant})", ex_pieces, staging, staging)
 
     # -- training: the scores go to the device if it has room at the selection moment; disk parts ------
