@@ -136,7 +136,8 @@ def candidates(handle: UsafModel, batches: Iterable[dict], budget: int, exclude_
                     found = ex.found.get(n, [])
                     if found:
                         sc = torch.cat([f[0] for f in found])
-                        ix = torch.cat([f[1] for f in found])
+                        ix, inv = torch.unique(torch.cat([f[1] for f in found]), return_inverse=True)
+                        sc = torch.zeros(ix.numel(), dtype=sc.dtype).scatter_reduce(0, inv, sc, "sum")
                         k = min(sc.numel(), cap(ex.deltas[n].numel))
                         top = torch.topk(sc, k, sorted=False)
                         out.append((m, n, top.values, ix[top.indices]))
