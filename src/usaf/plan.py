@@ -1256,8 +1256,9 @@ def format_plan(r: dict) -> str:
         f"model       {m['name']} ({m['model_type']}): {m['num_layers']} layers ({m['moe_layers']} MoE), "
         f"{m['num_experts']} experts, top-{m['top_k']}, attention {m['attn']}",
         f"parameters  {_fmt_count(pc['total'])} total, {_fmt_count(pc['active'])} active per token",
-        f"            experts {_fmt_count(pc['experts'])}, routers {_fmt_count(pc['routers'])}, shared experts "
-        f"{_fmt_count(pc['shared_experts'])}, attention/dense {_fmt_count(pc['attention_dense'])}, "
+        f"            experts {_fmt_count(pc['experts'])}, routers {_fmt_count(pc['routers'])}, "
+        f"shared experts {_fmt_count(pc['shared_experts'])}, "
+        f"attention/dense {_fmt_count(pc['attention_dense'])}, "
         f"embeddings {_fmt_count(pc['embeddings'])}, lm_head "
         + ("tied" if m["tied_embeddings"] else _fmt_count(pc["lm_head"])),
         f"settings    train layers {train['train_layers'][0]}-{train['train_layers'][1]} "
