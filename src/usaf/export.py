@@ -40,6 +40,7 @@ from .export_layout import (  # noqa: F401 - re-exported: the public names of us
     Run,
     StackMap,
     Staged,
+    check_out,
     disk_dtype,
     load_run,
     plan,
@@ -136,6 +137,15 @@ def check_fingerprint(model, meta: dict, where: str) -> None:
                             f"(fingerprint {want}, {where} is {got[0]})")
 
 
+def _check_base(base: str, meta: dict, dtype) -> None:
+    from .loading import load_model
+
+    model = load_model(base, dtype=dtype, device="cpu")
+    check_fingerprint(model, meta, base)
+    del model
+    gc.collect()
+
+
 def reference_model(base: str, tensors: dict, meta: dict, dtype, quant: str = "none", compute_dtype=None):
     """usaf's model of ``base`` with the delta folded in: what an export must reproduce.
 
@@ -221,10 +231,15 @@ def export_hf(run: Run, out, base_weights: str = DEFAULT_BASE_WEIGHTS, overwrite
     if base_weights not in BASE_WEIGHTS:
         raise ExportError(f"--base-weights must be one of {BASE_WEIGHTS}, got {base_weights!r}")
     ckpt = Checkpoint(run.base)
+    check_out(out, overwrite, ckpt.dir)
     patches, maps = plan(run.tensors, run.meta, ckpt)
     dequant = base_weights == "dequantized" and run.meta.get("quant", "none") != "none"
-    ref = reference_model(run.base, run.tensors, run.meta, disk_dtype(ckpt, maps), run.meta.get("quant") if dequant else "none",
-                          run.train_dtype if dequant else None)
+    if not (check or dequant):  # only the fingerprint is needed
+        _check_base(run.base, run.meta, disk_dtype(ckpt, maps))
+        ref = None
+    else:
+        ref = reference_model(run.base, run.tensors, run.meta, disk_dtype(ckpt, maps),
+                              run.meta.get("quant") if dequant else "none", run.train_dtype if dequant else None)
     if dequant:  # every MoE layer's experts were quantized in training, not only the trained ones
         from .experts import NAMES
 
@@ -245,7 +260,7 @@ def export_hf(run: Run, out, base_weights: str = DEFAULT_BASE_WEIGHTS, overwrite
     if not dequant:  # full: the shards are patched from disk + delta alone; peak memory ~ one shard
         del ref
         gc.collect()
-    with Staged(out, overwrite, is_dir=True) as st:
+    with Staged(out, overwrite, is_dir=True, source=ckpt.dir) as st:
         write_checkpoint(ckpt, st.path, touched, patch, prov)
         if check:
             report["check_error"] = compare_logits(want, _hf_logits(st.path, ids), HF_TOLERANCE, "the export's")
@@ -264,12 +279,9 @@ def _reference_logits(ref, check: bool):
 def export_delta(run: Run, out, overwrite: bool = False, check: bool = True) -> dict:
     """The delta file plus the on-disk values it replaces (for byte-exact revert and a cheap base check)."""
     ckpt = Checkpoint(run.base)
+    check_out(out, overwrite)
     patches, maps = plan(run.tensors, run.meta, ckpt)
-    from .loading import load_model
-
-    model = load_model(run.base, dtype=disk_dtype(ckpt, maps), device="cpu")
-    check_fingerprint(model, run.meta, run.base)  # the originals must come from the right base
-    del model
+    _check_base(run.base, run.meta, disk_dtype(ckpt, maps))  # the originals must come from the right base
     tensors = dict(run.tensors)
     for key, o in read_positions(ckpt, patches, run.tensors).items():
         tensors[f"{key}.original"] = o
@@ -306,6 +318,7 @@ def apply_delta(model: str, delta, out, revert: bool = False, overwrite: bool = 
     """Merge a delta into a copy of checkpoint ``model`` (full-precision rule), or take it out again (``revert``)."""
     tensors, meta = read_delta(delta)
     ckpt = Checkpoint(model)
+    check_out(out, overwrite, ckpt.dir)
     run = Run(Path(delta), model, tensors, meta, torch.float32)
     patches, maps = plan(tensors, meta, ckpt)
     has_orig = meta.get("revertible") == "1"
@@ -327,8 +340,10 @@ def apply_delta(model: str, delta, out, revert: bool = False, overwrite: bool = 
             what = "does not contain this delta" if revert else "is not the base this delta was made for"
             raise BaseMismatchError(f"refused: {model} {what} ({bad} touched values differ)")
     ref = None
-    if (check and not revert) or not has_orig:
+    if check and not revert:
         ref = reference_model(model, tensors, meta, disk_dtype(ckpt, maps), "none")  # checks the fingerprint
+    elif not has_orig:
+        _check_base(model, meta, disk_dtype(ckpt, maps))
     if revert:
         def patch(name, t):
             if name in patches.routers:
@@ -347,13 +362,10 @@ def apply_delta(model: str, delta, out, revert: bool = False, overwrite: bool = 
     ids, want = _reference_logits(ref, check and not revert)
     del ref
     gc.collect()
-    with Staged(out, overwrite, is_dir=True) as st:
+    with Staged(out, overwrite, is_dir=True, source=ckpt.dir) as st:
         write_checkpoint(ckpt, st.path, patches.touched(), patch, prov)
         if check and revert:
-            from .loading import load_model
-
-            check_fingerprint(load_model(str(st.path), dtype=disk_dtype(ckpt, maps), device="cpu"), meta,
-                              "the reverted checkpoint")
+            _check_base(str(st.path), meta, disk_dtype(ckpt, maps))
         elif check:
             report["check_error"] = compare_logits(want, _hf_logits(st.path, ids), HF_TOLERANCE, "the merged")
     return report

@@ -45,6 +45,7 @@ class BaseMismatchError(ExportError):
 class ExportCheckError(ExportError):
     """The reload check of a written export failed (the output was removed)."""
 
+
 # ------------------------------------------------------------------------------------------------ the run
 @dataclass
 class Run:
@@ -55,10 +56,6 @@ class Run:
     tensors: dict[str, torch.Tensor]
     meta: dict[str, str]
     train_dtype: torch.dtype
-
-    @property
-    def shapes(self) -> dict[str, tuple[int, ...]]:
-        return {k: tuple(v) for k, v in json.loads(self.meta.get("shapes", "{}")).items()}
 
     @property
     def routers(self) -> dict[str, torch.Tensor]:
@@ -100,6 +97,8 @@ def load_run(run, base: str | None = None, train_dtype: str | None = None) -> Ru
             cfg = yaml.safe_load((run / "config.yaml").read_text()) or {}
     elif run.exists():
         delta = run
+        if base is None and (run.parent / "config.yaml").exists():  # runs/x/delta.safetensors
+            cfg = yaml.safe_load((run.parent / "config.yaml").read_text()) or {}
     else:
         raise FileNotFoundError(f"no run or delta file at {run}")
     base = base or cfg.get("model")
@@ -132,6 +131,9 @@ class Checkpoint:
         else:
             raise ExportError(f"{self.dir} has no model.safetensors (usaf exports safetensors checkpoints only)")
         self.files = list(dict.fromkeys(self.where.values()))
+        for f in self.files:
+            if Path(f).name != f or not (self.dir / f).is_file():
+                raise ExportError(f"{self.dir}: the index names a missing or outside shard {f!r}")
         self._info: dict[str, tuple[torch.dtype, tuple[int, ...]]] = {}
 
     def __contains__(self, name: str) -> bool:
@@ -250,6 +252,8 @@ def plan(run_tensors: dict[str, torch.Tensor], meta: dict[str, str], ckpt: Check
         if f"{key}.indices" not in run_tensors:
             continue
         idx = run_tensors[f"{key}.indices"].long()
+        if idx.numel() and (bool((idx[1:] <= idx[:-1]).any()) or int(idx[0]) < 0 or int(idx[-1]) >= m.starts[-1]):
+            raise ExportError(f"{key}: the delta's indices are not sorted, unique and inside {tuple(shape)}")
         for disk, (pos, local) in m.split(idx).items():
             patches.experts.setdefault(disk, []).append((key, pos, local))
     for k, v in run_tensors.items():
@@ -315,13 +319,21 @@ def read_positions(ckpt: Checkpoint, patches: Patches, run_tensors: dict) -> dic
 
 
 # --------------------------------------------------------------------------------------- staging outputs
+def check_out(out, overwrite: bool, source=None) -> Path:
+    """Refuse an existing ``--out`` (unless ``overwrite``) and the source checkpoint itself."""
+    out = Path(out)
+    if source is not None and out.resolve() == Path(source).resolve():
+        raise ExportError(f"--out {out} is the source checkpoint itself; write somewhere else")
+    if out.exists() and not overwrite:
+        raise ExportError(f"{out} already exists (use --overwrite to replace it)")
+    return out
+
+
 class Staged:
     """Write into a hidden sibling, move into place on success, remove it on any failure."""
 
-    def __init__(self, out, overwrite: bool, is_dir: bool):
-        self.out = Path(out)
-        if self.out.exists() and not overwrite:
-            raise ExportError(f"{self.out} already exists (use --overwrite to replace it)")
+    def __init__(self, out, overwrite: bool, is_dir: bool, source=None):
+        self.out = check_out(out, overwrite, source)
         self.out.parent.mkdir(parents=True, exist_ok=True)
         self.is_dir = is_dir
         self.tmp = Path(tempfile.mkdtemp(prefix=f".{self.out.name}.partial-", dir=self.out.parent))

@@ -26,14 +26,16 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .export import DEFAULT_BASE_WEIGHTS, compare_logits, fp32_logits, probe_ids, reference_model
-from .export_layout import Checkpoint, ExportCheckError, ExportError, Run, Staged, disk_dtype, plan
+from .export import DEFAULT_BASE_WEIGHTS, fp32_logits, reference_model
+from .export_layout import Checkpoint, ExportCheckError, ExportError, Run, Staged, check_out, disk_dtype, plan
 
 log = logging.getLogger("usaf")
 
 ARCH = {"qwen3_moe": "QWEN3MOE", "mixtral": "LLAMA"}
-# Relative logit tolerance of the llama.cpp check, per tensor type (measured errors are ~10x smaller).
-TOLERANCE = {"f32": 1e-3, "f16": 1e-2, "bf16": 3e-2, "q8_0": 5e-2}
+# Per-position relative logit tolerance of the llama.cpp check, per tensor type. Measured median errors
+# (tiny models / SmolLM2-135M upcycled): f16 1e-3 / 7e-4, bf16 4e-3 / 5e-3, q8_0 1.2e-2 / 2.9e-2 (q8_0
+# weights alone, in transformers: 1.6e-2 on SmolLM2; llama.cpp also rounds activations to 8 bits).
+TOLERANCE = {"f32": 1e-3, "f16": 1e-2, "bf16": 3e-2, "q8_0": 1e-1}
 # Known pre-tokenizer regexes (tokenizer.json ``Split`` patterns) -> llama.cpp ``tokenizer.ggml.pre``.
 _SPLIT_PRE = {
     "(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\\r\\n\\p{L}\\p{N}]?\\p{L}+|\\p{N}| ?[^\\s\\p{L}\\p{N}]+[\\r\\n]*|"
@@ -216,6 +218,7 @@ def write_gguf(handle, src: Path, path: Path, qtype: str = "f16", tokenizer_pre_
     """Write ``handle``'s merged model to ``path``; returns [(name, numpy shape, GGML type)] as written."""
     import gguf
 
+    logging.getLogger("gguf").setLevel(logging.WARNING)  # the writer logs every tensor at INFO
     cfg = handle.model.config.get_text_config()
     family = handle.family.model_type
     _supported(cfg, family)
@@ -246,27 +249,79 @@ def write_gguf(handle, src: Path, path: Path, qtype: str = "f16", tokenizer_pre_
 
 
 # ---------------------------------------------------------------------------------------------------- check
-def llama_cpp_logits(path: Path, ids: torch.Tensor) -> torch.Tensor:
-    """Logits of every position of each row of ``ids`` as computed by llama.cpp (llama_cpp.Llama)."""
+def _llama(path: Path, n_ctx: int):
+    """A llama_cpp.Llama on ``path`` without llama.cpp's extra CPU buffer types (repacked/AMX weights).
+
+    The check is about the file, not the kernels; and with llama-cpp-python 0.3.36 (built from source on an
+    AVX512/AMX_INT8 CPU) any 2-D Q8_0 weight in those buffers segfaulted (dense matmuls, unrelated to MoE or
+    to this writer), which would kill the export instead of failing it.
+    """
+    import llama_cpp.llama_cpp as lc
     from llama_cpp import Llama
 
-    llm = Llama(model_path=str(path), logits_all=True, n_ctx=max(32, ids.shape[1]), n_batch=max(32, ids.shape[1]),
-                verbose=False, n_threads=max(1, min(4, torch.get_num_threads())))
+    default = lc.llama_model_default_params
+
+    def params():
+        p = default()
+        if hasattr(p, "use_extra_bufts"):
+            p.use_extra_bufts = False
+        return p
+
+    lc.llama_model_default_params = params
+    try:
+        return Llama(model_path=str(path), logits_all=True, n_ctx=n_ctx, n_batch=n_ctx, verbose=False,
+                     n_threads=max(1, min(4, torch.get_num_threads())))
+    finally:
+        lc.llama_model_default_params = default
+
+
+def llama_cpp_logits(path: Path, ids: torch.Tensor, llm=None) -> torch.Tensor:
+    """Logits of every position of each row of ``ids`` as computed by llama.cpp (llama_cpp.Llama)."""
+    llm = llm or _llama(path, max(32, ids.shape[1]))
     rows = []
     for row in ids.tolist():
         llm.reset()
         llm.eval(row)
         rows.append(torch.from_numpy(np.array(llm.scores[: len(row)], dtype=np.float32)))
-    llm.close() if hasattr(llm, "close") else None
     return torch.stack(rows)
 
 
-def llama_cpp_tokens(path: Path, text: str) -> list[int]:
-    from llama_cpp import Llama
+def llama_cpp_tokens(path: Path, text: str, llm=None) -> list[int]:
+    """llama.cpp's tokenization of ``text`` (special tokens parsed, BOS as the GGUF says)."""
+    llm = llm or _llama(path, 64)
+    add_bos = llm.metadata.get("tokenizer.ggml.add_bos_token") == "true"
+    return llm.tokenize(text.encode(), add_bos=add_bos, special=True)
 
-    llm = Llama(model_path=str(path), vocab_only=True, verbose=False)
-    return llm.tokenize(text.encode(), add_bos=llm.metadata.get("tokenizer.ggml.add_bos_token") == "true",
-                        special=True)
+
+def position_errors(ref: torch.Tensor, got: torch.Tensor) -> torch.Tensor:
+    """Per-position max |logit difference|, relative to the largest reference logit: (rows * positions,)."""
+    return ((ref - got).abs().amax(-1) / ref.abs().max().clamp_min(1.0)).flatten()
+
+
+def gguf_probe_ids(vocab_size: int) -> torch.Tensor:
+    """16 short sequences of 4 tokens: a routing flip (below) spoils at most the rest of one sequence."""
+    g = torch.Generator().manual_seed(4321)
+    return torch.randint(0, vocab_size, (16, 4), generator=g)
+
+
+def compare_positions(ref: torch.Tensor, got: torch.Tensor, tol: float, min_ok: float = 0.8) -> float:
+    """At least ``min_ok`` of the positions within ``tol``; returns the median error.
+
+    Not the max: with rounded weights a near-tie in a router can flip one token's expert choice, which
+    changes that position's logits (and, through attention, the later positions of its sequence) a lot
+    without anything being wrong with the file; a wrong file (tensor layout, permutation, hyper-parameters)
+    is off at almost every position.
+    """
+    if got.shape != ref.shape:
+        raise ExportCheckError(f"check failed: llama.cpp's logits have shape {tuple(got.shape)}, expected "
+                               f"{tuple(ref.shape)}; output removed")
+    err = position_errors(ref, got)
+    ok = float((err <= tol).float().mean())
+    if ok < min_ok:
+        raise ExportCheckError(f"check failed: llama.cpp's logits differ from usaf's merged model at "
+                               f"{1 - ok:.0%} of the positions (median relative error {float(err.median()):.2e}, "
+                               f"tolerance {tol:.0e}); output removed")
+    return float(err.median())
 
 
 def have_llama_cpp() -> bool:
@@ -302,6 +357,7 @@ def export_gguf(run: Run, out, qtype: str = "f16", base_weights: str = DEFAULT_B
     if qtype not in TOLERANCE:
         raise ExportError(f"--type must be one of {tuple(TOLERANCE)}, got {qtype!r}")
     ckpt = Checkpoint(run.base)
+    check_out(out, overwrite)
     _, maps = plan(run.tensors, run.meta, ckpt)
     family = run.meta.get("model_type", "")
     if family not in ARCH:
@@ -320,15 +376,19 @@ def export_gguf(run: Run, out, qtype: str = "f16", base_weights: str = DEFAULT_B
         if not have_llama_cpp():
             report["check"] = "names/shapes/types read back with gguf.GGUFReader (llama_cpp not installed)"
             return report
-        ids = probe_ids(ref.model.config.get_text_config().vocab_size)
+        ids = gguf_probe_ids(ref.model.config.get_text_config().vocab_size)
         want = fp32_logits(ref.model, ids)
         del ref
-        err = compare_logits(want, llama_cpp_logits(st.path, ids), TOLERANCE[qtype], "llama.cpp's")
+        llm = _llama(st.path, 64)
+        err = compare_positions(want, llama_cpp_logits(st.path, ids, llm), TOLERANCE[qtype])
         from .loading import load_tokenizer
 
         hf_ids = load_tokenizer(str(ckpt.dir))(CHECK_TEXT)["input_ids"]
-        if llama_cpp_tokens(st.path, CHECK_TEXT) != hf_ids:
+        same = llama_cpp_tokens(st.path, CHECK_TEXT, llm) == hf_ids
+        llm.close() if hasattr(llm, "close") else None
+        del llm
+        if not same:
             raise ExportCheckError("check failed: llama.cpp tokenizes differently from transformers; output removed")
-        report["check"] = f"llama.cpp logits ok (max rel. error {err:.1e}), tokenizer ok"
+        report["check"] = f"llama.cpp logits ok (median rel. error {err:.1e}), tokenizer ok"
         report["check_error"] = err
     return report
