@@ -106,7 +106,7 @@ def write_quant_cache(path: Path, layers: int, group: int = 64) -> None:
         f.write(raw)
         for key, dt, shape in entries:
             if dt == "U8":
-                for r in range(shape[0]):
+                for _ in range(shape[0]):
                     f.write(torch.randint(0, 256, (shape[1],), dtype=torch.uint8, generator=g).numpy().tobytes())
             elif key.endswith("scale"):  # range of a std-0.02 group of 64 is ~0.1 -> step 0.1/15
                 f.write(torch.full(shape, 0.1 / 15, dtype=torch.float16).numpy().tobytes())
