@@ -74,17 +74,18 @@ def cmd_train(args) -> int:
     from .trainer import train
 
     rank = int(os.environ.get("RANK", "0"))
+    cfg = _train_config(args)
     if rank == 0:
-        metrics = train(_train_config(args))
+        metrics = train(cfg)
         print(f"eval ppl {metrics['eval_ppl_before']:.3f} -> {metrics['eval_ppl_after']:.3f}; "
-              f"{metrics['tokens_per_s']:.0f} tokens/s; outputs in {_train_config(args).out}")
+              f"{metrics['tokens_per_s']:.0f} tokens/s; outputs in {cfg.out}")
         return 0
     # Ranks > 0 of a torchrun launch: rank 0 reports the run and the errors every rank stopped on; an error
     # of this rank alone is printed with its rank.
     from .distributed import PeerFailed
 
     try:
-        train(_train_config(args))
+        train(cfg)
     except PeerFailed:
         return 2
     except KeyboardInterrupt:

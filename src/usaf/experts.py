@@ -51,6 +51,8 @@ class UsafExperts(nn.Module):
         self.num_experts = stock.gate_up_proj.shape[0]
         self.frozen = frozen or {name: freeze_stack(getattr(stock, name).data, quant, group_size) for name in NAMES}
         self.base_dtype = stock.gate_up_proj.dtype
+        self.frozen_numel = {n: stock.gate_up_proj.numel() if n == "gate_up_proj" else stock.down_proj.numel()
+                             for n in NAMES}
         self.quant = quant
         if bias:
             self.register_buffer("gate_up_bias", stock.gate_up_proj_bias.detach().clone(), persistent=False)
@@ -88,7 +90,7 @@ class UsafExperts(nn.Module):
     def weight(self, name: str, start: int, stop: int, dtype, device, values=None) -> torch.Tensor:
         """Effective weights of experts ``[start, stop)``: dequantized base + delta, (n, R, C)."""
         delta = self.deltas[name] if name in self.deltas and self.merged is None else None
-        has_delta = delta is not None and delta.span(start, stop)[0] != delta.span(start, stop)[1]
+        has_delta = delta is not None and len(set(delta.span(start, stop))) == 2
         frozen = self.frozen[name]
         if isinstance(frozen, DenseStack):
             w = frozen.dequantize(start, stop, dtype, device) if has_delta or frozen.dtype != dtype else \
@@ -101,7 +103,7 @@ class UsafExperts(nn.Module):
 
     def runs(self, counts: list[int]) -> list[tuple[int, int]]:
         """Group consecutive hit experts into runs whose dequantized weights fit ``chunk_bytes``."""
-        per_expert = 2 * sum(int(torch.tensor(self.shape(n)[1:]).prod()) for n in NAMES)
+        per_expert = 2 * sum(self.frozen_numel[n] // self.num_experts for n in NAMES)  # bf16 bytes
         cap = max(1, self.chunk_bytes // max(per_expert, 1))
         runs, start = [], None
         for e, c in enumerate(counts + [0]):

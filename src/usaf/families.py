@@ -123,3 +123,11 @@ def get_path(root, path: str):
 def set_path(root, path: str, value) -> None:
     parent, _, name = path.rpartition(".")
     setattr(get_path(root, parent), name, value)
+
+
+def fused_experts(layer, family: Family):
+    """The fused experts module of a decoder layer (3-D ``gate_up_proj``), or None for a dense layer."""
+    block = get_path(layer, family.block)
+    ex = get_path(block, family.experts) if block is not None else None
+    w = getattr(ex, "gate_up_proj", None)
+    return ex if w is not None and w.dim() == 3 else None

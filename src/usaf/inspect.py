@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import torch
 
-from .families import family_for, get_path
+from .families import family_for, fused_experts, get_path
 from .loading import load_config
 
 
@@ -25,10 +25,10 @@ def inspect_model(model: str, density: float = 0.005, trust_remote_code: bool = 
     layers = decoder_layers(m)
     moe_layers, expert_params, router_params, shapes = [], 0, 0, None
     for i, layer in enumerate(layers):
-        block = get_path(layer, fam.block)
-        ex = get_path(block, fam.experts) if block is not None else None
-        if ex is None or getattr(getattr(ex, "gate_up_proj", None), "dim", lambda: 0)() != 3:
+        ex = fused_experts(layer, fam)
+        if ex is None:
             continue
+        block = get_path(layer, fam.block)
         moe_layers.append(i)
         expert_params += ex.gate_up_proj.numel() + ex.down_proj.numel()
         router_params += sum(p.numel() for p in get_path(block, fam.router).parameters())

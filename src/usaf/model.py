@@ -20,7 +20,7 @@ from torch import nn
 from .config import UsafConfig
 from .delta import SparseDelta
 from .experts import NAMES, UsafExperts, llama4_block_forward
-from .families import Family, UnsupportedModelError, family_for, get_path, set_path
+from .families import Family, UnsupportedModelError, family_for, fused_experts, get_path, set_path
 
 FORMAT_VERSION = "1"
 
@@ -273,10 +273,10 @@ def prepare(model: nn.Module, config: UsafConfig | None = None, frozen: dict | N
     moe: list[MoeLayer] = []
     names = {id(m): n for n, m in model.named_modules()}
     for i, layer in enumerate(layers):
-        block = get_path(layer, family.block)
-        stock = get_path(block, family.experts) if block is not None else None
-        if stock is None or getattr(getattr(stock, "gate_up_proj", None), "dim", lambda: 0)() != 3:
+        stock = fused_experts(layer, family)
+        if stock is None:
             continue  # a dense layer (e.g. deepseek's leading layers)
+        block = get_path(layer, family.block)
         name = f"{names[id(block)]}.{family.experts}"
         experts = UsafExperts(stock, family.transposed, family.bias, config.quant, config.group_size,
                               chunk_bytes=config.chunk_mb << 20, frozen=(frozen or {}).get(name))

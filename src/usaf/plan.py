@@ -302,7 +302,7 @@ def _count(config, trust_remote_code: bool) -> ModelCounts:
     from torch import nn
     from transformers import AutoModelForCausalLM
 
-    from .families import UnsupportedModelError, family_for, get_path
+    from .families import UnsupportedModelError, family_for, fused_experts, get_path
     from .model import decoder_layers
 
     fam = family_for(config)
@@ -337,8 +337,8 @@ def _count(config, trust_remote_code: bool) -> ModelCounts:
     cfg_kv = _int_attr(text, "num_key_value_heads") or heads
     for i, layer in enumerate(layers):
         block = get_path(layer, fam.block)
-        ex = get_path(block, fam.experts) if block is not None else None
-        is_moe = ex is not None and getattr(getattr(ex, "gate_up_proj", None), "dim", lambda: 0)() == 3
+        ex = fused_experts(layer, fam)
+        is_moe = ex is not None
         router = get_path(block, fam.router) if is_moe else None
         shared = get_path(block, fam.shared) if is_moe and fam.shared else None
         attn = _attention_module(layer)

@@ -30,7 +30,7 @@ from safetensors import safe_open
 
 from .config import UsafConfig
 from .experts import NAMES
-from .families import family_for, get_path
+from .families import family_for, fused_experts, get_path
 from .io import atomic_save_safetensors
 from .model import UsafModel, decoder_layers, fingerprint, prepare, sample_index
 from .quant import QuantizedTensor, QuantSpec
@@ -228,9 +228,8 @@ def load_streamed(model_dir, cfg: UsafConfig | None = None, dtype=torch.bfloat16
     reader = ShardReader(model_dir)
     stacks: dict[str, tuple[str, str, torch.Tensor]] = {}  # in-memory key -> (experts prefix, name, meta)
     for layer in decoder_layers(model):
-        block = get_path(layer, family.block)
-        ex = get_path(block, family.experts) if block is not None else None
-        if ex is None or getattr(getattr(ex, "gate_up_proj", None), "dim", lambda: 0)() != 3:
+        ex = fused_experts(layer, family)
+        if ex is None:
             continue
         prefix = next(n for n, m in model.named_modules() if m is ex)
         for name in NAMES:

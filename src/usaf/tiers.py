@@ -10,7 +10,6 @@ device on a side stream from pinned memory (the CUDA path is untested here: no G
 from __future__ import annotations
 
 import logging
-import re
 from concurrent.futures import ThreadPoolExecutor
 
 import psutil
@@ -19,20 +18,15 @@ import torch
 from .model import UsafModel, decoder_layers
 
 log = logging.getLogger("usaf")
-_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12, "KIB": 2**10, "MIB": 2**20,
-          "GIB": 2**30, "TIB": 2**40}
 
 
 def parse_bytes(text: str | int | None) -> int | None:
-    """``12GB``, ``12GiB``, ``512MB``, ``1024`` -> bytes; empty -> None."""
+    """``12GB``, ``12GiB``, ``512MB``, ``1024`` -> bytes (``usaf.plan.parse_memory``); empty -> None."""
     if text in (None, "", 0):
         return None
-    if isinstance(text, int):
-        return text
-    m = re.fullmatch(r"\s*([0-9.]+)\s*([A-Za-z]*)\s*", str(text))
-    if not m or m.group(2).upper() not in _UNITS:
-        raise ValueError(f"cannot read memory size {text!r} (use e.g. 12GB, 12GiB, 512MB)")
-    return int(float(m.group(1)) * _UNITS[m.group(2).upper()])
+    from .plan import parse_memory
+
+    return parse_memory(text)
 
 
 def choose_tier(expert_bytes: int, device, device_memory=None, host_memory=None) -> str:
