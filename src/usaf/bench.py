@@ -1,4 +1,4 @@
-"""Benchmarks behind ``usaf bench``: ``speed`` and ``memory`` (``quality`` is not implemented yet).
+"""Benchmarks behind ``usaf bench``: ``speed`` and ``memory`` (``quality``: :mod:`usaf.quality`).
 
 Every method runs in its own Python process (``python -m usaf.bench _worker METHOD JSON``), so the peak
 resident memory of one method is not inflated by another. The model is a seeded, randomly initialised
@@ -544,7 +544,9 @@ def targets(name: str, results: list[dict]) -> list[dict]:
 def run_bench(name: str, json_path: str | None = None, quick: bool = False, extra: list[str] | None = None) -> int:
     """Run benchmark ``name`` (speed | memory), print a table, optionally write JSON. Returns an exit code."""
     if name == "quality":
-        raise ValueError("bench quality: not implemented yet")
+        from .quality import run_quality
+
+        return run_quality(json_path, quick, extra)
     if name not in ("speed", "memory"):
         raise ValueError(f"unknown bench {name!r} (choose speed, memory or quality)")
     cfg = parse_extra(extra, quick)

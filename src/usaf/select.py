@@ -48,6 +48,24 @@ def _layer_params(handle: UsafModel, m: MoeLayer) -> list:
     return params
 
 
+_CHUNK = 1 << 24
+
+
+def prune(cands: list[tuple], k: int) -> list[tuple]:
+    """Keep only candidates that can still be among the global top ``k`` (what :func:`pick` takes), so
+    the pool held between layer groups stays near ``k`` entries instead of growing with every group."""
+    total = sum(c[2].numel() for c in cands)
+    if total <= k:
+        return cands
+    thr = torch.topk(torch.cat([c[2].float().cpu() for c in cands]), k, sorted=False).values.min()
+    out = []
+    for m, n, vals, idx in cands:
+        keep = vals >= thr.to(vals.device)
+        if keep.any():
+            out.append((m, n, vals[keep], idx[keep]))
+    return out
+
+
 def top_candidates(scores: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     """The ``k`` largest entries of a flat score buffer and their positions.
 
@@ -62,7 +80,9 @@ def top_candidates(scores: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Te
     frac = 1.5 * k / n
     while True:
         thr = torch.quantile(sample, max(0.0, 1.0 - frac)).to(scores.dtype)
-        idx = (scores >= thr).nonzero().squeeze(1)
+        # chunked: no buffer-sized boolean mask
+        idx = torch.cat([(c >= thr).nonzero().squeeze(1) + off
+                         for off, c in zip(range(0, n, _CHUNK), scores.split(_CHUNK))])
         if idx.numel() >= k or frac >= 1.0:
             break
         frac = min(1.0, frac * 2)
@@ -166,6 +186,7 @@ def candidates(handle: UsafModel, batches: Iterable[dict], budget: int, exclude_
                     keep = vals >= 0
                     out.append((m, n, vals[keep].float(), idx[keep]))
                 m.experts.scores = None
+            out = prune(out, budget)
     finally:
         for m in layers:
             m.experts.scores, m.experts.stream_k, m.experts.found = None, None, {}
