@@ -214,6 +214,7 @@ def setup_method(method: str, cfg: dict, model_dir: str, data: dict):
     from transformers import AutoModelForCausalLM
 
     import usaf
+
     from .data import token_weighted_loss
     from .model import decoder_layers, parse_layers
     from .optim import lr_lambda
