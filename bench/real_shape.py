@@ -38,6 +38,69 @@ def peak_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+class _MallInfo2(__import__("ctypes").Structure):
+    _fields_ = [(n, __import__("ctypes").c_size_t) for n in
+                ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks", "fordblks",
+                 "keepcost")]
+
+
+def heap_in_use() -> int:
+    """Bytes the process has allocated with malloc and not freed (glibc ``mallinfo2``: arenas + mmapped).
+
+    Every CPU tensor torch allocates is counted; file mappings (the disk tier's mmap of the quantized
+    cache) and library code are not. This is the "simulated device" of ``--device-memory``: on a GPU these
+    allocations would be the device's.
+    """
+    import ctypes
+
+    libc = ctypes.CDLL("libc.so.6")
+    libc.mallinfo2.restype = _MallInfo2
+    m = libc.mallinfo2()
+    return m.uordblks + m.hblkhd
+
+
+class HeapPeak:
+    """Peak of :func:`heap_in_use`, sampled by a thread every ``interval`` s and at every decoder layer's
+    forward and backward (hooks), so short-lived per-layer buffers are seen."""
+
+    def __init__(self, model=None, interval: float = 0.002):
+        import threading
+
+        self.peak, self.interval, self._stop = 0, interval, threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._hooks = []
+        if model is not None:
+            from usaf.model import decoder_layers
+
+            for layer in decoder_layers(model):
+                self._hooks.append(layer.register_forward_hook(lambda *a: self.sample()))
+                self._hooks.append(layer.register_full_backward_pre_hook(lambda *a: self.sample()))
+                self._hooks.append(layer.register_full_backward_hook(lambda *a: self.sample()))
+
+    def sample(self) -> None:
+        self.peak = max(self.peak, heap_in_use())
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self.sample()
+            self._stop.wait(self.interval)
+
+    def reset(self) -> int:
+        old, self.peak = self.peak, heap_in_use()
+        return old
+
+    def __enter__(self):
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+        self.sample()
+        for h in self._hooks:
+            h.remove()
+
+
 def write_checkpoint(d: Path, layers: int) -> None:
     from accelerate import init_empty_weights
     from safetensors.torch import save_file
@@ -124,8 +187,14 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--sequences", type=int, default=4)
     ap.add_argument("--dir", default="/tmp/usaf-qwen3-30b-shape")
+    ap.add_argument("--device-memory", default="",
+                    help="simulate a device of this size (e.g. 8GB): compare usaf plan's device peaks for it "
+                         "with the heap bytes in use (malloc'd, i.e. every tensor) plus the frozen stacks the "
+                         "plan puts on the device")
     a = ap.parse_args()
     torch.set_num_threads(2)
+
+    import transformers  # noqa: F401 - imported before the runtime baseline, as in a training run
 
     import usaf
     from usaf.data import Example
@@ -134,6 +203,7 @@ def main() -> None:
     from usaf.tiers import Prefetcher
     from usaf.trainer import loss_fn
 
+    heap_runtime = heap_in_use()  # Python + torch + transformers imported: the plan's host "runtime" item
     d = Path(a.dir) / f"L{a.layers}"
     cfg = usaf.UsafConfig(quant="4bit", train_layers=f"top:{a.train_top}", density=0.005)
     t0 = time.perf_counter()
@@ -169,9 +239,16 @@ def main() -> None:
         b["index"] = torch.tensor([(k * a.batch_size + j) % len(examples) for j in range(a.batch_size)])
         return b
 
+    heap = HeapPeak(model).__enter__()
+    heap_resident = heap_in_use()  # non-expert weights of the trainable range, prefix cache handle, data
     t0 = time.perf_counter()
     usaf.select(handle, [batch(0)], loss_fn=loss_fn)
     select_s = time.perf_counter() - t0
+    peak_select = peak_mb()
+    heap_select = heap.reset()
+    from usaf.bench import reset_peak_rss
+
+    steps_phase = reset_peak_rss()  # the kernel's high-water mark, reset: the steps' own peak is measured below
     opt = usaf.UsafOptimizer(handle, lr=1e-4)
     times, rss_steps = [], []
     for k in range(a.steps):
@@ -185,6 +262,8 @@ def main() -> None:
         opt.zero_grad()
         times.append(time.perf_counter() - t0)
         rss_steps.append(rss_mb())
+    heap.__exit__(None, None, None)
+    heap_steps = heap.peak
     pf.close()
     step_s = sorted(times)[len(times) // 2]
     out = {
@@ -193,7 +272,9 @@ def main() -> None:
         "prefix_s": round(prefix_s, 1), "peak_rss_through_prefix_mb": round(peak_prefix),
         "select_s": round(select_s, 1), "step_s_median": round(step_s, 2),
         "tokens_per_s": round(a.seq_len * a.batch_size / step_s, 1),
-        "rss_during_steps_mb": round(max(rss_steps)), "peak_rss_mb": round(peak_mb()),
+        "rss_during_steps_mb": round(max(rss_steps)), "peak_rss_through_select_mb": round(peak_select),
+        "steps_peak_rss_mb": round(peak_mb()) if steps_phase else None,
+        "peak_rss_mb": round(max(peak_select, peak_mb())),
         "active": handle.active(), "cache_gb": round(cpath.stat().st_size / 1e9, 2),
     }
     try:
@@ -203,8 +284,35 @@ def main() -> None:
                     density=0.005, train_layers=f"top:{a.train_top}", quant="4bit", dtype="bf16",
                     device_memory=None, host_memory=None, device="cpu")
         out["plan_train_peak_host_mb"] = round(p.get("train_peak_host_bytes", 0) / 2**20)
+        out["plan_select_peak_host_mb"] = round(p.get("select_peak_host_bytes", 0) / 2**20)
+        out["plan_step_peak_host_mb"] = round(p.get("train", {}).get("step_peak_host_bytes", 0) / 2**20)
     except Exception as e:  # noqa: BLE001 - the planner is optional here
         out["plan_error"] = str(e).splitlines()[0][:200]
+    if a.device_memory:
+        # Simulated device: what a GPU run would hold on the device = every tensor allocated by the run
+        # (heap in use above the runtime baseline) + the frozen stacks the plan places on the device (here
+        # they stay in the disk tier's mmap, which the heap does not count).
+        from usaf.plan import predict
+
+        p = predict(json.loads((d / "config.json").read_text()), seq_len=a.seq_len, batch_size=a.batch_size,
+                    density=0.005, train_layers=f"top:{a.train_top}", quant="4bit", dtype="bf16",
+                    device_memory=a.device_memory, device="cuda")
+        parts = p["train"]["breakdown"]
+        on_dev = lambda pred: sum(q["bytes"] for q in parts if q["tier"] == "device" and pred(q["item"]))  # noqa: E731
+        frozen_dev = on_dev(lambda item: item.startswith("frozen experts"))
+        cuda_runtime = on_dev(lambda item: item.startswith("runtime (CUDA"))
+        mb = lambda x: round(x / 2**20)  # noqa: E731
+        out["device_sim"] = {
+            "device_memory": a.device_memory, "budget_mb": mb(p["device_budget_bytes"]),
+            "frozen_experts_on_device_mb": mb(frozen_dev),
+            "heap_runtime_baseline_mb": mb(heap_runtime), "heap_resident_mb": mb(heap_resident - heap_runtime),
+            "measured_select_peak_mb": mb(heap_select - heap_runtime + frozen_dev),
+            "measured_step_peak_mb": mb(heap_steps - heap_runtime + frozen_dev),
+            "plan_select_peak_mb": mb(p["select_peak_device_bytes"] - cuda_runtime),
+            "plan_step_peak_mb": mb(p["train_peak_device_bytes"] - cuda_runtime),
+            "plan_cuda_runtime_mb (not simulated)": mb(cuda_runtime),
+            "plan_fits": p["fits"],
+        }
     print(json.dumps(out))
     sys.stdout.flush()
 

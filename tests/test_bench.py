@@ -50,11 +50,6 @@ def test_workers(tmp_path):
     assert rec["peak_rss_mb"] >= rec["steps_peak_rss_mb"] > 0
 
 
-def test_quality_not_implemented():
-    with pytest.raises(ValueError, match="not implemented yet"):
-        run_bench("quality")
-
-
 def test_settings():
     cfg = parse_extra(["layers=2", "seq=64"], quick=True)
     assert cfg["layers"] == 2 and cfg["seq"] == 64 and cfg["steps"] == 3 and cfg["hidden"] == 256

@@ -98,11 +98,18 @@ def test_held_out_is_deterministic():
     assert picked != [n for n in names if held_out(n, 0.1, seed=1)]
 
 
-def test_missing_corpora_is_a_clear_error(tmp_path, monkeypatch):
+def test_missing_corpora_is_a_clear_error(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("USAF_CORPORA", str(tmp_path / "nothing"))
-    monkeypatch.setattr("usaf.corpora.Path", lambda p="/": tmp_path / "nothing" / str(p).lstrip("/"), raising=False)
+    monkeypatch.setattr("usaf.corpora.SYSTEM_ROOT", tmp_path / "system")
     with pytest.raises(CorpusError, match="fetch-corpora.sh"):
         write_task_files(tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+    # the CLI: one line, exit 2, before any model is built
+    from usaf.cli import main
+
+    assert main(["bench", "quality", "--quick"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "fetch-corpora.sh" in err[0]
 
 
 @pytest.fixture(scope="module")

@@ -31,3 +31,22 @@ def test_budgets():
     assert choose_tier(10**9, "cpu", host_memory="8GB") == "host"
     assert choose_tier(10**10, "cpu", host_memory="8GB") == "disk"
     assert choose_tier(10**9, "cpu", device_memory="1GB", host_memory="64GB") == "disk"
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_side_stream_prefetch_matches_device_tier(tmp_path):
+    ckpt = save_tiny_checkpoint("mixtral", tmp_path / "c", per_expert=True)
+    ids = IDS.cuda()
+    outs = []
+    for tier, prefetch in (("device", False), ("host", False), ("host", True)):
+        h = stream.load_streamed(ckpt, usaf.UsafConfig(quant="4bit"), dtype=torch.bfloat16, device="cuda",
+                                 cache_root=tmp_path / "q", tier=tier)
+        pf = Prefetcher(h) if prefetch else None
+        if prefetch:  # host stacks were pinned, and the next layer's copies are staged on the side stream
+            assert all(t.is_pinned() for m in h.layers for st in m.experts.frozen.values()
+                       for t in st.tensors().values())
+        with torch.no_grad():
+            outs.append(h.model(ids).logits.float().cpu())
+        if pf:
+            pf.close()
+    assert torch.equal(outs[0], outs[1]) and torch.equal(outs[0], outs[2])

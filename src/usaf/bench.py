@@ -327,8 +327,11 @@ def _setup(method: str, cfg: dict, batches: list[dict]):
             model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
         model.train()
 
-        def step(b):
-            loss = fwd_loss(b)
+        from .loss import lm_loss
+
+        def step(b):  # usaf's training loss (as in `usaf train`): chunked LM head, no full logits tensor
+            s, n = lm_loss(model, b, "cpu")
+            loss = s / n
             loss.backward()
             opt.step()
             opt.zero_grad()

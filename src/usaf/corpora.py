@@ -27,6 +27,7 @@ DOC_SOURCES = "usr/share/doc/python3.11/html/_sources"
 FORTUNES = "usr/share/games/fortunes"
 GENERAL_FILES = ("art", "education", "food", "humorists", "kids", "law", "literature", "love", "medicine",
                  "people", "pets", "platitudes", "politics", "science", "sports", "wisdom", "work")
+SYSTEM_ROOT = Path("/")  # where the Debian packages install them
 FETCH_HINT = "run scripts/fetch-corpora.sh (downloads the Debian packages python3.11-doc and fortunes)"
 
 
@@ -40,11 +41,11 @@ def corpora_root() -> Path:
 
 
 def _locate(rel: str, what: str) -> Path:
-    for root in (corpora_root(), Path("/")):
+    for root in (corpora_root(), SYSTEM_ROOT):
         p = root / rel
         if p.is_dir() and any(p.iterdir()):
             return p
-    raise CorpusError(f"{what} not found in {corpora_root()} or /{rel}: {FETCH_HINT}")
+    raise CorpusError(f"{what} not found in {corpora_root()} or {SYSTEM_ROOT / rel}: {FETCH_HINT}")
 
 
 def find_corpora() -> tuple[Path, Path]:

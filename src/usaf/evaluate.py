@@ -8,8 +8,7 @@ from collections.abc import Iterable
 
 import torch
 
-from .data import token_weighted_loss
-from .prefix import logits_of
+from .loss import lm_loss
 
 
 @torch.no_grad()
@@ -29,8 +28,7 @@ def evaluate(model, batches: Iterable[dict], device=None, max_batches: int = 0, 
     for i, batch in enumerate(batches):
         if max_batches and i >= max_batches:
             break
-        logits = logits_of(model, batch, device)
-        s, n = token_weighted_loss(logits, batch["labels"].to(device))
+        s, n = lm_loss(model, batch, device)
         total += float(s)
         count += int(n)
     model.train(was_training)

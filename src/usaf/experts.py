@@ -77,6 +77,8 @@ class UsafExperts(nn.Module):
         self.found: dict[str, list] = {}
         self.merged: dict[str, torch.Tensor] | None = None  # base values replaced by UsafModel.merge
         self.score_power = 1
+        # ({name: device copy of a host-tier stack}, CUDA event): set by tiers.Prefetcher for the next layer
+        self.staged: tuple[dict, object] | None = None
 
     # ----------------------------------------------------------------------------------------------
     def shape(self, name: str) -> tuple[int, ...]:
@@ -92,6 +94,10 @@ class UsafExperts(nn.Module):
         delta = self.deltas[name] if name in self.deltas and self.merged is None else None
         has_delta = delta is not None and len(set(delta.span(start, stop))) == 2
         frozen = self.frozen[name]
+        staged = self.staged
+        if staged is not None and name in staged[0]:  # a device copy the prefetcher sent on a side stream
+            torch.cuda.current_stream(staged[0][name].device).wait_event(staged[1])
+            frozen = staged[0][name]
         if isinstance(frozen, DenseStack):
             w = frozen.dequantize(start, stop, dtype, device) if has_delta or frozen.dtype != dtype else \
                 frozen.tensor[start:stop].to(device)

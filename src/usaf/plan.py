@@ -593,10 +593,16 @@ def _layer_infer_working(mc: ModelCounts, lc: LayerCounts, s: Settings, d: int, 
 
 
 def _logits_bytes(mc: ModelCounts, s: Settings, d: int, train: bool) -> int:
-    """Logits in the compute dtype, their fp32 upcast, log-softmax output; in backward three fp32 tensors."""
-    n = s.batch_size * s.seq_len * mc.vocab
-    forward = n * ((d if d != 4 else 0) + 4 + 4)
-    return max(forward, n * 12) if train else forward
+    """Inference: logits in the compute dtype, their fp32 upcast, log-softmax output. Training uses the
+    chunked LM-head loss (``usaf.loss``): one chunk of logits (compute dtype + fp32, and the gradient cast
+    back) at a time, plus per-token log-sum-exp, the gathered hidden states and their gradient."""
+    from .loss import CHUNK_BYTES, MIN_ROWS
+
+    tokens = s.batch_size * s.seq_len
+    if not train:
+        return tokens * mc.vocab * ((d if d != 4 else 0) + 4 + 4)
+    rows = min(tokens, max(MIN_ROWS, CHUNK_BYTES // (4 * mc.vocab)))
+    return rows * mc.vocab * (4 + 2 * d) + tokens * (4 + 2 * mc.hidden * d)
 
 
 # Kinds of parts: ``resident`` (the whole run), ``step`` (every moment of a step), ``loss`` (around the
@@ -797,7 +803,8 @@ def _phase(mc: ModelCounts, s: Settings, train: bool) -> dict:
             kv = sum(n_tok * lc.kv_heads * (lc.qk_head_dim + lc.v_head_dim) * d for lc in mc.layers)
             p.add("KV cache (use_cache)", kv, dev_tier, "step")
     p.add(
-        "logits (B x T x V) + fp32 upcast" + (" + gradient" if train else " + log-softmax"),
+        "logits: one chunk of rows x V (compute dtype + fp32) + gradient" if train else
+        "logits (B x T x V) + fp32 upcast + log-softmax",
         _logits_bytes(mc, s, d, train),
         dev_tier,
         "loss",

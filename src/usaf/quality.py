@@ -16,7 +16,8 @@ Tasks:
 Methods (all train the same decoder layers, ``layers=``):
 
 - ``usaf``: ``prepare`` (bf16 base, ``density``), ``select`` on ``calib`` batches, AdamW on the compact
-  deltas + fp32 router masters, RigL every ``reselect`` steps;
+  deltas + fp32 router masters, RigL every ``reselect`` steps, usaf's chunked LM-head loss (the other
+  methods compute the same loss from full logits, as transformers does);
 - ``usaf-norigl``: the same without reselection;
 - ``router``: only the routers (usaf's fp32 router masters, no deltas);
 - ``lora-r8`` / ``lora-r16``: PEFT LoRA (alpha = 2r) on q/k/v/o and on the fused expert stacks via
@@ -77,7 +78,7 @@ KEYS: dict[str, tuple[type, object, str]] = {
     "data": (str, "", "a directory of the task files (default: written from the corpora)"),
 }
 
-QUICK = {"seq": 128, "batch": 4, "steps": 12, "eval_seqs": 8, "calib": 2, "reselect": 4, "layers": "top:8",
+QUICK = {"seq": 128, "batch": 4, "steps": 10, "eval_seqs": 8, "calib": 2, "reselect": 4, "layers": "top:6",
          "generations": 2, "gen_tokens": 24}
 
 
@@ -234,6 +235,12 @@ def setup_method(method: str, cfg: dict, model_dir: str, data: dict):
         return s / n
 
     if method in ("usaf", "usaf-norigl", "router"):
+        from .loss import lm_loss
+
+        def loss_of(m, b):  # usaf's own training loss: chunked LM head, the same value
+            s, n = lm_loss(m, b, "cpu")
+            return s / n.clamp(min=1)
+
         spec = f"{layers.start}-{layers.stop - 1}"
         handle = usaf.prepare(model, usaf.UsafConfig(density=cfg["density"], quant="none", train_layers=spec))
         if method != "router":  # router only: no selection, so no delta is active
@@ -473,7 +480,14 @@ def targets(base: dict, results: list[dict]) -> list[dict]:
 
 
 def ensure_inputs(cfg: dict, work: Path) -> None:
-    """Fill ``model_dir`` and ``data_dir`` (build the upcycled model / write the task files when not given)."""
+    """Fill ``model_dir`` and ``data_dir`` (write the task files / build the upcycled model when not given)."""
+    if cfg["data"]:
+        cfg["data_dir"] = str(Path(cfg["data"]).resolve())
+    else:
+        from .corpora import write_task_files
+
+        cfg["data_dir"] = str(work / "data")
+        write_task_files(work / "data", seed=cfg["seed"])
     if cfg["model"]:
         if not (Path(cfg["model"]) / "config.json").is_file():
             raise ValueError(f"bench quality: model={cfg['model']} is not a checkpoint directory (no config.json)")
@@ -482,13 +496,6 @@ def ensure_inputs(cfg: dict, work: Path) -> None:
         from .upcycle import prepare_upcycled_smollm2
 
         cfg["model_dir"] = str(prepare_upcycled_smollm2())
-    if cfg["data"]:
-        cfg["data_dir"] = str(Path(cfg["data"]).resolve())
-    else:
-        from .corpora import write_task_files
-
-        cfg["data_dir"] = str(work / "data")
-        write_task_files(work / "data", seed=cfg["seed"])
 
 
 def run_quality(json_path: str | None = None, quick: bool = False, extra: list[str] | None = None) -> int:

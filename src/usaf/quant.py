@@ -285,15 +285,20 @@ class QuantizedTensor:
             raise KeyError(f"missing quantized tensors: {sorted(missing)}")
         return cls(tensors["qdata"], tensors["scale"], tensors["zero"], tuple(shape), bits, group_size)
 
-    def to(self, device) -> QuantizedTensor:
+    def to(self, device, non_blocking: bool = False) -> QuantizedTensor:
         device = torch.device(device)
         if device == self.device:
             return self
         return QuantizedTensor(
-            self.qdata.to(device),
-            self.scale.to(device),
-            self.zero.to(device),
+            self.qdata.to(device, non_blocking=non_blocking),
+            self.scale.to(device, non_blocking=non_blocking),
+            self.zero.to(device, non_blocking=non_blocking),
             self.shape,
             self.bits,
             self.group_size,
         )
+
+    def to_pinned(self) -> QuantizedTensor:
+        """A copy in page-locked host memory (asynchronous host-to-device copies)."""
+        return QuantizedTensor(self.qdata.pin_memory(), self.scale.pin_memory(), self.zero.pin_memory(),
+                               self.shape, self.bits, self.group_size)

@@ -22,9 +22,14 @@ from .runtime import release_free_memory
 
 
 def default_loss(model, batch: dict) -> torch.Tensor:
-    device = next(model.parameters()).device
-    batch = {k: v.to(device) for k, v in batch.items()}
-    return model(**batch).loss
+    """Token-mean causal-LM loss of a batch with ``input_ids``, ``attention_mask`` (optional), ``labels``."""
+    from .loss import lm_loss
+
+    device = next(p for p in model.parameters() if not p.is_meta).device
+    if "attention_mask" not in batch:
+        batch = {**batch, "attention_mask": torch.ones_like(batch["input_ids"])}
+    s, n = lm_loss(model, batch, device)
+    return s / n.clamp(min=1)
 
 
 def _groups(layers: list[MoeLayer], budget_bytes: int, elem_bytes: int) -> list[list[MoeLayer]]:

@@ -28,8 +28,8 @@ class DenseStack:
     def nbytes(self) -> int:
         return self.tensor.numel() * self.tensor.element_size()
 
-    def to(self, device) -> DenseStack:
-        return DenseStack(self.tensor.to(device))
+    def to(self, device, non_blocking: bool = False) -> DenseStack:
+        return DenseStack(self.tensor.to(device, non_blocking=non_blocking))
 
     def tensors(self) -> dict[str, torch.Tensor]:
         return {"dense": self.tensor}

@@ -45,14 +45,25 @@ def choose_tier(expert_bytes: int, device, device_memory=None, host_memory=None)
 class Prefetcher:
     """While decoder layer l runs, bring layer l+1's frozen expert stacks closer (see module docstring)."""
 
-    def __init__(self, handle: UsafModel):
+    def __init__(self, handle: UsafModel, device=None):
         self.handle = handle
         self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="usaf-prefetch")
+        self.device = torch.device(device) if device is not None else _compute_device(handle)
         self.stream = None
         layers = decoder_layers(handle.model)
         moe = {m.index: m for m in handle.layers}
         order = sorted(moe)
         self.hooks = []
+        if self.device.type == "cuda":
+            # Host-tier stacks are pinned once, so the side-stream copies are asynchronous.
+            self.stream = torch.cuda.Stream(self.device)
+            for m in handle.layers:
+                for name, st in m.experts.frozen.items():
+                    ts = st.tensors()
+                    if ts and next(iter(ts.values())).device.type == "cpu":
+                        m.experts.frozen[name] = _pinned(st)
+            for i in order:  # a staged copy lives until its layer's forward is done
+                self.hooks.append(layers[i].register_forward_hook(lambda mod, a, out, _m=moe[i]: self._unstage(_m)))
         for i, nxt in zip(order, order[1:]):
             self.hooks.append(layers[i].register_forward_pre_hook(
                 lambda mod, args, _m=moe[nxt]: self._prefetch(_m)))
@@ -64,8 +75,25 @@ class Prefetcher:
         tensors = [t for s in layer.experts.frozen.values() for t in s.tensors().values()]
         if not tensors:
             return
-        if tensors[0].device.type == "cpu":
+        if tensors[0].device.type != "cpu":
+            return
+        if self.stream is None:
             self.pool.submit(_touch, tensors)
+            return
+        # CUDA: copy the next layer's host stacks to the device on the side stream (untested: no GPU here).
+        # The caching allocator must not hand the copies' memory to the compute stream before they are used.
+        with torch.cuda.stream(self.stream):
+            staged = {name: st.to(self.device, non_blocking=True) for name, st in layer.experts.frozen.items()}
+            event = torch.cuda.Event()
+            event.record(self.stream)
+        compute = torch.cuda.current_stream(self.device)
+        for st in staged.values():
+            for t in st.tensors().values():
+                t.record_stream(compute)
+        layer.experts.staged = (staged, event)
+
+    def _unstage(self, layer) -> None:
+        layer.experts.staged = None
 
     def _evict(self, layer) -> None:
         from .stream import evict
@@ -76,7 +104,28 @@ class Prefetcher:
     def close(self) -> None:
         for h in self.hooks:
             h.remove()
+        for m in self.handle.layers:
+            m.experts.staged = None
         self.pool.shutdown(wait=True)
+
+
+def _compute_device(handle: UsafModel) -> torch.device:
+    for p in handle.model.parameters():
+        if not p.is_meta:
+            return p.device
+    return torch.device("cpu")
+
+
+def _pinned(stack):
+    """The same frozen stack with its host tensors in page-locked memory."""
+    from .quant import QuantizedTensor
+    from .store import DenseStack
+
+    if isinstance(stack, DenseStack):
+        return DenseStack(stack.tensor.pin_memory())
+    if isinstance(stack, QuantizedTensor):
+        return stack.to_pinned()
+    return stack
 
 
 def _touch(tensors: list[torch.Tensor]) -> None:

@@ -30,13 +30,14 @@ import yaml
 
 from . import checkpoint, distributed
 from .config import TrainConfig, to_dict
-from .data import Batches, DataError, collate, load_examples, split_eval, token_weighted_loss
+from .data import Batches, DataError, collate, load_examples, split_eval
 from .evaluate import evaluate, peak_memory_mb
 from .io import atomic_write, atomic_write_json, atomic_write_text, is_disk_full
 from .loading import check_model, load_tokenizer, resolve_device, resolve_dtype
+from .loss import lm_loss
 from .model import parse_layers
 from .optim import UsafOptimizer, make_scheduler
-from .prefix import enable_prefix_cache, logits_of, use_checkpointing
+from .prefix import enable_prefix_cache, use_checkpointing
 from .rigl import drop_fraction, reselect
 from .select import select
 from .stream import load_prepared
@@ -251,8 +252,7 @@ def _resume_point(out: Path, prev: dict, cfg: TrainConfig, identity: dict, world
 
 
 def _micro_loss(model, batch: dict, device, n_tokens: int) -> tuple[torch.Tensor, float]:
-    logits = logits_of(model, batch, device)
-    s, _ = token_weighted_loss(logits, batch["labels"].to(device))
+    s, _ = lm_loss(model, batch, device)  # chunked LM head + cross-entropy: no full logits tensor
     return s / max(n_tokens, 1), float(s.detach())
 
 

@@ -1,0 +1,155 @@
+"""The causal-LM loss without a full logits tensor: the LM head and cross-entropy in row chunks.
+
+``B x T x V`` logits, their fp32 upcast, log-softmax and gradient are the largest tensors of a training step
+on a small model (and ~0.9 GB at seq 512 for a 152k vocabulary). :func:`lm_loss` runs the model with its
+output head swapped for a capture of the final hidden states, then computes the summed token loss chunk by
+chunk in a custom autograd function whose backward recomputes each chunk's logits: no tensor larger than
+one chunk of logits exists at any time. The result equals ``token_weighted_loss(model(...).logits, labels)``
+(transformers' ``ForCausalLMLoss``: logits in the compute dtype, upcast to fp32, shifted labels, ``-100``
+ignored) up to float summation order; the family's logit post-processing (Granite's ``logits_scaling``,
+Gemma's final soft-capping) is applied the same way, in the compute dtype.
+
+The head's weights must be frozen (they are in usaf: only expert deltas and routers train).
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+import torch.nn.functional as F
+
+IGNORE_INDEX = -100
+CHUNK_BYTES = 8 << 20  # fp32 logits per chunk (at least MIN_ROWS rows, so a large head is not re-read often)
+MIN_ROWS = 256
+
+
+def logit_post(config) -> tuple[float | None, float | None]:
+    """``(divide by, soft-cap)`` the family applies to ``lm_head`` output (None where it does not)."""
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    scaling = getattr(text, "logits_scaling", None)
+    cap = getattr(text, "final_logit_softcapping", None)
+    return (float(scaling) if scaling not in (None, 1, 1.0) else None), (float(cap) if cap else None)
+
+
+def _logits(h, weight, bias, scaling, cap):
+    z = F.linear(h, weight, bias)
+    if scaling is not None:
+        z = z / scaling
+    if cap is not None:
+        z = torch.tanh(z / cap) * cap
+    return z
+
+
+class _ChunkedCrossEntropy(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, labels, scaling, cap, rows):
+        n = hidden.shape[0]
+        total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        lse = torch.empty(n, dtype=torch.float32, device=hidden.device)
+        for s in range(0, n, rows):
+            z = _logits(hidden[s : s + rows], weight, bias, scaling, cap).float()
+            lab = labels[s : s + rows]
+            valid = lab != IGNORE_INDEX
+            lse[s : s + rows] = torch.logsumexp(z, dim=-1)
+            picked = z.gather(1, lab.clamp(min=0).unsqueeze(1)).squeeze(1)
+            total += ((lse[s : s + rows] - picked) * valid).sum()
+            del z
+        ctx.save_for_backward(hidden, weight, bias, labels, lse)
+        ctx.scaling, ctx.cap, ctx.rows = scaling, cap, rows
+        return total
+
+    @staticmethod
+    def backward(ctx, grad):
+        hidden, weight, bias, labels, lse = ctx.saved_tensors
+        scaling, cap, rows = ctx.scaling, ctx.cap, ctx.rows
+        if not ctx.needs_input_grad[0]:
+            return None, None, None, None, None, None, None
+        grad_h = torch.empty_like(hidden)
+        for s in range(0, hidden.shape[0], rows):
+            h = hidden[s : s + rows]
+            lab = labels[s : s + rows]
+            valid = (lab != IGNORE_INDEX).unsqueeze(1)
+            raw = F.linear(h, weight, bias)
+            if scaling is not None:
+                raw = raw / scaling
+            if cap is not None:
+                t = torch.tanh(raw / cap)
+                z = (t * cap).float()
+            else:
+                z = raw.float()
+            del raw
+            # d(sum CE)/dz = softmax(z) - onehot(label), on valid rows; in place on the chunk's logits
+            p = z.sub_(lse[s : s + rows].unsqueeze(1)).exp_()
+            p.scatter_add_(1, lab.clamp(min=0).unsqueeze(1), torch.full_like(lse[s : s + rows], -1.0).unsqueeze(1))
+            p.mul_(valid * grad)
+            g = p.to(hidden.dtype)
+            del p
+            if cap is not None:  # d(cap * tanh(x / cap))/dx = 1 - tanh^2
+                g = g * (1 - t * t)
+                del t
+            if scaling is not None:
+                g = g / scaling
+            grad_h[s : s + rows] = g @ weight
+            del g
+        return grad_h, None, None, None, None, None, None
+
+
+def chunked_loss(hidden: torch.Tensor, head: torch.nn.Module, labels: torch.Tensor, config,
+                 chunk_bytes: int = CHUNK_BYTES) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(summed loss, token count)`` of final hidden states ``(B, T, H)`` against *unshifted* labels."""
+    weight, bias = head.weight, getattr(head, "bias", None)
+    if _head_trains(head):
+        raise ValueError("usaf.loss.chunked_loss needs a frozen output head")
+    vocab = weight.shape[0]
+    shift = F.pad(labels, (0, 1), value=IGNORE_INDEX)[..., 1:].reshape(-1).to(hidden.device)
+    keep = shift != IGNORE_INDEX
+    h = hidden.reshape(-1, hidden.shape[-1])
+    if not bool(keep.all()):  # positions without a target need no logits at all
+        h, shift = h[keep], shift[keep]
+    rows = max(MIN_ROWS, chunk_bytes // (4 * vocab))
+    scaling, cap = logit_post(config)
+    total = _ChunkedCrossEntropy.apply(h, weight, bias, shift, scaling, cap, rows)
+    return total, keep.sum()
+
+
+@contextlib.contextmanager
+def capture_head_input(model: torch.nn.Module):
+    """Run ``model`` with its output head replaced by a capture of its input (the final hidden states).
+
+    The head returns a 1-wide slice instead of logits, so the model's own post-processing stays cheap.
+    Yields a dict whose ``"hidden"`` is set by the forward.
+    """
+    head = model.get_output_embeddings()
+    box: dict = {}
+
+    def forward(x):
+        box["hidden"] = x
+        return x[..., :1]
+
+    head.forward = forward
+    try:
+        yield box
+    finally:
+        del head.forward
+
+
+def _head_trains(head) -> bool:
+    bias = getattr(head, "bias", None)
+    return torch.is_grad_enabled() and (head.weight.requires_grad or (bias is not None and bias.requires_grad))
+
+
+def lm_loss(model: torch.nn.Module, batch: dict, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Summed causal-LM loss and token count of a collated batch (frozen-prefix cache aware).
+
+    Chunked when the output head is frozen (or no gradient is taken); from full logits otherwise."""
+    from .prefix import logits_of
+
+    if _head_trains(model.get_output_embeddings()):
+        from .data import token_weighted_loss
+
+        return token_weighted_loss(logits_of(model, batch, device), batch["labels"].to(device))
+    with capture_head_input(model) as box:
+        logits_of(model, batch, device)
+    head = model.get_output_embeddings()
+    return chunked_loss(box["hidden"], head, batch["labels"].to(device), model.config)
