@@ -67,6 +67,7 @@ class HeapPeak:
         import threading
 
         self.peak, self.interval, self._stop = 0, interval, threading.Event()
+        self._lock, self._gen = threading.Lock(), 0
         self._thread = threading.Thread(target=self._run, daemon=True)
         self._hooks = []
         if model is not None:
@@ -78,7 +79,10 @@ class HeapPeak:
                 self._hooks.append(layer.register_full_backward_hook(lambda *a: self.sample()))
 
     def sample(self) -> None:
-        self.peak = max(self.peak, heap_in_use())
+        gen, v = self._gen, heap_in_use()
+        with self._lock:
+            if gen == self._gen:  # not a reading from before a reset
+                self.peak = max(self.peak, v)
 
     def _run(self) -> None:
         while not self._stop.is_set():
@@ -86,7 +90,9 @@ class HeapPeak:
             self._stop.wait(self.interval)
 
     def reset(self) -> int:
-        old, self.peak = self.peak, heap_in_use()
+        with self._lock:
+            self._gen += 1
+            old, self.peak = self.peak, heap_in_use()
         return old
 
     def __enter__(self):
@@ -198,7 +204,7 @@ def main() -> None:
 
     import usaf
     from usaf.data import Example
-    from usaf.prefix import PrefixCache, first_trainable_layer, logits_of, release_prefix
+    from usaf.prefix import PrefixCache, first_trainable_layer, release_prefix
     from usaf.stream import ShardReader, cache_path, load_streamed
     from usaf.tiers import Prefetcher
     from usaf.trainer import loss_fn
@@ -239,6 +245,14 @@ def main() -> None:
         b["index"] = torch.tensor([(k * a.batch_size + j) % len(examples) for j in range(a.batch_size)])
         return b
 
+    if a.device_memory:
+        # The non-expert weights the device would hold (all but the input embeddings, which only the prefix
+        # build used) may be zero-copy views of the checkpoint's mmap: copy them so the heap counts them.
+        emb = model.get_input_embeddings().weight
+        with torch.no_grad():
+            for p in model.parameters():
+                if not p.is_meta and p is not emb:
+                    p.data = p.data.clone()
     heap = HeapPeak(model).__enter__()
     heap_resident = heap_in_use()  # non-expert weights of the trainable range, prefix cache handle, data
     t0 = time.perf_counter()
@@ -254,9 +268,9 @@ def main() -> None:
     for k in range(a.steps):
         t0 = time.perf_counter()
         b = batch(k)
-        from usaf.data import token_weighted_loss
+        from usaf.loss import lm_loss  # the loss `usaf train` uses
 
-        s, n = token_weighted_loss(logits_of(model, b, "cpu"), b["labels"])
+        s, n = lm_loss(model, b, "cpu")
         (s / n).backward()
         opt.step()
         opt.zero_grad()
