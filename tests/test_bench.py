@@ -74,3 +74,21 @@ def test_table_and_targets():
     got = {t["target"]: t for t in targets("speed", res)}
     assert got["usaf tokens/s >= 1.5x lora-r8"]["met"] is True
     assert got["usaf peak RSS <= 1.15x inference (same 4-bit base)"]["ratio"] == 1.1
+
+
+def test_baselines_run_without_usaf_process_tuning():
+    import subprocess
+    import sys
+
+    from usaf.bench import baseline_env
+
+    assert "USAF_NO_RUNTIME_TUNING" not in baseline_env("usaf")
+    for m in ("lora-r8", "lora-r16", "full", "esft", "router", "inference-bf16", "base"):
+        assert baseline_env(m)["USAF_NO_RUNTIME_TUNING"] == "1", m
+    probe = "import os, usaf; print(os.environ.get('ONEDNN_PRIMITIVE_CACHE_CAPACITY'))"
+    env = {k: v for k, v in baseline_env("lora-r8").items() if k != "ONEDNN_PRIMITIVE_CACHE_CAPACITY"}
+    out = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True).stdout.strip()
+    assert out == "None"  # usaf's oneDNN cap is not applied to a baseline
+    env.pop("USAF_NO_RUNTIME_TUNING")
+    out = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True).stdout.strip()
+    assert out == "64"

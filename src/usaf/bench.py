@@ -430,9 +430,18 @@ def run_worker(method: str, cfg: dict) -> dict:
     return rec
 
 
+def baseline_env(method: str) -> dict:
+    """The environment of a worker: methods other than usaf's run without usaf's process tuning
+    (``usaf.runtime``), as they would in their own programs."""
+    env = dict(os.environ)
+    if not method.startswith("usaf") and method != "inference":
+        env["USAF_NO_RUNTIME_TUNING"] = "1"
+    return env
+
+
 def _spawn(method: str, cfg: dict) -> subprocess.Popen:
     cmd = [sys.executable, "-m", "usaf.bench", "_worker", method, json.dumps(cfg)]
-    env = dict(os.environ)
+    env = baseline_env(method)
     if int(cfg.get("dnnl_cache", -1)) >= 0:
         env["ONEDNN_PRIMITIVE_CACHE_CAPACITY"] = str(cfg["dnnl_cache"])
         env["LRU_CACHE_CAPACITY"] = str(max(1, cfg["dnnl_cache"]))

@@ -53,21 +53,21 @@ METHODS = ("usaf", "usaf-norigl", "router", "lora-r8", "lora-r16", "full", "esft
 
 KEYS: dict[str, tuple[type, object, str]] = {
     "task": (str, "docs", "docs | chat | both"),
-    "layers": (str, "all", "decoder layers every method trains: all | top:N | a-b"),
+    "layers": (str, "top:8", "decoder layers every method trains: all | top:N | a-b"),
     "seq": (int, 256, "tokens per sequence"),
     "batch": (int, 4, "sequences per step"),
-    "steps": (int, 100, "optimizer steps (the token budget is steps x batch x seq)"),
+    "steps": (int, 60, "optimizer steps (the token budget is steps x batch x seq)"),
     "eval_seqs": (int, 32, "held-out sequences per perplexity"),
     "calib": (int, 4, "calibration batches (usaf selection, esft routing shares)"),
-    "reselect": (int, 25, "usaf RigL period in steps"),
+    "reselect": (int, 15, "usaf RigL period in steps"),
     "reselect_fraction": (float, 0.3, "usaf RigL initial replaced fraction"),
     "density": (float, 0.005, "usaf density"),
     "warmup": (float, 0.05, "warmup fraction of the steps (linear, then cosine to 10%)"),
-    "lr_usaf": (float, 1e-3, "learning rate of usaf's deltas (usaf, usaf-norigl)"),
+    "lr_usaf": (float, 3e-3, "learning rate of usaf's deltas (usaf, usaf-norigl; best of 3e-4..3e-2 in --quick)"),
     "lr_router": (float, 1e-4, "learning rate of the routers (usaf methods and router)"),
-    "lr_lora": (float, 2e-4, "LoRA learning rate"),
-    "lr_full": (float, 2e-5, "full fine-tuning learning rate"),
-    "lr_esft": (float, 2e-5, "ESFT learning rate"),
+    "lr_lora": (float, 3e-3, "LoRA learning rate (best of 3e-4, 1e-3, 3e-3 in --quick)"),
+    "lr_full": (float, 1e-4, "full fine-tuning learning rate (not tuned)"),
+    "lr_esft": (float, 1e-4, "ESFT learning rate (not tuned)"),
     "generations": (int, 3, "held-out questions answered before/after (chat task)"),
     "gen_tokens": (int, 48, "new tokens per generation"),
     "methods": (str, "", "comma-separated subset of methods (default: all)"),
@@ -436,8 +436,11 @@ def run_worker(method: str, task: str, cfg: dict) -> dict:
 def _spawn(method: str, task: str, cfg: dict):
     import subprocess
 
+    from .bench import baseline_env
+
     cmd = [sys.executable, "-m", "usaf.quality", "_worker", method, task, json.dumps(cfg)]
-    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=baseline_env(method))
 
 
 # ------------------------------------------------------------------------------------------------ report
