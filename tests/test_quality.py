@@ -19,7 +19,16 @@ from usaf.corpora import (
     reference_entries,
     write_task_files,
 )
-from usaf.quality import METHODS, load_task, parse_settings, run_quality, run_worker, setup_method, task_files
+from usaf.quality import (
+    EXTRA_METHODS,
+    METHODS,
+    load_task,
+    parse_settings,
+    run_quality,
+    run_worker,
+    setup_method,
+    task_files,
+)
 from usaf.testing import save_tiny_checkpoint
 
 RST = """\
@@ -137,7 +146,7 @@ def test_task_files_split_by_file(setup):
     assert set(task_files("chat", paths["chat_train"].parent)) == {"train", "eval", "general"}
 
 
-@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("method", METHODS + EXTRA_METHODS)
 def test_method_trains_only_its_parameters(setup, method):
     from transformers import AutoModelForCausalLM
 

@@ -21,7 +21,8 @@ Methods (all train the same decoder layers, ``layers=``):
 - ``usaf-norigl``: the same without reselection;
 - ``router``: only the routers (usaf's fp32 router masters, no deltas);
 - ``lora-r8`` / ``lora-r16``: PEFT LoRA (alpha = 2r) on q/k/v/o and on the fused expert stacks via
-  ``target_parameters`` (fp32 adapters on the bf16 base);
+  ``target_parameters`` (fp32 adapters on the bf16 base); ``lora-r16-experts`` (ablation, not in the
+  default list): the expert stacks only, the same parameters usaf may touch;
 - ``full``: every expert weight and router of the trained layers, fp32 weights and AdamW (bf16 weights
   would round most updates away at a fine-tuning learning rate);
 - ``esft``: ESFT-style: whole experts with the highest routing share on the training data (measured on the
@@ -50,6 +51,7 @@ from pathlib import Path
 from .bench import RESULT_TAG, _collect, machine_info, peak_rss_mb, reset_peak_rss
 
 METHODS = ("usaf", "usaf-norigl", "router", "lora-r8", "lora-r16", "full", "esft")
+EXTRA_METHODS = ("lora-r16-experts",)  # ablation: LoRA on the expert stacks only (no attention), like usaf
 
 KEYS: dict[str, tuple[type, object, str]] = {
     "task": (str, "docs", "docs | chat | both"),
@@ -102,9 +104,9 @@ def parse_settings(extra: list[str] | None, quick: bool = False) -> dict:
         if int(cfg[k]) < 1:
             raise ValueError(f"{k} must be >= 1, got {cfg[k]}")
     chosen = [m.strip() for m in str(cfg["methods"]).split(",") if m.strip()] or list(METHODS)
-    bad = [m for m in chosen if m not in METHODS]
+    bad = [m for m in chosen if m not in METHODS + EXTRA_METHODS]
     if bad:
-        raise ValueError(f"unknown method(s) {', '.join(bad)} (choose from {', '.join(METHODS)})")
+        raise ValueError(f"unknown method(s) {', '.join(bad)} (choose from {', '.join(METHODS + EXTRA_METHODS)})")
     cfg["method_list"] = chosen
     return cfg
 
@@ -283,10 +285,10 @@ def setup_method(method: str, cfg: dict, model_dir: str, data: dict):
     if method.startswith("lora-r"):
         from peft import LoraConfig, get_peft_model
 
-        r = int(method.removeprefix("lora-r"))
+        r = int(method.removeprefix("lora-r").removesuffix("-experts"))
         blk = mods[0][1].split(f".{mods[0][0]}.", 1)[1]  # the experts module below a layer, e.g. "mlp.experts"
         lcfg = LoraConfig(r=r, lora_alpha=2 * r, lora_dropout=0.0,
-                          target_modules=["q_proj", "k_proj", "v_proj", "o_proj"],
+                          target_modules=[] if method.endswith("-experts") else ["q_proj", "k_proj", "v_proj", "o_proj"],
                           target_parameters=[f"{blk}.gate_up_proj", f"{blk}.down_proj"],
                           layers_to_transform=None if len(layers) == len(decoder_layers(model)) else list(layers))
         model = get_peft_model(model, lcfg)
