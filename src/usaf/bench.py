@@ -79,6 +79,7 @@ KEYS: dict[str, tuple[type, object, str]] = {
                      "0 runs every method in this process (tests only: RSS is then not per method)"),
     "timeout": (int, 1800, "seconds allowed per worker"),
     "repeat": (int, 1, "run the method list this many times, round-robin; medians are reported"),
+    "checkpointing": (str, "auto", "usaf activation checkpointing: auto (usaf train's rule) | on | off"),
     "dnnl_cache": (int, -1, "oneDNN primitive + ideep LRU cache capacity in the workers (-1 = torch default)"),
 }
 
