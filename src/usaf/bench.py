@@ -527,6 +527,11 @@ def table(results: list[dict]) -> str:
                      f"{r['step_s_median']:.3f}",
                      f"{r['peak_rss_mb']:.0f}", "-" if sp is None else f"{sp:.0f}",
                      _fmt_int(r["trainable_params"])))
+    return markdown_table(head, rows)
+
+
+def markdown_table(head: tuple, rows: list[tuple]) -> str:
+    """A Markdown table with padded columns (the benchmarks' printed tables)."""
     widths = [max(len(str(x)) for x in col) for col in zip(head, *rows)]
     line = lambda cells: "| " + " | ".join(str(c).ljust(w) for c, w in zip(cells, widths)) + " |"  # noqa: E731
     sep = "|" + "|".join("-" * (w + 2) for w in widths) + "|"

@@ -50,6 +50,11 @@ def decoder_layers(model: nn.Module) -> nn.ModuleList:
     raise UnsupportedModelError(f"could not find the {n} decoder layers of {type(model).__name__}")
 
 
+def compute_device(model: nn.Module) -> torch.device:
+    """The device of the model's first real (non-meta) parameter: where it computes."""
+    return next((p.device for p in model.parameters() if not p.is_meta), torch.device("cpu"))
+
+
 def parse_layers(spec: str, num_layers: int) -> range:
     """``all`` | ``top:N`` | ``a-b`` (inclusive) -> range of decoder layer indices."""
     spec = (spec or "all").strip()

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .model import UsafModel, decoder_layers
+from .model import UsafModel, compute_device, decoder_layers
 
 log = logging.getLogger("usaf")
 
@@ -120,7 +120,7 @@ class PrefixCache:
         from .data import collate
 
         model = handle.model
-        device = next(p for p in model.parameters() if not p.is_meta).device
+        device = compute_device(model)
         dtype = next(p for p in model.parameters() if p.is_floating_point()).dtype
         hidden = model.config.get_text_config().hidden_size
         root = cache_root or Path(os.environ.get("USAF_PREFIX_CACHE") or
@@ -192,7 +192,7 @@ def enable_prefix_cache(handle: UsafModel, train_ex, eval_ex, batch_size: int, p
     if start == 0:
         return False
     model = handle.model
-    device = next(p for p in model.parameters() if not p.is_meta).device
+    device = compute_device(model)
     probe = collate(list(train_ex[:2]), pad_id)
     if not suffix_matches(model, start, probe["input_ids"].to(device), probe["attention_mask"].to(device)):
         return False

@@ -41,6 +41,7 @@ import datetime
 import json
 import math
 import os
+import random
 import shlex
 import statistics
 import sys
@@ -48,7 +49,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from .bench import RESULT_TAG, _collect, machine_info, peak_rss_mb, reset_peak_rss
+from .bench import RESULT_TAG, _collect, machine_info, markdown_table, peak_rss_mb, reset_peak_rss
 
 METHODS = ("usaf", "usaf-norigl", "router", "lora-r8", "lora-r16", "full", "esft")
 EXTRA_METHODS = ("lora-r16-experts",)  # ablation: LoRA on the expert stacks only (no attention), like usaf
@@ -124,8 +125,6 @@ def task_files(task: str, data_dir: Path) -> dict[str, Path]:
 
 
 def _examples(path: Path, tok, seq: int, n: int, seed: int, cycle: bool):
-    import random
-
     from .data import load_examples
 
     ex, _ = load_examples(path, tok, seq)
@@ -154,8 +153,6 @@ def load_task(cfg: dict, task: str, tok, files: dict[str, Path]) -> dict:
     out["train_tokens"] = int(sum(int(x["attention_mask"].sum()) for x in out["train"]))
     if task == "chat":
         rows = [json.loads(line) for line in files["eval"].read_text(encoding="utf-8").splitlines()[:200]]
-        import random
-
         random.Random(cfg["seed"]).shuffle(rows)
         out["prompts"] = [(r["messages"][0]["content"], r["messages"][1]["content"])
                           for r in rows[: cfg["generations"]]]
@@ -463,9 +460,7 @@ def table(base: dict, results: list[dict]) -> str:
         rows.append((r["method"], f"{r['ppl_domain']:.3f}", f"{r['ppl_general']:.3f}", f"{r['tokens_per_s']:.0f}",
                      f"{r['peak_rss_mb']:.0f}", "-" if sp is None else f"{sp:.0f}",
                      f"{r['trainable_params']:,}", _mb(r["shipped_bytes"])))
-    widths = [max(len(str(x)) for x in col) for col in zip(head, *rows)]
-    line = lambda cells: "| " + " | ".join(str(c).ljust(w) for c, w in zip(cells, widths)) + " |"  # noqa: E731
-    return "\n".join([line(head), "|" + "|".join("-" * (w + 2) for w in widths) + "|"] + [line(r) for r in rows])
+    return markdown_table(head, rows)
 
 
 def targets(base: dict, results: list[dict]) -> list[dict]:

@@ -17,7 +17,7 @@ from collections.abc import Callable, Iterable
 import torch
 
 from .experts import NAMES
-from .model import MoeLayer, UsafModel
+from .model import MoeLayer, UsafModel, compute_device
 from .runtime import release_free_memory
 
 
@@ -25,7 +25,7 @@ def default_loss(model, batch: dict) -> torch.Tensor:
     """Token-mean causal-LM loss of a batch with ``input_ids``, ``attention_mask`` (optional), ``labels``."""
     from .loss import lm_loss
 
-    device = next(p for p in model.parameters() if not p.is_meta).device
+    device = compute_device(model)
     if "attention_mask" not in batch:
         batch = {**batch, "attention_mask": torch.ones_like(batch["input_ids"])}
     s, n = lm_loss(model, batch, device)

@@ -15,7 +15,7 @@ from concurrent.futures import ThreadPoolExecutor
 import psutil
 import torch
 
-from .model import UsafModel, decoder_layers
+from .model import UsafModel, compute_device, decoder_layers
 
 log = logging.getLogger("usaf")
 
@@ -48,7 +48,7 @@ class Prefetcher:
     def __init__(self, handle: UsafModel, device=None):
         self.handle = handle
         self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="usaf-prefetch")
-        self.device = torch.device(device) if device is not None else _compute_device(handle)
+        self.device = torch.device(device) if device is not None else compute_device(handle.model)
         self.stream = None
         layers = decoder_layers(handle.model)
         moe = {m.index: m for m in handle.layers}
@@ -107,13 +107,6 @@ class Prefetcher:
         for m in self.handle.layers:
             m.experts.staged = None
         self.pool.shutdown(wait=True)
-
-
-def _compute_device(handle: UsafModel) -> torch.device:
-    for p in handle.model.parameters():
-        if not p.is_meta:
-            return p.device
-    return torch.device("cpu")
 
 
 def _pinned(stack):
