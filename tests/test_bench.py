@@ -91,4 +91,4 @@ def test_baselines_run_without_usaf_process_tuning():
     assert out == "None"  # usaf's oneDNN cap is not applied to a baseline
     env.pop("USAF_NO_RUNTIME_TUNING")
     out = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True).stdout.strip()
-    assert out == "64"
+    assert out == "32"

@@ -290,18 +290,32 @@ def test_train_layers_range_freezes_the_rest():
     assert all(not m.trainable for m in handle.layers if m.index != 2)
 
 
-def test_activation_checkpointing_gives_the_same_gradients():
-    _, model, handle = _prepared("qwen3_moe")
+@pytest.mark.parametrize("family", FAMILIES)
+def test_activation_checkpointing_gives_the_same_gradients(family, monkeypatch):
+    """Lean checkpointing (usaf.prefix.enable_checkpointing) gives the gradients of a plain backward,
+    router included; where nothing after the experts saves a tensor, the layer recomputation stops
+    at the router, so the experts' forward runs once per layer."""
+    from usaf import experts as ex
+    from usaf.prefix import enable_checkpointing
+
+    _, model, handle = _prepared(family)
     _random_deltas(handle, frac=0.01)
     model.train()
     model(IDS, labels=IDS).loss.backward()
-    ref = [p.grad.clone() for p in handle.trainable_parameters()]
-    for p in handle.trainable_parameters():
+    params = handle.trainable_parameters()
+    ref = [p.grad.clone() for p in params]
+    for p in params:
         p.grad = None
-    model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    enable_checkpointing(handle)
+    assert all(not m.experts.save_preact for m in handle.layers)
+    calls = []
+    fwd = ex.ExpertsFunction.forward
+    monkeypatch.setattr(ex.ExpertsFunction, "forward", staticmethod(lambda *a: calls.append(1) or fwd(*a)))
     model(IDS, labels=IDS).loss.backward()
-    for a, p in zip(ref, handle.trainable_parameters()):
+    for a, p in zip(ref, params):
         torch.testing.assert_close(p.grad, a, rtol=1e-5, atol=1e-7)
+    if family in ("qwen3_moe", "mixtral", "olmoe", "granitemoe"):
+        assert len(calls) == len(handle.layers)
 
 
 def test_top_candidates_threshold_path_equals_topk():

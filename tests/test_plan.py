@@ -144,9 +144,14 @@ def test_layout_options_move_peaks_the_right_way(qwen_dir):
     resident = plan.predict(qwen_dir, prefix_cache=False, checkpointing="on", **kw)
     longer = plan.predict(qwen_dir, seq_len=2048, checkpointing="on", **kw)
     assert no_ckpt["train_peak_device_bytes"] > base["train_peak_device_bytes"]
-    # usaf train's auto rule: off for top:8 x 512 tokens (about 400 MB of activations), on for 8192 tokens
-    assert plan.predict(qwen_dir, **kw)["train"]["checkpointing"] == "off"
+    # usaf train's auto rule: on exactly when the plan with checkpointing has a lower step peak (by > 5%)
+    for extra in ({}, {"seq_len": 2048, "batch_size": 4}, {"train_layers": "top:1", "seq_len": 16}):
+        auto = plan.predict(qwen_dir, **extra, **kw)["train"]["checkpointing"]
+        on, off = (plan.predict(qwen_dir, checkpointing=c, **extra, **kw)["train_peak_device_bytes"]
+                   for c in ("on", "off"))
+        assert auto == ("on" if on < (1 - plan.AUTO_CHECKPOINT_GAIN) * off else "off")
     assert plan.predict(qwen_dir, seq_len=2048, batch_size=4, **kw)["train"]["checkpointing"] == "on"
+    assert plan.predict(qwen_dir, train_layers="top:1", seq_len=16, **kw)["train"]["checkpointing"] == "off"
     assert resident["train_peak_device_bytes"] > base["train_peak_device_bytes"] + 10 * GB
     assert longer["train_peak_device_bytes"] > base["train_peak_device_bytes"]
 
@@ -270,7 +275,8 @@ def test_prediction_matches_live_tensor_peak():
     from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM
 
     import usaf
-    from usaf.data import token_weighted_loss
+    from usaf.loss import lm_loss
+    from usaf.prefix import enable_checkpointing
 
     conf = Qwen3MoeConfig(
         vocab_size=2048,
@@ -297,18 +303,17 @@ def test_prediction_matches_live_tensor_peak():
         d.set(torch.randperm(d.numel)[: round(0.01 * d.numel)])
     opt = usaf.UsafOptimizer(handle)
 
-    def step() -> None:
-        logits = model(input_ids=ids).logits
-        loss, _ = token_weighted_loss(logits, ids)
-        del logits
-        loss.backward()
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids}
+
+    def step() -> None:  # usaf train's loss (chunked LM head)
+        total, count = lm_loss(model, batch, "cpu")
+        (total / count).backward()
         opt.step()
         opt.zero_grad()
 
-    def infer() -> None:
+    def infer() -> None:  # a plain forward (the plan's inference: logits, no loss)
         with torch.no_grad():
-            logits = model(input_ids=ids).logits
-            token_weighted_loss(logits, ids)
+            model(input_ids=ids)
 
     def measure(fn) -> int:
         ts = list(model.parameters()) + list(model.buffers()) + opt.masters
@@ -350,10 +355,7 @@ def test_prediction_matches_live_tensor_peak():
     infer_sdpa = measure(infer)
     model.set_attn_implementation("eager")
     model.train()
-    if hasattr(model, "activation_checkpointing_enable"):
-        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
-    else:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    enable_checkpointing(handle)
     train_eager_ckpt = measure(step)
 
     pred_train, pred_infer = predicted("sdpa", "off")

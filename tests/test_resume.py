@@ -26,7 +26,7 @@ def setup(tmp_path_factory):
 def _args(ckpt, data, out, *extra):
     return ["train", "--model", str(ckpt), "--data", str(data), "--out", str(out), "--steps", "9",
             "--seq-len", "32", "--batch-size", "4", "--lr", "0.01", "--density", "0.05", "--reselect-every", "3",
-            "--quiet", *extra]
+            "--score-layers", "64", "--quiet", *extra]
 
 
 def _losses(out):
@@ -37,7 +37,7 @@ def test_interrupt_then_resume_is_bitwise_identical(setup, tmp_path, monkeypatch
     ckpt, data = setup
     assert main(_args(ckpt, data, tmp_path / "a")) == 0
 
-    # SIGINT during step 5 (calls: 4 selection batches, steps 1-3, 1 reselection batch, steps 4, 5).
+    # SIGINT during step 5 (calls: 4 selection batches, all layers in one pass; steps 1-3, 1 reselection batch, steps 4, 5).
     calls = {"n": 0}
     real = trainer._micro_loss
 

@@ -314,18 +314,20 @@ def _setup(method: str, cfg: dict, batches: list[dict]):
                     model(input_ids=b["input_ids"], attention_mask=b["attention_mask"])
 
             return step, 0, info
+        # The same activation-checkpointing choice `usaf train --checkpointing auto` makes, made (as there)
+        # before selection, whose passes then run lean as well.
+        from usaf.prefix import enable_checkpointing, use_checkpointing
+
+        b0 = batches[0]
+        info["checkpointing"] = use_checkpointing(handle, cfg.get("checkpointing", "auto"), b0["input_ids"].shape[0],
+                                                  b0["input_ids"].shape[1])
+        if info["checkpointing"]:
+            enable_checkpointing(handle)
         t0 = time.perf_counter()
         rep = usaf.select(handle, batches, n_batches=cfg["calib"])
         info["selection_s"] = round(time.perf_counter() - t0, 3)
         info["active"] = rep["active"]
         opt = usaf.UsafOptimizer(handle, lr=2e-4, router_lr=5e-5)
-        # The same activation-checkpointing choice `usaf train --checkpointing auto` makes.
-        from usaf.prefix import use_checkpointing
-
-        info["checkpointing"] = use_checkpointing(handle, cfg.get("checkpointing", "auto"), b0["input_ids"].shape[0],
-                                                  b0["input_ids"].shape[1]) if (b0 := batches[0]) else False
-        if info["checkpointing"]:
-            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
         model.train()
 
         from .loss import lm_loss

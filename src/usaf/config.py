@@ -24,7 +24,9 @@ class UsafConfig:
     train_router: bool = _f(True, "train the routers of the trainable layers (fp32 masters)")
     router_aux_loss: bool = _f(False, "add the family's load-balancing auxiliary loss, where it has one")
     score: str = _f("abs", "importance: abs = sum |grad|, sq = sum grad^2", choices=("abs", "sq"))
-    score_budget_mb: int = _f(1024, "memory for dense importance buffers; layers are scored in groups")
+    score_budget_mb: int = _f(256, "memory for dense importance buffers (fp32 when one layer fits, else bf16)")
+    score_layers: int = _f(1, "layers scored per selection pass (more: fewer passes, more score buffers "
+                              "held at once, within score_budget_mb)")
     layer_share_cap: float = _f(4.0, "a layer may take at most this multiple of its fair share of budget")
     chunk_mb: int = _f(256, "max dequantized expert weights held at once per layer, MB")
 
@@ -56,7 +58,7 @@ class TrainConfig:
                         "non-finite loss or gradient (0 = never stop)")
     max_eval_batches: int = _f(0, "cap on eval batches (0 = all)")
     checkpointing: str = _f("auto", "activation checkpointing at decoder-layer boundaries: auto (on when the "
-                                    "trainable layers' activations would exceed 512 MB) | on | off",
+                                    "memory plan predicts a lower training peak with it) | on | off",
                             choices=("auto", "on", "off"))
     device_memory: str = _f("", "memory budget on the compute device, e.g. 12GB (default: what it has)")
     host_memory: str = _f("", "host RAM budget, e.g. 24GB (default: what is available)")

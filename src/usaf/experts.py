@@ -4,11 +4,13 @@
 (token, expert) pairs by expert, and ``ExpertsFunction`` runs only the experts that were hit:
 
 - forward: per run of hit experts, dequantize the frozen stack, add that run's delta (O(nnz)),
-  then one matmul pair per expert; it saves the sorted inputs and the gate/up pre-activations only.
-- backward: re-dequantizes the weights (never saved), returns the input gradient and the gradient of
-  the compact delta values, ``g[k] = sum_t dY[t, r_k] * X[t, c_k]`` over the tokens of that expert.
-  Either gather-dot (O(T * nnz)) or a per-expert GEMM ``dY^T X`` gathered and freed at once, chosen by
-  cost; no dense gradient of a whole expert stack ever exists.
+  then per expert: gather its token rows, one matmul pair, scale by the routing weight and scatter-add
+  into the (T, H) output. It keeps the layer input, the routing and (by default) the gate/up
+  pre-activations; no per-route copy of the inputs or outputs.
+- backward: re-dequantizes the weights (never saved), returns the input gradient, the routing-weight
+  gradient and the gradient of the compact delta values, ``g[k] = sum_t dY[t, r_k] * X[t, c_k]`` over
+  the tokens of that expert. Either gather-dot (O(T * nnz)) or a per-expert GEMM ``dY^T X`` gathered
+  and freed at once, chosen by cost; no dense gradient of a whole expert stack ever exists.
 - selection mode (``scores`` set): also accumulates ``|dL/dW|`` (or its square) into per-layer dense score
   buffers, used by ``usaf.select`` and RigL reselection.
 """
@@ -79,6 +81,9 @@ class UsafExperts(nn.Module):
         self.score_power = 1
         # ({name: device copy of a host-tier stack}, CUDA event): set by tiers.Prefetcher for the next layer
         self.staged: tuple[dict, object] | None = None
+        # Keep the gate/up pre-activations for the backward (fast) or recompute them from the layer input
+        # with the weights the backward dequantizes anyway (one more GEMM; set when checkpointing).
+        self.save_preact = True
 
     # ----------------------------------------------------------------------------------------------
     def shape(self, name: str) -> tuple[int, ...]:
@@ -123,22 +128,10 @@ class UsafExperts(nn.Module):
     def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor,
                 score_on_input: bool = False) -> torch.Tensor:
         """Args: hidden_states (T, H); top_k_index (T, K); top_k_weights (T, K). Returns (T, H)."""
-        num_tokens, top_k = top_k_index.shape
-        flat = top_k_index.reshape(-1)
-        _, perm = torch.sort(flat, stable=True)
-        counts = torch.bincount(flat, minlength=self.num_experts + 1)[: self.num_experts].tolist()
-        perm = perm[: sum(counts)]  # routes to the sentinel expert (index == E) are dropped
-        tok = perm // top_k
-        weights = top_k_weights.reshape(-1)[perm].unsqueeze(-1)
-        xs = hidden_states[tok]  # (S, H) grouped by expert
-        if score_on_input:  # llama4: the routing score scales the expert input
-            xs = xs * weights
+        route = Routing.build(top_k_index, self.num_experts)
         values = [self.deltas[n].values for n in NAMES]
-        ys = ExpertsFunction.apply(xs, values[0], values[1], self, counts)
-        if not score_on_input:
-            ys = ys * weights
-        out = torch.zeros_like(hidden_states)
-        return out.index_add_(0, tok, ys.to(hidden_states.dtype))
+        return ExpertsFunction.apply(hidden_states, top_k_weights, values[0], values[1], self, route,
+                                     score_on_input)
 
 
 def _sparse_grad(left: torch.Tensor, right: torch.Tensor, idx: torch.Tensor,
@@ -183,83 +176,143 @@ def _bucket(n: int) -> int:
     return -(-n // step) * step
 
 
-def _padded_layout(counts: list[int], device) -> tuple[list[int], torch.Tensor]:
-    """Bounds of each expert's padded segment, and the padded row of every real row (S,)."""
-    bounds, rows = [0], []
-    for c in counts:
-        rows.append(torch.arange(bounds[-1], bounds[-1] + c))
-        bounds.append(bounds[-1] + _bucket(c))
-    pos = torch.cat(rows) if rows else torch.empty(0, dtype=torch.long)
-    return bounds, pos.to(device)
+class Routing:
+    """The routed (token, expert) pairs of one forward, grouped by expert on a padded layout.
+
+    Expert ``e`` owns padded rows ``[bounds[e], bounds[e + 1])``: its ``counts[e]`` real rows first, then
+    zero-gradient padding up to ``_bucket(counts[e])`` rows, so that matmul shapes repeat across steps.
+    ``tok`` (S_pad,) is the token row of each padded row, ``slot`` (S_pad,) its position in the flattened
+    (T * K) routing weights (padding rows point at row 0 / slot 0 and are never scattered back).
+    """
+
+    __slots__ = ("counts", "bounds", "tok", "slot")
+
+    def __init__(self, counts: list[int], bounds: list[int], tok: torch.Tensor, slot: torch.Tensor):
+        self.counts, self.bounds, self.tok, self.slot = counts, bounds, tok, slot
+
+    @staticmethod
+    @torch.no_grad()
+    def build(top_k_index: torch.Tensor, num_experts: int) -> Routing:
+        top_k = top_k_index.shape[1]
+        flat = top_k_index.reshape(-1)
+        _, perm = torch.sort(flat, stable=True)
+        counts = torch.bincount(flat, minlength=num_experts + 1)[:num_experts].tolist()
+        perm = perm[: sum(counts)]  # routes to the sentinel expert (index == E) are dropped
+        bounds, rows = [0], []
+        for c in counts:
+            rows.append(torch.arange(bounds[-1], bounds[-1] + c))
+            bounds.append(bounds[-1] + _bucket(c))
+        pos = (torch.cat(rows) if rows else torch.empty(0, dtype=torch.long)).to(flat.device)
+        slot = torch.zeros(bounds[-1], dtype=torch.long, device=flat.device)
+        slot[pos] = perm
+        return Routing(counts, bounds, slot // top_k, slot)
+
+    def segments(self, start: int, stop: int):
+        """``(e, a, b, c)`` for the hit experts in ``[start, stop)``: padded rows ``[a, b)``, ``c`` real."""
+        for e in range(start, stop):
+            a, b = self.bounds[e], self.bounds[e + 1]
+            if a != b:
+                yield e, a, b, self.counts[e]
 
 
 class ExpertsFunction(torch.autograd.Function):
-    """Routed expert MLP over ``base + delta``; gradients for the inputs and the delta values only."""
+    """Routed expert MLP over ``base + delta``, fused with the gather of the token rows, the routing
+    weights and the scatter back: ``out[t] = sum_k w[t, k] * expert_{e[t, k]}(x[t])``.
+
+    Gradients for the hidden states, the routing weights and the delta values only. It keeps the layer
+    input and the routing (and, unless ``mod.save_preact`` is off, the (S_pad, 2I) gate/up
+    pre-activations); no per-route copy of the inputs or outputs is kept. These are held on ``ctx``
+    rather than through ``save_for_backward``, so that decoder-layer checkpointing does not re-run the
+    experts: its recomputation stops after the last op that saved a tensor (the router), and the
+    backward recomputes the pre-activations from the kept input with the weights it dequantizes anyway.
+    """
 
     @staticmethod
-    def forward(ctx, x, v_gate_up, v_down, mod: UsafExperts, counts: list[int]):
-        # x: (S, H) token rows grouped by expert, counts[e] rows for expert e. Computed on a padded copy
-        # (zero rows up to _bucket(count) per expert) so that matmul shapes repeat across steps.
-        bounds, pos = _padded_layout(counts, x.device)
-        xp = x.new_zeros(bounds[-1], x.shape[1])
-        xp[pos] = x
+    def forward(ctx, x, weights, v_gate_up, v_down, mod: UsafExperts, route: Routing, score_on_input: bool):
+        # x: (T, H); weights: (T, K) routing weights.
+        wp = weights.reshape(-1)[route.slot].unsqueeze(-1)  # (S_pad, 1)
         width = mod.shape("gate_up_proj")[2 if mod.transposed else 1]
-        out = x.new_empty(bounds[-1], x.shape[1])
-        h_all = x.new_empty(bounds[-1], width)  # (S_pad, 2I) pre-activations, saved for backward
-        for start, stop in mod.runs(counts):
+        out = torch.zeros_like(x)
+        save = mod.save_preact and any(ctx.needs_input_grad)
+        h_all = x.new_empty(route.bounds[-1], width) if save else None
+        for start, stop in mod.runs(route.counts):
             w_gu = mod.weight("gate_up_proj", start, stop, x.dtype, x.device, v_gate_up)
             w_dn = mod.weight("down_proj", start, stop, x.dtype, x.device, v_down)
-            for e in range(start, stop):
-                a, b = bounds[e], bounds[e + 1]
-                if a == b:
-                    continue
+            for e, a, b, c in route.segments(start, stop):
                 wg, wd = w_gu[e - start], w_dn[e - start]
-                h = xp[a:b] @ (wg if mod.transposed else wg.t())
+                xe = x[route.tok[a:b]]
+                if score_on_input:  # llama4: the routing score scales the expert input
+                    xe = xe * wp[a:b]
+                h = xe @ (wg if mod.transposed else wg.t())
                 if mod.gate_up_bias is not None:
                     h = h + mod.gate_up_bias[e]
-                h_all[a:b] = h
+                if h_all is not None:
+                    h_all[a:b] = h
                 y = mod._gate(h) @ (wd if mod.transposed else wd.t())
                 if mod.down_bias is not None:
                     y = y + mod.down_bias[e]
-                out[a:b] = y
-        ctx.save_for_backward(xp, h_all, pos)
-        ctx.mod, ctx.bounds, ctx.counts = mod, bounds, counts
-        return out[pos]
+                if not score_on_input:
+                    y = y * wp[a:b]
+                out.index_add_(0, route.tok[a : a + c], y[:c].to(out.dtype))
+        ctx.x, ctx.weights, ctx.h_all = x.detach(), weights.detach(), h_all
+        ctx.mod, ctx.route, ctx.score_on_input = mod, route, score_on_input
+        return out
 
     @staticmethod
-    def backward(ctx, dy):
-        xp, h_all, pos = ctx.saved_tensors
-        mod, bounds, counts = ctx.mod, ctx.bounds, ctx.counts
-        dyp = dy.new_zeros(xp.shape[0], dy.shape[1])
-        dyp[pos] = dy  # padded rows carry no gradient
-        dxp = torch.zeros_like(xp)
-        want = ctx.needs_input_grad[1] or ctx.needs_input_grad[2]
+    def backward(ctx, dout):
+        x, h_all, mod, route = ctx.x, ctx.h_all, ctx.mod, ctx.route
+        on_input = ctx.score_on_input
+        wp = ctx.weights.reshape(-1)[route.slot].unsqueeze(-1)  # (S_pad, 1)
+        dx_all = torch.zeros_like(x) if ctx.needs_input_grad[0] else None
+        dwp = torch.zeros(route.bounds[-1], dtype=torch.float32, device=x.device)
+        want = ctx.needs_input_grad[2] or ctx.needs_input_grad[3]
         grads = {n: torch.zeros_like(mod.deltas[n].values) for n in NAMES} if want else None
         scores = mod.scores
-        for start, stop in mod.runs(counts):
-            w_gu = mod.weight("gate_up_proj", start, stop, xp.dtype, xp.device)
-            w_dn = mod.weight("down_proj", start, stop, xp.dtype, xp.device)
-            for e in range(start, stop):
-                a, b = bounds[e], bounds[e + 1]
-                if a == b:
-                    continue
-                xe, he, dye = xp[a:b], h_all[a:b], dyp[a:b]
+        for start, stop in mod.runs(route.counts):
+            w_gu = mod.weight("gate_up_proj", start, stop, x.dtype, x.device)
+            w_dn = mod.weight("down_proj", start, stop, x.dtype, x.device)
+            for e, a, b, c in route.segments(start, stop):
                 wg, wd = w_gu[e - start], w_dn[e - start]
+                xe, we = x[route.tok[a:b]], wp[a:b]
+                if on_input:
+                    xe_raw, xe = xe, xe * we
+                if h_all is not None:
+                    he = h_all[a:b]
+                else:
+                    he = xe @ (wg if mod.transposed else wg.t())
+                    if mod.gate_up_bias is not None:
+                        he = he + mod.gate_up_bias[e]
+                g = dout.new_zeros(b - a, dout.shape[1])  # padding rows carry no gradient
+                g[:c] = dout[route.tok[a : a + c]]
                 with torch.enable_grad():
                     hh = he.detach().requires_grad_(True)
-                    act = mod._gate(hh)  # (T, I)
-                dact = dye @ (wd.t() if mod.transposed else wd)
+                    act = mod._gate(hh)  # (n, I)
+                dact = g @ (wd.t() if mod.transposed else wd)
+                if on_input:
+                    dye = g
+                else:  # out = w * y: dw = g . y = (g @ Wd) . act (+ g . bias), dy = w * g
+                    dw = (dact.float() * act.detach().float()).sum(-1)
+                    if mod.down_bias is not None:
+                        dw += g.float() @ mod.down_bias[e].float()
+                    dwp[a : a + c] = dw[:c]
+                    dye = g * we.to(g.dtype)
+                    dact = dact * we.to(dact.dtype)
                 (dh,) = torch.autograd.grad(act, hh, dact)
-                dxp[a:b] = dh @ (wg.t() if mod.transposed else wg)
+                dxe = dh @ (wg.t() if mod.transposed else wg)
+                if on_input:  # xe = w * x: dw = dxe . x, dx = w * dxe
+                    dwp[a : a + c] = (dxe.float() * xe_raw.float()).sum(-1)[:c]
+                    dxe = dxe * we.to(dxe.dtype)
+                if dx_all is not None:
+                    dx_all.index_add_(0, route.tok[a : a + c], dxe[:c].to(dx_all.dtype))
                 act = act.detach()
                 # dW = left^T @ right in the native layout of each stack.
                 pairs = {"down_proj": (act, dye) if mod.transposed else (dye, act),
                          "gate_up_proj": (xe, dh) if mod.transposed else (dh, xe)}
                 for name, (left, right) in pairs.items():
                     if scores is not None and name in scores:
-                        dw = left.t() @ right
-                        scores[name][e] += dw.abs().to(scores[name].dtype) if mod.score_power == 1 else \
-                            dw.float().square().to(scores[name].dtype)
+                        dw_full = left.t() @ right
+                        scores[name][e] += dw_full.abs().to(scores[name].dtype) if mod.score_power == 1 else \
+                            dw_full.float().square().to(scores[name].dtype)
                     if mod.stream_k is not None and name in mod.stream_k:
                         _stream_candidates(mod, name, e, left, right)
                     if grads is not None:
@@ -267,9 +320,17 @@ class ExpertsFunction(torch.autograd.Function):
                         i0, i1 = delta.span(e, e + 1)
                         if i0 != i1:
                             grads[name][i0:i1] = _sparse_grad(left, right, delta.local(e, e + 1))
+        dweights = None
+        if ctx.needs_input_grad[1]:
+            real = torch.zeros(route.bounds[-1], dtype=torch.bool, device=x.device)
+            for e, a, b, c in route.segments(0, mod.num_experts):
+                real[a : a + c] = True
+            dflat = torch.zeros(ctx.weights.numel(), dtype=torch.float32, device=x.device)
+            dflat[route.slot[real]] = dwp[real]
+            dweights = dflat.view_as(ctx.weights).to(ctx.weights.dtype)
         g_gu = grads["gate_up_proj"] if grads is not None else None
         g_dn = grads["down_proj"] if grads is not None else None
-        return dxp[pos], g_gu, g_dn, None, None
+        return dx_all, dweights, g_gu, g_dn, None, None, None
 
 
 def llama4_block_forward(self, hidden_states: torch.Tensor):

@@ -440,7 +440,8 @@ class Settings:
     checkpointing: str = "auto"  # auto | on | off, as ``usaf train --checkpointing``
     prefix_cache: bool = True
     group_size: int = 64
-    score_budget_mb: int = 1024
+    score_budget_mb: int = 256
+    score_layers: int = 1
 
     @property
     def cpu(self) -> bool:
@@ -524,13 +525,14 @@ def _dequant_bytes(lc: LayerCounts, chunk_mb: int, d: int) -> int:
 
 
 def _layer_activations(
-    mc: ModelCounts, lc: LayerCounts, s: Settings, d: int, attn: str, first: bool = False
+    mc: ModelCounts, lc: LayerCounts, s: Settings, d: int, attn: str, first: bool = False, preact: bool = True
 ) -> int:
     """Bytes autograd saves for one layer in training (frozen linears save no inputs; see docs/plan.md).
 
     ``first``: the lowest layer of the span, whose input does not require grad (it comes from the prefix
     cache or the frozen embeddings), so its norms, attention and frozen MLPs save nothing; only the router
-    (which trains) and the experts (whose deltas train) do.
+    (which trains) and the experts (whose deltas train) do. ``preact``: the experts keep their gate/up
+    pre-activations (off in the lean mode that goes with checkpointing).
     """
     n = s.batch_size * s.seq_len
     h, nh = mc.hidden, lc.heads
@@ -547,11 +549,21 @@ def _layer_activations(
     if lc.moe:
         sk = n * mc.top_k
         sp = padded_rows(sk, lc.num_experts)
-        b += n * h * d  # router input (the router trains)
+        b += n * h * d  # the MoE input, kept by the router (it trains) and the experts
         b += n * lc.num_experts * 4 + n * mc.top_k * 12  # fp32 routing probabilities, top-k ids + weights
-        b += sp * d * (h + 2 * lc.expert_inter)  # padded expert inputs (S', H) and pre-activations (S', 2I)
-        b += sk * d * 2 * h  # expert outputs and weighted outputs (S, H)
-        b += sk * 24  # token order, row positions (int64)
+        b += sp * 16  # the experts' routing: token row and weight slot of every padded row (int64)
+        if preact:
+            b += sp * d * 2 * lc.expert_inter  # gate/up pre-activations (S', 2I)
+    return b
+
+
+def _layer_kept_lean(mc: ModelCounts, lc: LayerCounts, s: Settings, d: int) -> int:
+    """Bytes one checkpointed layer keeps between its forward and its backward: the layer input (saved
+    by the checkpoint), and what the experts hold outside it (MoE input, routing weights, routing)."""
+    n = s.batch_size * s.seq_len
+    b = n * mc.hidden * d
+    if lc.moe:
+        b += n * mc.hidden * d + n * mc.top_k * d + padded_rows(n * mc.top_k, lc.num_experts) * 16
     return b
 
 
@@ -582,25 +594,23 @@ def _layer_infer_working(mc: ModelCounts, lc: LayerCounts, s: Settings, d: int, 
     mlp_b = 2 * n * lc.mlp_width * d
     moe_b = 0
     if lc.moe:
-        sk = n * mc.top_k
-        sp = padded_rows(sk, lc.num_experts)
-        # router logits + probabilities; rows in token order (input, output); padded input, pre-activations,
-        # padded output
-        moe_b = (
-            n * lc.num_experts * (d + 4) + sk * d * 2 * h + sp * d * (2 * h + 2 * lc.expert_inter) + sk * 24
-        )
+        # router logits + probabilities; routing (int64 per padded row); the (T, H) output; one expert's rows
+        # at a time (input, pre-activations, activation, output), at most ~2x the mean count
+        sp = padded_rows(n * mc.top_k, lc.num_experts)
+        rows = 2 * sp // max(1, min(lc.num_experts, n * mc.top_k))
+        moe_b = n * lc.num_experts * (d + 4) + sp * 16 + n * h * d + rows * d * (2 * h + 3 * lc.expert_inter)
     return base + max(attn_b, mlp_b + moe_b)
 
 
 def _logits_bytes(mc: ModelCounts, s: Settings, d: int, train: bool) -> int:
-    """Inference: logits in the compute dtype, their fp32 upcast, log-softmax output. Training uses the
+    """Inference: a forward's logits (B x T x V, compute dtype). Training uses the
     chunked LM-head loss (``usaf.loss``): one chunk of logits (compute dtype + fp32, and the gradient cast
     back) at a time, plus per-token log-sum-exp, the gathered hidden states and their gradient."""
     from .loss import CHUNK_BYTES, MIN_ROWS
 
     tokens = s.batch_size * s.seq_len
     if not train:
-        return tokens * mc.vocab * ((d if d != 4 else 0) + 4 + 4)
+        return tokens * mc.vocab * d
     rows = min(tokens, max(MIN_ROWS, CHUNK_BYTES // (4 * mc.vocab)))
     return rows * mc.vocab * (4 + 2 * d) + tokens * (4 + 2 * mc.hidden * d)
 
@@ -608,12 +618,15 @@ def _logits_bytes(mc: ModelCounts, s: Settings, d: int, train: bool) -> int:
 # Kinds of parts: ``resident`` (the whole run), ``step`` (every moment of a step), ``loss`` (around the
 # loss: forward end + start of backward), ``layer`` (inside one layer's forward/backward), ``save`` (while a
 # checkpoint is written, between steps), ``select`` (importance scoring: the score buffers live through a
-# forward + backward pass). The step peak is resident + step + the largest of loss / layer / save; the
-# selection peak is resident + step + select + the larger of loss / layer.
+# forward + backward pass), ``train-step`` / ``select-step`` (like ``step``, in the training steps only /
+# the selection passes only). The step peak is resident + step + train-step + the largest of loss / layer /
+# save; the selection peak is resident + step + select-step + select + the larger of loss / layer.
 _STEP_MOMENTS = (("loss",), ("layer",), ("save",))
 _SELECT_MOMENTS = (("loss", "select"), ("layer", "select"))
 _WHEN = {
     "step": " (during the step)",
+    "train-step": " (during a training step)",
+    "select-step": " (during a selection pass)",
     "loss": " (at the loss)",
     "layer": " (inside a layer)",
     "save": " (while saving)",
@@ -644,11 +657,13 @@ class _Plan:
 
     def step_peak(self, tier: str) -> int:
         tiers = self._tiers(tier)
-        return self.used(tiers, ("resident", "step")) + max(self.used(tiers, m) for m in _STEP_MOMENTS)
+        return self.used(tiers, ("resident", "step", "train-step")) + max(
+            self.used(tiers, m) for m in _STEP_MOMENTS)
 
     def select_peak(self, tier: str) -> int:
         tiers = self._tiers(tier)
-        return self.used(tiers, ("resident", "step")) + max(self.used(tiers, m) for m in _SELECT_MOMENTS)
+        return self.used(tiers, ("resident", "step", "select-step")) + max(
+            self.used(tiers, m) for m in _SELECT_MOMENTS)
 
     def peak(self, tier: str) -> int:
         """Peak bytes of a tier over every moment (step and selection)."""
@@ -768,26 +783,22 @@ def _phase(mc: ModelCounts, s: Settings, train: bool) -> dict:
     # -- activations ----------------------------------------------------------------------------------
     span_layers = [mc.layers[i] for i in span]
     if train:
-        full = [_layer_activations(mc, lc, s, d, attn, first=k == 0) for k, lc in enumerate(span_layers)]
-        if _checkpointing(mc, s, first):
-            p.add(
-                f"activations: layer inputs ({len(span)} layers x B x T x H)",
-                len(span) * n_tok * mc.hidden * d,
-                dev_tier,
-                "step",
-            )
-            p.add("activations: one layer recomputed in full", max(full), dev_tier, "layer")
-        else:
-            p.add(f"activations: {len(span)} layers in full", sum(full), dev_tier, "step")
+        # Selection passes always run checkpointed (usaf.prefix.lean_passes); the steps when it is on.
+        kept = sum(_layer_kept_lean(mc, lc, s, d) for lc in span_layers)
+        lean = max(_layer_activations(mc, lc, s, d, attn, first=k == 0, preact=False)
+                   for k, lc in enumerate(span_layers))
+        ckpt = _checkpointing(mc, s, first)
+        p.add(f"activations: layer inputs, MoE inputs + routing ({len(span)} layers)", kept, dev_tier,
+              "step" if ckpt else "select-step")
+        p.add("activations: one layer recomputed (experts not re-run)", lean, dev_tier,
+              "layer" if ckpt else "select")
+        if not ckpt:
+            full = [_layer_activations(mc, lc, s, d, attn, first=k == 0) for k, lc in enumerate(span_layers)]
+            p.add(f"activations: {len(span)} layers in full", sum(full), dev_tier, "train-step")
+        sp = max(padded_rows(n_tok * mc.top_k, lc.num_experts) for lc in moe_train)
         p.add(
-            "backward working set (input grads, residual grads)",
-            max(
-                0,
-                2 * max(padded_rows(n_tok * mc.top_k, lc.num_experts) for lc in moe_train) - n_tok * mc.top_k,
-            )
-            * mc.hidden
-            * d
-            + 4 * n_tok * mc.hidden * 4,
+            "backward working set (input grads, residual grads, routing-weight grads)",
+            n_tok * mc.hidden * d + sp * 4 + 4 * n_tok * mc.hidden * 4,
             dev_tier,
             "layer",
         )
@@ -804,7 +815,7 @@ def _phase(mc: ModelCounts, s: Settings, train: bool) -> dict:
             p.add("KV cache (use_cache)", kv, dev_tier, "step")
     p.add(
         "logits: one chunk of rows x V (compute dtype + fp32) + gradient" if train else
-        "logits (B x T x V) + fp32 upcast + log-softmax",
+        "logits (B x T x V)",
         _logits_bytes(mc, s, d, train),
         dev_tier,
         "loss",
@@ -920,27 +931,37 @@ def _phase(mc: ModelCounts, s: Settings, train: bool) -> dict:
     return out
 
 
+# ``--checkpointing auto`` turns checkpointing on when it lowers the predicted training-step peak on the
+# compute device by more than this fraction: below it, the 10-20% of step time that it costs (measured,
+# docs/memory.md) buys too little.
+AUTO_CHECKPOINT_GAIN = 0.05
+
+
 def _checkpointing(mc: ModelCounts, s: Settings, first: int) -> bool:
-    """``usaf train``'s rule: ``auto`` is on when B x T x (layers from the first trainable one) x H x 2 B x 24
-    (a rough size of the saved activations) exceeds 512 MiB."""
+    """``usaf train``'s rule (``usaf.prefix.use_checkpointing`` asks this plan): ``auto`` is on when the
+    predicted training-step peak with checkpointing is lower than without it by more than
+    ``AUTO_CHECKPOINT_GAIN``, on the compute device (selection passes are checkpointed either way)."""
     if s.checkpointing != "auto":
         return s.checkpointing == "on"
-    return s.batch_size * s.seq_len * (mc.num_layers - first) * mc.hidden * 2 * 24 > 512 << 20
+    on = _phase(mc, replace(s, checkpointing="on"), train=True)
+    off = _phase(mc, replace(s, checkpointing="off"), train=True)
+    return on["peak_device_bytes"] < (1 - AUTO_CHECKPOINT_GAIN) * off["peak_device_bytes"]
 
 
 def _score_bytes(s: Settings, moe_train: list[LayerCounts]) -> tuple[int, str]:
     """Dense score buffers of the largest group of layers scored at once, as ``usaf.select`` allocates them:
-    fp32 when one layer's buffers fit ``score_budget_mb`` (else bf16), layers grouped within that budget (at
-    least one), plus the top-k candidates of the largest stack (values + int64 indices)."""
+    fp32 when one layer's buffers fit ``score_budget_mb`` (else bf16), ``score_layers`` layers at a time
+    within that budget (at least one), plus the top-k candidates of the largest stack (values + int64 indices)."""
     budget = s.score_budget_mb << 20
     elem = 4 if max(lc.expert_params for lc in moe_train) * 4 <= budget else 2
-    groups, cur = [], 0
+    groups, cur, n = [], 0, 0
     for lc in reversed(moe_train):
         size = lc.expert_params * elem
-        if cur and cur + size > budget:
+        if cur and (cur + size > budget or n >= max(1, s.score_layers)):
             groups.append(cur)
-            cur = 0
+            cur, n = 0, 0
         cur += size
+        n += 1
     groups.append(cur)
     total = sum(lc.expert_params for lc in moe_train)
     budget_el = s.density * total
@@ -1138,7 +1159,8 @@ def predict(
     checkpointing: str | bool = "auto",
     prefix_cache: bool = True,
     group_size: int = 64,
-    score_budget_mb: int = 1024,
+    score_budget_mb: int = 256,
+    score_layers: int = 1,
     suggest: bool = True,
     trust_remote_code: bool = False,
 ) -> dict:
@@ -1159,12 +1181,12 @@ def predict(
         chunk_mb: ``UsafConfig.chunk_mb`` (dequantized expert weights held at once per layer).
         attn: ``eager`` | ``sdpa``; default the config's attention implementation (sdpa if unset).
         checkpointing: activation checkpointing at layer boundaries: ``auto`` (``usaf train``'s rule: on
-            when B x T x layers x H x 48 B exceeds 512 MiB), ``on``/True, ``off``/False (every layer of the
+            when it lowers the predicted training peak by more than 1%), ``on``/True, ``off``/False (every layer of the
             span keeps its activations).
         prefix_cache: layers below the trainable range run once to build a cache of hidden states and are
             not resident while training (``usaf train --prefix-cache``, the default). False keeps them
             resident.
-        group_size, score_budget_mb: ``UsafConfig`` fields of the same names.
+        group_size, score_budget_mb, score_layers: ``UsafConfig`` fields of the same names.
         suggest: when it does not fit, try candidate settings and report the first that fits.
 
     Returns:
@@ -1209,6 +1231,7 @@ def predict(
         prefix_cache=bool(prefix_cache),
         group_size=int(group_size),
         score_budget_mb=int(score_budget_mb),
+        score_layers=int(score_layers),
     )
     _check(s)
     mc = count_model(config, trust_remote_code)
@@ -1384,7 +1407,7 @@ def add_parser(sub) -> argparse.ArgumentParser:
         default="auto",
         choices=("auto", "on", "off"),
         help="activation checkpointing at layer boundaries, as in usaf train (default: auto = on "
-        "when the trainable layers' activations would exceed 512 MiB)",
+        "when it lowers the predicted training peak by more than 1%%)",
     )
     q.add_argument(
         "--prefix-cache",

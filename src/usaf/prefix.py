@@ -215,16 +215,80 @@ def logits_of(model: nn.Module, batch: dict, device) -> torch.Tensor:
 
 
 def use_checkpointing(handle: UsafModel, mode: str, batch_size: int, seq_len: int) -> bool:
-    """``auto``: on when the trainable layers' saved activations (about 24 values of size H per token per
-    layer, in the compute dtype) would exceed 512 MB and 10% of the model's weights in memory;
-    checkpointing then keeps only each layer's input. (On the tiny benchmark model it saved ~10 MB and
-    cost ~30% speed, hence the absolute floor.)"""
+    """``auto``: ask the memory plan (``usaf plan``, from the config and this run's settings) whether
+    checkpointing lowers the predicted training peak on the compute device (by more than
+    ``plan.AUTO_CHECKPOINT_GAIN``); on if so. (If the plan cannot describe the model: on when the trainable
+    layers' saved activations, ~24 values of size H per token and layer, exceed 512 MB.)"""
     if mode in ("on", "off"):
         return mode == "on"
-    cfg = handle.model.config.get_text_config()
+    from . import plan
+
+    model = handle.model
+    cfg = handle.config
+    device = compute_device(model)
+    dtype = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}.get(
+        next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32), "fp32")
     first = first_trainable_layer(handle)
-    n_layers = cfg.num_hidden_layers - first
-    estimate = batch_size * seq_len * n_layers * cfg.hidden_size * 2 * 24
-    weights = sum(p.numel() * p.element_size() for p in handle.model.parameters() if not p.is_meta)
-    weights += sum(s.nbytes() for m in handle.layers for s in m.experts.frozen.values())
-    return estimate > max(512 << 20, 0.1 * weights)
+    try:
+        mem = {}
+        if device.type == "cuda":
+            mem["device_memory"] = torch.cuda.get_device_properties(device).total_memory
+        r = plan.predict(model.config, seq_len=seq_len, batch_size=batch_size, density=cfg.density,
+                         train_layers=cfg.train_layers,
+                         quant=cfg.quant, dtype=dtype, device="cuda" if device.type == "cuda" else "cpu",
+                         chunk_mb=cfg.chunk_mb, group_size=cfg.group_size,
+                         prefix_cache=getattr(model, "usaf_prefix", None) is not None,
+                         attn=getattr(model.config, "_attn_implementation", None)
+                         if getattr(model.config, "_attn_implementation", None) in ("eager", "sdpa") else None,
+                         checkpointing="auto", suggest=False, **mem)
+        return r["train"]["checkpointing"] == "on"
+    except Exception as e:  # a layout the planner cannot count: the rough rule
+        log.debug("checkpointing auto: no plan (%s); rough rule", e)
+    text = model.config.get_text_config()
+    estimate = batch_size * seq_len * (text.num_hidden_layers - first) * text.hidden_size * 2 * 24
+    return estimate > 512 << 20
+
+
+def enable_checkpointing(handle: UsafModel) -> None:
+    """Activation checkpointing at decoder-layer boundaries (transformers' own, non-reentrant), with the
+    experts in their lean mode: they keep only the layer input and the routing, recompute the gate/up
+    pre-activations in their backward, and are not re-run by the layer's recomputation (which stops
+    after the router, the last op that saved a tensor, where nothing after the experts saves one)."""
+    model = handle.model
+    kwargs = {"use_reentrant": False}
+    if hasattr(model, "activation_checkpointing_enable"):
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+    for m in handle.layers:
+        m.experts.save_preact = False
+
+
+def disable_checkpointing(handle: UsafModel) -> None:
+    """Undo :func:`enable_checkpointing`."""
+    model = handle.model
+    if hasattr(model, "activation_checkpointing_disable"):
+        model.activation_checkpointing_disable()
+    else:
+        model.gradient_checkpointing_disable()
+    for m in handle.layers:
+        m.experts.save_preact = True
+
+
+def is_checkpointing(handle: UsafModel) -> bool:
+    return any(getattr(m, "gradient_checkpointing", False) for m in handle.model.modules())
+
+
+@contextlib.contextmanager
+def lean_passes(handle: UsafModel):
+    """Checkpointing (lean experts) for the duration of the block, restored after: selection and
+    reselection passes use it whatever the training steps do, so that scoring stays within the memory of a
+    training step (their dense score buffers come on top of the activations). It costs them some time."""
+    was = is_checkpointing(handle)
+    if not was:
+        enable_checkpointing(handle)
+    try:
+        yield
+    finally:
+        if not was:
+            disable_checkpointing(handle)

@@ -4,7 +4,7 @@ Measured (tiny bench model, docs/benchmarks.md): with glibc's default dynamic th
 and selection buffers stay in the heap, and oneDNN keeps one primitive per matmul shape; together that was
 most of the gap between the training and the inference peak. usaf therefore, at import:
 - sets glibc's trim and mmap thresholds to 1 MiB (big buffers go back to the OS when freed) and one arena;
-- caps oneDNN's primitive cache (``ONEDNN_PRIMITIVE_CACHE_CAPACITY``, default 64) unless the user set it.
+- caps oneDNN's primitive cache (``ONEDNN_PRIMITIVE_CACHE_CAPACITY``, default 32) unless the user set it.
 ``USAF_NO_MALLOC_TUNING=1`` turns the glibc part off; ``USAF_NO_RUNTIME_TUNING=1`` turns both off (the
 benchmarks' baseline methods run that way: the settings suit usaf's allocation pattern, not theirs - with
 them, PEFT LoRA on fused experts ran 1.8x slower, measured).
@@ -22,7 +22,7 @@ _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD, _M_ARENA_MAX = -1, -3, -8
 def tune() -> None:
     if os.environ.get("USAF_NO_RUNTIME_TUNING"):
         return
-    os.environ.setdefault("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "64")
+    os.environ.setdefault("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "32")
     # ideep's cache of reordered weights: usaf's expert weights are dequantized afresh for every use, so
     # cached reorders are never hit again; they only held memory (40 MB on the tiny bench model, measured).
     os.environ.setdefault("LRU_CACHE_CAPACITY", "1")

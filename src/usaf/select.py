@@ -2,8 +2,8 @@
 
 Importance of an expert weight = ``sum |dL/dW|`` (or ``sum (dL/dW)^2``) over a few calibration batches,
 computed inside the experts' backward (``UsafExperts.scores``). Layers are scored in groups from the
-top, so that the dense score buffers of at most ``score_budget_mb`` exist at once (one layer at a time
-for a large model). Each scored layer keeps only its best candidates (at most ``layer_share_cap`` times
+top, one layer per pass by default (``score_layers``), so that at most one layer's dense score buffers
+exist at once (and never more than ``score_budget_mb``). Each scored layer keeps only its best candidates (at most ``layer_share_cap`` times
 its fair share of the budget), then one global threshold picks the budget over all candidates: the
 budget goes where the scores are, not a fixed fraction of every tensor.
 """
@@ -18,6 +18,7 @@ import torch
 
 from .experts import NAMES
 from .model import MoeLayer, UsafModel, compute_device
+from .prefix import lean_passes
 from .runtime import release_free_memory
 
 
@@ -32,11 +33,12 @@ def default_loss(model, batch: dict) -> torch.Tensor:
     return s / n.clamp(min=1)
 
 
-def _groups(layers: list[MoeLayer], budget_bytes: int, elem_bytes: int) -> list[list[MoeLayer]]:
+def _groups(layers: list[MoeLayer], budget_bytes: int, elem_bytes: int,
+            max_layers: int = 1) -> list[list[MoeLayer]]:
     groups, cur, used = [], [], 0
     for m in layers:
         size = sum(m.experts.deltas[n].numel for n in NAMES) * elem_bytes
-        if cur and used + size > budget_bytes:
+        if cur and (used + size > budget_bytes or len(cur) >= max_layers):
             groups.append(cur)
             cur, used = [], 0
         cur.append(m)
@@ -140,10 +142,11 @@ def candidates(handle: UsafModel, batches: Iterable[dict], budget: int, exclude_
             if keep is not None:
                 for p in params:
                     p.requires_grad_(id(p) in keep)
-            for batch in batch_list:
-                loss_fn(model, batch).backward()
-                for p in params:
-                    p.grad = None
+            with lean_passes(handle):  # scoring passes keep only what a checkpointed step keeps
+                for batch in batch_list:
+                    loss_fn(model, batch).backward()
+                    for p in params:
+                        p.grad = None
         finally:
             for p, f in zip(params, flags):
                 p.requires_grad_(f)
@@ -172,7 +175,7 @@ def candidates(handle: UsafModel, batches: Iterable[dict], budget: int, exclude_
         layer_elems = max(sum(m.experts.deltas[n].numel for n in NAMES) for m in layers)
         dtype = torch.float32 if layer_elems * 4 <= budget_bytes else torch.bfloat16
         elem_bytes = 4 if dtype == torch.float32 else 2
-        for group in _groups(layers, budget_bytes, elem_bytes):
+        for group in _groups(layers, budget_bytes, elem_bytes, max(1, cfg.score_layers)):
             for m in group:
                 m.experts.scores = {n: torch.zeros(m.experts.shape(n), dtype=dtype,
                                                    device=m.experts.deltas[n].values.device) for n in NAMES}

@@ -37,7 +37,7 @@ from .loading import check_model, load_tokenizer, resolve_device, resolve_dtype
 from .loss import lm_loss
 from .model import parse_layers
 from .optim import UsafOptimizer, make_scheduler
-from .prefix import enable_prefix_cache, use_checkpointing
+from .prefix import enable_checkpointing, enable_prefix_cache, use_checkpointing
 from .rigl import drop_fraction, reselect
 from .select import select
 from .stream import load_prepared
@@ -429,7 +429,7 @@ def _train(cfg: TrainConfig, d: distributed.Dist, t_start: float) -> dict:
     model = handle.model
     identity["base_fingerprint"] = handle.fingerprint
     if use_checkpointing(handle, cfg.checkpointing, cfg.batch_size, cfg.seq_len):
-        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        enable_checkpointing(handle)
     # Batches of --batch-size x processes sequences; each rank gets its --batch-size slice of every one.
     batches = Batches(train_ex, cfg.batch_size * d.world, seed=cfg.seed, rank=d.rank, world_size=d.world,
                       pad_id=pad)
