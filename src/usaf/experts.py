@@ -323,7 +323,7 @@ class ExpertsFunction(torch.autograd.Function):
         dweights = None
         if ctx.needs_input_grad[1]:
             real = torch.zeros(route.bounds[-1], dtype=torch.bool, device=x.device)
-            for e, a, b, c in route.segments(0, mod.num_experts):
+            for _e, a, _b, c in route.segments(0, mod.num_experts):
                 real[a : a + c] = True
             dflat = torch.zeros(ctx.weights.numel(), dtype=torch.float32, device=x.device)
             dflat[route.slot[real]] = dwp[real]
