@@ -253,6 +253,11 @@ def main() -> None:
             for p in model.parameters():
                 if not p.is_meta and p is not emb:
                     p.data = p.data.clone()
+    from usaf.prefix import enable_checkpointing, use_checkpointing
+
+    ckpt = use_checkpointing(handle, "auto", a.batch_size, a.seq_len)  # usaf train's choice
+    if ckpt:
+        enable_checkpointing(handle)
     heap = HeapPeak(model).__enter__()
     heap_resident = heap_in_use()  # non-expert weights of the trainable range, prefix cache handle, data
     t0 = time.perf_counter()
@@ -290,6 +295,7 @@ def main() -> None:
         "steps_peak_rss_mb": round(peak_mb()) if steps_phase else None,
         "peak_rss_mb": round(max(peak_select, peak_mb())),
         "active": handle.active(), "cache_gb": round(cpath.stat().st_size / 1e9, 2),
+        "checkpointing": ckpt,
     }
     try:
         from usaf.plan import predict

@@ -27,9 +27,10 @@ from usaf.cli import main
 from usaf.testing import save_tiny_checkpoint
 
 # A real selection (5% of the expert weights); the 2-process run reselects at step 3 (after its checkpoint at
-# step 2), the reference does not: they are compared up to step 3 and at the step-2 checkpoint.
+# step 2), the reference does not: they are compared up to step 3 and at the step-2 checkpoint. fp32 score
+# buffers: summed in another order (per rank, then all-reduced), bf16 sums may break near-ties differently.
 COMMON = ["--seq-len", "32", "--dtype", "fp32", "--steps", "4", "--density", "0.05", "--lr", "0.01",
-          "--batch-size", "2", "--save-every", "2", "--quiet"]
+          "--batch-size", "2", "--save-every", "2", "--score-dtype", "fp32", "--quiet"]
 ONE = ["--grad-accum", "2", "--reselect-every", "0"]
 TWO = ["--reselect-every", "3"]
 

@@ -323,9 +323,13 @@ def _setup(method: str, cfg: dict, batches: list[dict]):
                                                   b0["input_ids"].shape[1])
         if info["checkpointing"]:
             enable_checkpointing(handle)
+        # The selection pass's own peak (the kernel's high-water mark is reset after the model build).
+        info["build_peak_rss_mb"] = round(peak_rss_mb(), 1)
+        phase = reset_peak_rss()
         t0 = time.perf_counter()
         rep = usaf.select(handle, batches, n_batches=cfg["calib"])
         info["selection_s"] = round(time.perf_counter() - t0, 3)
+        info["selection_peak_rss_mb"] = round(peak_rss_mb(), 1) if phase else None
         info["active"] = rep["active"]
         opt = usaf.UsafOptimizer(handle, lr=2e-4, router_lr=5e-5)
         model.train()
@@ -412,13 +416,13 @@ def run_worker(method: str, cfg: dict) -> dict:
         "method": method,
         "tokens_per_s": round(tokens / med, 1),
         "cpu_tokens_per_s": round(tokens / max(cpu_med, 1e-9), 1),
-        "peak_rss_mb": round(max(setup_peak, steps_peak), 1),
+        "peak_rss_mb": round(max(setup_peak, steps_peak, info.get("build_peak_rss_mb", 0)), 1),
         "trainable_params": int(trainable),
         "step_s_median": round(med, 4),
         "step_s_min": round(min(times), 4),
         "step_cpu_s_median": round(cpu_med, 4),
         "steps_peak_rss_mb": round(steps_peak, 1) if phase_ok else None,
-        "setup_peak_rss_mb": round(setup_peak, 1),
+        "setup_peak_rss_mb": round(max(setup_peak, info.get("build_peak_rss_mb", 0)), 1),
         "peak_anon_mb": round(max(setup_anon, anon.peak_kb) / 1024, 1),
         "steps_peak_anon_mb": round(anon.peak_kb / 1024, 1),
         "file_rss_mb_end": round(_status_kb(("RssFile",)).get("RssFile", 0) / 1024, 1),
@@ -555,8 +559,12 @@ def targets(name: str, results: list[dict]) -> list[dict]:
         out.append({"target": "usaf peak RSS <= 1.15x inference (same 4-bit base)", "ratio": round(ratio, 3),
                     "met": ratio <= 1.15})
         a, b = by["usaf"].get("steps_peak_rss_mb"), by["inference"].get("steps_peak_rss_mb")
-        if a and b:
-            out.append({"target": "(info) steps-phase peak RSS, usaf / inference", "ratio": round(a / b, 3),
+        if a and b:  # the memory engine's figure: a training step's peak / an inference forward's peak
+            out.append({"target": "usaf steps-phase peak RSS <= 1.15x inference steps-phase", "ratio": round(a / b, 3),
+                        "met": a / b <= 1.15})
+        s = by["usaf"].get("selection_peak_rss_mb")
+        if s and b:
+            out.append({"target": "(info) usaf selection-pass peak RSS / inference steps-phase", "ratio": round(s / b, 3),
                         "met": None})
     return out
 

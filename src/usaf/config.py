@@ -24,7 +24,9 @@ class UsafConfig:
     train_router: bool = _f(True, "train the routers of the trainable layers (fp32 masters)")
     router_aux_loss: bool = _f(False, "add the family's load-balancing auxiliary loss, where it has one")
     score: str = _f("abs", "importance: abs = sum |grad|, sq = sum grad^2", choices=("abs", "sq"))
-    score_budget_mb: int = _f(256, "memory for dense importance buffers (fp32 when one layer fits, else bf16)")
+    score_dtype: str = _f("bf16", "dtype of the dense importance buffers: bf16 (half the memory) | fp32",
+                          choices=("bf16", "fp32"))
+    score_budget_mb: int = _f(1024, "memory for dense importance buffers scored at once (with score_layers > 1)")
     score_layers: int = _f(1, "layers scored per selection pass (more: fewer passes, more score buffers "
                               "held at once, within score_budget_mb)")
     layer_share_cap: float = _f(4.0, "a layer may take at most this multiple of its fair share of budget")

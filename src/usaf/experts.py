@@ -167,12 +167,18 @@ def _stream_candidates(mod: UsafExperts, name: str, e: int, left: torch.Tensor, 
     mod.found.setdefault(name, []).append((top.values[keep], top.indices[keep] + e * per))
 
 
+# Row counts per expert are rounded up to 2 ** (BUCKET_BITS - 2) sizes per octave (multiples of 16).
+# Measured on the tiny bench model (docs/benchmarks.md), with oneDNN's primitive cache at usaf's 32 entries:
+# 2 sizes per octave ran 20-25% faster than 8 (fewer primitives rebuilt) for ~15% more padded rows.
+BUCKET_BITS = 2
+
+
 def _bucket(n: int) -> int:
-    """Row counts are rounded up (multiples of 16, about 8 sizes per octave) so matmul shapes repeat:
-    on CPU every new shape costs oneDNN a primitive (~1 ms to build, memory kept in its cache)."""
+    """Row counts are rounded up so that matmul shapes repeat: on CPU every new shape costs oneDNN a
+    primitive (~1 ms to build, memory kept in its cache, which holds 32 of them)."""
     if n <= 0:
         return 0
-    step = max(16, 1 << max(0, n.bit_length() - 4))
+    step = max(16, 1 << max(0, n.bit_length() - BUCKET_BITS))
     return -(-n // step) * step
 
 

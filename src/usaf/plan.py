@@ -440,7 +440,8 @@ class Settings:
     checkpointing: str = "auto"  # auto | on | off, as ``usaf train --checkpointing``
     prefix_cache: bool = True
     group_size: int = 64
-    score_budget_mb: int = 256
+    score_budget_mb: int = 1024
+    score_dtype: str = "bf16"
     score_layers: int = 1
 
     @property
@@ -465,6 +466,8 @@ def _check(s: Settings) -> None:
         raise ValueError(f"--dtype {s.dtype!r} is not one of {', '.join(DTYPE_BYTES)}")
     if s.attn not in (None, "eager", "sdpa"):
         raise ValueError(f"--attn {s.attn!r} is not eager or sdpa")
+    if s.score_dtype not in ("bf16", "fp32"):
+        raise ValueError(f"score_dtype {s.score_dtype!r} is not bf16 or fp32")
     if s.checkpointing not in ("auto", "on", "off"):
         raise ValueError(f"--checkpointing {s.checkpointing!r} is not auto, on or off")
     if s.chunk_mb < 1:
@@ -934,7 +937,7 @@ def _phase(mc: ModelCounts, s: Settings, train: bool) -> dict:
 # ``--checkpointing auto`` turns checkpointing on when it lowers the predicted training-step peak on the
 # compute device by more than this fraction: below it, the 10-20% of step time that it costs (measured,
 # docs/memory.md) buys too little.
-AUTO_CHECKPOINT_GAIN = 0.05
+AUTO_CHECKPOINT_GAIN = 0.02
 
 
 def _checkpointing(mc: ModelCounts, s: Settings, first: int) -> bool:
@@ -950,10 +953,10 @@ def _checkpointing(mc: ModelCounts, s: Settings, first: int) -> bool:
 
 def _score_bytes(s: Settings, moe_train: list[LayerCounts]) -> tuple[int, str]:
     """Dense score buffers of the largest group of layers scored at once, as ``usaf.select`` allocates them:
-    fp32 when one layer's buffers fit ``score_budget_mb`` (else bf16), ``score_layers`` layers at a time
-    within that budget (at least one), plus the top-k candidates of the largest stack (values + int64 indices)."""
+    in ``score_dtype``, ``score_layers`` layers at a time within ``score_budget_mb`` (at least one), plus the
+    top-k candidates of the largest stack (values + int64 indices)."""
     budget = s.score_budget_mb << 20
-    elem = 4 if max(lc.expert_params for lc in moe_train) * 4 <= budget else 2
+    elem = 4 if s.score_dtype == "fp32" else 2
     groups, cur, n = [], 0, 0
     for lc in reversed(moe_train):
         size = lc.expert_params * elem
@@ -1159,7 +1162,8 @@ def predict(
     checkpointing: str | bool = "auto",
     prefix_cache: bool = True,
     group_size: int = 64,
-    score_budget_mb: int = 256,
+    score_budget_mb: int = 1024,
+    score_dtype: str = "bf16",
     score_layers: int = 1,
     suggest: bool = True,
     trust_remote_code: bool = False,
@@ -1181,12 +1185,12 @@ def predict(
         chunk_mb: ``UsafConfig.chunk_mb`` (dequantized expert weights held at once per layer).
         attn: ``eager`` | ``sdpa``; default the config's attention implementation (sdpa if unset).
         checkpointing: activation checkpointing at layer boundaries: ``auto`` (``usaf train``'s rule: on
-            when it lowers the predicted training peak by more than 1%), ``on``/True, ``off``/False (every layer of the
+            when it lowers the predicted training peak by more than 2%), ``on``/True, ``off``/False (every layer of the
             span keeps its activations).
         prefix_cache: layers below the trainable range run once to build a cache of hidden states and are
             not resident while training (``usaf train --prefix-cache``, the default). False keeps them
             resident.
-        group_size, score_budget_mb, score_layers: ``UsafConfig`` fields of the same names.
+        group_size, score_budget_mb, score_layers, score_dtype: ``UsafConfig`` fields of the same names.
         suggest: when it does not fit, try candidate settings and report the first that fits.
 
     Returns:
@@ -1231,6 +1235,7 @@ def predict(
         prefix_cache=bool(prefix_cache),
         group_size=int(group_size),
         score_budget_mb=int(score_budget_mb),
+        score_dtype=str(score_dtype),
         score_layers=int(score_layers),
     )
     _check(s)
@@ -1407,7 +1412,7 @@ def add_parser(sub) -> argparse.ArgumentParser:
         default="auto",
         choices=("auto", "on", "off"),
         help="activation checkpointing at layer boundaries, as in usaf train (default: auto = on "
-        "when it lowers the predicted training peak by more than 1%%)",
+        "when it lowers the predicted training peak by more than 2%%)",
     )
     q.add_argument(
         "--prefix-cache",

@@ -110,8 +110,8 @@ def candidates(handle: UsafModel, batches: Iterable[dict], budget: int, exclude_
     """Score the trainable stacks and return each one's top candidates.
 
     Two modes:
-      - accumulated (default): ``sum |dL/dW|`` over the batches in dense per-layer buffers (bf16 when a
-        layer's fp32 buffers would exceed ``score_budget_mb``), layers scored in groups that fit the budget;
+      - accumulated (default): ``sum |dL/dW|`` over the batches in dense per-layer buffers (``score_dtype``),
+        ``score_layers`` layers per pass (within ``score_budget_mb``);
       - streaming (reselection, one pass over all layers): each expert's gradient is reduced to its top
         candidates at once inside the backward, no layer-sized buffer exists (not used across ranks).
 
@@ -172,8 +172,7 @@ def candidates(handle: UsafModel, batches: Iterable[dict], budget: int, exclude_
                 ex.stream_k, ex.found = None, {}
             return out
         budget_bytes = cfg.score_budget_mb << 20
-        layer_elems = max(sum(m.experts.deltas[n].numel for n in NAMES) for m in layers)
-        dtype = torch.float32 if layer_elems * 4 <= budget_bytes else torch.bfloat16
+        dtype = torch.float32 if cfg.score_dtype == "fp32" else torch.bfloat16
         elem_bytes = 4 if dtype == torch.float32 else 2
         for group in _groups(layers, budget_bytes, elem_bytes, max(1, cfg.score_layers)):
             for m in group:
