@@ -70,12 +70,16 @@ class SparseDelta(nn.Module):
 
     def span(self, start: int, stop: int) -> tuple[int, int]:
         """Range of ``indices``/``values`` owned by experts ``[start, stop)``."""
-        return int(self.offsets[start]), int(self.offsets[stop])
+        key = (id(self.offsets), self.offsets._version)  # a host copy of the offsets, refreshed on change
+        if getattr(self, "_span_key", None) != key:
+            self._span_list, self._span_key = self.offsets.tolist(), key
+        return self._span_list[start], self._span_list[stop]
 
     def local(self, start: int, stop: int) -> torch.Tensor:
-        """(n,) int64 flat indices relative to expert ``start`` for experts ``[start, stop)``."""
+        """(n,) flat indices (the dtype of ``indices``) relative to expert ``start`` for experts ``[start, stop)``."""
         a, b = self.span(start, stop)
-        return self.indices[a:b].long() - start * self.per_expert
+        idx = self.indices[a:b]
+        return idx - start * self.per_expert if start else idx
 
     @torch.no_grad()
     def add_to(self, w: torch.Tensor, start: int, stop: int, values: torch.Tensor | None = None,
@@ -89,7 +93,7 @@ class SparseDelta(nn.Module):
         if a == b:
             return w
         v = (self.values if values is None else values)[a:b]
-        idx = self.indices[a:b].long() - start * self.per_expert
+        idx = self.local(start, stop)
         flat = w.view(-1)
         flat[idx] = (flat[idx].float() + sign * v.to(flat.device)).to(flat.dtype)
         return w

@@ -144,7 +144,7 @@ def _sparse_grad(left: torch.Tensor, right: torch.Tensor, idx: torch.Tensor,
     n_tok, rows = left.shape
     cols = right.shape[1]
     if idx.numel() * (GATHER_COST if gather_cost is None else gather_cost) >= rows * cols:
-        return (left.t() @ right).view(-1)[idx].float()
+        return (left.t() @ right).view(-1).index_select(0, idx).float()
     out = torch.empty(idx.numel(), dtype=torch.float32, device=left.device)
     step = max(1, GATHER_CHUNK // max(n_tok, 1))
     lf, rf = left.float(), right.float()
@@ -246,7 +246,7 @@ class ExpertsFunction(torch.autograd.Function):
             w_dn = mod.weight("down_proj", start, stop, x.dtype, x.device, v_down)
             for e, a, b, c in route.segments(start, stop):
                 wg, wd = w_gu[e - start], w_dn[e - start]
-                xe = x[route.tok[a:b]]
+                xe = x.index_select(0, route.tok[a:b])
                 if score_on_input:  # llama4: the routing score scales the expert input
                     xe = xe * wp[a:b]
                 h = xe @ (wg if mod.transposed else wg.t())
@@ -279,7 +279,7 @@ class ExpertsFunction(torch.autograd.Function):
             w_dn = mod.weight("down_proj", start, stop, x.dtype, x.device)
             for e, a, b, c in route.segments(start, stop):
                 wg, wd = w_gu[e - start], w_dn[e - start]
-                xe, we = x[route.tok[a:b]], wp[a:b]
+                xe, we = x.index_select(0, route.tok[a:b]), wp[a:b]
                 if on_input:
                     xe_raw, xe = xe, xe * we
                 if h_all is not None:
@@ -288,8 +288,8 @@ class ExpertsFunction(torch.autograd.Function):
                     he = xe @ (wg if mod.transposed else wg.t())
                     if mod.gate_up_bias is not None:
                         he = he + mod.gate_up_bias[e]
-                g = dout.new_zeros(b - a, dout.shape[1])  # padding rows carry no gradient
-                g[:c] = dout[route.tok[a : a + c]]
+                g = dout.index_select(0, route.tok[a:b])
+                g[c:] = 0  # padding rows carry no gradient
                 with torch.enable_grad():
                     hh = he.detach().requires_grad_(True)
                     act = mod._gate(hh)  # (n, I)
@@ -297,7 +297,7 @@ class ExpertsFunction(torch.autograd.Function):
                 if on_input:
                     dye = g
                 else:  # out = w * y: dw = g . y = (g @ Wd) . act (+ g . bias), dy = w * g
-                    dw = (dact.float() * act.detach().float()).sum(-1)
+                    dw = (dact * act.detach()).sum(-1, dtype=torch.float32)
                     if mod.down_bias is not None:
                         dw += g.float() @ mod.down_bias[e].float()
                     dwp[a : a + c] = dw[:c]
