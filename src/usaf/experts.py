@@ -154,10 +154,15 @@ def _sparse_grad(left: torch.Tensor, right: torch.Tensor, idx: torch.Tensor,
     return out
 
 
-def _stream_candidates(mod: UsafExperts, name: str, e: int, left: torch.Tensor, right: torch.Tensor) -> None:
-    """Top-k of ``|dL/dW|`` of one expert among its inactive elements, kept as (scores, flat indices):
-    one expert's dense gradient exists for a moment, never a layer's."""
-    g = (left.t() @ right).abs().float().view(-1)
+def _use_gemm(nnz: int, rows: int, cols: int) -> bool:
+    """GEMM-then-gather (vs gather-dot) for ``nnz`` delta gradients of a (rows, cols) weight."""
+    return nnz * GATHER_COST >= rows * cols
+
+
+def _stream_candidates(mod: UsafExperts, name: str, e: int, dw: torch.Tensor) -> None:
+    """Top-k of ``|dL/dW|`` of one expert (``dw``: its dense gradient, fp32) among its inactive elements,
+    kept as (scores, flat indices): one expert's dense gradient exists for a moment, never a layer's."""
+    g = dw.abs().view(-1)
     delta = mod.deltas[name]
     g[delta.local(e, e + 1)] = -1.0
     k = min(mod.stream_k[name], g.numel())
@@ -167,51 +172,54 @@ def _stream_candidates(mod: UsafExperts, name: str, e: int, left: torch.Tensor, 
     mod.found.setdefault(name, []).append((top.values[keep], top.indices[keep] + e * per))
 
 
-# Row counts per expert are rounded up to 2 ** (BUCKET_BITS - 2) sizes per octave (multiples of 16).
-# Measured on the tiny bench model (docs/benchmarks.md), with oneDNN's primitive cache at usaf's 32 entries:
-# 2 sizes per octave ran 20-25% faster than 8 (fewer primitives rebuilt) for ~15% more padded rows.
-BUCKET_BITS = 2
+def block_rows(rows: int, experts: int) -> int:
+    """Rows per expert matmul: the power of two at or below the mean rows per expert, in [16, 256].
+
+    Every expert's rows are padded to a multiple of it and computed in blocks of exactly this many rows, so
+    a layer's expert matmuls all have one shape per op. On CPU each new shape costs oneDNN a primitive (about
+    0.7 ms to build and 0.6 MB kept in its cache, measured); with per-expert row counts, primitive builds were
+    ~20% of a training step on the tiny bench model (``ONEDNN_VERBOSE=profile_create``).
+    """
+    mean = rows // max(1, experts)
+    return min(256, max(16, 1 << max(0, mean.bit_length() - 1)))
 
 
-def _bucket(n: int) -> int:
-    """Row counts are rounded up so that matmul shapes repeat: on CPU every new shape costs oneDNN a
-    primitive (~1 ms to build, memory kept in its cache, which holds 32 of them)."""
-    if n <= 0:
-        return 0
-    step = max(16, 1 << max(0, n.bit_length() - BUCKET_BITS))
-    return -(-n // step) * step
+def _bucket(n: int, block: int = 16) -> int:
+    """``n`` rows padded to a multiple of ``block``."""
+    return -(-n // block) * block
 
 
 class Routing:
     """The routed (token, expert) pairs of one forward, grouped by expert on a padded layout.
 
     Expert ``e`` owns padded rows ``[bounds[e], bounds[e + 1])``: its ``counts[e]`` real rows first, then
-    zero-gradient padding up to ``_bucket(counts[e])`` rows, so that matmul shapes repeat across steps.
-    ``tok`` (S_pad,) is the token row of each padded row, ``slot`` (S_pad,) its position in the flattened
-    (T * K) routing weights (padding rows point at row 0 / slot 0 and are never scattered back).
+    zero-gradient padding up to a multiple of ``block`` (:func:`block_rows`), computed ``block`` rows at a
+    time. ``tok`` (S_pad,) is the token row of each padded row, ``slot`` (S_pad,) its position in the
+    flattened (T * K) routing weights (padding rows point at row 0 / slot 0 and are never scattered back).
     """
 
-    __slots__ = ("counts", "bounds", "tok", "slot")
+    __slots__ = ("counts", "bounds", "tok", "slot", "block")
 
-    def __init__(self, counts: list[int], bounds: list[int], tok: torch.Tensor, slot: torch.Tensor):
-        self.counts, self.bounds, self.tok, self.slot = counts, bounds, tok, slot
+    def __init__(self, counts: list[int], bounds: list[int], tok: torch.Tensor, slot: torch.Tensor, block: int):
+        self.counts, self.bounds, self.tok, self.slot, self.block = counts, bounds, tok, slot, block
 
     @staticmethod
     @torch.no_grad()
     def build(top_k_index: torch.Tensor, num_experts: int) -> Routing:
         top_k = top_k_index.shape[1]
         flat = top_k_index.reshape(-1)
+        block = block_rows(flat.numel(), num_experts)
         _, perm = torch.sort(flat, stable=True)
         counts = torch.bincount(flat, minlength=num_experts + 1)[:num_experts].tolist()
         perm = perm[: sum(counts)]  # routes to the sentinel expert (index == E) are dropped
         bounds, rows = [0], []
         for c in counts:
             rows.append(torch.arange(bounds[-1], bounds[-1] + c))
-            bounds.append(bounds[-1] + _bucket(c))
+            bounds.append(bounds[-1] + _bucket(c, block))
         pos = (torch.cat(rows) if rows else torch.empty(0, dtype=torch.long)).to(flat.device)
         slot = torch.zeros(bounds[-1], dtype=torch.long, device=flat.device)
         slot[pos] = perm
-        return Routing(counts, bounds, slot // top_k, slot)
+        return Routing(counts, bounds, slot // top_k, slot, block)
 
     def segments(self, start: int, stop: int):
         """``(e, a, b, c)`` for the hit experts in ``[start, stop)``: padded rows ``[a, b)``, ``c`` real."""
@@ -219,6 +227,12 @@ class Routing:
             a, b = self.bounds[e], self.bounds[e + 1]
             if a != b:
                 yield e, a, b, self.counts[e]
+
+    def blocks(self, a: int, b: int, c: int):
+        """``(r0, real)`` for the blocks of segment ``[a, b)``: rows ``[r0, r0 + block)``, the first ``real``
+        of them routed (the rest padding)."""
+        for r0 in range(a, b, self.block):
+            yield r0, min(self.block, c - (r0 - a))
 
 
 class ExpertsFunction(torch.autograd.Function):
@@ -241,25 +255,29 @@ class ExpertsFunction(torch.autograd.Function):
         out = torch.zeros_like(x)
         save = mod.save_preact and any(ctx.needs_input_grad)
         h_all = x.new_empty(route.bounds[-1], width) if save else None
+        n = route.block
         for start, stop in mod.runs(route.counts):
             w_gu = mod.weight("gate_up_proj", start, stop, x.dtype, x.device, v_gate_up)
             w_dn = mod.weight("down_proj", start, stop, x.dtype, x.device, v_down)
             for e, a, b, c in route.segments(start, stop):
                 wg, wd = w_gu[e - start], w_dn[e - start]
-                xe = x.index_select(0, route.tok[a:b])
-                if score_on_input:  # llama4: the routing score scales the expert input
-                    xe = xe * wp[a:b]
-                h = xe @ (wg if mod.transposed else wg.t())
-                if mod.gate_up_bias is not None:
-                    h = h + mod.gate_up_bias[e]
-                if h_all is not None:
-                    h_all[a:b] = h
-                y = mod._gate(h) @ (wd if mod.transposed else wd.t())
-                if mod.down_bias is not None:
-                    y = y + mod.down_bias[e]
-                if not score_on_input:
-                    y = y * wp[a:b]
-                out.index_add_(0, route.tok[a : a + c], y[:c].to(out.dtype))
+                wg, wd = (wg, wd) if mod.transposed else (wg.t(), wd.t())
+                for r0, real in route.blocks(a, b, c):
+                    tok = route.tok[r0 : r0 + n]
+                    xe = x.index_select(0, tok)
+                    if score_on_input:  # llama4: the routing score scales the expert input
+                        xe = xe * wp[r0 : r0 + n]
+                    h = xe @ wg
+                    if mod.gate_up_bias is not None:
+                        h = h + mod.gate_up_bias[e]
+                    if h_all is not None:
+                        h_all[r0 : r0 + n] = h
+                    y = mod._gate(h) @ wd
+                    if mod.down_bias is not None:
+                        y = y + mod.down_bias[e]
+                    if not score_on_input:
+                        y = y * wp[r0 : r0 + n]
+                    out.index_add_(0, tok[:real], y[:real].to(out.dtype))
         ctx.x, ctx.weights, ctx.h_all = x.detach(), weights.detach(), h_all
         ctx.mod, ctx.route, ctx.score_on_input = mod, route, score_on_input
         return out
@@ -268,64 +286,91 @@ class ExpertsFunction(torch.autograd.Function):
     def backward(ctx, dout):
         x, h_all, mod, route = ctx.x, ctx.h_all, ctx.mod, ctx.route
         on_input = ctx.score_on_input
+        n = route.block
         wp = ctx.weights.reshape(-1)[route.slot].unsqueeze(-1)  # (S_pad, 1)
         dx_all = torch.zeros_like(x) if ctx.needs_input_grad[0] else None
         dwp = torch.zeros(route.bounds[-1], dtype=torch.float32, device=x.device)
         want = ctx.needs_input_grad[2] or ctx.needs_input_grad[3]
-        grads = {n: torch.zeros_like(mod.deltas[n].values) for n in NAMES} if want else None
+        grads = {nm: torch.zeros_like(mod.deltas[nm].values) for nm in NAMES} if want else None
         scores = mod.scores
         for start, stop in mod.runs(route.counts):
             w_gu = mod.weight("gate_up_proj", start, stop, x.dtype, x.device)
             w_dn = mod.weight("down_proj", start, stop, x.dtype, x.device)
             for e, a, b, c in route.segments(start, stop):
                 wg, wd = w_gu[e - start], w_dn[e - start]
-                xe, we = x.index_select(0, route.tok[a:b]), wp[a:b]
-                if on_input:
-                    xe_raw, xe = xe, xe * we
-                if h_all is not None:
-                    he = h_all[a:b]
-                else:
-                    he = xe @ (wg if mod.transposed else wg.t())
-                    if mod.gate_up_bias is not None:
-                        he = he + mod.gate_up_bias[e]
-                g = dout.index_select(0, route.tok[a:b])
-                g[c:] = 0  # padding rows carry no gradient
-                with torch.enable_grad():
-                    hh = he.detach().requires_grad_(True)
-                    act = mod._gate(hh)  # (n, I)
-                dact = g @ (wd.t() if mod.transposed else wd)
-                if on_input:
-                    dye = g
-                else:  # out = w * y: dw = g . y = (g @ Wd) . act (+ g . bias), dy = w * g
-                    dw = (dact * act.detach()).sum(-1, dtype=torch.float32)
-                    if mod.down_bias is not None:
-                        dw += g.float() @ mod.down_bias[e].float()
-                    dwp[a : a + c] = dw[:c]
-                    dye = g * we.to(g.dtype)
-                    dact = dact * we.to(dact.dtype)
-                (dh,) = torch.autograd.grad(act, hh, dact)
-                dxe = dh @ (wg.t() if mod.transposed else wg)
-                if on_input:  # xe = w * x: dw = dxe . x, dx = w * dxe
-                    dwp[a : a + c] = (dxe.float() * xe_raw.float()).sum(-1)[:c]
-                    dxe = dxe * we.to(dxe.dtype)
-                if dx_all is not None:
-                    dx_all.index_add_(0, route.tok[a : a + c], dxe[:c].to(dx_all.dtype))
-                act = act.detach()
-                # dW = left^T @ right in the native layout of each stack.
-                pairs = {"down_proj": (act, dye) if mod.transposed else (dye, act),
-                         "gate_up_proj": (xe, dh) if mod.transposed else (dh, xe)}
-                for name, (left, right) in pairs.items():
-                    if scores is not None and name in scores:
-                        dw_full = left.t() @ right
-                        scores[name][e] += dw_full.abs().to(scores[name].dtype) if mod.score_power == 1 else \
-                            dw_full.float().square().to(scores[name].dtype)
-                    if mod.stream_k is not None and name in mod.stream_k:
-                        _stream_candidates(mod, name, e, left, right)
-                    if grads is not None:
-                        delta = mod.deltas[name]
-                        i0, i1 = delta.span(e, e + 1)
-                        if i0 != i1:
-                            grads[name][i0:i1] = _sparse_grad(left, right, delta.local(e, e + 1))
+                wg_f, wd_f = (wg, wd) if mod.transposed else (wg.t(), wd.t())  # forward orientation
+                wg_b, wd_b = (wg.t(), wd.t()) if mod.transposed else (wg, wd)  # backward orientation
+                # Per stack: the delta's local indices, whether its gradient goes through a dense dW (GEMM
+                # path, scores, streaming candidates), and the accumulators over this expert's blocks.
+                plan = {}
+                for name in NAMES:
+                    delta = mod.deltas[name]
+                    i0, i1 = delta.span(e, e + 1)
+                    idx = delta.local(e, e + 1) if grads is not None and i0 != i1 else None
+                    shape = mod.shape(name)[1:]
+                    dense = (scores is not None and name in scores) or (
+                        mod.stream_k is not None and name in mod.stream_k) or (
+                        idx is not None and _use_gemm(idx.numel(), *shape))
+                    plan[name] = [i0, i1, idx, dense, None]  # last: fp32 accumulator (dense dW or values)
+                for r0, real in route.blocks(a, b, c):
+                    tok = route.tok[r0 : r0 + n]
+                    xe, we = x.index_select(0, tok), wp[r0 : r0 + n]
+                    if on_input:
+                        xe_raw, xe = xe, xe * we
+                    if h_all is not None:
+                        he = h_all[r0 : r0 + n]
+                    else:
+                        he = xe @ wg_f
+                        if mod.gate_up_bias is not None:
+                            he = he + mod.gate_up_bias[e]
+                    g = dout.index_select(0, tok)
+                    g[real:] = 0  # padding rows carry no gradient
+                    with torch.enable_grad():
+                        hh = he.detach().requires_grad_(True)
+                        act = mod._gate(hh)  # (n, I)
+                    dact = g @ wd_b
+                    if on_input:
+                        dye = g
+                    else:  # out = w * y: dw = g . y = (g @ Wd) . act (+ g . bias), dy = w * g
+                        dw = (dact * act.detach()).sum(-1, dtype=torch.float32)
+                        if mod.down_bias is not None:
+                            dw += g.float() @ mod.down_bias[e].float()
+                        dwp[r0 : r0 + real] = dw[:real]
+                        dye = g * we.to(g.dtype)
+                        dact = dact * we.to(dact.dtype)
+                    (dh,) = torch.autograd.grad(act, hh, dact)
+                    dxe = dh @ wg_b
+                    if on_input:  # xe = w * x: dw = dxe . x, dx = w * dxe
+                        dwp[r0 : r0 + real] = (dxe.float() * xe_raw.float()).sum(-1)[:real]
+                        dxe = dxe * we.to(dxe.dtype)
+                    if dx_all is not None:
+                        dx_all.index_add_(0, tok[:real], dxe[:real].to(dx_all.dtype))
+                    act = act.detach()
+                    # dW = left^T @ right in the native layout of each stack.
+                    pairs = {"down_proj": (act, dye) if mod.transposed else (dye, act),
+                             "gate_up_proj": (xe, dh) if mod.transposed else (dh, xe)}
+                    for name, (left, right) in pairs.items():
+                        i0, i1, idx, dense, acc = plan[name]
+                        if dense:
+                            part = left.t() @ right
+                            plan[name][4] = part.float() if acc is None else acc.add_(part)
+                        elif idx is not None:
+                            part = _sparse_grad(left, right, idx, gather_cost=0.0)
+                            plan[name][4] = part if acc is None else acc.add_(part)
+                for name in NAMES:
+                    i0, i1, idx, dense, acc = plan[name]
+                    if acc is None:
+                        continue
+                    if dense:
+                        if scores is not None and name in scores:
+                            scores[name][e] += acc.abs().to(scores[name].dtype) if mod.score_power == 1 else \
+                                acc.square().to(scores[name].dtype)
+                        if mod.stream_k is not None and name in mod.stream_k:
+                            _stream_candidates(mod, name, e, acc)
+                        if idx is not None:
+                            grads[name][i0:i1] = acc.view(-1).index_select(0, idx)
+                    else:
+                        grads[name][i0:i1] = acc
         dweights = None
         if ctx.needs_input_grad[1]:
             real = torch.zeros(route.bounds[-1], dtype=torch.bool, device=x.device)

@@ -571,18 +571,19 @@ def _layer_kept_lean(mc: ModelCounts, lc: LayerCounts, s: Settings, d: int) -> i
 
 
 def padded_rows(rows: int, experts: int) -> int:
-    """Rows the expert kernel computes: each expert's rows are padded up to a repeating bucket size
-    (``usaf.experts._bucket``). Routing is uneven, so the padding is averaged over per-expert counts
+    """Rows the expert kernel computes: each expert's rows are padded up to a multiple of the layer's block
+    (``usaf.experts.block_rows``). Routing is uneven, so the padding is averaged over per-expert counts
     spread +-50% around the mean ``rows / experts``."""
     try:
-        from .experts import _bucket
+        from .experts import _bucket, block_rows
     except ImportError:  # no padding in this version of the hot path
         return rows
+    block = block_rows(rows, experts)
     hit = max(1, min(experts, rows))
     mean = -(-rows // hit)
     lo, hi = max(1, mean // 2), mean + mean // 2
     samples = sorted({lo + (hi - lo) * i // 63 for i in range(64)})
-    pad = sum(_bucket(n) - n for n in samples) / len(samples)
+    pad = sum(_bucket(n, block) - n for n in samples) / len(samples)
     return rows + int(round(hit * pad))
 
 
