@@ -327,3 +327,20 @@ def test_top_candidates_threshold_path_equals_topk():
     ref = torch.topk(scores, 20_000)
     assert set(idx.tolist()) == set(ref.indices.tolist())
     assert torch.equal(scores[idx], vals)
+
+
+def test_routing_pads_each_expert_to_whole_blocks():
+    from usaf.experts import Routing, block_rows
+
+    assert block_rows(2048, 16) == 128 and block_rows(8192, 64) == 128 and block_rows(4096, 128) == 32
+    assert block_rows(10, 64) == 16 and block_rows(1 << 20, 8) == 256
+    idx = torch.randint(0, 8, (300, 2), generator=torch.Generator().manual_seed(0))
+    r = Routing.build(idx, 8)
+    counts = torch.bincount(idx.reshape(-1), minlength=8).tolist()
+    assert r.counts == counts
+    for e, a, b, c in r.segments(0, 8):
+        assert (b - a) % r.block == 0 and c <= b - a < c + r.block
+        assert (idx.reshape(-1)[r.slot[a : a + c]] == e).all()
+        assert r.tok[a : a + c].tolist() == (r.slot[a : a + c] // 2).tolist()
+        blocks = list(r.blocks(a, b, c))
+        assert [r0 for r0, _ in blocks] == list(range(a, b, r.block)) and sum(n for _, n in blocks) == c

@@ -551,7 +551,7 @@ def _layer_activations(
         b += n * d * 3 * lc.mlp_width // 2  # frozen SwiGLU MLPs: act input, act output, up output
     if lc.moe:
         sk = n * mc.top_k
-        sp = padded_rows(sk, lc.num_experts)
+        sp = _padded(lc, sk)
         b += n * h * d  # the MoE input, kept by the router (it trains) and the experts
         b += n * lc.num_experts * 4 + n * mc.top_k * 12  # fp32 routing probabilities, top-k ids + weights
         b += sp * 16  # the experts' routing: token row and weight slot of every padded row (int64)
@@ -566,8 +566,12 @@ def _layer_kept_lean(mc: ModelCounts, lc: LayerCounts, s: Settings, d: int) -> i
     n = s.batch_size * s.seq_len
     b = n * mc.hidden * d
     if lc.moe:
-        b += n * mc.hidden * d + n * mc.top_k * d + padded_rows(n * mc.top_k, lc.num_experts) * 16
+        b += n * mc.hidden * d + n * mc.top_k * d + _padded(lc, n * mc.top_k) * 16
     return b
+
+
+def _padded(lc: LayerCounts, rows: int) -> int:
+    return padded_rows(rows, lc.num_experts)
 
 
 def padded_rows(rows: int, experts: int) -> int:
@@ -600,7 +604,7 @@ def _layer_infer_working(mc: ModelCounts, lc: LayerCounts, s: Settings, d: int, 
     if lc.moe:
         # router logits + probabilities; routing (int64 per padded row); the (T, H) output; one expert's rows
         # at a time (input, pre-activations, activation, output), at most ~2x the mean count
-        sp = padded_rows(n * mc.top_k, lc.num_experts)
+        sp = _padded(lc, n * mc.top_k)
         rows = 2 * sp // max(1, min(lc.num_experts, n * mc.top_k))
         moe_b = n * lc.num_experts * (d + 4) + sp * 16 + n * h * d + rows * d * (2 * h + 3 * lc.expert_inter)
     return base + max(attn_b, mlp_b + moe_b)
@@ -799,7 +803,7 @@ def _phase(mc: ModelCounts, s: Settings, train: bool) -> dict:
         if not ckpt:
             full = [_layer_activations(mc, lc, s, d, attn, first=k == 0) for k, lc in enumerate(span_layers)]
             p.add(f"activations: {len(span)} layers in full", sum(full), dev_tier, "train-step")
-        sp = max(padded_rows(n_tok * mc.top_k, lc.num_experts) for lc in moe_train)
+        sp = max(_padded(lc, n_tok * mc.top_k) for lc in moe_train)
         p.add(
             "backward working set (input grads, residual grads, routing-weight grads)",
             n_tok * mc.hidden * d + sp * 4 + 4 * n_tok * mc.hidden * 4,
