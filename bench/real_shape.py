@@ -193,6 +193,8 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--sequences", type=int, default=4)
     ap.add_argument("--dir", default="/tmp/usaf-qwen3-30b-shape")
+    ap.add_argument("--checkpointing", default="auto", choices=("auto", "on", "off"),
+                    help="as usaf train --checkpointing (auto: the plan's rule)")
     ap.add_argument("--device-memory", default="",
                     help="simulate a device of this size (e.g. 8GB): compare usaf plan's device peaks for it "
                          "with the heap bytes in use (malloc'd, i.e. every tensor) plus the frozen stacks the "
@@ -255,7 +257,7 @@ def main() -> None:
                     p.data = p.data.clone()
     from usaf.prefix import enable_checkpointing, use_checkpointing
 
-    ckpt = use_checkpointing(handle, "auto", a.batch_size, a.seq_len)  # usaf train's choice
+    ckpt = use_checkpointing(handle, a.checkpointing, a.batch_size, a.seq_len)  # auto: usaf train's choice
     if ckpt:
         enable_checkpointing(handle)
     heap = HeapPeak(model).__enter__()

@@ -154,11 +154,6 @@ def _sparse_grad(left: torch.Tensor, right: torch.Tensor, idx: torch.Tensor,
     return out
 
 
-def _use_gemm(nnz: int, rows: int, cols: int) -> bool:
-    """GEMM-then-gather (vs gather-dot) for ``nnz`` delta gradients of a (rows, cols) weight."""
-    return nnz * GATHER_COST >= rows * cols
-
-
 def _stream_candidates(mod: UsafExperts, name: str, e: int, dw: torch.Tensor) -> None:
     """Top-k of ``|dL/dW|`` of one expert (``dw``: its dense gradient, fp32) among its inactive elements,
     kept as (scores, flat indices): one expert's dense gradient exists for a moment, never a layer's."""
@@ -302,18 +297,14 @@ class ExpertsFunction(torch.autograd.Function):
                 wg, wd = w_gu[e - start], w_dn[e - start]
                 wg_f, wd_f = (wg, wd) if mod.transposed else (wg.t(), wd.t())  # forward orientation
                 wg_b, wd_b = (wg.t(), wd.t()) if mod.transposed else (wg, wd)  # backward orientation
-                # Per stack: the delta's local indices, whether its gradient goes through a dense dW (GEMM
-                # path, scores, streaming candidates), and the accumulators over this expert's blocks.
-                plan = {}
-                for name in NAMES:
-                    delta = mod.deltas[name]
-                    i0, i1 = delta.span(e, e + 1)
-                    idx = delta.local(e, e + 1) if grads is not None and i0 != i1 else None
-                    shape = mod.shape(name)[1:]
-                    dense = (scores is not None and name in scores) or (
-                        mod.stream_k is not None and name in mod.stream_k) or (
-                        idx is not None and _use_gemm(idx.numel(), *shape))
-                    plan[name] = [i0, i1, idx, dense, None]  # last: fp32 accumulator (dense dW or values)
+                # The expert's rows of the four factors of its weight gradients, filled block by block; the
+                # gradients themselves are one matmul per stack over all of them (inner size b - a, a
+                # multiple of the block: few distinct shapes).
+                seg = b - a
+                f_act = x.new_empty(seg, wd_b.shape[1])
+                f_dy = x.new_empty(seg, x.shape[1])
+                f_dh = x.new_empty(seg, wg_b.shape[0])
+                f_x = x.new_empty(seg, x.shape[1])
                 for r0, real in route.blocks(a, b, c):
                     tok = route.tok[r0 : r0 + n]
                     xe, we = x.index_select(0, tok), wp[r0 : r0 + n]
@@ -347,32 +338,23 @@ class ExpertsFunction(torch.autograd.Function):
                         dxe = dxe * we.to(dxe.dtype)
                     if dx_all is not None:
                         dx_all.index_add_(0, tok[:real], dxe[:real].to(dx_all.dtype))
-                    act = act.detach()
-                    # dW = left^T @ right in the native layout of each stack.
-                    pairs = {"down_proj": (act, dye) if mod.transposed else (dye, act),
-                             "gate_up_proj": (xe, dh) if mod.transposed else (dh, xe)}
-                    for name, (left, right) in pairs.items():
-                        i0, i1, idx, dense, acc = plan[name]
-                        if dense:
-                            part = left.t() @ right
-                            plan[name][4] = part.float() if acc is None else acc.add_(part)
-                        elif idx is not None:
-                            part = _sparse_grad(left, right, idx, gather_cost=0.0)
-                            plan[name][4] = part if acc is None else acc.add_(part)
-                for name in NAMES:
-                    i0, i1, idx, dense, acc = plan[name]
-                    if acc is None:
-                        continue
-                    if dense:
-                        if scores is not None and name in scores:
-                            scores[name][e] += acc.abs().to(scores[name].dtype) if mod.score_power == 1 else \
-                                acc.square().to(scores[name].dtype)
-                        if mod.stream_k is not None and name in mod.stream_k:
-                            _stream_candidates(mod, name, e, acc)
-                        if idx is not None:
-                            grads[name][i0:i1] = acc.view(-1).index_select(0, idx)
-                    else:
-                        grads[name][i0:i1] = acc
+                    o = r0 - a
+                    f_act[o : o + n], f_dy[o : o + n], f_dh[o : o + n], f_x[o : o + n] = act.detach(), dye, dh, xe
+                # dW = left^T @ right in the native layout of each stack.
+                pairs = {"down_proj": (f_act, f_dy) if mod.transposed else (f_dy, f_act),
+                         "gate_up_proj": (f_x, f_dh) if mod.transposed else (f_dh, f_x)}
+                for name, (left, right) in pairs.items():
+                    if scores is not None and name in scores:
+                        dw_full = left.t() @ right
+                        scores[name][e] += dw_full.abs().to(scores[name].dtype) if mod.score_power == 1 else \
+                            dw_full.float().square().to(scores[name].dtype)
+                    if mod.stream_k is not None and name in mod.stream_k:
+                        _stream_candidates(mod, name, e, (left.t() @ right).float())
+                    if grads is not None:
+                        delta = mod.deltas[name]
+                        i0, i1 = delta.span(e, e + 1)
+                        if i0 != i1:
+                            grads[name][i0:i1] = _sparse_grad(left, right, delta.local(e, e + 1))
         dweights = None
         if ctx.needs_input_grad[1]:
             real = torch.zeros(route.bounds[-1], dtype=torch.bool, device=x.device)
