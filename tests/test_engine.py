@@ -344,3 +344,24 @@ def test_routing_pads_each_expert_to_whole_blocks():
         assert r.tok[a : a + c].tolist() == (r.slot[a : a + c] // 2).tolist()
         blocks = list(r.blocks(a, b, c))
         assert [r0 for r0, _ in blocks] == list(range(a, b, r.block)) and sum(n for _, n in blocks) == c
+
+
+def test_no_backward_below_the_trainable_range_after_checkpointed_selection(monkeypatch):
+    """Selection runs checkpointed (lean passes); afterwards, and with checkpointing on, autograd still
+    stops at the lowest trainable layer (transformers' checkpointing would make the embeddings require
+    grad, running the backward of every frozen layer)."""
+    from usaf import experts as ex
+    from usaf.prefix import enable_checkpointing
+
+    _, model, handle = _prepared("qwen3_moe", train_layers="top:1")
+    usaf.select(handle, [{"input_ids": IDS, "labels": IDS}])
+    calls = []
+    bwd = ex.ExpertsFunction.backward
+    monkeypatch.setattr(ex.ExpertsFunction, "backward", staticmethod(lambda *a: calls.append(1) or bwd(*a)))
+    model.train()
+    for ckpt in (False, True):
+        if ckpt:
+            enable_checkpointing(handle)
+        calls.clear()
+        model(IDS, labels=IDS).loss.backward()
+        assert len(calls) == 1, ckpt

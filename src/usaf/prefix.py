@@ -260,6 +260,11 @@ def enable_checkpointing(handle: UsafModel) -> None:
         model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
     else:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+    # transformers also makes the input embeddings' output require grad (for reentrant checkpointing and
+    # PEFT); with non-reentrant checkpointing that only makes autograd run the backward of every frozen layer
+    # below the trainable range (measured: 3.1 s instead of 1.9 s per step on the quality bench model).
+    if hasattr(model, "disable_input_require_grads"):
+        model.disable_input_require_grads()
     for m in handle.layers:
         m.experts.save_preact = False
 
