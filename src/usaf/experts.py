@@ -4,15 +4,16 @@
 (token, expert) pairs by expert, and ``ExpertsFunction`` runs only the experts that were hit:
 
 - forward: per run of hit experts, dequantize the frozen stack, add that run's delta (O(nnz)),
-  then per expert: gather its token rows, one matmul pair, scale by the routing weight and scatter-add
-  into the (T, H) output. It keeps the layer input, the routing and (by default) the gate/up
-  pre-activations; no per-route copy of the inputs or outputs.
+  then per expert, in blocks of a fixed number of rows (``block_rows``: one matmul shape per op, so
+  oneDNN builds no new primitive per step): gather the token rows, one matmul pair, scale by the routing
+  weight and scatter-add into the (T, H) output. It keeps the layer input, the routing and (by default)
+  the gate/up pre-activations; no per-route copy of the inputs or outputs.
 - backward: re-dequantizes the weights (never saved), returns the input gradient, the routing-weight
   gradient and the gradient of the compact delta values, ``g[k] = sum_t dY[t, r_k] * X[t, c_k]`` over
   the tokens of that expert. Either gather-dot (O(T * nnz)) or a per-expert GEMM ``dY^T X`` gathered
   and freed at once, chosen by cost; no dense gradient of a whole expert stack ever exists.
 - selection mode (``scores`` set): also accumulates ``|dL/dW|`` (or its square) into per-layer dense score
-  buffers, used by ``usaf.select`` and RigL reselection.
+  buffers, used by ``usaf.select``; reselection (``stream_k`` set) keeps each expert's top candidates.
 """
 
 from __future__ import annotations
