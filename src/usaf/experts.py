@@ -182,7 +182,7 @@ def block_rows(rows: int, experts: int) -> int:
     return min(256, max(16, 1 << max(0, mean.bit_length() - 1)))
 
 
-def _bucket(n: int, block: int = 16) -> int:
+def _bucket(n: int, block: int) -> int:
     """``n`` rows padded to a multiple of ``block``."""
     return -(-n // block) * block
 
@@ -193,13 +193,16 @@ class Routing:
     Expert ``e`` owns padded rows ``[bounds[e], bounds[e + 1])``: its ``counts[e]`` real rows first, then
     zero-gradient padding up to a multiple of ``block`` (:func:`block_rows`), computed ``block`` rows at a
     time. ``tok`` (S_pad,) is the token row of each padded row, ``slot`` (S_pad,) its position in the
-    flattened (T * K) routing weights (padding rows point at row 0 / slot 0 and are never scattered back).
+    flattened (T * K) routing weights (padding rows point at row 0 / slot 0 and are never scattered back),
+    ``pos`` (S,) the padded rows that are routed.
     """
 
-    __slots__ = ("counts", "bounds", "tok", "slot", "block")
+    __slots__ = ("counts", "bounds", "tok", "slot", "pos", "block")
 
-    def __init__(self, counts: list[int], bounds: list[int], tok: torch.Tensor, slot: torch.Tensor, block: int):
-        self.counts, self.bounds, self.tok, self.slot, self.block = counts, bounds, tok, slot, block
+    def __init__(self, counts: list[int], bounds: list[int], tok: torch.Tensor, slot: torch.Tensor,
+                 pos: torch.Tensor, block: int):
+        self.counts, self.bounds, self.block = counts, bounds, block
+        self.tok, self.slot, self.pos = tok, slot, pos
 
     @staticmethod
     @torch.no_grad()
@@ -217,7 +220,7 @@ class Routing:
         pos = (torch.cat(rows) if rows else torch.empty(0, dtype=torch.long)).to(flat.device)
         slot = torch.zeros(bounds[-1], dtype=torch.long, device=flat.device)
         slot[pos] = perm
-        return Routing(counts, bounds, slot // top_k, slot, block)
+        return Routing(counts, bounds, slot // top_k, slot, pos, block)
 
     def segments(self, start: int, stop: int):
         """``(e, a, b, c)`` for the hit experts in ``[start, stop)``: padded rows ``[a, b)``, ``c`` real."""
@@ -340,7 +343,8 @@ class ExpertsFunction(torch.autograd.Function):
                     if dx_all is not None:
                         dx_all.index_add_(0, tok[:real], dxe[:real].to(dx_all.dtype))
                     o = r0 - a
-                    f_act[o : o + n], f_dy[o : o + n], f_dh[o : o + n], f_x[o : o + n] = act.detach(), dye, dh, xe
+                    f_act[o : o + n], f_dy[o : o + n] = act.detach(), dye
+                    f_dh[o : o + n], f_x[o : o + n] = dh, xe
                 # dW = left^T @ right in the native layout of each stack.
                 pairs = {"down_proj": (f_act, f_dy) if mod.transposed else (f_dy, f_act),
                          "gate_up_proj": (f_x, f_dh) if mod.transposed else (f_dh, f_x)}
@@ -358,11 +362,8 @@ class ExpertsFunction(torch.autograd.Function):
                             grads[name][i0:i1] = _sparse_grad(left, right, delta.local(e, e + 1))
         dweights = None
         if ctx.needs_input_grad[1]:
-            real = torch.zeros(route.bounds[-1], dtype=torch.bool, device=x.device)
-            for _e, a, _b, c in route.segments(0, mod.num_experts):
-                real[a : a + c] = True
             dflat = torch.zeros(ctx.weights.numel(), dtype=torch.float32, device=x.device)
-            dflat[route.slot[real]] = dwp[real]
+            dflat[route.slot[route.pos]] = dwp[route.pos]
             dweights = dflat.view_as(ctx.weights).to(ctx.weights.dtype)
         g_gu = grads["gate_up_proj"] if grads is not None else None
         g_dn = grads["down_proj"] if grads is not None else None

@@ -795,12 +795,12 @@ def _phase(mc: ModelCounts, s: Settings, train: bool) -> dict:
         kept = sum(_layer_kept_lean(mc, lc, s, d) for lc in span_layers)
         lean = max(_layer_activations(mc, lc, s, d, attn, first=k == 0, preact=False)
                    for k, lc in enumerate(span_layers))
-        ckpt = _checkpointing(mc, s, first)
+        act_ckpt = _checkpointing(mc, s)
         p.add(f"activations: layer inputs, MoE inputs + routing ({len(span)} layers)", kept, dev_tier,
-              "step" if ckpt else "select-step")
+              "step" if act_ckpt else "select-step")
         p.add("activations: one layer recomputed (experts not re-run)", lean, dev_tier,
-              "layer" if ckpt else "select")
-        if not ckpt:
+              "layer" if act_ckpt else "select")
+        if not act_ckpt:
             full = [_layer_activations(mc, lc, s, d, attn, first=k == 0) for k, lc in enumerate(span_layers)]
             p.add(f"activations: {len(span)} layers in full", sum(full), dev_tier, "train-step")
         sp = max(_padded(lc, n_tok * mc.top_k) for lc in moe_train)
@@ -923,7 +923,7 @@ def _phase(mc: ModelCounts, s: Settings, train: bool) -> dict:
     }
     if train:
         out["active_elements"] = active
-        out["checkpointing"] = "on" if _checkpointing(mc, s, first) else "off"
+        out["checkpointing"] = "on" if act_ckpt else "off"
         out["train_layers"] = [rng.start, rng.stop - 1]
         sel_ok = p.select_peak("device") <= dev_budget and (s.cpu or p.select_peak("host") <= s.host_memory)
         out["step_fits"] = not [f for f in p.failed if not f.startswith("selection")]
@@ -945,7 +945,7 @@ def _phase(mc: ModelCounts, s: Settings, train: bool) -> dict:
 AUTO_CHECKPOINT_GAIN = 0.02
 
 
-def _checkpointing(mc: ModelCounts, s: Settings, first: int) -> bool:
+def _checkpointing(mc: ModelCounts, s: Settings) -> bool:
     """``usaf train``'s rule (``usaf.prefix.use_checkpointing`` asks this plan): ``auto`` is on when the
     predicted training-step peak with checkpointing is lower than without it by more than
     ``AUTO_CHECKPOINT_GAIN``, on the compute device (selection passes are checkpointed either way)."""

@@ -229,6 +229,7 @@ def use_checkpointing(handle: UsafModel, mode: str, batch_size: int, seq_len: in
     dtype = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}.get(
         next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32), "fp32")
     first = first_trainable_layer(handle)
+    attn = getattr(model.config, "_attn_implementation", None)
     try:
         mem = {}
         if device.type == "cuda":
@@ -238,8 +239,7 @@ def use_checkpointing(handle: UsafModel, mode: str, batch_size: int, seq_len: in
                          quant=cfg.quant, dtype=dtype, device="cuda" if device.type == "cuda" else "cpu",
                          chunk_mb=cfg.chunk_mb, group_size=cfg.group_size,
                          prefix_cache=getattr(model, "usaf_prefix", None) is not None,
-                         attn=getattr(model.config, "_attn_implementation", None)
-                         if getattr(model.config, "_attn_implementation", None) in ("eager", "sdpa") else None,
+                         attn=attn if attn in ("eager", "sdpa") else None,
                          checkpointing="auto", suggest=False, **mem)
         return r["train"]["checkpointing"] == "on"
     except Exception as e:  # a layout the planner cannot count: the rough rule

@@ -3,9 +3,9 @@
 Importance of an expert weight = ``sum |dL/dW|`` (or ``sum (dL/dW)^2``) over a few calibration batches,
 computed inside the experts' backward (``UsafExperts.scores``). Layers are scored in groups from the
 top, one layer per pass by default (``score_layers``), so that at most one layer's dense score buffers
-exist at once (and never more than ``score_budget_mb``). Each scored layer keeps only its best candidates (at most ``layer_share_cap`` times
-its fair share of the budget), then one global threshold picks the budget over all candidates: the
-budget goes where the scores are, not a fixed fraction of every tensor.
+exist at once (and never more than ``score_budget_mb``). Each scored layer keeps only its best candidates
+(at most ``layer_share_cap`` times its fair share of the budget), then one global threshold picks the
+budget over all candidates: the budget goes where the scores are, not a fixed fraction of every tensor.
 """
 
 from __future__ import annotations
@@ -142,62 +142,63 @@ def candidates(handle: UsafModel, batches: Iterable[dict], budget: int, exclude_
             if keep is not None:
                 for p in params:
                     p.requires_grad_(id(p) in keep)
-            with lean_passes(handle):  # scoring passes keep only what a checkpointed step keeps
-                for batch in batch_list:
-                    loss_fn(model, batch).backward()
-                    for p in params:
-                        p.grad = None
+            for batch in batch_list:
+                loss_fn(model, batch).backward()
+                for p in params:
+                    p.grad = None
         finally:
             for p, f in zip(params, flags):
                 p.requires_grad_(f)
 
-    try:
-        if streaming and not _distributed():
-            for m in layers:
-                ex = m.experts
-                ex.stream_k = {n: math.ceil(cap(ex.deltas[n].numel) / ex.num_experts * 2) for n in NAMES}
-                ex.found = {}
-            run(batches)
-            for m in layers:
-                ex = m.experts
-                for n in NAMES:
-                    found = ex.found.get(n, [])
-                    if found:
-                        sc = torch.cat([f[0] for f in found])
-                        ix, inv = torch.unique(torch.cat([f[1] for f in found]), return_inverse=True)
-                        sc = torch.zeros(ix.numel(), dtype=sc.dtype).scatter_reduce(0, inv, sc, "sum")
-                        k = min(sc.numel(), cap(ex.deltas[n].numel))
-                        top = torch.topk(sc, k, sorted=False)
-                        out.append((m, n, top.values, ix[top.indices]))
-                ex.stream_k, ex.found = None, {}
-            return out
-        budget_bytes = cfg.score_budget_mb << 20
-        dtype = torch.float32 if cfg.score_dtype == "fp32" else torch.bfloat16
-        elem_bytes = 4 if dtype == torch.float32 else 2
-        for group in _groups(layers, budget_bytes, elem_bytes, max(1, cfg.score_layers)):
-            for m in group:
-                m.experts.scores = {n: torch.zeros(m.experts.shape(n), dtype=dtype,
-                                                   device=m.experts.deltas[n].values.device) for n in NAMES}
-                m.experts.score_power = 1 if cfg.score == "abs" else 2
-            run(batches, only=group)
-            if _distributed():
-                for m in group:  # data parallel: every rank ranks the same summed scores
+    with lean_passes(handle):  # every scoring pass keeps only what a checkpointed step keeps
+        try:
+            if streaming and not _distributed():
+                for m in layers:
+                    ex = m.experts
+                    ex.stream_k = {n: math.ceil(cap(ex.deltas[n].numel) / ex.num_experts * 2) for n in NAMES}
+                    ex.found = {}
+                run(batches)
+                for m in layers:
+                    ex = m.experts
                     for n in NAMES:
-                        torch.distributed.all_reduce(m.experts.scores[n])
-            for m in group:
-                for n in NAMES:
-                    scores = m.experts.scores[n].view(-1)
-                    if exclude_active:
-                        scores[m.experts.deltas[n].indices.long()] = -1.0
-                    vals, idx = top_candidates(scores, min(scores.numel(), cap(scores.numel())))
-                    keep = vals >= 0
-                    out.append((m, n, vals[keep].float(), idx[keep]))
-                m.experts.scores = None
-            out = prune(out, budget)
-    finally:
-        for m in layers:
-            m.experts.scores, m.experts.stream_k, m.experts.found = None, None, {}
-        model.train(was_training)
+                        found = ex.found.get(n, [])
+                        if found:
+                            sc = torch.cat([f[0] for f in found])
+                            ix, inv = torch.unique(torch.cat([f[1] for f in found]), return_inverse=True)
+                            sc = torch.zeros(ix.numel(), dtype=sc.dtype).scatter_reduce(0, inv, sc, "sum")
+                            k = min(sc.numel(), cap(ex.deltas[n].numel))
+                            top = torch.topk(sc, k, sorted=False)
+                            out.append((m, n, top.values, ix[top.indices]))
+                    ex.stream_k, ex.found = None, {}
+                return out
+            budget_bytes = cfg.score_budget_mb << 20
+            dtype = torch.float32 if cfg.score_dtype == "fp32" else torch.bfloat16
+            elem_bytes = 4 if dtype == torch.float32 else 2
+            for group in _groups(layers, budget_bytes, elem_bytes, max(1, cfg.score_layers)):
+                for m in group:
+                    ex = m.experts
+                    ex.scores = {n: torch.zeros(ex.shape(n), dtype=dtype, device=ex.deltas[n].values.device)
+                                 for n in NAMES}
+                    m.experts.score_power = 1 if cfg.score == "abs" else 2
+                run(batches, only=group)
+                if _distributed():
+                    for m in group:  # data parallel: every rank ranks the same summed scores
+                        for n in NAMES:
+                            torch.distributed.all_reduce(m.experts.scores[n])
+                for m in group:
+                    for n in NAMES:
+                        scores = m.experts.scores[n].view(-1)
+                        if exclude_active:
+                            scores[m.experts.deltas[n].indices.long()] = -1.0
+                        vals, idx = top_candidates(scores, min(scores.numel(), cap(scores.numel())))
+                        keep = vals >= 0
+                        out.append((m, n, vals[keep].float(), idx[keep]))
+                    m.experts.scores = None
+                out = prune(out, budget)
+        finally:
+            for m in layers:
+                m.experts.scores, m.experts.stream_k, m.experts.found = None, None, {}
+            model.train(was_training)
     return out
 
 
