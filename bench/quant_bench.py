@@ -18,7 +18,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from usaf.quant import QuantizedTensor, QuantSpec
+from usaf.engine.quant import QuantizedTensor, QuantSpec
 
 
 def make_weights(kind: str, shape: tuple[int, ...], seed: int = 0) -> torch.Tensor:

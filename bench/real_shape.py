@@ -71,7 +71,7 @@ class HeapPeak:
         self._thread = threading.Thread(target=self._run, daemon=True)
         self._hooks = []
         if model is not None:
-            from usaf.model import decoder_layers
+            from usaf.engine.model import decoder_layers
 
             for layer in decoder_layers(model):
                 self._hooks.append(layer.register_forward_hook(lambda *a: self.sample()))
@@ -205,11 +205,11 @@ def main() -> None:
     import transformers  # noqa: F401 - imported before the runtime baseline, as in a training run
 
     import usaf
-    from usaf.data import Example
-    from usaf.prefix import PrefixCache, first_trainable_layer, release_prefix
-    from usaf.stream import ShardReader, cache_path, load_streamed
-    from usaf.tiers import Prefetcher
-    from usaf.trainer import loss_fn
+    from usaf.data.load import Example
+    from usaf.load.stream import ShardReader, cache_path, load_streamed
+    from usaf.load.tiers import Prefetcher
+    from usaf.memory.prefix import PrefixCache, first_trainable_layer, release_prefix
+    from usaf.train.recipe import loss_fn
 
     heap_runtime = heap_in_use()  # Python + torch + transformers imported: the plan's host "runtime" item
     d = Path(a.dir) / f"L{a.layers}"
@@ -239,7 +239,7 @@ def main() -> None:
         release_prefix(handle, start)
     prefix_s, peak_prefix = time.perf_counter() - t0, peak_mb()
 
-    from usaf.data import collate
+    from usaf.data.load import collate
 
     def batch(k):
         rows = [examples[(k * a.batch_size + j) % len(examples)] for j in range(a.batch_size)]
@@ -255,7 +255,7 @@ def main() -> None:
             for p in model.parameters():
                 if not p.is_meta and p is not emb:
                     p.data = p.data.clone()
-    from usaf.prefix import enable_checkpointing, use_checkpointing
+    from usaf.memory.prefix import enable_checkpointing, use_checkpointing
 
     ckpt = use_checkpointing(handle, a.checkpointing, a.batch_size, a.seq_len)  # auto: usaf train's choice
     if ckpt:
@@ -267,7 +267,7 @@ def main() -> None:
     select_s = time.perf_counter() - t0
     peak_select = peak_mb()
     heap_select = heap.reset()
-    from usaf.bench import reset_peak_rss
+    from usaf.bench.harness import reset_peak_rss
 
     steps_phase = reset_peak_rss()  # the kernel's high-water mark, reset: the steps' own peak is measured below
     opt = usaf.UsafOptimizer(handle, lr=1e-4)
@@ -275,7 +275,7 @@ def main() -> None:
     for k in range(a.steps):
         t0 = time.perf_counter()
         b = batch(k)
-        from usaf.loss import lm_loss  # the loss `usaf train` uses
+        from usaf.engine.loss import lm_loss  # the loss `usaf train` uses
 
         s, n = lm_loss(model, b, "cpu")
         (s / n).backward()
@@ -300,7 +300,7 @@ def main() -> None:
         "checkpointing": ckpt,
     }
     try:
-        from usaf.plan import predict
+        from usaf.memory.plan import predict
 
         p = predict(json.loads((d / "config.json").read_text()), seq_len=a.seq_len, batch_size=a.batch_size,
                     density=0.005, train_layers=f"top:{a.train_top}", quant="4bit", dtype="bf16",
@@ -314,7 +314,7 @@ def main() -> None:
         # Simulated device: what a GPU run would hold on the device = every tensor allocated by the run
         # (heap in use above the runtime baseline) + the frozen stacks the plan places on the device (here
         # they stay in the disk tier's mmap, which the heap does not count).
-        from usaf.plan import predict
+        from usaf.memory.plan import predict
 
         p = predict(json.loads((d / "config.json").read_text()), seq_len=a.seq_len, batch_size=a.batch_size,
                     density=0.005, train_layers=f"top:{a.train_top}", quant="4bit", dtype="bf16",

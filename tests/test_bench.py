@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from usaf.bench import SPEED_METHODS, parse_extra, run_bench, table, targets
+from usaf.bench.harness import SPEED_METHODS, parse_extra, run_bench, table, targets
 
 # One small layer. jobs=0 runs the methods in the test process (one worker process costs ~5 s of imports);
 # test_workers covers the one-process-per-method path. Timings mean nothing here.
@@ -80,7 +80,7 @@ def test_baselines_run_without_usaf_process_tuning():
     import subprocess
     import sys
 
-    from usaf.bench import baseline_env
+    from usaf.bench.harness import baseline_env
 
     assert "USAF_NO_RUNTIME_TUNING" not in baseline_env("usaf")
     for m in ("lora-r8", "lora-r16", "full", "esft", "router", "inference-bf16", "base"):

@@ -11,7 +11,7 @@ import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
 
-from usaf.data import (
+from usaf.data.load import (
     IGNORE_INDEX,
     Batches,
     DataError,

@@ -22,9 +22,9 @@ import torch
 import torch.distributed as dist
 from safetensors.torch import load_file
 
-from usaf import distributed
 from usaf.cli import main
 from usaf.testing import save_tiny_checkpoint
+from usaf.train import distributed
 
 # A real selection (5% of the expert weights); the 2-process run reselects at step 3 (after its checkpoint at
 # step 2), the reference does not: they are compared up to step 3 and at the step-2 checkpoint. fp32 score

@@ -6,9 +6,9 @@ import pytest
 import torch
 
 import usaf
-from usaf.experts import NAMES
-from usaf.families import UnsupportedModelError
-from usaf.model import effective_weight
+from usaf.engine.experts import NAMES
+from usaf.engine.families import UnsupportedModelError
+from usaf.engine.model import effective_weight
 from usaf.testing import FAMILIES, make_tiny_model
 
 torch.manual_seed(0)
@@ -48,7 +48,7 @@ def test_zero_delta_logits_equal_stock(family):
 
 
 def test_sparse_grad_gather_and_gemm_paths_agree():
-    from usaf import experts
+    from usaf.engine import experts
 
     g = torch.Generator().manual_seed(0)
     left, right = torch.randn(7, 30, generator=g), torch.randn(7, 20, generator=g)
@@ -63,7 +63,7 @@ def test_sparse_grad_gather_and_gemm_paths_agree():
 @pytest.mark.parametrize("family", FAMILIES)
 @pytest.mark.parametrize("gather_cost", [0.0, 1e9])  # gather-dot path, GEMM-then-gather path
 def test_values_and_router_gradients_equal_dense_autograd(family, gather_cost, monkeypatch):
-    from usaf import experts
+    from usaf.engine import experts
 
     monkeypatch.setattr(experts, "GATHER_COST", gather_cost)
     stock, model, handle = _prepared(family)
@@ -129,7 +129,7 @@ def test_no_expert_sized_tensor_requires_grad_and_only_active_positions_change()
 
 def test_compact_adamw_equals_torch_adamw_on_dense_restricted():
     torch.manual_seed(0)
-    from usaf.delta import SparseDelta
+    from usaf.engine.delta import SparseDelta
 
     shape = (4, 6, 5)
     d = SparseDelta(shape)
@@ -292,11 +292,11 @@ def test_train_layers_range_freezes_the_rest():
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_activation_checkpointing_gives_the_same_gradients(family, monkeypatch):
-    """Lean checkpointing (usaf.prefix.enable_checkpointing) gives the gradients of a plain backward,
+    """Lean checkpointing (usaf.memory.prefix.enable_checkpointing) gives the gradients of a plain backward,
     router included; where nothing after the experts saves a tensor, the layer recomputation stops
     at the router, so the experts' forward runs once per layer."""
-    from usaf import experts as ex
-    from usaf.prefix import enable_checkpointing
+    from usaf.engine import experts as ex
+    from usaf.memory.prefix import enable_checkpointing
 
     _, model, handle = _prepared(family)
     _random_deltas(handle, frac=0.01)
@@ -319,7 +319,7 @@ def test_activation_checkpointing_gives_the_same_gradients(family, monkeypatch):
 
 
 def test_top_candidates_threshold_path_equals_topk():
-    from usaf.select import top_candidates
+    from usaf.engine.select import top_candidates
 
     g = torch.Generator().manual_seed(0)
     scores = torch.rand(5_000_000, generator=g)
@@ -330,7 +330,7 @@ def test_top_candidates_threshold_path_equals_topk():
 
 
 def test_routing_pads_each_expert_to_whole_blocks():
-    from usaf.experts import Routing, block_rows
+    from usaf.engine.experts import Routing, block_rows
 
     assert block_rows(2048, 16) == 128 and block_rows(8192, 64) == 128 and block_rows(4096, 128) == 32
     assert block_rows(10, 64) == 16 and block_rows(1 << 20, 8) == 256
@@ -350,8 +350,8 @@ def test_no_backward_below_the_trainable_range_after_checkpointed_selection(monk
     """Selection runs checkpointed (lean passes); afterwards, and with checkpointing on, autograd still
     stops at the lowest trainable layer (transformers' checkpointing would make the embeddings require
     grad, running the backward of every frozen layer)."""
-    from usaf import experts as ex
-    from usaf.prefix import enable_checkpointing
+    from usaf.engine import experts as ex
+    from usaf.memory.prefix import enable_checkpointing
 
     _, model, handle = _prepared("qwen3_moe", train_layers="top:1")
     usaf.select(handle, [{"input_ids": IDS, "labels": IDS}])

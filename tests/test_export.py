@@ -11,8 +11,8 @@ from safetensors import safe_open
 
 import usaf
 from usaf.cli import main
-from usaf.export import export_hf, load_run
-from usaf.loading import load_model
+from usaf.export.hf import export_hf, load_run
+from usaf.load.hf import load_model
 from usaf.testing import FAMILIES, PER_EXPERT_FAMILIES, save_tiny_checkpoint
 
 DTYPE_NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16"}
@@ -195,7 +195,7 @@ def test_wrong_base_refused(runs, tmp_path, capsys):
 
 
 def test_failed_check_removes_output(runs, tmp_path, monkeypatch, capsys):
-    import usaf.export as ex
+    import usaf.export.hf as ex
 
     ckpt, run = runs["mixtral"]
     real = ex.merged_values
@@ -237,7 +237,7 @@ def test_export_hf_other_layouts(family, tmp_path):
 def test_gguf_written_and_read_back(runs, tmp_path, family, monkeypatch):
     """Without llama.cpp: names, shapes, hyper-parameters and tokenizer metadata as llama.cpp expects them."""
     gguf = pytest.importorskip("gguf")
-    import usaf.gguf_export as ge
+    import usaf.export.gguf as ge
 
     monkeypatch.setattr(ge, "have_llama_cpp", lambda: False)
     ckpt, run = runs[family]
@@ -267,7 +267,7 @@ def test_gguf_written_and_read_back(runs, tmp_path, family, monkeypatch):
 def test_gguf_llama_cpp_logits(runs, hf_exports, tmp_path, family, qtype):
     """llama.cpp's next-token logits of the GGUF agree with transformers' logits of the merged checkpoint."""
     pytest.importorskip("gguf")
-    import usaf.gguf_export as ge
+    import usaf.export.gguf as ge
 
     if not ge.have_llama_cpp():
         pytest.skip("llama_cpp is not importable (pip install llama-cpp-python builds llama.cpp from source)")
@@ -285,5 +285,5 @@ def test_gguf_llama_cpp_logits(runs, hf_exports, tmp_path, family, qtype):
     assert float((err <= ge.TOLERANCE[qtype]).float().mean()) >= 0.8, err
     assert float(err.median()) < ge.TOLERANCE[qtype] / 2, err
     assert (got.argmax(-1) == want.argmax(-1)).float().mean() >= 0.8
-    tok = usaf.loading.load_tokenizer(str(ckpt))
+    tok = usaf.load.hf.load_tokenizer(str(ckpt))
     assert ge.llama_cpp_tokens(out, ge.CHECK_TEXT) == tok(ge.CHECK_TEXT)["input_ids"]

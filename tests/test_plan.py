@@ -8,8 +8,8 @@ import weakref
 import pytest
 import torch
 
-from usaf import plan
-from usaf.families import UnsupportedModelError
+from usaf.engine.families import UnsupportedModelError
+from usaf.memory import plan
 
 # Qwen/Qwen3-30B-A3B config.json (the fields that matter; published: 30.5 B total, 3.3 B active).
 QWEN3_30B = {
@@ -275,8 +275,8 @@ def test_prediction_matches_live_tensor_peak():
     from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM
 
     import usaf
-    from usaf.loss import lm_loss
-    from usaf.prefix import enable_checkpointing
+    from usaf.engine.loss import lm_loss
+    from usaf.memory.prefix import enable_checkpointing
 
     conf = Qwen3MoeConfig(
         vocab_size=2048,

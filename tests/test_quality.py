@@ -11,7 +11,7 @@ import json
 import pytest
 import torch
 
-from usaf.corpora import (
+from usaf.bench.corpora import (
     CorpusError,
     clean_rst,
     general_documents,
@@ -19,7 +19,7 @@ from usaf.corpora import (
     reference_entries,
     write_task_files,
 )
-from usaf.quality import (
+from usaf.bench.quality import (
     EXTRA_METHODS,
     METHODS,
     load_task,
@@ -109,7 +109,7 @@ def test_held_out_is_deterministic():
 
 def test_missing_corpora_is_a_clear_error(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("USAF_CORPORA", str(tmp_path / "nothing"))
-    monkeypatch.setattr("usaf.corpora.SYSTEM_ROOT", tmp_path / "system")
+    monkeypatch.setattr("usaf.bench.corpora.SYSTEM_ROOT", tmp_path / "system")
     with pytest.raises(CorpusError, match="fetch-corpora.sh"):
         write_task_files(tmp_path / "out")
     assert not (tmp_path / "out").exists()
@@ -150,7 +150,7 @@ def test_task_files_split_by_file(setup):
 def test_method_trains_only_its_parameters(setup, method):
     from transformers import AutoModelForCausalLM
 
-    from usaf.loading import load_tokenizer
+    from usaf.load.hf import load_tokenizer
 
     cfg, _ = setup
     tok = load_tokenizer(cfg["model_dir"])
@@ -161,7 +161,7 @@ def test_method_trains_only_its_parameters(setup, method):
     assert all(torch.isfinite(torch.tensor(losses)))
     assert trainable > 0 and ship() > 0
     if method in ("usaf", "usaf-norigl", "router"):
-        from usaf.model import effective_weight
+        from usaf.engine.model import effective_weight
 
         handle = model.usaf
         eff = {f"{m.prefix}.{n}": effective_weight(m, n, torch.float32) for m in handle.layers for n in

@@ -4,8 +4,8 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-import usaf.quant as quant
-from usaf.quant import QuantizedTensor, QuantSpec
+import usaf.engine.quant as quant
+from usaf.engine.quant import QuantizedTensor, QuantSpec
 
 
 def _rand(shape, seed=0, dtype=torch.float32, heavy=False):

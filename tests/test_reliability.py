@@ -23,9 +23,12 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from usaf import checkpoint, io, loading, trainer
+from usaf import io
 from usaf.cli import main
+from usaf.load import hf as loading
 from usaf.testing import save_tiny_checkpoint
+from usaf.train import checkpoint
+from usaf.train import recipe as trainer
 
 SRC = Path(__file__).resolve().parents[1] / "src" / "usaf"
 WORDS = "the quick brown fox jumps over the lazy dog while a small cat sleeps in the warm sun".split()
@@ -345,7 +348,7 @@ def test_loss_scaler_unscales_delta_and_router_gradients():
     """A scaled backward + unscale gives exactly the unscaled gradients of the delta values and of the router
     masters (bf16 routers: fp32 masters separate from the parameters), and the step applies them."""
     from usaf import UsafConfig, prepare
-    from usaf.optim import UsafOptimizer
+    from usaf.engine.optim import UsafOptimizer
     from usaf.testing import make_tiny_model
 
     def setup():

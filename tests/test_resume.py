@@ -8,9 +8,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from usaf import trainer
 from usaf.cli import main
 from usaf.testing import save_tiny_checkpoint
+from usaf.train import recipe as trainer
 
 
 @pytest.fixture(scope="module")

@@ -7,7 +7,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 import usaf
-from usaf import stream
+from usaf.load import stream
 from usaf.testing import FAMILIES, PER_EXPERT_FAMILIES, save_tiny_checkpoint
 
 IDS = torch.randint(6, 320, (2, 16), generator=torch.Generator().manual_seed(1))

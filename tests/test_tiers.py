@@ -4,9 +4,9 @@ import pytest
 import torch
 
 import usaf
-from usaf import stream
+from usaf.load import stream
+from usaf.load.tiers import Prefetcher, choose_tier, parse_bytes
 from usaf.testing import save_tiny_checkpoint
-from usaf.tiers import Prefetcher, choose_tier, parse_bytes
 
 IDS = torch.randint(6, 320, (2, 16), generator=torch.Generator().manual_seed(1))
 

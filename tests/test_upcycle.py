@@ -12,8 +12,8 @@ import json
 import pytest
 import torch
 
-from usaf import upcycle
-from usaf.upcycle import (
+from usaf.bench import upcycle
+from usaf.bench.upcycle import (
     MARKER_FILE,
     find_smollm2_gguf,
     load_smollm2_dense,

@@ -16,11 +16,11 @@ from .runtime import tune as _tune
 _tune()
 
 from .config import TrainConfig, UsafConfig  # noqa: E402
-from .families import FAMILIES, Family, UnsupportedModelError, register  # noqa: E402
-from .model import UsafModel, prepare  # noqa: E402
-from .optim import UsafOptimizer, make_scheduler  # noqa: E402
-from .rigl import drop_fraction, reselect  # noqa: E402
-from .select import select  # noqa: E402
+from .engine.families import FAMILIES, Family, UnsupportedModelError, register  # noqa: E402
+from .engine.model import UsafModel, prepare  # noqa: E402
+from .engine.optim import UsafOptimizer, make_scheduler  # noqa: E402
+from .engine.rigl import drop_fraction, reselect  # noqa: E402
+from .engine.select import select  # noqa: E402
 
 __version__ = "0.1.0"
 

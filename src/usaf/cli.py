@@ -71,7 +71,7 @@ def cmd_train(args) -> int:
             raise ValueError("--nproc cannot be used in a process launched by torchrun")
         if nproc > 1:
             return _launch(_without_nproc(args.argv), nproc)
-    from .trainer import train
+    from .train.recipe import train
 
     rank = int(os.environ.get("RANK", "0"))
     cfg = _train_config(args)
@@ -82,7 +82,7 @@ def cmd_train(args) -> int:
         return 0
     # Ranks > 0 of a torchrun launch: rank 0 reports the run and the errors every rank stopped on; an error
     # of this rank alone is printed with its rank.
-    from .distributed import PeerFailed
+    from .train.distributed import PeerFailed
 
     try:
         train(cfg)
@@ -144,8 +144,8 @@ def _launch(argv: list[str], nproc: int) -> int:
 def _load_prepared(model: str, delta: str | None, device: str, dtype: str, trust_remote_code: bool):
     from safetensors import safe_open
 
-    from .loading import load_model, load_tokenizer, resolve_device, resolve_dtype
-    from .stream import load_prepared
+    from .load.hf import load_model, load_tokenizer, resolve_device, resolve_dtype
+    from .load.stream import load_prepared
 
     dev = resolve_device(device)
     tok = load_tokenizer(model, trust_remote_code)
@@ -171,8 +171,8 @@ def _load_prepared(model: str, delta: str | None, device: str, dtype: str, trust
 
 
 def cmd_eval(args) -> int:
-    from .data import Batches, load_examples
-    from .evaluate import evaluate
+    from .data.load import Batches, load_examples
+    from .train.evaluate import evaluate
 
     m, tok, dev = _load_prepared(args.model, args.delta, args.device, args.dtype, args.trust_remote_code)
     examples, _ = load_examples(args.data, tok, args.seq_len)
@@ -186,7 +186,7 @@ def cmd_eval(args) -> int:
 
 
 def cmd_generate(args) -> int:
-    from .generate import generate
+    from .train.generate import generate
 
     m, tok, dev = _load_prepared(args.model, args.delta, args.device, args.dtype, args.trust_remote_code)
     print(generate(m, tok, args.prompt, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
@@ -195,7 +195,7 @@ def cmd_generate(args) -> int:
 
 
 def cmd_inspect(args) -> int:
-    from .inspect import inspect_model
+    from .load.inspect import inspect_model
 
     report = inspect_model(args.model, density=args.density, trust_remote_code=args.trust_remote_code)
     print(json.dumps(report, indent=2) if args.json else report["text"])
@@ -210,7 +210,7 @@ def cmd_demo(args) -> int:
 
 
 def cmd_bench(args) -> int:
-    from .bench import run_bench
+    from .bench.harness import run_bench
 
     return run_bench(args.name, json_path=args.json, quick=args.quick, extra=args.extra)
 
@@ -272,8 +272,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("extra", nargs="*", help="benchmark-specific key=value settings")
     b.set_defaults(func=cmd_bench)
 
-    from .plan import add_parser as _plan; _plan(sub)  # noqa: E702, I001
-    from .export import add_parsers; add_parsers(sub)  # noqa: E702, I001
+    from .memory.plan import add_parser as _plan; _plan(sub)  # noqa: E702, I001
+    from .export.hf import add_parsers; add_parsers(sub)  # noqa: E702, I001
     return p
 
 

@@ -75,11 +75,11 @@ def demo_config(model: str, train: Path, evald: Path, out: Path, steps: int = 0,
 def run_demo(out: str = "runs/demo", steps: int = 0, quiet: bool = False) -> dict:
     import logging
 
-    from .generate import generate
-    from .loading import load_tokenizer, resolve_device, resolve_dtype
-    from .stream import load_prepared
-    from .trainer import train
-    from .upcycle import prepare_upcycled_smollm2
+    from .bench.upcycle import prepare_upcycled_smollm2
+    from .load.hf import load_tokenizer, resolve_device, resolve_dtype
+    from .load.stream import load_prepared
+    from .train.generate import generate
+    from .train.recipe import train
 
     log = logging.getLogger("usaf")
     out_dir = Path(out)

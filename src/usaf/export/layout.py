@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
-from .io import atomic_save_safetensors, atomic_write_json, read_safetensors
+from ..io import atomic_save_safetensors, atomic_write_json, read_safetensors
 
 log = logging.getLogger("usaf")
 
@@ -85,7 +85,7 @@ def load_run(run, base: str | None = None, train_dtype: str | None = None) -> Ru
     """``run``: a training output directory (delta.safetensors + config.yaml) or a delta file (needs ``base``)."""
     import yaml
 
-    from .loading import resolve_device, resolve_dtype
+    from ..load.hf import resolve_device, resolve_dtype
 
     run = Path(run)
     cfg: dict = {}
@@ -241,7 +241,7 @@ class Patches:
 
 def plan(run_tensors: dict[str, torch.Tensor], meta: dict[str, str], ckpt: Checkpoint) -> tuple[Patches, dict]:
     """Map every delta entry to on-disk tensors. Returns (patches, {stack key: StackMap})."""
-    from .families import FAMILIES
+    from ..engine.families import FAMILIES
 
     fam = FAMILIES.get(meta.get("model_type", ""))
     transposed = bool(fam and fam.transposed)

@@ -29,7 +29,8 @@ from pathlib import Path
 
 import torch
 
-from .export_layout import (  # noqa: F401 - re-exported: the public names of usaf export
+from ..io import atomic_save_safetensors
+from .layout import (  # noqa: F401 - re-exported: the public names of usaf export
     NAMED_DTYPES,
     PROVENANCE,
     BaseMismatchError,
@@ -49,7 +50,6 @@ from .export_layout import (  # noqa: F401 - re-exported: the public names of us
     stack_map,
     write_checkpoint,
 )
-from .io import atomic_save_safetensors
 
 log = logging.getLogger("usaf")
 
@@ -109,8 +109,8 @@ class _Cast:
 
 
 def _fingerprint_as(model, family, dtype) -> str:
-    """``usaf.model.fingerprint`` of ``model`` as if it had been loaded at ``dtype``."""
-    from . import model as usaf_model
+    """``usaf.engine.model.fingerprint`` of ``model`` as if it had been loaded at ``dtype``."""
+    from ..engine import model as usaf_model
 
     sample_index = getattr(usaf_model, "sample_index", None)
     if sample_index is None:  # older fingerprint(): hash a cast view of the model
@@ -121,7 +121,7 @@ def _fingerprint_as(model, family, dtype) -> str:
 
 def check_fingerprint(model, meta: dict, where: str) -> None:
     """Refuse a base whose fingerprint (at any load dtype) differs from the delta's ``base_fingerprint``."""
-    from .families import family_for
+    from ..engine.families import family_for
 
     want = meta.get("base_fingerprint")
     family = family_for(model.config)
@@ -138,7 +138,7 @@ def check_fingerprint(model, meta: dict, where: str) -> None:
 
 
 def _check_base(base: str, meta: dict, dtype) -> None:
-    from .loading import load_model
+    from ..load.hf import load_model
 
     model = load_model(base, dtype=dtype, device="cpu")
     check_fingerprint(model, meta, base)
@@ -155,12 +155,12 @@ def reference_model(base: str, tensors: dict, meta: dict, dtype, quant: str = "n
     (base + delta, rounded to ``compute_dtype`` as in training, then to ``dtype``), so
     ``handle.layers[i].experts.frozen[name].tensor`` holds what an export writes.
     """
-    from .config import UsafConfig
-    from .experts import NAMES
-    from .families import family_for, get_path
-    from .loading import load_model
-    from .model import decoder_layers, prepare
-    from .store import DenseStack
+    from ..config import UsafConfig
+    from ..engine.experts import NAMES
+    from ..engine.families import family_for, get_path
+    from ..engine.model import decoder_layers, prepare
+    from ..engine.store import DenseStack
+    from ..load.hf import load_model
 
     compute_dtype = compute_dtype or dtype
     model = load_model(base, dtype=dtype, device="cpu")
@@ -241,7 +241,7 @@ def export_hf(run: Run, out, base_weights: str = DEFAULT_BASE_WEIGHTS, overwrite
         ref = reference_model(run.base, run.tensors, run.meta, disk_dtype(ckpt, maps),
                               run.meta.get("quant") if dequant else "none", run.train_dtype if dequant else None)
     if dequant:  # every MoE layer's experts were quantized in training, not only the trained ones
-        from .experts import NAMES
+        from ..engine.experts import NAMES
 
         transposed = ref.family.transposed
         all_maps = {f"{m.prefix}.{n}": stack_map(f"{m.prefix}.{n}", m.experts.shape(n), ckpt, transposed)
@@ -385,7 +385,7 @@ def cmd_export(args) -> int:
         print(f"wrote {r['out']}: {r['bytes'] / 1e6:.3f} MB for {r['active']:,} active elements "
               f"({r['mb_per_million_active']:.2f} MB per million active elements, originals included)")
     else:
-        from .gguf_export import export_gguf
+        from .gguf import export_gguf
 
         r = export_gguf(run, args.out, args.type, args.base_weights, args.overwrite, check, args.tokenizer_pre)
         print(f"wrote {r['out']} ({r['arch']}, {r['type']}, {r['tensors']} tensors); check: {r['check']}")

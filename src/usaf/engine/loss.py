@@ -100,7 +100,7 @@ def chunked_loss(hidden: torch.Tensor, head: torch.nn.Module, labels: torch.Tens
     """``(summed loss, token count)`` of final hidden states ``(B, T, H)`` against *unshifted* labels."""
     weight, bias = head.weight, getattr(head, "bias", None)
     if _head_trains(head):
-        raise ValueError("usaf.loss.chunked_loss needs a frozen output head")
+        raise ValueError("usaf.engine.loss.chunked_loss needs a frozen output head")
     vocab = weight.shape[0]
     shift = F.pad(labels, (0, 1), value=IGNORE_INDEX)[..., 1:].reshape(-1).to(hidden.device)
     keep = shift != IGNORE_INDEX
@@ -143,10 +143,10 @@ def lm_loss(model: torch.nn.Module, batch: dict, device) -> tuple[torch.Tensor, 
     """Summed causal-LM loss and token count of a collated batch (frozen-prefix cache aware).
 
     Chunked when the output head is frozen (or no gradient is taken); from full logits otherwise."""
-    from .prefix import logits_of
+    from ..memory.prefix import logits_of
 
     if _head_trains(model.get_output_embeddings()):
-        from .data import token_weighted_loss
+        from ..data.load import token_weighted_loss
 
         return token_weighted_loss(logits_of(model, batch, device), batch["labels"].to(device))
     with capture_head_input(model) as box:

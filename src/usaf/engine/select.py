@@ -16,10 +16,10 @@ from collections.abc import Callable, Iterable
 
 import torch
 
+from ..memory.prefix import lean_passes
+from ..runtime import release_free_memory
 from .experts import NAMES
 from .model import MoeLayer, UsafModel, compute_device
-from .prefix import lean_passes
-from .runtime import release_free_memory
 
 
 def default_loss(model, batch: dict) -> torch.Tensor:

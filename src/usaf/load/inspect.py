@@ -7,8 +7,8 @@ from __future__ import annotations
 
 import torch
 
-from .families import family_for, fused_experts, get_path
-from .loading import load_config
+from ..engine.families import family_for, fused_experts, get_path
+from .hf import load_config
 
 
 def inspect_model(model: str, density: float = 0.005, trust_remote_code: bool = False) -> dict:
@@ -20,7 +20,7 @@ def inspect_model(model: str, density: float = 0.005, trust_remote_code: bool = 
     fam = family_for(config)
     with torch.device("meta"):
         m = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
-    from .model import decoder_layers
+    from ..engine.model import decoder_layers
 
     layers = decoder_layers(m)
     moe_layers, expert_params, router_params, shapes = [], 0, 0, None

@@ -17,7 +17,9 @@ from pathlib import Path
 
 import torch
 
-from .io import (
+from ..engine.model import UsafModel
+from ..engine.optim import UsafOptimizer
+from ..io import (
     DiskFullError,
     _fsync_dir,
     atomic_save_safetensors,
@@ -26,8 +28,6 @@ from .io import (
     read_safetensors,
     remove_stale_temps,
 )
-from .model import UsafModel
-from .optim import UsafOptimizer
 
 
 def _opt_tensors(opt: UsafOptimizer) -> tuple[dict[str, torch.Tensor], dict]:

@@ -2,7 +2,7 @@
 
 A frozen stack is anything with ``shape``, ``nbytes()`` and
 ``dequantize(start, stop, dtype, device) -> fresh dense (stop - start, R, C) tensor``: either a plain
-dense tensor (bf16 / fp16 / fp32) or a group-quantized one (``usaf.quant.QuantizedTensor``). The result of
+dense tensor (bf16 / fp16 / fp32) or a group-quantized one (``usaf.engine.quant.QuantizedTensor``). The result of
 ``dequantize`` is always a new tensor that the caller may modify in place (deltas are added to it).
 """
 

@@ -49,7 +49,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from .bench import RESULT_TAG, _collect, machine_info, markdown_table, peak_rss_mb, reset_peak_rss
+from .harness import RESULT_TAG, _collect, machine_info, markdown_table, peak_rss_mb, reset_peak_rss
 
 METHODS = ("usaf", "usaf-norigl", "router", "lora-r8", "lora-r16", "full", "esft")
 EXTRA_METHODS = ("lora-r16-experts",)  # ablation: LoRA on the expert stacks only (no attention), like usaf
@@ -125,7 +125,7 @@ def task_files(task: str, data_dir: Path) -> dict[str, Path]:
 
 
 def _examples(path: Path, tok, seq: int, n: int, seed: int, cycle: bool):
-    from .data import load_examples
+    from ..data.load import load_examples
 
     ex, _ = load_examples(path, tok, seq)
     order = list(range(len(ex)))
@@ -137,7 +137,7 @@ def _examples(path: Path, tok, seq: int, n: int, seed: int, cycle: bool):
 
 def load_task(cfg: dict, task: str, tok, files: dict[str, Path]) -> dict:
     """Token-identical batches for every method: training, calibration and the held-out sets."""
-    from .data import collate
+    from ..data.load import collate
 
     pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
     b, seq = cfg["batch"], cfg["seq"]
@@ -162,8 +162,8 @@ def load_task(cfg: dict, task: str, tok, files: dict[str, Path]) -> dict:
 # ------------------------------------------------------------------------------------------------ methods
 def moe_modules(model, layers: range):
     """``[(layer index, experts module name, experts module, router module)]`` of a stock model."""
-    from .families import family_for, fused_experts, get_path
-    from .model import decoder_layers
+    from ..engine.families import family_for, fused_experts, get_path
+    from ..engine.model import decoder_layers
 
     fam = family_for(model.config)
     names = {id(m): n for n, m in model.named_modules()}
@@ -215,10 +215,10 @@ def setup_method(method: str, cfg: dict, model_dir: str, data: dict):
 
     import usaf
 
-    from .data import token_weighted_loss
-    from .model import decoder_layers, parse_layers
-    from .optim import lr_lambda
-    from .rigl import drop_fraction, reselect
+    from ..data.load import token_weighted_loss
+    from ..engine.model import decoder_layers, parse_layers
+    from ..engine.optim import lr_lambda
+    from ..engine.rigl import drop_fraction, reselect
 
     fp32 = method in ("full", "esft")
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32 if fp32 else torch.bfloat16)
@@ -234,7 +234,7 @@ def setup_method(method: str, cfg: dict, model_dir: str, data: dict):
         return s / n
 
     if method in ("usaf", "usaf-norigl", "router"):
-        from .loss import lm_loss
+        from ..engine.loss import lm_loss
 
         def loss_of(m, b):  # usaf's own training loss: chunked LM head, the same value
             s, n = lm_loss(m, b, "cpu")
@@ -364,14 +364,14 @@ def setup_method(method: str, cfg: dict, model_dir: str, data: dict):
 
 # ------------------------------------------------------------------------------------------------ worker
 def _evaluate(model, data: dict) -> dict:
-    from .evaluate import evaluate
+    from ..train.evaluate import evaluate
 
     return {"ppl_domain": round(evaluate(model, data["eval"])["ppl"], 4),
             "ppl_general": round(evaluate(model, data["general"])["ppl"], 4)}
 
 
 def _generations(model, tok, data: dict, cfg: dict) -> list[str]:
-    from .generate import generate
+    from ..train.generate import generate
 
     return [generate(model, tok, q, max_new_tokens=cfg["gen_tokens"]) for q, _ in data.get("prompts", [])]
 
@@ -379,7 +379,7 @@ def _generations(model, tok, data: dict, cfg: dict) -> list[str]:
 def run_worker(method: str, task: str, cfg: dict) -> dict:
     import torch
 
-    from .loading import load_tokenizer
+    from ..load.hf import load_tokenizer
 
     if cfg.get("threads"):
         torch.set_num_threads(int(cfg["threads"]))
@@ -435,9 +435,9 @@ def run_worker(method: str, task: str, cfg: dict) -> dict:
 def _spawn(method: str, task: str, cfg: dict):
     import subprocess
 
-    from .bench import baseline_env
+    from .harness import baseline_env
 
-    cmd = [sys.executable, "-m", "usaf.quality", "_worker", method, task, json.dumps(cfg)]
+    cmd = [sys.executable, "-m", "usaf.bench.quality", "_worker", method, task, json.dumps(cfg)]
     return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             env=baseline_env(method))
 
@@ -556,7 +556,7 @@ def _main(argv: list[str]) -> int:
         rec = run_worker(argv[1], argv[2], json.loads(argv[3]))
         print(RESULT_TAG + json.dumps(rec), flush=True)
         return 0
-    from .cli import main
+    from ..cli import main
 
     return main(["bench", "quality", *argv])
 

@@ -8,14 +8,14 @@ from collections.abc import Iterable
 
 import torch
 
-from .loss import lm_loss
+from ..engine.loss import lm_loss
 
 
 @torch.no_grad()
 def evaluate(model, batches: Iterable[dict], device=None, max_batches: int = 0, dist=None) -> dict:
     """Token-weighted loss and perplexity over ``batches`` (collated dicts).
 
-    Data parallel (``dist``, a :class:`usaf.distributed.Dist` with several ranks): each rank passes its shard
+    Data parallel (``dist``, a :class:`usaf.train.distributed.Dist` with several ranks): each rank passes its shard
     of the eval set, and the summed loss and token count are added up over the ranks before the mean, so
     the result is the one process' over the whole set (every rank gets it).
 

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .model import UsafModel, compute_device, decoder_layers
+from ..engine.model import UsafModel, compute_device, decoder_layers
 
 log = logging.getLogger("usaf")
 
@@ -117,7 +117,7 @@ class PrefixCache:
     def build(cls, handle: UsafModel, examples, start: int, batch_size: int, pad_id: int,
               cache_root: Path | None = None) -> PrefixCache:
         """Compute (or reuse) the cache for ``examples`` in order."""
-        from .data import collate
+        from ..data.load import collate
 
         model = handle.model
         device = compute_device(model)
@@ -160,7 +160,7 @@ def release_prefix(handle: UsafModel, start: int) -> int:
     """Drop the weights of the frozen layers below ``start`` (they are not run any more). Returns bytes freed."""
     freed = 0
     layers = decoder_layers(handle.model)
-    from .stream import evict
+    from ..load.stream import evict
 
     for m in handle.layers:
         if m.index < start:
@@ -186,7 +186,7 @@ def offset_index(batches, k: int):
 def enable_prefix_cache(handle: UsafModel, train_ex, eval_ex, batch_size: int, pad_id: int) -> bool:
     """Build the cache for ``train_ex + eval_ex`` when the first trainable layer is above 0 and the family
     reproduces the full forward from cached states; then release the frozen prefix. Returns whether on."""
-    from .data import collate
+    from ..data.load import collate
 
     start = first_trainable_layer(handle)
     if start == 0:

@@ -28,20 +28,20 @@ from pathlib import Path
 import torch
 import yaml
 
+from ..config import TrainConfig, to_dict
+from ..data.load import Batches, DataError, collate, load_examples, split_eval
+from ..engine.loss import lm_loss
+from ..engine.model import parse_layers
+from ..engine.optim import UsafOptimizer, make_scheduler
+from ..engine.rigl import drop_fraction, reselect
+from ..engine.select import select
+from ..io import atomic_write, atomic_write_json, atomic_write_text, is_disk_full
+from ..load.hf import check_model, load_tokenizer, resolve_device, resolve_dtype
+from ..load.stream import load_prepared
+from ..load.tiers import Prefetcher
+from ..memory.prefix import enable_checkpointing, enable_prefix_cache, use_checkpointing
 from . import checkpoint, distributed
-from .config import TrainConfig, to_dict
-from .data import Batches, DataError, collate, load_examples, split_eval
 from .evaluate import evaluate, peak_memory_mb
-from .io import atomic_write, atomic_write_json, atomic_write_text, is_disk_full
-from .loading import check_model, load_tokenizer, resolve_device, resolve_dtype
-from .loss import lm_loss
-from .model import parse_layers
-from .optim import UsafOptimizer, make_scheduler
-from .prefix import enable_checkpointing, enable_prefix_cache, use_checkpointing
-from .rigl import drop_fraction, reselect
-from .select import select
-from .stream import load_prepared
-from .tiers import Prefetcher
 
 log = logging.getLogger("usaf")
 
@@ -354,7 +354,7 @@ def train(cfg: TrainConfig) -> dict:
 
     Launched by torchrun (``WORLD_SIZE`` > 1), every rank runs this same function: data parallel over the
     ranks (docs/distributed.md). Only rank 0 reads and writes --out, logs and shows progress; a failure
-    before training, on any rank, stops every rank (:func:`usaf.distributed.run_agreed`).
+    before training, on any rank, stops every rank (:func:`usaf.train.distributed.run_agreed`).
     """
     t_start = time.perf_counter()
     d = distributed.init(cfg.device)

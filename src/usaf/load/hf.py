@@ -83,7 +83,7 @@ def check_model(model: str, trust_remote_code: bool = False):
     """Everything about ``--model`` that can be checked without reading weights: the directory, its
     config and family (dense / unknown models are refused), and, for a local directory, its safetensors
     files (present, inside the directory, complete). Returns the transformers config."""
-    from .families import UnsupportedModelError, family_for, supported
+    from ..engine.families import UnsupportedModelError, family_for, supported
 
     config = load_config(model, trust_remote_code)
     try:
@@ -128,7 +128,7 @@ def load_model(model: str, dtype=torch.bfloat16, device="cpu", trust_remote_code
 def _check_shards(p: Path) -> None:
     """The safetensors weights must exist and be complete; index entries must name files inside the
     directory (no absolute paths, no ``..``), so a crafted index cannot make usaf read elsewhere."""
-    from .io import check_safetensors
+    from ..io import check_safetensors
 
     index = p / "model.safetensors.index.json"
     if not index.exists():

@@ -212,7 +212,7 @@ def _load_config(model: Any, trust_remote_code: bool = False):
         config = _config_from_dict(data, str(p))
         config._name_or_path = str(p.resolve().parent)
         return config
-    from .loading import load_config
+    from ..load.hf import load_config
 
     return load_config(str(model), trust_remote_code)
 
@@ -224,7 +224,7 @@ def _config_from_dict(data: dict, where: str):
     if not model_type:
         raise ValueError(f"{where} has no model_type")
     if model_type not in CONFIG_MAPPING:
-        from .families import UnsupportedModelError, supported
+        from ..engine.families import UnsupportedModelError, supported
 
         raise UnsupportedModelError(
             f"model_type {model_type!r} is not known to transformers (usaf supports: {supported()})"
@@ -282,7 +282,7 @@ def count_model(model: Any, trust_remote_code: bool = False) -> ModelCounts:
         UnsupportedModelError: a dense model or an unknown MoE family (one line naming the supported ones).
         ValueError: an unreadable config.
     """
-    from .families import family_for
+    from ..engine.families import family_for
 
     config = _load_config(model, trust_remote_code)
     family_for(config)  # one-line error for dense / unknown models before building anything
@@ -302,8 +302,8 @@ def _count(config, trust_remote_code: bool) -> ModelCounts:
     from torch import nn
     from transformers import AutoModelForCausalLM
 
-    from .families import UnsupportedModelError, family_for, fused_experts, get_path
-    from .model import decoder_layers
+    from ..engine.families import UnsupportedModelError, family_for, fused_experts, get_path
+    from ..engine.model import decoder_layers
 
     fam = family_for(config)
     with torch.device("meta"):
@@ -478,7 +478,7 @@ def _check(s: Settings) -> None:
 
 def _train_range(spec: str, num_layers: int) -> tuple[range, str | None]:
     """``parse_layers`` with one leniency: ``top:N`` with N above the layer count means all layers."""
-    from .model import parse_layers
+    from ..engine.model import parse_layers
 
     spec = (spec or "all").strip()
     if spec.startswith("top:"):
@@ -576,10 +576,10 @@ def _padded(lc: LayerCounts, rows: int) -> int:
 
 def padded_rows(rows: int, experts: int) -> int:
     """Rows the expert kernel computes: each expert's rows are padded up to a multiple of the layer's block
-    (``usaf.experts.block_rows``). Routing is uneven, so the padding is averaged over per-expert counts
+    (``usaf.engine.experts.block_rows``). Routing is uneven, so the padding is averaged over per-expert counts
     spread +-50% around the mean ``rows / experts``."""
     try:
-        from .experts import _bucket, block_rows
+        from ..engine.experts import _bucket, block_rows
     except ImportError:  # no padding in this version of the hot path
         return rows
     block = block_rows(rows, experts)
@@ -614,7 +614,7 @@ def _logits_bytes(mc: ModelCounts, s: Settings, d: int, train: bool) -> int:
     """Inference: a forward's logits (B x T x V, compute dtype). Training uses the
     chunked LM-head loss (``usaf.loss``): one chunk of logits (compute dtype + fp32, and the gradient cast
     back) at a time, plus per-token log-sum-exp, the gathered hidden states and their gradient."""
-    from .loss import CHUNK_BYTES, MIN_ROWS
+    from ..engine.loss import CHUNK_BYTES, MIN_ROWS
 
     tokens = s.batch_size * s.seq_len
     if not train:
@@ -791,7 +791,7 @@ def _phase(mc: ModelCounts, s: Settings, train: bool) -> dict:
     # -- activations ----------------------------------------------------------------------------------
     span_layers = [mc.layers[i] for i in span]
     if train:
-        # Selection passes always run checkpointed (usaf.prefix.lean_passes); the steps when it is on.
+        # Selection passes always run checkpointed (usaf.memory.prefix.lean_passes); the steps when it is on.
         kept = sum(_layer_kept_lean(mc, lc, s, d) for lc in span_layers)
         lean = max(_layer_activations(mc, lc, s, d, attn, first=k == 0, preact=False)
                    for k, lc in enumerate(span_layers))
@@ -946,7 +946,7 @@ AUTO_CHECKPOINT_GAIN = 0.02
 
 
 def _checkpointing(mc: ModelCounts, s: Settings) -> bool:
-    """``usaf train``'s rule (``usaf.prefix.use_checkpointing`` asks this plan): ``auto`` is on when the
+    """``usaf train``'s rule (``usaf.memory.prefix.use_checkpointing`` asks this plan): ``auto`` is on when the
     predicted training-step peak with checkpointing is lower than without it by more than
     ``AUTO_CHECKPOINT_GAIN``, on the compute device (selection passes are checkpointed either way)."""
     if s.checkpointing != "auto":

@@ -28,13 +28,13 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
-from .config import UsafConfig
-from .experts import NAMES
-from .families import family_for, fused_experts, get_path
-from .io import atomic_save_safetensors
-from .model import UsafModel, decoder_layers, fingerprint, prepare, sample_index
-from .quant import QuantizedTensor, QuantSpec
-from .store import DenseStack
+from ..config import UsafConfig
+from ..engine.experts import NAMES
+from ..engine.families import family_for, fused_experts, get_path
+from ..engine.model import UsafModel, decoder_layers, fingerprint, prepare, sample_index
+from ..engine.quant import QuantizedTensor, QuantSpec
+from ..engine.store import DenseStack
+from ..io import atomic_save_safetensors
 from .tiers import choose_tier
 
 log = logging.getLogger("usaf")
@@ -308,7 +308,7 @@ def load_prepared(model: str, cfg: UsafConfig, dtype, device, trust_remote_code:
                   tier: str = "auto", device_memory=None, host_memory=None) -> UsafModel:
     """The one way usaf loads a model to train or evaluate: streamed for local safetensors checkpoints
     (quantized cache, tiers), ``from_pretrained`` + ``prepare`` otherwise (hub ids, remote code)."""
-    from .loading import _check_shards, load_config, load_model
+    from .hf import _check_shards, load_config, load_model
 
     family_for(load_config(model, trust_remote_code))
     p = Path(model)

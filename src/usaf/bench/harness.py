@@ -316,7 +316,7 @@ def _setup(method: str, cfg: dict, batches: list[dict]):
             return step, 0, info
         # The same activation-checkpointing choice `usaf train --checkpointing auto` makes, made (as there)
         # before selection, whose passes then run lean as well.
-        from usaf.prefix import enable_checkpointing, use_checkpointing
+        from ..memory.prefix import enable_checkpointing, use_checkpointing
 
         b0 = batches[0]
         info["checkpointing"] = use_checkpointing(handle, cfg.get("checkpointing", "auto"), b0["input_ids"].shape[0],
@@ -334,7 +334,7 @@ def _setup(method: str, cfg: dict, batches: list[dict]):
         opt = usaf.UsafOptimizer(handle, lr=2e-4, router_lr=5e-5)
         model.train()
 
-        from .loss import lm_loss
+        from ..engine.loss import lm_loss
 
         def step(b):  # usaf's training loss (as in `usaf train`): chunked LM head, no full logits tensor
             s, n = lm_loss(model, b, "cpu")
@@ -447,7 +447,7 @@ def baseline_env(method: str) -> dict:
 
 
 def _spawn(method: str, cfg: dict) -> subprocess.Popen:
-    cmd = [sys.executable, "-m", "usaf.bench", "_worker", method, json.dumps(cfg)]
+    cmd = [sys.executable, "-m", "usaf.bench.harness", "_worker", method, json.dumps(cfg)]
     env = baseline_env(method)
     if int(cfg.get("dnnl_cache", -1)) >= 0:
         env["ONEDNN_PRIMITIVE_CACHE_CAPACITY"] = str(cfg["dnnl_cache"])
@@ -613,7 +613,7 @@ def _main(argv: list[str]) -> int:
         rec = run_worker(argv[1], json.loads(argv[2]))
         print(RESULT_TAG + json.dumps(rec), flush=True)
         return 0
-    from .cli import main
+    from ..cli import main
 
     return main(["bench", *argv])
 

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .config import UsafConfig
+from ..config import UsafConfig
 from .delta import SparseDelta
 from .experts import NAMES, UsafExperts, llama4_block_forward
 from .families import Family, UnsupportedModelError, family_for, fused_experts, get_path, set_path
@@ -208,13 +208,13 @@ class UsafModel:
 
     def save_delta(self, path, **extra) -> None:
         """Write the delta file (safetensors): indices, values, routers, metadata."""
-        from .io import atomic_save_safetensors
+        from ..io import atomic_save_safetensors
 
         atomic_save_safetensors(self.delta_state(), path, metadata=self.delta_metadata(**extra))
 
     def load_delta(self, path, check_fingerprint: bool = True) -> dict[str, str]:
         """Load a delta file into this prepared model; refuses a delta made for another base."""
-        from .io import read_safetensors
+        from ..io import read_safetensors
 
         tensors, meta = read_safetensors(path)
         if meta.get("format") != "usaf-delta":
@@ -253,7 +253,7 @@ def prepare(model: nn.Module, config: UsafConfig | None = None, frozen: dict | N
     """Make a loaded transformers MoE model trainable with sparse expert deltas.
 
     Args:
-        model: a ``*ForCausalLM`` of a family in ``usaf.families.FAMILIES``.
+        model: a ``*ForCausalLM`` of a family in ``usaf.engine.families.FAMILIES``.
         config: engine settings; ``UsafConfig()`` defaults when omitted.
         frozen: ``{experts module name: {stack name: frozen stack}}`` built elsewhere (streamed loading);
             by default the stacks are taken from the model's own parameters.

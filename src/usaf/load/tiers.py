@@ -15,16 +15,16 @@ from concurrent.futures import ThreadPoolExecutor
 import psutil
 import torch
 
-from .model import UsafModel, compute_device, decoder_layers
+from ..engine.model import UsafModel, compute_device, decoder_layers
 
 log = logging.getLogger("usaf")
 
 
 def parse_bytes(text: str | int | None) -> int | None:
-    """``12GB``, ``12GiB``, ``512MB``, ``1024`` -> bytes (``usaf.plan.parse_memory``); empty -> None."""
+    """``12GB``, ``12GiB``, ``512MB``, ``1024`` -> bytes (``usaf.memory.plan.parse_memory``); empty -> None."""
     if text in (None, "", 0):
         return None
-    from .plan import parse_memory
+    from ..memory.plan import parse_memory
 
     return parse_memory(text)
 
@@ -111,8 +111,8 @@ class Prefetcher:
 
 def _pinned(stack):
     """The same frozen stack with its host tensors in page-locked memory."""
-    from .quant import QuantizedTensor
-    from .store import DenseStack
+    from ..engine.quant import QuantizedTensor
+    from ..engine.store import DenseStack
 
     if isinstance(stack, DenseStack):
         return DenseStack(stack.tensor.pin_memory())
