@@ -205,11 +205,11 @@ def main() -> None:
     import transformers  # noqa: F401 - imported before the runtime baseline, as in a training run
 
     import usaf
-    from usaf.data.load import Example
+    from usaf.data.examples import Example
+    from usaf.engine.loss import token_mean_loss
     from usaf.load.stream import ShardReader, cache_path, load_streamed
     from usaf.load.tiers import Prefetcher
     from usaf.memory.prefix import PrefixCache, first_trainable_layer, release_prefix
-    from usaf.train.recipe import loss_fn
 
     heap_runtime = heap_in_use()  # Python + torch + transformers imported: the plan's host "runtime" item
     d = Path(a.dir) / f"L{a.layers}"
@@ -239,7 +239,7 @@ def main() -> None:
         release_prefix(handle, start)
     prefix_s, peak_prefix = time.perf_counter() - t0, peak_mb()
 
-    from usaf.data.load import collate
+    from usaf.data.batches import collate
 
     def batch(k):
         rows = [examples[(k * a.batch_size + j) % len(examples)] for j in range(a.batch_size)]
@@ -255,7 +255,8 @@ def main() -> None:
             for p in model.parameters():
                 if not p.is_meta and p is not emb:
                     p.data = p.data.clone()
-    from usaf.memory.prefix import enable_checkpointing, use_checkpointing
+    from usaf.engine.checkpointing import enable_checkpointing
+    from usaf.memory.policy import use_checkpointing
 
     ckpt = use_checkpointing(handle, a.checkpointing, a.batch_size, a.seq_len)  # auto: usaf train's choice
     if ckpt:
@@ -263,7 +264,7 @@ def main() -> None:
     heap = HeapPeak(model).__enter__()
     heap_resident = heap_in_use()  # non-expert weights of the trainable range, prefix cache handle, data
     t0 = time.perf_counter()
-    usaf.select(handle, [batch(0)], loss_fn=loss_fn)
+    usaf.select(handle, [batch(0)], loss_fn=token_mean_loss)
     select_s = time.perf_counter() - t0
     peak_select = peak_mb()
     heap_select = heap.reset()

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from usaf.bench.harness import SPEED_METHODS, parse_extra, run_bench, table, targets
+from usaf.bench.speed import SPEED_METHODS, parse_extra, run_bench, table, targets
 
 # One small layer. jobs=0 runs the methods in the test process (one worker process costs ~5 s of imports);
 # test_workers covers the one-process-per-method path. Timings mean nothing here.

@@ -11,16 +11,10 @@ import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
 
-from usaf.data.load import (
-    IGNORE_INDEX,
-    Batches,
-    DataError,
-    Example,
-    collate,
-    load_examples,
-    split_eval,
-    token_weighted_loss,
-)
+from usaf.data.batches import Batches, collate, split_eval
+from usaf.data.examples import IGNORE_INDEX, DataError, Example
+from usaf.data.load import load_examples
+from usaf.engine.loss import token_weighted_loss
 
 SPECIALS = ["<pad>", "<s>", "</s>", "<|im_start|>", "<|im_end|>"]
 CORPUS = [

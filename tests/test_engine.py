@@ -91,6 +91,38 @@ def test_values_and_router_gradients_equal_dense_autograd(family, gather_cost, m
         torch.testing.assert_close(p.grad, _stock_param(ref, key).grad, rtol=1e-4, atol=1e-7)
 
 
+@pytest.mark.parametrize("family", ["qwen3_moe", "gpt_oss", "llama4_text"])
+def test_fused_experts_equal_the_dense_reference(family):
+    """ExpertsFunction (blocks, padding, fused gather/scatter) against engine/reference.py: outputs, input and
+    routing-weight gradients, and the delta values' gradients read from the dense weight gradients."""
+    from usaf.engine.reference import reference_experts
+
+    _, _, handle = _prepared(family)
+    _random_deltas(handle)
+    ex = handle.layers[-1].experts
+    g = torch.Generator().manual_seed(3)
+    T, K, E = 40, 2, ex.num_experts
+    x = torch.randn(T, ex.shape("down_proj")[2 if ex.transposed else 1], generator=g, requires_grad=True)
+    idx = torch.stack([torch.randperm(E, generator=g)[:K] for _ in range(T)])
+    w = torch.rand(T, K, generator=g, requires_grad=True)
+    on_input = family == "llama4_text"
+    out = ex(x, idx, w, score_on_input=on_input) if on_input else ex(x, idx, w)
+    gu = effective_weight(handle.layers[-1], "gate_up_proj", torch.float32).requires_grad_(True)
+    dn = effective_weight(handle.layers[-1], "down_proj", torch.float32).requires_grad_(True)
+    x2, w2 = x.detach().clone().requires_grad_(True), w.detach().clone().requires_grad_(True)
+    ref = reference_experts(x2, idx, w2, gu, dn, ex._gate, ex.transposed, ex.gate_up_bias, ex.down_bias,
+                            score_on_input=on_input)
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-6)
+    dy = torch.randn(T, x.shape[1], generator=g)
+    out.backward(dy)
+    ref.backward(dy)
+    torch.testing.assert_close(x.grad, x2.grad, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(w.grad, w2.grad, rtol=1e-5, atol=1e-6)
+    for name, dense in (("gate_up_proj", gu.grad), ("down_proj", dn.grad)):
+        d = ex.deltas[name]
+        torch.testing.assert_close(d.values.grad, dense.reshape(-1)[d.indices.long()], rtol=1e-4, atol=1e-6)
+
+
 @pytest.mark.parametrize("family", FAMILIES)
 def test_quantized_base_error_bound(family):
     stock, model, handle = _prepared(family, quant="4bit")
@@ -186,7 +218,7 @@ def test_reselection_keeps_budget_values_and_moments():
         opt.zero_grad()
     before = {}
     for key, d in handle.deltas().items():
-        st = opt.opt.state[d.values]
+        st = opt.state_of(d.values)
         for i, v, m1, m2 in zip(d.indices.tolist(), d.values.tolist(), st["exp_avg"].tolist(),
                                 st["exp_avg_sq"].tolist()):
             before[(key, i)] = (v, m1, m2)
@@ -194,7 +226,7 @@ def test_reselection_keeps_budget_values_and_moments():
     assert r["grown"] > 0 and handle.active() == rep["active"]
     kept = grown = 0
     for key, d in handle.deltas().items():
-        st = opt.opt.state[d.values]
+        st = opt.state_of(d.values)
         for j, i in enumerate(d.indices.tolist()):
             now = (d.values[j].item(), st["exp_avg"][j].item(), st["exp_avg_sq"][j].item())
             if (key, i) in before:
@@ -292,11 +324,11 @@ def test_train_layers_range_freezes_the_rest():
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_activation_checkpointing_gives_the_same_gradients(family, monkeypatch):
-    """Lean checkpointing (usaf.memory.prefix.enable_checkpointing) gives the gradients of a plain backward,
+    """Lean checkpointing (usaf.engine.checkpointing.enable_checkpointing) gives the gradients of a plain backward,
     router included; where nothing after the experts saves a tensor, the layer recomputation stops
     at the router, so the experts' forward runs once per layer."""
     from usaf.engine import experts as ex
-    from usaf.memory.prefix import enable_checkpointing
+    from usaf.engine.checkpointing import enable_checkpointing
 
     _, model, handle = _prepared(family)
     _random_deltas(handle, frac=0.01)
@@ -307,7 +339,7 @@ def test_activation_checkpointing_gives_the_same_gradients(family, monkeypatch):
     for p in params:
         p.grad = None
     enable_checkpointing(handle)
-    assert all(not m.experts.save_preact for m in handle.layers)
+    assert all(m.experts.mode.lean for m in handle.layers)
     calls = []
     fwd = ex.ExpertsFunction.forward
     monkeypatch.setattr(ex.ExpertsFunction, "forward", staticmethod(lambda *a: calls.append(1) or fwd(*a)))
@@ -330,7 +362,7 @@ def test_top_candidates_threshold_path_equals_topk():
 
 
 def test_routing_pads_each_expert_to_whole_blocks():
-    from usaf.engine.experts import Routing, block_rows
+    from usaf.engine.routing import Routing, block_rows
 
     assert block_rows(2048, 16) == 128 and block_rows(8192, 64) == 128 and block_rows(4096, 128) == 32
     assert block_rows(10, 64) == 16 and block_rows(1 << 20, 8) == 256
@@ -351,7 +383,7 @@ def test_no_backward_below_the_trainable_range_after_checkpointed_selection(monk
     stops at the lowest trainable layer (transformers' checkpointing would make the embeddings require
     grad, running the backward of every frozen layer)."""
     from usaf.engine import experts as ex
-    from usaf.memory.prefix import enable_checkpointing
+    from usaf.engine.checkpointing import enable_checkpointing
 
     _, model, handle = _prepared("qwen3_moe", train_layers="top:1")
     usaf.select(handle, [{"input_ids": IDS, "labels": IDS}])

@@ -11,7 +11,8 @@ from safetensors import safe_open
 
 import usaf
 from usaf.cli import main
-from usaf.export.hf import export_hf, load_run
+from usaf.export.hf import export_hf
+from usaf.export.layout import load_run
 from usaf.load.hf import load_model
 from usaf.testing import FAMILIES, PER_EXPERT_FAMILIES, save_tiny_checkpoint
 

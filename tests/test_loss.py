@@ -6,8 +6,8 @@ import pytest
 import torch
 
 import usaf
-from usaf.data.load import token_weighted_loss
 from usaf.engine import loss as L
+from usaf.engine.loss import token_weighted_loss
 from usaf.testing import FAMILIES, make_tiny_model
 
 IDS = torch.randint(6, 300, (2, 12), generator=torch.Generator().manual_seed(3))

@@ -9,7 +9,11 @@ import pytest
 import torch
 
 from usaf.engine.families import UnsupportedModelError
-from usaf.memory import plan
+from usaf.memory import plan, sizes
+from usaf.memory.counts import count_model
+from usaf.memory.phase import AUTO_CHECKPOINT_GAIN
+from usaf.memory.report import format_plan
+from usaf.units import parse_memory
 
 # Qwen/Qwen3-30B-A3B config.json (the fields that matter; published: 30.5 B total, 3.3 B active).
 QWEN3_30B = {
@@ -50,19 +54,19 @@ def qwen8(qwen_dir):
 
 
 def test_parse_memory():
-    assert plan.parse_memory("12GB") == 12 * 10**9
-    assert plan.parse_memory("12GiB") == 12 * 2**30
-    assert plan.parse_memory("512MB") == 512 * 10**6
-    assert plan.parse_memory("1.5 tb") == 1_500_000_000_000
-    assert plan.parse_memory("4096") == 4096
+    assert parse_memory("12GB") == 12 * 10**9
+    assert parse_memory("12GiB") == 12 * 2**30
+    assert parse_memory("512MB") == 512 * 10**6
+    assert parse_memory("1.5 tb") == 1_500_000_000_000
+    assert parse_memory("4096") == 4096
     for bad in ("12XB", "", "GB", "-1GB", "0GB", "twelve", "12 G B"):
         with pytest.raises(ValueError) as e:
-            plan.parse_memory(bad, "--device-memory")
+            parse_memory(bad, "--device-memory")
         assert "\n" not in str(e.value) and "--device-memory" in str(e.value)
 
 
 def test_qwen3_30b_counts(qwen_dir):
-    mc = plan.count_model(qwen_dir / "config.json")  # a config.json path works like its directory
+    mc = count_model(qwen_dir / "config.json")  # a config.json path works like its directory
     kinds = mc.by_kind()
     assert abs(kinds["total"] - 30.5e9) / 30.5e9 < 0.01
     assert abs(kinds["active"] - 3.3e9) / 3.3e9 < 0.05
@@ -72,7 +76,7 @@ def test_qwen3_30b_counts(qwen_dir):
     assert kinds["shared_experts"] == 0
     assert mc.top_k == 8 and mc.num_layers == 48 and len(mc.moe_layers) == 48
     # 4-bit g64 = 4.5 bits per weight
-    assert plan.layer_expert_bytes(mc.layers[0], "4bit", 64, 2) == 128 * 3 * 2048 * 768 * 9 // 16
+    assert sizes.layer_expert_bytes(mc.layers[0], "4bit", 64, 2) == 128 * 3 * 2048 * 768 * 9 // 16
 
 
 def test_qwen3_8gb_fits_and_streams_frozen_experts(qwen8):
@@ -105,7 +109,7 @@ def test_qwen3_1gb_does_not_fit_and_suggests(qwen_dir):
     assert not r["fits"]
     assert r["train"]["problems"] and r["suggestions"]
     assert r["min_budget_bytes"] > 1 * GB
-    text = plan.format_plan(r)
+    text = format_plan(r)
     assert "DOES NOT FIT" in text and "try:" in text
 
 
@@ -149,7 +153,7 @@ def test_layout_options_move_peaks_the_right_way(qwen_dir):
         auto = plan.predict(qwen_dir, **extra, **kw)["train"]["checkpointing"]
         on, off = (plan.predict(qwen_dir, checkpointing=c, **extra, **kw)["train_peak_device_bytes"]
                    for c in ("on", "off"))
-        assert auto == ("on" if on < (1 - plan.AUTO_CHECKPOINT_GAIN) * off else "off")
+        assert auto == ("on" if on < (1 - AUTO_CHECKPOINT_GAIN) * off else "off")
     assert plan.predict(qwen_dir, seq_len=2048, batch_size=4, **kw)["train"]["checkpointing"] == "on"
     assert plan.predict(qwen_dir, train_layers="top:1", seq_len=16, **kw)["train"]["checkpointing"] == "off"
     assert resident["train_peak_device_bytes"] > base["train_peak_device_bytes"] + 10 * GB
@@ -230,7 +234,7 @@ def test_tiny_families_plan(family):
         r = plan.predict(tiny_config(family), device_memory="2GB", host_memory="4GB", device=device)
         assert r["fits"], r["train"]["problems"] + r["infer"]["problems"]
         assert r["model"]["params"]["experts"] > 0 and r["train"]["active_elements"] > 0
-        plan.format_plan(r)
+        format_plan(r)
 
 
 # ---------------------------------------------------------------------------------------------- accuracy
@@ -275,8 +279,8 @@ def test_prediction_matches_live_tensor_peak():
     from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM
 
     import usaf
+    from usaf.engine.checkpointing import enable_checkpointing
     from usaf.engine.loss import lm_loss
-    from usaf.memory.prefix import enable_checkpointing
 
     conf = Qwen3MoeConfig(
         vocab_size=2048,
@@ -318,7 +322,7 @@ def test_prediction_matches_live_tensor_peak():
     def measure(fn) -> int:
         ts = list(model.parameters()) + list(model.buffers()) + opt.masters
         ts += [t for m in handle.layers for st in m.experts.frozen.values() for t in st.tensors().values()]
-        ts += [t for st in opt.opt.state.values() for t in st.values() if isinstance(t, torch.Tensor)]
+        ts += [t for p in opt.values + opt.masters for t in opt.state_of(p).values() if isinstance(t, torch.Tensor)]
         held = _storages(ts)
         with _LiveTensors(set(held)) as mode:
             fn()

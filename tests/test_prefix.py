@@ -7,7 +7,7 @@ import torch
 
 import usaf
 from usaf.cli import main
-from usaf.memory.prefix import prefix_hidden, suffix_logits, suffix_matches
+from usaf.engine.forward import prefix_hidden, suffix_logits, suffix_matches
 from usaf.testing import FAMILIES, make_tiny_model, save_tiny_checkpoint
 
 IDS = torch.randint(6, 320, (2, 16), generator=torch.Generator().manual_seed(1))

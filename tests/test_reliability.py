@@ -25,12 +25,11 @@ from safetensors.torch import load_file
 
 from usaf import io
 from usaf.cli import main
-from usaf.load import hf as loading
+from usaf.engine.optim import LossScaler
 from usaf.testing import save_tiny_checkpoint
 from usaf.train import checkpoint
 from usaf.train import recipe as trainer
 
-SRC = Path(__file__).resolve().parents[1] / "src" / "usaf"
 WORDS = "the quick brown fox jumps over the lazy dog while a small cat sleeps in the warm sun".split()
 MESSAGES: list[tuple[str, str]] = []  # (case, what happened), for docs/reliability.md
 
@@ -291,15 +290,15 @@ def test_non_finite_steps_are_skipped_and_too_many_stop_with_checkpoint(env, tmp
     rows += [{"prompt": " ".join(WORDS * 3), "completion": " ok."}]
     data = _write(tmp_path / "pc.jsonl", rows)
     calls = {"n": 0}
-    real = trainer._micro_loss
+    real = trainer.token_mean_loss
     nan_steps = {2, 4, 5, 6}  # call 1 is the selection batch (--score-layers 64: one pass), call k + 1 is step k
 
     def nan_loss(*a, **k):
         calls["n"] += 1
-        loss, s = real(*a, **k)
-        return (loss * float("nan"), float("nan")) if calls["n"] - 1 in nan_steps else (loss, s)
+        loss = real(*a, **k)
+        return loss * float("nan") if calls["n"] - 1 in nan_steps else loss
 
-    monkeypatch.setattr(trainer, "_micro_loss", nan_loss)
+    monkeypatch.setattr(trainer, "token_mean_loss", nan_loss)
     out = tmp_path / "nan"
     argv = _args(env, out, "--data", str(data), "--max-skips", "3", "--reselect-every", "0", "--save-every", "0",
                  "--score-layers", "64", steps=10)
@@ -323,7 +322,7 @@ def test_non_finite_steps_are_skipped_and_too_many_stop_with_checkpoint(env, tmp
 
 
 def test_loss_scaler_logic():
-    s = trainer.LossScaler(enabled=True, init_scale=8.0, growth_interval=2)
+    s = LossScaler(enabled=True, init_scale=8.0, growth_interval=2)
     assert float(s.scale_loss(torch.tensor(1.5))) == 12.0
     g = [torch.tensor([8.0, -16.0]), torch.tensor([4.0])]
     assert s.unscale_(g) and g[0].tolist() == [1.0, -2.0] and g[1].tolist() == [0.5]
@@ -334,10 +333,10 @@ def test_loss_scaler_logic():
     s.update(True)
     assert s.scale == 8.0 and s.good_steps == 0
     s.update(True)
-    t = trainer.LossScaler(enabled=True)
+    t = LossScaler(enabled=True)
     t.load_state_dict(json.loads(json.dumps(s.state_dict())))
     assert (t.scale, t.good_steps) == (8.0, 1)
-    off = trainer.LossScaler(enabled=False)
+    off = LossScaler(enabled=False)
     x = torch.tensor([3.0])
     assert off.scale_loss(x) is x and off.unscale_([x]) and x.item() == 3.0
     with pytest.raises(TypeError):
@@ -351,23 +350,21 @@ def test_loss_scaler_unscales_delta_and_router_gradients():
     from usaf.engine.optim import UsafOptimizer
     from usaf.testing import make_tiny_model
 
-    def setup():
+    def setup(scaler):
         model = make_tiny_model("qwen3_moe", seed=0, dtype=torch.bfloat16)
         handle = prepare(model, UsafConfig(quant="none", density=0.05))
         for d in handle.deltas().values():
             d.set(torch.arange(0, d.numel, 37), torch.full((len(range(0, d.numel, 37)),), 0.01))
-        return model, handle, UsafOptimizer(handle, lr=0.01, router_lr=0.01)
+        return model, handle, UsafOptimizer(handle, lr=0.01, router_lr=0.01, scaler=scaler)
 
     ids = torch.randint(0, 300, (2, 12), generator=torch.Generator().manual_seed(0))
     grads, routers = [], []
     for scale in (None, 2.0**12):
-        model, handle, opt = setup()
+        model, handle, opt = setup(LossScaler(enabled=scale is not None, init_scale=scale or 1.0))
         loss = model(input_ids=ids, labels=ids).loss
-        scaler = trainer.LossScaler(enabled=scale is not None, init_scale=scale or 1.0)
-        scaler.scale_loss(loss).backward()
+        opt.scale_loss(loss).backward()
         assert any(m is not p for m, p in zip(opt.masters, opt.routers))
-        stepped, finite = trainer._apply_step(opt, scaler, float(loss.detach()))
-        assert stepped and finite
+        assert opt.step(float(loss.detach()))
         grads.append([g.clone() for g in [v.grad for v in opt.values] + [m.grad for m in opt.masters]])
         routers.append([p.detach().clone() for p in opt.routers])
     assert len(grads[0]) == len(grads[1]) > 0
@@ -377,7 +374,7 @@ def test_loss_scaler_unscales_delta_and_router_gradients():
         assert torch.equal(a, b)
 
 
-class _HotScaler(trainer.LossScaler):
+class _HotScaler(LossScaler):
     """Starts far too high (every fp16 backward overflows), backs off fast and grows every 2 steps."""
 
     def __init__(self, enabled):
@@ -631,7 +628,10 @@ def test_overwrite_replaces_only_the_previous_runs_files(env, tmp_path, monkeypa
         (out / "checkpoints" / "step-0000100" / f).write_text("{}")
     for f in ("config.yaml", "log.jsonl", "metrics.json", "notes.txt"):
         (out / f).write_text("old\n")
-    monkeypatch.setattr(trainer, "_run", lambda *a, **k: {})
+    # stop right after --out is prepared: no selection, no training, no outputs
+    monkeypatch.setattr(trainer.Recipe, "load_checkpoint", lambda self: True)
+    monkeypatch.setattr(trainer.Recipe, "train_loop", lambda self: None)
+    monkeypatch.setattr(trainer.Recipe, "finish", lambda self, t: {})
     from usaf.cli import _train_config, build_parser
 
     trainer.train(_train_config(build_parser().parse_args(_args(env, out, "--overwrite"))))
@@ -655,19 +655,53 @@ def test_bad_input_in_a_subprocess_exit_code_no_traceback(env, tmp_path):
 # ---------------------------------------------------------------------------------------------------------
 
 
-def test_no_pickle_loading_and_no_remote_code_by_default():
-    for f in SRC.glob("*.py"):
-        text = f.read_text()
-        assert "torch.load(" not in text and "pickle.load" not in text and "weights_only=False" not in text, f
-        for m in re.finditer(r"trust_remote_code: bool = (?:_f\()?(\w+)", text):
-            assert m.group(1) == "False", f
-    import inspect
+def _pickle_delta(tmp):
+    class Evil:
+        def __reduce__(self):
+            return (open, (str(tmp / "PWNED"), "w"))
 
-    assert "use_safetensors=True" in inspect.getsource(loading.load_model)
-    from usaf.cli import build_parser
-    from usaf.config import TrainConfig
+    p = tmp / "evil.safetensors"
+    p.write_bytes(pickle.dumps({"w": Evil()}))
+    return p
 
-    assert TrainConfig().trust_remote_code is False
-    p = build_parser()
-    for cmd in (["eval", "--model", "m", "--data", "d"], ["generate", "--model", "m", "--prompt", "p"]):
-        assert p.parse_args(cmd).trust_remote_code is False
+
+def test_pickle_files_are_refused_everywhere(env, ref, tmp_path, capsys):
+    """A pickle where usaf expects weights, a delta or a checkpoint is refused with one line, by every
+    command, and never unpickled (its payload would create PWNED)."""
+    model = _pickle_only(env, tmp_path)
+    evil = _pickle_delta(tmp_path)
+    data = str(env.data)
+    cases = [
+        (["eval", "--model", str(model), "--data", data], "pickle files are never loaded"),
+        (["generate", "--model", str(model), "--prompt", "hi"], "pickle files are never loaded"),
+        (["eval", "--model", str(env.ckpt), "--delta", str(evil), "--data", data], "not a safetensors file"),
+        (["generate", "--model", str(env.ckpt), "--delta", str(evil), "--prompt", "hi"], "not a safetensors file"),
+        (["export", str(evil), "--base", str(env.ckpt), "--out", str(tmp_path / "x")], "safetensors"),
+        (["apply", "--model", str(env.ckpt), "--delta", str(evil), "--out", str(tmp_path / "y")], "safetensors"),
+        (["apply", "--model", str(model), "--delta", str(ref / "delta.safetensors"), "--out", str(tmp_path / "z")],
+         "safetensors"),
+    ]
+    for argv, expect in cases:
+        _fails(argv, capsys, expect)
+    # a pickle planted as the newest checkpoint's state: resume skips it as unreadable, never unpickles it
+    run = shutil.copytree(ref, tmp_path / "run")
+    newest = sorted((run / "checkpoints").glob("step-*"))[-1]
+    (newest / "state.safetensors").write_bytes(evil.read_bytes())
+    assert main(_args(env, run, "--resume", str(run))) == 0
+    assert not (tmp_path / "PWNED").exists()
+
+
+def test_remote_code_runs_only_when_asked(env, tmp_path, capsys):
+    """A checkpoint whose config needs its own Python code: refused by every command, its code not run;
+    with --trust-remote-code the code runs (and the custom, dense model is then refused as such)."""
+    model = _remote_code(env, tmp_path)
+    pwned = tmp_path / "PWNED"
+    for argv in (_args(env, tmp_path / "o", "--model", str(model), steps=1),
+                 ["eval", "--model", str(model), "--data", str(env.data)],
+                 ["generate", "--model", str(model), "--prompt", "hi"],
+                 ["inspect", "--model", str(model)],
+                 ["plan", "--model", str(model), "--device", "cpu"]):
+        _fails(argv, capsys, "needs to run its own Python code.*--trust-remote-code")
+        assert not pwned.exists()
+    _fails(["inspect", "--model", str(model), "--trust-remote-code"], capsys, "custom_moe")
+    assert pwned.exists()

@@ -39,7 +39,7 @@ def test_interrupt_then_resume_is_bitwise_identical(setup, tmp_path, monkeypatch
 
     # SIGINT during step 5 (calls: 4 selection batches, all layers in one pass; steps 1-3, 1 reselection batch, steps 4, 5).
     calls = {"n": 0}
-    real = trainer._micro_loss
+    real = trainer.token_mean_loss
 
     def interrupting(*a, **k):
         calls["n"] += 1
@@ -47,9 +47,9 @@ def test_interrupt_then_resume_is_bitwise_identical(setup, tmp_path, monkeypatch
             os.kill(os.getpid(), signal.SIGINT)
         return real(*a, **k)
 
-    monkeypatch.setattr(trainer, "_micro_loss", interrupting)
+    monkeypatch.setattr(trainer, "token_mean_loss", interrupting)
     assert main(_args(ckpt, data, tmp_path / "b")) == 130
-    monkeypatch.setattr(trainer, "_micro_loss", real)
+    monkeypatch.setattr(trainer, "token_mean_loss", real)
     assert len(_losses(tmp_path / "b")) == 5
     assert main(_args(ckpt, data, tmp_path / "b", "--resume", str(tmp_path / "b"))) == 0
 

@@ -13,7 +13,32 @@ import sys
 from dataclasses import MISSING, fields
 from pathlib import Path
 
+import torch
+import transformers
+import yaml
+from torch.distributed import run as torchrun
+from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+
+from .bench.quality import run_quality
+from .bench.speed import run_bench
 from .config import TrainConfig, UsafConfig, from_dict
+from .data.batches import Batches
+from .data.load import load_examples
+from .demo import run_demo
+from .export.delta import apply_delta, export_delta
+from .export.gguf import export_gguf
+from .export.hf import export_hf
+from .export.layout import NAMED_DTYPES, load_run
+from .export.reference import BASE_WEIGHTS, DEFAULT_BASE_WEIGHTS
+from .load.inspect import inspect_model
+from .memory.plan import predict
+from .memory.report import format_plan, json_safe
+from .memory.sizes import DTYPE_BYTES, QUANTS
+from .train.distributed import PeerFailed
+from .train.evaluate import evaluate
+from .train.generate import generate
+from .train.recipe import train
+from .train.trained import load_trained
 
 USER_ERRORS: tuple[type[BaseException], ...] = (ValueError, FileNotFoundError, NotADirectoryError,
                                                  PermissionError, KeyError)
@@ -33,8 +58,6 @@ def _add_dataclass_flags(p: argparse.ArgumentParser, cls, skip=()) -> None:
 
 
 def _train_config(args: argparse.Namespace) -> TrainConfig:
-    import yaml
-
     data: dict = {}
     if getattr(args, "config", None):
         try:
@@ -62,6 +85,7 @@ def _train_config(args: argparse.Namespace) -> TrainConfig:
     return cfg
 
 
+# ------------------------------------------------------------------------------------------------ commands
 def cmd_train(args) -> int:
     nproc = getattr(args, "nproc", None)
     if nproc is not None:
@@ -71,7 +95,6 @@ def cmd_train(args) -> int:
             raise ValueError("--nproc cannot be used in a process launched by torchrun")
         if nproc > 1:
             return _launch(_without_nproc(args.argv), nproc)
-    from .train.recipe import train
 
     rank = int(os.environ.get("RANK", "0"))
     cfg = _train_config(args)
@@ -82,8 +105,6 @@ def cmd_train(args) -> int:
         return 0
     # Ranks > 0 of a torchrun launch: rank 0 reports the run and the errors every rank stopped on; an error
     # of this rank alone is printed with its rank.
-    from .train.distributed import PeerFailed
-
     try:
         train(cfg)
     except PeerFailed:
@@ -114,9 +135,6 @@ def _without_nproc(argv: list[str]) -> list[str]:
 def _launch(argv: list[str], nproc: int) -> int:
     """Run ``usaf <argv>`` on ``nproc`` local processes through torchrun (``torch.distributed.run``); exit code
     2 when the ranks stopped on a user error (rank 0 printed it)."""
-    from torch.distributed import run as torchrun
-    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
-
     targs = torchrun.parse_args(["--standalone", "--nproc-per-node", str(nproc), "--module", "usaf", *argv])
     # The ranks print their own errors; torchrun's per-failure log lines would only repeat them.
     quiet = [lg for name, lg in logging.root.manager.loggerDict.items()
@@ -141,40 +159,8 @@ def _launch(argv: list[str], nproc: int) -> int:
     return 0
 
 
-def _load_prepared(model: str, delta: str | None, device: str, dtype: str, trust_remote_code: bool):
-    from safetensors import safe_open
-
-    from .load.hf import load_model, load_tokenizer, resolve_device, resolve_dtype
-    from .load.stream import load_prepared
-
-    dev = resolve_device(device)
-    tok = load_tokenizer(model, trust_remote_code)
-    if not delta:
-        m = load_model(model, dtype=resolve_dtype(dtype, dev), device=dev, trust_remote_code=trust_remote_code)
-    else:
-        if not Path(delta).exists():
-            raise FileNotFoundError(f"delta file not found: {delta}")
-        try:
-            with safe_open(delta, "pt") as f:
-                meta = f.metadata() or {}
-        except Exception:
-            raise ValueError(f"{delta} is not a safetensors file") from None
-        if meta.get("format") != "usaf-delta":
-            raise ValueError(f"{delta} is not a usaf delta file")
-        cfg = UsafConfig(quant=meta.get("quant", "none"), group_size=int(meta.get("group_size", 64)),
-                         train_layers=meta.get("train_layers", "all"), density=float(meta.get("density", 0.005)),
-                         train_router=meta.get("train_router", "True") == "True")
-        handle = load_prepared(model, cfg, resolve_dtype(dtype, dev), dev, trust_remote_code)
-        handle.load_delta(delta)
-        m = handle.model
-    return m, tok, dev
-
-
 def cmd_eval(args) -> int:
-    from .data.load import Batches, load_examples
-    from .train.evaluate import evaluate
-
-    m, tok, dev = _load_prepared(args.model, args.delta, args.device, args.dtype, args.trust_remote_code)
+    m, tok, dev = load_trained(args.model, args.delta, args.device, args.dtype, args.trust_remote_code)
     examples, _ = load_examples(args.data, tok, args.seq_len)
     pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
     res = evaluate(m, Batches(examples, args.batch_size, shuffle=False, pad_id=pad), dev)
@@ -186,35 +172,79 @@ def cmd_eval(args) -> int:
 
 
 def cmd_generate(args) -> int:
-    from .train.generate import generate
-
-    m, tok, dev = _load_prepared(args.model, args.delta, args.device, args.dtype, args.trust_remote_code)
+    m, tok, dev = load_trained(args.model, args.delta, args.device, args.dtype, args.trust_remote_code)
     print(generate(m, tok, args.prompt, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                    seed=args.seed))
     return 0
 
 
 def cmd_inspect(args) -> int:
-    from .load.inspect import inspect_model
-
     report = inspect_model(args.model, density=args.density, trust_remote_code=args.trust_remote_code)
     print(json.dumps(report, indent=2) if args.json else report["text"])
     return 0
 
 
 def cmd_demo(args) -> int:
-    from .demo import run_demo
-
     run_demo(out=args.out, steps=args.steps, quiet=args.quiet)
     return 0
 
 
 def cmd_bench(args) -> int:
-    from .bench.harness import run_bench
-
+    if args.name == "quality":
+        return run_quality(args.json, args.quick, args.extra)
     return run_bench(args.name, json_path=args.json, quick=args.quick, extra=args.extra)
 
 
+def cmd_plan(args: argparse.Namespace) -> int:
+    """``usaf plan``: prints the table (or JSON); exit code 0 (also when it does not fit)."""
+    r = predict(
+        args.model,
+        seq_len=args.seq_len,
+        batch_size=args.batch_size,
+        density=args.density,
+        train_layers=args.train_layers,
+        quant=args.quant,
+        dtype=args.dtype,
+        device_memory=args.device_memory,
+        host_memory=args.host_memory,
+        device=args.device,
+        chunk_mb=args.chunk_mb,
+        attn=args.attn,
+        checkpointing=args.checkpointing,
+        prefix_cache=args.prefix_cache,
+        trust_remote_code=args.trust_remote_code,
+    )
+    print(json.dumps(json_safe(r), indent=2) if args.json else format_plan(r))
+    return 0
+
+
+def cmd_export(args) -> int:
+    run = load_run(args.run, args.base, args.train_dtype)
+    check = not args.no_check
+    if args.format == "hf":
+        r = export_hf(run, args.out, args.base_weights, args.overwrite, check)
+        print(f"wrote {r['out']} ({r['shards']} shard(s), {r['touched_tensors']} tensors patched, base weights "
+              f"{r['base_weights']})" + (f"; reload check ok (max rel. logit error {r['check_error']:.1e})"
+                                         if "check_error" in r else ""))
+    elif args.format == "delta":
+        r = export_delta(run, args.out, args.overwrite, check)
+        print(f"wrote {r['out']}: {r['bytes'] / 1e6:.3f} MB for {r['active']:,} active elements "
+              f"({r['mb_per_million_active']:.2f} MB per million active elements, originals included)")
+    else:
+        r = export_gguf(run, args.out, args.type, args.base_weights, args.overwrite, check, args.tokenizer_pre)
+        print(f"wrote {r['out']} ({r['arch']}, {r['type']}, {r['tensors']} tensors); check: {r['check']}")
+    return 0
+
+
+def cmd_apply(args) -> int:
+    r = apply_delta(args.model, args.delta, args.out, args.revert, args.overwrite, not args.no_check)
+    verb = "reverted" if r["revert"] else "applied"
+    print(f"{verb} {args.delta} -> {r['out']} ({r['touched_tensors']} tensors patched)"
+          + ("" if args.no_check else "; reload check ok"))
+    return 0
+
+
+# ------------------------------------------------------------------------------------------------ parsing
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="usaf", description="Ultra-sparse fine-tuning of MoE language models.")
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -272,17 +302,82 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("extra", nargs="*", help="benchmark-specific key=value settings")
     b.set_defaults(func=cmd_bench)
 
-    from .memory.plan import add_parser as _plan; _plan(sub)  # noqa: E702, I001
-    from .export.hf import add_parsers; add_parsers(sub)  # noqa: E702, I001
+    _plan_parser(sub)
+    _export_parsers(sub)
     return p
+
+
+def _plan_parser(sub) -> None:
+    q = sub.add_parser(
+        "plan",
+        help="predict peak memory of inference and training, and where each part goes",
+        description="Predict peak device/host memory of inference and of one training step from "
+        "config.json alone, with a device/host/disk placement; says what to change "
+        "when it does not fit. Sizes: 12GB = 12*10^9 bytes, 12GiB = 12*2^30.",
+    )
+    q.add_argument("--model", required=True, help="checkpoint directory, path to a config.json, or a hub id")
+    q.add_argument("--device-memory", help="device budget, e.g. 12GB (required unless --device cpu)")
+    q.add_argument("--host-memory", help="host RAM budget (default: this machine's RAM)")
+    q.add_argument("--seq-len", type=int, default=512)
+    q.add_argument("--batch-size", type=int, default=1)
+    q.add_argument("--density", type=float, default=0.005)
+    q.add_argument("--train-layers", default="top:8", help="all | top:N | a-b (default: top:8)")
+    q.add_argument("--quant", default="4bit", choices=QUANTS)
+    q.add_argument("--dtype", default="bf16", choices=tuple(DTYPE_BYTES))
+    q.add_argument("--device", default="cuda", help="cuda (any accelerator) or cpu (default: cuda)")
+    q.add_argument("--chunk-mb", type=int, default=256, help="dequantized expert weights per run, MB")
+    q.add_argument(
+        "--attn", choices=("eager", "sdpa"), help="attention implementation (default: the config's)"
+    )
+    q.add_argument(
+        "--checkpointing",
+        default="auto",
+        choices=("auto", "on", "off"),
+        help="activation checkpointing at layer boundaries, as in usaf train (default: auto = on "
+        "when it lowers the predicted training peak by more than 2%%)",
+    )
+    q.add_argument(
+        "--prefix-cache",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="layers below the trainable range are cached hidden states, not resident (default: on)",
+    )
+    q.add_argument("--json", action="store_true", help="print the full prediction as JSON")
+    q.add_argument("--trust-remote-code", action="store_true")
+    q.set_defaults(func=cmd_plan)
+
+
+def _export_parsers(sub) -> None:
+    x = sub.add_parser("export", help="export a trained delta: full checkpoint (hf), revertible delta file, GGUF")
+    x.add_argument("run", help="training output directory (delta.safetensors + config.yaml) or a delta file")
+    x.add_argument("--format", choices=("hf", "delta", "gguf"), default="hf")
+    x.add_argument("--out", required=True, help="output directory (hf) or file (delta, gguf)")
+    x.add_argument("--base", help="base checkpoint directory (default: the model named in the run's config.yaml)")
+    x.add_argument("--base-weights", choices=BASE_WEIGHTS, default=DEFAULT_BASE_WEIGHTS,
+                   help="full: deltas added to the original full-precision weights (default); dequantized: "
+                        "the dequantized 4/8-bit base training saw, plus the deltas")
+    x.add_argument("--type", choices=("f16", "bf16", "q8_0"), default="f16", help="GGUF tensor type")
+    x.add_argument("--tokenizer-pre", help="GGUF: llama.cpp pre-tokenizer name, when it cannot be detected")
+    x.add_argument("--train-dtype", choices=tuple(NAMED_DTYPES) + ("auto",),
+                   help="compute dtype training used (default: from config.yaml); matters for dequantized")
+    x.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+    x.add_argument("--no-check", action="store_true", help="skip the reload check (not recommended)")
+    x.set_defaults(func=cmd_export)
+
+    a = sub.add_parser("apply", help="merge a delta into a copy of a checkpoint, or take it out (--revert)")
+    a.add_argument("--model", required=True, help="checkpoint directory to copy")
+    a.add_argument("--delta", required=True, help="delta file (from `usaf export --format delta` to revert)")
+    a.add_argument("--out", required=True, help="output checkpoint directory")
+    a.add_argument("--revert", action="store_true", help="restore the original bytes of a merged checkpoint")
+    a.add_argument("--overwrite", action="store_true")
+    a.add_argument("--no-check", action="store_true", help="skip the reload check (not recommended)")
+    a.set_defaults(func=cmd_apply)
 
 
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     for noisy in ("transformers", "httpx", "huggingface_hub"):
         logging.getLogger(noisy).setLevel(logging.ERROR)
-    import transformers
-
     transformers.utils.logging.disable_progress_bar()
     transformers.utils.logging.set_verbosity_error()
     args = build_parser().parse_args(argv)
@@ -308,8 +403,6 @@ OOM_HINT = ("run `usaf plan` to see what fits, then use fewer --train-layers, a 
 
 
 def _is_oom(e: BaseException) -> bool:
-    import torch
-
     if isinstance(e, (MemoryError, getattr(torch, "OutOfMemoryError", MemoryError))):
         return True
     text = str(e)

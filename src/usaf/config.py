@@ -75,6 +75,30 @@ class TrainConfig:
     trust_remote_code: bool = _f(False, "allow model code from the checkpoint (off by default)")
     usaf: UsafConfig = field(default_factory=UsafConfig)
 
+    def validate(self) -> None:
+        """Cheap checks of the numbers, before anything is read or written."""
+        cfg, u = self, self.usaf
+        checks = [
+            (0 < u.density <= 1, f"--density must be in (0, 1], got {u.density}"),
+            (cfg.seq_len >= 2, f"--seq-len must be at least 2, got {cfg.seq_len}"),
+            (cfg.batch_size >= 1, f"--batch-size must be at least 1, got {cfg.batch_size}"),
+            (cfg.grad_accum >= 1, f"--grad-accum must be at least 1, got {cfg.grad_accum}"),
+            (cfg.steps >= 0, f"--steps must be >= 0, got {cfg.steps}"),
+            (cfg.steps > 0 or cfg.epochs > 0, f"--epochs must be > 0 when --steps is 0, got {cfg.epochs}"),
+            (cfg.lr >= 0 and cfg.router_lr >= 0, "--lr and --router-lr must be >= 0"),
+            (0 <= cfg.warmup < 1, f"--warmup must be in [0, 1), got {cfg.warmup}"),
+            (0 <= cfg.reselect_fraction <= 1, f"--reselect-fraction must be in [0, 1], got {cfg.reselect_fraction}"),
+            (min(cfg.reselect_every, cfg.eval_every, cfg.save_every, cfg.max_eval_batches) >= 0,
+             "--reselect-every, --eval-every, --save-every and --max-eval-batches must be >= 0"),
+            (cfg.calib_batches >= 1, f"--calib-batches must be at least 1, got {cfg.calib_batches}"),
+            (cfg.keep_checkpoints >= 1, f"--keep-checkpoints must be at least 1, got {cfg.keep_checkpoints}"),
+            (cfg.max_skips >= 0, f"--max-skips must be >= 0, got {cfg.max_skips}"),
+            (u.group_size >= 1, f"--group-size must be at least 1, got {u.group_size}"),
+        ]
+        for ok, msg in checks:
+            if not ok:
+                raise ValueError(msg)
+
 
 def to_dict(cfg) -> dict:
     out = {}

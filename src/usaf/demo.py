@@ -9,10 +9,16 @@ generations as well as in the held-out perplexity.
 from __future__ import annotations
 
 import json
+import logging
 import random
 from pathlib import Path
 
+from .bench.upcycle import prepare_upcycled_smollm2
 from .config import TrainConfig, UsafConfig
+from .load.hf import load_tokenizer, resolve_device, resolve_dtype
+from .load.stream import load_prepared
+from .train.generate import generate
+from .train.recipe import train
 
 CAPITALS = [
     ("France", "Paris"), ("Germany", "Berlin"), ("Italy", "Rome"), ("Spain", "Madrid"), ("Japan", "Tokyo"),
@@ -73,13 +79,7 @@ def demo_config(model: str, train: Path, evald: Path, out: Path, steps: int = 0,
 
 
 def run_demo(out: str = "runs/demo", steps: int = 0, quiet: bool = False) -> dict:
-    import logging
 
-    from .bench.upcycle import prepare_upcycled_smollm2
-    from .load.hf import load_tokenizer, resolve_device, resolve_dtype
-    from .load.stream import load_prepared
-    from .train.generate import generate
-    from .train.recipe import train
 
     log = logging.getLogger("usaf")
     out_dir = Path(out)

@@ -23,6 +23,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from huggingface_hub import split_torch_state_dict_into_shards
+from safetensors.torch import save_file
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedTokenizerFast
+from transformers.modeling_utils import remove_tied_weights_from_state_dict
 
 __all__ = [
     "FAMILIES",
@@ -124,9 +129,6 @@ def make_tiny_tokenizer(vocab_size: int = DEFAULT_VOCAB_SIZE):
     rest are BPE merges, so every string round-trips. No BOS/EOS is added automatically. The ChatML-style
     :data:`CHAT_TEMPLATE` supports ``add_generation_prompt`` and ``return_assistant_tokens_mask``.
     """
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
     min_size = len(SPECIAL_TOKENS) + 256
     if vocab_size < min_size:
         raise ValueError(
@@ -305,8 +307,6 @@ def tiny_config(family: str, **overrides):
     max_position_embeddings 512, untied embeddings, eager attention. Layer-indexed lists (``layer_types``,
     ``moe_layers``...) are derived from ``num_hidden_layers`` by the config class unless overridden.
     """
-    from transformers import AutoConfig
-
     family = _family(family)
     kwargs: dict[str, Any] = {**_COMMON, **_FAMILY_KWARGS[family]}
     kwargs["attn_implementation"] = "eager"
@@ -368,8 +368,6 @@ def make_tiny_model(family: str, seed: int = 0, dtype: torch.dtype = torch.float
     biases (0), and gemma4's router ``scale``/``per_expert_scale`` (1 + N(0, INIT_STD)). deepseek_v3/glm4_moe's
     ``e_score_correction_bias`` buffer is random as well.
     """
-    from transformers import AutoModelForCausalLM
-
     config = tiny_config(family, **overrides)
     with torch.random.fork_rng(devices=[]):  # leave the caller's global RNG untouched
         torch.manual_seed(seed)
@@ -452,9 +450,6 @@ def _original_layout_state_dict(family: str, state_dict: dict[str, torch.Tensor]
 def _write_safetensors(
     state_dict: dict[str, torch.Tensor], path: Path, max_shard_size: str | int, total_parameters: int
 ) -> None:
-    from huggingface_hub import split_torch_state_dict_into_shards
-    from safetensors.torch import save_file
-
     split = split_torch_state_dict_into_shards(
         state_dict, filename_pattern="model{suffix}.safetensors", max_shard_size=max_shard_size
     )
@@ -500,12 +495,8 @@ def save_tiny_checkpoint(
         for old in list(path.glob("model*.safetensors")) + list(path.glob("model.safetensors.index.json")):
             old.unlink()
         state_dict = dict(model.state_dict())
-        try:  # drop tied aliases (e.g. lm_head with tie_word_embeddings=True), like save_pretrained does
-            from transformers.modeling_utils import remove_tied_weights_from_state_dict
-        except ImportError:  # pragma: no cover - older/newer transformers
-            pass
-        else:
-            state_dict = remove_tied_weights_from_state_dict(state_dict, model)
+        # drop tied aliases (e.g. lm_head with tie_word_embeddings=True), like save_pretrained does
+        state_dict = remove_tied_weights_from_state_dict(state_dict, model)
         state_dict = _original_layout_state_dict(family, state_dict)
         _write_safetensors(state_dict, path, shard, model.num_parameters())
     make_tiny_tokenizer(model.config.vocab_size).save_pretrained(path)

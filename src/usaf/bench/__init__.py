@@ -1,0 +1,1 @@
+"""Benchmarks: the process harness, speed and memory, quality (beds, corpora, upcycling)."""

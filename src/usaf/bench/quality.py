@@ -49,7 +49,34 @@ import tempfile
 import time
 from pathlib import Path
 
-from .harness import RESULT_TAG, _collect, machine_info, markdown_table, peak_rss_mb, reset_peak_rss
+import torch
+from safetensors.torch import save_file
+from transformers import AutoModelForCausalLM
+
+import usaf
+
+from ..data.batches import collate
+from ..data.load import load_examples
+from ..engine.families import family_for, fused_experts, get_path
+from ..engine.loss import lm_loss, token_weighted_loss
+from ..engine.model import decoder_layers, parse_layers
+from ..engine.optim import lr_lambda
+from ..engine.rigl import drop_fraction, reselect
+from ..load.hf import load_tokenizer
+from ..train.evaluate import evaluate
+from ..train.generate import generate
+from .corpora import CorpusError, write_task_files
+from .harness import (
+    baseline_env,
+    collect,
+    machine_info,
+    markdown_table,
+    peak_rss_mb,
+    print_result,
+    reset_peak_rss,
+    spawn,
+)
+from .upcycle import prepare_upcycled_smollm2
 
 METHODS = ("usaf", "usaf-norigl", "router", "lora-r8", "lora-r16", "full", "esft")
 EXTRA_METHODS = ("lora-r16-experts",)  # ablation: LoRA on the expert stacks only (no attention), like usaf
@@ -125,7 +152,6 @@ def task_files(task: str, data_dir: Path) -> dict[str, Path]:
 
 
 def _examples(path: Path, tok, seq: int, n: int, seed: int, cycle: bool):
-    from ..data.load import load_examples
 
     ex, _ = load_examples(path, tok, seq)
     order = list(range(len(ex)))
@@ -137,8 +163,6 @@ def _examples(path: Path, tok, seq: int, n: int, seed: int, cycle: bool):
 
 def load_task(cfg: dict, task: str, tok, files: dict[str, Path]) -> dict:
     """Token-identical batches for every method: training, calibration and the held-out sets."""
-    from ..data.load import collate
-
     pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
     b, seq = cfg["batch"], cfg["seq"]
     train = _examples(files["train"], tok, seq, cfg["steps"] * b, cfg["seed"], cycle=True)
@@ -162,9 +186,6 @@ def load_task(cfg: dict, task: str, tok, files: dict[str, Path]) -> dict:
 # ------------------------------------------------------------------------------------------------ methods
 def moe_modules(model, layers: range):
     """``[(layer index, experts module name, experts module, router module)]`` of a stock model."""
-    from ..engine.families import family_for, fused_experts, get_path
-    from ..engine.model import decoder_layers
-
     fam = family_for(model.config)
     names = {id(m): n for n, m in model.named_modules()}
     out = []
@@ -178,8 +199,6 @@ def moe_modules(model, layers: range):
 
 def routing_shares(model, mods, batches) -> dict[tuple[int, int], float]:
     """Share of routed (token, slot) assignments each expert receives on ``batches`` (ESFT's criterion)."""
-    import torch
-
     counts: dict[int, torch.Tensor] = {}
     hooks = []
     for i, _, ex, _router in mods:
@@ -200,7 +219,6 @@ def routing_shares(model, mods, batches) -> dict[tuple[int, int], float]:
 
 
 def _file_bytes(tensors: dict) -> int:
-    from safetensors.torch import save_file
 
     with tempfile.TemporaryDirectory() as d:
         p = Path(d) / "x.safetensors"
@@ -210,15 +228,7 @@ def _file_bytes(tensors: dict) -> int:
 
 def setup_method(method: str, cfg: dict, model_dir: str, data: dict):
     """Load the model for ``method``; returns (model, params_for_schedule, step(batch)->loss, info, ship())."""
-    import torch
-    from transformers import AutoModelForCausalLM
 
-    import usaf
-
-    from ..data.load import token_weighted_loss
-    from ..engine.model import decoder_layers, parse_layers
-    from ..engine.optim import lr_lambda
-    from ..engine.rigl import drop_fraction, reselect
 
     fp32 = method in ("full", "esft")
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32 if fp32 else torch.bfloat16)
@@ -234,7 +244,6 @@ def setup_method(method: str, cfg: dict, model_dir: str, data: dict):
         return s / n
 
     if method in ("usaf", "usaf-norigl", "router"):
-        from ..engine.loss import lm_loss
 
         def loss_of(m, b):  # usaf's own training loss: chunked LM head, the same value
             s, n = lm_loss(m, b, "cpu")
@@ -364,22 +373,18 @@ def setup_method(method: str, cfg: dict, model_dir: str, data: dict):
 
 # ------------------------------------------------------------------------------------------------ worker
 def _evaluate(model, data: dict) -> dict:
-    from ..train.evaluate import evaluate
 
     return {"ppl_domain": round(evaluate(model, data["eval"])["ppl"], 4),
             "ppl_general": round(evaluate(model, data["general"])["ppl"], 4)}
 
 
 def _generations(model, tok, data: dict, cfg: dict) -> list[str]:
-    from ..train.generate import generate
 
     return [generate(model, tok, q, max_new_tokens=cfg["gen_tokens"]) for q, _ in data.get("prompts", [])]
 
 
 def run_worker(method: str, task: str, cfg: dict) -> dict:
-    import torch
 
-    from ..load.hf import load_tokenizer
 
     if cfg.get("threads"):
         torch.set_num_threads(int(cfg["threads"]))
@@ -389,7 +394,6 @@ def run_worker(method: str, task: str, cfg: dict) -> dict:
     data = load_task(cfg, task, tok, task_files(task, Path(cfg["data_dir"])))
     rec: dict = {"method": method, "task": task, "train_tokens": data["train_tokens"]}
     if method == "base":
-        from transformers import AutoModelForCausalLM
 
         model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16)
         t0 = time.perf_counter()
@@ -433,13 +437,7 @@ def run_worker(method: str, task: str, cfg: dict) -> dict:
 
 
 def _spawn(method: str, task: str, cfg: dict):
-    import subprocess
-
-    from .harness import baseline_env
-
-    cmd = [sys.executable, "-m", "usaf.bench.quality", "_worker", method, task, json.dumps(cfg)]
-    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env=baseline_env(method))
+    return spawn("usaf.bench.quality", [method, task, json.dumps(cfg)], baseline_env(method))
 
 
 # ------------------------------------------------------------------------------------------------ report
@@ -484,7 +482,6 @@ def ensure_inputs(cfg: dict, work: Path) -> None:
     if cfg["data"]:
         cfg["data_dir"] = str(Path(cfg["data"]).resolve())
     else:
-        from .corpora import write_task_files
 
         cfg["data_dir"] = str(work / "data")
         write_task_files(work / "data", seed=cfg["seed"])
@@ -493,7 +490,6 @@ def ensure_inputs(cfg: dict, work: Path) -> None:
             raise ValueError(f"bench quality: model={cfg['model']} is not a checkpoint directory (no config.json)")
         cfg["model_dir"] = str(Path(cfg["model"]).resolve())
     else:
-        from .upcycle import prepare_upcycled_smollm2
 
         cfg["model_dir"] = str(prepare_upcycled_smollm2())
 
@@ -504,7 +500,6 @@ def run_quality(json_path: str | None = None, quick: bool = False, extra: list[s
     command = "usaf bench " + " ".join(words + (["--json", shlex.quote(json_path)] if json_path else []))
     machine = machine_info()
     with tempfile.TemporaryDirectory(prefix="usaf-quality-") as work:
-        from .corpora import CorpusError
 
         try:
             ensure_inputs(cfg, Path(work))
@@ -522,7 +517,7 @@ def run_quality(json_path: str | None = None, quick: bool = False, extra: list[s
             print(f"\ntask {task}:")
             recs = []
             for m in ["base"] + cfg["method_list"]:
-                rec = _collect(m, _spawn(m, task, cfg), int(cfg["timeout"]))
+                rec = collect(m, _spawn(m, task, cfg), int(cfg["timeout"]))
                 recs.append(rec)
                 if "error" in rec:
                     failed = True
@@ -551,16 +546,7 @@ def run_quality(json_path: str | None = None, quick: bool = False, extra: list[s
     return 1 if failed else 0
 
 
-def _main(argv: list[str]) -> int:
-    if len(argv) == 4 and argv[0] == "_worker":
-        rec = run_worker(argv[1], argv[2], json.loads(argv[3]))
-        print(RESULT_TAG + json.dumps(rec), flush=True)
-        return 0
-    from ..cli import main
-
-    return main(["bench", "quality", *argv])
-
-
 if __name__ == "__main__":
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    sys.exit(_main(sys.argv[1:]))
+    if len(sys.argv) == 5 and sys.argv[1] == "_worker":
+        print_result(run_worker(sys.argv[2], sys.argv[3], json.loads(sys.argv[4])))

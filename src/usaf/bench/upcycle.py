@@ -37,6 +37,9 @@ from importlib.util import find_spec
 from pathlib import Path
 
 import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, MixtralConfig, Qwen2MoeConfig
+from transformers.initialization import no_init_weights
+from transformers.utils import logging as hf_logging
 
 logger = logging.getLogger(__name__)
 
@@ -99,14 +102,11 @@ def find_smollm2_gguf() -> Path:
 @contextlib.contextmanager
 def _quiet_progress_bars():
     """Silence transformers' progress bars (including the GGUF dequantization bar) for the duration."""
-    from transformers.utils import logging as hf_logging
-
     was_enabled = hf_logging.is_progress_bar_enabled()
     hf_logging.disable_progress_bar()
     gguf_utils = None
     original_tqdm = None
     try:
-        import transformers.modeling_gguf_pytorch_utils as gguf_utils
 
         original_tqdm = getattr(gguf_utils, "tqdm", None)
         if original_tqdm is not None:
@@ -145,7 +145,6 @@ def load_smollm2_dense(dtype: torch.dtype = torch.float32):
     The tokenizer keeps the GGUF's ChatML chat template; bos is ``<|im_start|>``, eos and pad
     ``<|im_end|>``.
     """
-    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     gguf = find_smollm2_gguf()
     start = time.perf_counter()
@@ -214,13 +213,11 @@ def _moe_config(dense_config, family: str, num_experts: int, top_k: int):
         router_aux_loss_coef=0.001,
     )
     if family == "mixtral":
-        from transformers import MixtralConfig
 
         return MixtralConfig(
             **common, num_local_experts=num_experts, sliding_window=None, router_jitter_noise=0.0
         )
     if family == "qwen2_moe":
-        from transformers import Qwen2MoeConfig
 
         config = Qwen2MoeConfig(
             **common,
@@ -287,8 +284,6 @@ def upcycle_dense_to_moe(
     Returns:
         The MoE ``PreTrainedModel`` in eval mode, with the dense model's generation config.
     """
-    from transformers import AutoModelForCausalLM
-    from transformers.initialization import no_init_weights
 
     _check_family(family)
     _check_dense(dense_model.config)

@@ -1,0 +1,1 @@
+"""Training data: files -> examples (kinds, chat templates, packing) -> batches (split, padding, sharding)."""

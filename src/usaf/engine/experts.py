@@ -12,16 +12,27 @@
   gradient and the gradient of the compact delta values, ``g[k] = sum_t dY[t, r_k] * X[t, c_k]`` over
   the tokens of that expert. Either gather-dot (O(T * nnz)) or a per-expert GEMM ``dY^T X`` gathered
   and freed at once, chosen by cost; no dense gradient of a whole expert stack ever exists.
-- selection mode (``scores`` set): also accumulates ``|dL/dW|`` (or its square) into per-layer dense score
-  buffers, used by ``usaf.select``; reselection (``stream_k`` set) keeps each expert's top candidates.
+
+The module's mode is one explicit value, :class:`ExpertsMode`, changed only through
+:meth:`UsafExperts.set_mode` (or the ``with experts.mode_as(...)`` context): ``lean`` (recompute the
+pre-activations in the backward; activation checkpointing and scoring passes), ``score_hook`` (called in the
+backward with the two factors of each hit expert's dense weight gradient: importance scoring lives in
+``usaf.engine.select``, not here) and ``staged`` (device copies of host-tier stacks sent ahead by the
+prefetcher). ``usaf.engine.reference`` holds the dense ~30-line computation this function must equal.
 """
 
 from __future__ import annotations
+
+import contextlib
+import dataclasses
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 
 from .delta import SparseDelta
+from .routing import Routing
 from .store import DenseStack, freeze_stack
 
 NAMES = ("gate_up_proj", "down_proj")
@@ -38,6 +49,20 @@ def _default_gate(act_fn):
         return act_fn(g) * u
 
     return gate
+
+
+# hook(stack name, expert, left (S, R), right (S, C)): the expert's dense weight gradient is ``left.T @ right``
+# in the stack's native layout (``[R, C]``); called once per hit expert and stack in every backward.
+ScoreHook = Callable[[str, int, torch.Tensor, torch.Tensor], None]
+
+
+@dataclass(frozen=True)
+class ExpertsMode:
+    """How a :class:`UsafExperts` runs (see the module docstring). Immutable: change it with ``set_mode``."""
+
+    lean: bool = False  # recompute the gate/up pre-activations in the backward instead of keeping them
+    score_hook: ScoreHook | None = None  # receives each hit expert's weight-gradient factors in the backward
+    staged: tuple[dict, object] | None = None  # ({stack name: device copy}, CUDA event) from the prefetcher
 
 
 class UsafExperts(nn.Module):
@@ -74,17 +99,35 @@ class UsafExperts(nn.Module):
         self._stock = [stock]
         self.deltas = nn.ModuleDict()
         self.chunk_bytes = chunk_bytes
-        self.scores: dict[str, torch.Tensor] | None = None
-        # Streaming candidates (reselection): {name: per-expert k}; results appended to self.found[name].
-        self.stream_k: dict[str, int] | None = None
-        self.found: dict[str, list] = {}
-        self.merged: dict[str, torch.Tensor] | None = None  # base values replaced by UsafModel.merge
-        self.score_power = 1
-        # ({name: device copy of a host-tier stack}, CUDA event): set by tiers.Prefetcher for the next layer
-        self.staged: tuple[dict, object] | None = None
-        # Keep the gate/up pre-activations for the backward (fast) or recompute them from the layer input
-        # with the weights the backward dequantizes anyway (one more GEMM; set when checkpointing).
-        self.save_preact = True
+        self._mode = ExpertsMode()
+        # Base values replaced by merge() ({} once fold() made the effective weights the frozen stacks): while
+        # set, the forward adds no delta.
+        self._merged: dict[str, torch.Tensor] | None = None
+
+    # -- mode ------------------------------------------------------------------------------------------
+    @property
+    def mode(self) -> ExpertsMode:
+        return self._mode
+
+    def set_mode(self, **changes) -> ExpertsMode:
+        """Change fields of the mode (``lean``, ``score_hook``, ``staged``); returns the previous mode."""
+        old = self._mode
+        self._mode = dataclasses.replace(old, **changes)
+        return old
+
+    @contextlib.contextmanager
+    def mode_as(self, **changes):
+        """``with experts.mode_as(score_hook=h): ...``: the mode for the block, restored after."""
+        old = self.set_mode(**changes)
+        try:
+            yield self
+        finally:
+            self._mode = old
+
+    @property
+    def merged(self) -> bool:
+        """The deltas are folded into the frozen stacks (the forward adds none)."""
+        return self._merged is not None
 
     # ----------------------------------------------------------------------------------------------
     def shape(self, name: str) -> tuple[int, ...]:
@@ -97,10 +140,10 @@ class UsafExperts(nn.Module):
 
     def weight(self, name: str, start: int, stop: int, dtype, device, values=None) -> torch.Tensor:
         """Effective weights of experts ``[start, stop)``: dequantized base + delta, (n, R, C)."""
-        delta = self.deltas[name] if name in self.deltas and self.merged is None else None
+        delta = self.deltas[name] if name in self.deltas and self._merged is None else None
         has_delta = delta is not None and len(set(delta.span(start, stop))) == 2
         frozen = self.frozen[name]
-        staged = self.staged
+        staged = self._mode.staged
         if staged is not None and name in staged[0]:  # a device copy the prefetcher sent on a side stream
             torch.cuda.current_stream(staged[0][name].device).wait_event(staged[1])
             frozen = staged[0][name]
@@ -125,6 +168,49 @@ class UsafExperts(nn.Module):
                 runs.append((start, e))
                 start = e if c else None
         return runs
+
+    # -- the frozen base ----------------------------------------------------------------------------------
+    @torch.no_grad()
+    def merge(self) -> None:
+        """Fold the deltas into an unquantized frozen base (``base[idx] = round(base[idx] + v)``), keeping the
+        replaced base values so that :meth:`unmerge` restores the original bytes exactly."""
+        if self._merged is not None:
+            return
+        saved = {}
+        for n in NAMES:
+            frozen = self.frozen[n]
+            if not hasattr(frozen, "tensor"):
+                raise ValueError("merge needs an unquantized base (quant='none')")
+            d = self.deltas[n]
+            flat = frozen.tensor.view(-1)
+            idx = d.indices.long()
+            saved[n] = flat[idx].clone()
+            flat[idx] = (flat[idx].float() + d.values.detach()).to(flat.dtype)
+        self._merged = saved
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        """Undo :meth:`merge`: the frozen base returns to its original bytes."""
+        if not self._merged:
+            return
+        for n in NAMES:
+            self.frozen[n].tensor.view(-1)[self.deltas[n].indices.long()] = self._merged[n]
+        self._merged = None
+
+    @torch.no_grad()
+    def fold(self, compute_dtype: torch.dtype, store_dtype: torch.dtype) -> None:
+        """Replace every frozen stack by its dense effective weights (base + delta, rounded to
+        ``compute_dtype`` as in training, then stored at ``store_dtype``), for good: what an export writes."""
+        cpu = torch.device("cpu")
+        for name in list(self.frozen):
+            self.frozen[name] = DenseStack(self.weight(name, 0, self.num_experts, compute_dtype, cpu).to(store_dtype))
+        self._merged = {}
+
+    def release(self) -> list:
+        """Drop the frozen stacks (a layer that will not run again); returns them (for their pages' eviction)."""
+        stacks = list(self.frozen.values())
+        self.frozen = {}
+        return stacks
 
     def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor,
                 score_on_input: bool = False) -> torch.Tensor:
@@ -155,93 +241,12 @@ def _sparse_grad(left: torch.Tensor, right: torch.Tensor, idx: torch.Tensor,
     return out
 
 
-def _stream_candidates(mod: UsafExperts, name: str, e: int, dw: torch.Tensor) -> None:
-    """Top-k of ``|dL/dW|`` of one expert (``dw``: its dense gradient, fp32) among its inactive elements,
-    kept as (scores, flat indices): one expert's dense gradient exists for a moment, never a layer's."""
-    g = dw.abs().view(-1)
-    delta = mod.deltas[name]
-    g[delta.local(e, e + 1)] = -1.0
-    k = min(mod.stream_k[name], g.numel())
-    top = torch.topk(g, k, sorted=False)
-    keep = top.values > 0
-    per = delta.per_expert
-    mod.found.setdefault(name, []).append((top.values[keep], top.indices[keep] + e * per))
-
-
-def block_rows(rows: int, experts: int) -> int:
-    """Rows per expert matmul: the power of two at or below the mean rows per expert, in [16, 256].
-
-    Every expert's rows are padded to a multiple of it and computed in blocks of exactly this many rows, so
-    a layer's expert matmuls all have one shape per op. On CPU each new shape costs oneDNN a primitive (about
-    0.7 ms to build and 0.6 MB kept in its cache, measured); with per-expert row counts, primitive builds were
-    ~20% of a training step on the tiny bench model (``ONEDNN_VERBOSE=profile_create``). Smaller blocks pad
-    less but cost more: on the mid bench model a step took 8.4-9.1 s with blocks of 128 rows (the mean),
-    9.7-9.9 s with 64 and 11.4-12.4 s with 32.
-    """
-    mean = rows // max(1, experts)
-    return min(256, max(16, 1 << max(0, mean.bit_length() - 1)))
-
-
-def _bucket(n: int, block: int) -> int:
-    """``n`` rows padded to a multiple of ``block``."""
-    return -(-n // block) * block
-
-
-class Routing:
-    """The routed (token, expert) pairs of one forward, grouped by expert on a padded layout.
-
-    Expert ``e`` owns padded rows ``[bounds[e], bounds[e + 1])``: its ``counts[e]`` real rows first, then
-    zero-gradient padding up to a multiple of ``block`` (:func:`block_rows`), computed ``block`` rows at a
-    time. ``tok`` (S_pad,) is the token row of each padded row, ``slot`` (S_pad,) its position in the
-    flattened (T * K) routing weights (padding rows point at row 0 / slot 0 and are never scattered back),
-    ``pos`` (S,) the padded rows that are routed.
-    """
-
-    __slots__ = ("counts", "bounds", "tok", "slot", "pos", "block")
-
-    def __init__(self, counts: list[int], bounds: list[int], tok: torch.Tensor, slot: torch.Tensor,
-                 pos: torch.Tensor, block: int):
-        self.counts, self.bounds, self.block = counts, bounds, block
-        self.tok, self.slot, self.pos = tok, slot, pos
-
-    @staticmethod
-    @torch.no_grad()
-    def build(top_k_index: torch.Tensor, num_experts: int) -> Routing:
-        top_k = top_k_index.shape[1]
-        flat = top_k_index.reshape(-1)
-        block = block_rows(flat.numel(), num_experts)
-        _, perm = torch.sort(flat, stable=True)
-        counts = torch.bincount(flat, minlength=num_experts + 1)[:num_experts].tolist()
-        perm = perm[: sum(counts)]  # routes to the sentinel expert (index == E) are dropped
-        bounds, rows = [0], []
-        for c in counts:
-            rows.append(torch.arange(bounds[-1], bounds[-1] + c))
-            bounds.append(bounds[-1] + _bucket(c, block))
-        pos = (torch.cat(rows) if rows else torch.empty(0, dtype=torch.long)).to(flat.device)
-        slot = torch.zeros(bounds[-1], dtype=torch.long, device=flat.device)
-        slot[pos] = perm
-        return Routing(counts, bounds, slot // top_k, slot, pos, block)
-
-    def segments(self, start: int, stop: int):
-        """``(e, a, b, c)`` for the hit experts in ``[start, stop)``: padded rows ``[a, b)``, ``c`` real."""
-        for e in range(start, stop):
-            a, b = self.bounds[e], self.bounds[e + 1]
-            if a != b:
-                yield e, a, b, self.counts[e]
-
-    def blocks(self, a: int, b: int, c: int):
-        """``(r0, real)`` for the blocks of segment ``[a, b)``: rows ``[r0, r0 + block)``, the first ``real``
-        of them routed (the rest padding)."""
-        for r0 in range(a, b, self.block):
-            yield r0, min(self.block, c - (r0 - a))
-
-
 class ExpertsFunction(torch.autograd.Function):
     """Routed expert MLP over ``base + delta``, fused with the gather of the token rows, the routing
     weights and the scatter back: ``out[t] = sum_k w[t, k] * expert_{e[t, k]}(x[t])``.
 
     Gradients for the hidden states, the routing weights and the delta values only. It keeps the layer
-    input and the routing (and, unless ``mod.save_preact`` is off, the (S_pad, 2I) gate/up
+    input and the routing (and, unless the module's mode is ``lean``, the (S_pad, 2I) gate/up
     pre-activations); no per-route copy of the inputs or outputs is kept. These are held on ``ctx``
     rather than through ``save_for_backward``, so that decoder-layer checkpointing does not re-run the
     experts: its recomputation stops after the last op that saved a tensor (the router), and the
@@ -254,7 +259,7 @@ class ExpertsFunction(torch.autograd.Function):
         wp = weights.reshape(-1)[route.slot].unsqueeze(-1)  # (S_pad, 1)
         width = mod.shape("gate_up_proj")[2 if mod.transposed else 1]
         out = torch.zeros_like(x)
-        save = mod.save_preact and any(ctx.needs_input_grad)
+        save = not mod.mode.lean and any(ctx.needs_input_grad)
         h_all = x.new_empty(route.bounds[-1], width) if save else None
         n = route.block
         for start, stop in mod.runs(route.counts):
@@ -293,7 +298,7 @@ class ExpertsFunction(torch.autograd.Function):
         dwp = torch.zeros(route.bounds[-1], dtype=torch.float32, device=x.device)
         want = ctx.needs_input_grad[2] or ctx.needs_input_grad[3]
         grads = {nm: torch.zeros_like(mod.deltas[nm].values) for nm in NAMES} if want else None
-        scores = mod.scores
+        hook = mod.mode.score_hook
         for start, stop in mod.runs(route.counts):
             w_gu = mod.weight("gate_up_proj", start, stop, x.dtype, x.device)
             w_dn = mod.weight("down_proj", start, stop, x.dtype, x.device)
@@ -349,12 +354,8 @@ class ExpertsFunction(torch.autograd.Function):
                 pairs = {"down_proj": (f_act, f_dy) if mod.transposed else (f_dy, f_act),
                          "gate_up_proj": (f_x, f_dh) if mod.transposed else (f_dh, f_x)}
                 for name, (left, right) in pairs.items():
-                    if scores is not None and name in scores:
-                        dw_full = left.t() @ right
-                        scores[name][e] += dw_full.abs().to(scores[name].dtype) if mod.score_power == 1 else \
-                            dw_full.float().square().to(scores[name].dtype)
-                    if mod.stream_k is not None and name in mod.stream_k:
-                        _stream_candidates(mod, name, e, (left.t() @ right).float())
+                    if hook is not None:
+                        hook(name, e, left, right)
                     if grads is not None:
                         delta = mod.deltas[name]
                         i0, i1 = delta.span(e, e + 1)

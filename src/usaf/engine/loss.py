@@ -19,6 +19,9 @@ import contextlib
 import torch
 import torch.nn.functional as F
 
+from .forward import logits_of
+from .model import compute_device
+
 IGNORE_INDEX = -100
 CHUNK_BYTES = 8 << 20  # fp32 logits per chunk (at least MIN_ROWS rows, so a large head is not re-read often)
 MIN_ROWS = 256
@@ -139,17 +142,40 @@ def _head_trains(head) -> bool:
     return torch.is_grad_enabled() and (head.weight.requires_grad or (bias is not None and bias.requires_grad))
 
 
+def token_weighted_loss(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Summed causal-LM cross-entropy and the number of tokens it covers, from full logits.
+
+    Computed exactly like transformers' ``ForCausalLMLoss``: logits upcast to fp32, labels shifted left by
+    one (position ``t`` predicts ``labels[t + 1]``), ``-100`` ignored. Returns ``(sum_loss, n_tokens)`` as 0-d
+    tensors (fp32 and int64) on ``logits``' device, so the mean is ``sum_loss / n_tokens`` and, over many
+    batches, perplexity is ``exp(sum of sums / sum of counts)`` (token-weighted, not batch-weighted).
+    """
+    vocab = logits.shape[-1]
+    shift_labels = F.pad(labels, (0, 1), value=IGNORE_INDEX)[..., 1:].reshape(-1).to(logits.device)
+    sum_loss = F.cross_entropy(
+        logits.float().reshape(-1, vocab), shift_labels, ignore_index=IGNORE_INDEX, reduction="sum"
+    )
+    n_tokens = (shift_labels != IGNORE_INDEX).sum()
+    return sum_loss, n_tokens
+
+
 def lm_loss(model: torch.nn.Module, batch: dict, device) -> tuple[torch.Tensor, torch.Tensor]:
     """Summed causal-LM loss and token count of a collated batch (frozen-prefix cache aware).
 
     Chunked when the output head is frozen (or no gradient is taken); from full logits otherwise."""
-    from ..memory.prefix import logits_of
-
     if _head_trains(model.get_output_embeddings()):
-        from ..data.load import token_weighted_loss
-
         return token_weighted_loss(logits_of(model, batch, device), batch["labels"].to(device))
     with capture_head_input(model) as box:
         logits_of(model, batch, device)
     head = model.get_output_embeddings()
     return chunked_loss(box["hidden"], head, batch["labels"].to(device), model.config)
+
+
+def token_mean_loss(model: torch.nn.Module, batch: dict, n_tokens: int | None = None) -> torch.Tensor:
+    """The training loss of a batch: its summed token loss (:func:`lm_loss`) over its loss tokens, or over
+    ``n_tokens`` (the loss tokens of a whole step: every micro-batch of every rank). Used by training,
+    selection, reselection and the benchmarks alike."""
+    if "attention_mask" not in batch:
+        batch = {**batch, "attention_mask": torch.ones_like(batch["input_ids"])}
+    s, n = lm_loss(model, batch, compute_device(model))
+    return s / (n.clamp(min=1) if n_tokens is None else max(n_tokens, 1))

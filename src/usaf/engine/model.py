@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from ..config import UsafConfig
+from ..io import atomic_save_safetensors, read_safetensors
 from .delta import SparseDelta
 from .experts import NAMES, UsafExperts, llama4_block_forward
 from .families import Family, UnsupportedModelError, family_for, fused_experts, get_path, set_path
@@ -144,39 +145,15 @@ class UsafModel:
         return [d.values for d in self.deltas().values()] + list(self.router_parameters().values())
 
     # -- merge ---------------------------------------------------------------------------------------
-    @torch.no_grad()
     def merge(self) -> None:
-        """Fold the deltas into an unquantized frozen base (``base[idx] = round(base[idx] + v)``).
-
-        The replaced base values are kept so that ``unmerge`` restores the original bytes exactly.
-        While merged, the forward does not add the deltas again.
-        """
+        """Fold the deltas into an unquantized frozen base (``UsafExperts.merge``); ``unmerge`` restores the
+        original bytes. While merged, the forward does not add the deltas again."""
         for m in self.trainable_layers:
-            ex = m.experts
-            if ex.merged is not None:
-                continue
-            saved = {}
-            for n in NAMES:
-                frozen = ex.frozen[n]
-                if not hasattr(frozen, "tensor"):
-                    raise ValueError("merge needs an unquantized base (quant='none')")
-                d = ex.deltas[n]
-                flat = frozen.tensor.view(-1)
-                idx = d.indices.long()
-                saved[n] = flat[idx].clone()
-                flat[idx] = (flat[idx].float() + d.values.detach()).to(flat.dtype)
-            ex.merged = saved
+            m.experts.merge()
 
-    @torch.no_grad()
     def unmerge(self) -> None:
-        """Undo ``merge``: the frozen base returns to its original bytes."""
         for m in self.trainable_layers:
-            ex = m.experts
-            if ex.merged is None:
-                continue
-            for n in NAMES:
-                ex.frozen[n].tensor.view(-1)[ex.deltas[n].indices.long()] = ex.merged[n]
-            ex.merged = None
+            m.experts.unmerge()
 
     # -- delta file --------------------------------------------------------------------------------
     def delta_state(self) -> dict[str, torch.Tensor]:
@@ -208,14 +185,10 @@ class UsafModel:
 
     def save_delta(self, path, **extra) -> None:
         """Write the delta file (safetensors): indices, values, routers, metadata."""
-        from ..io import atomic_save_safetensors
-
         atomic_save_safetensors(self.delta_state(), path, metadata=self.delta_metadata(**extra))
 
     def load_delta(self, path, check_fingerprint: bool = True) -> dict[str, str]:
         """Load a delta file into this prepared model; refuses a delta made for another base."""
-        from ..io import read_safetensors
-
         tensors, meta = read_safetensors(path)
         if meta.get("format") != "usaf-delta":
             raise ValueError(f"{path} is not a usaf delta file")

@@ -70,5 +70,5 @@ def reselect(handle: UsafModel, opt: UsafOptimizer | None, batches: Iterable[dic
                 inv = torch.empty_like(perm)
                 inv[perm] = torch.arange(perm.numel(), device=perm.device)
                 if opt is not None:
-                    opt.remap(old, d.values, kept_pos, inv[: kept_pos.numel()])
+                    opt.replace_active(old, d.values, kept_pos, inv[: kept_pos.numel()])
     return {"dropped": n_grow, "grown": n_grow, "active": handle.active(), "seconds": time.perf_counter() - t0}

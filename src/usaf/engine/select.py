@@ -1,7 +1,7 @@
 """Choosing what trains: importance scores and the budget allocated across layers and experts.
 
 Importance of an expert weight = ``sum |dL/dW|`` (or ``sum (dL/dW)^2``) over a few calibration batches,
-computed inside the experts' backward (``UsafExperts.scores``). Layers are scored in groups from the
+computed by a score hook the experts' backward calls with each expert's gradient factors. Layers are scored in groups from the
 top, one layer per pass by default (``score_layers``), so that at most one layer's dense score buffers
 exist at once (and never more than ``score_budget_mb``). Each scored layer keeps only its best candidates
 (at most ``layer_share_cap`` times its fair share of the budget), then one global threshold picks the
@@ -10,27 +10,18 @@ budget over all candidates: the budget goes where the scores are, not a fixed fr
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from collections.abc import Callable, Iterable
 
 import torch
 
-from ..memory.prefix import lean_passes
 from ..runtime import release_free_memory
-from .experts import NAMES
-from .model import MoeLayer, UsafModel, compute_device
-
-
-def default_loss(model, batch: dict) -> torch.Tensor:
-    """Token-mean causal-LM loss of a batch with ``input_ids``, ``attention_mask`` (optional), ``labels``."""
-    from .loss import lm_loss
-
-    device = compute_device(model)
-    if "attention_mask" not in batch:
-        batch = {**batch, "attention_mask": torch.ones_like(batch["input_ids"])}
-    s, n = lm_loss(model, batch, device)
-    return s / n.clamp(min=1)
+from .checkpointing import lean_passes
+from .experts import NAMES, UsafExperts
+from .loss import token_mean_loss
+from .model import MoeLayer, UsafModel
 
 
 def _groups(layers: list[MoeLayer], budget_bytes: int, elem_bytes: int,
@@ -104,22 +95,64 @@ def _distributed() -> bool:
     return torch.distributed.is_available() and torch.distributed.is_initialized()
 
 
+class DenseScores:
+    """Score hook: ``sum |dL/dW|`` (``power`` 1) or ``sum (dL/dW)^2`` (2) of one experts module, accumulated
+    into dense ``[E, R, C]`` buffers of ``dtype`` (one per stack)."""
+
+    def __init__(self, ex: UsafExperts, dtype: torch.dtype, power: int):
+        self.buffers = {n: torch.zeros(ex.shape(n), dtype=dtype, device=ex.deltas[n].values.device) for n in NAMES}
+        self.power = power
+
+    def __call__(self, name: str, e: int, left: torch.Tensor, right: torch.Tensor) -> None:
+        buf = self.buffers[name]
+        dw = left.t() @ right
+        buf[e] += dw.abs().to(buf.dtype) if self.power == 1 else dw.float().square().to(buf.dtype)
+
+
+class StreamedCandidates:
+    """Score hook: each expert's top ``k[name]`` of ``|dL/dW|`` among its inactive elements, reduced at once in
+    the backward (one expert's dense gradient exists for a moment, never a layer's)."""
+
+    def __init__(self, ex: UsafExperts, k: dict[str, int]):
+        self.ex, self.k = ex, k
+        self.found: dict[str, list] = {}
+
+    def __call__(self, name: str, e: int, left: torch.Tensor, right: torch.Tensor) -> None:
+        g = (left.t() @ right).float().abs().view(-1)
+        delta = self.ex.deltas[name]
+        g[delta.local(e, e + 1)] = -1.0
+        top = torch.topk(g, min(self.k[name], g.numel()), sorted=False)
+        keep = top.values > 0
+        self.found.setdefault(name, []).append((top.values[keep], top.indices[keep] + e * delta.per_expert))
+
+    def best(self, name: str, k: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """The ``k`` best (summed over batches) candidates of a stack: (scores, flat indices)."""
+        found = self.found.get(name, [])
+        if not found:
+            return None
+        sc = torch.cat([f[0] for f in found])
+        ix, inv = torch.unique(torch.cat([f[1] for f in found]), return_inverse=True)
+        sc = torch.zeros(ix.numel(), dtype=sc.dtype).scatter_reduce(0, inv, sc, "sum")
+        top = torch.topk(sc, min(sc.numel(), k), sorted=False)
+        return top.values, ix[top.indices]
+
+
 def candidates(handle: UsafModel, batches: Iterable[dict], budget: int, exclude_active: bool = False,
                loss_fn: Callable | None = None, n_batches: int | None = None,
                streaming: bool = False) -> list[tuple]:
     """Score the trainable stacks and return each one's top candidates.
 
-    Two modes:
-      - accumulated (default): ``sum |dL/dW|`` over the batches in dense per-layer buffers (``score_dtype``),
-        ``score_layers`` layers per pass (within ``score_budget_mb``);
-      - streaming (reselection, one pass over all layers): each expert's gradient is reduced to its top
-        candidates at once inside the backward, no layer-sized buffer exists (not used across ranks).
+    Two modes, both a score hook on the experts (``UsafExperts.mode_as(score_hook=...)``):
+      - accumulated (default): :class:`DenseScores`, ``score_layers`` layers per pass (within
+        ``score_budget_mb``);
+      - streaming (reselection, one pass over all layers): :class:`StreamedCandidates`, no layer-sized buffer
+        (not used across ranks).
 
     Returns:
         list of ``(layer, stack name, scores (k,), flat indices into the stack (k,))``.
     """
     cfg = handle.config
-    loss_fn = loss_fn or default_loss
+    loss_fn = loss_fn or token_mean_loss
     batches = list(batches) if n_batches is None else [b for _, b in zip(range(n_batches), batches)]
     if not batches:
         raise ValueError("no calibration batches for selection")
@@ -133,71 +166,62 @@ def candidates(handle: UsafModel, batches: Iterable[dict], budget: int, exclude_
     def cap(numel: int) -> int:
         return max(1, math.ceil(cfg.layer_share_cap * budget * numel / max(total, 1)))
 
-    def run(batch_list, only=None):
+    def run(batch_list, hooks: dict, only=None):
         # Only the scored layers' parameters require grad: autograd then stops below the lowest of them.
         params = handle.trainable_parameters()
         keep = None if only is None else {id(p) for m in only for p in _layer_params(handle, m)}
         flags = [p.requires_grad for p in params]
-        try:
-            if keep is not None:
-                for p in params:
-                    p.requires_grad_(id(p) in keep)
-            for batch in batch_list:
-                loss_fn(model, batch).backward()
-                for p in params:
-                    p.grad = None
-        finally:
-            for p, f in zip(params, flags):
-                p.requires_grad_(f)
+        with contextlib.ExitStack() as stack:
+            for m in only or layers:
+                stack.enter_context(m.experts.mode_as(score_hook=hooks[m.index]))
+            try:
+                if keep is not None:
+                    for p in params:
+                        p.requires_grad_(id(p) in keep)
+                for batch in batch_list:
+                    loss_fn(model, batch).backward()
+                    for p in params:
+                        p.grad = None
+            finally:
+                for p, f in zip(params, flags):
+                    p.requires_grad_(f)
 
     with lean_passes(handle):  # every scoring pass keeps only what a checkpointed step keeps
         try:
             if streaming and not _distributed():
+                hooks = {m.index: StreamedCandidates(m.experts, {n: math.ceil(cap(m.experts.deltas[n].numel) /
+                                                                              m.experts.num_experts * 2)
+                                                                  for n in NAMES})
+                         for m in layers}
+                run(batches, hooks)
                 for m in layers:
-                    ex = m.experts
-                    ex.stream_k = {n: math.ceil(cap(ex.deltas[n].numel) / ex.num_experts * 2) for n in NAMES}
-                    ex.found = {}
-                run(batches)
-                for m in layers:
-                    ex = m.experts
                     for n in NAMES:
-                        found = ex.found.get(n, [])
-                        if found:
-                            sc = torch.cat([f[0] for f in found])
-                            ix, inv = torch.unique(torch.cat([f[1] for f in found]), return_inverse=True)
-                            sc = torch.zeros(ix.numel(), dtype=sc.dtype).scatter_reduce(0, inv, sc, "sum")
-                            k = min(sc.numel(), cap(ex.deltas[n].numel))
-                            top = torch.topk(sc, k, sorted=False)
-                            out.append((m, n, top.values, ix[top.indices]))
-                    ex.stream_k, ex.found = None, {}
+                        best = hooks[m.index].best(n, cap(m.experts.deltas[n].numel))
+                        if best is not None:
+                            out.append((m, n, *best))
                 return out
             budget_bytes = cfg.score_budget_mb << 20
             dtype = torch.float32 if cfg.score_dtype == "fp32" else torch.bfloat16
             elem_bytes = 4 if dtype == torch.float32 else 2
+            power = 1 if cfg.score == "abs" else 2
             for group in _groups(layers, budget_bytes, elem_bytes, max(1, cfg.score_layers)):
+                hooks = {m.index: DenseScores(m.experts, dtype, power) for m in group}
+                run(batches, hooks, only=group)
                 for m in group:
-                    ex = m.experts
-                    ex.scores = {n: torch.zeros(ex.shape(n), dtype=dtype, device=ex.deltas[n].values.device)
-                                 for n in NAMES}
-                    m.experts.score_power = 1 if cfg.score == "abs" else 2
-                run(batches, only=group)
-                if _distributed():
-                    for m in group:  # data parallel: every rank ranks the same summed scores
+                    buffers = hooks[m.index].buffers
+                    if _distributed():  # data parallel: every rank ranks the same summed scores
                         for n in NAMES:
-                            torch.distributed.all_reduce(m.experts.scores[n])
-                for m in group:
+                            torch.distributed.all_reduce(buffers[n])
                     for n in NAMES:
-                        scores = m.experts.scores[n].view(-1)
+                        scores = buffers[n].view(-1)
                         if exclude_active:
                             scores[m.experts.deltas[n].indices.long()] = -1.0
                         vals, idx = top_candidates(scores, min(scores.numel(), cap(scores.numel())))
                         keep = vals >= 0
                         out.append((m, n, vals[keep].float(), idx[keep]))
-                    m.experts.scores = None
+                del hooks
                 out = prune(out, budget)
         finally:
-            for m in layers:
-                m.experts.scores, m.experts.stream_k, m.experts.found = None, None, {}
             model.train(was_training)
     return out
 

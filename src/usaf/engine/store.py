@@ -10,10 +10,11 @@ from __future__ import annotations
 
 import torch
 
+from .quant import QuantizedTensor, QuantSpec
+
 
 class DenseStack:
     """A frozen dense ``[E, R, C]`` stack (no quantization)."""
-
     def __init__(self, tensor: torch.Tensor):
         self.tensor = tensor.detach()
         self.shape = tuple(tensor.shape)
@@ -44,7 +45,6 @@ def freeze_stack(tensor: torch.Tensor, quant: str, group_size: int = 64):
     """
     if quant in (None, "none"):
         return DenseStack(tensor)
-    from .quant import QuantizedTensor, QuantSpec
 
     bits = {"4bit": 4, "8bit": 8}.get(quant)
     if bits is None:

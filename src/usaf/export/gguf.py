@@ -26,8 +26,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .hf import DEFAULT_BASE_WEIGHTS, fp32_logits, reference_model
+from ..load.hf import load_tokenizer
 from .layout import Checkpoint, ExportCheckError, ExportError, Run, Staged, check_out, disk_dtype, plan
+from .reference import DEFAULT_BASE_WEIGHTS, fp32_logits, reference_model
 
 log = logging.getLogger("usaf")
 
@@ -129,8 +130,6 @@ def _add_tokenizer(w, src: Path, vocab_size: int, pre_override: str | None) -> N
 
 def _adds_special(src: Path) -> tuple[bool, bool]:
     """Whether transformers' tokenizer adds BOS / EOS to plain text (llama.cpp must do the same)."""
-    from ..load.hf import load_tokenizer
-
     tok = load_tokenizer(str(src))
     ids = tok("a")["input_ids"]
     return (tok.bos_token_id is not None and ids[:1] == [tok.bos_token_id],
@@ -381,7 +380,6 @@ def export_gguf(run: Run, out, qtype: str = "f16", base_weights: str = DEFAULT_B
         del ref
         llm = _llama(st.path, 64)
         err = compare_positions(want, llama_cpp_logits(st.path, ids, llm), TOLERANCE[qtype])
-        from ..load.hf import load_tokenizer
 
         hf_ids = load_tokenizer(str(ckpt.dir))(CHECK_TEXT)["input_ids"]
         same = llama_cpp_tokens(st.path, CHECK_TEXT, llm) == hf_ids

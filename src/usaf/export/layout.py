@@ -21,9 +21,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+import yaml
 from safetensors import safe_open
 
+from ..engine.families import FAMILIES
 from ..io import atomic_save_safetensors, atomic_write_json, read_safetensors
+from ..load.hf import resolve_device, resolve_dtype
 
 log = logging.getLogger("usaf")
 
@@ -37,20 +40,16 @@ _PER_EXPERT_NAMES = (("gate_proj", "up_proj", "down_proj"), ("w1", "w3", "w2"))
 class ExportError(ValueError):
     """A user-facing export problem (one line, exit code 2)."""
 
-
 class BaseMismatchError(ExportError):
     """The delta was made for another base model."""
 
-
 class ExportCheckError(ExportError):
     """The reload check of a written export failed (the output was removed)."""
-
 
 # ------------------------------------------------------------------------------------------------ the run
 @dataclass
 class Run:
     """A delta file and the base checkpoint it belongs to."""
-
     delta: Path
     base: str
     tensors: dict[str, torch.Tensor]
@@ -83,9 +82,6 @@ def read_delta(path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
 
 def load_run(run, base: str | None = None, train_dtype: str | None = None) -> Run:
     """``run``: a training output directory (delta.safetensors + config.yaml) or a delta file (needs ``base``)."""
-    import yaml
-
-    from ..load.hf import resolve_device, resolve_dtype
 
     run = Path(run)
     cfg: dict = {}
@@ -116,7 +112,6 @@ def load_run(run, base: str | None = None, train_dtype: str | None = None) -> Ru
 # ------------------------------------------------------------------------------------ the source checkpoint
 class Checkpoint:
     """A safetensors checkpoint directory: where each tensor lives, its dtype and shape (read lazily)."""
-
     def __init__(self, path):
         self.dir = Path(path)
         if not (self.dir / "config.json").is_file():
@@ -231,7 +226,6 @@ def _expect(ckpt: Checkpoint, name: str, shape: tuple[int, ...]) -> None:
 @dataclass
 class Patches:
     """What changes on disk: expert positions (flat index, delta values) and whole router tensors."""
-
     experts: dict[str, list[tuple[str, torch.Tensor, torch.Tensor]]] = field(default_factory=dict)
     routers: dict[str, str] = field(default_factory=dict)  # disk name -> in-memory router key
 
@@ -241,8 +235,6 @@ class Patches:
 
 def plan(run_tensors: dict[str, torch.Tensor], meta: dict[str, str], ckpt: Checkpoint) -> tuple[Patches, dict]:
     """Map every delta entry to on-disk tensors. Returns (patches, {stack key: StackMap})."""
-    from ..engine.families import FAMILIES
-
     fam = FAMILIES.get(meta.get("model_type", ""))
     transposed = bool(fam and fam.transposed)
     shapes = {k: tuple(v) for k, v in json.loads(meta.get("shapes", "{}")).items()}
@@ -331,7 +323,6 @@ def check_out(out, overwrite: bool, source=None) -> Path:
 
 class Staged:
     """Write into a hidden sibling, move into place on success, remove it on any failure."""
-
     def __init__(self, out, overwrite: bool, is_dir: bool, source=None):
         self.out = check_out(out, overwrite, source)
         self.out.parent.mkdir(parents=True, exist_ok=True)

@@ -1,0 +1,1 @@
+"""Where weights come from: Hugging Face checkpoints (streamed, quantized while read, cached), tiers, mmap."""

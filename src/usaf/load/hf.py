@@ -6,6 +6,11 @@ import json
 from pathlib import Path
 
 import torch
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+from ..engine.families import UnsupportedModelError, family_for, supported
+from ..io import check_safetensors
+from ..units import DTYPES
 
 
 class LoadError(ValueError):
@@ -26,9 +31,8 @@ def resolve_device(spec: str = "auto") -> torch.device:
 
 def resolve_dtype(spec: str, device: torch.device) -> torch.dtype:
     """``auto``: bf16 on CPU (its matmuls are fastest there) and on GPUs that have it, else fp32."""
-    table = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
-    if spec in table:
-        return table[spec]
+    if spec in DTYPES:
+        return DTYPES[spec]
     if spec not in ("", "auto"):
         raise LoadError(f"unknown dtype {spec!r} (use auto, bf16, fp16 or fp32)")
     if device.type == "cuda":
@@ -49,8 +53,6 @@ def _check_model_dir(model: str) -> None:
 
 
 def load_tokenizer(model: str, trust_remote_code: bool = False):
-    from transformers import AutoTokenizer
-
     _check_model_dir(model)
     p = Path(model)
     if p.exists() and not any((p / f).exists() for f in ("tokenizer.json", "tokenizer.model", "vocab.json",
@@ -66,8 +68,6 @@ def load_tokenizer(model: str, trust_remote_code: bool = False):
 
 
 def load_config(model: str, trust_remote_code: bool = False):
-    from transformers import AutoConfig
-
     _check_model_dir(model)
     try:
         return AutoConfig.from_pretrained(model, trust_remote_code=trust_remote_code)
@@ -83,8 +83,6 @@ def check_model(model: str, trust_remote_code: bool = False):
     """Everything about ``--model`` that can be checked without reading weights: the directory, its
     config and family (dense / unknown models are refused), and, for a local directory, its safetensors
     files (present, inside the directory, complete). Returns the transformers config."""
-    from ..engine.families import UnsupportedModelError, family_for, supported
-
     config = load_config(model, trust_remote_code)
     try:
         family_for(config)
@@ -98,7 +96,7 @@ def check_model(model: str, trust_remote_code: bool = False):
         raise
     p = Path(model)
     if p.exists():
-        _check_shards(p)
+        check_shards(p)
     return config
 
 
@@ -108,8 +106,6 @@ def load_model(model: str, dtype=torch.bfloat16, device="cpu", trust_remote_code
     Only safetensors weights are read (``use_safetensors=True``: never a pickle); a checkpoint that lacks
     some of the model's weights is refused rather than completed with random values.
     """
-    from transformers import AutoModelForCausalLM
-
     check_model(model, trust_remote_code)  # one-line errors for dense / unknown models, bad shards
     try:
         m, info = AutoModelForCausalLM.from_pretrained(model, dtype=dtype, trust_remote_code=trust_remote_code,
@@ -125,11 +121,9 @@ def load_model(model: str, dtype=torch.bfloat16, device="cpu", trust_remote_code
     return m.to(device).eval()
 
 
-def _check_shards(p: Path) -> None:
+def check_shards(p: Path) -> None:
     """The safetensors weights must exist and be complete; index entries must name files inside the
     directory (no absolute paths, no ``..``), so a crafted index cannot make usaf read elsewhere."""
-    from ..io import check_safetensors
-
     index = p / "model.safetensors.index.json"
     if not index.exists():
         single = p / "model.safetensors"

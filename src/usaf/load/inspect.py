@@ -6,22 +6,20 @@ Reads config.json only (the model is built on the meta device), so it works for 
 from __future__ import annotations
 
 import torch
+from transformers import AutoModelForCausalLM
 
 from ..engine.families import family_for, fused_experts, get_path
+from ..engine.model import decoder_layers
 from .hf import load_config
 
 
 def inspect_model(model: str, density: float = 0.005, trust_remote_code: bool = False) -> dict:
-    from transformers import AutoModelForCausalLM
-
     if not 0 < density <= 1:
         raise ValueError(f"--density must be in (0, 1], got {density}")
     config = load_config(model, trust_remote_code)
     fam = family_for(config)
     with torch.device("meta"):
         m = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
-    from ..engine.model import decoder_layers
-
     layers = decoder_layers(m)
     moe_layers, expert_params, router_params, shapes = [], 0, 0, None
     for i, layer in enumerate(layers):

@@ -20,13 +20,15 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import mmap
 import os
 import re
 from pathlib import Path
 
 import torch
+from accelerate import init_empty_weights
 from safetensors import safe_open
+from transformers import AutoConfig, AutoModelForCausalLM
+from transformers.core_model_loading import revert_weight_conversion
 
 from ..config import UsafConfig
 from ..engine.experts import NAMES
@@ -35,14 +37,14 @@ from ..engine.model import UsafModel, decoder_layers, fingerprint, prepare, samp
 from ..engine.quant import QuantizedTensor, QuantSpec
 from ..engine.store import DenseStack
 from ..io import atomic_save_safetensors
+from .hf import check_shards, load_config, load_model
+from .mmap import map_safetensors
 from .tiers import choose_tier
 
 log = logging.getLogger("usaf")
 
 _EXPERT_KEY = re.compile(r"\.experts\.(\d+)\.(\w+)\.weight$")
 _GATE, _UP, _DOWN = {"gate_proj", "w1"}, {"up_proj", "w3"}, {"down_proj", "w2"}
-_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "U8": torch.uint8,
-           "I32": torch.int32, "I64": torch.int64, "I8": torch.int8}
 
 
 class ShardReader:
@@ -84,8 +86,6 @@ class ShardReader:
 
 def _source_keys(meta_model, key: str, tensor: torch.Tensor) -> list[str]:
     """On-disk names of one in-memory tensor, from transformers' conversion tables (reverted)."""
-    from transformers.core_model_loading import revert_weight_conversion
-
     return list(revert_weight_conversion(meta_model, {key: tensor}).keys())
 
 
@@ -162,43 +162,6 @@ class _StackBuilder:
         return QuantizedTensor.from_tensors(t, self.shape, parts[0].bits, self.group_size), sample
 
 
-def _mmap_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str], mmap.mmap]:
-    """Tensors of a safetensors file as views of a private (copy-on-write) mmap: the disk tier."""
-    f = open(path, "rb")
-    mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
-    f.close()
-    n = int.from_bytes(mm[:8], "little")
-    header = json.loads(mm[8 : 8 + n])
-    meta = header.pop("__metadata__", {}) or {}
-    out = {}
-    for k, info in header.items():
-        s, e = info["data_offsets"]
-        dt = _DTYPES[info["dtype"]]
-        t = torch.frombuffer(mm, dtype=torch.uint8, count=e - s, offset=8 + n + s) if e > s else \
-            torch.empty(0, dtype=torch.uint8)
-        out[k] = t.view(dt).view(info["shape"])
-        _MMAP_RANGES[out[k].data_ptr()] = (mm, 8 + n + s, e - s)
-    return out, meta, mm
-
-
-# data_ptr of an mmap-backed tensor -> (mmap, byte offset, length): lets the disk tier drop pages.
-_MMAP_RANGES: dict[int, tuple] = {}
-
-
-def evict(stack) -> None:
-    """Drop the resident pages of an mmap-backed frozen stack (disk tier); they are re-read on next use."""
-    for t in stack.tensors().values():
-        r = _MMAP_RANGES.get(t.data_ptr())
-        if r is None:
-            continue
-        mm, off, length = r
-        start = off - off % mmap.PAGESIZE
-        end = off + length
-        end = end - end % mmap.PAGESIZE  # never touch pages shared with a neighbouring tensor's tail
-        if end > start:
-            mm.madvise(mmap.MADV_DONTNEED, start, end - start)
-
-
 def cache_path(model_dir: Path, reader: ShardReader, cfg: UsafConfig, dtype, cache_root: Path | None) -> Path:
     """``$USAF_QUANT_CACHE`` or ``$USAF_CACHE/quant`` (default ``~/.cache/usaf/quant``)."""
     root = cache_root or Path(os.environ.get("USAF_QUANT_CACHE") or
@@ -215,9 +178,6 @@ def load_streamed(model_dir, cfg: UsafConfig | None = None, dtype=torch.bfloat16
     Args:
         tier: where frozen expert stacks live: "device", "host" (RAM) or "disk" (mmap of the cache).
     """
-    from accelerate import init_empty_weights
-    from transformers import AutoConfig, AutoModelForCausalLM
-
     cfg = cfg or UsafConfig()
     model_dir = Path(model_dir)
     config = AutoConfig.from_pretrained(model_dir)
@@ -261,7 +221,7 @@ def load_streamed(model_dir, cfg: UsafConfig | None = None, dtype=torch.bfloat16
     cpath = cache_path(model_dir, reader, cfg, dtype, cache_root)
     frozen: dict[str, dict] = {}
     if cpath.exists():
-        tensors, meta, _mm = _mmap_safetensors(cpath)
+        tensors, meta, _mm = map_safetensors(cpath)
         base_fp = meta["base_fingerprint"]
         for key, (prefix, name, m) in stacks.items():
             frozen.setdefault(prefix, {})[name] = _from_cache(tensors, key, tuple(m.shape), cfg)
@@ -278,7 +238,7 @@ def load_streamed(model_dir, cfg: UsafConfig | None = None, dtype=torch.bfloat16
                                                        "group_size": str(cfg.group_size)})
         log.info("expert stacks quantized and cached in %s", cpath)
         if tier == "disk":
-            tensors, _, _mm = _mmap_safetensors(cpath)
+            tensors, _, _mm = map_safetensors(cpath)
             frozen = {}
             for key, (prefix, name, m) in stacks.items():
                 frozen.setdefault(prefix, {})[name] = _from_cache(tensors, key, tuple(m.shape), cfg)
@@ -308,12 +268,10 @@ def load_prepared(model: str, cfg: UsafConfig, dtype, device, trust_remote_code:
                   tier: str = "auto", device_memory=None, host_memory=None) -> UsafModel:
     """The one way usaf loads a model to train or evaluate: streamed for local safetensors checkpoints
     (quantized cache, tiers), ``from_pretrained`` + ``prepare`` otherwise (hub ids, remote code)."""
-    from .hf import _check_shards, load_config, load_model
-
     family_for(load_config(model, trust_remote_code))
     p = Path(model)
     if p.is_dir() and not trust_remote_code:
-        _check_shards(p)
+        check_shards(p)
         if tier == "auto":
             tier = choose_tier(expert_bytes(load_config(model, trust_remote_code), cfg), device,
                                device_memory, host_memory)
@@ -329,9 +287,6 @@ def load_prepared(model: str, cfg: UsafConfig, dtype, device, trust_remote_code:
 
 def expert_bytes(config, cfg: UsafConfig) -> int:
     """Bytes of all frozen expert stacks at the chosen quantization, from the config alone."""
-    from accelerate import init_empty_weights
-    from transformers import AutoModelForCausalLM
-
     with init_empty_weights():
         model = AutoModelForCausalLM.from_config(config)
     n = sum(p.numel() for name, p in model.named_parameters()

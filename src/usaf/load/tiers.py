@@ -16,17 +16,12 @@ import psutil
 import torch
 
 from ..engine.model import UsafModel, compute_device, decoder_layers
+from ..engine.quant import QuantizedTensor
+from ..engine.store import DenseStack
+from ..units import parse_bytes
+from .mmap import evict
 
 log = logging.getLogger("usaf")
-
-
-def parse_bytes(text: str | int | None) -> int | None:
-    """``12GB``, ``12GiB``, ``512MB``, ``1024`` -> bytes (``usaf.memory.plan.parse_memory``); empty -> None."""
-    if text in (None, "", 0):
-        return None
-    from ..memory.plan import parse_memory
-
-    return parse_memory(text)
 
 
 def choose_tier(expert_bytes: int, device, device_memory=None, host_memory=None) -> str:
@@ -90,14 +85,12 @@ class Prefetcher:
         for st in staged.values():
             for t in st.tensors().values():
                 t.record_stream(compute)
-        layer.experts.staged = (staged, event)
+        layer.experts.set_mode(staged=(staged, event))
 
     def _unstage(self, layer) -> None:
-        layer.experts.staged = None
+        layer.experts.set_mode(staged=None)
 
     def _evict(self, layer) -> None:
-        from .stream import evict
-
         for s in layer.experts.frozen.values():
             evict(s)
 
@@ -105,15 +98,12 @@ class Prefetcher:
         for h in self.hooks:
             h.remove()
         for m in self.handle.layers:
-            m.experts.staged = None
+            m.experts.set_mode(staged=None)
         self.pool.shutdown(wait=True)
 
 
 def _pinned(stack):
     """The same frozen stack with its host tensors in page-locked memory."""
-    from ..engine.quant import QuantizedTensor
-    from ..engine.store import DenseStack
-
     if isinstance(stack, DenseStack):
         return DenseStack(stack.tensor.pin_memory())
     if isinstance(stack, QuantizedTensor):

@@ -1,8 +1,9 @@
 """Training checkpoints: everything needed to continue as if nothing happened.
 
 A checkpoint is a directory ``checkpoints/step-XXXXXXX/`` holding ``state.safetensors`` (delta indices and
-values, routers, AdamW moments, router masters, RNG states) and ``state.json`` (step, schedule position,
-data position, counters, loss-scaler state, the identity of the data and model). It is written under a
+values, routers, and the optimizer's tensors: AdamW moments, router masters; RNG states) and ``state.json``
+(step, schedule position, data position, counters, the optimizer's step counts, learning rates and loss
+scale, the identity of the data and model). It is written under a
 temporary name (``.tmp-step-...``), fsynced and renamed, so a run killed at any moment leaves only complete
 checkpoints; the newest ``keep`` are kept. Temporary directories left by a killed run are ignored by
 :func:`latest` and removed by :func:`clean`.
@@ -30,20 +31,6 @@ from ..io import (
 )
 
 
-def _opt_tensors(opt: UsafOptimizer) -> tuple[dict[str, torch.Tensor], dict]:
-    tensors, steps = {}, {}
-    for group, params in (("v", opt.values), ("r", opt.masters)):
-        for i, p in enumerate(params):
-            st = opt.opt.state.get(p)
-            if st:
-                tensors[f"opt::{group}{i}.exp_avg"] = st["exp_avg"].detach().cpu()
-                tensors[f"opt::{group}{i}.exp_avg_sq"] = st["exp_avg_sq"].detach().cpu()
-                steps[f"{group}{i}"] = float(st["step"])
-    for i, m in enumerate(opt.masters):
-        tensors[f"master::{i}"] = m.detach().cpu().clone()  # may be the router itself (fp32)
-    return tensors, steps
-
-
 def save(out_dir, step: int, handle: UsafModel, opt: UsafOptimizer, sched, state: dict, keep: int = 2) -> Path:
     """Write ``out_dir/checkpoints/step-<step>`` atomically, then prune all but the newest ``keep``.
 
@@ -60,15 +47,14 @@ def save(out_dir, step: int, handle: UsafModel, opt: UsafOptimizer, sched, state
     tmp.mkdir()
     try:
         tensors = handle.delta_state()
-        opt_t, opt_steps = _opt_tensors(opt)
-        tensors.update(opt_t)
+        opt_state = opt.state_dict()
+        tensors.update(opt_state["tensors"])
         tensors["rng::torch"] = torch.get_rng_state()
         if torch.cuda.is_available():
             for i, s in enumerate(torch.cuda.get_rng_state_all()):
                 tensors[f"rng::cuda{i}"] = s
         atomic_save_safetensors(tensors, tmp / "state.safetensors", metadata=handle.delta_metadata())
-        meta = dict(state, step=step, opt_steps=opt_steps, sched=sched.state_dict() if sched else None,
-                    lrs=[g["lr"] for g in opt.opt.param_groups])
+        meta = dict(state, step=step, sched=sched.state_dict() if sched else None, **opt_state["meta"])
         atomic_write_json(tmp / "state.json", meta)
         _fsync_dir(tmp)
         if final.exists():  # the same step saved again (a resumed run that ends where it resumed)
@@ -152,24 +138,12 @@ def load_deltas(tensors: dict[str, torch.Tensor], handle: UsafModel) -> None:
     handle.load_delta_state({k: v for k, v in tensors.items() if "::" not in k or k.startswith("router::")})
 
 
-@torch.no_grad()
 def load_training(tensors: dict[str, torch.Tensor], meta: dict, opt: UsafOptimizer, sched) -> None:
-    """Restore optimizer moments, router masters, schedule and RNG states."""
-    for group, params in (("v", opt.values), ("r", opt.masters)):
-        for i, p in enumerate(params):
-            key = f"opt::{group}{i}"
-            if f"{key}.exp_avg" in tensors:
-                opt.opt.state[p] = {
-                    "step": torch.tensor(meta["opt_steps"][f"{group}{i}"]),
-                    "exp_avg": tensors[f"{key}.exp_avg"].to(p.device),
-                    "exp_avg_sq": tensors[f"{key}.exp_avg_sq"].to(p.device),
-                }
-    for i, (m, r) in enumerate(zip(opt.masters, opt.routers)):
-        m.copy_(tensors[f"master::{i}"])
-        r.copy_(m.to(r.dtype))
+    """Restore the optimizer (moments, router masters, learning rates, loss scale), schedule and RNG states."""
+    opt.load_state_dict({"tensors": tensors, "meta": meta})
     if sched is not None and meta.get("sched"):
         sched.load_state_dict(meta["sched"])
-    for g, lr in zip(opt.opt.param_groups, meta.get("lrs", [])):
+    for g, lr in zip(opt.param_groups, meta.get("lrs", [])):  # the schedule's state sets them too
         g["lr"] = lr
     torch.set_rng_state(tensors["rng::torch"])
     if torch.cuda.is_available():

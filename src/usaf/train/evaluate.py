@@ -9,6 +9,7 @@ from collections.abc import Iterable
 import torch
 
 from ..engine.loss import lm_loss
+from .distributed import all_sum_many
 
 
 @torch.no_grad()
@@ -33,8 +34,6 @@ def evaluate(model, batches: Iterable[dict], device=None, max_batches: int = 0, 
         count += int(n)
     model.train(was_training)
     if dist is not None and dist.on:
-        from .distributed import all_sum_many
-
         total, count = all_sum_many([total, count], dist)
         count = int(round(count))
     loss = total / max(count, 1)

@@ -1,0 +1,202 @@
+"""Examples -> batches: the held-out split, right padding, and seeded, resumable, rank-sharded batches.
+
+* :func:`split_eval` - deterministic held-out split when no eval file is given.
+* :func:`collate` - right padding to the longest sequence of the batch.
+* :class:`Batches` - seeded, epoch-aware, resumable batch iterator with optional rank sharding.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Iterator, Sequence
+
+import torch
+
+from .examples import IGNORE_INDEX, DataError, Example
+
+
+def split_eval(
+    examples: Sequence[Example],
+    fraction: float = 0.1,
+    seed: int = 0,
+    min_eval: int = 1,
+    max_eval: int | None = 256,
+) -> tuple[list[Example], list[Example]]:
+    """Deterministic held-out split ``(train, eval)`` for when no eval file is given.
+
+    ``round(fraction * n)`` examples, clamped to ``[min_eval, max_eval]`` (``max_eval=None``: no cap) and to at
+    most ``n - 1``, are drawn with a seeded RNG; both parts keep the original order. ``fraction=0`` (or
+    ``max_eval=0``) returns ``(all, [])``. Raises :class:`DataError` when fewer than 2 examples are given
+    (nothing could be held out and still leave training data). For packed text the held-out windows are
+    windows of the same stream, so a document cut across two windows can be on both sides of the split.
+    """
+    if not 0.0 <= fraction < 1.0:
+        raise ValueError(f"eval fraction must be in [0, 1), got {fraction}")
+    n = len(examples)
+    if fraction == 0.0 or max_eval == 0:
+        return list(examples), []
+    if n < 2:
+        raise DataError(
+            f"only {n} training sequence(s): too few to hold out an eval split; add data or give an eval file"
+        )
+    k = max(int(min_eval), round(fraction * n))
+    if max_eval is not None:
+        k = min(k, int(max_eval))
+    k = max(1, min(k, n - 1))
+    held = set(random.Random(f"usaf-split:{seed}").sample(range(n), k))
+    train = [ex for i, ex in enumerate(examples) if i not in held]
+    evals = [ex for i, ex in enumerate(examples) if i in held]
+    return train, evals
+
+
+def collate(examples: Sequence[Example], pad_id: int) -> dict[str, torch.Tensor]:
+    """Right-pad a batch to its longest sequence.
+
+    Returns ``input_ids`` (B, T) padded with ``pad_id``, ``labels`` (B, T) with ``-100`` on padding and
+    ``attention_mask`` (B, T) with 1 on real tokens, all ``torch.long``.
+    """
+    if not examples:
+        raise ValueError("cannot collate an empty batch")
+    width = max(len(ex) for ex in examples)
+    input_ids = torch.full((len(examples), width), int(pad_id), dtype=torch.long)
+    labels = torch.full((len(examples), width), IGNORE_INDEX, dtype=torch.long)
+    attention_mask = torch.zeros((len(examples), width), dtype=torch.long)
+    for row, ex in enumerate(examples):
+        n = len(ex)
+        input_ids[row, :n] = torch.tensor(ex.input_ids, dtype=torch.long)
+        labels[row, :n] = torch.tensor(ex.labels, dtype=torch.long)
+        attention_mask[row, :n] = 1
+    return {"input_ids": input_ids, "labels": labels, "attention_mask": attention_mask}
+
+
+class Batches:
+    """Deterministic, epoch-aware, resumable batches of shuffled examples.
+
+    Each epoch visits every example once, in an order drawn from ``(seed, epoch)`` (or the original order if
+    ``shuffle=False``), in *global* batches of ``batch_size`` examples; ``len()`` is the number of global
+    batches per epoch. The last, partial batch is kept unless ``drop_last``.
+
+    With ``world_size > 1`` (``batch_size`` must then be a multiple of it) each rank gets a disjoint contiguous
+    slice of ``batch_size // world_size`` examples of every global batch; a partial last batch is first
+    filled up to a multiple of ``world_size`` with examples from the start of the epoch's order, so every
+    rank always gets the same number of examples.
+
+    Iterating yields the remaining batches of the current epoch and then moves to the next epoch, so
+    ``for epoch in ...: for batch in batches: ...`` works; :meth:`next_batch` crosses epochs by itself.
+    Batches are lists of :class:`Example`, or :func:`collate` dicts when ``pad_id`` is given.
+    :meth:`state_dict` / :meth:`load_state_dict` save and restore ``(epoch, position, seed)``: a resumed run
+    gets exactly the batches the uninterrupted one would have.
+    """
+
+    def __init__(
+        self,
+        examples: Sequence[Example],
+        batch_size: int,
+        *,
+        seed: int = 0,
+        shuffle: bool = True,
+        drop_last: bool = False,
+        rank: int = 0,
+        world_size: int = 1,
+        pad_id: int | None = None,
+    ) -> None:
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be positive, got {batch_size}")
+        if world_size < 1 or not 0 <= rank < world_size:
+            raise ValueError(f"invalid rank {rank} for world_size {world_size}")
+        if batch_size % world_size:
+            raise ValueError(f"batch_size {batch_size} is not a multiple of world_size {world_size}")
+        if not examples:
+            raise ValueError("no examples to batch")
+        if drop_last and len(examples) < batch_size:
+            raise ValueError(f"{len(examples)} examples make no full batch of {batch_size} (drop_last=True)")
+        self.examples = examples
+        self.batch_size = int(batch_size)
+        self.seed = int(seed)
+        self.shuffle = shuffle
+        self.drop_last = drop_last
+        self.rank = rank
+        self.world_size = world_size
+        self.pad_id = pad_id
+        self.epoch = 0
+        self.position = 0  # index of the next global batch within the epoch
+        self._order_epoch: int | None = None
+        self._order: list[int] = []
+
+    def __len__(self) -> int:
+        n = len(self.examples)
+        return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
+
+    @property
+    def local_batch_size(self) -> int:
+        """Examples per rank in a full batch."""
+        return self.batch_size // self.world_size
+
+    def order(self, epoch: int) -> list[int]:
+        """Example indices in the order epoch ``epoch`` visits them."""
+        if self._order_epoch != epoch:
+            order = list(range(len(self.examples)))
+            if self.shuffle:
+                random.Random(f"usaf-batches:{self.seed}:{epoch}").shuffle(order)
+            self._order, self._order_epoch = order, epoch
+        return self._order
+
+    def global_indices(self, epoch: int, position: int) -> list[int]:
+        """Indices of global batch ``position`` of epoch ``epoch`` (before rank sharding, incl. fill)."""
+        order = self.order(epoch)
+        batch = order[position * self.batch_size : (position + 1) * self.batch_size]
+        if self.world_size > 1 and len(batch) % self.world_size:
+            need = self.world_size - len(batch) % self.world_size
+            batch = batch + [order[i % len(order)] for i in range(need)]
+        return batch
+
+    def rank_indices(self, epoch: int, position: int) -> list[int]:
+        """This rank's slice of :meth:`global_indices`."""
+        batch = self.global_indices(epoch, position)
+        per_rank = len(batch) // self.world_size
+        return batch[self.rank * per_rank : (self.rank + 1) * per_rank]
+
+    def _normalize(self) -> None:
+        if self.position >= len(self):
+            self.epoch += self.position // len(self)
+            self.position %= len(self)
+
+    def next_batch(self) -> list[Example] | dict[str, torch.Tensor]:
+        """The next batch (for this rank), advancing to the next epoch after the last one."""
+        self._normalize()
+        indices = self.rank_indices(self.epoch, self.position)
+        self.position += 1
+        self._normalize()
+        batch = [self.examples[i] for i in indices]
+        if self.pad_id is None:
+            return batch
+        out = collate(batch, self.pad_id)
+        out["index"] = torch.tensor(indices, dtype=torch.long)  # which examples (frozen-prefix cache rows)
+        return out
+
+    def __iter__(self) -> Iterator[list[Example] | dict[str, torch.Tensor]]:
+        self._normalize()
+        for _ in range(len(self) - self.position):
+            yield self.next_batch()
+
+    def state_dict(self) -> dict[str, int]:
+        """``epoch``, ``position`` (next batch within the epoch), ``seed``, plus sizes checked on load."""
+        self._normalize()
+        return {
+            "epoch": self.epoch,
+            "position": self.position,
+            "seed": self.seed,
+            "num_examples": len(self.examples),
+            "batch_size": self.batch_size,
+        }
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        """Restore a :meth:`state_dict`; raises ``ValueError`` if the data or batch size changed since."""
+        for key, mine in (("num_examples", len(self.examples)), ("batch_size", self.batch_size)):
+            if key in state and int(state[key]) != mine:
+                raise ValueError(f"cannot resume batches: {key} was {state[key]}, is now {mine}")
+        self.seed = int(state["seed"])
+        self.epoch = int(state["epoch"])
+        self.position = int(state["position"])
+        self._order_epoch = None
+        self._normalize()

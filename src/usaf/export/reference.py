@@ -1,0 +1,155 @@
+"""usaf's own merged model: what every export must reproduce, and the checks that compare against it.
+
+- :func:`reference_model`: the base loaded at its on-disk dtype (fingerprint checked), prepared, the delta
+  loaded and folded into the frozen stacks (``UsafExperts.fold``): the effective weights training used.
+- :func:`check_fingerprint`: the base a delta was made for, at any load dtype.
+- :func:`compare_logits`: the reload checks (hf, delta, gguf) compare a written file's logits with it.
+"""
+
+from __future__ import annotations
+
+import gc
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM
+
+from ..config import UsafConfig
+from ..engine import model as usaf_model
+from ..engine.experts import NAMES
+from ..engine.families import family_for, get_path
+from ..engine.model import decoder_layers, prepare
+from ..load.hf import load_model
+from .layout import BaseMismatchError, ExportCheckError
+
+BASE_WEIGHTS = ("full", "dequantized")
+DEFAULT_BASE_WEIGHTS = "full"
+# Relative logit tolerance of the reload check (fp32 forward of identical weights on both sides).
+HF_TOLERANCE = 1e-4
+
+
+
+def merged_values(orig: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+    """``round_to_dtype(orig + delta)``: the formula training uses (``SparseDelta.add_to``)."""
+    return (orig.float() + values).to(orig.dtype)
+
+
+
+class _Cast:
+    """A model seen through a dtype cast (what loading it at that dtype would give): for fingerprints."""
+    def __init__(self, model, dtype):
+        self.model, self.dtype = model, dtype
+
+    def named_parameters(self, *a, **k):
+        for n, p in self.model.named_parameters(*a, **k):
+            yield n, p.detach().to(self.dtype)
+
+
+def _fingerprint_as(model, family, dtype) -> str:
+    """``usaf.engine.model.fingerprint`` of ``model`` as if it had been loaded at ``dtype``."""
+    sample_index = getattr(usaf_model, "sample_index", None)
+    if sample_index is None:  # older fingerprint(): hash a cast view of the model
+        return usaf_model.fingerprint(_Cast(model, dtype), family)
+    samples = {n: p.detach().reshape(-1)[sample_index(p.numel())].to(dtype) for n, p in model.named_parameters()}
+    return usaf_model.fingerprint(model, family, samples)
+
+
+def check_fingerprint(model, meta: dict, where: str) -> None:
+    """Refuse a base whose fingerprint (at any load dtype) differs from the delta's ``base_fingerprint``."""
+    want = meta.get("base_fingerprint")
+    family = family_for(model.config)
+    if family.model_type != meta.get("model_type", family.model_type):
+        raise BaseMismatchError(f"the delta was made for a {meta.get('model_type')} model, {where} is "
+                                f"{family.model_type}")
+    got = []
+    for dtype in (torch.bfloat16, torch.float32, torch.float16):
+        got.append(_fingerprint_as(model, family, dtype))
+        if got[-1] == want:
+            return
+    raise BaseMismatchError(f"the delta was made for another base model than {where} "
+                            f"(fingerprint {want}, {where} is {got[0]})")
+
+
+def check_base(base: str, meta: dict, dtype) -> None:
+
+    model = load_model(base, dtype=dtype, device="cpu")
+    check_fingerprint(model, meta, base)
+    del model
+    gc.collect()
+
+
+def reference_model(base: str, tensors: dict, meta: dict, dtype, quant: str = "none", compute_dtype=None):
+    """usaf's model of ``base`` with the delta folded in: what an export must reproduce.
+
+    The model is loaded at ``dtype`` (the on-disk dtype) and its fingerprint checked. With ``quant`` set
+    (``dequantized`` base weights), the expert stacks are first cast to ``compute_dtype`` (training's dtype)
+    and quantized exactly as training did. Every stack is then replaced by its effective dense weights
+    (base + delta, rounded to ``compute_dtype`` as in training, then to ``dtype``), so
+    ``handle.layers[i].experts.frozen[name].tensor`` holds what an export writes.
+    """
+
+    compute_dtype = compute_dtype or dtype
+    model = load_model(base, dtype=dtype, device="cpu")
+    check_fingerprint(model, meta, base)
+    if quant != "none":  # training loaded (and so quantized) the experts at its compute dtype
+        family = family_for(model.config)
+        for layer in decoder_layers(model):
+            stock = get_path(get_path(layer, family.block) or layer, family.experts)
+            for name in NAMES:
+                p = getattr(stock, name, None) if stock is not None else None
+                if p is not None and p.dim() == 3:
+                    p.data = p.data.to(compute_dtype)
+    cfg = UsafConfig(density=float(meta.get("density", 0.005)), train_layers=meta.get("train_layers", "all"),
+                     quant=quant, group_size=int(meta.get("group_size", 64)),
+                     train_router=meta.get("train_router", "True") == "True")
+    handle = prepare(model, cfg)
+    handle.load_delta_state({k: v for k, v in tensors.items()
+                             if k.startswith("router::") or k.endswith((".indices", ".values"))})
+    for m in handle.layers:
+        m.experts.fold(compute_dtype, dtype)  # the forward adds no delta any more
+    return handle
+
+
+def probe_ids(vocab_size: int, n: int = 12) -> torch.Tensor:
+    g = torch.Generator().manual_seed(1234)
+    return torch.randint(0, vocab_size, (2, n), generator=g)
+
+
+@torch.no_grad()
+def fp32_logits(model, ids: torch.Tensor) -> torch.Tensor:
+    model.float().eval()
+    return model(input_ids=ids).logits.float()
+
+
+def compare_logits(ref: torch.Tensor, got: torch.Tensor, tol: float, what: str) -> float:
+    """Max |difference| relative to the largest reference logit; raises ExportCheckError above ``tol``."""
+    if got.shape != ref.shape:
+        raise ExportCheckError(f"check failed: {what} logits have shape {tuple(got.shape)}, expected "
+                               f"{tuple(ref.shape)}; output removed")
+    err = float((ref - got).abs().max() / ref.abs().max().clamp_min(1.0))
+    if not err <= tol:
+        raise ExportCheckError(f"check failed: {what} logits differ from usaf's merged model (max relative "
+                               f"error {err:.2e} > {tol:.0e}); output removed")
+    return err
+
+
+def hf_logits(path: Path, ids: torch.Tensor) -> torch.Tensor:
+
+    try:
+        model = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32)
+    except Exception as e:  # noqa: BLE001 - any load failure is a failed check
+        raise ExportCheckError(f"check failed: transformers cannot load the export ({str(e).splitlines()[0]}); "
+                               f"output removed") from None
+    return fp32_logits(model, ids)
+
+
+
+
+def reference_logits(ref, check: bool):
+    """Probe token ids and usaf's fp32 logits for them (computed before the export is written)."""
+    if not check:
+        return None, None
+    ids = probe_ids(ref.model.config.get_text_config().vocab_size)
+    return ids, fp32_logits(ref.model, ids)
+
+

@@ -1,0 +1,76 @@
+"""What a run reads before any weight: the model's config and tokenizer, the data, its held-out split, and
+the identities (content digests) that a resumed run must match. Also the eval batches of each rank."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import torch
+
+from ..config import TrainConfig
+from ..data.batches import collate, split_eval
+from ..data.examples import Example
+from ..data.load import load_examples
+from ..engine.model import parse_layers
+from ..load.hf import check_model, load_tokenizer, resolve_device, resolve_dtype
+from . import distributed
+from .resume import config_digest, examples_digest, files_digest
+
+log = logging.getLogger("usaf")
+
+
+@dataclass
+class Inputs:
+    device: torch.device
+    dtype: torch.dtype
+    tokenizer: object
+    pad_id: int
+    train: list[Example]
+    eval: list[Example]
+    stats: object  # DataStats of --data
+    identity: dict  # content digests: model config, data, eval data, tokens (+ base fingerprint, later)
+
+
+def read_inputs(cfg: TrainConfig, d: distributed.Dist) -> Inputs:
+    """Check the model (config, family, files) and read the tokenizer and data; raises one-line errors."""
+    model_cfg = check_model(cfg.model, cfg.trust_remote_code)
+    parse_layers(cfg.usaf.train_layers, model_cfg.get_text_config().num_hidden_layers)
+    device = resolve_device(distributed.device_for(d, cfg.device))
+    dtype = resolve_dtype(cfg.dtype, device)
+    tok = load_tokenizer(cfg.model, cfg.trust_remote_code)
+    examples, stats = load_examples(cfg.data, tok, cfg.seq_len)
+    eval_stats = None
+    if cfg.eval_data:
+        train_ex = examples
+        eval_ex, eval_stats = load_examples(cfg.eval_data, tok, cfg.seq_len)
+    else:
+        train_ex, eval_ex = split_eval(examples, fraction=0.1, seed=cfg.seed, max_eval=64)
+    log_data("data", stats, cfg.seq_len)
+    if eval_stats is not None:
+        log_data("eval data", eval_stats, cfg.seq_len)
+    identity = {"model_config": config_digest(model_cfg), "data": files_digest(stats.files),
+                "eval_data": files_digest(eval_stats.files) if eval_stats else None,
+                "tokens": examples_digest(examples, eval_ex if cfg.eval_data else [])}
+    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    return Inputs(device, dtype, tok, pad, train_ex, eval_ex, stats, identity)
+
+
+def log_data(what: str, stats, seq_len: int) -> None:
+    log.info("%s: %s", what, stats.summary())
+    if stats.truncated or stats.dropped:
+        log.warning("%s: %d of %d rows longer than --seq-len %d were truncated, %d dropped (no loss token "
+                    "left)", what, stats.truncated, stats.rows, seq_len, stats.dropped)
+
+
+def eval_batches(eval_ex, batch_size: int, d: distributed.Dist, pad: int, offset: int, max_batches: int):
+    """This rank's contiguous shard of the eval set (at most ``max_batches`` global batches of --batch-size x
+    processes sequences), in batches of --batch-size; ``index`` is the row in the frozen-prefix cache (eval
+    rows follow the train rows). With one process: the eval set in order."""
+    n = len(eval_ex) if not max_batches else min(len(eval_ex), max_batches * batch_size * d.world)
+    lo, hi = n * d.rank // d.world, n * (d.rank + 1) // d.world
+    for a in range(lo, hi, batch_size):
+        idx = list(range(a, min(a + batch_size, hi)))
+        batch = collate([eval_ex[i] for i in idx], pad)
+        batch["index"] = torch.tensor(idx, dtype=torch.long) + offset
+        yield batch
