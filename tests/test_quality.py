@@ -11,6 +11,7 @@ import json
 import pytest
 import torch
 
+import usaf
 from usaf.bench.corpora import (
     CorpusError,
     clean_rst,
@@ -19,16 +20,15 @@ from usaf.bench.corpora import (
     reference_entries,
     write_task_files,
 )
-from usaf.bench.quality import (
-    EXTRA_METHODS,
-    METHODS,
-    load_task,
-    parse_settings,
-    run_quality,
-    run_worker,
+from usaf.bench.methods import (
+    DEFAULT_METHODS,
+    ScopeError,
+    check_scope,
+    expected_trainable,
+    parse_method,
     setup_method,
-    task_files,
 )
+from usaf.bench.quality import expand_methods, load_task, parse_settings, run_quality, run_worker, task_files
 from usaf.testing import save_tiny_checkpoint
 
 RST = """\
@@ -146,8 +146,14 @@ def test_task_files_split_by_file(setup):
     assert set(task_files("chat", paths["chat_train"].parent)) == {"train", "eval", "general"}
 
 
-@pytest.mark.parametrize("method", METHODS + EXTRA_METHODS)
-def test_method_trains_only_its_parameters(setup, method):
+# the engine's score and allocation options are tested against dense autograd in tests/test_select.py
+VARIANTS = ["lora-r16-experts", "usaf/alloc=channel/rigl=0/router=0", "usaf/quant=4bit", "esft/top_p=0.9"]
+
+
+@pytest.mark.parametrize("method", list(DEFAULT_METHODS) + VARIANTS)
+def test_method_trains_only_its_scope(setup, method):
+    """Every method changes only its own tensors in the chosen layers (top 1 of 2), and its trainable count
+    equals what its scope computes from the model's shapes (asserted inside setup_method as well)."""
     from transformers import AutoModelForCausalLM
 
     from usaf.load.hf import load_tokenizer
@@ -155,38 +161,92 @@ def test_method_trains_only_its_parameters(setup, method):
     cfg, _ = setup
     tok = load_tokenizer(cfg["model_dir"])
     data = load_task(cfg, "docs", tok, task_files("docs", __import__("pathlib").Path(cfg["data_dir"])))
-    ref = AutoModelForCausalLM.from_pretrained(cfg["model_dir"], dtype=torch.float32).state_dict()
-    model, trainable, step, info, ship = setup_method(method, cfg, cfg["model_dir"], data)
-    losses = [step(b) for b in data["train"]]
+    ref_model = AutoModelForCausalLM.from_pretrained(cfg["model_dir"], dtype=torch.float32)
+    ref = ref_model.state_dict()
+    m = parse_method(method, cfg)
+    st = setup_method(m, cfg, cfg["model_dir"], data)
+    losses = [st.step(b) for b in data["train"]]
     assert all(torch.isfinite(torch.tensor(losses)))
-    assert trainable > 0 and ship() > 0
-    if method in ("usaf", "usaf-norigl", "router"):
+    assert st.trainable > 0 and st.ship() > 0
+    model, info = st.model, st.info
+    if m.name == "esft":
+        assert st.trainable == expected_trainable(m, ref_model, range(1, 2), info["experts"])
+    else:
+        assert st.trainable == expected_trainable(m, ref_model, range(1, 2))
+    if m.name in ("usaf", "router"):
         from usaf.engine.model import effective_weight
 
-        handle = model.usaf
-        eff = {f"{m.prefix}.{n}": effective_weight(m, n, torch.float32) for m in handle.layers for n in
-               ("gate_up_proj", "down_proj")}
-        state = {k: v for k, v in model.state_dict().items() if ".experts." not in k}
-        state.update(eff)
-    else:
+        def effective(handle):
+            eff = {f"{x.prefix}.{n}": effective_weight(x, n, torch.float32) for x in handle.layers for n in
+                   ("gate_up_proj", "down_proj")}
+            out = {k: v for k, v in handle.model.state_dict().items() if ".experts." not in k}
+            out.update(eff)
+            return out
+
+        state = effective(model.usaf)
+        # the reference: the same model prepared alike (a 4-bit base is quantized in every layer), no training
+        fresh = AutoModelForCausalLM.from_pretrained(cfg["model_dir"], dtype=torch.bfloat16)
+        ref = effective(usaf.prepare(fresh, model.usaf.config))
+    elif m.name == "lora":
         state = {k.replace("base_model.model.", "").replace(".base_layer", ""): v
                  for k, v in model.state_dict().items() if "lora_" not in k}
+        adapters = [k for k in model.state_dict() if "lora_" in k]
+        assert adapters and all(".layers.1." in k for k in adapters), adapters  # the scoped layer only
+        assert any(".experts." in k for k in adapters)
+        assert any("q_proj" in k for k in adapters) == bool(m.opts["attn"])
+    else:
+        state = model.state_dict()
     changed = {k for k, v in state.items() if k in ref and not torch.equal(v.float(), ref[k].float())}
     last = f"model.layers.{model.config.num_hidden_layers - 1}."
-    if method == "router":
+    if m.name == "router":
         assert changed and all(k.startswith(last) and ".gate." in k for k in changed), changed
-    elif method in ("usaf", "usaf-norigl"):
+    elif m.name == "usaf":
         assert changed and all(k.startswith(last) and (".experts." in k or ".gate." in k) for k in changed)
-    elif method == "full":
+        assert any(".gate." in k for k in changed) == bool(m.opts["router"])
+    elif m.name == "full":
         assert changed and all(k.startswith(last) and (".experts." in k or ".gate." in k) for k in changed)
-    elif method == "esft":
-        assert len(info["experts"]) == 1
+    elif m.name == "esft":
+        picked = info["experts"][1]
         assert changed and all(k.startswith(last) and ".experts." in k for k in changed)
-        for k in changed:  # one expert's rows changed, the others are bit-identical
+        for k in changed:  # the picked experts' rows changed, the others are bit-identical
             rows = [e for e in range(ref[k].shape[0]) if not torch.equal(state[k][e].float(), ref[k][e].float())]
-            assert len(rows) == 1, (k, rows)
+            assert set(rows) <= set(picked) and rows, (k, rows, picked)
     else:  # LoRA leaves the base untouched
         assert not changed
+
+
+def test_scope_check_catches_lora_on_every_layer(setup):
+    """PEFT ignores layers_to_transform for target_parameters: suffix targets adapt every layer's experts.
+    The scope check refuses exactly that (it is what the quality bench once measured by mistake)."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    cfg, _ = setup
+    model = AutoModelForCausalLM.from_pretrained(cfg["model_dir"], dtype=torch.float32)
+    m = parse_method("lora/r=4/attn=0", cfg)
+    expected = expected_trainable(m, model, range(1, 2))
+    lcfg = LoraConfig(r=4, lora_alpha=8, target_parameters=["mlp.experts.gate_up_proj",
+                                                            "mlp.experts.down_proj"],
+                      layers_to_transform=[1])
+    peft = get_peft_model(model, lcfg)
+    names = [n for n, p in peft.named_parameters() if p.requires_grad]
+    live = sum(p.numel() for p in peft.parameters() if p.requires_grad)
+    assert live == 2 * expected  # both layers adapted, not one
+    with pytest.raises(ScopeError):
+        check_scope(m, expected, live, names, range(1, 2))
+
+
+def test_method_specs_and_grids(setup):
+    cfg, _ = setup
+    assert expand_methods("usaf/density=0.005|0.01/lr=1e-3,lora/r=2|4") == [
+        "usaf/density=0.005/lr=1e-3", "usaf/density=0.01/lr=1e-3", "lora/r=2", "lora/r=4"]
+    m = parse_method("usaf-norigl", cfg)
+    assert m.name == "usaf" and m.opts["rigl"] == 0 and m.opts["density"] == cfg["density"]
+    assert parse_method("lora-r16-experts", cfg).opts == dict(parse_method("lora/r=16/attn=0", cfg).opts)
+    with pytest.raises(ValueError, match="unknown method"):
+        parse_method("qlora", cfg)
+    with pytest.raises(ValueError, match="not key=value"):
+        parse_method("usaf/rank=4", cfg)
 
 
 def test_worker_reports(setup):
@@ -210,9 +270,9 @@ def test_run_quality_end_to_end(setup, tmp_path, capsys):
     doc = json.loads(out.read_text())
     task = doc["tasks"]["docs"]
     assert [r["method"] for r in task["results"]] == ["usaf", "lora-r16"]
-    assert {t["target"] for t in task["targets"]} == {"usaf in-domain ppl <= lora-r16",
-                                                      "usaf forgetting (general ppl increase) <= lora-r16",
-                                                      "usaf peak RSS <= lora-r16"}
+    assert {t["target"] for t in task["targets"]} == {"usaf in-domain ppl <= lora r16",
+                                                      "usaf forgetting (general ppl increase) <= lora r16",
+                                                      "memory training adds <= 15% of lora r16's"}
     assert "| usaf" in capsys.readouterr().out
 
 

@@ -23,7 +23,13 @@ class UsafConfig:
     group_size: int = _f(64, "quantization group size (64 -> 4.5 bits/weight at 4-bit)")
     train_router: bool = _f(True, "train the routers of the trainable layers (fp32 masters)")
     router_aux_loss: bool = _f(False, "add the family's load-balancing auxiliary loss, where it has one")
-    score: str = _f("abs", "importance: abs = sum |grad|, sq = sum grad^2", choices=("abs", "sq"))
+    score: str = _f("abs", "importance: abs = sum |grad|, sq = sum grad^2 (Fisher), signed = |sum grad|, "
+                           "gw = |w| x sum |grad|, random (a control)", choices=("abs", "sq", "signed", "gw", "random"))
+    allocation: str = _f("global", "how the budget is spread: global (one threshold, each layer capped at "
+                                   "layer_share_cap x its share) | layer | expert (each gets its own density) | "
+                                   "channel (whole expert channels: gate row, up row, down column)",
+                         choices=("global", "layer", "expert", "channel"))
+    score_seed: int = _f(0, "seed of the random score (score=random)")
     score_dtype: str = _f("bf16", "dtype of the dense importance buffers: bf16 (half the memory) | fp32",
                           choices=("bf16", "fp32"))
     score_budget_mb: int = _f(1024, "memory for dense importance buffers scored at once (with score_layers > 1)")
@@ -95,6 +101,9 @@ class TrainConfig:
             (cfg.max_skips >= 0, f"--max-skips must be >= 0, got {cfg.max_skips}"),
             (u.group_size >= 1, f"--group-size must be at least 1, got {u.group_size}"),
         ]
+        checks.append((u.allocation == "global" or cfg.reselect_every == 0,
+                       f"--allocation {u.allocation} keeps a fixed budget per unit: use --reselect-every 0 "
+                       f"(RigL reselection needs --allocation global)"))
         for ok, msg in checks:
             if not ok:
                 raise ValueError(msg)

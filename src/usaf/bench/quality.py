@@ -13,21 +13,14 @@ Tasks:
   the documentation's first paragraph), loss on the assistant turn only; in-domain perplexity is on the
   answers of held-out reference *files*; a few held-out questions are answered greedily before and after.
 
-Methods (all train the same decoder layers, ``layers=``):
+Methods (all train the same decoder layers, ``layers=``; :mod:`usaf.bench.methods`): ``usaf``,
+``router``, ``lora``, ``full`` and ``esft`` with options (``usaf/density=0.01/lr=1e-3``, ``lora/r=4``), the
+historical names (``usaf-norigl``, ``lora-r8``, ``lora-r16``, ``lora-r16-experts``), and grids with ``|``
+(``usaf/density=0.0025|0.005|0.01``). Every method's trainable count and layers are asserted against its
+scope, computed from the model's shapes (a worker fails otherwise).
 
-- ``usaf``: ``prepare`` (bf16 base, ``density``), ``select`` on ``calib`` batches, AdamW on the compact
-  deltas + fp32 router masters, RigL every ``reselect`` steps, usaf's chunked LM-head loss (the other
-  methods compute the same loss from full logits, as transformers does);
-- ``usaf-norigl``: the same without reselection;
-- ``router``: only the routers (usaf's fp32 router masters, no deltas);
-- ``lora-r8`` / ``lora-r16``: PEFT LoRA (alpha = 2r) on q/k/v/o and on the fused expert stacks via
-  ``target_parameters`` (fp32 adapters on the bf16 base); ``lora-r16-experts`` (ablation, not in the
-  default list): the expert stacks only, the same parameters usaf may touch;
-- ``full``: every expert weight and router of the trained layers, fp32 weights and AdamW (bf16 weights
-  would round most updates away at a fine-tuning learning rate);
-- ``esft``: ESFT-style: whole experts with the highest routing share on the training data (measured on the
-  calibration batches), taken in that order while they fit usaf's parameter budget (at least one), router
-  frozen, fp32, AdamW without weight decay; the other experts' gradients are masked to zero.
+Beds (``bed=``, :mod:`usaf.bench.beds`): ``upcycle`` (identical experts) and ``moefy`` (experts that differ,
+a fitted router: routing matters).
 
 Reported per method: held-out in-domain and out-of-domain perplexity (the ``base`` process measures the
 before values once, with the same code), tokens/s of the training steps, peak RSS (whole process and the
@@ -38,6 +31,7 @@ writes: usaf delta, PEFT adapter, or the changed tensors in bf16 for ``full`` / 
 from __future__ import annotations
 
 import datetime
+import itertools
 import json
 import math
 import os
@@ -50,21 +44,14 @@ import time
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
 from transformers import AutoModelForCausalLM
-
-import usaf
 
 from ..data.batches import collate
 from ..data.load import load_examples
-from ..engine.families import family_for, fused_experts, get_path
-from ..engine.loss import lm_loss, token_weighted_loss
-from ..engine.model import decoder_layers, parse_layers
-from ..engine.optim import lr_lambda
-from ..engine.rigl import drop_fraction, reselect
 from ..load.hf import load_tokenizer
 from ..train.evaluate import evaluate
 from ..train.generate import generate
+from .beds import BEDS, bed_model
 from .corpora import CorpusError, write_task_files
 from .harness import (
     baseline_env,
@@ -74,15 +61,14 @@ from .harness import (
     peak_rss_mb,
     print_result,
     reset_peak_rss,
+    rss_mb,
     spawn,
 )
-from .upcycle import prepare_upcycled_smollm2
-
-METHODS = ("usaf", "usaf-norigl", "router", "lora-r8", "lora-r16", "full", "esft")
-EXTRA_METHODS = ("lora-r16-experts",)  # ablation: LoRA on the expert stacks only (no attention), like usaf
+from .methods import DEFAULT_METHODS, parse_method, setup_method
 
 KEYS: dict[str, tuple[type, object, str]] = {
     "task": (str, "docs", "docs | chat | both"),
+    "bed": (str, "upcycle", "upcycle (identical experts) | moefy (experts that differ, routing matters) | both"),
     "layers": (str, "top:8", "decoder layers every method trains: all | top:N | a-b"),
     "seq": (int, 256, "tokens per sequence"),
     "batch": (int, 4, "sequences per step"),
@@ -100,11 +86,12 @@ KEYS: dict[str, tuple[type, object, str]] = {
     "lr_esft": (float, 1e-4, "ESFT learning rate (not tuned)"),
     "generations": (int, 3, "held-out questions answered before/after (chat task)"),
     "gen_tokens": (int, 48, "new tokens per generation"),
-    "methods": (str, "", "comma-separated subset of methods (default: all)"),
+    "methods": (str, "", "comma-separated method specs, `|` for alternatives (default: "
+                         + ",".join(DEFAULT_METHODS) + ")"),
     "seed": (int, 0, "seed of data order and initialisation"),
     "threads": (int, 0, "torch threads per worker (0 = torch default)"),
     "timeout": (int, 7200, "seconds allowed per worker"),
-    "model": (str, "", "an MoE checkpoint directory (default: the upcycled SmolLM2, built and cached)"),
+    "model": (str, "", "an MoE checkpoint directory (default: the bed's, built and cached)"),
     "data": (str, "", "a directory of the task files (default: written from the corpora)"),
 }
 
@@ -131,12 +118,26 @@ def parse_settings(extra: list[str] | None, quick: bool = False) -> dict:
     for k in ("seq", "batch", "steps", "eval_seqs", "calib"):
         if int(cfg[k]) < 1:
             raise ValueError(f"{k} must be >= 1, got {cfg[k]}")
-    chosen = [m.strip() for m in str(cfg["methods"]).split(",") if m.strip()] or list(METHODS)
-    bad = [m for m in chosen if m not in METHODS + EXTRA_METHODS]
-    if bad:
-        raise ValueError(f"unknown method(s) {', '.join(bad)} (choose from {', '.join(METHODS + EXTRA_METHODS)})")
+    if cfg["bed"] not in BEDS + ("both",):
+        raise ValueError(f"bed must be {', '.join(BEDS)} or both, got {cfg['bed']!r}")
+    chosen = expand_methods(str(cfg["methods"])) or list(DEFAULT_METHODS)
+    for spec in chosen:
+        parse_method(spec, cfg)  # unknown methods and options are errors before anything runs
     cfg["method_list"] = chosen
     return cfg
+
+
+def expand_methods(text: str) -> list[str]:
+    """``"usaf/density=0.005|0.01,lora/r=2|4"`` -> every combination of the ``|`` alternatives, in order:
+    ``usaf/density=0.005``, ``usaf/density=0.01``, ``lora/r=2``, ``lora/r=4``."""
+    out = []
+    for spec in (x.strip() for x in text.split(",") if x.strip()):
+        alternatives = []
+        for part in spec.split("/"):
+            key, sep, values = part.partition("=")
+            alternatives.append([f"{key}={v}" for v in values.split("|")] if sep else part.split("|"))
+        out += ["/".join(combo) for combo in itertools.product(*alternatives)]
+    return out
 
 
 # ------------------------------------------------------------------------------------------------ data
@@ -183,194 +184,6 @@ def load_task(cfg: dict, task: str, tok, files: dict[str, Path]) -> dict:
     return out
 
 
-# ------------------------------------------------------------------------------------------------ methods
-def moe_modules(model, layers: range):
-    """``[(layer index, experts module name, experts module, router module)]`` of a stock model."""
-    fam = family_for(model.config)
-    names = {id(m): n for n, m in model.named_modules()}
-    out = []
-    for i, layer in enumerate(decoder_layers(model)):
-        ex = fused_experts(layer, fam)
-        if ex is None or i not in layers:
-            continue
-        out.append((i, names[id(ex)], ex, get_path(get_path(layer, fam.block), fam.router)))
-    return out
-
-
-def routing_shares(model, mods, batches) -> dict[tuple[int, int], float]:
-    """Share of routed (token, slot) assignments each expert receives on ``batches`` (ESFT's criterion)."""
-    counts: dict[int, torch.Tensor] = {}
-    hooks = []
-    for i, _, ex, _router in mods:
-        def hook(mod, args, kwargs, i=i):
-            idx = args[1] if len(args) > 1 else kwargs["top_k_index"]
-            c = torch.bincount(idx.reshape(-1), minlength=mod.gate_up_proj.shape[0]).float()
-            counts[i] = counts.get(i, 0) + c
-
-        hooks.append(ex.register_forward_pre_hook(hook, with_kwargs=True))
-    try:
-        with torch.no_grad():
-            for b in batches:
-                model(input_ids=b["input_ids"], attention_mask=b["attention_mask"])
-    finally:
-        for h in hooks:
-            h.remove()
-    return {(i, e): float(c[e] / c.sum()) for i, c in counts.items() for e in range(c.numel())}
-
-
-def _file_bytes(tensors: dict) -> int:
-
-    with tempfile.TemporaryDirectory() as d:
-        p = Path(d) / "x.safetensors"
-        save_file({k: v.detach().contiguous() for k, v in tensors.items()}, str(p))
-        return p.stat().st_size
-
-
-def setup_method(method: str, cfg: dict, model_dir: str, data: dict):
-    """Load the model for ``method``; returns (model, params_for_schedule, step(batch)->loss, info, ship())."""
-
-
-    fp32 = method in ("full", "esft")
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32 if fp32 else torch.bfloat16)
-    model.config.use_cache = False
-    layers = parse_layers(cfg["layers"], len(decoder_layers(model)))
-    info: dict = {"dtype": "fp32" if fp32 else "bf16"}
-    total = cfg["steps"]
-    sched = lr_lambda(int(cfg["warmup"] * total), total)
-
-    def loss_of(m, b):
-        logits = m(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits
-        s, n = token_weighted_loss(logits, b["labels"])
-        return s / n
-
-    if method in ("usaf", "usaf-norigl", "router"):
-
-        def loss_of(m, b):  # usaf's own training loss: chunked LM head, the same value
-            s, n = lm_loss(m, b, "cpu")
-            return s / n.clamp(min=1)
-
-        spec = f"{layers.start}-{layers.stop - 1}"
-        handle = usaf.prepare(model, usaf.UsafConfig(density=cfg["density"], quant="none", train_layers=spec))
-        if method != "router":  # router only: no selection, so no delta is active
-            t0 = time.perf_counter()
-            rep = usaf.select(handle, data["calib"], loss_fn=loss_of)
-            info["selection_s"] = round(time.perf_counter() - t0, 2)
-            info["active"] = rep["active"]
-        opt = usaf.UsafOptimizer(handle, lr=cfg["lr_usaf"], router_lr=cfg["lr_router"])
-        base_lrs = [g["lr"] for g in opt.param_groups]
-        state = {"step": 0, "reselect_s": 0.0}
-
-        def step(b):
-            k = state["step"]
-            for g, lr in zip(opt.param_groups, base_lrs):
-                g["lr"] = lr * sched(k)
-            loss = loss_of(model, b)
-            loss.backward()
-            opt.step()
-            opt.zero_grad()
-            state["step"] = k + 1
-            if method == "usaf" and cfg["reselect"] and state["step"] % cfg["reselect"] == 0 and state["step"] < total:
-                r = reselect(handle, opt, [b], drop_fraction(state["step"], total, cfg["reselect_fraction"]),
-                             loss_fn=loss_of, n_batches=1)
-                state["reselect_s"] += r["seconds"]
-            return float(loss.detach())
-
-        trainable = sum(p.numel() for p in handle.trainable_parameters()) if method != "router" else \
-            sum(p.numel() for p in handle.router_parameters().values())
-
-        def ship() -> int:
-            info["reselection_s"] = round(state["reselect_s"], 2)
-            with tempfile.TemporaryDirectory() as d:
-                p = Path(d) / "delta.safetensors"
-                handle.save_delta(p)
-                return p.stat().st_size
-
-        return model, trainable, step, info, ship
-
-    mods = moe_modules(model, layers)
-    if method.startswith("lora-r"):
-        from peft import LoraConfig, get_peft_model
-
-        r = int(method.removeprefix("lora-r").removesuffix("-experts"))
-        blk = mods[0][1].split(f".{mods[0][0]}.", 1)[1]  # the experts module below a layer, e.g. "mlp.experts"
-        lcfg = LoraConfig(r=r, lora_alpha=2 * r, lora_dropout=0.0,
-                          target_modules=[] if method.endswith("-experts") else ["q_proj", "k_proj", "v_proj", "o_proj"],
-                          target_parameters=[f"{blk}.gate_up_proj", f"{blk}.down_proj"],
-                          layers_to_transform=None if len(layers) == len(decoder_layers(model)) else list(layers))
-        model = get_peft_model(model, lcfg)
-        params = [p for p in model.parameters() if p.requires_grad]
-        opt = torch.optim.AdamW(params, lr=cfg["lr_lora"], weight_decay=0.0)
-
-        def ship() -> int:
-            with tempfile.TemporaryDirectory() as d:
-                model.save_pretrained(d)
-                return sum(f.stat().st_size for f in Path(d).glob("*.safetensors"))
-    else:
-        for p in model.parameters():
-            p.requires_grad_(False)
-        chosen_names: dict[str, object] = {}
-        if method == "full":
-            for _i, name, ex, router in mods:
-                for n, p in list(ex.named_parameters()) + [(f"router.{k}", v) for k, v in router.named_parameters()]:
-                    p.requires_grad_(True)
-                    chosen_names[f"{name}.{n}"] = p
-            lr = cfg["lr_full"]
-        elif method == "esft":
-            shares = routing_shares(model, mods, data["calib"])
-            per_expert = sum(p[0].numel() for n, p in mods[0][2].named_parameters() if p.dim() == 3)
-            budget = max(per_expert, int(round(cfg["density"] * sum(p.numel() for _, _, ex, _ in mods
-                                                                     for p in ex.parameters() if p.dim() == 3))))
-            ranked = sorted(shares, key=lambda k: -shares[k])
-            picked = ranked[: max(1, budget // per_expert)]
-            info["experts"] = [f"layer {i} expert {e} ({shares[(i, e)]:.1%})" for i, e in picked]
-            by_layer: dict[int, list[int]] = {}
-            for i, e in picked:
-                by_layer.setdefault(i, []).append(e)
-            for i, name, ex, _router in mods:
-                if i not in by_layer:
-                    continue
-                rows = torch.zeros(ex.gate_up_proj.shape[0], dtype=torch.bool)
-                rows[by_layer[i]] = True
-                for n, p in ex.named_parameters():
-                    p.requires_grad_(True)
-                    mask = rows.view(-1, *([1] * (p.dim() - 1))).to(p.dtype)
-                    p.register_hook(lambda g, mask=mask: g * mask)
-                    chosen_names[f"{name}.{n}"] = (p, rows)
-            lr = cfg["lr_esft"]
-        params = [p for p in model.parameters() if p.requires_grad]
-        opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
-
-        def ship() -> int:
-            out = {}
-            for k, v in chosen_names.items():
-                if isinstance(v, tuple):
-                    p, rows = v
-                    out[k] = p.detach()[rows].to(torch.bfloat16)
-                else:
-                    out[k] = v.detach().to(torch.bfloat16)
-            return _file_bytes(out)
-
-    if method == "esft":
-        trainable = sum(int(rows.sum()) * p[0].numel() for p, rows in chosen_names.values())
-    else:
-        trainable = sum(p.numel() for p in params)
-    base_lr = opt.param_groups[0]["lr"]
-    state = {"step": 0}
-
-    def step(b):
-        for g in opt.param_groups:
-            g["lr"] = base_lr * sched(state["step"])
-        loss = loss_of(model, b)
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        state["step"] += 1
-        return float(loss.detach())
-
-    model.train()
-    return model, trainable, step, info, ship
-
-
 # ------------------------------------------------------------------------------------------------ worker
 def _evaluate(model, data: dict) -> dict:
 
@@ -384,18 +197,17 @@ def _generations(model, tok, data: dict, cfg: dict) -> list[str]:
 
 
 def run_worker(method: str, task: str, cfg: dict) -> dict:
-
-
+    """One method (or ``base``: evaluation only) on one task, in this process."""
     if cfg.get("threads"):
         torch.set_num_threads(int(cfg["threads"]))
     torch.manual_seed(cfg["seed"])
     model_dir = cfg["model_dir"]
     tok = load_tokenizer(model_dir)
     data = load_task(cfg, task, tok, task_files(task, Path(cfg["data_dir"])))
-    rec: dict = {"method": method, "task": task, "train_tokens": data["train_tokens"]}
+    rec: dict = {"method": method, "task": task, "bed": cfg.get("bed_name"), "train_tokens": data["train_tokens"]}
     if method == "base":
-
         model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16)
+        rec["loaded_rss_mb"] = round(rss_mb(), 1)
         t0 = time.perf_counter()
         rec.update(_evaluate(model, data))
         n = sum(int(b["attention_mask"].sum()) for b in data["eval"] + data["general"])
@@ -406,7 +218,7 @@ def run_worker(method: str, task: str, cfg: dict) -> dict:
         rec["peak_rss_mb"] = round(peak_rss_mb(), 1)
         return rec
     t0 = time.perf_counter()
-    model, trainable, step, info, ship = setup_method(method, cfg, model_dir, data)
+    st = setup_method(parse_method(method, cfg), cfg, model_dir, data)
     rec["setup_s"] = round(time.perf_counter() - t0, 2)
     setup_peak = peak_rss_mb()
     phase_ok = reset_peak_rss()
@@ -414,15 +226,15 @@ def run_worker(method: str, task: str, cfg: dict) -> dict:
     t_all = time.perf_counter()
     for b in data["train"]:
         t = time.perf_counter()
-        losses.append(step(b))
+        losses.append(st.step(b))
         times.append(time.perf_counter() - t)
     train_s = time.perf_counter() - t_all
     steps_peak = peak_rss_mb()
-    rec.update(_evaluate(model, data))
-    rec["generations"] = _generations(model, tok, data, cfg)
+    rec.update(_evaluate(st.model, data))
+    rec["generations"] = _generations(st.model, tok, data, cfg)
     rec.update({
-        "trainable_params": int(trainable),
-        "shipped_bytes": int(ship()),
+        "trainable_params": int(st.trainable),
+        "shipped_bytes": int(st.ship()),
         "tokens_per_s": round(data["train_tokens"] / train_s, 1),
         "step_s_median": round(statistics.median(times), 3),
         "train_s": round(train_s, 1),
@@ -432,12 +244,14 @@ def run_worker(method: str, task: str, cfg: dict) -> dict:
         "steps_peak_rss_mb": round(steps_peak, 1) if phase_ok else None,
         "peak_rss_mb": round(max(setup_peak, peak_rss_mb()), 1),
     })
-    rec.update(info)
+    if phase_ok and "loaded_rss_mb" in st.info:  # what training adds over the loaded model
+        rec["train_added_mb"] = round(steps_peak - st.info["loaded_rss_mb"], 1)
+    rec.update(st.info)
     return rec
 
 
 def _spawn(method: str, task: str, cfg: dict):
-    return spawn("usaf.bench.quality", [method, task, json.dumps(cfg)], baseline_env(method))
+    return spawn("usaf.bench.quality", [method, task, json.dumps(cfg)], baseline_env(method.split("/")[0]))
 
 
 # ------------------------------------------------------------------------------------------------ report
@@ -446,52 +260,50 @@ def _mb(n) -> str:
 
 
 def table(base: dict, results: list[dict]) -> str:
-    head = ("method", "in-domain ppl", "general ppl", "tokens/s", "peak RSS MB", "steps peak MB",
-            "trainable", "shipped MB")
+    head = ("method", "in-domain ppl", "general ppl", "tokens/s", "peak RSS MB", "train loop MB",
+            "added MB", "trainable", "shipped MB")
     rows = [("base (before)", f"{base['ppl_domain']:.3f}", f"{base['ppl_general']:.3f}", "-",
-             f"{base['peak_rss_mb']:.0f}", "-", "-", "-")] if base and "error" not in base else []
+             f"{base['peak_rss_mb']:.0f}", "-", "-", "-", "-")] if base and "error" not in base else []
     for r in results:
         if "error" in r:
-            rows.append((r["method"], "FAILED", r["error"][:70], "", "", "", "", ""))
+            rows.append((r["method"], "FAILED", r["error"][:70], "", "", "", "", "", ""))
             continue
-        sp = r.get("steps_peak_rss_mb")
+        sp, add = r.get("steps_peak_rss_mb"), r.get("train_added_mb")
         rows.append((r["method"], f"{r['ppl_domain']:.3f}", f"{r['ppl_general']:.3f}", f"{r['tokens_per_s']:.0f}",
                      f"{r['peak_rss_mb']:.0f}", "-" if sp is None else f"{sp:.0f}",
-                     f"{r['trainable_params']:,}", _mb(r["shipped_bytes"])))
+                     "-" if add is None else f"{add:.0f}", f"{r['trainable_params']:,}", _mb(r["shipped_bytes"])))
     return markdown_table(head, rows)
 
 
 def targets(base: dict, results: list[dict]) -> list[dict]:
-    by = {r["method"]: r for r in results if "error" not in r}
-    out = []
-    if "usaf" in by and "lora-r16" in by:
-        u, lo = by["usaf"], by["lora-r16"]
-        out.append({"target": "usaf in-domain ppl <= lora-r16", "usaf": u["ppl_domain"], "lora": lo["ppl_domain"],
-                    "met": u["ppl_domain"] <= lo["ppl_domain"]})
-        if base and "error" not in base:
-            fu, fl = u["ppl_general"] - base["ppl_general"], lo["ppl_general"] - base["ppl_general"]
-            out.append({"target": "usaf forgetting (general ppl increase) <= lora-r16", "usaf": round(fu, 4),
-                        "lora": round(fl, 4), "met": fu <= fl})
-        out.append({"target": "usaf peak RSS <= lora-r16", "usaf": u["peak_rss_mb"], "lora": lo["peak_rss_mb"],
-                    "met": u["peak_rss_mb"] <= lo["peak_rss_mb"]})
+    """usaf (the first ``usaf...`` row) against LoRA r=16 (``lora-r16`` or ``lora/r=16``), when both ran."""
+    ok = [r for r in results if "error" not in r]
+    u = next((r for r in ok if r["method"].split("/")[0] in ("usaf",)), None)
+    lo = next((r for r in ok if r["method"] in ("lora-r16", "lora/r=16")), None)
+    if u is None or lo is None:
+        return []
+    out = [{"target": "usaf in-domain ppl <= lora r16", "usaf": u["ppl_domain"], "lora": lo["ppl_domain"],
+            "met": u["ppl_domain"] <= lo["ppl_domain"]}]
+    if base and "error" not in base:
+        fu, fl = u["ppl_general"] - base["ppl_general"], lo["ppl_general"] - base["ppl_general"]
+        out.append({"target": "usaf forgetting (general ppl increase) <= lora r16", "usaf": round(fu, 4),
+                    "lora": round(fl, 4), "met": fu <= fl})
+    if u.get("train_added_mb") is not None and lo.get("train_added_mb"):
+        ratio = u["train_added_mb"] / lo["train_added_mb"]
+        out.append({"target": "memory training adds <= 15% of lora r16's", "usaf": u["train_added_mb"],
+                    "lora": lo["train_added_mb"], "ratio": round(ratio, 3), "met": ratio <= 0.15})
     return out
 
 
 def ensure_inputs(cfg: dict, work: Path) -> None:
-    """Fill ``model_dir`` and ``data_dir`` (write the task files / build the upcycled model when not given)."""
+    """Fill ``data_dir`` (write the task files when not given) and check ``model`` when given."""
     if cfg["data"]:
         cfg["data_dir"] = str(Path(cfg["data"]).resolve())
     else:
-
         cfg["data_dir"] = str(work / "data")
         write_task_files(work / "data", seed=cfg["seed"])
-    if cfg["model"]:
-        if not (Path(cfg["model"]) / "config.json").is_file():
-            raise ValueError(f"bench quality: model={cfg['model']} is not a checkpoint directory (no config.json)")
-        cfg["model_dir"] = str(Path(cfg["model"]).resolve())
-    else:
-
-        cfg["model_dir"] = str(prepare_upcycled_smollm2())
+    if cfg["model"] and not (Path(cfg["model"]) / "config.json").is_file():
+        raise ValueError(f"bench quality: model={cfg['model']} is not a checkpoint directory (no config.json)")
 
 
 def run_quality(json_path: str | None = None, quick: bool = False, extra: list[str] | None = None) -> int:
@@ -499,51 +311,61 @@ def run_quality(json_path: str | None = None, quick: bool = False, extra: list[s
     words = ["quality"] + [shlex.quote(w) for w in extra or []] + (["--quick"] if quick else [])
     command = "usaf bench " + " ".join(words + (["--json", shlex.quote(json_path)] if json_path else []))
     machine = machine_info()
+    doc = {"bench": "quality", "command": command, "machine": machine,
+           "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+           "settings": {k: v for k, v in cfg.items() if k != "method_list"}, "tasks": {}, "beds": {}}
+    failed = False
+    t0 = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="usaf-quality-") as work:
-
         try:
             ensure_inputs(cfg, Path(work))
         except CorpusError as e:
             raise ValueError(f"bench quality: {e}") from None
+        beds = list(BEDS) if cfg["bed"] == "both" else [cfg["bed"]]
         tasks = ["docs", "chat"] if cfg["task"] == "both" else [cfg["task"]]
-        print(f"{command}\nmodel {cfg['model_dir']}; layers {cfg['layers']}; {cfg['steps']} steps x batch "
-              f"{cfg['batch']} x seq {cfg['seq']}\n{machine['cpu']}, {machine['cores']} cores, torch {machine['torch']}")
-        t0 = time.perf_counter()
-        doc = {"bench": "quality", "command": command, "machine": machine,
-               "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-               "settings": {k: v for k, v in cfg.items() if k != "method_list"}, "tasks": {}}
-        failed = False
-        for task in tasks:
-            print(f"\ntask {task}:")
-            recs = []
-            for m in ["base"] + cfg["method_list"]:
-                rec = collect(m, _spawn(m, task, cfg), int(cfg["timeout"]))
-                recs.append(rec)
-                if "error" in rec:
-                    failed = True
-                    print(f"  {m}: FAILED ({rec['error']})")
-                elif m == "base":
-                    print(f"  base: in-domain ppl {rec['ppl_domain']:.3f}, general ppl {rec['ppl_general']:.3f}")
-                else:
-                    print(f"  {m}: in-domain ppl {rec['ppl_domain']:.3f}, general {rec['ppl_general']:.3f}, "
-                          f"{rec['tokens_per_s']:.0f} tokens/s, peak RSS {rec['peak_rss_mb']:.0f} MB")
-            base, results = recs[0], recs[1:]
-            print()
-            print(table(base, results))
-            tg = targets(base, results)
-            for t in tg:
-                print(f"{t['target']}: usaf {t['usaf']} vs lora-r16 {t['lora']}  {'MET' if t['met'] else 'NOT MET'}")
-            if task == "chat" and "error" not in base:
-                for j, q in enumerate(base.get("questions", [])):
-                    print(f"\nQ: {q}\n  reference: {base['references'][j][:200]}\n  base: {base['generations'][j]}")
-                    for r in results:
-                        if "error" not in r:
-                            print(f"  {r['method']}: {r['generations'][j]}")
-            doc["tasks"][task] = {"base": base, "results": results, "targets": tg}
+        print(f"{command}\nlayers {cfg['layers']}; {cfg['steps']} steps x batch {cfg['batch']} x seq {cfg['seq']}\n"
+              f"{machine['cpu']}, {machine['cores']} cores, torch {machine['torch']}")
+        for bed in beds:
+            run = dict(cfg, bed_name=bed, model_dir=str(Path(cfg["model"]).resolve() if cfg["model"] else bed_model(bed)))
+            for task in tasks:
+                print(f"\nbed {bed}, task {task}:")
+                result, bad = _run_task(run, task)
+                failed |= bad
+                doc["beds"].setdefault(bed, {})[task] = result
+        if len(beds) == 1:  # the layout of single-bed runs, as before
+            doc["tasks"] = doc["beds"][beds[0]]
         doc["wall_s"] = round(time.perf_counter() - t0, 1)
     if json_path:
         Path(json_path).write_text(json.dumps(doc, indent=2) + "\n")
     return 1 if failed else 0
+
+
+def _run_task(cfg: dict, task: str) -> tuple[dict, bool]:
+    recs, failed = [], False
+    for m in ["base"] + cfg["method_list"]:
+        rec = collect(m, _spawn(m, task, cfg), int(cfg["timeout"]))
+        recs.append(rec)
+        if "error" in rec:
+            failed = True
+            print(f"  {m}: FAILED ({rec['error']})")
+        elif m == "base":
+            print(f"  base: in-domain ppl {rec['ppl_domain']:.3f}, general ppl {rec['ppl_general']:.3f}")
+        else:
+            print(f"  {m}: in-domain ppl {rec['ppl_domain']:.3f}, general {rec['ppl_general']:.3f}, "
+                  f"{rec['tokens_per_s']:.0f} tokens/s, peak RSS {rec['peak_rss_mb']:.0f} MB", flush=True)
+    base, results = recs[0], recs[1:]
+    print()
+    print(table(base, results))
+    tg = targets(base, results)
+    for t in tg:
+        print(f"{t['target']}: usaf {t['usaf']} vs lora {t['lora']}  {'MET' if t['met'] else 'NOT MET'}")
+    if task == "chat" and "error" not in base:
+        for j, q in enumerate(base.get("questions", [])):
+            print(f"\nQ: {q}\n  reference: {base['references'][j][:200]}\n  base: {base['generations'][j]}")
+            for r in results:
+                if "error" not in r:
+                    print(f"  {r['method']}: {r['generations'][j]}")
+    return {"base": base, "results": results, "targets": tg}, failed
 
 
 if __name__ == "__main__":

@@ -14,10 +14,11 @@ from collections.abc import Callable, Iterable
 
 import torch
 
+from .allocate import pick
 from .experts import NAMES
 from .model import UsafModel
 from .optim import UsafOptimizer
-from .select import candidates, pick
+from .select import candidates
 
 
 def drop_fraction(step: int, total_steps: int, initial: float) -> float:
@@ -45,6 +46,9 @@ def reselect(handle: UsafModel, opt: UsafOptimizer | None, batches: Iterable[dic
              loss_fn: Callable | None = None, n_batches: int | None = None) -> dict:
     """One RigL update. Returns a report (dropped, grown, active, seconds)."""
     t0 = time.perf_counter()
+    if handle.config.allocation != "global" and fraction > 0:
+        raise ValueError(f"RigL reselection keeps a global budget; allocation={handle.config.allocation!r} "
+                         f"trains without it (--reselect-every 0)")
     active = handle.active()
     k = int(round(fraction * active))
     if k == 0:

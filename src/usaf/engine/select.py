@@ -1,4 +1,4 @@
-"""Choosing what trains: importance scores and the budget allocated across layers and experts.
+"""Choosing what trains: importance scores, and the budget allocated by ``usaf.engine.allocate``.
 
 Importance of an expert weight = ``sum |dL/dW|`` (or ``sum (dL/dW)^2``) over a few calibration batches,
 computed by a score hook the experts' backward calls with each expert's gradient factors. Layers are scored in groups from the
@@ -18,6 +18,16 @@ from collections.abc import Callable, Iterable
 import torch
 
 from ..runtime import release_free_memory
+from .allocate import (
+    channel_pick,
+    channel_scores,
+    expert_pick,
+    final_scores,
+    layer_pick,
+    pick,
+    prune,
+    quotas,
+)
 from .checkpointing import lean_passes
 from .experts import NAMES, UsafExperts
 from .loss import token_mean_loss
@@ -47,21 +57,6 @@ def _layer_params(handle: UsafModel, m: MoeLayer) -> list:
 
 
 _CHUNK = 1 << 24
-
-
-def prune(cands: list[tuple], k: int) -> list[tuple]:
-    """Keep only candidates that can still be among the global top ``k`` (what :func:`pick` takes), so
-    the pool held between layer groups stays near ``k`` entries instead of growing with every group."""
-    total = sum(c[2].numel() for c in cands)
-    if total <= k:
-        return cands
-    thr = torch.topk(torch.cat([c[2].float().cpu() for c in cands]), k, sorted=False).values.min()
-    out = []
-    for m, n, vals, idx in cands:
-        keep = vals >= thr.to(vals.device)
-        if keep.any():
-            out.append((m, n, vals[keep], idx[keep]))
-    return out
 
 
 def top_candidates(scores: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -96,8 +91,8 @@ def _distributed() -> bool:
 
 
 class DenseScores:
-    """Score hook: ``sum |dL/dW|`` (``power`` 1) or ``sum (dL/dW)^2`` (2) of one experts module, accumulated
-    into dense ``[E, R, C]`` buffers of ``dtype`` (one per stack)."""
+    """Score hook: ``sum |dL/dW|`` (``power`` 1), ``sum (dL/dW)^2`` (2) or ``sum dL/dW`` (0, signed) of one
+    experts module, accumulated into dense ``[E, R, C]`` buffers of ``dtype`` (one per stack)."""
 
     def __init__(self, ex: UsafExperts, dtype: torch.dtype, power: int):
         self.buffers = {n: torch.zeros(ex.shape(n), dtype=dtype, device=ex.deltas[n].values.device) for n in NAMES}
@@ -106,7 +101,12 @@ class DenseScores:
     def __call__(self, name: str, e: int, left: torch.Tensor, right: torch.Tensor) -> None:
         buf = self.buffers[name]
         dw = left.t() @ right
-        buf[e] += dw.abs().to(buf.dtype) if self.power == 1 else dw.float().square().to(buf.dtype)
+        if self.power == 1:
+            buf[e] += dw.abs().to(buf.dtype)
+        elif self.power == 2:
+            buf[e] += dw.float().square().to(buf.dtype)
+        else:
+            buf[e] += dw.to(buf.dtype)
 
 
 class StreamedCandidates:
@@ -137,14 +137,57 @@ class StreamedCandidates:
         return top.values, ix[top.indices]
 
 
+def _passes(handle: UsafModel, batches: list[dict], loss_fn: Callable, hooks: dict, only=None) -> None:
+    """Forward + backward over ``batches`` with a score hook on the experts of ``only`` (default: every
+    trainable layer). Only those layers' parameters require grad: autograd stops below the lowest of them."""
+    model = handle.model
+    layers = only or handle.trainable_layers
+    params = handle.trainable_parameters()
+    keep = None if only is None else {id(p) for m in only for p in _layer_params(handle, m)}
+    flags = [p.requires_grad for p in params]
+    with contextlib.ExitStack() as stack:
+        for m in layers:
+            stack.enter_context(m.experts.mode_as(score_hook=hooks[m.index]))
+        try:
+            if keep is not None:
+                for p in params:
+                    p.requires_grad_(id(p) in keep)
+            for batch in batches:
+                loss_fn(model, batch).backward()
+                for p in params:
+                    p.grad = None
+        finally:
+            for p, f in zip(params, flags):
+                p.requires_grad_(f)
+
+
+def scored_layers(handle: UsafModel, batches: list[dict], loss_fn: Callable):
+    """Yield ``(layer, {stack: flat fp32 scores})`` for every trainable layer, from the top, scoring
+    ``score_layers`` layers per pass within ``score_budget_mb`` (``UsafConfig.score`` picks the score)."""
+    cfg = handle.config
+    layers = list(reversed(handle.trainable_layers))
+    dtype = torch.float32 if cfg.score_dtype == "fp32" else torch.bfloat16
+    power = {"abs": 1, "gw": 1, "sq": 2, "signed": 0, "random": 1}[cfg.score]
+    for group in _groups(layers, cfg.score_budget_mb << 20, dtype.itemsize, max(1, cfg.score_layers)):
+        hooks = {m.index: DenseScores(m.experts, dtype, power) for m in group}
+        if cfg.score != "random":
+            _passes(handle, batches, loss_fn, hooks, only=group)
+        for m in group:
+            buffers = hooks[m.index].buffers
+            if _distributed():  # data parallel: every rank ranks the same summed scores
+                for n in NAMES:
+                    torch.distributed.all_reduce(buffers[n])
+            yield m, final_scores(m, buffers, cfg.score, seed=cfg.score_seed)
+        del hooks
+
+
 def candidates(handle: UsafModel, batches: Iterable[dict], budget: int, exclude_active: bool = False,
                loss_fn: Callable | None = None, n_batches: int | None = None,
                streaming: bool = False) -> list[tuple]:
-    """Score the trainable stacks and return each one's top candidates.
+    """Score the trainable stacks and return each one's top candidates (the ``global`` allocation).
 
     Two modes, both a score hook on the experts (``UsafExperts.mode_as(score_hook=...)``):
-      - accumulated (default): :class:`DenseScores`, ``score_layers`` layers per pass (within
-        ``score_budget_mb``);
+      - accumulated (default): :class:`DenseScores` through :func:`scored_layers`;
       - streaming (reselection, one pass over all layers): :class:`StreamedCandidates`, no layer-sized buffer
         (not used across ranks).
 
@@ -156,7 +199,6 @@ def candidates(handle: UsafModel, batches: Iterable[dict], budget: int, exclude_
     batches = list(batches) if n_batches is None else [b for _, b in zip(range(n_batches), batches)]
     if not batches:
         raise ValueError("no calibration batches for selection")
-    layers = list(reversed(handle.trainable_layers))  # from the top
     total = handle.expert_elements()
     out = []
     model = handle.model
@@ -166,94 +208,49 @@ def candidates(handle: UsafModel, batches: Iterable[dict], budget: int, exclude_
     def cap(numel: int) -> int:
         return max(1, math.ceil(cfg.layer_share_cap * budget * numel / max(total, 1)))
 
-    def run(batch_list, hooks: dict, only=None):
-        # Only the scored layers' parameters require grad: autograd then stops below the lowest of them.
-        params = handle.trainable_parameters()
-        keep = None if only is None else {id(p) for m in only for p in _layer_params(handle, m)}
-        flags = [p.requires_grad for p in params]
-        with contextlib.ExitStack() as stack:
-            for m in only or layers:
-                stack.enter_context(m.experts.mode_as(score_hook=hooks[m.index]))
-            try:
-                if keep is not None:
-                    for p in params:
-                        p.requires_grad_(id(p) in keep)
-                for batch in batch_list:
-                    loss_fn(model, batch).backward()
-                    for p in params:
-                        p.grad = None
-            finally:
-                for p, f in zip(params, flags):
-                    p.requires_grad_(f)
-
     with lean_passes(handle):  # every scoring pass keeps only what a checkpointed step keeps
         try:
             if streaming and not _distributed():
+                layers = handle.trainable_layers
                 hooks = {m.index: StreamedCandidates(m.experts, {n: math.ceil(cap(m.experts.deltas[n].numel) /
                                                                               m.experts.num_experts * 2)
                                                                   for n in NAMES})
                          for m in layers}
-                run(batches, hooks)
-                for m in layers:
+                _passes(handle, batches, loss_fn, hooks)
+                for m in reversed(layers):
                     for n in NAMES:
                         best = hooks[m.index].best(n, cap(m.experts.deltas[n].numel))
                         if best is not None:
                             out.append((m, n, *best))
                 return out
-            budget_bytes = cfg.score_budget_mb << 20
-            dtype = torch.float32 if cfg.score_dtype == "fp32" else torch.bfloat16
-            elem_bytes = 4 if dtype == torch.float32 else 2
-            power = 1 if cfg.score == "abs" else 2
-            for group in _groups(layers, budget_bytes, elem_bytes, max(1, cfg.score_layers)):
-                hooks = {m.index: DenseScores(m.experts, dtype, power) for m in group}
-                run(batches, hooks, only=group)
-                for m in group:
-                    buffers = hooks[m.index].buffers
-                    if _distributed():  # data parallel: every rank ranks the same summed scores
-                        for n in NAMES:
-                            torch.distributed.all_reduce(buffers[n])
-                    for n in NAMES:
-                        scores = buffers[n].view(-1)
-                        if exclude_active:
-                            scores[m.experts.deltas[n].indices.long()] = -1.0
-                        vals, idx = top_candidates(scores, min(scores.numel(), cap(scores.numel())))
-                        keep = vals >= 0
-                        out.append((m, n, vals[keep].float(), idx[keep]))
-                del hooks
+            for m, scores in scored_layers(handle, batches, loss_fn):
+                for n in NAMES:
+                    sc = scores[n]
+                    if exclude_active:
+                        sc[m.experts.deltas[n].indices.long()] = -1.0
+                    vals, idx = top_candidates(sc, min(sc.numel(), cap(sc.numel())))
+                    keep = vals >= 0
+                    out.append((m, n, vals[keep], idx[keep]))
                 out = prune(out, budget)
         finally:
             model.train(was_training)
     return out
 
 
-def pick(cands: list[tuple], k: int) -> dict[tuple[int, str], torch.Tensor]:
-    """Global top-``k`` over all candidates -> ``{(layer index, stack name): flat indices}``."""
-    if not cands:
-        return {}
-    scores = torch.cat([c[2].float().cpu() for c in cands])
-    k = min(k, scores.numel())
-    chosen = torch.zeros(scores.numel(), dtype=torch.bool)
-    if k > 0:
-        chosen[torch.topk(scores, k, sorted=False).indices] = True
-    out, pos = {}, 0
-    for m, n, s, idx in cands:
-        sel = idx[chosen[pos : pos + s.numel()].to(idx.device)]
-        pos += s.numel()
-        key = (m.index, n)
-        out[key] = torch.cat([out[key], sel]) if key in out else sel
-    return out
-
-
 def select(handle: UsafModel, batches: Iterable[dict], density: float | None = None,
            loss_fn: Callable | None = None, n_batches: int | None = None) -> dict:
-    """Initial selection: score, then activate the ``density`` budget with zero deltas.
+    """Initial selection: score, then activate the ``density`` budget with zero deltas, spread by
+    ``UsafConfig.allocation`` (:mod:`usaf.engine.allocate`).
 
     Returns a report: budget, active, seconds, per-layer active counts.
     """
     t0 = time.perf_counter()
+    cfg = handle.config
     budget = handle.budget(density)
-    cands = candidates(handle, batches, budget, loss_fn=loss_fn, n_batches=n_batches)
-    chosen = pick(cands, budget)
+    if cfg.allocation == "global":
+        chosen = pick(candidates(handle, batches, budget, loss_fn=loss_fn, n_batches=n_batches), budget)
+    else:
+        chosen = _allocate(handle, batches, budget, loss_fn or token_mean_loss, n_batches)
     per_layer = {}
     for m in handle.trainable_layers:
         for n in NAMES:
@@ -263,3 +260,39 @@ def select(handle: UsafModel, batches: Iterable[dict], density: float | None = N
     release_free_memory()
     return {"budget": budget, "active": handle.active(), "seconds": time.perf_counter() - t0,
             "per_layer": per_layer}
+
+
+def _allocate(handle: UsafModel, batches, budget: int, loss_fn: Callable, n_batches: int | None) -> dict:
+    """The ``layer`` / ``expert`` / ``channel`` allocations (exact budget; see :mod:`usaf.engine.allocate`)."""
+    cfg = handle.config
+    batches = list(batches) if n_batches is None else [b for _, b in zip(range(n_batches), batches)]
+    if not batches:
+        raise ValueError("no calibration batches for selection")
+    layers = handle.trainable_layers
+    sizes = {m.index: [m.experts.deltas[n].numel // m.experts.num_experts for n in NAMES] for m in layers}
+    if cfg.allocation == "layer":
+        share = dict(zip((m.index for m in layers), quotas([sum(sizes[m.index]) * m.experts.num_experts
+                                                            for m in layers], budget)))
+    elif cfg.allocation == "expert":
+        units = [(m.index, e) for m in layers for e in range(m.experts.num_experts)]
+        share = dict(zip(units, quotas([sum(sizes[i]) for i, _ in units], budget)))
+    out, channels = {}, {}
+    model = handle.model
+    was_training = model.training
+    model.train()
+    with lean_passes(handle):
+        try:
+            for m, scores in scored_layers(handle, batches, loss_fn):
+                if cfg.allocation == "layer":
+                    picked = layer_pick(m, scores, share[m.index])
+                elif cfg.allocation == "expert":
+                    picked = expert_pick(m, scores, [share[(m.index, e)] for e in range(m.experts.num_experts)])
+                else:
+                    channels[m.index] = channel_scores(m, scores).cpu()
+                    continue
+                out.update({(m.index, n): idx for n, idx in picked.items()})
+        finally:
+            model.train(was_training)
+    if cfg.allocation == "channel":
+        out = channel_pick(layers, channels, budget)
+    return out

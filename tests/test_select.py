@@ -1,0 +1,122 @@
+"""Selection: every score is what its definition computes from dense autograd gradients, every allocation
+spends exactly the budget in its units, and training after any selection has exact sparse gradients."""
+
+import copy
+
+import pytest
+import torch
+
+import usaf
+from usaf.engine.allocate import channel_elements, quotas
+from usaf.engine.experts import NAMES
+from usaf.testing import make_tiny_model
+
+IDS = [torch.randint(6, 320, (2, 16), generator=torch.Generator().manual_seed(s)) for s in (1, 2)]
+BATCHES = [{"input_ids": x, "attention_mask": torch.ones_like(x), "labels": x} for x in IDS]
+
+
+def _prepared(**kw):
+    stock = make_tiny_model("qwen3_moe", seed=0)
+    model = copy.deepcopy(stock)
+    return stock, usaf.prepare(model, usaf.UsafConfig(quant="none", score_dtype="fp32", **kw))
+
+
+def _dense_grads(stock, names):
+    """Per calibration batch, the dense gradient of each expert stack (stock transformers autograd)."""
+    params = dict(stock.named_parameters())
+    out = []
+    for b in BATCHES:
+        for p in stock.parameters():
+            p.requires_grad_(False)
+            p.grad = None
+        for n in names:
+            params[n].requires_grad_(True)
+        stock(**b).loss.backward()
+        out.append({n: params[n].grad.detach().clone() for n in names})
+    return out
+
+
+def test_quotas_are_exact_and_proportional():
+    assert quotas([10, 10, 20], 8) == [2, 2, 4]
+    q = quotas([7, 13, 1, 29], 11)
+    assert sum(q) == 11 and all(0 <= a <= s for a, s in zip(q, [7, 13, 1, 29]))
+    assert quotas([3, 3], 10) == [3, 3]  # never more than a unit holds
+
+
+@pytest.mark.parametrize("score", ["abs", "sq", "signed", "gw"])
+def test_scores_match_their_definition_on_dense_gradients(score):
+    stock, handle = _prepared(score=score, density=0.02, allocation="layer")
+    usaf.select(handle, BATCHES)
+    names = list(handle.deltas())
+    grads = _dense_grads(stock, names)
+    params = dict(stock.named_parameters())
+    for m in handle.trainable_layers:
+        keys = [f"{m.prefix}.{n}" for n in NAMES]
+        if score == "abs":
+            s = [sum(g[k].abs() for g in grads) for k in keys]
+        elif score == "sq":
+            s = [sum(g[k].square() for g in grads) for k in keys]
+        elif score == "signed":
+            s = [sum(g[k] for g in grads).abs() for k in keys]
+        else:
+            s = [sum(g[k].abs() for g in grads) * params[k].detach().abs() for k in keys]
+        flat = torch.cat([x.reshape(-1) for x in s])
+        k = sum(len(m.experts.deltas[n]) for n in NAMES)
+        want = set(torch.topk(flat, k).indices.tolist())
+        split = s[0].numel()
+        got = set(m.experts.deltas[NAMES[0]].indices.tolist()) | {i + split for i in m.experts.deltas[NAMES[1]].indices.tolist()}
+        assert len(got & want) >= 0.98 * k, (score, m.index, len(got & want), k)
+
+
+@pytest.mark.parametrize("allocation", ["global", "layer", "expert", "channel"])
+def test_allocations_spend_the_budget_in_their_units(allocation):
+    _, handle = _prepared(allocation=allocation, density=0.05)
+    rep = usaf.select(handle, BATCHES)
+    assert rep["active"] == handle.budget() == rep["budget"]
+    layers = handle.trainable_layers
+    if allocation == "layer":
+        want = quotas([sum(m.experts.deltas[n].numel for n in NAMES) for m in layers], handle.budget())
+        assert [rep["per_layer"][m.index] for m in layers] == want
+    if allocation == "expert":
+        units = [(m, e) for m in layers for e in range(m.experts.num_experts)]
+        want = quotas([sum(m.experts.deltas[n].per_expert for n in NAMES) for m, _ in units], handle.budget())
+        got = [sum(int(((d.indices >= e * d.per_expert) & (d.indices < (e + 1) * d.per_expert)).sum())
+                   for d in (m.experts.deltas[n] for n in NAMES)) for m, e in units]
+        assert got == want
+    if allocation == "channel":  # whole channels (gate row, up row, down column), at most one partial
+        partial = 0
+        for m in layers:
+            ex = m.experts
+            active = {n: set(ex.deltas[n].indices.tolist()) for n in NAMES}
+            i = ex.shape("down_proj")[2]
+            for e in range(ex.num_experts):
+                for j in range(i):
+                    ch = channel_elements(m, e, j)
+                    hit = sum(len(active[n] & set(ch[n].tolist())) for n in NAMES)
+                    full = sum(ch[n].numel() for n in NAMES)
+                    assert hit in (0, full) or partial == 0, (m.index, e, j, hit)
+                    partial += 0 < hit < full
+
+
+@pytest.mark.parametrize("allocation", ["channel", "expert"])
+def test_sparse_gradients_stay_exact_after_any_selection(allocation):
+    stock, handle = _prepared(allocation=allocation, density=0.05)
+    usaf.select(handle, BATCHES)
+    b = BATCHES[0]
+    handle.model(**b).loss.backward()
+    names = list(handle.deltas())
+    g = _dense_grads(stock, names)[0]
+    for key, d in handle.deltas().items():
+        torch.testing.assert_close(d.values.grad, g[key].reshape(-1)[d.indices.long()], rtol=1e-4, atol=1e-7)
+
+
+def test_random_score_is_seeded_and_allocation_refuses_rigl():
+    _, a = _prepared(score="random", density=0.05)
+    _, b = _prepared(score="random", density=0.05)
+    usaf.select(a, BATCHES)
+    usaf.select(b, BATCHES)
+    assert all(torch.equal(x.indices, y.indices) for x, y in zip(a.deltas().values(), b.deltas().values()))
+    _, h = _prepared(allocation="layer", density=0.05)
+    usaf.select(h, BATCHES)
+    with pytest.raises(ValueError, match="RigL"):
+        usaf.reselect(h, None, BATCHES, 0.3)
