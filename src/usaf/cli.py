@@ -299,7 +299,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("name", choices=("speed", "memory", "quality"))
     b.add_argument("--json", help="write results as JSON to this file")
     b.add_argument("--quick", action="store_true", help="smaller, faster variant")
-    b.add_argument("extra", nargs="*", help="benchmark-specific key=value settings")
+    b.add_argument("extra", nargs="*", help="benchmark-specific key=value settings (anywhere among the flags)")
     b.set_defaults(func=cmd_bench)
 
     _plan_parser(sub)
@@ -374,13 +374,27 @@ def _export_parsers(sub) -> None:
     a.set_defaults(func=cmd_apply)
 
 
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """Parse the command line. ``key=value`` settings (``usaf bench``) and flags mix in any order: argparse
+    stops filling a positional list at the first flag, so the words it left over are settings too."""
+    p = build_parser()
+    args, rest = p.parse_known_args(argv)
+    if rest and hasattr(args, "extra"):
+        words = [a for a in rest if "=" in a and not a.startswith("-")]
+        args.extra = list(args.extra or []) + words
+        rest = [a for a in rest if a not in words]
+    if rest:
+        p.error(f"unrecognized arguments: {' '.join(rest)}")
+    return args
+
+
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     for noisy in ("transformers", "httpx", "huggingface_hub"):
         logging.getLogger(noisy).setLevel(logging.ERROR)
     transformers.utils.logging.disable_progress_bar()
     transformers.utils.logging.set_verbosity_error()
-    args = build_parser().parse_args(argv)
+    args = parse_args(argv)
     if getattr(args, "nproc", None) is not None:  # usaf train --nproc N relaunches these arguments
         args.argv = list(sys.argv[1:] if argv is None else argv)
     if getattr(args, "quiet", False):
