@@ -38,6 +38,7 @@ from .train.distributed import PeerFailed
 from .train.evaluate import evaluate
 from .train.generate import generate
 from .train.recipe import train
+from .train.report import write_report
 from .train.trained import load_trained
 
 USER_ERRORS: tuple[type[BaseException], ...] = (ValueError, FileNotFoundError, NotADirectoryError,
@@ -178,6 +179,11 @@ def cmd_generate(args) -> int:
     return 0
 
 
+def cmd_report(args) -> int:
+    print(f"wrote {write_report(args.run, args.out)}")
+    return 0
+
+
 def cmd_inspect(args) -> int:
     report = inspect_model(args.model, density=args.density, trust_remote_code=args.trust_remote_code)
     print(json.dumps(report, indent=2) if args.json else report["text"])
@@ -281,6 +287,12 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     g.add_argument("--seed", type=int, default=0)
     g.set_defaults(func=cmd_generate)
+
+    r = sub.add_parser("report", help="what a run did, as one self-contained report.html (loss, lr, budget per "
+                                      "layer x expert, router load, RigL churn, speed, memory)")
+    r.add_argument("run", help="a usaf train output directory")
+    r.add_argument("--out", help="output file (default: RUN/report.html)")
+    r.set_defaults(func=cmd_report)
 
     i = sub.add_parser("inspect", help="family, MoE layout, parameter counts and the budget at a density")
     i.add_argument("--model", required=True)
