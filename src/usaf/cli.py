@@ -34,6 +34,7 @@ from .load.inspect import inspect_model
 from .memory.plan import predict
 from .memory.report import format_plan, json_safe
 from .memory.sizes import DTYPE_BYTES, QUANTS
+from .train.chat import ChatSession, run_chat
 from .train.distributed import PeerFailed
 from .train.evaluate import evaluate
 from .train.generate import generate
@@ -179,6 +180,17 @@ def cmd_generate(args) -> int:
     return 0
 
 
+def cmd_chat(args) -> int:
+    if args.max_new_tokens < 1 or args.temperature < 0 or not 0 < args.top_p <= 1:
+        raise ValueError("--max-new-tokens must be >= 1, --temperature >= 0 and --top-p in (0, 1]")
+    m, tok, _ = load_trained(args.model, args.delta, args.device, args.dtype, args.trust_remote_code)
+    torch.manual_seed(args.seed)
+    session = ChatSession(m, tok, temperature=args.temperature, top_p=args.top_p,
+                          max_new_tokens=args.max_new_tokens, system=args.system)
+    run_chat(session)
+    return 0
+
+
 def cmd_report(args) -> int:
     print(f"wrote {write_report(args.run, args.out)}")
     return 0
@@ -293,6 +305,15 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("run", help="a usaf train output directory")
     r.add_argument("--out", help="output file (default: RUN/report.html)")
     r.set_defaults(func=cmd_report)
+
+    c = sub.add_parser("chat", help="talk to a model (and a delta) in the terminal: several turns, tokens streamed")
+    model_args(c)
+    c.add_argument("--temperature", type=float, default=0.7, help="0 = greedy (default: 0.7)")
+    c.add_argument("--top-p", type=float, default=0.9, help="nucleus sampling (default: 0.9)")
+    c.add_argument("--max-new-tokens", type=int, default=256, help="per reply (default: 256)")
+    c.add_argument("--system", default="", help="a system message opening the conversation")
+    c.add_argument("--seed", type=int, default=0)
+    c.set_defaults(func=cmd_chat)
 
     i = sub.add_parser("inspect", help="family, MoE layout, parameter counts and the budget at a density")
     i.add_argument("--model", required=True)
