@@ -111,8 +111,8 @@ def attach(trainer: Trainer, config: UsafConfig | None = None, *, router_lr: flo
     ``reselect_fraction`` and ``calib_batches`` (same meaning and defaults as ``usaf train``'s flags).
 
     Raises:
-        SetupError: a setup usaf cannot serve (one line on stderr, exit code 2 if uncaught); nothing is
-            written and the model is left as it was.
+        SetupError: a setup usaf cannot serve (one line on stderr, exit code 2 if uncaught); usaf writes
+            nothing.
     """
     model = trainer.model
     _check(trainer, model)
