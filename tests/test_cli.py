@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from usaf.cli import main
+from usaf.cli import main, parse_args
 from usaf.testing import save_tiny_checkpoint
 
 WORDS = "the quick brown fox jumps over the lazy dog while a small cat sleeps in the warm sun".split()
@@ -122,3 +122,22 @@ def test_subprocess_exit_code_and_no_traceback(tmp_path):
                        capture_output=True, text=True)
     assert r.returncode == 2
     assert "Traceback" not in r.stderr and r.stderr.strip().startswith("usaf: error:")
+
+
+@pytest.mark.parametrize("argv", [
+    ["bench", "quality", "task=chat", "steps=100", "--quick", "--json", "q.json"],
+    ["bench", "quality", "--quick", "task=chat", "steps=100", "--json", "q.json"],
+    ["bench", "quality", "--quick", "task=chat", "--json", "q.json", "steps=100"],
+    ["bench", "--json", "q.json", "quality", "task=chat", "--quick", "steps=100"],
+])
+def test_bench_settings_and_flags_mix_in_any_order(argv):
+    args = parse_args(argv)
+    assert (args.name, args.quick, args.json, args.extra) == ("quality", True, "q.json", ["task=chat", "steps=100"])
+
+
+def test_unknown_words_are_still_refused(capsys):
+    with pytest.raises(SystemExit) as e:
+        parse_args(["bench", "quality", "--quick", "--nope"])
+    assert e.value.code == 2 and "unrecognized arguments: --nope" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        parse_args(["eval", "--model", "m", "--data", "d", "task=chat"])

@@ -34,10 +34,12 @@ from .load.inspect import inspect_model
 from .memory.plan import predict
 from .memory.report import format_plan, json_safe
 from .memory.sizes import DTYPE_BYTES, QUANTS
+from .train.chat import ChatSession, run_chat
 from .train.distributed import PeerFailed
 from .train.evaluate import evaluate
 from .train.generate import generate
 from .train.recipe import train
+from .train.report import write_report
 from .train.trained import load_trained
 
 USER_ERRORS: tuple[type[BaseException], ...] = (ValueError, FileNotFoundError, NotADirectoryError,
@@ -178,6 +180,22 @@ def cmd_generate(args) -> int:
     return 0
 
 
+def cmd_chat(args) -> int:
+    if args.max_new_tokens < 1 or args.temperature < 0 or not 0 < args.top_p <= 1:
+        raise ValueError("--max-new-tokens must be >= 1, --temperature >= 0 and --top-p in (0, 1]")
+    m, tok, _ = load_trained(args.model, args.delta, args.device, args.dtype, args.trust_remote_code)
+    torch.manual_seed(args.seed)
+    session = ChatSession(m, tok, temperature=args.temperature, top_p=args.top_p,
+                          max_new_tokens=args.max_new_tokens, system=args.system)
+    run_chat(session)
+    return 0
+
+
+def cmd_report(args) -> int:
+    print(f"wrote {write_report(args.run, args.out)}")
+    return 0
+
+
 def cmd_inspect(args) -> int:
     report = inspect_model(args.model, density=args.density, trust_remote_code=args.trust_remote_code)
     print(json.dumps(report, indent=2) if args.json else report["text"])
@@ -282,6 +300,21 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--seed", type=int, default=0)
     g.set_defaults(func=cmd_generate)
 
+    r = sub.add_parser("report", help="what a run did, as one self-contained report.html (loss, lr, budget per "
+                                      "layer x expert, router load, RigL churn, speed, memory)")
+    r.add_argument("run", help="a usaf train output directory")
+    r.add_argument("--out", help="output file (default: RUN/report.html)")
+    r.set_defaults(func=cmd_report)
+
+    c = sub.add_parser("chat", help="talk to a model (and a delta) in the terminal: several turns, tokens streamed")
+    model_args(c)
+    c.add_argument("--temperature", type=float, default=0.7, help="0 = greedy (default: 0.7)")
+    c.add_argument("--top-p", type=float, default=0.9, help="nucleus sampling (default: 0.9)")
+    c.add_argument("--max-new-tokens", type=int, default=256, help="per reply (default: 256)")
+    c.add_argument("--system", default="", help="a system message opening the conversation")
+    c.add_argument("--seed", type=int, default=0)
+    c.set_defaults(func=cmd_chat)
+
     i = sub.add_parser("inspect", help="family, MoE layout, parameter counts and the budget at a density")
     i.add_argument("--model", required=True)
     i.add_argument("--density", type=float, default=0.005)
@@ -299,7 +332,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("name", choices=("speed", "memory", "quality"))
     b.add_argument("--json", help="write results as JSON to this file")
     b.add_argument("--quick", action="store_true", help="smaller, faster variant")
-    b.add_argument("extra", nargs="*", help="benchmark-specific key=value settings")
+    b.add_argument("extra", nargs="*", help="benchmark-specific key=value settings (anywhere among the flags)")
     b.set_defaults(func=cmd_bench)
 
     _plan_parser(sub)
@@ -374,13 +407,27 @@ def _export_parsers(sub) -> None:
     a.set_defaults(func=cmd_apply)
 
 
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """Parse the command line. ``key=value`` settings (``usaf bench``) and flags mix in any order: argparse
+    stops filling a positional list at the first flag, so the words it left over are settings too."""
+    p = build_parser()
+    args, rest = p.parse_known_args(argv)
+    if rest and hasattr(args, "extra"):
+        words = [a for a in rest if "=" in a and not a.startswith("-")]
+        args.extra = list(args.extra or []) + words
+        rest = [a for a in rest if a not in words]
+    if rest:
+        p.error(f"unrecognized arguments: {' '.join(rest)}")
+    return args
+
+
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     for noisy in ("transformers", "httpx", "huggingface_hub"):
         logging.getLogger(noisy).setLevel(logging.ERROR)
     transformers.utils.logging.disable_progress_bar()
     transformers.utils.logging.set_verbosity_error()
-    args = build_parser().parse_args(argv)
+    args = parse_args(argv)
     if getattr(args, "nproc", None) is not None:  # usaf train --nproc N relaunches these arguments
         args.argv = list(sys.argv[1:] if argv is None else argv)
     if getattr(args, "quiet", False):

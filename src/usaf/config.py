@@ -6,6 +6,7 @@ these dataclasses, and the resolved config is saved beside every run.
 
 from __future__ import annotations
 
+import importlib.util
 from dataclasses import MISSING, dataclass, field, fields
 
 
@@ -78,6 +79,9 @@ class TrainConfig:
     resume: str = _f("", "resume the run in this output directory")
     overwrite: bool = _f(False, "replace an existing run in --out")
     quiet: bool = _f(False, "no progress bar")
+    report_to: str = _f("none", "also write the scalars of log.jsonl as TensorBoard event files in <out>/tensorboard "
+                                "(needs the tensorboard package: pip install 'usaf[tensorboard]')",
+                        choices=("none", "tensorboard"))
     trust_remote_code: bool = _f(False, "allow model code from the checkpoint (off by default)")
     usaf: UsafConfig = field(default_factory=UsafConfig)
 
@@ -107,6 +111,10 @@ class TrainConfig:
         for ok, msg in checks:
             if not ok:
                 raise ValueError(msg)
+        if cfg.report_to == "tensorboard" and importlib.util.find_spec("tensorboard") is None:
+            raise ValueError("--report-to tensorboard needs the tensorboard package: pip install 'usaf[tensorboard]'")
+        if cfg.report_to not in ("none", "tensorboard"):
+            raise ValueError(f"--report-to must be none or tensorboard, got {cfg.report_to!r}")
 
 
 def to_dict(cfg) -> dict:

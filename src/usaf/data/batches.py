@@ -3,6 +3,8 @@
 * :func:`split_eval` - deterministic held-out split when no eval file is given.
 * :func:`collate` - right padding to the longest sequence of the batch.
 * :class:`Batches` - seeded, epoch-aware, resumable batch iterator with optional rank sharding.
+* :class:`EpochOrder` - the same order as a ``torch.utils.data`` sampler (what a ``transformers.Trainer`` run
+  under ``usaf.integrations.attach`` draws its batches with).
 """
 
 from __future__ import annotations
@@ -67,6 +69,31 @@ def collate(examples: Sequence[Example], pad_id: int) -> dict[str, torch.Tensor]
         labels[row, :n] = torch.tensor(ex.labels, dtype=torch.long)
         attention_mask[row, :n] = 1
     return {"input_ids": input_ids, "labels": labels, "attention_mask": attention_mask}
+
+
+def epoch_order(n: int, seed: int, epoch: int) -> list[int]:
+    """Indices ``0..n-1`` in the order epoch ``epoch`` of a run seeded with ``seed`` visits them."""
+    order = list(range(n))
+    random.Random(f"usaf-batches:{seed}:{epoch}").shuffle(order)
+    return order
+
+
+class EpochOrder(torch.utils.data.Sampler):
+    """:func:`epoch_order` as a sampler: a ``DataLoader`` with ``batch_size=b`` over it yields the examples of
+    ``Batches(examples, b, seed=seed)`` in the same batches (one process). ``set_epoch`` picks the epoch
+    (``transformers.Trainer`` calls it at the start of every epoch, also when it resumes)."""
+
+    def __init__(self, n: int, seed: int):
+        self.n, self.seed, self.epoch = int(n), int(seed), 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(epoch_order(self.n, self.seed, self.epoch))
 
 
 class Batches:
@@ -135,9 +162,8 @@ class Batches:
     def order(self, epoch: int) -> list[int]:
         """Example indices in the order epoch ``epoch`` visits them."""
         if self._order_epoch != epoch:
-            order = list(range(len(self.examples)))
-            if self.shuffle:
-                random.Random(f"usaf-batches:{self.seed}:{epoch}").shuffle(order)
+            n = len(self.examples)
+            order = epoch_order(n, self.seed, epoch) if self.shuffle else list(range(n))
             self._order, self._order_epoch = order, epoch
         return self._order
 

@@ -112,6 +112,11 @@ class UsafOptimizer:
     def param_groups(self) -> list[dict]:
         return self._adamw.param_groups
 
+    @property
+    def torch_optimizer(self) -> torch.optim.Optimizer:
+        """The ``torch.optim.AdamW`` inside, for lr schedulers (they drive its ``param_groups``' lr)."""
+        return self._adamw
+
     def zero_grad(self, set_to_none: bool = True) -> None:
         for p in self.values + self.routers + self.masters:
             p.grad = None if set_to_none else (p.grad.zero_() if p.grad is not None else None)
@@ -206,7 +211,7 @@ class UsafOptimizer:
 def make_scheduler(opt: UsafOptimizer, warmup_steps: int, total_steps: int):
     """Linear warmup + cosine decay (:func:`lr_lambda`) for every group."""
     f = lr_lambda(warmup_steps, total_steps)
-    return torch.optim.lr_scheduler.LambdaLR(opt._adamw, [f] * len(opt.param_groups))
+    return torch.optim.lr_scheduler.LambdaLR(opt.torch_optimizer, [f] * len(opt.param_groups))
 
 
 def set_peak_lrs(opt: UsafOptimizer, sched, lrs: list[float]) -> None:

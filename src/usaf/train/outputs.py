@@ -20,12 +20,16 @@ from tqdm import tqdm
 from ..config import TrainConfig, to_dict
 from ..io import atomic_write, atomic_write_json, atomic_write_text, is_disk_full
 from . import checkpoint
+from .report import write_report
 from .resume import RunError
+from .tensorboard import TensorBoardWriter
 
 log = logging.getLogger("usaf")
 
 # What a run writes into --out (removed by --overwrite; nothing else there is touched).
-RUN_FILES = ("config.yaml", "log.jsonl", "delta.safetensors", "metrics.json", "loss.png")
+RUN_FILES = ("config.yaml", "log.jsonl", "delta.safetensors", "metrics.json", "loss.png", "router_load.json",
+             "report.html")
+RUN_DIRS = ("checkpoints", "tensorboard")
 
 
 def prepare_out(out: Path, cfg: TrainConfig, resuming: bool, unreadable: list[Path]) -> None:
@@ -34,7 +38,8 @@ def prepare_out(out: Path, cfg: TrainConfig, resuming: bool, unreadable: list[Pa
     if not resuming and cfg.overwrite and out.is_dir():
         for name in RUN_FILES:
             (out / name).unlink(missing_ok=True)
-        shutil.rmtree(out / "checkpoints", ignore_errors=True)
+        for name in RUN_DIRS:
+            shutil.rmtree(out / name, ignore_errors=True)
     out.mkdir(parents=True, exist_ok=True)
     for bad in unreadable:
         log.warning("moved the unreadable checkpoint %s to %s", bad, checkpoint.discard(bad))
@@ -45,19 +50,24 @@ def prepare_out(out: Path, cfg: TrainConfig, resuming: bool, unreadable: list[Pa
 
 
 class StepLog:
-    """``log.jsonl``: one JSON object per step (only rank 0 writes; elsewhere every call is a no-op)."""
+    """``log.jsonl``: one JSON object per step (only rank 0 writes; elsewhere every call is a no-op); with
+    ``report_to="tensorboard"`` the same scalars go to ``<out>/tensorboard`` too."""
 
-    def __init__(self, out: Path, step: int, main: bool):
+    def __init__(self, out: Path, step: int, main: bool, report_to: str = "none"):
         self.path = out / "log.jsonl"
-        self.file = None
+        self.file = self.tb = None
         if main:
             truncate_log(self.path, step)
             self.file = open(self.path, "a")
+            if report_to == "tensorboard":
+                self.tb = TensorBoardWriter(out / "tensorboard", purge_step=step + 1 if step else None)
 
     def write(self, rec: dict) -> None:
         if self.file is not None:
             self.file.write(json.dumps(rec) + "\n")
             self.file.flush()
+        if self.tb is not None:
+            self.tb.write(rec)
 
     def sync(self) -> None:
         """Make the lines written so far durable (before a checkpoint: they survive a power loss too)."""
@@ -65,12 +75,17 @@ class StepLog:
             return
         if not self.file.closed:
             self.file.flush()
+        if self.tb is not None:
+            self.tb.flush()
         with open(self.path, "rb") as f:
             os.fsync(f.fileno())
 
     def close(self) -> None:
         if self.file is not None:
             self.file.close()
+        if self.tb is not None:
+            self.tb.close()
+            self.tb = None
 
 
 def truncate_log(path: Path, step: int) -> None:
@@ -89,10 +104,18 @@ def truncate_log(path: Path, step: int) -> None:
     atomic_write_text(path, "".join(ln + "\n" for ln in keep))
 
 
-def write_results(out: Path, metrics: dict) -> None:
-    """``metrics.json`` and ``loss.png`` (the delta and the last checkpoint are written by the recipe)."""
+def write_results(out: Path, metrics: dict, router_load: dict | None = None) -> None:
+    """``metrics.json``, ``router_load.json`` (tokens per expert and trainable layer in the eval passes
+    before and after training), ``loss.png`` and ``report.html`` (the delta and the last checkpoint are
+    written by the recipe, before)."""
     atomic_write_json(out / "metrics.json", metrics)
+    if router_load is not None:
+        atomic_write_json(out / "router_load.json", router_load)
     plot_loss(out)
+    try:
+        write_report(out)
+    except Exception as e:  # noqa: BLE001 - the run's results are written; a report failure must not fail it
+        log.warning("report.html not written (%s: %s)", type(e).__name__, str(e).splitlines()[0][:200])
 
 
 @contextlib.contextmanager

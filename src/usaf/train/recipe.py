@@ -5,7 +5,8 @@
     load checkpoint (--resume) the active sets, values, routers, optimizer, schedule, data position and RNG
     select          or: eval before, then score and pick the active set
     train loop      step (forward, backward, all-reduce, AdamW), reselect, eval, checkpoint
-    finish          eval after; last checkpoint, delta.safetensors, metrics.json, loss.png
+    finish          eval after; last checkpoint, delta.safetensors, metrics.json, router_load.json, loss.png,
+                    report.html
 
 State lives on the :class:`Recipe` object. Resume checks are in ``resume``, run-directory files in
 ``outputs``, checkpoints in ``checkpoint``, data parallelism in ``distributed`` (every rank runs this same
@@ -38,7 +39,7 @@ from ..load.tiers import Prefetcher
 from ..memory.policy import use_checkpointing
 from ..memory.prefix import enable_prefix_cache
 from . import checkpoint, distributed
-from .evaluate import evaluate, peak_memory_mb
+from .evaluate import RouterLoad, evaluate, peak_memory_mb
 from .inputs import eval_batches, read_inputs
 from .outputs import Progress, StepLog, disk_full_is_an_error, prepare_out, write_results
 from .resume import (
@@ -201,8 +202,10 @@ class Recipe:
     def select(self) -> None:
         """Eval before training, then the initial selection (zero deltas on the chosen active set)."""
         cfg, d = self.cfg, self.d
-        before = evaluate(self.model, self.eval_batches(), self.device, dist=d)
+        with RouterLoad(self.handle) as load:  # tokens per expert before training (for report.html)
+            before = evaluate(self.model, self.eval_batches(), self.device, dist=d, load=load)
         self.state["eval_ppl_before"], self.state["eval_loss_before"] = before["ppl"], before["loss"]
+        self.state["router_load_before"] = load.to_lists(d)
         log.info("eval before: ppl %.3f (%d tokens)", before["ppl"], before["tokens"])
         # --calib-batches micro-batches of --batch-size in all, spread over the ranks; select sums the scores
         rep = select(self.handle, self.calib(-1), loss_fn=token_mean_loss, n_batches=math.ceil(cfg.calib_batches / d.world))
@@ -216,7 +219,7 @@ class Recipe:
     def train_loop(self) -> None:
         cfg, d, state = self.cfg, self.d, self.state
         self.model.train()
-        self.log = StepLog(self.out, self.step, d.main)
+        self.log = StepLog(self.out, self.step, d.main, cfg.report_to)
         progress = Progress(self.total_steps, self.step, cfg.quiet or not d.main)
         interrupt = _InterruptFlag()
         try:
@@ -325,7 +328,9 @@ class Recipe:
     def finish(self, t_start: float) -> dict:
         """Eval after training; the last checkpoint, the delta file, metrics.json and loss.png."""
         cfg, d, state = self.cfg, self.d, self.state
-        after = evaluate(self.model, self.eval_batches(), self.device, dist=d)
+        with RouterLoad(self.handle) as load:
+            after = evaluate(self.model, self.eval_batches(), self.device, dist=d, load=load)
+        router_load = {"before": state.get("router_load_before"), "after": load.to_lists(d)}
         losses = [x for x in state["losses"] if math.isfinite(x)]
         metrics = {
             "loss_first": losses[0] if losses else None,
@@ -347,7 +352,7 @@ class Recipe:
         def write():
             self.save()
             self.handle.save_delta(self.out / "delta.safetensors", steps=self.step)
-            write_results(self.out, metrics)
+            write_results(self.out, metrics, router_load)
 
         distributed.run_agreed(d, write if d.main else None)
         return metrics
