@@ -204,8 +204,10 @@ class Recipe:
         before = evaluate(self.model, self.eval_batches(), self.device, dist=d)
         self.state["eval_ppl_before"], self.state["eval_loss_before"] = before["ppl"], before["loss"]
         log.info("eval before: ppl %.3f (%d tokens)", before["ppl"], before["tokens"])
-        # --calib-batches micro-batches of --batch-size in all, spread over the ranks; select sums the scores
-        rep = select(self.handle, self.calib(-1), loss_fn=token_mean_loss, n_batches=math.ceil(cfg.calib_batches / d.world))
+        # --calib-batches micro-batches of --batch-size in all, rounded up to whole global steps (--grad-accum x
+        # processes), spread over the ranks; select sums the scores in the one-process order
+        n = calib_batches(cfg.calib_batches, cfg.grad_accum, d.world)
+        rep = select(self.handle, self.calib(-1), loss_fn=token_mean_loss, n_batches=n)
         digest = distributed.check_same_selection(self.handle, d)
         self.state["selection_s"] = rep["seconds"]
         log.info("selected %d of %d expert weights in %.1fs%s", rep["active"], self.handle.expert_elements(),
@@ -225,7 +227,9 @@ class Recipe:
                 step = self.step
                 if cfg.reselect_every and step % cfg.reselect_every == 0 and step < self.total_steps:
                     frac = drop_fraction(step, self.total_steps, cfg.reselect_fraction)
-                    r = reselect(self.handle, self.opt, self.calib(step), frac, loss_fn=token_mean_loss, n_batches=1)
+                    # one global step's micro-batches: --grad-accum on each rank
+                    r = reselect(self.handle, self.opt, self.calib(step), frac, loss_fn=token_mean_loss,
+                                 n_batches=cfg.grad_accum)
                     distributed.check_same_selection(self.handle, d)
                     state["reselection_s"] += r["seconds"]
                     rec["reselect"] = {k: r[k] for k in ("dropped", "grown", "seconds")}
@@ -268,13 +272,17 @@ class Recipe:
             self.save()
             raise self._agreed(Interrupted(f"interrupted; checkpoint saved at step {self.step}; continue with "
                                            f"--resume {self.out}"))
+        # Ranks: the gradients (values + routers) and the loss summed over the ranks micro-batch by micro-batch,
+        # in the order one process accumulates them (micro-batch k of rank r is its micro-batch k * N + r).
+        grads = distributed.GradientSum(opt.values + opt.routers, d) if d.on else None
         loss_sum = 0.0
         for b in micro:
             loss = token_mean_loss(self.model, b, n_tokens=n_tok)
             opt.scale_loss(loss).backward()
             loss_sum += float(loss.detach())
-        # Sum the gradients (values + routers) and the loss over the ranks: one flat fp32 bucket.
-        comm, (loss_val,) = distributed.all_reduce_grads(opt.values + opt.routers, d, [loss_sum])
+            if grads is not None:
+                grads.add(float(loss.detach()))
+        comm, loss_val = grads.finish() if grads is not None else (0, loss_sum)
         state["comm_bytes"] = comm + (8 * 3 if d.on else 0)  # + the token counts above
         scale = opt.scaler.scale
         stepped = opt.step(loss_val)
@@ -353,6 +361,13 @@ class Recipe:
         return metrics
 
 
+def calib_batches(calib: int, grad_accum: int, world: int) -> int:
+    """Micro-batches each rank scores for the initial selection: ``calib`` rounded up to whole global steps
+    (``grad_accum x world`` micro-batches), so that N ranks score the micro-batches of one process with
+    ``--grad-accum grad_accum x N``."""
+    return math.ceil(calib / (grad_accum * world)) * grad_accum
+
+
 def _where(where: list[list[int]]) -> str:
     return ", ".join(f"epoch {e} batch {p}" for e, p in where)
 
@@ -377,4 +392,4 @@ class _InterruptFlag:
             self._old = None
 
 
-__all__ = ["train", "Recipe", "RunError", "Diverged", "Interrupted"]
+__all__ = ["train", "Recipe", "RunError", "Diverged", "Interrupted", "calib_batches"]
