@@ -157,13 +157,14 @@ class GradientSum:
             n = p.numel()
             p.grad = acc[pos : pos + n].view_as(p).to(p.dtype) if flags[i] else None
             pos += n
+        world = self.ring.world
         mine = torch.tensor(self.losses, dtype=torch.float64, device=self.acc.device)
-        every = torch.empty(self.d.world, len(self.losses), dtype=torch.float64, device=self.acc.device)
+        every = torch.empty(world, len(self.losses), dtype=torch.float64, device=self.acc.device)
         dist.all_gather(list(every.unbind(0)), mine)
         loss = 0.0
         for x in every.t().reshape(-1).tolist():  # micro-batch k of rank r is micro-batch k * N + r
             loss += x
-        sent = self.ring.bytes * (len(self.losses) + 1) + mine.numel() * 8 * self.d.world
+        sent = self.ring.bytes * (len(self.losses) + 1) + mine.numel() * 8 * world
         return sent, loss
 
 

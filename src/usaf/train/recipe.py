@@ -125,10 +125,10 @@ class Recipe:
         self.identity["base_fingerprint"] = self.handle.fingerprint
         if use_checkpointing(self.handle, cfg.checkpointing, cfg.batch_size, cfg.seq_len):  # decided once
             enable_checkpointing(self.handle)
-        # Batches of --batch-size x processes sequences; each rank gets its --batch-size slice of every one.
+        # The one-process stream of --batch-size micro-batches; rank r takes micro-batches r, r + N, r + 2N, ...
         self.batches = Batches(inp.train, cfg.batch_size * d.world, seed=cfg.seed, rank=d.rank,
                                world_size=d.world, pad_id=inp.pad_id)
-        steps_per_epoch = max(1, len(self.batches) // cfg.grad_accum)
+        steps_per_epoch = max(1, self.batches.micro_batches // (cfg.grad_accum * d.world))
         self.total_steps = cfg.steps or max(1, math.ceil(cfg.epochs * steps_per_epoch))
         self.scaler = LossScaler(enabled=inp.dtype == torch.float16)
 
@@ -158,10 +158,12 @@ class Recipe:
         cfg, inp = self.cfg, self.inputs
         return eval_batches(inp.eval, cfg.batch_size, self.d, inp.pad_id, len(inp.train), cfg.max_eval_batches)
 
-    def calib(self, step: int) -> Batches:
-        """Calibration batches of reselection at ``step`` (-1: the initial selection), drawn afresh."""
-        return Batches(self.inputs.train, self.cfg.batch_size * self.d.world, seed=self.cfg.seed + 7919 * (step + 1),
-                       rank=self.d.rank, world_size=self.d.world, pad_id=self.inputs.pad_id)
+    def calib(self, step: int, n: int) -> list[dict]:
+        """This rank's ``n`` calibration micro-batches of the reselection at ``step`` (-1: the initial selection),
+        drawn afresh: the one-process stream of a seed of their own, shared by the ranks like training's."""
+        b = Batches(self.inputs.train, self.cfg.batch_size * self.d.world, seed=self.cfg.seed + 7919 * (step + 1),
+                    rank=self.d.rank, world_size=self.d.world, pad_id=self.inputs.pad_id)
+        return [b.next_batch() for _ in range(n)]
 
     # -------------------------------------------------------------------------------- load checkpoint
     def load_checkpoint(self) -> bool:
@@ -177,7 +179,7 @@ class Recipe:
         checkpoint.load_training(tensors, meta, self.opt, self.sched)
         self.ckpt_tensors = None
         self.step = meta["step"]
-        self.batches.load_state_dict(convert_position(meta["batches"], self.batches.batch_size))
+        self.batches.load_state_dict(convert_position(meta["batches"], self.batches.local_batch_size))
         self.state.update(meta["state"])
         log.info("resumed from %s at step %d", self.ckpt, self.step)
         changed = changed_settings(self.prev, cfg)
@@ -207,7 +209,7 @@ class Recipe:
         # --calib-batches micro-batches of --batch-size in all, rounded up to whole global steps (--grad-accum x
         # processes), spread over the ranks; select sums the scores in the one-process order
         n = calib_batches(cfg.calib_batches, cfg.grad_accum, d.world)
-        rep = select(self.handle, self.calib(-1), loss_fn=token_mean_loss, n_batches=n)
+        rep = select(self.handle, self.calib(-1, n), loss_fn=token_mean_loss)
         digest = distributed.check_same_selection(self.handle, d)
         self.state["selection_s"] = rep["seconds"]
         log.info("selected %d of %d expert weights in %.1fs%s", rep["active"], self.handle.expert_elements(),
@@ -228,8 +230,8 @@ class Recipe:
                 if cfg.reselect_every and step % cfg.reselect_every == 0 and step < self.total_steps:
                     frac = drop_fraction(step, self.total_steps, cfg.reselect_fraction)
                     # one global step's micro-batches: --grad-accum on each rank
-                    r = reselect(self.handle, self.opt, self.calib(step), frac, loss_fn=token_mean_loss,
-                                 n_batches=cfg.grad_accum)
+                    r = reselect(self.handle, self.opt, self.calib(step, cfg.grad_accum), frac,
+                                 loss_fn=token_mean_loss)
                     distributed.check_same_selection(self.handle, d)
                     state["reselection_s"] += r["seconds"]
                     rec["reselect"] = {k: r[k] for k in ("dropped", "grown", "seconds")}
