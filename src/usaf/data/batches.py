@@ -1,4 +1,4 @@
-"""Examples -> batches: the held-out split, right padding, and seeded, resumable, rank-sharded batches.
+"""Examples -> batches: the held-out split, right padding, and seeded, resumable batches that ranks share.
 
 * :func:`split_eval` - deterministic held-out split when no eval file is given.
 * :func:`collate` - right padding to the longest sequence of the batch.

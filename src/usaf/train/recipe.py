@@ -4,7 +4,7 @@
                     load and prepare the model, build the frozen-prefix cache, decide checkpointing once
     load checkpoint (--resume) the active sets, values, routers, optimizer, schedule, data position and RNG
     select          or: eval before, then score and pick the active set
-    train loop      step (forward, backward, all-reduce, AdamW), reselect, eval, checkpoint
+    train loop      step (forward, backward, gradient sum over ranks, AdamW), reselect, eval, checkpoint
     finish          eval after; last checkpoint, delta.safetensors, metrics.json, loss.png
 
 State lives on the :class:`Recipe` object. Resume checks are in ``resume``, run-directory files in
