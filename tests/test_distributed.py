@@ -119,6 +119,7 @@ def test_n_processes_train_and_select_exactly_like_one(runs, name):
         _same_state(_state(one, step), _state(ranks, step), f"step {step}")
     m1, mn = (json.loads((x / "metrics.json").read_text()) for x in (one, ranks))
     assert mn["world_size"] == n and mn["global_batch"] == m1["global_batch"] == 2 * accum * n
+    assert m1["data"]["sequences"] == 46 and STEPS * mn["global_batch"] > 41  # past the first epoch's end
     assert mn["eval_tokens"] == m1["eval_tokens"]
     for k in ("eval_loss_before", "eval_loss_after"):  # eval sums per rank shard: the order differs
         assert mn[k] == pytest.approx(m1[k], rel=1e-6), k
