@@ -388,22 +388,35 @@ def test_batches_resume_exactly():
 
 
 @pytest.mark.parametrize("n", [16, 13, 9])
-def test_batches_rank_shards_partition_global_batch(n):
+def test_ranks_take_turns_on_the_one_process_stream(n):
+    """Rank r's q-th batch is micro-batch q * world + r of one process's stream, across epoch ends too."""
     examples = _examples(n)
-    world = 4
-    global_batches = [_ids(b) for b in Batches(examples, 8, seed=5)]
-    shards = [[_ids(b) for b in Batches(examples, 8, seed=5, rank=r, world_size=world)] for r in range(world)]
-    for step, global_batch in enumerate(global_batches):
-        parts = [shards[r][step] for r in range(world)]
-        assert len({len(p) for p in parts}) == 1  # equal share per rank
-        union = [i for p in parts for i in p]
-        if len(global_batch) % world == 0:
-            assert union == global_batch  # disjoint slices, exactly the global batch
-        else:  # partial last batch: filled up from the start of the epoch order
-            assert union[: len(global_batch)] == global_batch
-            assert len(union) % world == 0 and len(union) - len(global_batch) < world
+    world, steps = 4, 9  # 9 global batches of 8: past the end of the first epochs
+    one = Batches(examples, 2, seed=5)
+    stream = [_ids(one.next_batch()) for _ in range(steps * world)]
+    ranks = [Batches(examples, 8, seed=5, rank=r, world_size=world) for r in range(world)]
+    got = [_ids(ranks[r].next_batch()) for _ in range(steps) for r in range(world)]
+    assert got == stream
+    assert sorted(i for b in stream[: one.micro_batches] for i in b) == sorted(id(e) for e in examples)
+    # positions are micro-batches of the stream: a rank's state resumes the one-process stream there
+    state = json.loads(json.dumps(ranks[0].state_dict()))
+    assert state["batch_size"] == 2 and one.state_dict() == state
+    resumed = Batches(examples, 4, seed=0, rank=1, world_size=2)  # 2 ranks x 2 continue the stream
+    resumed.load_state_dict(state)
+    one.next_batch()
+    assert _ids(resumed.next_batch()) == _ids(one.next_batch())
     with pytest.raises(ValueError):
         Batches(examples, 6, world_size=4)
+
+
+def test_rank_iteration_covers_the_epoch_once():
+    """Iterating a rank yields the global batches that start in the epoch; the ranks' micro-batches of one
+    epoch are the one-process epoch (the batch that spans the end takes its rest from the next epoch)."""
+    examples = _examples(10)
+    one = [_ids(b) for b in Batches(examples, 2, seed=3)]  # 5 micro-batches
+    ranks = [[_ids(b) for b in Batches(examples, 4, seed=3, rank=r, world_size=2)] for r in range(2)]
+    assert len(ranks[0]) == len(ranks[1]) == 3
+    assert [ranks[r][q] for q in range(2) for r in range(2)] + [ranks[0][2]] == one
 
 
 # --------------------------------------------------------------------------------------------------------

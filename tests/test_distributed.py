@@ -1,16 +1,21 @@
-"""Data parallel training: 2 processes (gloo, CPU) == 1 process with the same global batch.
+"""Data parallel training: N processes (gloo, CPU) == 1 process with the same micro-batches, bit for bit.
 
-Reference: 1 process with --batch-size 2 --grad-accum 2; data parallel: 2 processes with --batch-size 2 (both
-a global batch of 4). Same micro-batch size, so even the selection must agree: importance is summed per
-micro-batch of |gradient| (select.py), and every rank scores its micro-batches as one process does; with
---batch-size 4 in one process the selection would differ (it scores batches of 4), not the training step.
+Rank r's k-th micro-batch is one process's micro-batch k * N + r with ``--grad-accum`` x N (``Batches``), and
+every sum over ranks is folded in that order (``usaf.engine.ranks``): the gradients, the selection's score
+buffers, reselection's streamed candidates, the step's loss. So the runs must agree exactly: the active sets
+after the initial selection and after every reselection, every value, router and AdamW moment of every
+step's checkpoint, every logged loss. Two pairs; the data-parallel runs start in the background, the
+one-process runs meanwhile in this process (one thread, as each rank):
 
-The 2-process run (``python -m torch.distributed.run --standalone --nproc-per-node 2 -m usaf train``) is
-started first, the 1-process reference runs in this process meanwhile. ``usaf train --nproc 2`` (which
-relaunches through the same module) is checked without starting processes.
+* 2 processes x ``--grad-accum 2`` (bf16 compute and bf16 score buffers, the defaults) against 1 process x 4;
+* 3 processes x ``--grad-accum 1`` (``--dtype fp32 --score-dtype fp32``) against 1 process x 3.
+
+41 training sequences in micro-batches of 2 (the last one partial) and 8 steps of 8 or 6 sequences: both
+pairs run past the end of the first epoch, where a global batch spans two epochs.
 """
 
 import json
+import math
 import os
 import shutil
 import subprocess
@@ -25,39 +30,61 @@ from safetensors.torch import load_file
 from usaf.cli import main
 from usaf.testing import save_tiny_checkpoint
 from usaf.train import distributed
+from usaf.train.recipe import calib_batches
 
-# A real selection (5% of the expert weights); the 2-process run reselects at step 3 (after its checkpoint at
-# step 2), the reference does not: they are compared up to step 3 and at the step-2 checkpoint. fp32 score
-# buffers: summed in another order (per rank, then all-reduced), bf16 sums may break near-ties differently.
-COMMON = ["--seq-len", "32", "--dtype", "fp32", "--steps", "4", "--density", "0.05", "--lr", "0.01",
-          "--batch-size", "2", "--save-every", "2", "--score-dtype", "fp32", "--quiet"]
-ONE = ["--grad-accum", "2", "--reselect-every", "0"]
-TWO = ["--reselect-every", "3"]
+STEPS = 8
+COMMON = ["--seq-len", "32", "--steps", str(STEPS), "--density", "0.01", "--lr", "0.01", "--batch-size", "2",
+          "--quant", "none", "--reselect-every", "2", "--save-every", "1", "--keep-checkpoints", str(STEPS),
+          "--quiet"]
+PAIRS = {  # name: (processes, --grad-accum of each, one process' --grad-accum, extra flags)
+    "two": (2, 2, 4, []),
+    "three": (3, 1, 3, ["--dtype", "fp32", "--score-dtype", "fp32"]),
+}
 
 
 def _train_args(ckpt, data, out, *extra):
     return ["train", "--model", str(ckpt), "--data", str(data), "--out", str(out), *COMMON, *extra]
 
 
+def _launch(n, args):
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    env.pop("WORLD_SIZE", None)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(n), "-m", "usaf"]
+    return subprocess.Popen(cmd + args, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def _one_thread(args) -> int:
+    """``usaf <args>`` in this process with one thread, as each rank runs."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return main(args)
+    finally:
+        torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     root = tmp_path_factory.mktemp("dist")
     ckpt = save_tiny_checkpoint("qwen3_moe", root / "ckpt")
-    rows = [{"text": f"{w} fox {w} dog {i} " * 4} for i, w in enumerate("abcdefghijklmnopqrstuvwxyz" * 2)]
+    rows = [{"prompt": f"{w} fox {i} ", "completion": f"{w} dog {w} cat {i} " * (1 + i % 3)}
+            for i, w in enumerate("abcdefghijklmnopqrstuvwxyz" * 2)][:46]  # 41 train + 5 eval sequences
     data = root / "d.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    env.pop("WORLD_SIZE", None)
-    launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m", "usaf"]
-    two = subprocess.Popen(launch + _train_args(ckpt, data, root / "two", *TWO),
-                           env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    try:
-        assert main(_train_args(ckpt, data, root / "one", *ONE)) == 0
-        text, _ = two.communicate(timeout=300)
-        assert two.returncode == 0, text
+    procs = []
+    try:  # the data-parallel runs in the background, the one-process runs here meanwhile
+        for name, (n, accum, _, extra) in PAIRS.items():
+            procs.append(_launch(n, _train_args(ckpt, data, root / name, "--grad-accum", str(accum), *extra)))
+        for name, (_, _, one_accum, extra) in PAIRS.items():
+            args = _train_args(ckpt, data, root / f"{name}-one", "--grad-accum", str(one_accum), *extra)
+            assert _one_thread(args) == 0
+        for p in procs:
+            text, _ = p.communicate(timeout=600)
+            assert p.returncode == 0, text
     finally:
-        if two.poll() is None:
-            two.kill()
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
     return root, ckpt, data
 
 
@@ -65,63 +92,78 @@ def _log(out):
     return [json.loads(x) for x in (out / "log.jsonl").read_text().splitlines()]
 
 
-def _same_losses(la, lb):
-    assert [r["step"] for r in la] == [r["step"] for r in lb]
-    for ra, rb in zip(la, lb):
-        assert rb["loss"] == pytest.approx(ra["loss"], rel=1e-5), ra["step"]
-        assert rb["tokens"] == ra["tokens"] and rb["active"] == ra["active"]
-
-
-def _same_delta(da: dict, db: dict):
-    keys = [k for k in da if "::" not in k or k.startswith("router::")]  # deltas and routers
-    assert keys and set(keys) == {k for k in db if "::" not in k or k.startswith("router::")}
-    for k in keys:
-        if k.endswith("indices"):
-            assert torch.equal(da[k], db[k]), k  # the same active sets
-        else:
-            assert torch.allclose(da[k], db[k], rtol=1e-4, atol=2e-5), (k, (da[k] - db[k]).abs().max())
-
-
 def _state(out, step):
     return load_file(out / "checkpoints" / f"step-{step:07d}" / "state.safetensors")
 
 
-def test_two_processes_train_and_select_like_one_with_the_global_batch(runs):
+def _same_state(a: dict, b: dict, what: str):
+    keys = [k for k in a if not k.startswith("rng::")]  # active sets, values, routers, masters, moments
+    assert sorted(keys) == sorted(k for k in b if not k.startswith("rng::")), what
+    assert any(k.endswith(".indices") for k in keys) and any(k.startswith("router::") for k in keys)
+    for k in keys:
+        assert a[k].dtype == b[k].dtype and torch.equal(a[k], b[k]), (what, k)
+
+
+@pytest.mark.parametrize("name", PAIRS)
+def test_n_processes_train_and_select_exactly_like_one(runs, name):
     root, *_ = runs
-    one, two = root / "one", root / "two"
-    _same_losses(_log(one)[:3], _log(two)[:3])  # the reselection at step 3 comes after its loss
-    _same_delta(_state(one, 2), _state(two, 2))
-    m1, m2 = (json.loads((x / "metrics.json").read_text()) for x in (one, two))
-    assert m2["eval_loss_before"] == pytest.approx(m1["eval_loss_before"], rel=1e-5)
-    assert m2["eval_tokens"] == m1["eval_tokens"]
-    assert m2["active_elements"] < m2["expert_elements"] // 10  # a real selection, the same as one process'
-    assert m2["world_size"] == 2 and m2["global_batch"] == m1["global_batch"] == 4
-    resel = _log(two)[2]["reselect"]
-    assert resel["grown"] > 0  # the active sets changed, identically on both ranks (checksum), and trained on
-    # bytes per step: the values' and routers' gradients (+ one flag per tensor, the loss, the token counts)
+    n, accum, one_accum, _ = PAIRS[name]
+    ranks, one = root / name, root / f"{name}-one"
+    la, lb = _log(one), _log(ranks)
+    assert [r["step"] for r in la] == [r["step"] for r in lb] == list(range(1, STEPS + 1))
+    for ra, rb in zip(la, lb):
+        assert ra["loss"] == rb["loss"] and ra["tokens"] == rb["tokens"] and ra["active"] == rb["active"]
+        assert ra.get("reselect", {}).get("grown") == rb.get("reselect", {}).get("grown")
+    assert [r["step"] for r in lb if r.get("reselect", {}).get("grown")] == [2, 4, 6]  # real reselections
+    for step in range(1, STEPS + 1):  # selection, then every step and every reselection
+        _same_state(_state(one, step), _state(ranks, step), f"step {step}")
+    m1, mn = (json.loads((x / "metrics.json").read_text()) for x in (one, ranks))
+    assert mn["world_size"] == n and mn["global_batch"] == m1["global_batch"] == 2 * accum * n
+    assert m1["data"]["sequences"] == 46 and STEPS * mn["global_batch"] > 41  # past the first epoch's end
+    assert mn["eval_tokens"] == m1["eval_tokens"]
+    for k in ("eval_loss_before", "eval_loss_after"):  # eval sums per rank shard: the order differs
+        assert mn[k] == pytest.approx(m1[k], rel=1e-6), k
+    assert 0 < mn["active_elements"] < mn["expert_elements"] // 50  # density 0.01
+    # per step: the gradient bucket (values, routers, one flag per tensor) passes each rank once per
+    # micro-batch plus the final broadcast; the micro-batches' losses (float64); the token counts
     router = 2 * 8 * 64  # 2 layers x (8 experts x hidden 64)
-    assert m2["comm_bytes"] == 4 * (m2["active_elements"] + router + 6 + 1) + 24
-    assert all(r["comm_bytes"] == m2["comm_bytes"] for r in _log(two))
+    bucket = 4 * (mn["active_elements"] + router + 6)
+    assert mn["comm_bytes"] == bucket * (accum + 1) + 8 * accum * n + 24
+    assert all(r["comm_bytes"] == mn["comm_bytes"] for r in lb)
     assert m1["comm_bytes"] == 0
 
 
 def test_resume_with_another_number_of_processes(runs, tmp_path, capsys):
     root, ckpt, data = runs
     out = tmp_path / "resumed"
-    shutil.copytree(root / "two", out)  # the 2-process run, cut back to its checkpoint at step 2
-    shutil.rmtree(out / "checkpoints" / "step-0000004")
+    shutil.copytree(root / "two", out)  # 2 processes x --grad-accum 2, cut back to its checkpoint at step 5
+    for step in range(6, STEPS + 1):
+        shutil.rmtree(out / "checkpoints" / f"step-{step:07d}")
     capsys.readouterr()
-    # the global batch must be kept: 2 processes x 2 -> 1 x 2 is refused before anything is loaded
-    assert main(_train_args(ckpt, data, out, "--reselect-every", "0", "--resume", str(out))) == 2
+    # the global batch must be kept: 2 processes x 2 x 2 -> 1 x 2 x 2 is refused before anything is loaded
+    assert main(_train_args(ckpt, data, out, "--grad-accum", "2", "--resume", str(out))) == 2
     err = capsys.readouterr().err
-    assert "global batch changed (4 -> 2" in err and "2 process(es)" in err
-    # 1 process x 2 x --grad-accum 2 continues it exactly like the 1-process run (no reselection either)
-    assert main(_train_args(ckpt, data, out, *ONE, "--resume", str(out))) == 0
-    one = root / "one"
-    _same_losses(_log(one), _log(out))
-    _same_delta(load_file(one / "delta.safetensors"), load_file(out / "delta.safetensors"))
-    m1, m3 = (json.loads((x / "metrics.json").read_text()) for x in (one, out))
-    assert m3["eval_loss_after"] == pytest.approx(m1["eval_loss_after"], rel=1e-5)
+    assert "global batch changed (8 -> 4" in err and "2 process(es)" in err
+    # 1 process x --grad-accum 4 continues it exactly like the 1-process run (incl. the reselection at step 6)
+    assert _one_thread(_train_args(ckpt, data, out, "--grad-accum", "4", "--resume", str(out))) == 0
+    one = root / "two-one"
+    assert [r["loss"] for r in _log(one)] == [r["loss"] for r in _log(out)]
+    for step in range(6, STEPS + 1):
+        _same_state(_state(one, step), _state(out, step), f"step {step}")
+    da, db = load_file(one / "delta.safetensors"), load_file(out / "delta.safetensors")
+    assert da.keys() == db.keys() and all(torch.equal(da[k], db[k]) for k in da)
+
+
+def test_calibration_is_whole_global_steps():
+    """N ranks score ceil(C / (A x N)) x A micro-batches each: one process with --grad-accum A x N the same."""
+    for calib in range(1, 10):
+        for accum in (1, 2, 3):
+            for world in (1, 2, 3):
+                per_rank = calib_batches(calib, accum, world)
+                total = per_rank * world
+                assert total == calib_batches(calib, accum * world, 1)
+                assert total >= calib and total % (accum * world) == 0 and total - calib < accum * world
+                assert total == math.ceil(calib / (accum * world)) * accum * world
 
 
 def test_selection_checksum_mismatch_raises(monkeypatch):
@@ -142,18 +184,40 @@ def test_selection_checksum_mismatch_raises(monkeypatch):
         distributed.check_same_selection(handle, two)
 
 
-def test_gradient_bucket_keeps_missing_gradients_missing():
+def test_gradient_sum_accumulates_like_autograd():
+    """The fold of per-micro-batch gradients equals autograd's own accumulation over the micro-batches, in each
+    parameter's dtype (bf16 accumulates in bf16); a parameter without a gradient keeps None."""
+    # values where the dtype and order of the sums show: 1 + u/2 + u/2 is 1 added one by one, 1 + u at once
+    xs = [torch.tensor([1.0, -3.0, 0.5]), torch.tensor([2.0**-24, 1.0, 2.0**-26]), torch.tensor([2.0**-24, 2.0, 1.0])]
+    ys = [torch.tensor(v, dtype=torch.bfloat16) for v in ([1.0, 4.0], [2.0**-8, -1.0], [2.0**-8, 2.0**-6])]
+
+    def params():
+        return (torch.nn.Parameter(torch.zeros(3)), torch.nn.Parameter(torch.zeros(2, dtype=torch.bfloat16)),
+                torch.nn.Parameter(torch.zeros(4)))
+
+    def loss(a, b, k):
+        return (a * xs[k]).sum() + (b * ys[k]).sum()
+
+    ref = params()
+    for k in range(3):  # one process: autograd accumulates .grad micro-batch by micro-batch
+        loss(*ref[:2], k).backward()
     dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
     try:
-        d = distributed.Dist(rank=0, world=2)  # a one-member group stands in for the sum over ranks
-        a, b = torch.nn.Parameter(torch.zeros(3)), torch.nn.Parameter(torch.zeros(2, dtype=torch.bfloat16))
-        c = torch.nn.Parameter(torch.zeros(4))
-        a.grad, b.grad = torch.tensor([1.0, 2.0, 3.0]), torch.tensor([0.5, -1.0], dtype=torch.bfloat16)
-        sent, (loss,) = distributed.all_reduce_grads([a, b, c], d, [7.5])
-        assert sent == 4 * (3 + 2 + 4 + 3 + 1) and loss == 7.5
-        assert a.grad.tolist() == [1.0, 2.0, 3.0] and b.grad.dtype == torch.bfloat16 and c.grad is None
+        a, b, c = params()
+        grads = distributed.GradientSum([a, b, c], distributed.Dist())
+        for k in range(3):
+            loss(a, b, k).backward()
+            grads.add(0.5 * k)
+            assert a.grad is None and b.grad is None  # taken into the bucket
+        sent, total = grads.finish()
     finally:
         dist.destroy_process_group()
+    assert torch.equal(a.grad, ref[0].grad) and a.grad.dtype == torch.float32
+    assert torch.equal(b.grad, ref[1].grad) and b.grad.dtype == torch.bfloat16
+    assert b.grad[0] == 1.0 and a.grad[0] == 1.0  # added in order, in their dtype
+    assert (ys[0].float() + (ys[1].float() + ys[2].float())).bfloat16()[0] != 1.0  # another order differs
+    assert c.grad is None
+    assert total == 0.0 + 0.5 + 1.0 and sent == 4 * (3 + 2 + 4 + 3) * 4 + 8 * 3
 
 
 def test_nproc_relaunches_through_torchrun(monkeypatch, capsys):

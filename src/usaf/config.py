@@ -57,9 +57,11 @@ class TrainConfig:
     router_lr: float = _f(5e-5, "learning rate of the routers")
     weight_decay: float = _f(0.0, "AdamW weight decay of the deltas (pulls them toward the base)")
     warmup: float = _f(0.05, "warmup, as a fraction of the steps")
-    reselect_every: int = _f(50, "RigL reselection period in steps (0 = off)")
+    reselect_every: int = _f(50, "RigL reselection period in steps (0 = off); a reselection scores one step's "
+                                 "micro-batches (--grad-accum per process)")
     reselect_fraction: float = _f(0.3, "initial fraction of active elements replaced; decays to 0")
-    calib_batches: int = _f(4, "batches used to score importance for the initial selection")
+    calib_batches: int = _f(4, "micro-batches scored for the initial selection, rounded up to whole steps "
+                               "(a multiple of --grad-accum x processes)")
     eval_every: int = _f(0, "evaluate every N steps (0 = only before and after)")
     save_every: int = _f(0, "checkpoint every N steps (0 = only at the end)")
     keep_checkpoints: int = _f(2, "checkpoints kept in <out>/checkpoints (the newest; at least 1)")

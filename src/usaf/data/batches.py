@@ -1,8 +1,8 @@
-"""Examples -> batches: the held-out split, right padding, and seeded, resumable, rank-sharded batches.
+"""Examples -> batches: the held-out split, right padding, and seeded, resumable batches that ranks share.
 
 * :func:`split_eval` - deterministic held-out split when no eval file is given.
 * :func:`collate` - right padding to the longest sequence of the batch.
-* :class:`Batches` - seeded, epoch-aware, resumable batch iterator with optional rank sharding.
+* :class:`Batches` - seeded, epoch-aware, resumable batch iterator; ranks take turns on one stream.
 * :class:`EpochOrder` - the same order as a ``torch.utils.data`` sampler (what a ``transformers.Trainer`` run
   under ``usaf.integrations.attach`` draws its batches with).
 """
@@ -100,19 +100,22 @@ class Batches:
     """Deterministic, epoch-aware, resumable batches of shuffled examples.
 
     Each epoch visits every example once, in an order drawn from ``(seed, epoch)`` (or the original order if
-    ``shuffle=False``), in *global* batches of ``batch_size`` examples; ``len()`` is the number of global
-    batches per epoch. The last, partial batch is kept unless ``drop_last``.
+    ``shuffle=False``), in batches of ``batch_size`` examples; ``len()`` is the number of batches per epoch. The
+    last, partial batch is kept unless ``drop_last``.
 
-    With ``world_size > 1`` (``batch_size`` must then be a multiple of it) each rank gets a disjoint contiguous
-    slice of ``batch_size // world_size`` examples of every global batch; a partial last batch is first
-    filled up to a multiple of ``world_size`` with examples from the start of the epoch's order, so every
-    rank always gets the same number of examples.
+    With ``world_size > 1`` (``batch_size`` must then be a multiple of it) ``batch_size`` is the global batch,
+    and the ranks take turns on the one-process stream of micro-batches of ``batch_size // world_size``
+    examples: the q-th batch of rank r is micro-batch ``q * world_size + r`` of ``Batches(examples,
+    batch_size // world_size)``, epoch ends included (a global batch may span two epochs, and a partial last
+    micro-batch goes to one rank). So N ranks see exactly the micro-batches one process sees with
+    ``grad_accum x N``, in the same order.
 
-    Iterating yields the remaining batches of the current epoch and then moves to the next epoch, so
-    ``for epoch in ...: for batch in batches: ...`` works; :meth:`next_batch` crosses epochs by itself.
-    Batches are lists of :class:`Example`, or :func:`collate` dicts when ``pad_id`` is given.
-    :meth:`state_dict` / :meth:`load_state_dict` save and restore ``(epoch, position, seed)``: a resumed run
-    gets exactly the batches the uninterrupted one would have.
+    Iterating yields the remaining batches of the current epoch (with several ranks: those that start in it)
+    and then moves to the next epoch, so ``for epoch in ...: for batch in batches: ...`` works;
+    :meth:`next_batch` crosses epochs by itself. Batches are lists of :class:`Example`, or :func:`collate`
+    dicts when ``pad_id`` is given. :meth:`state_dict` / :meth:`load_state_dict` save and restore ``(epoch,
+    position, seed)`` (``position``: the next micro-batch within the epoch): a resumed run gets exactly the
+    batches the uninterrupted one would have.
     """
 
     def __init__(
@@ -135,8 +138,9 @@ class Batches:
             raise ValueError(f"batch_size {batch_size} is not a multiple of world_size {world_size}")
         if not examples:
             raise ValueError("no examples to batch")
-        if drop_last and len(examples) < batch_size:
-            raise ValueError(f"{len(examples)} examples make no full batch of {batch_size} (drop_last=True)")
+        if drop_last and len(examples) < batch_size // world_size:
+            raise ValueError(f"{len(examples)} examples make no full batch of {batch_size // world_size} "
+                             f"(drop_last=True)")
         self.examples = examples
         self.batch_size = int(batch_size)
         self.seed = int(seed)
@@ -146,18 +150,23 @@ class Batches:
         self.world_size = world_size
         self.pad_id = pad_id
         self.epoch = 0
-        self.position = 0  # index of the next global batch within the epoch
+        self.position = 0  # index of the next micro-batch (of local_batch_size) within the epoch
         self._order_epoch: int | None = None
         self._order: list[int] = []
 
     def __len__(self) -> int:
-        n = len(self.examples)
-        return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
+        return -(-self.micro_batches // self.world_size)
 
     @property
     def local_batch_size(self) -> int:
-        """Examples per rank in a full batch."""
+        """Examples per rank in a full batch: the size of the micro-batches of the stream."""
         return self.batch_size // self.world_size
+
+    @property
+    def micro_batches(self) -> int:
+        """Micro-batches (of :attr:`local_batch_size`) per epoch, over all ranks."""
+        n, u = len(self.examples), self.local_batch_size
+        return n // u if self.drop_last else -(-n // u)
 
     def order(self, epoch: int) -> list[int]:
         """Example indices in the order epoch ``epoch`` visits them."""
@@ -167,31 +176,28 @@ class Batches:
             self._order, self._order_epoch = order, epoch
         return self._order
 
-    def global_indices(self, epoch: int, position: int) -> list[int]:
-        """Indices of global batch ``position`` of epoch ``epoch`` (before rank sharding, incl. fill)."""
-        order = self.order(epoch)
-        batch = order[position * self.batch_size : (position + 1) * self.batch_size]
-        if self.world_size > 1 and len(batch) % self.world_size:
-            need = self.world_size - len(batch) % self.world_size
-            batch = batch + [order[i % len(order)] for i in range(need)]
-        return batch
+    def micro_indices(self, epoch: int, position: int) -> list[int]:
+        """Indices of micro-batch ``position`` of the stream, counted from the start of epoch ``epoch``
+        (positions past the epoch's end continue into the next epochs)."""
+        m, u = self.micro_batches, self.local_batch_size
+        epoch, position = epoch + position // m, position % m
+        return self.order(epoch)[position * u : (position + 1) * u]
 
     def rank_indices(self, epoch: int, position: int) -> list[int]:
-        """This rank's slice of :meth:`global_indices`."""
-        batch = self.global_indices(epoch, position)
-        per_rank = len(batch) // self.world_size
-        return batch[self.rank * per_rank : (self.rank + 1) * per_rank]
+        """This rank's indices of the global batch that starts at micro-batch ``position`` of ``epoch``."""
+        return self.micro_indices(epoch, position + self.rank)
 
     def _normalize(self) -> None:
-        if self.position >= len(self):
-            self.epoch += self.position // len(self)
-            self.position %= len(self)
+        m = self.micro_batches
+        if self.position >= m:
+            self.epoch += self.position // m
+            self.position %= m
 
     def next_batch(self) -> list[Example] | dict[str, torch.Tensor]:
         """The next batch (for this rank), advancing to the next epoch after the last one."""
         self._normalize()
         indices = self.rank_indices(self.epoch, self.position)
-        self.position += 1
+        self.position += self.world_size
         self._normalize()
         batch = [self.examples[i] for i in indices]
         if self.pad_id is None:
@@ -202,23 +208,25 @@ class Batches:
 
     def __iter__(self) -> Iterator[list[Example] | dict[str, torch.Tensor]]:
         self._normalize()
-        for _ in range(len(self) - self.position):
+        epoch = self.epoch
+        while self.epoch == epoch:
             yield self.next_batch()
 
     def state_dict(self) -> dict[str, int]:
-        """``epoch``, ``position`` (next batch within the epoch), ``seed``, plus sizes checked on load."""
+        """``epoch``, ``position`` (next micro-batch within the epoch), ``seed``, plus sizes checked on load
+        (``batch_size``: the micro-batch, the unit of ``position``)."""
         self._normalize()
         return {
             "epoch": self.epoch,
             "position": self.position,
             "seed": self.seed,
             "num_examples": len(self.examples),
-            "batch_size": self.batch_size,
+            "batch_size": self.local_batch_size,
         }
 
     def load_state_dict(self, state: dict[str, int]) -> None:
         """Restore a :meth:`state_dict`; raises ``ValueError`` if the data or batch size changed since."""
-        for key, mine in (("num_examples", len(self.examples)), ("batch_size", self.batch_size)):
+        for key, mine in (("num_examples", len(self.examples)), ("batch_size", self.local_batch_size)):
             if key in state and int(state[key]) != mine:
                 raise ValueError(f"cannot resume batches: {key} was {state[key]}, is now {mine}")
         self.seed = int(state["seed"])

@@ -32,6 +32,7 @@ from .checkpointing import lean_passes
 from .experts import NAMES, UsafExperts
 from .loss import token_mean_loss
 from .model import MoeLayer, UsafModel
+from .ranks import RingFold, all_gather_ragged, rank_world
 
 
 def _groups(layers: list[MoeLayer], budget_bytes: int, elem_bytes: int,
@@ -86,10 +87,6 @@ def top_candidates(scores: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Te
     return vals, idx
 
 
-def _distributed() -> bool:
-    return torch.distributed.is_available() and torch.distributed.is_initialized()
-
-
 class DenseScores:
     """Score hook: ``sum |dL/dW|`` (``power`` 1), ``sum (dL/dW)^2`` (2) or ``sum dL/dW`` (0, signed) of one
     experts module, accumulated into dense ``[E, R, C]`` buffers of ``dtype`` (one per stack)."""
@@ -116,6 +113,7 @@ class StreamedCandidates:
     def __init__(self, ex: UsafExperts, k: dict[str, int]):
         self.ex, self.k = ex, k
         self.found: dict[str, list] = {}
+        self.ends: dict[str, list[int]] = {n: [] for n in NAMES}  # len(found[n]) after each batch
 
     def __call__(self, name: str, e: int, left: torch.Tensor, right: torch.Tensor) -> None:
         g = (left.t() @ right).float().abs().view(-1)
@@ -125,6 +123,21 @@ class StreamedCandidates:
         keep = top.values > 0
         self.found.setdefault(name, []).append((top.values[keep], top.indices[keep] + e * delta.per_expert))
 
+    def end_batch(self) -> None:
+        for n in NAMES:
+            self.ends[n].append(len(self.found.get(n, [])))
+
+    def batches(self, name: str) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """This rank's candidates of ``name`` per batch: ``(scores, flat indices)``, in batch order."""
+        found, out, start = self.found.get(name, []), [], 0
+        dev = self.ex.deltas[name].values.device
+        for end in self.ends[name]:
+            part = found[start:end]
+            out.append((torch.cat([f[0] for f in part]) if part else torch.zeros(0, device=dev),
+                        torch.cat([f[1] for f in part]) if part else torch.zeros(0, dtype=torch.int64, device=dev)))
+            start = end
+        return out
+
     def best(self, name: str, k: int) -> tuple[torch.Tensor, torch.Tensor] | None:
         """The ``k`` best (summed over batches) candidates of a stack: (scores, flat indices)."""
         found = self.found.get(name, [])
@@ -132,14 +145,38 @@ class StreamedCandidates:
             return None
         sc = torch.cat([f[0] for f in found])
         ix, inv = torch.unique(torch.cat([f[1] for f in found]), return_inverse=True)
-        sc = torch.zeros(ix.numel(), dtype=sc.dtype).scatter_reduce(0, inv, sc, "sum")
+        sc = torch.zeros(ix.numel(), dtype=sc.dtype, device=sc.device).scatter_reduce(0, inv, sc, "sum")
         top = torch.topk(sc, min(sc.numel(), k), sorted=False)
         return top.values, ix[top.indices]
 
 
-def _passes(handle: UsafModel, batches: list[dict], loss_fn: Callable, hooks: dict, only=None) -> None:
+def merge_ranks(hooks: list[StreamedCandidates]) -> None:
+    """Data parallel: every rank's streamed candidates on every rank, batch by batch in the global order
+    (batch k of rank r is batch ``k * N + r`` of one process), so that :meth:`StreamedCandidates.best` merges
+    exactly what one process would have found. One gather of all lists (scores, indices, lengths)."""
+    _, world = rank_world()
+    stacks = [(h, n) for h in hooks for n in NAMES]
+    per = [h.batches(n) for h, n in stacks]  # [stack][batch] -> (scores, indices)
+    n_batches = len(per[0]) if per else 0
+    dev = hooks[0].ex.deltas[NAMES[0]].values.device
+    lengths = torch.tensor([[len(per[s][k][0]) for k in range(n_batches)] for s in range(len(stacks))],
+                           dtype=torch.int64, device=dev).reshape(-1)
+    scores = torch.cat([sc for batches in per for sc, _ in batches] or [torch.zeros(0, device=dev)])
+    index = torch.cat([ix for batches in per for _, ix in batches] or [torch.zeros(0, dtype=torch.int64, device=dev)])
+    lengths, scores, index = (all_gather_ragged(t) for t in (lengths, scores, index))
+    lengths = [x.view(len(stacks), n_batches).tolist() for x in lengths]
+    parts = [(sc.split([n for row in ln for n in row]), ix.split([n for row in ln for n in row]))
+             for ln, sc, ix in zip(lengths, scores, index)]  # per rank: flat list over (stack, batch)
+    for s, (h, n) in enumerate(stacks):
+        h.found[n] = [(parts[r][0][s * n_batches + k], parts[r][1][s * n_batches + k])
+                      for k in range(n_batches) for r in range(world)]
+
+
+def _passes(handle: UsafModel, batches: list[dict], loss_fn: Callable, hooks: dict, only=None,
+            after_batch: Callable | None = None) -> None:
     """Forward + backward over ``batches`` with a score hook on the experts of ``only`` (default: every
-    trainable layer). Only those layers' parameters require grad: autograd stops below the lowest of them."""
+    trainable layer), then ``after_batch()`` after each. Only those layers' parameters require grad: autograd
+    stops below the lowest of them."""
     model = handle.model
     layers = only or handle.trainable_layers
     params = handle.trainable_parameters()
@@ -156,6 +193,8 @@ def _passes(handle: UsafModel, batches: list[dict], loss_fn: Callable, hooks: di
                 loss_fn(model, batch).backward()
                 for p in params:
                     p.grad = None
+                if after_batch is not None:
+                    after_batch()
         finally:
             for p, f in zip(params, flags):
                 p.requires_grad_(f)
@@ -168,17 +207,42 @@ def scored_layers(handle: UsafModel, batches: list[dict], loss_fn: Callable):
     layers = list(reversed(handle.trainable_layers))
     dtype = torch.float32 if cfg.score_dtype == "fp32" else torch.bfloat16
     power = {"abs": 1, "gw": 1, "sq": 2, "signed": 0, "random": 1}[cfg.score]
+    _, world = rank_world()
     for group in _groups(layers, cfg.score_budget_mb << 20, dtype.itemsize, max(1, cfg.score_layers)):
         hooks = {m.index: DenseScores(m.experts, dtype, power) for m in group}
-        if cfg.score != "random":
+        if cfg.score != "random" and world == 1:
             _passes(handle, batches, loss_fn, hooks, only=group)
+        elif cfg.score != "random":  # data parallel: the hooks score this rank's batch, folded in order
+            _fold_ranks(handle, batches, loss_fn, hooks, group)
         for m in group:
-            buffers = hooks[m.index].buffers
-            if _distributed():  # data parallel: every rank ranks the same summed scores
-                for n in NAMES:
-                    torch.distributed.all_reduce(buffers[n])
-            yield m, final_scores(m, buffers, cfg.score, seed=cfg.score_seed)
+            yield m, final_scores(m, hooks[m.index].buffers, cfg.score, seed=cfg.score_seed)
         del hooks
+
+
+def _fold_ranks(handle: UsafModel, batches: list[dict], loss_fn: Callable, hooks: dict[int, DenseScores],
+                group: list[MoeLayer]) -> None:
+    """Data parallel scoring: every rank's per-batch scores added to the sum in the global batch order (batch
+    k of rank r is one process's batch ``k * N + r``), in the buffers' dtype, as one process adds them. Each
+    rank holds a second set of the group's buffers (the running sum); the hooks' own ones are reset per batch."""
+    own = [hooks[m.index].buffers[n] for m in group for n in NAMES]
+    acc = [torch.zeros_like(b) for b in own]
+
+    def fold(acc: list[torch.Tensor], own: list[torch.Tensor]) -> None:
+        for a, o in zip(acc, own):
+            a += o
+
+    ring = RingFold(acc, fold)
+
+    def after_batch() -> None:
+        ring.add(own)
+        for b in own:
+            b.zero_()
+
+    _passes(handle, batches, loss_fn, hooks, only=group, after_batch=after_batch)
+    ring.result()
+    for m in group:
+        hooks[m.index].buffers = dict(zip(NAMES, acc[: len(NAMES)]))
+        acc = acc[len(NAMES):]
 
 
 def candidates(handle: UsafModel, batches: Iterable[dict], budget: int, exclude_active: bool = False,
@@ -188,8 +252,8 @@ def candidates(handle: UsafModel, batches: Iterable[dict], budget: int, exclude_
 
     Two modes, both a score hook on the experts (``UsafExperts.mode_as(score_hook=...)``):
       - accumulated (default): :class:`DenseScores` through :func:`scored_layers`;
-      - streaming (reselection, one pass over all layers): :class:`StreamedCandidates`, no layer-sized buffer
-        (not used across ranks).
+      - streaming (reselection, one pass over all layers): :class:`StreamedCandidates`, no layer-sized buffer;
+        data parallel, every rank's candidates are merged in the one-process order (:func:`merge_ranks`).
 
     Returns:
         list of ``(layer, stack name, scores (k,), flat indices into the stack (k,))``.
@@ -210,13 +274,18 @@ def candidates(handle: UsafModel, batches: Iterable[dict], budget: int, exclude_
 
     with lean_passes(handle):  # every scoring pass keeps only what a checkpointed step keeps
         try:
-            if streaming and not _distributed():
+            if streaming:
                 layers = handle.trainable_layers
                 hooks = {m.index: StreamedCandidates(m.experts, {n: math.ceil(cap(m.experts.deltas[n].numel) /
                                                                               m.experts.num_experts * 2)
                                                                   for n in NAMES})
                          for m in layers}
-                _passes(handle, batches, loss_fn, hooks)
+                if rank_world()[1] == 1:
+                    _passes(handle, batches, loss_fn, hooks)
+                else:
+                    _passes(handle, batches, loss_fn, hooks,
+                            after_batch=lambda: [h.end_batch() for h in hooks.values()])
+                    merge_ranks(list(hooks.values()))
                 for m in reversed(layers):
                     for n in NAMES:
                         best = hooks[m.index].best(n, cap(m.experts.deltas[n].numel))

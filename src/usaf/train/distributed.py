@@ -1,10 +1,11 @@
 """Data parallelism on torch.distributed (launched by ``torchrun``): sparse deltas make it cheap.
 
 Per step only the gradients of the compact delta values and of the routers cross the network: one flat
-fp32 bucket, all-reduced once (O(active elements + router), independent of model size). Selection and
-reselection reduce their importance scores across ranks before the top-k, so every rank picks the same
-indices; a checksum of the active sets is compared across ranks after each (re)selection and a mismatch
-stops the run. Only rank 0 writes files.
+fp32 bucket (O(active elements + router), independent of model size), summed over the ranks in the order one
+process adds its micro-batches (:class:`GradientSum`), so that N ranks train exactly like one process with the
+same micro-batches. Selection and reselection combine their importance scores the same way
+(``usaf.engine.select``), so every rank picks the one-process indices; a checksum of the active sets is
+compared across ranks after each (re)selection and a mismatch stops the run. Only rank 0 writes files.
 
 Backends: gloo on CPU, nccl on CUDA. Launch: ``torchrun --nproc-per-node N -m usaf train ...`` (or
 ``usaf train --nproc N``); multi-node with torchrun's usual ``--nnodes/--node-rank/--rdzv-endpoint`` flags
@@ -24,6 +25,8 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as dist
+
+from ..engine.ranks import RingFold
 
 
 @dataclass
@@ -93,30 +96,76 @@ def all_sum_many(values: list[float], d: Dist) -> list[float]:
     return t.cpu().tolist()
 
 
-def all_reduce_grads(params: list[torch.Tensor], d: Dist, extra: list[float] = ()) -> tuple[int, list[float]]:
-    """Sum the gradients of ``params`` over ranks in one flat fp32 bucket (one collective per step).
+class GradientSum:
+    """The step's gradients of ``params`` summed over the ranks in the one-process order, bit for bit.
 
-    The bucket also carries one has-gradient flag per parameter (a parameter without a gradient on every
-    rank keeps ``grad = None``, exactly as in one process) and the numbers in ``extra`` (e.g. the step's
-    summed loss). Returns ``(bucket bytes, summed extra)``; with one process nothing is sent: ``(0, extra)``.
+    One process accumulates ``.grad`` over its micro-batches in order, in each parameter's dtype. Rank r's k-th
+    micro-batch is that process's micro-batch ``k * N + r``: after each of its backward passes a rank calls
+    :meth:`add`, which takes the gradients off the parameters into one flat fp32 bucket (a has-gradient flag per
+    parameter: one without a gradient on every rank keeps ``grad = None``, as in one process) and folds it
+    into the running sum as it travels around the ranks (:class:`usaf.engine.ranks.RingFold`); the sum is
+    added in the parameter's dtype (bf16 routers accumulate in bf16, as autograd does). :meth:`finish` puts
+    the sum back on the parameters on every rank, and sums the micro-batches' losses in the same order.
     """
-    if not d.on:
-        return 0, [float(x) for x in extra]
-    device = params[0].device if params else d.device
-    grads = [p.grad.detach().reshape(-1).float() if p.grad is not None else
-             torch.zeros(p.numel(), dtype=torch.float32, device=device) for p in params]
-    flags = torch.tensor([float(p.grad is not None) for p in params], dtype=torch.float32)
-    tail = torch.cat([flags, torch.tensor([float(x) for x in extra], dtype=torch.float32)]).to(device)
-    flat = torch.cat([*grads, tail])
-    dist.all_reduce(flat)
-    n_grads = flat.numel() - tail.numel()
-    tail = flat[n_grads:].double().cpu()
-    pos = 0
-    for i, p in enumerate(params):
-        n = p.numel()
-        p.grad = flat[pos : pos + n].view_as(p).to(p.dtype) if tail[i] > 0 else None
-        pos += n
-    return flat.numel() * 4, tail[len(params):].tolist()
+
+    def __init__(self, params: list[torch.Tensor], d: Dist):
+        self.params, self.d = params, d
+        device = params[0].device if params else d.device
+        self.n = sum(p.numel() for p in params)
+        self.acc = torch.zeros(self.n + len(params), dtype=torch.float32, device=device)  # gradients, flags
+        self.own = torch.empty_like(self.acc)
+        self.ring = RingFold([self.acc], self._fold)
+        self.losses: list[float] = []
+
+    def add(self, loss: float) -> None:
+        """After this rank's backward of one micro-batch (its summed ``loss``): fold its gradients in."""
+        own, pos = self.own, 0
+        for i, p in enumerate(self.params):
+            n = p.numel()
+            if p.grad is None:
+                own[pos : pos + n] = 0
+            else:
+                own[pos : pos + n] = p.grad.detach().reshape(-1)
+            own[self.n + i] = float(p.grad is not None)
+            p.grad = None
+            pos += n
+        self.ring.add([own])
+        self.losses.append(float(loss))
+
+    def _fold(self, acc: list[torch.Tensor], own: list[torch.Tensor]) -> None:
+        acc, own = acc[0], own[0]
+        has_acc, has_own = acc[self.n :].tolist(), own[self.n :].tolist()
+        pos = 0
+        for i, p in enumerate(self.params):
+            n = p.numel()
+            a, o = acc[pos : pos + n], own[pos : pos + n]
+            if has_own[i] and has_acc[i] and p.dtype == torch.float32:  # grad += new
+                a.add_(o)
+            elif has_own[i] and has_acc[i]:  # in the parameter's dtype, as autograd accumulates
+                a.copy_(a.to(p.dtype) + o.to(p.dtype))
+            elif has_own[i]:
+                a.copy_(o)
+                acc[self.n + i] = 1.0
+            pos += n
+
+    def finish(self) -> tuple[int, float]:
+        """Every rank's sum on the parameters. Returns ``(bytes of the bucket's passes, the summed loss)``."""
+        acc = self.ring.result()[0]
+        flags = acc[self.n :].tolist()
+        pos = 0
+        for i, p in enumerate(self.params):
+            n = p.numel()
+            p.grad = acc[pos : pos + n].view_as(p).to(p.dtype) if flags[i] else None
+            pos += n
+        world = self.ring.world
+        mine = torch.tensor(self.losses, dtype=torch.float64, device=self.acc.device)
+        every = torch.empty(world, len(self.losses), dtype=torch.float64, device=self.acc.device)
+        dist.all_gather(list(every.unbind(0)), mine)
+        loss = 0.0
+        for x in every.t().reshape(-1).tolist():  # micro-batch k of rank r is micro-batch k * N + r
+            loss += x
+        sent = self.ring.bytes * (len(self.losses) + 1) + mine.numel() * 8 * world
+        return sent, loss
 
 
 def all_reduce_(t: torch.Tensor, d: Dist) -> torch.Tensor:

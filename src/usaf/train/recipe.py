@@ -4,7 +4,7 @@
                     load and prepare the model, build the frozen-prefix cache, decide checkpointing once
     load checkpoint (--resume) the active sets, values, routers, optimizer, schedule, data position and RNG
     select          or: eval before, then score and pick the active set
-    train loop      step (forward, backward, all-reduce, AdamW), reselect, eval, checkpoint
+    train loop      step (forward, backward, gradient sum over ranks, AdamW), reselect, eval, checkpoint
     finish          eval after; last checkpoint, delta.safetensors, metrics.json, router_load.json, loss.png,
                     report.html
 
@@ -126,10 +126,10 @@ class Recipe:
         self.identity["base_fingerprint"] = self.handle.fingerprint
         if use_checkpointing(self.handle, cfg.checkpointing, cfg.batch_size, cfg.seq_len):  # decided once
             enable_checkpointing(self.handle)
-        # Batches of --batch-size x processes sequences; each rank gets its --batch-size slice of every one.
+        # The one-process stream of --batch-size micro-batches; rank r takes micro-batches r, r + N, r + 2N, ...
         self.batches = Batches(inp.train, cfg.batch_size * d.world, seed=cfg.seed, rank=d.rank,
                                world_size=d.world, pad_id=inp.pad_id)
-        steps_per_epoch = max(1, len(self.batches) // cfg.grad_accum)
+        steps_per_epoch = max(1, self.batches.micro_batches // (cfg.grad_accum * d.world))
         self.total_steps = cfg.steps or max(1, math.ceil(cfg.epochs * steps_per_epoch))
         self.scaler = LossScaler(enabled=inp.dtype == torch.float16)
 
@@ -159,10 +159,12 @@ class Recipe:
         cfg, inp = self.cfg, self.inputs
         return eval_batches(inp.eval, cfg.batch_size, self.d, inp.pad_id, len(inp.train), cfg.max_eval_batches)
 
-    def calib(self, step: int) -> Batches:
-        """Calibration batches of reselection at ``step`` (-1: the initial selection), drawn afresh."""
-        return Batches(self.inputs.train, self.cfg.batch_size * self.d.world, seed=self.cfg.seed + 7919 * (step + 1),
-                       rank=self.d.rank, world_size=self.d.world, pad_id=self.inputs.pad_id)
+    def calib(self, step: int, n: int) -> list[dict]:
+        """This rank's ``n`` calibration micro-batches of the reselection at ``step`` (-1: the initial selection),
+        drawn afresh: the one-process stream of a seed of their own, shared by the ranks like training's."""
+        b = Batches(self.inputs.train, self.cfg.batch_size * self.d.world, seed=self.cfg.seed + 7919 * (step + 1),
+                    rank=self.d.rank, world_size=self.d.world, pad_id=self.inputs.pad_id)
+        return [b.next_batch() for _ in range(n)]
 
     # -------------------------------------------------------------------------------- load checkpoint
     def load_checkpoint(self) -> bool:
@@ -178,7 +180,7 @@ class Recipe:
         checkpoint.load_training(tensors, meta, self.opt, self.sched)
         self.ckpt_tensors = None
         self.step = meta["step"]
-        self.batches.load_state_dict(convert_position(meta["batches"], self.batches.batch_size))
+        self.batches.load_state_dict(convert_position(meta["batches"], self.batches.local_batch_size))
         self.state.update(meta["state"])
         log.info("resumed from %s at step %d", self.ckpt, self.step)
         changed = changed_settings(self.prev, cfg)
@@ -207,8 +209,10 @@ class Recipe:
         self.state["eval_ppl_before"], self.state["eval_loss_before"] = before["ppl"], before["loss"]
         self.state["router_load_before"] = load.to_lists(d)
         log.info("eval before: ppl %.3f (%d tokens)", before["ppl"], before["tokens"])
-        # --calib-batches micro-batches of --batch-size in all, spread over the ranks; select sums the scores
-        rep = select(self.handle, self.calib(-1), loss_fn=token_mean_loss, n_batches=math.ceil(cfg.calib_batches / d.world))
+        # --calib-batches micro-batches of --batch-size in all, rounded up to whole global steps (--grad-accum x
+        # processes), spread over the ranks; select sums the scores in the one-process order
+        n = calib_batches(cfg.calib_batches, cfg.grad_accum, d.world)
+        rep = select(self.handle, self.calib(-1, n), loss_fn=token_mean_loss)
         digest = distributed.check_same_selection(self.handle, d)
         self.state["selection_s"] = rep["seconds"]
         log.info("selected %d of %d expert weights in %.1fs%s", rep["active"], self.handle.expert_elements(),
@@ -228,7 +232,9 @@ class Recipe:
                 step = self.step
                 if cfg.reselect_every and step % cfg.reselect_every == 0 and step < self.total_steps:
                     frac = drop_fraction(step, self.total_steps, cfg.reselect_fraction)
-                    r = reselect(self.handle, self.opt, self.calib(step), frac, loss_fn=token_mean_loss, n_batches=1)
+                    # one global step's micro-batches: --grad-accum on each rank
+                    r = reselect(self.handle, self.opt, self.calib(step, cfg.grad_accum), frac,
+                                 loss_fn=token_mean_loss)
                     distributed.check_same_selection(self.handle, d)
                     state["reselection_s"] += r["seconds"]
                     rec["reselect"] = {k: r[k] for k in ("dropped", "grown", "seconds")}
@@ -271,13 +277,17 @@ class Recipe:
             self.save()
             raise self._agreed(Interrupted(f"interrupted; checkpoint saved at step {self.step}; continue with "
                                            f"--resume {self.out}"))
+        # Ranks: the gradients (values + routers) and the loss summed over the ranks micro-batch by micro-batch,
+        # in the order one process accumulates them (micro-batch k of rank r is its micro-batch k * N + r).
+        grads = distributed.GradientSum(opt.values + opt.routers, d) if d.on else None
         loss_sum = 0.0
         for b in micro:
             loss = token_mean_loss(self.model, b, n_tokens=n_tok)
             opt.scale_loss(loss).backward()
             loss_sum += float(loss.detach())
-        # Sum the gradients (values + routers) and the loss over the ranks: one flat fp32 bucket.
-        comm, (loss_val,) = distributed.all_reduce_grads(opt.values + opt.routers, d, [loss_sum])
+            if grads is not None:
+                grads.add(float(loss.detach()))
+        comm, loss_val = grads.finish() if grads is not None else (0, loss_sum)
         state["comm_bytes"] = comm + (8 * 3 if d.on else 0)  # + the token counts above
         scale = opt.scaler.scale
         stepped = opt.step(loss_val)
@@ -358,6 +368,13 @@ class Recipe:
         return metrics
 
 
+def calib_batches(calib: int, grad_accum: int, world: int) -> int:
+    """Micro-batches each rank scores for the initial selection: ``calib`` rounded up to whole global steps
+    (``grad_accum x world`` micro-batches), so that N ranks score the micro-batches of one process with
+    ``--grad-accum grad_accum x N``."""
+    return math.ceil(calib / (grad_accum * world)) * grad_accum
+
+
 def _where(where: list[list[int]]) -> str:
     return ", ".join(f"epoch {e} batch {p}" for e, p in where)
 
@@ -382,4 +399,4 @@ class _InterruptFlag:
             self._old = None
 
 
-__all__ = ["train", "Recipe", "RunError", "Diverged", "Interrupted"]
+__all__ = ["train", "Recipe", "RunError", "Diverged", "Interrupted", "calib_batches"]

@@ -137,7 +137,8 @@ def global_batch(cfg: TrainConfig, world: int) -> int:
 def check_global_batch(out: Path, prev: dict, meta: dict, cfg: TrainConfig, world: int) -> None:
     """A resumed run must keep the global batch (sequences per optimizer step); the split into --batch-size,
     --grad-accum and processes may change. The data position is stored in units of the checkpointed run's
-    per-micro-step batch (--batch-size x processes) and must fall on a boundary of the new one."""
+    micro-batch (--batch-size; before the ranks took turns on one stream: --batch-size x processes) and must
+    fall on a boundary of the new --batch-size."""
     pos = meta.get("batches") or {}
     old_unit = int(pos.get("batch_size", prev.get("batch_size") or cfg.batch_size))
     old = int(meta.get("global_batch") or old_unit * int(prev.get("grad_accum") or 1))  # older checkpoints: 1 rank
@@ -148,12 +149,12 @@ def check_global_batch(out: Path, prev: dict, meta: dict, cfg: TrainConfig, worl
             f"cannot resume {out}: the global batch changed ({old} -> {new} sequences per step = --batch-size "
             f"{cfg.batch_size} x --grad-accum {cfg.grad_accum} x {world} process(es)); the run was "
             f"checkpointed with {old_world} process(es): keep --batch-size x --grad-accum x processes = {old}")
-    unit = cfg.batch_size * world
+    unit = cfg.batch_size
     if int(pos.get("position", 0)) * old_unit % unit:
         raise RunError(
             f"cannot resume {out}: its data position (epoch {pos.get('epoch')}, sequence "
-            f"{int(pos.get('position', 0)) * old_unit}) is not a multiple of the new --batch-size x processes "
-            f"({unit}); resume with --batch-size x processes = {old_unit}")
+            f"{int(pos.get('position', 0)) * old_unit}) is not a multiple of the new --batch-size ({unit}); "
+            f"resume with --batch-size {old_unit}")
 
 
 def convert_position(state: dict, unit: int) -> dict:
