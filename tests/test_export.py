@@ -273,6 +273,13 @@ def test_gguf_written_and_read_back(runs, tmp_path, family, monkeypatch):
     assert shapes["blk.1.ffn_gate_exps.weight"] == (64, 24, 8) and shapes["blk.1.ffn_down_exps.weight"] == (24, 64, 8)
     assert shapes["blk.0.ffn_gate_inp.weight"] == (64, 8) and "output.weight" in shapes
     assert ("blk.0.attn_q_norm.weight" in shapes) == (family == "qwen3_moe")
+    ge.verify_gguf(out)  # the checksums it records match
+    t = next(t for t in r.tensors if t.name == "blk.1.ffn_down_exps.weight")
+    data = bytearray(out.read_bytes())
+    data[t.data_offset + 10] ^= 0xFF
+    out.write_bytes(bytes(data))
+    with pytest.raises(ValueError, match=r"m.gguf is corrupted: tensor blk.1.ffn_down_exps.weight does not match"):
+        ge.verify_gguf(out)
 
 
 @pytest.mark.parametrize("family,qtype", [("qwen3_moe", "f16"), ("mixtral", "f16"), ("qwen3_moe", "q8_0"),
