@@ -347,8 +347,8 @@ class Recipe:
             what = (f"the final eval loss is not finite ({after['loss']})" if not math.isfinite(after["loss"])
                     else f"no step of the run had a finite loss ({len(state['losses'])} steps)")
             raise self._agreed(Diverged(
-                f"{what}: no delta, metrics or checkpoint written; "
-                + (f"the last good checkpoint ({last}) is kept" if last else "no checkpoint was written")
+                f"{what}: no delta, metrics or checkpoint written"
+                + (f"; the last good checkpoint ({last}) is kept" if last else "")
                 + "; lower --lr, check the data or use --dtype fp32"))
         metrics = {
             "loss_first": losses[0] if losses else None,

@@ -6,6 +6,7 @@ the run evaluated (``eval_settings``: seq-len, batch size, dtype, seed, held-out
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
 from safetensors import safe_open
@@ -17,6 +18,7 @@ from ..load.stream import load_prepared
 from .evaluate import evaluate_examples
 from .inputs import held_out_split, pad_id
 
+log = logging.getLogger("usaf")
 DEFAULT_SEQ_LEN, DEFAULT_BATCH_SIZE = 512, 4  # usaf eval without a delta that records its run's settings
 
 
@@ -84,6 +86,9 @@ def evaluate_data(model: str, data: str, delta: str | None = None, seq_len: int 
     examples, _ = load_examples(data, tok, seq_len)
     if held_out:
         examples = held_out_split(examples, seed)[1]
+    elif run.get("eval") == "held-out":
+        log.info("the run evaluated a held-out split of its --data: give that file with --held-out to compute "
+                 "the same eval")
     if run.get("max_eval_rows"):  # the run's --max-eval-batches cap
         examples = examples[: run["max_eval_rows"]]
     m, tok, dev = load_trained(model, delta, device, dtype, trust_remote_code)
