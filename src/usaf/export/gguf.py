@@ -14,9 +14,8 @@ llama.cpp's own ``convert_hf_to_gguf.py`` writes them:
 
 The check: with ``llama_cpp`` importable, the file is loaded by llama.cpp and its logits on a few tokens are
 compared with usaf's merged model (and the tokenizer with transformers'); without it, the file is read back
-with ``gguf.GGUFReader`` and its tensor names, shapes and types are compared with what was meant. Either
-way the tensors read back must match the sha256 of their bytes, which the file records under the metadata
-key ``usaf.checksums`` (:func:`verify_gguf`; llama.cpp ignores the key).
+with ``gguf.GGUFReader`` and its tensor names, shapes and types are compared with what was meant, and its
+tensors with the sha256 it records under ``usaf.checksums`` (:func:`verify_gguf`; llama.cpp ignores the key).
 """
 
 from __future__ import annotations
@@ -352,8 +351,7 @@ def _read_back(path: Path, written: list) -> None:
 
 
 def verify_gguf(path: Path, reader=None) -> None:
-    """Compare every tensor of a GGUF written by usaf with the sha256 of its bytes recorded under
-    ``usaf.checksums`` (``IntegrityError`` naming the tensor); a GGUF without them is not checked."""
+    """Every tensor must match the sha256 under ``usaf.checksums`` (``IntegrityError``); none recorded: no check."""
     import gguf
 
     reader = reader or gguf.GGUFReader(str(path))

@@ -12,8 +12,7 @@ State lives on the :class:`Recipe` object. Resume checks are in ``resume``, run-
 recipe on its shard; rank 0 writes). Reliability (docs/reliability.md): every file is written atomically; a
 run killed at any moment resumes from its newest good checkpoint bit-identically; a step with a
 non-finite loss or gradient is skipped (``--max-skips`` in a row stop the run with a checkpoint); a state
-with non-finite values is never saved, and a run whose final eval is not finite (or that never had a
-finite loss) writes no delta and stops with exit code 2.
+with non-finite values is never saved, nor the outputs of a run whose final eval is not finite.
 """
 
 from __future__ import annotations
@@ -337,8 +336,7 @@ class Recipe:
 
     def finish(self, t_start: float) -> dict:
         """Eval after training; the last checkpoint, the delta file, metrics.json and loss.png. A final eval
-        that is not finite, or a run without one finite loss, writes nothing and stops (exit code 2): the last
-        good checkpoint and delta stay in place."""
+        that is not finite, or no finite loss at all, writes nothing: the last good ones stay (exit code 2)."""
         cfg, d, state = self.cfg, self.d, self.state
         after = self.evaluate()
         losses = [x for x in state["losses"] if math.isfinite(x)]
