@@ -276,7 +276,7 @@ def checkpoint_fingerprint(model_dir, visit: Visit | None = None) -> str:
             dtype, shape = info["dtype"], list(info["shape"])
             h.update(f"{name}|{dtype}|{shape}|{b - a}\n".encode())
             itemsize = TORCH_DTYPES[dtype].itemsize if dtype in TORCH_DTYPES else 1
-            for off, n in _offsets(b - a, itemsize):
+            for off, n in _offsets(b - a, itemsize) if b > a else []:
                 chunk = os.pread(fds[where[name]], n, start + a + off)
                 if len(chunk) != n:
                     raise ValueError(f"{d / where[name]} is truncated (tensor {name})")
