@@ -237,7 +237,7 @@ def test_non_finite_final_eval_or_loss_keeps_the_last_good_outputs(env, tmp_path
 
 
 # ------------------------------------------------------------------------------------------------- caches
-def test_damaged_quantized_cache_is_rebuilt(tmp_path, caplog):
+def test_damaged_quantized_cache_is_rebuilt(tmp_path, caplog, monkeypatch):
     ckpt = save_tiny_checkpoint("mixtral", tmp_path / "c", per_expert=True)
     ids = torch.randint(6, 300, (2, 12), generator=torch.Generator().manual_seed(0))
     cfg = usaf.UsafConfig(quant="4bit")
@@ -254,6 +254,13 @@ def test_damaged_quantized_cache_is_rebuilt(tmp_path, caplog):
     with torch.no_grad():
         assert torch.equal(h2.model(ids).logits, want)
     assert verify_file(cache) and h2.fingerprint == h.fingerprint == checkpoint_fingerprint(ckpt)
+    _flip(cache, name, n=16)
+    monkeypatch.setenv("USAF_VERIFY_CACHE", "0")  # skipped on request: the damaged cache is used as it is
+    caplog.clear()
+    stream.load_streamed(ckpt, cfg, dtype=torch.float32, cache_root=tmp_path / "q")
+    assert not any("quantized cache" in r.getMessage() for r in caplog.records)
+    with pytest.raises(IntegrityError):
+        verify_file(cache)
     MESSAGES.append(("16 bytes flipped in the quantized-expert cache, then a load", f"logged (warning): "
                      f"`{warn}`; rebuilt, same logits"))
 
