@@ -63,12 +63,30 @@ def test_train_then_eval_each_data_kind(ckpt, tmp_path, kind, capsys):
     assert metrics["eval_ppl_after"] < metrics["eval_ppl_before"]
     assert any("reselect" in r for r in log)
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-0000010", "step-0000012"]
-    capsys.readouterr()
+    capsys.readouterr()  # usaf eval --delta takes the run's --seq-len, --batch-size and --dtype by default
     assert main(["eval", "--model", str(ckpt), "--delta", str(out / "delta.safetensors"), "--data", str(evald),
-                 "--seq-len", "48", "--batch-size", "4", "--json"]) == 0
+                 "--json"]) == 0
     res = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert set(res) == {"ppl", "loss", "tokens"}
+    assert res["tokens"] == metrics["eval_tokens"]
     assert res["ppl"] == pytest.approx(metrics["eval_ppl_after"], rel=1e-6)
+
+
+@pytest.mark.parametrize("kind", ["text", "prompt_completion", "messages", "input_ids"])
+def test_eval_held_out_reproduces_the_runs_eval(ckpt, tmp_path, kind, capsys):
+    """Without --eval-data a run evaluates a held-out split of --data; `usaf eval --held-out` takes the same."""
+    data = _write(tmp_path / "train.jsonl", _rows(kind, 24))
+    out = tmp_path / "run"
+    assert main(["train", "--model", str(ckpt), "--data", str(data), "--out", str(out), "--steps", "2",
+                 "--seq-len", "24", "--batch-size", "3", "--lr", "0.02", "--density", "0.05", "--seed", "5",
+                 "--calib-batches", "1", "--quiet"]) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    capsys.readouterr()
+    assert main(["eval", "--model", str(ckpt), "--delta", str(out / "delta.safetensors"), "--data", str(data),
+                 "--held-out", "--json"]) == 0
+    res = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert res["tokens"] == metrics["eval_tokens"]
+    assert res["ppl"] == pytest.approx(metrics["eval_ppl_after"], rel=1e-4)
 
 
 def test_generate_and_inspect(ckpt, capsys):

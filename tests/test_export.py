@@ -2,6 +2,7 @@
 
 import filecmp
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -11,7 +12,6 @@ from safetensors import safe_open
 
 import usaf
 from usaf.cli import main
-from usaf.export.hf import export_hf
 from usaf.export.layout import load_run
 from usaf.load.hf import load_model
 from usaf.testing import FAMILIES, PER_EXPERT_FAMILIES, save_tiny_checkpoint
@@ -207,30 +207,42 @@ def test_failed_check_removes_output(runs, tmp_path, monkeypatch, capsys):
     assert list(tmp_path.iterdir()) == []
 
 
-# Layouts beyond the two above: per-expert (qwen2_moe, olmoe, deepseek_v3, glm4_moe), granite's legacy fused
-# names, and families stored fused (gpt_oss, llama4, gemma4). Random deltas + routers; export_hf's own reload
-# check compares transformers' logits with usaf's merged model.
-OTHER = [f for f in FAMILIES if f not in ("qwen3_moe", "mixtral")]
+# Every family through the command line, as a new user runs it: train a few steps on a `save_pretrained`
+# checkpoint (per-expert on-disk layouts where published checkpoints use them, sharded), then `usaf export
+# --format hf` (its own reload check compares transformers' logits with usaf's merged model), `--format delta`,
+# `usaf apply` (== the hf export, byte for byte; its own reload check is tested above) and `usaf apply --revert` (== the source, every file byte for
+# byte). deepseek_v3 / glm4_moe keep fp32 routers in a bf16 model: the fingerprint must not depend on that.
+ROUNDTRIP = [(f, "4bit" if i % 2 else "none") for i, f in enumerate(FAMILIES)]
+ROUNDTRIP += [(f, q) for f in ("deepseek_v3", "glm4_moe") for q in ("none", "4bit") if (f, q) not in ROUNDTRIP]
 
 
-@pytest.mark.parametrize("family", OTHER)
-def test_export_hf_other_layouts(family, tmp_path):
+@pytest.mark.parametrize("family,quant", ROUNDTRIP)
+def test_train_export_apply_revert_every_family(family, quant, tmp_path, capsys):
     ckpt = save_tiny_checkpoint(family, tmp_path / "ckpt", per_expert=family in PER_EXPERT_FAMILIES,
                                 max_shard_size="40KB")
-    handle = usaf.prepare(load_model(str(ckpt), dtype=torch.float32), usaf.UsafConfig(quant="none"))
-    g = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for d in handle.deltas().values():
-            idx = torch.randperm(d.numel, generator=g)[: d.numel // 10]
-            d.set(idx, torch.randn(idx.numel(), generator=g) * 0.05)
-        for p in handle.router_parameters().values():
-            p.add_(torch.randn(p.shape, generator=g) * 0.05)
-    handle.save_delta(tmp_path / "d.safetensors")
-    report = export_hf(load_run(tmp_path / "d.safetensors", base=str(ckpt)), tmp_path / "out")
-    assert report["check_error"] < 1e-5
-    src, dst = _tensors(ckpt), _tensors(tmp_path / "out")
+    data = tmp_path / "d.jsonl"
+    data.write_text("".join(json.dumps({"text": f"{w} fox {w} dog {i} " * 3}) + "\n"
+                            for i, w in enumerate("abcdefghijkl")))
+    run = tmp_path / "run"
+    assert main(["train", "--model", str(ckpt), "--data", str(data), "--out", str(run), "--steps", "2",
+                 "--seq-len", "16", "--batch-size", "4", "--lr", "0.05", "--density", "0.1", "--quant", quant,
+                 "--train-layers", "all", "--calib-batches", "1", "--quiet"]) == 0
+    hf, delta, merged, back = tmp_path / "hf", tmp_path / "d.safetensors", tmp_path / "merged", tmp_path / "back"
+    capsys.readouterr()
+    assert main(["export", str(run), "--format", "hf", "--out", str(hf)]) == 0
+    err = float(re.search(r"max rel. logit error ([0-9.e+-]+)", capsys.readouterr().out).group(1))
+    assert err < 1e-5
+    assert main(["export", str(run), "--format", "delta", "--out", str(delta)]) == 0
+    assert main(["apply", "--model", str(ckpt), "--delta", str(delta), "--out", str(merged), "--no-check"]) == 0
+    assert main(["apply", "--model", str(merged), "--delta", str(delta), "--out", str(back), "--revert"]) == 0
+    src, dst, app = _tensors(ckpt), _tensors(hf), _tensors(merged)
     assert {k: (v[0], v[1].dtype, v[1].shape) for k, v in src.items()} == \
-        {k: (v[0], v[1].dtype, v[1].shape) for k, v in dst.items()}
+        {k: (v[0], v[1].dtype, v[1].shape) for k, v in dst.items()}  # names, shards, dtypes, shapes
+    assert any(not _same_bytes(src[k][1], dst[k][1]) for k in src)  # the delta is in the export
+    assert set(app) == set(dst) and all(_same_bytes(app[k][1], dst[k][1]) for k in app)  # apply == export hf
+    assert sorted(p.name for p in back.iterdir()) == sorted(p.name for p in ckpt.iterdir())
+    for f in sorted(p.name for p in ckpt.iterdir()):  # revert: every file byte-identical to the original
+        assert filecmp.cmp(ckpt / f, back / f, shallow=False), f
 
 
 # ---------------------------------------------------------------------------------------------------- GGUF
@@ -261,6 +273,13 @@ def test_gguf_written_and_read_back(runs, tmp_path, family, monkeypatch):
     assert shapes["blk.1.ffn_gate_exps.weight"] == (64, 24, 8) and shapes["blk.1.ffn_down_exps.weight"] == (24, 64, 8)
     assert shapes["blk.0.ffn_gate_inp.weight"] == (64, 8) and "output.weight" in shapes
     assert ("blk.0.attn_q_norm.weight" in shapes) == (family == "qwen3_moe")
+    ge.verify_gguf(out)  # the checksums it records match
+    t = next(t for t in r.tensors if t.name == "blk.1.ffn_down_exps.weight")
+    data = bytearray(out.read_bytes())
+    data[t.data_offset + 10] ^= 0xFF
+    out.write_bytes(bytes(data))
+    with pytest.raises(ValueError, match=r"m.gguf is corrupted: tensor blk.1.ffn_down_exps.weight does not match"):
+        ge.verify_gguf(out)
 
 
 @pytest.mark.parametrize("family,qtype", [("qwen3_moe", "f16"), ("mixtral", "f16"), ("qwen3_moe", "q8_0"),

@@ -22,8 +22,6 @@ from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
 from .bench.quality import run_quality
 from .bench.speed import run_bench
 from .config import TrainConfig, UsafConfig, from_dict
-from .data.batches import Batches
-from .data.load import load_examples
 from .demo import run_demo
 from .export.delta import apply_delta, export_delta
 from .export.gguf import export_gguf
@@ -36,11 +34,10 @@ from .memory.report import format_plan, json_safe
 from .memory.sizes import DTYPE_BYTES, QUANTS
 from .train.chat import ChatSession, run_chat
 from .train.distributed import PeerFailed
-from .train.evaluate import evaluate
 from .train.generate import generate
 from .train.recipe import train
 from .train.report import write_report
-from .train.trained import load_trained
+from .train.trained import evaluate_data, load_trained
 
 USER_ERRORS: tuple[type[BaseException], ...] = (ValueError, FileNotFoundError, NotADirectoryError,
                                                  PermissionError, KeyError)
@@ -162,10 +159,8 @@ def _launch(argv: list[str], nproc: int) -> int:
 
 
 def cmd_eval(args) -> int:
-    m, tok, dev = load_trained(args.model, args.delta, args.device, args.dtype, args.trust_remote_code)
-    examples, _ = load_examples(args.data, tok, args.seq_len)
-    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
-    res = evaluate(m, Batches(examples, args.batch_size, shuffle=False, pad_id=pad), dev)
+    res = evaluate_data(args.model, args.data, args.delta, args.seq_len, args.batch_size, args.dtype,
+                        args.held_out, args.seed, args.device, args.trust_remote_code)
     if args.json:
         print(json.dumps({"ppl": res["ppl"], "loss": res["loss"], "tokens": res["tokens"]}))
     else:
@@ -281,14 +276,22 @@ def build_parser() -> argparse.ArgumentParser:
         if delta:
             q.add_argument("--delta", help="a usaf delta file to apply")
         q.add_argument("--device", default="auto")
-        q.add_argument("--dtype", default="auto")
+        q.add_argument("--dtype", help="auto | bf16 | fp16 | fp32 (default: the delta's training dtype, else auto)")
         q.add_argument("--trust-remote-code", action="store_true")
 
-    e = sub.add_parser("eval", help="perplexity of a model (optionally with a delta) on data")
+    e = sub.add_parser("eval", help="perplexity of a model (optionally with a delta) on data",
+                       description="Perplexity computed as usaf train computes its eval. With --delta, the run's "
+                                   "--seq-len, --batch-size, --dtype and --seed are the defaults, so `usaf eval "
+                                   "--delta RUN/delta.safetensors --data EVAL` reproduces metrics.json's "
+                                   "eval_ppl_after (--held-out with the training data when the run had no "
+                                   "--eval-data).")
     model_args(e)
     e.add_argument("--data", required=True)
-    e.add_argument("--seq-len", type=int, default=512)
-    e.add_argument("--batch-size", type=int, default=4)
+    e.add_argument("--seq-len", type=int, help="default: the delta's run, else 512")
+    e.add_argument("--batch-size", type=int, help="default: the delta's run, else 4")
+    e.add_argument("--held-out", action="store_true",
+                   help="evaluate the held-out split usaf train takes from --data when it has no --eval-data")
+    e.add_argument("--seed", type=int, help="seed of the --held-out split (default: the delta's run, else 0)")
     e.add_argument("--json", action="store_true", help='print {"ppl", "loss", "tokens"}')
     e.set_defaults(func=cmd_eval)
 

@@ -5,6 +5,9 @@ Every file usaf writes goes through :func:`atomic_write`: the bytes go to a hidd
 and the directory is fsynced. A process killed at any moment leaves either the old file or the new one,
 plus possibly a stale temporary file, which :func:`remove_stale_temps` deletes (on resume). A full disk
 raises :class:`DiskFullError` (an ``OSError`` with ``errno.ENOSPC``) naming the file; the target is untouched.
+
+Safetensors files written here record a checksum of every tensor, and :func:`read_safetensors` verifies them
+(``usaf.integrity``).
 """
 
 from __future__ import annotations
@@ -19,6 +22,8 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
+
+from .integrity import verify_tensors, with_checksums
 
 _DISK_FULL = (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC))
 _DISK_FULL_TEXT = ("No space left on device", "os error 28", "Disk quota exceeded", "os error 122")
@@ -88,8 +93,13 @@ def remove_stale_temps(directory) -> list[Path]:
     return removed
 
 
-def atomic_save_safetensors(tensors: dict[str, torch.Tensor], path, metadata: dict | None = None) -> None:
+def atomic_save_safetensors(tensors: dict[str, torch.Tensor], path, metadata: dict | None = None,
+                            checksums: bool = True) -> None:
+    """Write ``tensors`` atomically, recording their checksums in the metadata unless ``checksums=False``
+    (the patched shards of an hf export keep the source's metadata; their files are checksummed instead)."""
     tensors = {k: v.contiguous() for k, v in tensors.items()}
+    if checksums:
+        metadata = with_checksums(tensors, metadata)
     atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
 
 
@@ -106,15 +116,18 @@ def atomic_write_json(path, obj) -> None:
 
 
 def read_safetensors(path, device: str = "cpu") -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """Read every tensor and the metadata of a safetensors file (clear error if it is not one)."""
+    """Read every tensor and the metadata of a safetensors file (clear error if it is not one), and verify
+    the checksums it recorded (``usaf.integrity.IntegrityError`` naming the file and tensor)."""
     try:
         with safe_open(str(path), framework="pt", device=device) as f:
             meta = f.metadata() or {}
-            return {k: f.get_tensor(k) for k in f.keys()}, meta
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
     except FileNotFoundError:
         raise
     except Exception as e:  # safetensors raises its own error types for corrupt headers
         raise ValueError(f"{path} is not a readable safetensors file ({str(e).splitlines()[0]})") from None
+    verify_tensors(path, tensors, meta)
+    return tensors, meta
 
 
 def check_safetensors(path) -> None:

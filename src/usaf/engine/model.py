@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import types
 from dataclasses import dataclass
 
@@ -18,12 +19,14 @@ import torch
 from torch import nn
 
 from ..config import UsafConfig
+from ..integrity import TORCH_DTYPES, checkpoint_fingerprint, local_checkpoint
 from ..io import atomic_save_safetensors, read_safetensors
 from .delta import SparseDelta
 from .experts import NAMES, UsafExperts, llama4_block_forward
 from .families import Family, UnsupportedModelError, family_for, fused_experts, get_path, set_path
 
 FORMAT_VERSION = "1"
+log = logging.getLogger("usaf")
 
 
 @dataclass
@@ -79,21 +82,23 @@ def parse_layers(spec: str, num_layers: int) -> range:
 
 
 def fingerprint_keys(model: nn.Module) -> list[str]:
-    """Names of the parameters that identify a base model: expert stacks and biases, routers."""
+    """Names of the parameters that identify a model built in memory: expert stacks and biases, routers."""
     return [n for n, p in model.named_parameters()
             if ".experts." in f".{n}" or p.dim() == 3 or "router" in n or n.endswith("gate.weight")]
 
 
 def sample_index(numel: int) -> torch.Tensor:
-    """The strided positions of a flattened tensor that enter the fingerprint."""
+    """The strided positions of a flattened tensor that enter the in-memory fingerprint."""
     return torch.arange(0, numel, max(1, numel // 4096))
 
 
 def fingerprint(model: nn.Module, family: Family, samples: dict[str, torch.Tensor] | None = None) -> str:
-    """A short hash of the base model: family, shapes and a strided sample of every expert/router weight.
+    """The fingerprint of a model built in memory (no checkpoint behind it): family, shapes and a strided
+    sample of every expert/router weight *as loaded*. It depends on the load dtype, so a delta made with it
+    matches only the same in-memory build; models loaded from a checkpoint use
+    ``usaf.integrity.checkpoint_fingerprint`` instead (:func:`base_fingerprint_of`).
 
-    ``samples`` supplies ``flat[sample_index(numel)]`` for parameters that are not materialized (streamed
-    loading); the hash is the same either way.
+    ``samples`` supplies ``flat[sample_index(numel)]`` for parameters that are not materialized.
     """
     h = hashlib.sha256(family.model_type.encode())
     params = dict(model.named_parameters())
@@ -105,16 +110,53 @@ def fingerprint(model: nn.Module, family: Family, samples: dict[str, torch.Tenso
     return h.hexdigest()[:32]
 
 
+def base_fingerprint_of(model: nn.Module, family: Family) -> tuple[str, str]:
+    """``(fingerprint, "checkpoint" | "memory")`` of the base a delta is made for.
+
+    A model loaded from a local safetensors checkpoint (``model.config._name_or_path``: a directory, or a hub
+    id in the Hugging Face cache) is identified by the checkpoint on disk, whatever dtype it was loaded at
+    (``usaf.integrity.checkpoint_fingerprint``); the sampled chunks of every on-disk tensor that the model
+    holds under the same name and shape (embeddings, attention, norms, routers: 1-D and 2-D) must equal
+    the loaded values, else the model was changed after loading (or built from the config alone) and the
+    in-memory :func:`fingerprint` is used, which only the same in-memory build matches.
+    """
+    src = local_checkpoint(getattr(model.config, "_name_or_path", None))
+    if src is not None:
+        params = dict(model.named_parameters())
+        seen = {"compared": 0, "differs": None}
+
+        def visit(name, dtype, shape, offset, chunk):
+            p = params.get(name)
+            if seen["differs"] or p is None or p.is_meta or not p.is_floating_point() or p.dim() > 2 \
+                    or list(p.shape) != shape or dtype not in TORCH_DTYPES or not TORCH_DTYPES[dtype].is_floating_point:
+                return
+            disk = torch.frombuffer(bytearray(chunk), dtype=TORCH_DTYPES[dtype]).to(p.dtype)
+            i = offset // TORCH_DTYPES[dtype].itemsize
+            flat = p.detach().view(-1) if p.is_contiguous() else p.detach().reshape(-1)
+            seen["compared"] += 1
+            if not torch.equal(flat[i : i + disk.numel()].cpu(), disk):
+                seen["differs"] = name
+
+        fp = checkpoint_fingerprint(src, visit)
+        if seen["compared"] and not seen["differs"]:
+            return fp, "checkpoint"
+        why = f"{seen['differs']} differs from" if seen["differs"] else "no tensor could be compared with"
+        log.warning("the model's %s %s on disk: its deltas are tied to this in-memory model (fingerprint of its "
+                    "weights as loaded), not to the checkpoint", why, src)
+    return fingerprint(model, family), "memory"
+
+
 class UsafModel:
     """Handle on a prepared model: its MoE layers, deltas, routers and the delta file."""
 
     def __init__(self, model: nn.Module, config: UsafConfig, family: Family, layers: list[MoeLayer],
-                 base_fingerprint: str):
+                 base_fingerprint: str, fingerprint_of: str = "checkpoint"):
         self.model = model
         self.config = config
         self.family = family
         self.layers = layers
         self.fingerprint = base_fingerprint
+        self.fingerprint_of = fingerprint_of  # "checkpoint" (on disk) or "memory" (see base_fingerprint_of)
 
     # -- views -----------------------------------------------------------------------------------
     @property
@@ -172,6 +214,7 @@ class UsafModel:
             "version": FORMAT_VERSION,
             "model_type": self.family.model_type,
             "base_fingerprint": self.fingerprint,
+            "fingerprint_of": self.fingerprint_of,
             "density": repr(self.config.density),
             "active": str(self.active()),
             "train_layers": self.config.train_layers,
@@ -188,14 +231,16 @@ class UsafModel:
         atomic_save_safetensors(self.delta_state(), path, metadata=self.delta_metadata(**extra))
 
     def load_delta(self, path, check_fingerprint: bool = True) -> dict[str, str]:
-        """Load a delta file into this prepared model; refuses a delta made for another base."""
+        """Load a delta file into this prepared model (checksums verified); refuses a delta made for another
+        base."""
         tensors, meta = read_safetensors(path)
         if meta.get("format") != "usaf-delta":
             raise ValueError(f"{path} is not a usaf delta file")
         if check_fingerprint and meta.get("base_fingerprint") != self.fingerprint:
+            older = "" if "fingerprint_of" in meta else "; or by an older usaf, whose fingerprints differ"
             raise ValueError(
                 f"{path} was made for another base model (fingerprint {meta.get('base_fingerprint')}, "
-                f"this model is {self.fingerprint})"
+                f"this model is {self.fingerprint}{older})"
             )
         self.load_delta_state(tensors)
         return meta
@@ -230,7 +275,8 @@ def prepare(model: nn.Module, config: UsafConfig | None = None, frozen: dict | N
         config: engine settings; ``UsafConfig()`` defaults when omitted.
         frozen: ``{experts module name: {stack name: frozen stack}}`` built elsewhere (streamed loading);
             by default the stacks are taken from the model's own parameters.
-        base_fingerprint: precomputed ``fingerprint`` (streamed loading).
+        base_fingerprint: the checkpoint's fingerprint when known (streamed loading:
+            ``usaf.integrity.checkpoint_fingerprint``); by default :func:`base_fingerprint_of`.
 
     Returns:
         A ``UsafModel`` handle; ``handle.model`` is the same (patched) module.
@@ -245,7 +291,7 @@ def prepare(model: nn.Module, config: UsafConfig | None = None, frozen: dict | N
     family = family_for(model.config)
     layers = decoder_layers(model)
     train_range = parse_layers(config.train_layers, len(layers))
-    base_fp = base_fingerprint or fingerprint(model, family)
+    base_fp, fp_of = (base_fingerprint, "checkpoint") if base_fingerprint else base_fingerprint_of(model, family)
     for p in model.parameters():
         p.requires_grad_(False)
     moe: list[MoeLayer] = []
@@ -282,7 +328,7 @@ def prepare(model: nn.Module, config: UsafConfig | None = None, frozen: dict | N
     if hasattr(text_cfg, "output_router_logits"):
         text_cfg.output_router_logits = config.router_aux_loss
         model.config.output_router_logits = config.router_aux_loss
-    handle = UsafModel(model, config, family, moe, base_fp)
+    handle = UsafModel(model, config, family, moe, base_fp, fp_of)
     model.usaf = handle  # type: ignore[attr-defined]
     return handle
 

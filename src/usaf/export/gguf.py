@@ -14,11 +14,13 @@ llama.cpp's own ``convert_hf_to_gguf.py`` writes them:
 
 The check: with ``llama_cpp`` importable, the file is loaded by llama.cpp and its logits on a few tokens are
 compared with usaf's merged model (and the tokenizer with transformers'); without it, the file is read back
-with ``gguf.GGUFReader`` and its tensor names, shapes and types are compared with what was meant.
+with ``gguf.GGUFReader`` and its tensor names, shapes and types are compared with what was meant, and its
+tensors with the sha256 it records under ``usaf.checksums`` (:func:`verify_gguf`; llama.cpp ignores the key).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 from pathlib import Path
@@ -26,6 +28,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..integrity import IntegrityError
 from ..load.hf import load_tokenizer
 from .layout import Checkpoint, ExportCheckError, ExportError, Run, Staged, check_out, disk_dtype, plan
 from .reference import DEFAULT_BASE_WEIGHTS, fp32_logits, reference_model
@@ -33,6 +36,7 @@ from .reference import DEFAULT_BASE_WEIGHTS, fp32_logits, reference_model
 log = logging.getLogger("usaf")
 
 ARCH = {"qwen3_moe": "QWEN3MOE", "mixtral": "LLAMA"}
+CHECKSUM_KEY = "usaf.checksums"  # GGUF metadata: {tensor name: sha256 of its bytes as stored}
 # Per-position relative logit tolerance of the llama.cpp check, per tensor type. Measured median errors
 # (tiny models / SmolLM2-135M upcycled): f16 1e-3 / 7e-4, bf16 4e-3 / 5e-3, q8_0 1.2e-2 / 2.9e-2 (q8_0
 # weights alone, in transformers: 1.6e-2 on SmolLM2; llama.cpp also rounds activations to 8 bits).
@@ -227,7 +231,7 @@ def write_gguf(handle, src: Path, path: Path, qtype: str = "f16", tokenizer_pre_
     w.add_name(src.name)
     _hparams(w, cfg, family, qtype)
     _add_tokenizer(w, src, cfg.vocab_size, tokenizer_pre_name)
-    written = []
+    written, sums = [], {}
     for name, t in gguf_tensors(handle, arch_name):
         data = t.float().contiguous().numpy()
         kind = _qtype(qtype)
@@ -240,6 +244,8 @@ def write_gguf(handle, src: Path, path: Path, qtype: str = "f16", tokenizer_pre_
             q = gguf.quants.quantize(data, kind)
         w.add_tensor(name, q, raw_dtype=kind)
         written.append((name, tuple(data.shape), kind))
+        sums[name] = hashlib.sha256(np.ascontiguousarray(q).tobytes()).hexdigest()
+    w.add_string(CHECKSUM_KEY, json.dumps(sums, sort_keys=True, separators=(",", ":")))
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
@@ -341,6 +347,21 @@ def _read_back(path: Path, written: list) -> None:
         bad = sorted(set(got) ^ set(want)) or [n for n in want if got[n] != want[n]]
         raise ExportCheckError(f"check failed: the GGUF reads back with different tensors (e.g. {bad[0]}); "
                                f"output removed")
+    verify_gguf(path, reader)
+
+
+def verify_gguf(path: Path, reader=None) -> None:
+    """Every tensor must match the sha256 under ``usaf.checksums`` (``IntegrityError``); none recorded: no check."""
+    import gguf
+
+    reader = reader or gguf.GGUFReader(str(path))
+    field = reader.fields.get(CHECKSUM_KEY)
+    if field is None:
+        return
+    sums = json.loads(bytes(field.parts[field.data[0]]).decode())
+    for t in reader.tensors:
+        if hashlib.sha256(np.ascontiguousarray(t.data).tobytes()).hexdigest() != sums.get(t.name):
+            raise IntegrityError(f"{path} is corrupted: tensor {t.name} does not match its checksum")
 
 
 CHECK_TEXT = "The quick brown fox jumps over the lazy dog. 42 + 7 = 49?\n<|im_start|>user\nHi!<|im_end|>"
@@ -371,7 +392,7 @@ def export_gguf(run: Run, out, qtype: str = "f16", base_weights: str = DEFAULT_B
         report["tensors"] = len(written)
         if not check:
             return report
-        _read_back(st.path, written)
+        _read_back(st.path, written)  # names, shapes, types and checksums
         if not have_llama_cpp():
             report["check"] = "names/shapes/types read back with gguf.GGUFReader (llama_cpp not installed)"
             return report

@@ -25,6 +25,7 @@ import yaml
 from safetensors import safe_open
 
 from ..engine.families import FAMILIES
+from ..integrity import EXPORT_RECORD, file_checksums, verify_export
 from ..io import atomic_save_safetensors, atomic_write_json, read_safetensors
 from ..load.hf import resolve_device, resolve_dtype
 
@@ -32,7 +33,7 @@ log = logging.getLogger("usaf")
 
 DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}
 NAMED_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-PROVENANCE = "usaf_export.json"
+PROVENANCE = EXPORT_RECORD
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf", ".ckpt")
 _PER_EXPERT_NAMES = (("gate_proj", "up_proj", "down_proj"), ("w1", "w3", "w2"))
 
@@ -71,6 +72,7 @@ class Run:
 
 
 def read_delta(path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Tensors and metadata of a usaf delta file, its checksums verified."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"delta file not found: {path}")
@@ -111,11 +113,14 @@ def load_run(run, base: str | None = None, train_dtype: str | None = None) -> Ru
 
 # ------------------------------------------------------------------------------------ the source checkpoint
 class Checkpoint:
-    """A safetensors checkpoint directory: where each tensor lives, its dtype and shape (read lazily)."""
+    """A safetensors checkpoint directory: where each tensor lives, its dtype and shape (read lazily).
+
+    One written by ``usaf export`` / ``usaf apply`` has its file checksums verified first."""
     def __init__(self, path):
         self.dir = Path(path)
         if not (self.dir / "config.json").is_file():
             raise ExportError(f"{self.dir} is not a Hugging Face checkpoint directory (no config.json)")
+        verify_export(self.dir)
         self.index_file = self.dir / "model.safetensors.index.json"
         if self.index_file.exists():
             self.where = dict(json.loads(self.index_file.read_text())["weight_map"])
@@ -261,7 +266,8 @@ def write_checkpoint(src: Checkpoint, out: Path, touched: set[str], patch, prove
 
     Shards without a touched tensor are copied as files; the others are read with ``safe_open`` and written
     atomically (temp name, fsync, rename) with the same tensors, order and metadata. The index and every
-    non-weight file (config, tokenizer, chat template, generation config, ...) are copied.
+    non-weight file (config, tokenizer, chat template, generation config, ...) are copied. ``provenance``
+    (when given) is written as ``usaf_export.json`` with the sha256 of every file written (``checksums``).
     """
     out.mkdir(parents=True, exist_ok=True)
     for file in src.files:
@@ -280,7 +286,7 @@ def write_checkpoint(src: Checkpoint, out: Path, touched: set[str], patch, prove
                         raise ExportError(f"internal: patched {name} changed dtype/shape")
                     t = new
                 tensors[name] = t
-        atomic_save_safetensors(tensors, out / file, metadata=meta)
+        atomic_save_safetensors(tensors, out / file, metadata=meta, checksums=False)
         del tensors
     for item in sorted(src.dir.iterdir()):
         if item.name.startswith(".") or item.name in src.files or item.name == PROVENANCE:
@@ -295,7 +301,8 @@ def write_checkpoint(src: Checkpoint, out: Path, touched: set[str], patch, prove
         else:
             shutil.copyfile(item, out / item.name)
     if provenance:
-        atomic_write_json(out / PROVENANCE, provenance)
+        files = [p.name for p in out.iterdir() if p.is_file() and p.name != PROVENANCE]
+        atomic_write_json(out / PROVENANCE, dict(provenance, checksums=file_checksums(out, files)))
 
 
 def read_positions(ckpt: Checkpoint, patches: Patches, run_tensors: dict) -> dict[str, torch.Tensor]:

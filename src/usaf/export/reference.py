@@ -2,7 +2,9 @@
 
 - :func:`reference_model`: the base loaded at its on-disk dtype (fingerprint checked), prepared, the delta
   loaded and folded into the frozen stacks (``UsafExperts.fold``): the effective weights training used.
-- :func:`check_fingerprint`: the base a delta was made for, at any load dtype.
+- :func:`check_base`: the base a delta was made for: the checkpoint's fingerprint on disk
+  (``usaf.integrity.checkpoint_fingerprint``, nothing loaded), or, for a delta of a model built in memory
+  (or of an older usaf), the in-memory fingerprint at any load dtype.
 - :func:`compare_logits`: the reload checks (hf, delta, gguf) compare a written file's logits with it.
 """
 
@@ -19,7 +21,8 @@ from ..engine import model as usaf_model
 from ..engine.experts import NAMES
 from ..engine.families import family_for, get_path
 from ..engine.model import decoder_layers, prepare
-from ..load.hf import load_model
+from ..integrity import checkpoint_fingerprint
+from ..load.hf import load_config, load_model
 from .layout import BaseMismatchError, ExportCheckError
 
 BASE_WEIGHTS = ("full", "dequantized")
@@ -34,48 +37,47 @@ def merged_values(orig: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
     return (orig.float() + values).to(orig.dtype)
 
 
-
-class _Cast:
-    """A model seen through a dtype cast (what loading it at that dtype would give): for fingerprints."""
-    def __init__(self, model, dtype):
-        self.model, self.dtype = model, dtype
-
-    def named_parameters(self, *a, **k):
-        for n, p in self.model.named_parameters(*a, **k):
-            yield n, p.detach().to(self.dtype)
-
-
 def _fingerprint_as(model, family, dtype) -> str:
     """``usaf.engine.model.fingerprint`` of ``model`` as if it had been loaded at ``dtype``."""
-    sample_index = getattr(usaf_model, "sample_index", None)
-    if sample_index is None:  # older fingerprint(): hash a cast view of the model
-        return usaf_model.fingerprint(_Cast(model, dtype), family)
-    samples = {n: p.detach().reshape(-1)[sample_index(p.numel())].to(dtype) for n, p in model.named_parameters()}
+    idx = usaf_model.sample_index
+    samples = {n: p.detach().reshape(-1)[idx(p.numel())].to(dtype) for n, p in model.named_parameters()}
     return usaf_model.fingerprint(model, family, samples)
 
 
-def check_fingerprint(model, meta: dict, where: str) -> None:
-    """Refuse a base whose fingerprint (at any load dtype) differs from the delta's ``base_fingerprint``."""
+def _check_memory_fingerprint(model, meta: dict, where: str) -> None:
+    """A delta with an in-memory fingerprint: ``base`` loaded, its fingerprint tried at every load dtype."""
     want = meta.get("base_fingerprint")
     family = family_for(model.config)
-    if family.model_type != meta.get("model_type", family.model_type):
-        raise BaseMismatchError(f"the delta was made for a {meta.get('model_type')} model, {where} is "
-                                f"{family.model_type}")
     got = []
     for dtype in (torch.bfloat16, torch.float32, torch.float16):
         got.append(_fingerprint_as(model, family, dtype))
         if got[-1] == want:
             return
     raise BaseMismatchError(f"the delta was made for another base model than {where} "
-                            f"(fingerprint {want}, {where} is {got[0]})")
+                            f"(fingerprint {want}, {where} is {got[0]}, as loaded in memory)")
 
 
-def check_base(base: str, meta: dict, dtype) -> None:
+def check_base(base: str, meta: dict, dtype=torch.float32, model=None) -> None:
+    """Refuse a base checkpoint other than the one the delta was made for (``BaseMismatchError``).
 
-    model = load_model(base, dtype=dtype, device="cpu")
-    check_fingerprint(model, meta, base)
-    del model
-    gc.collect()
+    Deltas of a checkpoint (``fingerprint_of: checkpoint``) compare the checkpoint's fingerprint on disk: no
+    weights are loaded. Others (a model built in memory, an older usaf) compare the in-memory fingerprint
+    of ``model`` (``base`` loaded at ``dtype`` when not given) at bf16, fp32 and fp16."""
+    family = family_for(model.config if model is not None else load_config(base))
+    if family.model_type != meta.get("model_type", family.model_type):
+        raise BaseMismatchError(f"the delta was made for a {meta.get('model_type')} model, {base} is "
+                                f"{family.model_type}")
+    if meta.get("fingerprint_of") == "checkpoint":
+        got = checkpoint_fingerprint(base)
+        if got != meta.get("base_fingerprint"):
+            raise BaseMismatchError(f"the delta was made for another base model than {base} "
+                                    f"(fingerprint {meta.get('base_fingerprint')}, {base} is {got})")
+        return
+    loaded = model if model is not None else load_model(base, dtype=dtype, device="cpu")
+    _check_memory_fingerprint(loaded, meta, base)
+    if model is None:
+        del loaded
+        gc.collect()
 
 
 def reference_model(base: str, tensors: dict, meta: dict, dtype, quant: str = "none", compute_dtype=None):
@@ -89,8 +91,11 @@ def reference_model(base: str, tensors: dict, meta: dict, dtype, quant: str = "n
     """
 
     compute_dtype = compute_dtype or dtype
+    if meta.get("fingerprint_of") == "checkpoint":
+        check_base(base, meta)  # before loading anything
     model = load_model(base, dtype=dtype, device="cpu")
-    check_fingerprint(model, meta, base)
+    if meta.get("fingerprint_of") != "checkpoint":
+        check_base(base, meta, model=model)
     if quant != "none":  # training loaded (and so quantized) the experts at its compute dtype
         family = family_for(model.config)
         for layer in decoder_layers(model):

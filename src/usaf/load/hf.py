@@ -9,6 +9,7 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from ..engine.families import UnsupportedModelError, family_for, supported
+from ..integrity import verify_export
 from ..io import check_safetensors
 from ..units import DTYPES
 
@@ -123,7 +124,8 @@ def load_model(model: str, dtype=torch.bfloat16, device="cpu", trust_remote_code
 
 def check_shards(p: Path) -> None:
     """The safetensors weights must exist and be complete; index entries must name files inside the
-    directory (no absolute paths, no ``..``), so a crafted index cannot make usaf read elsewhere."""
+    directory (no absolute paths, no ``..``), so a crafted index cannot make usaf read elsewhere. A checkpoint
+    written by ``usaf export`` / ``usaf apply`` must match the file checksums it recorded."""
     index = p / "model.safetensors.index.json"
     if not index.exists():
         single = p / "model.safetensors"
@@ -132,6 +134,7 @@ def check_shards(p: Path) -> None:
             hint = f" (found {pickles[0]}: pickle files are never loaded)" if pickles else ""
             raise LoadError(f"{p} has no model.safetensors (usaf reads safetensors checkpoints only){hint}")
         _check_file(single, check_safetensors)
+        verify_export(p)
         return
     try:
         weight_map = json.loads(index.read_text())["weight_map"]
@@ -150,6 +153,7 @@ def check_shards(p: Path) -> None:
         if not target.is_file():
             raise LoadError(f"{index} names a missing shard: {f}")
         _check_file(target, check_safetensors)
+    verify_export(p)
 
 
 def _check_file(path: Path, check) -> None:

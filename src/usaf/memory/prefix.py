@@ -5,7 +5,8 @@ Layers below the first trainable layer never change, so their output for a given
 hidden states on disk (a flat memmap, compute dtype, one row per real token), keyed by the base model's
 fingerprint, the token ids of the data, the layer and the dtype, so epochs and later runs reuse it. After
 that the training forward starts at the first trainable layer (``usaf.engine.forward``) and the frozen layers
-below need no residency at all (``release_prefix``).
+below need no residency at all (``release_prefix``). The ``.json`` beside the cache records the sha256 of
+its ``.bin``; a cache that no longer matches it is rebuilt (a warning names it).
 """
 
 from __future__ import annotations
@@ -22,6 +23,8 @@ import torch
 from ..data.batches import collate
 from ..engine.forward import prefix_hidden, suffix_matches
 from ..engine.model import UsafModel, compute_device, decoder_layers
+from ..integrity import file_checksum
+from ..io import atomic_write_json
 from ..load.mmap import evict
 
 log = logging.getLogger("usaf")
@@ -68,7 +71,13 @@ class PrefixCache:
         lengths = np.array([len(ex.input_ids) for ex in examples], dtype=np.int64)
         offsets = np.concatenate([[0], np.cumsum(lengths)])
         if path.exists() and meta.exists():
-            return cls(path, start, offsets, hidden, dtype)
+            try:
+                good = json.loads(meta.read_text()).get("sha256") == file_checksum(path)
+            except (OSError, ValueError, AttributeError):
+                good = False
+            if good:
+                return cls(path, start, offsets, hidden, dtype)
+            log.warning("frozen-prefix cache %s is damaged (it does not match its checksum); rebuilding it", path)
         tmp = root / f".{key}.{os.getpid()}.tmp"
         np_dtype = np.uint16 if dtype in (torch.bfloat16, torch.float16) else np.float32
         data = np.memmap(tmp, dtype=np_dtype, mode="w+", shape=(int(offsets[-1]), hidden))
@@ -82,8 +91,9 @@ class PrefixCache:
                 data[offsets[i] : offsets[i + 1]] = (v.view(torch.int16) if np_dtype == np.uint16 else v).numpy()
         data.flush()
         del data
+        digest = file_checksum(tmp)
         os.replace(tmp, path)
-        meta.write_text(json.dumps({"start": start, "examples": len(examples), "dtype": str(dtype)}))
+        atomic_write_json(meta, {"start": start, "examples": len(examples), "dtype": str(dtype), "sha256": digest})
         log.info("frozen-prefix cache: %d sequences at layer %d -> %s", len(examples), start, path)
         return cls(path, start, offsets, hidden, dtype)
 

@@ -7,10 +7,15 @@ scale, the identity of the data and model). It is written under a
 temporary name (``.tmp-step-...``), fsynced and renamed, so a run killed at any moment leaves only complete
 checkpoints; the newest ``keep`` are kept. Temporary directories left by a killed run are ignored by
 :func:`latest` and removed by :func:`clean`.
+
+Integrity: ``state.safetensors`` records the sha256 of every tensor (``usaf.integrity``) and ``state.json``
+the sha256 of its own content (``checksum``); :func:`read` verifies both and raises ``ValueError`` naming the
+file (and tensor) that was damaged after it was written.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -20,6 +25,7 @@ import torch
 
 from ..engine.model import UsafModel
 from ..engine.optim import UsafOptimizer
+from ..integrity import IntegrityError
 from ..io import (
     DiskFullError,
     _fsync_dir,
@@ -31,31 +37,41 @@ from ..io import (
 )
 
 
+class NonFiniteState(ValueError):
+    """The training state holds NaN or infinite values: it is not saved (one line, exit code 2)."""
+
+
 def save(out_dir, step: int, handle: UsafModel, opt: UsafOptimizer, sched, state: dict, keep: int = 2) -> Path:
     """Write ``out_dir/checkpoints/step-<step>`` atomically, then prune all but the newest ``keep``.
 
     On any failure (e.g. a full disk) the temporary directory is removed and every existing checkpoint is
-    left as it was.
+    left as it was. A state with a non-finite value is not saved (:class:`NonFiniteState`).
     """
     root = Path(out_dir) / "checkpoints"
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"step-{step:07d}"
     tmp = root / f".tmp-step-{step:07d}-{os.getpid()}"
     old = root / f".old-step-{step:07d}-{os.getpid()}"
+    tensors = handle.delta_state()
+    opt_state = opt.state_dict()
+    tensors.update(opt_state["tensors"])
+    bad = non_finite(tensors)
+    if bad is not None:
+        last = latest(out_dir)
+        raise NonFiniteState(f"not saving checkpoint {final.name}: {bad} holds non-finite values; "
+                             + (f"the last good checkpoint ({last}) is kept" if last else "no checkpoint was kept"))
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir()
     try:
-        tensors = handle.delta_state()
-        opt_state = opt.state_dict()
-        tensors.update(opt_state["tensors"])
         tensors["rng::torch"] = torch.get_rng_state()
         if torch.cuda.is_available():
             for i, s in enumerate(torch.cuda.get_rng_state_all()):
                 tensors[f"rng::cuda{i}"] = s
         atomic_save_safetensors(tensors, tmp / "state.safetensors", metadata=handle.delta_metadata())
         meta = dict(state, step=step, sched=sched.state_dict() if sched else None, **opt_state["meta"])
-        atomic_write_json(tmp / "state.json", meta)
+        meta = json.loads(json.dumps(meta))  # as it reads back (tuples are lists), for its checksum
+        atomic_write_json(tmp / "state.json", dict(meta, checksum=_json_checksum(meta)))
         _fsync_dir(tmp)
         if final.exists():  # the same step saved again (a resumed run that ends where it resumed)
             os.replace(final, old)
@@ -117,18 +133,41 @@ def discard(ckpt: Path) -> Path:
     return target
 
 
+def _json_checksum(meta: dict) -> str:
+    return hashlib.sha256(json.dumps(meta, sort_keys=True).encode()).hexdigest()
+
+
 def read_meta(ckpt: Path) -> dict:
-    """``state.json`` of a checkpoint (cheap: no tensors)."""
+    """``state.json`` of a checkpoint (cheap: no tensors), its checksum verified."""
+    path = Path(ckpt) / "state.json"
     try:
-        return json.loads((Path(ckpt) / "state.json").read_text())
-    except ValueError:
-        raise ValueError(f"{ckpt}/state.json is not valid JSON") from None
+        meta = json.loads(path.read_text())
+    except (ValueError, UnicodeDecodeError):
+        raise ValueError(f"{path} is not valid JSON") from None
+    if not isinstance(meta, dict):
+        raise ValueError(f"{path} is not a checkpoint state")
+    want = meta.pop("checksum", None)
+    if want is not None and want != _json_checksum(meta):
+        raise IntegrityError(f"{path} is corrupted: it does not match its checksum")
+    return meta
+
+
+def non_finite(tensors: dict[str, torch.Tensor]) -> str | None:
+    """The name of the first floating tensor with a NaN or infinite value, or None."""
+    for k, v in tensors.items():
+        if v.is_floating_point() and v.numel() and not bool(torch.isfinite(v).all()):
+            return k
+    return None
 
 
 def read(ckpt: Path) -> tuple[dict[str, torch.Tensor], dict]:
-    """Tensors and ``state.json`` of a checkpoint; ``ValueError`` if either is damaged."""
-    check_safetensors(Path(ckpt) / "state.safetensors")
-    tensors, _ = read_safetensors(Path(ckpt) / "state.safetensors")
+    """Tensors and ``state.json`` of a checkpoint, checksums verified; ``ValueError`` if either is damaged."""
+    path = Path(ckpt) / "state.safetensors"
+    check_safetensors(path)
+    tensors, _ = read_safetensors(path)
+    bad = non_finite(tensors)
+    if bad is not None:
+        raise ValueError(f"{path} holds non-finite values (tensor {bad})")
     return tensors, read_meta(ckpt)
 
 

@@ -1,4 +1,9 @@
-"""Perplexity, computed exactly as the training loss is: same masking, token-weighted."""
+"""Perplexity, computed exactly as the training loss is: same masking, token-weighted.
+
+One code path for the run's own eval (``usaf train``: before, every ``--eval-every`` steps, after) and for
+``usaf eval``: :func:`evaluate_examples` over :func:`eval_batches` (the eval rows in order, right-padded
+batches of ``--batch-size``), so ``usaf eval --delta`` reproduces ``metrics.json``'s ``eval_ppl_after``.
+"""
 
 from __future__ import annotations
 
@@ -8,8 +13,9 @@ from collections.abc import Iterable
 
 import torch
 
+from ..data.batches import collate
 from ..engine.loss import lm_loss
-from .distributed import all_sum_many
+from .distributed import Dist, all_sum_many
 
 
 class RouterLoad:
@@ -87,6 +93,27 @@ def evaluate(model, batches: Iterable[dict], device=None, max_batches: int = 0, 
         count = int(round(count))
     loss = total / max(count, 1)
     return {"loss": loss, "ppl": math.exp(min(loss, 700.0)), "tokens": count}
+
+
+def eval_batches(eval_ex, batch_size: int, pad: int, d: Dist | None = None, offset: int = 0,
+                 max_batches: int = 0):
+    """This rank's contiguous shard of the eval set (at most ``max_batches`` global batches of --batch-size x
+    processes sequences), in batches of --batch-size; ``index`` is the row in the frozen-prefix cache (eval
+    rows follow the train rows: ``offset``). With one process: the eval set in order."""
+    rank, world = (d.rank, d.world) if d is not None else (0, 1)
+    n = len(eval_ex) if not max_batches else min(len(eval_ex), max_batches * batch_size * world)
+    lo, hi = n * rank // world, n * (rank + 1) // world
+    for a in range(lo, hi, batch_size):
+        idx = list(range(a, min(a + batch_size, hi)))
+        batch = collate([eval_ex[i] for i in idx], pad)
+        batch["index"] = torch.tensor(idx, dtype=torch.long) + offset
+        yield batch
+
+
+def evaluate_examples(model, eval_ex, batch_size: int, pad: int, device=None, d: Dist | None = None,
+                      offset: int = 0, max_batches: int = 0, load: RouterLoad | None = None) -> dict:
+    """:func:`evaluate` over :func:`eval_batches`: the run's eval, and ``usaf eval``'s."""
+    return evaluate(model, eval_batches(eval_ex, batch_size, pad, d, offset, max_batches), device, dist=d, load=load)
 
 
 def peak_memory_mb(device: torch.device | str = "cpu") -> float:

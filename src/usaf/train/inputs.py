@@ -1,5 +1,5 @@
 """What a run reads before any weight: the model's config and tokenizer, the data, its held-out split, and
-the identities (content digests) that a resumed run must match. Also the eval batches of each rank."""
+the identities (content digests) that a resumed run must match."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from dataclasses import dataclass
 import torch
 
 from ..config import TrainConfig
-from ..data.batches import collate, split_eval
+from ..data.batches import split_eval
 from ..data.examples import Example
 from ..data.load import load_examples
 from ..engine.model import parse_layers
@@ -45,15 +45,24 @@ def read_inputs(cfg: TrainConfig, d: distributed.Dist) -> Inputs:
         train_ex = examples
         eval_ex, eval_stats = load_examples(cfg.eval_data, tok, cfg.seq_len)
     else:
-        train_ex, eval_ex = split_eval(examples, fraction=0.1, seed=cfg.seed, max_eval=64)
+        train_ex, eval_ex = held_out_split(examples, cfg.seed)
     log_data("data", stats, cfg.seq_len)
     if eval_stats is not None:
         log_data("eval data", eval_stats, cfg.seq_len)
     identity = {"model_config": config_digest(model_cfg), "data": files_digest(stats.files),
                 "eval_data": files_digest(eval_stats.files) if eval_stats else None,
                 "tokens": examples_digest(examples, eval_ex if cfg.eval_data else [])}
-    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
-    return Inputs(device, dtype, tok, pad, train_ex, eval_ex, stats, identity)
+    return Inputs(device, dtype, tok, pad_id(tok), train_ex, eval_ex, stats, identity)
+
+
+def held_out_split(examples, seed: int):
+    """``(train, eval)``: the held-out split a run takes from --data when no --eval-data is given (10%, at
+    most 64 sequences, drawn with --seed); ``usaf eval --held-out`` takes the same one."""
+    return split_eval(examples, fraction=0.1, seed=seed, max_eval=64)
+
+
+def pad_id(tok) -> int:
+    return tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
 
 
 def log_data(what: str, stats, seq_len: int) -> None:
@@ -61,16 +70,3 @@ def log_data(what: str, stats, seq_len: int) -> None:
     if stats.truncated or stats.dropped:
         log.warning("%s: %d of %d rows longer than --seq-len %d were truncated, %d dropped (no loss token "
                     "left)", what, stats.truncated, stats.rows, seq_len, stats.dropped)
-
-
-def eval_batches(eval_ex, batch_size: int, d: distributed.Dist, pad: int, offset: int, max_batches: int):
-    """This rank's contiguous shard of the eval set (at most ``max_batches`` global batches of --batch-size x
-    processes sequences), in batches of --batch-size; ``index`` is the row in the frozen-prefix cache (eval
-    rows follow the train rows). With one process: the eval set in order."""
-    n = len(eval_ex) if not max_batches else min(len(eval_ex), max_batches * batch_size * d.world)
-    lo, hi = n * d.rank // d.world, n * (d.rank + 1) // d.world
-    for a in range(lo, hi, batch_size):
-        idx = list(range(a, min(a + batch_size, hi)))
-        batch = collate([eval_ex[i] for i in idx], pad)
-        batch["index"] = torch.tensor(idx, dtype=torch.long) + offset
-        yield batch

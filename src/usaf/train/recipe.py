@@ -11,12 +11,14 @@
 State lives on the :class:`Recipe` object. Resume checks are in ``resume``, run-directory files in
 ``outputs``, checkpoints in ``checkpoint``, data parallelism in ``distributed`` (every rank runs this same
 recipe on its shard; rank 0 writes). Reliability (docs/reliability.md): every file is written atomically; a
-run killed at any moment resumes from its newest complete checkpoint bit-identically; a step with a
-non-finite loss or gradient is skipped (``--max-skips`` in a row stop the run with a checkpoint).
+run killed at any moment resumes from its newest good checkpoint bit-identically; a step with a
+non-finite loss or gradient is skipped (``--max-skips`` in a row stop the run with a checkpoint); a state
+with non-finite values is never saved, nor the outputs of a run whose final eval is not finite.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import signal
@@ -38,9 +40,10 @@ from ..load.stream import load_prepared
 from ..load.tiers import Prefetcher
 from ..memory.policy import use_checkpointing
 from ..memory.prefix import enable_prefix_cache
+from ..units import dtype_name
 from . import checkpoint, distributed
-from .evaluate import RouterLoad, evaluate, peak_memory_mb
-from .inputs import eval_batches, read_inputs
+from .evaluate import RouterLoad, evaluate_examples, peak_memory_mb
+from .inputs import read_inputs
 from .outputs import Progress, StepLog, disk_full_is_an_error, prepare_out, write_results
 from .resume import (
     RunError,
@@ -155,9 +158,18 @@ class Recipe:
     def prepare_out(self) -> None:
         prepare_out(self.out, self.cfg, self.prev is not None, self.unreadable)
 
-    def eval_batches(self):
+    def evaluate(self, load=None) -> dict:
+        """The run's eval: this rank's shard of the eval rows (``usaf eval`` computes the same)."""
         cfg, inp = self.cfg, self.inputs
-        return eval_batches(inp.eval, cfg.batch_size, self.d, inp.pad_id, len(inp.train), cfg.max_eval_batches)
+        return evaluate_examples(self.model, inp.eval, cfg.batch_size, inp.pad_id, self.device, self.d,
+                                 offset=len(inp.train), max_batches=cfg.max_eval_batches, load=load)
+
+    def eval_settings(self) -> dict:
+        """What ``usaf eval --delta`` needs to reproduce this run's eval (saved in the delta's metadata)."""
+        cfg = self.cfg
+        return {"seq_len": cfg.seq_len, "batch_size": cfg.batch_size, "dtype": dtype_name(self.inputs.dtype),
+                "seed": cfg.seed, "eval": "eval-data" if cfg.eval_data else "held-out",
+                "max_eval_rows": cfg.max_eval_batches * cfg.batch_size * self.d.world}
 
     def calib(self, step: int, n: int) -> list[dict]:
         """This rank's ``n`` calibration micro-batches of the reselection at ``step`` (-1: the initial selection),
@@ -205,7 +217,7 @@ class Recipe:
         """Eval before training, then the initial selection (zero deltas on the chosen active set)."""
         cfg, d = self.cfg, self.d
         with RouterLoad(self.handle) as load:  # tokens per expert before training (for report.html)
-            before = evaluate(self.model, self.eval_batches(), self.device, dist=d, load=load)
+            before = self.evaluate(load)
         self.state["eval_ppl_before"], self.state["eval_loss_before"] = before["ppl"], before["loss"]
         self.state["router_load_before"] = load.to_lists(d)
         log.info("eval before: ppl %.3f (%d tokens)", before["ppl"], before["tokens"])
@@ -239,7 +251,7 @@ class Recipe:
                     state["reselection_s"] += r["seconds"]
                     rec["reselect"] = {k: r[k] for k in ("dropped", "grown", "seconds")}
                 if cfg.eval_every and step % cfg.eval_every == 0 and step < self.total_steps:
-                    ev = evaluate(self.model, self.eval_batches(), self.device, dist=d)
+                    ev = self.evaluate()
                     rec["eval_loss"], rec["eval_ppl"] = ev["loss"], ev["ppl"]
                 self.log.write(rec)
                 progress.update(step, rec["loss"], state["tokens"] / max(state["train_s"], 1e-9))
@@ -336,12 +348,21 @@ class Recipe:
                                keep=self.cfg.keep_checkpoints)
 
     def finish(self, t_start: float) -> dict:
-        """Eval after training; the last checkpoint, the delta file, metrics.json and loss.png."""
+        """Eval after training; the last checkpoint, the delta file, metrics.json and loss.png. A final eval
+        that is not finite, or no finite loss at all, writes nothing: the last good ones stay (exit code 2)."""
         cfg, d, state = self.cfg, self.d, self.state
         with RouterLoad(self.handle) as load:
-            after = evaluate(self.model, self.eval_batches(), self.device, dist=d, load=load)
+            after = self.evaluate(load)
         router_load = {"before": state.get("router_load_before"), "after": load.to_lists(d)}
         losses = [x for x in state["losses"] if math.isfinite(x)]
+        if not math.isfinite(after["loss"]) or (state["losses"] and not losses):
+            last = checkpoint.latest(self.out)
+            what = (f"the final eval loss is not finite ({after['loss']})" if not math.isfinite(after["loss"])
+                    else f"no step of the run had a finite loss ({len(state['losses'])} steps)")
+            raise self._agreed(Diverged(
+                f"{what}: no delta, metrics or checkpoint written"
+                + (f"; the last good checkpoint ({last}) is kept" if last else "")
+                + "; lower --lr, check the data or use --dtype fp32"))
         metrics = {
             "loss_first": losses[0] if losses else None,
             "loss_last10": sum(losses[-10:]) / len(losses[-10:]) if losses else None,
@@ -361,7 +382,8 @@ class Recipe:
 
         def write():
             self.save()
-            self.handle.save_delta(self.out / "delta.safetensors", steps=self.step)
+            self.handle.save_delta(self.out / "delta.safetensors", steps=self.step,
+                                   eval_settings=json.dumps(self.eval_settings()))
             write_results(self.out, metrics, router_load)
 
         distributed.run_agreed(d, write if d.main else None)

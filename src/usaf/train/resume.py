@@ -166,16 +166,20 @@ def convert_position(state: dict, unit: int) -> dict:
 
 
 def resume_point(out: Path, prev: dict, cfg: TrainConfig, identity: dict, world: int = 1):
-    """The newest readable checkpoint of the run being resumed: (path, tensors, meta, unreadable newer ones),
-    or ``(None, None, None, unreadable)``. Refuses different data or model (by content), or a different
-    global batch, before any weights are loaded."""
-    unreadable = []
+    """The newest good checkpoint of the run being resumed: (path, tensors, meta, damaged newer ones), or
+    ``(None, None, None, [])`` when the run has none yet. A checkpoint that is truncated, fails its checksums
+    or holds non-finite values is reported by name and the previous one is tried; when every checkpoint is
+    damaged the resume is refused (:class:`RunError`, nothing changed). Refuses different data or model (by
+    content), or a different global batch, before any weights are loaded."""
+    unreadable, why = [], []
     for ckpt in checkpoint.complete(out):
         try:
             tensors, meta = checkpoint.read(ckpt)
         except (ValueError, OSError) as e:
-            log.warning("checkpoint %s is unreadable (%s); trying an older one", ckpt.name, e)
+            reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+            log.warning("checkpoint %s is damaged (%s); falling back to the previous one", ckpt.name, reason)
             unreadable.append(ckpt)
+            why.append(f"{ckpt.name}: {reason}")
             continue
         saved = meta.get("identity")
         if saved is None:  # a checkpoint from before content identities: paths must match
@@ -185,4 +189,7 @@ def resume_point(out: Path, prev: dict, cfg: TrainConfig, identity: dict, world:
         check_identity(out, saved, identity, ("model_config", "data", "eval_data", "tokens"))
         check_global_batch(out, prev, meta, cfg, world)
         return ckpt, tensors, meta, unreadable
+    if unreadable:
+        raise RunError(f"cannot resume {out}: no good checkpoint ({len(unreadable)} damaged; newest "
+                       f"{why[0]})")
     return None, None, None, unreadable
