@@ -12,6 +12,7 @@ import time
 
 import pytest
 import torch
+from transformers import AutoModelForCausalLM
 
 import usaf
 from usaf.testing import EOS_ID, FAMILIES, make_tiny_model, make_tiny_tokenizer, save_tiny_checkpoint
@@ -101,7 +102,8 @@ class Screen:
 
 def test_chat_through_a_pseudo_terminal(tmp_path):
     ckpt = save_tiny_checkpoint("qwen3_moe", tmp_path / "ckpt")
-    model = make_tiny_model("qwen3_moe")  # the same seeded weights
+    # loaded from the checkpoint, so the delta is tied to the checkpoint on disk (as `usaf chat --model` loads it)
+    model = AutoModelForCausalLM.from_pretrained(ckpt, dtype=torch.float32)
     handle = usaf.prepare(model, usaf.UsafConfig(quant="none", density=0.05))
     gen = torch.Generator().manual_seed(1)
     for d in handle.deltas().values():
