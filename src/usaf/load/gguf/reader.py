@@ -184,6 +184,11 @@ class GGUFFile:
         t = self.tensors[name]
         return bytes(self._mm[t.offset : t.offset + t.nbytes])
 
+    @property
+    def mm(self) -> mmap.mmap:
+        """The private (copy-on-write) memory map of the whole file."""
+        return self._mm
+
     def get(self, key: str, default=None):
         return self.metadata.get(key, default)
 
