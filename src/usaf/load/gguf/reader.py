@@ -125,6 +125,7 @@ class GGUFFile:
         for i in range(n_kv):
             key = c.string(f"key {i}")
             self.metadata[key] = c.value(c.u32(f"the type of {key}"), f"the value of {key}")
+        self.kv_end = c.pos  # bytes [0, kv_end): magic, version, counts and the key/values, as stored
         infos = []
         for i in range(n_tensors):
             name = c.string(f"the name of tensor {i}")

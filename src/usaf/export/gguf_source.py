@@ -1,0 +1,209 @@
+"""``usaf export RUN --format gguf --like-source``: the trained model as the source GGUF with the deltas in it.
+
+The output keeps the source's metadata, tensor order and types. Tensors the delta does not touch are copied
+byte for byte. A touched tensor (an expert stack with deltas, a trained router) is rewritten only where it
+changed: each GGML block holding a changed element is dequantized, given the new values (``base + delta`` in
+fp32; a router: its trained fp32 weights) and requantized in the tensor's own type; every other block keeps
+its bytes. (Requantizing a whole K-quant tensor would not give back its bytes, so untouched blocks are never
+requantized.) ``--touched-type T`` writes every touched tensor whole in type ``T`` instead (the tensor infos
+and offsets are rewritten; the key/values stay as stored).
+
+The check reads the output back with usaf's GGUF reader: untouched tensors and untouched blocks equal the
+source's bytes, and touched blocks dequantize to the trained values within the type's rounding.
+"""
+
+from __future__ import annotations
+
+import re
+import shutil
+import struct
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..engine.ggml import BLOCKS, dequantize, type_name
+from ..load.gguf.model import gguf_config, gguf_fingerprint, open_gguf
+from ..load.gguf.names import expert_names, gguf_name, name_map
+from ..load.gguf.reader import GGUFFile
+from .kquant import quantize_rows
+from .layout import ExportCheckError, ExportError, Run, Staged
+
+_LAYER = re.compile(r"\.layers\.(\d+)\.")
+TYPES = {"f32": 0, "f16": 1, "bf16": 30, "q8_0": 8, "q4_0": 2, "q4_1": 3, "q4_k": 12, "q5_k": 13, "q6_k": 14}
+
+
+def _new_values(run: Run, src: GGUFFile, config) -> dict[str, dict]:
+    """``{GGUF name: {"rows": {flat row: (cols, fp32 values)}}}``: for each touched tensor, the new contents of
+    every row with a change (expert stacks: base + delta; routers: the trained weights)."""
+    family = run.meta.get("model_type", "")
+    tmap = name_map(family, config.num_hidden_layers)
+    out: dict[str, dict[int, np.ndarray]] = {}
+    for key, v in run.tensors.items():
+        if key.startswith("router::"):
+            name = gguf_name(tmap, key[len("router::"):])
+            if name not in src.tensors:
+                raise ExportError(f"the source GGUF has no tensor for the router {key[8:]}")
+            t = src.tensors[name]
+            if tuple(v.shape) != t.shape:
+                raise ExportError(f"router {key[8:]} has shape {list(v.shape)}, the GGUF's {name} {list(t.shape)}")
+            rows = v.float().reshape(-1, t.shape[-1]).numpy()
+            out.setdefault(name, {}).update({r: rows[r] for r in range(rows.shape[0])})
+    for key in {k.rsplit(".", 1)[0] for k in run.tensors if k.endswith(".indices")}:
+        m = _LAYER.search(key)
+        stack = key.rsplit(".", 1)[-1]
+        if m is None or stack not in ("gate_up_proj", "down_proj"):
+            raise ExportError(f"the delta's stack {key} has no GGUF counterpart")
+        parts = expert_names(int(m.group(1)))[stack]
+        idx, vals = run.stack(key)
+        infos = [src.tensors[p] for p in parts]
+        e, cols = infos[0].shape[0], infos[0].shape[-1]
+        rows_per = [i.shape[1] for i in infos]
+        total = sum(rows_per)
+        row, col = (idx // cols), (idx % cols)  # row over (E, R_total)
+        expert, r = row // total, row % total
+        for pi, (part, info) in enumerate(zip(parts, infos)):
+            lo = sum(rows_per[:pi])
+            sel = (r >= lo) & (r < lo + rows_per[pi])
+            if not bool(sel.any()):
+                continue
+            prow = expert[sel] * rows_per[pi] + (r[sel] - lo)  # flat row of this part, (E * R_i)
+            raw = src.raw(part).reshape(e * rows_per[pi], -1)
+            rows = out.setdefault(part, {})
+            for pr in torch.unique(prow).tolist():
+                w = dequantize(raw[pr], info.ggml_type, cols).numpy().copy()
+                pick = prow == pr
+                np.add.at(w, col[sel][pick].numpy(), vals[sel][pick].numpy())
+                rows[pr] = w
+    return out
+
+
+def _patch_row(raw_row: np.ndarray, new: np.ndarray, kind: int) -> tuple[np.ndarray, int]:
+    """The row's bytes with only the blocks whose values changed requantized; and how many were."""
+    block, size = BLOCKS[kind]
+    old = dequantize(torch.from_numpy(raw_row.copy()), kind, new.shape[0]).numpy()
+    changed = np.flatnonzero((old.reshape(-1, block) != new.reshape(-1, block)).any(-1))
+    if not len(changed):
+        return raw_row, 0
+    out = raw_row.copy().reshape(-1, size)
+    out[changed] = quantize_rows(new.reshape(-1, block)[changed], kind).reshape(len(changed), size)
+    return out.reshape(-1), len(changed)
+
+
+def _same_types(src: GGUFFile, path: Path, new: dict) -> dict:
+    shutil.copyfile(src.path, path)
+    stats = {"blocks": 0}
+    with open(path, "r+b") as fh:
+        for name, rows in new.items():
+            t = src.tensors[name]
+            raw = src.raw(name).reshape(-1, src.raw(name).shape[-1]).numpy()
+            row_bytes = raw.shape[-1]
+            for r, values in sorted(rows.items()):
+                patched, n = _patch_row(raw[r], values, t.ggml_type)
+                if n:
+                    fh.seek(t.offset + r * row_bytes)
+                    fh.write(patched.tobytes())
+                    stats["blocks"] += n
+    return stats
+
+
+def _pack_str(s: str) -> bytes:
+    b = s.encode()
+    return struct.pack("<Q", len(b)) + b
+
+
+def _other_types(src: GGUFFile, path: Path, new: dict, kind: int) -> dict:
+    """Rewrite the tensor infos with the touched tensors in ``kind``; key/values as stored."""
+    block, size = BLOCKS[kind]
+    plan = []
+    offset = 0
+    for name, t in src.tensors.items():
+        k = kind if name in new else t.ggml_type
+        if name in new and t.shape[-1] % block:
+            raise ExportError(f"--touched-type {type_name(kind)}: {name}'s rows of {t.shape[-1]} are not a "
+                              f"multiple of its block of {block}")
+        n = t.nbytes if k == t.ggml_type else int(np.prod(t.shape)) // block * size
+        plan.append((name, t, k, offset, n))
+        offset += -(-n // src.alignment) * src.alignment
+    with open(path, "wb") as fh:
+        fh.write(src.mm[: src.kv_end])
+        for name, t, k, off, _ in plan:
+            fh.write(_pack_str(name) + struct.pack("<I", len(t.shape)))
+            fh.write(struct.pack(f"<{len(t.shape)}Q", *reversed(t.shape)) + struct.pack("<IQ", k, off))
+        start = fh.tell()
+        fh.write(b"\0" * (-(-start // src.alignment) * src.alignment - start))
+        base = fh.tell()
+        for name, t, k, off, _n in plan:
+            fh.seek(base + off)
+            if name not in new:
+                fh.write(src.mm[t.offset : t.offset + t.nbytes])
+                continue
+            raw = src.raw(name)
+            rows = raw.reshape(-1, raw.shape[-1])
+            cols = t.shape[-1]
+            step = max(1, (1 << 22) // max(cols, 1))
+            for r0 in range(0, rows.shape[0], step):  # a few MB of fp32 at a time
+                w = dequantize(rows[r0 : r0 + step], t.ggml_type, cols).numpy()
+                for r, values in new[name].items():
+                    if r0 <= r < r0 + step:
+                        w[r - r0] = values
+                fh.write(quantize_rows(w, k).tobytes())
+        end = fh.tell()
+        fh.write(b"\0" * ((-end) % src.alignment))
+    return {"blocks": None}
+
+
+def _check(src: GGUFFile, path: Path, new: dict, touched_kind: int | None) -> dict:
+    out = GGUFFile(path)
+    if list(out.tensors) != list(src.tensors) or out.metadata != src.metadata:
+        raise ExportCheckError("check failed: the output's tensors or metadata differ from the source's; "
+                               "output removed")
+    worst = 0.0
+    for name, t in src.tensors.items():
+        o = out.tensors[name]
+        if o.shape != t.shape:
+            raise ExportCheckError(f"check failed: {name} changed shape; output removed")
+        if name not in new:
+            if o.ggml_type != t.ggml_type or out.bytes_of(name) != src.bytes_of(name):
+                raise ExportCheckError(f"check failed: untouched tensor {name} is not byte-identical; output "
+                                       f"removed")
+            continue
+        rows_out = out.raw(name).reshape(-1, out.raw(name).shape[-1])
+        rows_src = src.raw(name).reshape(-1, src.raw(name).shape[-1])
+        block, size = BLOCKS[t.ggml_type]
+        for r, values in new[name].items():
+            got = dequantize(rows_out[r], o.ggml_type, t.shape[-1]).numpy()
+            scale = max(float(np.abs(values).max()), 1e-12)
+            worst = max(worst, float(np.abs(got - values).max()) / scale)
+            if touched_kind is None:  # untouched blocks keep their bytes
+                before = dequantize(rows_src[r], t.ggml_type, t.shape[-1]).numpy().reshape(-1, block)
+                same = (before == values.reshape(-1, block)).all(-1)
+                a = rows_out[r].numpy().reshape(-1, size)[same]
+                if not np.array_equal(a, rows_src[r].numpy().reshape(-1, size)[same]):
+                    raise ExportCheckError(f"check failed: untouched blocks of {name} changed; output removed")
+    return {"max_rel_error": worst}
+
+
+def export_gguf_like_source(run: Run, out, touched_type: str | None = None, overwrite: bool = False,
+                            check: bool = True) -> dict:
+    """Write ``run``'s model as its source GGUF with the deltas in it (module docstring)."""
+    src = open_gguf(run.base)
+    if run.meta.get("base_fingerprint") != gguf_fingerprint(src):
+        raise ExportError(f"{run.delta} was made for another base model than {run.base} (fingerprints differ)")
+    kind = None
+    if touched_type is not None:
+        if touched_type.lower() not in TYPES:
+            raise ExportError(f"--touched-type must be one of {', '.join(TYPES)}, got {touched_type!r}")
+        kind = TYPES[touched_type.lower()]
+    config = gguf_config(src).get_text_config()
+    new = _new_values(run, src, config)
+    report = {"out": str(out), "arch": src.arch, "touched_tensors": len(new), "tensors": len(src.tensors),
+              "touched_type": type_name(kind) if kind is not None else "own", "check": "skipped"}
+    with Staged(out, overwrite, is_dir=False, source=run.base) as st:
+        stats = _same_types(src, st.path, new) if kind is None else _other_types(src, st.path, new, kind)
+        report["requantized_blocks"] = stats["blocks"]
+        if check:
+            report.update(_check(src, st.path, new, kind))
+            report["check"] = (f"untouched tensors byte-identical; touched values within "
+                               f"{report['max_rel_error']:.1e} (relative to each row's largest)")
+    return report
