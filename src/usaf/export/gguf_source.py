@@ -112,39 +112,41 @@ def _pack_str(s: str) -> bytes:
     return struct.pack("<Q", len(b)) + b
 
 
-def _other_types(src: GGUFFile, path: Path, new: dict, kind: int) -> dict:
-    """Rewrite the tensor infos with the touched tensors in ``kind``; key/values as stored."""
-    block, size = BLOCKS[kind]
+def write_retyped(src: GGUFFile, path: Path, new: dict, kinds: dict[str, int]) -> dict:
+    """Write ``src`` to ``path`` with tensor ``name`` in type ``kinds[name]`` (dequantized, given the rows of
+    ``new[name]``, requantized whole); other tensors byte for byte. Tensor infos and offsets are rewritten,
+    the key/values stay as stored. (Also makes the K-quant test files from an F16/F32 GGUF.)"""
     plan = []
     offset = 0
     for name, t in src.tensors.items():
-        k = kind if name in new else t.ggml_type
-        if name in new and t.shape[-1] % block:
-            raise ExportError(f"--touched-type {type_name(kind)}: {name}'s rows of {t.shape[-1]} are not a "
+        k = kinds.get(name, t.ggml_type)
+        block, size = BLOCKS[k]
+        if name in kinds and t.shape[-1] % block:
+            raise ExportError(f"--touched-type {type_name(k)}: {name}'s rows of {t.shape[-1]} are not a "
                               f"multiple of its block of {block}")
-        n = t.nbytes if k == t.ggml_type else int(np.prod(t.shape)) // block * size
-        plan.append((name, t, k, offset, n))
+        n = int(np.prod(t.shape)) // block * size
+        plan.append((name, t, k, offset))
         offset += -(-n // src.alignment) * src.alignment
     with open(path, "wb") as fh:
         fh.write(src.mm[: src.kv_end])
-        for name, t, k, off, _ in plan:
+        for name, t, k, off in plan:
             fh.write(_pack_str(name) + struct.pack("<I", len(t.shape)))
             fh.write(struct.pack(f"<{len(t.shape)}Q", *reversed(t.shape)) + struct.pack("<IQ", k, off))
         start = fh.tell()
         fh.write(b"\0" * (-(-start // src.alignment) * src.alignment - start))
         base = fh.tell()
-        for name, t, k, off, _n in plan:
+        for name, t, k, off in plan:
             fh.seek(base + off)
-            if name not in new:
+            if name not in kinds:
                 fh.write(src.mm[t.offset : t.offset + t.nbytes])
                 continue
-            raw = src.raw(name)
-            rows = raw.reshape(-1, raw.shape[-1])
+            rows = src.raw(name).reshape(-1, src.raw(name).shape[-1])
             cols = t.shape[-1]
             step = max(1, (1 << 22) // max(cols, 1))
+            changed = new.get(name, {})
             for r0 in range(0, rows.shape[0], step):  # a few MB of fp32 at a time
                 w = dequantize(rows[r0 : r0 + step], t.ggml_type, cols).numpy()
-                for r, values in new[name].items():
+                for r, values in changed.items():
                     if r0 <= r < r0 + step:
                         w[r - r0] = values
                 fh.write(quantize_rows(w, k).tobytes())
@@ -200,7 +202,8 @@ def export_gguf_like_source(run: Run, out, touched_type: str | None = None, over
     report = {"out": str(out), "arch": src.arch, "touched_tensors": len(new), "tensors": len(src.tensors),
               "touched_type": type_name(kind) if kind is not None else "own", "check": "skipped"}
     with Staged(out, overwrite, is_dir=False, source=run.base) as st:
-        stats = _same_types(src, st.path, new) if kind is None else _other_types(src, st.path, new, kind)
+        stats = _same_types(src, st.path, new) if kind is None else \
+            write_retyped(src, st.path, new, {n: kind for n in new})
         report["requantized_blocks"] = stats["blocks"]
         if check:
             report.update(_check(src, st.path, new, kind))
