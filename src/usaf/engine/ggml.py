@@ -8,6 +8,8 @@ results equal the ``gguf`` package's numpy reference bit for bit (``tests/test_g
 - ``Q8_0``: ``d (f16) | 32 x int8``: ``d * q``;
 - ``Q4_0``: ``d | 16 bytes``: low nibbles are elements 0-15, high 16-31: ``d * (q - 8)``;
 - ``Q4_1``: ``d | m | 16 bytes``: ``d * q + m``;
+- ``Q5_0`` / ``Q5_1``: as Q4_0 / Q4_1 with a fifth bit per element in 4 bytes after the scale(s)
+  (``d * (q - 16)``, ``d * q + m``); llama.cpp's fallback for rows that K-types do not divide;
 - ``Q4_K``: 256 elements in 8 sub-blocks of 32: ``d | dmin | 12 bytes of 6-bit scales and mins | 128 bytes``:
   ``(d * sc) * q - dmin * m``;
 - ``Q5_K``: as Q4_K with a fifth bit per element in 32 bytes before the nibbles;
@@ -19,9 +21,9 @@ from __future__ import annotations
 import torch
 
 # GGML type id -> (elements per block, bytes per block), for the types usaf reads
-BLOCKS = {0: (1, 4), 1: (1, 2), 30: (1, 2), 8: (32, 34), 2: (32, 18), 3: (32, 20),
+BLOCKS = {0: (1, 4), 1: (1, 2), 30: (1, 2), 8: (32, 34), 2: (32, 18), 3: (32, 20), 6: (32, 22), 7: (32, 24),
           12: (256, 144), 13: (256, 176), 14: (256, 210)}
-F32, F16, BF16, Q8_0, Q4_0, Q4_1, Q4_K, Q5_K, Q6_K = 0, 1, 30, 8, 2, 3, 12, 13, 14
+F32, F16, BF16, Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, Q4_K, Q5_K, Q6_K = 0, 1, 30, 8, 2, 3, 6, 7, 12, 13, 14
 
 
 def type_name(kind: int) -> str:
@@ -31,8 +33,8 @@ def type_name(kind: int) -> str:
 
         return gguf.GGMLQuantizationType(kind).name
     except (ImportError, ValueError):
-        return {F32: "F32", F16: "F16", BF16: "BF16", Q8_0: "Q8_0", Q4_0: "Q4_0", Q4_1: "Q4_1", Q4_K: "Q4_K",
-                Q5_K: "Q5_K", Q6_K: "Q6_K"}.get(kind, f"type {kind}")
+        return {F32: "F32", F16: "F16", BF16: "BF16", Q8_0: "Q8_0", Q4_0: "Q4_0", Q4_1: "Q4_1", Q5_0: "Q5_0",
+                Q5_1: "Q5_1", Q4_K: "Q4_K", Q5_K: "Q5_K", Q6_K: "Q6_K"}.get(kind, f"type {kind}")
 
 
 def _f16(b: torch.Tensor) -> torch.Tensor:
@@ -73,6 +75,14 @@ def dequantize_blocks(blocks: torch.Tensor, kind: int) -> torch.Tensor:
     if kind == Q4_1:
         q = _nibbles(blocks[:, 4:], 16).reshape(n, 32).float()
         return _f16(blocks[:, :2]) * q + _f16(blocks[:, 2:4])
+    if kind in (Q5_0, Q5_1):  # d [| m] | 4 bytes: bit j is element j's fifth bit | 16 bytes of nibbles
+        at = 2 if kind == Q5_0 else 4
+        bits = torch.arange(8, dtype=torch.uint8, device=blocks.device).view(1, 1, 8)
+        qh = ((blocks[:, at : at + 4].reshape(n, 4, 1) >> bits) & 1).reshape(n, 32)
+        q = _nibbles(blocks[:, at + 4 :], 16).reshape(n, 32) | (qh << 4)
+        if kind == Q5_0:
+            return _f16(blocks[:, :2]) * (q.to(torch.int8) - 16).float()
+        return _f16(blocks[:, :2]) * q.float() + _f16(blocks[:, 2:4])
     if kind in (Q4_K, Q5_K):
         sc, mn = _scale_min_k4(blocks[:, 4:16])
         d = (_f16(blocks[:, :2]) * sc.float()).view(n, 8, 1)

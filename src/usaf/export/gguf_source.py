@@ -30,15 +30,17 @@ from .kquant import quantize_rows
 from .layout import ExportCheckError, ExportError, Run, Staged
 
 _LAYER = re.compile(r"\.layers\.(\d+)\.")
-TYPES = {"f32": 0, "f16": 1, "bf16": 30, "q8_0": 8, "q4_0": 2, "q4_1": 3, "q4_k": 12, "q5_k": 13, "q6_k": 14}
+TYPES = {"f32": 0, "f16": 1, "bf16": 30, "q8_0": 8, "q4_0": 2, "q4_1": 3, "q5_0": 6, "q5_1": 7, "q4_k": 12, "q5_k": 13,
+         "q6_k": 14}
 
 
-def _new_values(run: Run, src: GGUFFile, config) -> dict[str, dict]:
-    """``{GGUF name: {"rows": {flat row: (cols, fp32 values)}}}``: for each touched tensor, the new contents of
-    every row with a change (expert stacks: base + delta; routers: the trained weights)."""
+def _new_values(run: Run, src: GGUFFile, config) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """``{GGUF name: (rows (n,) int64, values (n, cols) fp32)}``: for each touched tensor, the new contents of
+    every row with a change, rows flat over the tensor's leading dims (expert stacks: base + delta; routers:
+    the trained weights)."""
     family = run.meta.get("model_type", "")
     tmap = name_map(family, config.num_hidden_layers)
-    out: dict[str, dict[int, np.ndarray]] = {}
+    out = {}
     for key, v in run.tensors.items():
         if key.startswith("router::"):
             name = gguf_name(tmap, key[len("router::"):])
@@ -47,9 +49,9 @@ def _new_values(run: Run, src: GGUFFile, config) -> dict[str, dict]:
             t = src.tensors[name]
             if tuple(v.shape) != t.shape:
                 raise ExportError(f"router {key[8:]} has shape {list(v.shape)}, the GGUF's {name} {list(t.shape)}")
-            rows = v.float().reshape(-1, t.shape[-1]).numpy()
-            out.setdefault(name, {}).update({r: rows[r] for r in range(rows.shape[0])})
-    for key in {k.rsplit(".", 1)[0] for k in run.tensors if k.endswith(".indices")}:
+            rows = v.float().reshape(-1, t.shape[-1])
+            out[name] = (torch.arange(rows.shape[0]), rows.clone())
+    for key in sorted({k.rsplit(".", 1)[0] for k in run.tensors if k.endswith(".indices")}):
         m = _LAYER.search(key)
         stack = key.rsplit(".", 1)[-1]
         if m is None or stack not in ("gate_up_proj", "down_proj"):
@@ -60,51 +62,44 @@ def _new_values(run: Run, src: GGUFFile, config) -> dict[str, dict]:
         e, cols = infos[0].shape[0], infos[0].shape[-1]
         rows_per = [i.shape[1] for i in infos]
         total = sum(rows_per)
-        row, col = (idx // cols), (idx % cols)  # row over (E, R_total)
+        row, col = idx // cols, idx % cols  # row over (E, R_total)
         expert, r = row // total, row % total
         for pi, (part, info) in enumerate(zip(parts, infos)):
             lo = sum(rows_per[:pi])
             sel = (r >= lo) & (r < lo + rows_per[pi])
             if not bool(sel.any()):
                 continue
-            prow = expert[sel] * rows_per[pi] + (r[sel] - lo)  # flat row of this part, (E * R_i)
+            prow = expert[sel] * rows_per[pi] + (r[sel] - lo)  # flat row of this part, over (E * R_i)
+            rows, where = torch.unique(prow, return_inverse=True)
             raw = src.raw(part).reshape(e * rows_per[pi], -1)
-            rows = out.setdefault(part, {})
-            for pr in torch.unique(prow).tolist():
-                w = dequantize(raw[pr], info.ggml_type, cols).numpy().copy()
-                pick = prow == pr
-                np.add.at(w, col[sel][pick].numpy(), vals[sel][pick].numpy())
-                rows[pr] = w
+            w = dequantize(raw[rows], info.ggml_type, cols)  # (n, cols) fp32
+            w.view(-1).index_put_((where * cols + col[sel],), vals[sel], accumulate=True)
+            out[part] = (rows, w)
     return out
 
 
-def _patch_row(raw_row: np.ndarray, new: np.ndarray, kind: int) -> tuple[np.ndarray, int]:
-    """The row's bytes with only the blocks whose values changed requantized; and how many were."""
-    block, size = BLOCKS[kind]
-    old = dequantize(torch.from_numpy(raw_row.copy()), kind, new.shape[0]).numpy()
-    changed = np.flatnonzero((old.reshape(-1, block) != new.reshape(-1, block)).any(-1))
-    if not len(changed):
-        return raw_row, 0
-    out = raw_row.copy().reshape(-1, size)
-    out[changed] = quantize_rows(new.reshape(-1, block)[changed], kind).reshape(len(changed), size)
-    return out.reshape(-1), len(changed)
-
-
 def _same_types(src: GGUFFile, path: Path, new: dict) -> dict:
+    """Copy the source, then overwrite the changed blocks of the touched rows, requantized in their type."""
     shutil.copyfile(src.path, path)
-    stats = {"blocks": 0}
+    count = 0
     with open(path, "r+b") as fh:
-        for name, rows in new.items():
+        for name, (rows, values) in new.items():
             t = src.tensors[name]
-            raw = src.raw(name).reshape(-1, src.raw(name).shape[-1]).numpy()
+            block, size = BLOCKS[t.ggml_type]
+            raw = src.raw(name).reshape(-1, src.raw(name).shape[-1])
             row_bytes = raw.shape[-1]
-            for r, values in sorted(rows.items()):
-                patched, n = _patch_row(raw[r], values, t.ggml_type)
-                if n:
+            old = raw[rows].numpy().copy()  # (n, row bytes)
+            before = dequantize(torch.from_numpy(old), t.ggml_type, t.shape[-1]).numpy()
+            vals = values.numpy()
+            changed = (before.reshape(len(rows), -1, block) != vals.reshape(len(rows), -1, block)).any(-1)
+            blocks = old.reshape(len(rows), -1, size)
+            blocks[changed] = quantize_rows(vals.reshape(len(rows), -1, block)[changed], t.ggml_type)
+            count += int(changed.sum())
+            for i, r in enumerate(rows.tolist()):
+                if changed[i].any():
                     fh.seek(t.offset + r * row_bytes)
-                    fh.write(patched.tobytes())
-                    stats["blocks"] += n
-    return stats
+                    fh.write(blocks[i].tobytes())
+    return {"blocks": count}
 
 
 def _pack_str(s: str) -> bytes:
@@ -143,13 +138,13 @@ def write_retyped(src: GGUFFile, path: Path, new: dict, kinds: dict[str, int]) -
             rows = src.raw(name).reshape(-1, src.raw(name).shape[-1])
             cols = t.shape[-1]
             step = max(1, (1 << 22) // max(cols, 1))
-            changed = new.get(name, {})
+            changed, values = new.get(name, (torch.empty(0, dtype=torch.long), None))
             for r0 in range(0, rows.shape[0], step):  # a few MB of fp32 at a time
-                w = dequantize(rows[r0 : r0 + step], t.ggml_type, cols).numpy()
-                for r, values in changed.items():
-                    if r0 <= r < r0 + step:
-                        w[r - r0] = values
-                fh.write(quantize_rows(w, k).tobytes())
+                w = dequantize(rows[r0 : r0 + step], t.ggml_type, cols)
+                sel = (changed >= r0) & (changed < r0 + step)
+                if bool(sel.any()):
+                    w[changed[sel] - r0] = values[sel]
+                fh.write(quantize_rows(w.numpy(), k).tobytes())
         end = fh.tell()
         fh.write(b"\0" * ((-end) % src.alignment))
     return {"blocks": None}
@@ -170,19 +165,21 @@ def _check(src: GGUFFile, path: Path, new: dict, touched_kind: int | None) -> di
                 raise ExportCheckError(f"check failed: untouched tensor {name} is not byte-identical; output "
                                        f"removed")
             continue
+        rows, values = new[name]
         rows_out = out.raw(name).reshape(-1, out.raw(name).shape[-1])
-        rows_src = src.raw(name).reshape(-1, src.raw(name).shape[-1])
-        block, size = BLOCKS[t.ggml_type]
-        for r, values in new[name].items():
-            got = dequantize(rows_out[r], o.ggml_type, t.shape[-1]).numpy()
-            scale = max(float(np.abs(values).max()), 1e-12)
-            worst = max(worst, float(np.abs(got - values).max()) / scale)
-            if touched_kind is None:  # untouched blocks keep their bytes
-                before = dequantize(rows_src[r], t.ggml_type, t.shape[-1]).numpy().reshape(-1, block)
-                same = (before == values.reshape(-1, block)).all(-1)
-                a = rows_out[r].numpy().reshape(-1, size)[same]
-                if not np.array_equal(a, rows_src[r].numpy().reshape(-1, size)[same]):
-                    raise ExportCheckError(f"check failed: untouched blocks of {name} changed; output removed")
+        got = dequantize(rows_out[rows], o.ggml_type, t.shape[-1])
+        scale = values.abs().amax(-1, keepdim=True).clamp_min(1e-12)
+        worst = max(worst, float(((got - values).abs() / scale).max()))
+        if touched_kind is None:  # every block but the changed ones keeps its bytes
+            block, size = BLOCKS[t.ggml_type]
+            rows_src = src.raw(name).reshape(-1, src.raw(name).shape[-1])
+            before = dequantize(rows_src[rows], t.ggml_type, t.shape[-1]).view(len(rows), -1, block)
+            same = (before == values.view(len(rows), -1, block)).all(-1)
+            keep = torch.ones(rows_src.shape[0], rows_src.shape[1] // size, dtype=torch.bool)
+            keep[rows] = same
+            a = rows_src.reshape(rows_src.shape[0], -1, size)[keep]
+            if not torch.equal(rows_out.reshape(rows_src.shape[0], -1, size)[keep], a):
+                raise ExportCheckError(f"check failed: untouched blocks of {name} changed; output removed")
     return {"max_rel_error": worst}
 
 
