@@ -105,12 +105,22 @@ def dequantize_blocks(blocks: torch.Tensor, kind: int) -> torch.Tensor:
                      f"{', '.join(type_name(k) for k in BLOCKS)})")
 
 
-def dequantize(raw: torch.Tensor, kind: int, cols: int) -> torch.Tensor:
-    """Raw rows ``(..., bytes per row)`` uint8 -> ``(..., cols)`` fp32 (on ``raw``'s device)."""
+# Elements dequantized per step: the fp32 temporaries of a step stay small (a few MB on CPU)
+_CHUNK_CPU = 1 << 18
+_CHUNK_ACCEL = 1 << 24
+
+
+def dequantize(raw: torch.Tensor, kind: int, cols: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Raw rows ``(..., bytes per row)`` uint8 -> ``(..., cols)`` in ``dtype`` (on ``raw``'s device), a chunk of
+    blocks at a time (computed in fp32, rounded once to ``dtype``)."""
     block, size = BLOCKS[kind]
     lead = raw.shape[:-1]
     blocks = raw.reshape(-1, size)
-    return dequantize_blocks(blocks, kind).reshape(*lead, cols)
+    out = torch.empty(blocks.shape[0], block, dtype=dtype, device=raw.device)
+    step = max(1, (_CHUNK_CPU if raw.device.type == "cpu" else _CHUNK_ACCEL) // block)
+    for b0 in range(0, blocks.shape[0], step):
+        out[b0 : b0 + step] = dequantize_blocks(blocks[b0 : b0 + step], kind)
+    return out.reshape(*lead, cols)
 
 
 class GGMLStack:
@@ -133,10 +143,15 @@ class GGMLStack:
     def dequantize(self, start: int = 0, stop: int | None = None, dtype=torch.bfloat16, device=None) -> torch.Tensor:
         stop = self.shape[0] if stop is None else stop
         dev = torch.device(device) if device is not None else self.parts[0].device
-        out = [dequantize(p[start:stop].to(dev, non_blocking=dev.type != "cpu"), k, self.cols)
-               for p, k in zip(self.parts, self.kinds)]
-        w = out[0] if len(out) == 1 else torch.cat(out, dim=1)
-        return w.to(dtype or torch.float32)
+        dtype = dtype or torch.float32
+        k = stop - start
+        out = torch.empty(k, self.shape[1], self.cols, dtype=dtype, device=dev)
+        r0 = 0
+        for p, kind in zip(self.parts, self.kinds):
+            out[:, r0 : r0 + p.shape[1]] = dequantize(p[start:stop].to(dev, non_blocking=dev.type != "cpu"), kind,
+                                                      self.cols, dtype)
+            r0 += p.shape[1]
+        return out
 
     def nbytes(self) -> int:
         return sum(p.numel() for p in self.parts)

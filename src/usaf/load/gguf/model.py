@@ -111,8 +111,7 @@ def gguf_fingerprint(f: GGUFFile) -> str:
             continue
         last = t.nbytes - 4096
         for i in range(8):
-            s = t.offset + last * i // 7
-            h.update(f.mm[s : s + 4096])
+            h.update(f.pread(t.offset + last * i // 7, 4096))
     return h.hexdigest()[:32]
 
 
@@ -178,13 +177,15 @@ def load_gguf(path, cfg: UsafConfig | None = None, dtype=torch.bfloat16, device=
 
     for name, (key, shape) in want.items():  # non-expert tensors: dequantized once
         t = f.tensors[name]
-        w = dequantize(f.raw(name), t.ggml_type, t.shape[-1]).reshape(shape)
+        w = dequantize(f.raw(name), t.ggml_type, t.shape[-1]).reshape(shape)  # fp32
         heads = qk_heads(family.model_type, key, text)
         if heads:
             w = unpermute(w, heads)
         mod_name, _, pname = key.rpartition(".")
         get_path(model, mod_name)._parameters[pname] = torch.nn.Parameter(w.to(device=device, dtype=dtype),
                                                                           requires_grad=False)
+        del w
+        f.release(name)  # read once: its pages of the map are not kept
     model.tie_weights()
     frozen = {}
     for prefix, names in stacks.items():

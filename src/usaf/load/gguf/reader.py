@@ -183,7 +183,22 @@ class GGUFFile:
 
     def bytes_of(self, name: str) -> bytes:
         t = self.tensors[name]
-        return bytes(self._mm[t.offset : t.offset + t.nbytes])
+        return self.pread(t.offset, t.nbytes)
+
+    def pread(self, offset: int, n: int) -> bytes:
+        """``n`` bytes at ``offset`` read with plain reads (the memory map's pages are not touched, so they do
+        not become resident in this process)."""
+        with open(self.path, "rb") as fh:
+            fh.seek(offset)
+            return fh.read(n)
+
+    def release(self, name: str) -> None:
+        """Give back the resident pages of a tensor's whole pages of the memory map (read again on next use)."""
+        t = self.tensors[name]
+        start = -(-t.offset // mmap.PAGESIZE) * mmap.PAGESIZE
+        end = (t.offset + t.nbytes) // mmap.PAGESIZE * mmap.PAGESIZE
+        if end > start:
+            self._mm.madvise(mmap.MADV_DONTNEED, start, end - start)
 
     @property
     def mm(self) -> mmap.mmap:
