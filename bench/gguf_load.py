@@ -5,8 +5,9 @@ training step from it, on a generated qwen3moe GGUF of mid size (random weights,
 
 Writes the GGUF once (random Q4_K expert blocks with sane scales, F16 non-expert tensors, the tiny test
 tokenizer in the metadata), then in a fresh process per phase measures the process's peak RSS (VmHWM)
-after ``import usaf`` (baseline), after ``load_gguf`` (disk tier), and after one forward + backward through
-the top layer's deltas. Prints JSON: file and expert bytes, non-expert bytes as loaded (bf16), peaks.
+after ``import usaf`` (baseline), after ``load_gguf`` (disk tier), after selecting the top layer's
+active set (its score buffer), and over one forward + backward + optimizer step (peak reset before it; the
+file-backed part of the RSS is the GGUF's mapped pages). Prints JSON: file and expert bytes, non-expert bytes as loaded (bf16), peaks.
 """
 
 from __future__ import annotations
@@ -95,6 +96,13 @@ def _peak_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+def _file_rss_mb() -> float:
+    """Resident pages that are file-backed (the GGUF's memory map), not anonymous memory."""
+    d = {ln.split(":")[0]: int(ln.split()[1]) for ln in Path("/proc/self/smaps_rollup").read_text().splitlines()[1:]
+         if ln.endswith("kB")}
+    return (d["Rss"] - d["Anonymous"]) / 1024
+
+
 def phase(path: str, what: str) -> dict:
     import torch
 
@@ -111,11 +119,15 @@ def phase(path: str, what: str) -> dict:
         return out
     ids = torch.randint(0, 320, (1, 256))
     usaf.select(h, [{"input_ids": ids, "labels": ids}])
+    out["select_peak_mb"] = _peak_mb()
     opt = usaf.UsafOptimizer(h, lr=1e-3)
     h.model.train()
+    Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to the current RSS
+    out["before_step_rss_mb"] = _peak_mb()
     h.model(input_ids=ids, labels=ids).loss.backward()
     opt.step()
     out["train_step_peak_mb"] = _peak_mb()
+    out["file_backed_rss_mb"] = _file_rss_mb()
     return out
 
 
