@@ -140,6 +140,17 @@ def test_train_from_gguf_and_eval_reproduces(q4k_run, capsys):
     assert ppl == pytest.approx(metrics["eval_ppl_after"], rel=1e-4)
 
 
+def test_inspect_and_plan_a_gguf(q4k_run, capsys):
+    q, _, _ = q4k_run
+    capsys.readouterr()
+    assert main(["inspect", "--model", str(q)]) == 0
+    out = capsys.readouterr().out
+    assert "family        qwen3_moe" in out and "expert stacks {'gate_up_proj': [4, 512, 256]" in out
+    assert "experts (frozen store, as stored): Q4_K" in out
+    assert main(["plan", "--model", str(q), "--device", "cpu"]) == 0
+    assert "verdict" in capsys.readouterr().out
+
+
 def test_export_like_source(q4k_run, tmp_path):
     """Same metadata, order and types; untouched tensors and blocks byte-identical; touched blocks requantized
     to the trained values; in F32 (--touched-type f32) the file loads as exactly base + delta."""
