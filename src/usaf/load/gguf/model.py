@@ -210,5 +210,14 @@ def load_gguf(path, cfg: UsafConfig | None = None, dtype=torch.bfloat16, device=
 
 
 def gguf_expert_bytes(path) -> int:
+    """Bytes of the expert stacks as stored in the file."""
     f = open_gguf(path)
     return sum(t.nbytes for n, t in f.tensors.items() if "_exps." in n)
+
+
+def gguf_expert_bits(path) -> float:
+    """Bits per expert weight as stored in the file (for the planner)."""
+    f = open_gguf(path)
+    exps = [t for n, t in f.tensors.items() if "_exps." in n]
+    n = sum(int(torch.Size(t.shape).numel()) for t in exps)
+    return 8 * sum(t.nbytes for t in exps) / max(n, 1)
