@@ -101,7 +101,7 @@ def test_each_type_kept_as_the_frozen_store(files, tmp_path, kind):
                 w = deq[f"blk.{layer}.ffn_down_exps.weight"]
             else:
                 w = deq[tmap.get_name(name, try_suffixes=(".weight", ".bias"))]
-            p.copy_(torch.from_numpy(np.ascontiguousarray(w)).reshape(p.shape))
+            p.copy_(torch.from_numpy(np.array(w, copy=True)).reshape(p.shape))
     ids = torch.randint(0, 320, (2, 10), generator=torch.Generator().manual_seed(0))
     assert torch.allclose(_logits(h.model, ids), _logits(ref_model, ids), atol=1e-5, rtol=1e-5)
 
