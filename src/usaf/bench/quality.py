@@ -68,7 +68,7 @@ from .methods import DEFAULT_METHODS, parse_method, setup_method
 
 KEYS: dict[str, tuple[type, object, str]] = {
     "task": (str, "docs", "docs | chat | both"),
-    "bed": (str, "upcycle", "upcycle (identical experts) | moefy (experts that differ, routing matters) | both"),
+    "bed": (str, "upcycle", "upcycle (identical experts) | moefy (experts that differ, routing matters) | both (--quick: both)"),
     "layers": (str, "top:8", "decoder layers every method trains: all | top:N | a-b"),
     "seq": (int, 256, "tokens per sequence"),
     "batch": (int, 4, "sequences per step"),
@@ -79,15 +79,15 @@ KEYS: dict[str, tuple[type, object, str]] = {
     "reselect_fraction": (float, 0.3, "usaf RigL initial replaced fraction"),
     "density": (float, 0.005, "usaf density"),
     "warmup": (float, 0.05, "warmup fraction of the steps (linear, then cosine to 10%)"),
-    "lr_usaf": (float, 3e-3, "learning rate of usaf's deltas (usaf, usaf-norigl; best of 3e-4..3e-2 in --quick)"),
-    "lr_router": (float, 1e-4, "learning rate of the routers (usaf methods and router)"),
+    "lr_usaf": (float, 1e-2, "learning rate of usaf's deltas (usaf, usaf-norigl; best of 1e-3..3e-2, docs/quality.md)"),
+    "lr_router": (float, 1e-4, "learning rate of the routers (usaf methods and router; best of 0, 1e-4, 1e-3)"),
     "lr_lora": (float, 3e-3, "LoRA learning rate (best of 3e-4, 1e-3, 3e-3 in --quick)"),
     "lr_full": (float, 1e-4, "full fine-tuning learning rate (not tuned)"),
     "lr_esft": (float, 1e-4, "ESFT learning rate (not tuned)"),
     "generations": (int, 3, "held-out questions answered before/after (chat task)"),
     "gen_tokens": (int, 48, "new tokens per generation"),
     "methods": (str, "", "comma-separated method specs, `|` for alternatives (default: "
-                         + ",".join(DEFAULT_METHODS) + ")"),
+                         + ",".join(DEFAULT_METHODS) + "; --quick: usaf,router,lora/r=2,esft)"),
     "seed": (int, 0, "seed of data order and initialisation"),
     "threads": (int, 0, "torch threads per worker (0 = torch default)"),
     "timeout": (int, 7200, "seconds allowed per worker"),
@@ -96,7 +96,7 @@ KEYS: dict[str, tuple[type, object, str]] = {
 }
 
 QUICK = {"seq": 128, "batch": 4, "steps": 10, "eval_seqs": 8, "calib": 2, "reselect": 4, "layers": "top:6",
-         "generations": 2, "gen_tokens": 24}
+         "generations": 2, "gen_tokens": 24, "bed": "both", "methods": "usaf,router,lora/r=2,esft"}
 
 
 def parse_settings(extra: list[str] | None, quick: bool = False) -> dict:
