@@ -100,7 +100,7 @@ def _check(trainer, model) -> None:
         _refuse("the model is a PEFT model; usaf trains the base model's experts itself: pass the plain model")
 
 
-def attach(trainer: Trainer, config: UsafConfig | None = None, *, router_lr: float = 5e-5,
+def attach(trainer: Trainer, config: UsafConfig | None = None, *, router_lr: float = 1e-4,
            reselect_every: int = 50, reselect_fraction: float = 0.3, calib_batches: int = 4) -> UsafModel:
     """Turn ``trainer`` (a ``transformers.Trainer`` or ``trl.SFTTrainer``, built but not yet trained) into a usaf
     run; returns the :class:`~usaf.engine.model.UsafModel` handle (``trainer.model`` is the same module).
