@@ -68,7 +68,9 @@ def _router(layer: nn.Module, path: str, num_experts: int, width: int) -> tuple[
         if len(found) > 1:
             names = ", ".join(n for n, _ in found)
             raise UnsupportedModelError(f"more than one router candidate beside {path} ({names})")
-    raise UnsupportedModelError(f"no router (a module with an [{num_experts}, {width}] weight) beside {path}")
+    raise UnsupportedModelError(f"no router (a module with an [{num_experts}, {width}] weight) beside {path}; "
+                                f"a router that also scores null experts (more than {num_experts} outputs) "
+                                f"is not supported")
 
 
 def moe_site(layer: nn.Module, family: Family) -> MoeSite | None:
@@ -87,6 +89,8 @@ def moe_site(layer: nn.Module, family: Family) -> MoeSite | None:
         found = [(path, ex)]
     else:
         found = experts_candidates(layer)
+        routed = [(n, m) for n, m in found if not n.rpartition(".")[2].startswith("shared")]
+        found = routed if routed else found  # shared experts held as stacks run on every token: frozen
         if not found:
             return None
         if len(found) > 1:

@@ -22,7 +22,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+from transformers.models.auto.modeling_auto import (
+    MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
+    MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES,
+)
 
 
 @dataclass(frozen=True)
@@ -108,15 +111,15 @@ def family_for(config) -> Family:
             if row.refused:
                 raise UnsupportedModelError(f"model_type {mt!r} is not supported: {row.refused}")
             return row
-    if num_experts_of(config) > 1:
-        if model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES and model_type != text_type:
-            if text_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
-                raise UnsupportedModelError(
-                    f"model_type {model_type!r} is a vision-language model; usaf trains its text decoder "
-                    f"{text_type!r} ({MODEL_FOR_CAUSAL_LM_MAPPING_NAMES[text_type]}): give a checkpoint of that model")
+    if model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES and model_type in MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES:
+        if text_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
             raise UnsupportedModelError(
-                f"model_type {model_type!r} is a vision-language model whose text decoder ({text_type!r}) "
-                f"transformers does not expose as a CausalLM; usaf trains CausalLM decoders")
+                f"model_type {model_type!r} is a vision-language model; usaf trains its text decoder "
+                f"{text_type!r} ({MODEL_FOR_CAUSAL_LM_MAPPING_NAMES[text_type]}): give a checkpoint of that model")
+        raise UnsupportedModelError(
+            f"model_type {model_type!r} is a vision-language model whose text decoder ({text_type!r}) "
+            f"transformers does not expose as a CausalLM; usaf trains CausalLM decoders")
+    if num_experts_of(config) > 1:
         return Family(text_type)
     raise UnsupportedModelError(
         f"model_type {model_type!r} is not a supported Mixture-of-Experts family "
