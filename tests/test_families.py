@@ -19,13 +19,15 @@ from transformers import AutoConfig
 
 import usaf
 from usaf.engine.families import UnsupportedModelError, family_for
-from usaf.testing import make_tiny_model, moe_families
+from usaf.testing import FAMILIES, make_tiny_model, moe_families, tiny_config
 
-IDS = torch.randint(6, 320, (2, 12), generator=torch.Generator().manual_seed(1))
+IDS = torch.randint(6, 320, (1, 10), generator=torch.Generator().manual_seed(1))
 DECODERS = sorted(set(moe_families().values()))
 # Families whose tiny model the generic config cannot build yet (their config needs hand-written layer
 # patterns); neither supported nor refused here, listed as untested in docs/families.md.
 NOT_BUILT = {"bailing_hybrid", "dots3_note_text", "lfm2_moe"}
+# The core suite's families run the same checks, and more, in tests/test_engine.py.
+CORE = {"gemma4_text" if f == "gemma4" else "llama4_text" if f == "llama4" else f for f in FAMILIES}
 
 
 def _rel(a, b):
@@ -38,8 +40,12 @@ def _param(model, name):
 
 def _status(family):
     """("refused", message) or ("supported", (stock, prepared model, handle))."""
+    try:  # the tiny config (a default config may count no experts); vision-language wrappers: their own
+        config = tiny_config(family)
+    except ValueError:
+        config = AutoConfig.for_model(family)
     try:
-        family_for(AutoConfig.for_model(family))
+        family_for(config)
     except UnsupportedModelError as e:
         return "refused", str(e)
     stock = make_tiny_model(family, seed=0)
@@ -59,7 +65,7 @@ def test_enumeration_finds_the_families():
     assert NOT_BUILT <= set(DECODERS)
 
 
-@pytest.mark.parametrize("family", [f for f in DECODERS if f not in NOT_BUILT])
+@pytest.mark.parametrize("family", [f for f in DECODERS if f not in NOT_BUILT | CORE])
 def test_family_supported_with_numerics_or_refused_in_one_line(family):
     status, info = _status(family)
     if status == "refused":
@@ -85,6 +91,8 @@ def test_family_supported_with_numerics_or_refused_in_one_line(family):
         _param(dense, key).requires_grad_(True)
     loss_ref = dense(IDS, labels=IDS, use_cache=False).loss
     loss_ref.backward()
+    opt = usaf.UsafOptimizer(handle, lr=0.02, router_lr=0.01)
+    opt.zero_grad()
     loss = model(IDS, labels=IDS, use_cache=False).loss
     loss.backward()
     assert abs(loss.item() - loss_ref.item()) <= 1e-5 * abs(loss_ref.item())
@@ -94,16 +102,10 @@ def test_family_supported_with_numerics_or_refused_in_one_line(family):
     for key, p in handle.router_parameters().items():
         torch.testing.assert_close(p.grad, _param(dense, key).grad, rtol=1e-4, atol=1e-7)
 
-    opt = usaf.UsafOptimizer(handle, lr=0.02, router_lr=0.01)
+    first = loss.item()  # two optimizer steps on this batch lower its loss
+    opt.step()
     opt.zero_grad()
-    first = None
-    for _ in range(3):
-        loss = model(IDS, labels=IDS, use_cache=False).loss
-        first = loss.item() if first is None else first
-        loss.backward()
-        opt.step()
-        opt.zero_grad()
+    model(IDS, labels=IDS, use_cache=False).loss.backward()
+    opt.step()
     with torch.no_grad():
-        last = model(IDS, labels=IDS, use_cache=False).loss.item()
-    assert last < first
-
+        assert model(IDS, labels=IDS, use_cache=False).loss.item() < first

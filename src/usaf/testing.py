@@ -21,13 +21,12 @@ import json
 import os
 import re
 from pathlib import Path
-from typing import Any
 
 import torch
 from huggingface_hub import split_torch_state_dict_into_shards
 from safetensors.torch import save_file
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedTokenizerFast
+from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
 from transformers.modeling_utils import remove_tied_weights_from_state_dict
 
 from .tiny_configs import BOS_ID, DEFAULT_VOCAB_SIZE, EOS_ID, PAD_ID, moe_families, tiny_config
