@@ -4,7 +4,8 @@ The families are enumerated from transformers' registries (``usaf.tiny_configs.m
 
 - supported: a tiny seeded model from the generic tiny config; with zero deltas the logits equal the stock
   module's; with random deltas the gradients of the delta values and routers equal dense autograd on the stock
-  module with ``base + delta`` weights; three optimizer steps on one batch lower its loss;
+  module with ``base + delta`` weights; one optimizer step on that batch lowers its loss. The three checks share
+  one model build;
 - or refused: ``usaf.prepare`` / ``family_for`` raise ``UnsupportedModelError`` with one line.
 
 The CLI round trip (train, export hf / delta, apply, apply --revert) of a subset of the discovered families is
@@ -21,7 +22,7 @@ import usaf
 from usaf.engine.families import UnsupportedModelError, family_for
 from usaf.testing import FAMILIES, make_tiny_model, moe_families, tiny_config
 
-IDS = torch.randint(6, 320, (1, 10), generator=torch.Generator().manual_seed(1))
+IDS = torch.randint(6, 320, (1, 8), generator=torch.Generator().manual_seed(1))
 DECODERS = sorted(set(moe_families().values()))
 # Families whose tiny model the generic config cannot build yet (their config needs hand-written layer
 # patterns); neither supported nor refused here, listed as untested in docs/families.md.
@@ -81,7 +82,7 @@ def test_family_supported_with_numerics_or_refused_in_one_line(family):
     for d in handle.deltas().values():
         k = max(1, d.numel // 20)
         d.set(torch.randperm(d.numel, generator=g)[:k], torch.randn(k, generator=g) * 0.02)
-    dense = copy.deepcopy(stock)
+    dense = stock  # the reference logits are taken: the stock model becomes the dense base + delta model
     for p in dense.parameters():
         p.requires_grad_(False)
     with torch.no_grad():
@@ -102,10 +103,7 @@ def test_family_supported_with_numerics_or_refused_in_one_line(family):
     for key, p in handle.router_parameters().items():
         torch.testing.assert_close(p.grad, _param(dense, key).grad, rtol=1e-4, atol=1e-7)
 
-    first = loss.item()  # two optimizer steps on this batch lower its loss
-    opt.step()
-    opt.zero_grad()
-    model(IDS, labels=IDS, use_cache=False).loss.backward()
+    first = loss.item()  # one optimizer step on this batch lowers its loss
     opt.step()
     with torch.no_grad():
         assert model(IDS, labels=IDS, use_cache=False).loss.item() < first
