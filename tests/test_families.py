@@ -31,6 +31,15 @@ NOT_BUILT = {"bailing_hybrid", "dots3_note_text", "lfm2_moe"}
 CORE = {"gemma4_text" if f == "gemma4" else "llama4_text" if f == "llama4" else f for f in FAMILIES}
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny models run on one thread: a second one only waits on it (on 2 busy cores, 5x the wall time)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def _rel(a, b):
     return ((a - b).norm() / b.norm()).item()
 
