@@ -97,6 +97,11 @@ _TINY: dict[str, Any] = {
     "index_n_heads": 2,
     "index_head_dim": 16,
     "o_lora_rank": 16,
+    "indexer_n_heads": 2,  # qwen4_exp's QSA indexer (no default: published configs set it)
+    "indexer_kv_heads": 1,
+    "indexer_head_dim": 16,
+    "indexer_budget": 8,
+    "indexer_compress_ratio": 4,
     # other wide layers that default to published sizes
     "dense_intermediate_size": DENSE_INTERMEDIATE,
     "shared_intermediate_size": SHARED_INTERMEDIATE,
@@ -223,6 +228,7 @@ _EXACT = ("qwen3_moe", "qwen2_moe", "mixtral", "olmoe", "deepseek_v3", "glm4_moe
 _OVERRIDES.update({
     "beam": {"mlp_layer_types": ["dense", "sparse", "sparse"], "num_hidden_layers": 3},
     "zaya": {"num_experts_per_tok": 1},
+    "jamba": {"attn_layer_period": 2, "attn_layer_offset": 1},  # mamba, then attention (as in 1 of 8 published)
 })
 
 # Wrapper model types of the core suite -> the text decoder their tiny model is built from.
@@ -279,7 +285,8 @@ def tiny_config(family: str, **overrides):
     (8 experts, top-2, expert intermediate 24, dense intermediate 96; 3 layers where layer 0 is dense), then
     the family's row in :data:`_OVERRIDES`, then ``overrides``; eager attention. Layer-indexed lists
     (``layer_types``, ``moe_layers``...) are derived from ``num_hidden_layers`` by the config class unless
-    overridden.
+    overridden; a hybrid whose derived ``layer_types`` hold linear-attention layers only (one attention layer
+    in 4 published) gets its last layer as ``full_attention``.
 
     Raises:
         ValueError: ``family`` is not a Mixture-of-Experts model type of transformers.
@@ -309,6 +316,12 @@ def tiny_config(family: str, **overrides):
         kwargs["layer_types"] = ["sliding_attention"] * (n - 1) + ["full_attention"]
     config = AutoConfig.for_model(model_type, **kwargs)
     layer_types = getattr(config, "layer_types", None)
+    if "layer_types" in known and "layer_types" not in overrides and set(layer_types or ()) == {"linear_attention"}:
+        # a hybrid whose default pattern has no attention layer in a tiny model (one in 4 or 8 published):
+        # the last layer attends, so its caches and masks hold both kinds as in the published models
+        kwargs["layer_types"] = ["linear_attention"] * (len(layer_types) - 1) + ["full_attention"]
+        config = AutoConfig.for_model(model_type, **kwargs)
+        layer_types = config.layer_types
     if layer_types is not None and len(layer_types) != config.num_hidden_layers:
         raise ValueError(f"layer_types has {len(layer_types)} entries for {config.num_hidden_layers} layers")
     return config
