@@ -25,9 +25,11 @@ from .config import TrainConfig, UsafConfig, from_dict
 from .demo import run_demo
 from .export.delta import apply_delta, export_delta
 from .export.gguf import export_gguf
+from .export.gguf_source import export_gguf_like_source
 from .export.hf import export_hf
-from .export.layout import NAMED_DTYPES, load_run
+from .export.layout import NAMED_DTYPES, ExportError, load_run
 from .export.reference import BASE_WEIGHTS, DEFAULT_BASE_WEIGHTS
+from .load.gguf.model import is_gguf
 from .load.inspect import inspect_model
 from .memory.plan import predict
 from .memory.report import format_plan, json_safe
@@ -234,7 +236,19 @@ def cmd_plan(args: argparse.Namespace) -> int:
 def cmd_export(args) -> int:
     run = load_run(args.run, args.base, args.train_dtype)
     check = not args.no_check
-    if args.format == "hf":
+    from_gguf = is_gguf(run.base)
+    if args.like_source and not (args.format == "gguf" and from_gguf):
+        raise ExportError("--like-source writes a GGUF like the GGUF the run trained from: it needs --format gguf "
+                          "and a .gguf base")
+    if args.touched_type and not args.like_source:
+        raise ExportError("--touched-type goes with --format gguf --like-source")
+    if from_gguf and args.format != "gguf":
+        raise ExportError(f"{run.base} is a GGUF: export a run trained from it with --format gguf --like-source")
+    if from_gguf:
+        r = export_gguf_like_source(run, args.out, args.touched_type, args.overwrite, check)
+        print(f"wrote {r['out']} ({r['arch']}, {r['touched_tensors']} of {r['tensors']} tensors touched, in "
+              f"{r['touched_type']} type; {r['requantized_blocks']} blocks requantized); check: {r['check']}")
+    elif args.format == "hf":
         r = export_hf(run, args.out, args.base_weights, args.overwrite, check)
         print(f"wrote {r['out']} ({r['shards']} shard(s), {r['touched_tensors']} tensors patched, base weights "
               f"{r['base_weights']})" + (f"; reload check ok (max rel. logit error {r['check_error']:.1e})"
@@ -250,6 +264,9 @@ def cmd_export(args) -> int:
 
 
 def cmd_apply(args) -> int:
+    if is_gguf(args.model):
+        raise ExportError(f"usaf apply takes a checkpoint directory, not a GGUF ({args.model}); for a GGUF use "
+                          f"`usaf export RUN --format gguf --like-source`")
     r = apply_delta(args.model, args.delta, args.out, args.revert, args.overwrite, not args.no_check)
     verb = "reverted" if r["revert"] else "applied"
     print(f"{verb} {args.delta} -> {r['out']} ({r['touched_tensors']} tensors patched)"
@@ -393,6 +410,11 @@ def _export_parsers(sub) -> None:
                    help="full: deltas added to the original full-precision weights (default); dequantized: "
                         "the dequantized 4/8-bit base training saw, plus the deltas")
     x.add_argument("--type", choices=("f16", "bf16", "q8_0"), default="f16", help="GGUF tensor type")
+    x.add_argument("--like-source", action="store_true",
+                   help="GGUF from a GGUF base: the source's metadata, tensor order and types; untouched tensors "
+                        "byte for byte, touched blocks requantized in their own type")
+    x.add_argument("--touched-type", help="with --like-source: write the touched tensors in this type instead "
+                                          "(f32, f16, bf16, q8_0, q4_0, q4_1, q5_0, q5_1, q4_k, q5_k, q6_k)")
     x.add_argument("--tokenizer-pre", help="GGUF: llama.cpp pre-tokenizer name, when it cannot be detected")
     x.add_argument("--train-dtype", choices=tuple(NAMED_DTYPES) + ("auto",),
                    help="compute dtype training used (default: from config.yaml); matters for dequantized")

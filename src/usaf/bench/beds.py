@@ -10,13 +10,16 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from .moefy import prepare_moefied_smollm2
 from .upcycle import prepare_upcycled_smollm2
 
-BEDS = ("upcycle",)
+BEDS = ("upcycle", "moefy")
 
 
 def bed_model(bed: str) -> Path:
     """The cached checkpoint directory of a bed (built on first use)."""
     if bed == "upcycle":
         return prepare_upcycled_smollm2()
+    if bed == "moefy":
+        return prepare_moefied_smollm2()
     raise ValueError(f"unknown bed {bed!r} (choose {', '.join(BEDS)})")

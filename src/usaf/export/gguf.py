@@ -29,13 +29,13 @@ import numpy as np
 import torch
 
 from ..integrity import IntegrityError
+from ..load.gguf.names import ARCH, expert_names, gguf_name, name_map, permute, qk_heads
 from ..load.hf import load_tokenizer
 from .layout import Checkpoint, ExportCheckError, ExportError, Run, Staged, check_out, disk_dtype, plan
 from .reference import DEFAULT_BASE_WEIGHTS, fp32_logits, reference_model
 
 log = logging.getLogger("usaf")
 
-ARCH = {"qwen3_moe": "QWEN3MOE", "mixtral": "LLAMA"}
 CHECKSUM_KEY = "usaf.checksums"  # GGUF metadata: {tensor name: sha256 of its bytes as stored}
 # Per-position relative logit tolerance of the llama.cpp check, per tensor type. Measured median errors
 # (tiny models / SmolLM2-135M upcycled): f16 1e-3 / 7e-4, bf16 4e-3 / 5e-3, q8_0 1.2e-2 / 2.9e-2 (q8_0
@@ -141,39 +141,28 @@ def _adds_special(src: Path) -> tuple[bool, bool]:
 
 
 # -------------------------------------------------------------------------------------------------- tensors
-def _permute(w: torch.Tensor, n_head: int) -> torch.Tensor:
-    """HF rotate-half q/k rows -> llama.cpp's interleaved RoPE order (convert_hf_to_gguf's ``permute``)."""
-    return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
-
-
 def gguf_tensors(handle, arch_name: str) -> list[tuple[str, torch.Tensor]]:
     """(GGUF name, tensor) of the merged in-memory model (expert stacks taken from its folded frozen stacks)."""
-    import gguf
-
     cfg = handle.model.config.get_text_config()
-    arch = getattr(gguf.MODEL_ARCH, arch_name)
-    tmap = gguf.get_tensor_name_map(arch, cfg.num_hidden_layers)
+    family = handle.family.model_type
+    tmap = name_map(family, cfg.num_hidden_layers)
     out = []
     for name, p in handle.model.named_parameters():
         if ".deltas." in name:
             continue
-        new = tmap.get_name(name, try_suffixes=(".weight", ".bias"))
+        new = gguf_name(tmap, name)
         if new is None:
             raise ExportError(f"GGUF export: no llama.cpp name for {name}")
         t = p.detach()
-        if arch_name == "LLAMA" and name.endswith("q_proj.weight"):
-            t = _permute(t, cfg.num_attention_heads)
-        elif arch_name == "LLAMA" and name.endswith("k_proj.weight"):
-            t = _permute(t, cfg.num_key_value_heads)
-        out.append((new, t))
+        heads = qk_heads(family, name, cfg)
+        out.append((new, permute(t, heads) if heads else t))
     for m in handle.layers:
         gate_up = m.experts.frozen["gate_up_proj"].tensor
         inter = gate_up.shape[1] // 2
-        fmt = {k: gguf.TENSOR_NAMES[getattr(gguf.MODEL_TENSOR, k)].format(bid=m.index) + ".weight"
-               for k in ("FFN_GATE_EXP", "FFN_UP_EXP", "FFN_DOWN_EXP")}
-        out.append((fmt["FFN_GATE_EXP"], gate_up[:, :inter]))
-        out.append((fmt["FFN_UP_EXP"], gate_up[:, inter:]))
-        out.append((fmt["FFN_DOWN_EXP"], m.experts.frozen["down_proj"].tensor))
+        names = expert_names(m.index)
+        out.append((names["gate_up_proj"][0], gate_up[:, :inter]))
+        out.append((names["gate_up_proj"][1], gate_up[:, inter:]))
+        out.append((names["down_proj"][0], m.experts.frozen["down_proj"].tensor))
     return out
 
 

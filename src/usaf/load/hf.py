@@ -12,10 +12,15 @@ from ..engine.families import UnsupportedModelError, family_for, supported
 from ..integrity import verify_export
 from ..io import check_safetensors
 from ..units import DTYPES
+from .gguf.model import gguf_config, gguf_tokenizer, is_gguf, load_gguf, open_gguf
+from .gguf.reader import GGUFError
 
 
 class LoadError(ValueError):
     """The model or tokenizer cannot be loaded (shown as one line, exit code 2)."""
+
+
+__all__ = ["GGUFError", "LoadError", "check_model", "load_config", "load_model", "load_tokenizer"]
 
 
 def resolve_device(spec: str = "auto") -> torch.device:
@@ -54,6 +59,9 @@ def _check_model_dir(model: str) -> None:
 
 
 def load_tokenizer(model: str, trust_remote_code: bool = False):
+    if is_gguf(model):
+        open_gguf(model)
+        return gguf_tokenizer(model)
     _check_model_dir(model)
     p = Path(model)
     if p.exists() and not any((p / f).exists() for f in ("tokenizer.json", "tokenizer.model", "vocab.json",
@@ -69,6 +77,8 @@ def load_tokenizer(model: str, trust_remote_code: bool = False):
 
 
 def load_config(model: str, trust_remote_code: bool = False):
+    if is_gguf(model):
+        return gguf_config(open_gguf(model))
     _check_model_dir(model)
     try:
         return AutoConfig.from_pretrained(model, trust_remote_code=trust_remote_code)
@@ -85,6 +95,8 @@ def check_model(model: str, trust_remote_code: bool = False):
     config and family (dense / unknown models are refused), and, for a local directory, its safetensors
     files (present, inside the directory, complete). Returns the transformers config."""
     config = load_config(model, trust_remote_code)
+    if is_gguf(model):
+        return config  # the file and its family were checked reading it
     try:
         family_for(config)
     except UnsupportedModelError:
@@ -107,6 +119,8 @@ def load_model(model: str, dtype=torch.bfloat16, device="cpu", trust_remote_code
     Only safetensors weights are read (``use_safetensors=True``: never a pickle); a checkpoint that lacks
     some of the model's weights is refused rather than completed with random values.
     """
+    if is_gguf(model):  # experts stay in their GGUF quantization; zero deltas compute the base
+        return load_gguf(model, dtype=dtype, device=device).model.eval()
     check_model(model, trust_remote_code)  # one-line errors for dense / unknown models, bad shards
     try:
         m, info = AutoModelForCausalLM.from_pretrained(model, dtype=dtype, trust_remote_code=trust_remote_code,

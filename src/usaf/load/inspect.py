@@ -11,6 +11,7 @@ from transformers import AutoModelForCausalLM
 from ..engine.discover import moe_site
 from ..engine.families import UnsupportedModelError, family_for
 from ..engine.model import decoder_layers
+from .gguf.model import is_gguf, open_gguf
 from .hf import load_config
 
 
@@ -63,4 +64,23 @@ def inspect_model(model: str, density: float = 0.005, trust_remote_code: bool = 
         f"budget        {report['active_budget_all_layers']:,} active expert weights at density {density} "
         f"(all layers)",
     ])
+    if is_gguf(model):
+        report["gguf"] = gguf_summary(model)
+        report["text"] += "\ngguf          " + report["gguf"]["text"]
     return report
+
+
+def gguf_summary(path: str) -> dict:
+    """Architecture, file size and tensor types of a GGUF (experts and the rest, by bytes)."""
+    f = open_gguf(path)
+    experts, other = {}, {}
+    for name, t in f.tensors.items():
+        side = experts if "_exps." in name else other
+        side[t.type_name] = side.get(t.type_name, 0) + t.nbytes
+
+    def fmt(d):
+        return ", ".join(f"{k} {v / 2**20:.1f} MiB" for k, v in sorted(d.items(), key=lambda kv: -kv[1]))
+
+    text = f"{f.arch}, {f.size / 2**20:.1f} MiB; experts (frozen store, as stored): {fmt(experts)}; other " \
+           f"tensors (dequantized at load): {fmt(other)}"
+    return {"arch": f.arch, "bytes": f.size, "expert_types": experts, "other_types": other, "text": text}

@@ -51,3 +51,8 @@ def evict(stack) -> None:
         end = end - end % mmap.PAGESIZE  # never touch pages shared with a neighbouring tensor's tail
         if end > start:
             mm.madvise(mmap.MADV_DONTNEED, start, end - start)
+
+
+def register_range(t: torch.Tensor, mm: mmap.mmap, offset: int, length: int) -> None:
+    """Record that ``t`` views ``length`` bytes at ``offset`` of ``mm`` (so that :func:`evict` can drop them)."""
+    _MMAP_RANGES[t.data_ptr()] = (mm, offset, length)

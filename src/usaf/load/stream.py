@@ -42,6 +42,7 @@ from ..engine.quant import QuantizedTensor, QuantSpec
 from ..engine.store import DenseStack
 from ..integrity import IntegrityError, checkpoint_fingerprint, verify_file
 from ..io import atomic_save_safetensors
+from .gguf.model import gguf_expert_bytes, is_gguf, load_gguf
 from .hf import check_shards, load_config, load_model
 from .mmap import map_safetensors
 from .tiers import choose_tier
@@ -287,6 +288,13 @@ def load_prepared(model: str, cfg: UsafConfig, dtype, device, trust_remote_code:
     """The one way usaf loads a model to train or evaluate: streamed for local safetensors checkpoints
     (quantized cache, tiers), ``from_pretrained`` + ``prepare`` otherwise (hub ids, remote code)."""
     family_for(load_config(model, trust_remote_code))
+    if is_gguf(model):
+        if tier == "auto":
+            tier = choose_tier(gguf_expert_bytes(model), device, device_memory, host_memory)
+            log.info("frozen expert stacks (GGUF) on the %s tier", tier)
+        handle = load_gguf(model, cfg, dtype=dtype, device=device, tier=tier)
+        handle.model.to(device)
+        return handle
     p = Path(model)
     if p.is_dir() and not trust_remote_code:
         check_shards(p)

@@ -15,6 +15,7 @@ from concurrent.futures import ThreadPoolExecutor
 import psutil
 import torch
 
+from ..engine.ggml import GGMLStack
 from ..engine.model import UsafModel, compute_device, decoder_layers
 from ..engine.quant import QuantizedTensor
 from ..engine.store import DenseStack
@@ -106,7 +107,7 @@ def _pinned(stack):
     """The same frozen stack with its host tensors in page-locked memory."""
     if isinstance(stack, DenseStack):
         return DenseStack(stack.tensor.pin_memory())
-    if isinstance(stack, QuantizedTensor):
+    if isinstance(stack, (QuantizedTensor, GGMLStack)):
         return stack.to_pinned()
     return stack
 

@@ -122,6 +122,8 @@ def _load_config(model: Any, trust_remote_code: bool = False):
     if isinstance(model, dict):
         return _config_from_dict(dict(model), "config")
     p = Path(str(model)).expanduser()
+    if p.is_file() and p.suffix.lower() == ".gguf":
+        return load_config(str(p))
     if p.is_file():
         try:
             data = json.loads(p.read_text())

@@ -269,7 +269,7 @@ class _Phase:
         embed = mc.embed_params * d if need_embed and not mc.tied else 0
         ne_total = sum(per_layer) + head + embed + mc.other_params * d
         ne_staging = max(2 * max(per_layer, default=0), head, embed)
-        ex_pieces = [layer_expert_bytes(lc, s.quant, s.group_size, d) for lc in self.moe_res]
+        ex_pieces = [layer_expert_bytes(lc, s.quant, s.group_size, d, s.expert_bits) for lc in self.moe_res]
         staging = 2 * max(ex_pieces)
         # leave room for the experts' streaming buffers (or the experts themselves, if smaller)
         self.ne_placed = _place_block(p, "non-expert weights", [ne_total], ne_staging, ne_staging,
@@ -280,7 +280,7 @@ class _Phase:
                 next(q for q in p.parts if q["item"].startswith("selection: importance"))["tier"] = "device"
             first = self.first
             if s.prefix_cache and (first > 0 or not mc.tied):
-                disk_prefix = sum(layer_expert_bytes(lc, s.quant, s.group_size, d) + lc.non_expert_params * d
+                disk_prefix = sum(layer_expert_bytes(lc, s.quant, s.group_size, d, s.expert_bits) + lc.non_expert_params * d
                                   for lc in mc.layers[:first])
                 disk_prefix += 0 if mc.tied else mc.embed_params * d
                 what = f"frozen layers 0-{first - 1} + embeddings" if first > 0 else "embeddings"

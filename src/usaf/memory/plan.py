@@ -15,11 +15,13 @@ summed) -> this module (:func:`predict`, and the suggestions when it does not fi
 
 from __future__ import annotations
 
+import os
 from dataclasses import replace
 from typing import Any
 
 import psutil
 
+from ..load.gguf.model import gguf_expert_bits, is_gguf
 from ..units import fmt_bytes, parse_memory
 from .counts import ModelCounts, count_model
 from .phase import phase
@@ -99,9 +101,9 @@ def _candidates(mc: ModelCounts, s: Settings) -> list[Settings]:
     layer_opts = [f"top:{n}" for n in _halvings(len(rng), 1)]
     seq_opts = _halvings(s.seq_len, 64)
     out: list[Settings] = []
-    if s.quant != "4bit":
+    if s.quant not in ("4bit", "gguf"):  # a GGUF's experts stay in the file's types
         out.append(replace(s, quant="4bit"))
-    base = replace(s, quant="4bit", batch_size=1)
+    base = replace(s, quant=s.quant if s.quant == "gguf" else "4bit", batch_size=1)
     out.append(base)
     out += [replace(base, train_layers=n) for n in layer_opts]
     out += [replace(base, density=s.density / k) for k in (2, 4)]
@@ -257,7 +259,11 @@ def predict(
         if dev_mem is None:
             raise ValueError("--device-memory is required (e.g. --device-memory 12GB), or use --device cpu")
         host = host or _host_default()
+    expert_bits = 0.0
+    if isinstance(config, (str, os.PathLike)) and is_gguf(config):  # the file's own types, not --quant
+        quant, expert_bits = "gguf", gguf_expert_bits(config)
     s = Settings(
+        expert_bits=expert_bits,
         seq_len=int(seq_len),
         batch_size=int(batch_size),
         density=float(density),

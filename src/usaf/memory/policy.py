@@ -11,6 +11,7 @@ import logging
 import torch
 
 from ..engine.model import UsafModel, compute_device
+from ..load.gguf.model import is_gguf
 from ..units import dtype_name
 from . import plan
 from .prefix import first_trainable_layer
@@ -36,7 +37,8 @@ def use_checkpointing(handle: UsafModel, mode: str, batch_size: int, seq_len: in
         mem = {}
         if device.type == "cuda":
             mem["device_memory"] = torch.cuda.get_device_properties(device).total_memory
-        r = plan.predict(model.config, seq_len=seq_len, batch_size=batch_size, density=cfg.density,
+        src = getattr(model.config, "_name_or_path", "")
+        r = plan.predict(src if is_gguf(src) else model.config, seq_len=seq_len, batch_size=batch_size, density=cfg.density,
                          train_layers=cfg.train_layers,
                          quant=cfg.quant, dtype=dtype, device="cuda" if device.type == "cuda" else "cpu",
                          chunk_mb=cfg.chunk_mb, group_size=cfg.group_size,

