@@ -66,6 +66,7 @@ _TINY: dict[str, Any] = {
     "moe_k": TOP_K,
     "n_shared_experts": 1,
     "n_group": 1,
+    "num_expert_group": 1,  # bailing_hybrid's name of n_group
     "topk_group": 1,
     "first_k_dense_replace": 1,  # layer 0 dense, the others MoE (3 layers then: see _DENSE_FIRST)
     "num_dense_layers": 1,
@@ -228,7 +229,8 @@ _EXACT = ("qwen3_moe", "qwen2_moe", "mixtral", "olmoe", "deepseek_v3", "glm4_moe
 _OVERRIDES.update({
     "beam": {"mlp_layer_types": ["dense", "sparse", "sparse"], "num_hidden_layers": 3},
     "zaya": {"num_experts_per_tok": 1},
-    "jamba": {"attn_layer_period": 2, "attn_layer_offset": 1},  # mamba, then attention (as in 1 of 8 published)
+    "jamba": {"attn_layer_period": 2, "attn_layer_offset": 1},
+    "lfm2_moe": {"layer_types": ["conv", "conv", "full_attention"]},  # no default pattern; layer 0 is dense  # mamba, then attention (as in 1 of 8 published)
 })
 
 # Wrapper model types of the core suite -> the text decoder their tiny model is built from.

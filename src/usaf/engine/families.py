@@ -96,7 +96,8 @@ def num_experts_of(config) -> int:
 def family_for(config) -> Family:
     """The family of a transformers config (its text decoder for multimodal wrappers).
 
-    A row when the family has one; otherwise a discovered family for any config that counts routed experts.
+    A row when the family has one; otherwise a discovered family for any config that counts routed experts and
+    builds a CausalLM (transformers' own model types, or remote code whose ``auto_map`` names one).
 
     Raises:
         UnsupportedModelError: one line: a refused family with the missing piece, a vision-language model whose
@@ -119,7 +120,9 @@ def family_for(config) -> Family:
         raise UnsupportedModelError(
             f"model_type {model_type!r} is a vision-language model whose text decoder ({text_type!r}) "
             f"transformers does not expose as a CausalLM; usaf trains CausalLM decoders")
-    if num_experts_of(config) > 1:
+    causal_lm = (model_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES or text_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+                 or "AutoModelForCausalLM" in (getattr(config, "auto_map", None) or {}))
+    if num_experts_of(config) > 1 and causal_lm:
         return Family(text_type)
     raise UnsupportedModelError(
         f"model_type {model_type!r} is not a supported Mixture-of-Experts family "
