@@ -214,6 +214,10 @@ def test_failed_check_removes_output(runs, tmp_path, monkeypatch, capsys):
 # byte). deepseek_v3 / glm4_moe keep fp32 routers in a bf16 model: the fingerprint must not depend on that.
 ROUNDTRIP = [(f, "4bit" if i % 2 else "none") for i, f in enumerate(FAMILIES)]
 ROUNDTRIP += [(f, q) for f in ("deepseek_v3", "glm4_moe") for q in ("none", "4bit") if (f, q) not in ROUNDTRIP]
+# Families found in the module tree, with no row (tests/test_families.py has the numerics of all of them): MLA
+# attention with dense first layers, a transposed layout, a router named `router`, a hybrid of mamba and attention
+# layers.
+ROUNDTRIP += [("deepseek_v2", "none"), ("aria_text", "4bit"), ("phimoe", "none"), ("jamba", "4bit")]
 
 
 @pytest.mark.parametrize("family,quant", ROUNDTRIP)
@@ -243,6 +247,22 @@ def test_train_export_apply_revert_every_family(family, quant, tmp_path, capsys)
     assert sorted(p.name for p in back.iterdir()) == sorted(p.name for p in ckpt.iterdir())
     for f in sorted(p.name for p in ckpt.iterdir()):  # revert: every file byte-identical to the original
         assert filecmp.cmp(ckpt / f, back / f, shallow=False), f
+
+
+
+def test_train_and_export_keep_no_generation_cache(tmp_path, capsys):
+    """usaf's forwards run without a generation cache: a jamba of mamba layers only (no attention layer, whose
+    cache transformers cannot size) trains and exports through the command line."""
+    ckpt = save_tiny_checkpoint("jamba", tmp_path / "ckpt", attn_layer_period=4, attn_layer_offset=3)
+    data = tmp_path / "d.jsonl"
+    data.write_text("".join(json.dumps({"text": f"{w} fox {w} dog {i} " * 3}) + "\n" for i, w in enumerate("abcdef")))
+    run = tmp_path / "run"
+    assert main(["train", "--model", str(ckpt), "--data", str(data), "--out", str(run), "--steps", "2",
+                 "--seq-len", "16", "--batch-size", "4", "--density", "0.1", "--quant", "none",
+                 "--train-layers", "all", "--calib-batches", "1", "--quiet"]) == 0
+    capsys.readouterr()
+    assert main(["export", str(run), "--format", "hf", "--out", str(tmp_path / "hf")]) == 0
+    assert "reload check ok" in capsys.readouterr().out
 
 
 # ---------------------------------------------------------------------------------------------------- GGUF

@@ -15,7 +15,7 @@ LAYERS = [
     ("usaf.memory",),  # the planner and the frozen-prefix cache
     ("usaf.train", "usaf.export"),  # the run, and what leaves it
     ("usaf.integrations",),  # usaf inside other training frameworks (transformers.Trainer, trl.SFTTrainer)
-    ("usaf.bench", "usaf.testing"),  # measurements and test models
+    ("usaf.bench", "usaf.testing", "usaf.tiny_configs"),  # measurements and test models
     ("usaf.cli", "usaf.demo", "usaf.__main__", "usaf"),  # the commands and the public API
 ]
 OPTIONAL = {"peft", "gguf", "matplotlib", "llama_cpp", "trl", "tensorboard", "datasets"}

@@ -1,8 +1,9 @@
 """Tiny, seeded, random Mixture-of-Experts models for tests (no downloads).
 
-Every helper here builds its model from a config written in this file, so tests can run offline and fast:
+Every helper here builds its model from a tiny config (``usaf.tiny_configs``), so tests can run offline and fast:
 
-* :func:`tiny_config` - a small :class:`~transformers.PretrainedConfig` for one of :data:`FAMILIES`.
+* :func:`tiny_config` - a small :class:`~transformers.PretrainedConfig` for any MoE family (``usaf.tiny_configs``);
+  :data:`FAMILIES` are the ones the core suite runs everything on.
 * :func:`make_tiny_model` - the matching ``*ForCausalLM`` with every parameter re-initialised from a seeded
   normal distribution (norm weights kept at 1), so routers really route and experts are non-zero.
 * :func:`make_tiny_tokenizer` - a byte-level BPE tokenizer trained on the fly on :data:`TINY_CORPUS`, with a
@@ -20,14 +21,15 @@ import json
 import os
 import re
 from pathlib import Path
-from typing import Any
 
 import torch
 from huggingface_hub import split_torch_state_dict_into_shards
 from safetensors.torch import save_file
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedTokenizerFast
+from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
 from transformers.modeling_utils import remove_tied_weights_from_state_dict
+
+from .tiny_configs import BOS_ID, DEFAULT_VOCAB_SIZE, EOS_ID, PAD_ID, moe_families, tiny_config
 
 __all__ = [
     "FAMILIES",
@@ -35,6 +37,10 @@ __all__ = [
     "TINY_CORPUS",
     "CHAT_TEMPLATE",
     "tiny_config",
+    "moe_families",
+    "PAD_ID",
+    "BOS_ID",
+    "EOS_ID",
     "make_tiny_model",
     "make_tiny_tokenizer",
     "save_tiny_checkpoint",
@@ -67,9 +73,6 @@ PER_EXPERT_FAMILIES: tuple[str, ...] = (
     "granitemoe",
 )
 
-_MODEL_TYPE = {family: family for family in FAMILIES}
-_MODEL_TYPE["gemma4"] = "gemma4_text"
-_MODEL_TYPE["llama4"] = "llama4_text"
 _ALIASES = {"gemma4_text": "gemma4", "llama4_text": "llama4"}
 
 # Standard deviation used to re-initialise every non-norm parameter in :func:`make_tiny_model`.
@@ -83,8 +86,7 @@ PAD_TOKEN, UNK_TOKEN, BOS_TOKEN, EOS_TOKEN = "<pad>", "<unk>", "<s>", "</s>"
 IM_START, IM_END = "<|im_start|>", "<|im_end|>"
 # Trained in this order, so their ids are 0..5.
 SPECIAL_TOKENS: tuple[str, ...] = (PAD_TOKEN, UNK_TOKEN, BOS_TOKEN, EOS_TOKEN, IM_START, IM_END)
-PAD_ID, UNK_ID, BOS_ID, EOS_ID = 0, 1, 2, 3
-DEFAULT_VOCAB_SIZE = 320
+UNK_ID = 1  # PAD_ID, BOS_ID, EOS_ID: usaf.tiny_configs (the ids the tiny configs name)
 
 TINY_CORPUS = """\
 The quick brown fox jumps over the lazy dog. A mixture of experts is a neural network layer in which a small
@@ -166,160 +168,6 @@ def make_tiny_tokenizer(vocab_size: int = DEFAULT_VOCAB_SIZE):
 # ---------------------------------------------------------------------------------------------------------
 # Configs
 # ---------------------------------------------------------------------------------------------------------
-
-HIDDEN = 64
-DENSE_INTERMEDIATE = 96  # dense MLPs (deepseek/glm4 first layer, gemma4's always-on MLP, llama4 dense layers)
-MOE_INTERMEDIATE = 24  # every routed expert (2 * 24 != 64, so gate_up_proj is never square)
-SHARED_INTERMEDIATE = 40  # qwen2_moe's shared expert
-NUM_EXPERTS = 8
-TOP_K = 2
-
-_COMMON: dict[str, Any] = {
-    "vocab_size": DEFAULT_VOCAB_SIZE,
-    "hidden_size": HIDDEN,
-    "num_hidden_layers": 2,
-    "num_attention_heads": 4,
-    "num_key_value_heads": 2,
-    "max_position_embeddings": 512,
-    "initializer_range": 0.02,
-    "tie_word_embeddings": False,
-    "pad_token_id": PAD_ID,
-    "bos_token_id": BOS_ID,
-    "eos_token_id": EOS_ID,
-}
-
-_FAMILY_KWARGS: dict[str, dict[str, Any]] = {
-    "qwen3_moe": {
-        "head_dim": 16,
-        "intermediate_size": DENSE_INTERMEDIATE,  # only used by mlp_only_layers (none by default)
-        "moe_intermediate_size": MOE_INTERMEDIATE,
-        "num_experts": NUM_EXPERTS,
-        "num_experts_per_tok": TOP_K,
-        "norm_topk_prob": True,  # as in the published Qwen3 MoE checkpoints
-        "decoder_sparse_step": 1,
-    },
-    "qwen2_moe": {
-        "intermediate_size": DENSE_INTERMEDIATE,
-        "moe_intermediate_size": MOE_INTERMEDIATE,
-        "shared_expert_intermediate_size": SHARED_INTERMEDIATE,
-        "num_experts": NUM_EXPERTS,
-        "num_experts_per_tok": TOP_K,
-        "decoder_sparse_step": 1,
-    },
-    "mixtral": {
-        "intermediate_size": MOE_INTERMEDIATE,  # mixtral experts use intermediate_size
-        "num_local_experts": NUM_EXPERTS,
-        "num_experts_per_tok": TOP_K,
-    },
-    "olmoe": {
-        "intermediate_size": MOE_INTERMEDIATE,  # olmoe experts use intermediate_size
-        "num_experts": NUM_EXPERTS,
-        "num_experts_per_tok": TOP_K,
-    },
-    "deepseek_v3": {
-        "num_hidden_layers": 3,
-        "first_k_dense_replace": 1,  # layer 0 dense, layers 1-2 MoE
-        "num_key_value_heads": 4,
-        "intermediate_size": DENSE_INTERMEDIATE,
-        "moe_intermediate_size": MOE_INTERMEDIATE,
-        "n_routed_experts": NUM_EXPERTS,
-        "n_shared_experts": 1,
-        "num_experts_per_tok": TOP_K,
-        "n_group": 1,
-        "topk_group": 1,
-        "q_lora_rank": 40,
-        "kv_lora_rank": 16,
-        "qk_rope_head_dim": 8,
-        "qk_nope_head_dim": 8,
-        "v_head_dim": 16,
-        "num_mtp_layers": 0,  # transformers does not build MTP layers in DeepseekV3ForCausalLM
-    },
-    "glm4_moe": {
-        "num_hidden_layers": 3,
-        "first_k_dense_replace": 1,
-        "intermediate_size": DENSE_INTERMEDIATE,
-        "moe_intermediate_size": MOE_INTERMEDIATE,
-        "n_routed_experts": NUM_EXPERTS,
-        "n_shared_experts": 1,
-        "num_experts_per_tok": TOP_K,
-        "n_group": 1,
-        "topk_group": 1,
-        "num_mtp_layers": 0,
-    },
-    "gpt_oss": {
-        "head_dim": 16,
-        "intermediate_size": MOE_INTERMEDIATE,  # gpt_oss experts use intermediate_size
-        "num_local_experts": NUM_EXPERTS,
-        "num_experts_per_tok": TOP_K,
-        "sliding_window": 8,
-        "rope_parameters": {
-            "rope_type": "yarn",
-            "rope_theta": 150000.0,
-            "factor": 4.0,
-            "beta_fast": 32.0,
-            "beta_slow": 1.0,
-            "truncate": False,
-            "original_max_position_embeddings": 128,
-        },
-    },
-    "granitemoe": {
-        "intermediate_size": MOE_INTERMEDIATE,  # granitemoe experts use intermediate_size
-        "num_local_experts": NUM_EXPERTS,
-        "num_experts_per_tok": TOP_K,
-    },
-    "gemma4": {
-        "head_dim": 16,
-        "global_head_dim": 32,  # head_dim of the full-attention layers (popped by Gemma4TextConfig)
-        "intermediate_size": DENSE_INTERMEDIATE,  # the dense MLP that runs next to the MoE block
-        "moe_intermediate_size": MOE_INTERMEDIATE,
-        "enable_moe_block": True,
-        "num_experts": NUM_EXPERTS,
-        "top_k_experts": TOP_K,
-        "sliding_window": 8,
-        "hidden_size_per_layer_input": 0,  # no per-layer embeddings (PLE)
-        "vocab_size_per_layer_input": DEFAULT_VOCAB_SIZE,
-    },
-    "llama4": {
-        "head_dim": 16,
-        "intermediate_size": MOE_INTERMEDIATE,  # routed experts and the shared expert
-        "intermediate_size_mlp": DENSE_INTERMEDIATE,  # dense layers (none with interleave_moe_layer_step=1)
-        "num_local_experts": NUM_EXPERTS,
-        "num_experts_per_tok": TOP_K,
-        "interleave_moe_layer_step": 1,
-        "no_rope_layer_interval": 2,  # layer 1 is a NoPE (full attention) layer, layer 0 chunked + RoPE
-        "attention_chunk_size": 8,
-    },
-}
-
-
-def _family(family: str) -> str:
-    family = _ALIASES.get(family, family)
-    if family not in FAMILIES:
-        raise ValueError(f"unknown family {family!r}; expected one of {FAMILIES}")
-    return family
-
-
-def tiny_config(family: str, **overrides):
-    """A tiny config for ``family`` (see :data:`FAMILIES`); ``overrides`` are passed to the config class.
-
-    Defaults: hidden 64, 4 heads / 2 KV heads, 2 layers (3 for deepseek_v3/glm4_moe, whose layer 0 is dense),
-    8 experts, top-2, expert intermediate 24, dense intermediate 96, vocab 320 (= :func:`make_tiny_tokenizer`),
-    max_position_embeddings 512, untied embeddings, eager attention. Layer-indexed lists (``layer_types``,
-    ``moe_layers``...) are derived from ``num_hidden_layers`` by the config class unless overridden.
-    """
-    family = _family(family)
-    kwargs: dict[str, Any] = {**_COMMON, **_FAMILY_KWARGS[family]}
-    kwargs["attn_implementation"] = "eager"
-    kwargs.update(overrides)
-    if family == "gemma4" and "layer_types" not in overrides:
-        # sliding-window layers with a final full-attention layer (the config forces the last layer to full)
-        n = kwargs["num_hidden_layers"]
-        kwargs["layer_types"] = ["sliding_attention"] * (n - 1) + ["full_attention"]
-    config = AutoConfig.for_model(_MODEL_TYPE[family], **kwargs)
-    layer_types = getattr(config, "layer_types", None)
-    if layer_types is not None and len(layer_types) != config.num_hidden_layers:
-        raise ValueError(f"layer_types has {len(layer_types)} entries for {config.num_hidden_layers} layers")
-    return config
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -406,7 +254,7 @@ def _original_layout_state_dict(family: str, state_dict: dict[str, torch.Tensor]
     * granitemoe: experts stay fused but are renamed ``block_sparse_moe.input_linear.weight [E, 2I, H]`` and
       ``block_sparse_moe.output_linear.weight [E, H, I]``; the router becomes ``block_sparse_moe.router.layer.weight``.
     """
-    family = _family(family)
+    family = _ALIASES.get(family, family)
     out: dict[str, torch.Tensor] = {}
     if family == "granitemoe":
         renames = {
@@ -480,7 +328,7 @@ def save_tiny_checkpoint(
     :func:`_original_layout_state_dict`), only for :data:`PER_EXPERT_FAMILIES`; ``ValueError`` otherwise.
     ``max_shard_size`` (e.g. ``"20KB"``) shards the weights and writes ``model.safetensors.index.json``.
     """
-    family = _family(family)
+    family = _ALIASES.get(family, family)
     if per_expert and family not in PER_EXPERT_FAMILIES:
         raise ValueError(
             f"{family!r} checkpoints store experts in transformers' fused layout (no conversion on load); "

@@ -25,7 +25,8 @@ from transformers import AutoModelForCausalLM
 
 import usaf
 
-from ..engine.families import family_for, fused_experts, get_path
+from ..engine.discover import moe_site
+from ..engine.families import family_for
 from ..engine.loss import lm_loss, token_weighted_loss
 from ..engine.model import decoder_layers, parse_layers
 from ..engine.optim import lr_lambda
@@ -89,10 +90,10 @@ def moe_modules(model, layers: range):
     names = {id(m): n for n, m in model.named_modules()}
     out = []
     for i, layer in enumerate(decoder_layers(model)):
-        ex = fused_experts(layer, fam)
-        if ex is None or i not in layers:
+        site = moe_site(layer, fam)
+        if site is None or i not in layers:
             continue
-        out.append((i, names[id(ex)], ex, get_path(get_path(layer, fam.block), fam.router)))
+        out.append((i, names[id(site.experts)], site.experts, site.router))
     return out
 
 

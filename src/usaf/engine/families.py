@@ -1,109 +1,129 @@
-"""The family table: where each transformers MoE family keeps its experts and routers.
+"""Which transformers MoE families usaf trains, and the rows for the exceptions.
 
-One declarative row per transformers ``model_type``. Generic code (``usaf.model``) works against the
-canonical description below; adding a family whose experts follow one of the known layouts is one row
-(plus one line in the tests' family list).
+transformers 5 describes its own expert layouts: experts classes carry
+``@use_experts_implementation(is_concatenated, is_transposed, has_bias, has_gate, has_post_expert_norm)``
+(``transformers/integrations/moe.py``), the flags are set on every instance, and the gating function is the
+module's own ``_apply_gate``. ``usaf.engine.discover`` reads the layout from there and finds the router
+structurally, so a family whose experts carry those flags needs no row here.
 
-Layouts of the fused expert stacks (transformers 5.x):
+Layouts of the fused expert stacks:
 
-- ``standard``:    ``gate_up_proj [E, 2I, H]`` (gate rows, then up rows), ``down_proj [E, H, I]``;
-  ``y = down @ (act(gate @ x) * (up @ x))``.
-- ``transposed``:  ``gate_up_proj [E, H, 2I]``, ``down_proj [E, I, H]`` (llama4; gpt_oss).
-- gpt_oss adds: gate/up *interleaved* along 2I, per-expert biases, and a clamped SwiGLU; the gating
-  function is taken from the experts module itself (``_apply_gate``), so no row has to describe it.
+- standard:    ``gate_up_proj [E, 2I, H]`` (gate rows, then up rows), ``down_proj [E, H, I]``;
+  ``y = down @ gate(gate_up @ x)`` with the module's ``_apply_gate`` (``act(g) * u`` by default).
+- transposed:  ``gate_up_proj [E, H, 2I]``, ``down_proj [E, I, H]`` (``is_transposed``: gpt_oss, aria, llama4).
+- gpt_oss adds gate/up *interleaved* along 2I (``is_concatenated=False``; its ``_apply_gate`` reads it),
+  per-expert biases (``has_bias``) and a clamped SwiGLU.
 
-Dispatch: ``experts`` means the experts module has the transformers 5 signature
-``forward(hidden_states (T, H), top_k_index (T, K), top_k_weights (T, K)) -> (T, H)`` and usaf replaces
-only that module. ``llama4`` means the block computes every expert for every token with the routing
-score applied to the *input*; usaf replaces the block forward with a routed equivalent.
+Rows remain for real exceptions: a block whose structure discovery cannot read (llama4's block computes
+every expert for every token), and families usaf refuses, with the missing piece named.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
+from transformers.models.auto.modeling_auto import (
+    MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
+    MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES,
+)
+
 
 @dataclass(frozen=True)
 class Family:
-    """How one transformers ``model_type`` lays out its MoE layers.
+    """How one transformers ``model_type`` lays out its MoE layers; ``None`` fields are discovered.
 
     Attributes:
-        model_type: ``config.model_type``.
+        model_type: ``config.model_type`` (of the text decoder).
         block: attribute path of the MoE block on a decoder layer ("" = the decoder layer itself).
-        experts: attribute path of the fused experts module, relative to the block.
+        experts: attribute name of the fused experts module on the block.
         router: attribute path of the router module, relative to the block.
-        shared: attribute path of the shared expert(s), relative to the block, if any.
-        transposed: expert stacks stored ``[E, in, out]`` instead of ``[E, out, in]``.
-        bias: the experts carry ``gate_up_proj_bias [E, 2I]`` / ``down_proj_bias [E, H]``.
-        router_kind: how the router turns logits into top-k weights (descriptive; the stock router runs).
+        transposed: expert stacks stored ``[E, in, out]``; None: the experts module's ``is_transposed``.
+        bias: the experts carry ``gate_up_proj_bias`` / ``down_proj_bias``; None: ``has_bias``.
         dispatch: ``experts`` (replace the experts module) or ``llama4`` (replace the block forward).
-        num_experts_attr: config attribute holding the number of routed experts.
+        refused: why usaf cannot train this family (one line), or None.
     """
 
     model_type: str
-    block: str = "mlp"
+    block: str | None = None
     experts: str = "experts"
-    router: str = "gate"
-    shared: str | None = None
-    transposed: bool = False
-    bias: bool = False
-    router_kind: str = "softmax_topk"
+    router: str | None = None
+    transposed: bool | None = None
+    bias: bool | None = None
     dispatch: str = "experts"
-    num_experts_attr: str = "num_experts"
+    refused: str | None = None
+
+    @property
+    def discovered(self) -> bool:
+        return self.block is None
 
 
 _ROWS = [
-    Family("qwen3_moe"),
-    Family("qwen2_moe", shared="shared_expert"),
-    Family("qwen3_5_moe", shared="shared_expert"),
-    Family("qwen3_next", shared="shared_expert"),
-    Family("mixtral", num_experts_attr="num_local_experts"),
-    Family("olmoe"),
-    Family("flex_olmo"),
-    Family("deepseek_v3", shared="shared_experts", router_kind="sigmoid_bias_grouped",
-           num_experts_attr="n_routed_experts"),
-    Family("glm4_moe", shared="shared_experts", router_kind="sigmoid_bias_grouped",
-           num_experts_attr="n_routed_experts"),
-    Family("gpt_oss", router="router", transposed=True, bias=True, router_kind="topk_softmax_bias",
-           num_experts_attr="num_local_experts"),
-    Family("granitemoe", block="block_sparse_moe", router="router", num_experts_attr="num_local_experts"),
-    Family("gemma4_text", block="", router="router", router_kind="scaled_softmax_topk"),
-    Family("llama4_text", block="feed_forward", router="router", shared="shared_expert", transposed=True,
-           router_kind="sigmoid_topk", dispatch="llama4", num_experts_attr="num_local_experts"),
+    Family("llama4_text", block="feed_forward", router="router", transposed=True, bias=False, dispatch="llama4"),
+    Family("dbrx", refused="its experts are 2-D w1/v1/w2 tensors of shape [E*I, H] (no 3-D expert stacks)"),
+    Family("jetmoe", refused="its mixture of attention heads and MLP experts has no fused experts module"),
+    Family("doge", refused="its cross-domain MoE keeps experts as embedding tables (no fused experts module)"),
+    Family("longcat_flash", refused="its router also routes to identity 'zero experts' (indices >= E), which "
+                                    "the fused experts function does not run"),
 ]
 
 FAMILIES: dict[str, Family] = {row.model_type: row for row in _ROWS}
 
-# Families covered by the test suite (tiny random models compared against the stock module).
-TESTED = ("qwen3_moe", "qwen2_moe", "mixtral", "olmoe", "deepseek_v3", "glm4_moe", "gpt_oss", "granitemoe",
-          "gemma4_text", "llama4_text")
+# Config attributes that count routed experts (the config alone tells a dense model from an MoE one).
+EXPERT_COUNT_ATTRS = ("num_experts", "num_local_experts", "n_routed_experts", "moe_num_experts")
 
 
 class UnsupportedModelError(ValueError):
-    """The model is dense, or its MoE layout is not in the family table."""
+    """The model is dense, or its MoE layout cannot be trained by usaf (the message names why)."""
 
 
 def register(row: Family) -> None:
-    """Add (or replace) a family row at run time, e.g. for a new model_type with a known layout."""
+    """Add (or replace) a family row at run time, e.g. for a block that discovery cannot read."""
     FAMILIES[row.model_type] = row
 
 
 def supported() -> str:
-    return ", ".join(sorted(FAMILIES))
+    return ("every Mixture-of-Experts family whose experts transformers describes with "
+            "@use_experts_implementation, and " + ", ".join(sorted(k for k, r in FAMILIES.items() if not r.refused)))
+
+
+def num_experts_of(config) -> int:
+    """Routed experts per MoE layer according to the (text) config, 0 for a dense model."""
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    counts = [getattr(text, a, None) for a in EXPERT_COUNT_ATTRS]
+    return max((int(c) for c in counts if isinstance(c, int) and not isinstance(c, bool)), default=0)
 
 
 def family_for(config) -> Family:
-    """Return the row for a transformers config (uses ``text_config`` for multimodal wrappers).
+    """The family of a transformers config (its text decoder for multimodal wrappers).
+
+    A row when the family has one; otherwise a discovered family for any config that counts routed experts and
+    builds a CausalLM (transformers' own model types, or remote code whose ``auto_map`` names one).
 
     Raises:
-        UnsupportedModelError: one line naming the supported families.
+        UnsupportedModelError: one line: a refused family with the missing piece, a vision-language model whose
+            text decoder is no CausalLM, or a model that is not a supported Mixture-of-Experts family.
     """
     model_type = getattr(config, "model_type", None)
-    if model_type in FAMILIES:
-        return FAMILIES[model_type]
-    text = getattr(config, "text_config", None)
-    if text is not None and getattr(text, "model_type", None) in FAMILIES:
-        return FAMILIES[text.model_type]
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    text_type = getattr(text, "model_type", model_type)
+    for mt in (model_type, text_type):
+        row = FAMILIES.get(mt)
+        if row is not None:
+            if row.refused:
+                raise UnsupportedModelError(f"model_type {mt!r} is not supported: {row.refused}")
+            return row
+    if model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES and model_type in MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES:
+        if text_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
+            raise UnsupportedModelError(
+                f"model_type {model_type!r} is a vision-language model; usaf trains its text decoder "
+                f"{text_type!r} ({MODEL_FOR_CAUSAL_LM_MAPPING_NAMES[text_type]}): give a checkpoint of that model")
+        raise UnsupportedModelError(
+            f"model_type {model_type!r} is a vision-language model whose text decoder ({text_type!r}) "
+            f"transformers does not expose as a CausalLM; usaf trains CausalLM decoders")
+    causal_lm = (model_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES or text_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+                 or "AutoModelForCausalLM" in (getattr(config, "auto_map", None) or {}))
+    if num_experts_of(config) > 1 and causal_lm:
+        return Family(text_type)
     raise UnsupportedModelError(
         f"model_type {model_type!r} is not a supported Mixture-of-Experts family "
         f"(supported: {supported()})"
@@ -125,9 +145,20 @@ def set_path(root, path: str, value) -> None:
     setattr(get_path(root, parent), name, value)
 
 
-def fused_experts(layer, family: Family):
-    """The fused experts module of a decoder layer (3-D ``gate_up_proj``), or None for a dense layer."""
-    block = get_path(layer, family.block)
-    ex = get_path(block, family.experts) if block is not None else None
-    w = getattr(ex, "gate_up_proj", None)
-    return ex if w is not None and w.dim() == 3 else None
+# Delta files older than the "transposed" metadata key: the families whose stacks were transposed then.
+_TRANSPOSED_BEFORE_METADATA = ("gpt_oss", "llama4_text")
+
+
+def transposed_of(meta: dict[str, str]) -> bool:
+    """Whether the stacks of a delta file are ``[E, in, out]`` (its metadata; older files: by family)."""
+    if "transposed" in meta:
+        return meta["transposed"] == "True"
+    return meta.get("model_type", "") in _TRANSPOSED_BEFORE_METADATA
+
+
+def interleaved_of(meta: dict[str, str]) -> bool:
+    """Whether gate and up alternate along 2I in a delta file's gate_up stacks (``is_concatenated=False``:
+    gate = even positions); older files: gpt_oss."""
+    if "concatenated" in meta:
+        return meta["concatenated"] == "False"
+    return meta.get("model_type", "") == "gpt_oss"

@@ -84,10 +84,14 @@ def suffix_matches(model: nn.Module, start: int, input_ids: torch.Tensor, attent
 
 
 def logits_of(model: nn.Module, batch: dict, device) -> torch.Tensor:
-    """Logits for a collated batch: from the frozen-prefix cache when one is attached, else a full forward."""
+    """Logits for a collated batch: from the frozen-prefix cache when one is attached, else a full forward.
+
+    No forward here keeps a generation cache (``use_cache=False``): hybrid families (jamba, qwen3_next, ...)
+    would otherwise allocate their linear-attention / state-space caches on every training step.
+    """
     mask = batch["attention_mask"].to(device)
     cache = getattr(model, "usaf_prefix", None)
     if cache is None:
-        return model(input_ids=batch["input_ids"].to(device), attention_mask=mask).logits
+        return model(input_ids=batch["input_ids"].to(device), attention_mask=mask, use_cache=False).logits
     hidden = cache.batch(batch["index"], batch["input_ids"].shape[1]).to(device)
     return suffix_logits(model, cache.start, hidden, mask)

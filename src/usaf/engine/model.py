@@ -22,8 +22,9 @@ from ..config import UsafConfig
 from ..integrity import TORCH_DTYPES, checkpoint_fingerprint, local_checkpoint
 from ..io import atomic_save_safetensors, read_safetensors
 from .delta import SparseDelta
+from .discover import moe_site
 from .experts import NAMES, UsafExperts, llama4_block_forward
-from .families import Family, UnsupportedModelError, family_for, fused_experts, get_path, set_path
+from .families import Family, UnsupportedModelError, family_for, get_path
 
 FORMAT_VERSION = "1"
 log = logging.getLogger("usaf")
@@ -157,6 +158,8 @@ class UsafModel:
         self.layers = layers
         self.fingerprint = base_fingerprint
         self.fingerprint_of = fingerprint_of  # "checkpoint" (on disk) or "memory" (see base_fingerprint_of)
+        self.transposed = layers[0].experts.transposed  # stacks stored [E, in, out]
+        self.concatenated = True  # gate/up rows concatenated, not interleaved (set by prepare)
 
     # -- views -----------------------------------------------------------------------------------
     @property
@@ -213,6 +216,8 @@ class UsafModel:
             "format": "usaf-delta",
             "version": FORMAT_VERSION,
             "model_type": self.family.model_type,
+            "transposed": str(self.transposed),
+            "concatenated": str(self.concatenated),
             "base_fingerprint": self.fingerprint,
             "fingerprint_of": self.fingerprint_of,
             "density": repr(self.config.density),
@@ -271,7 +276,7 @@ def prepare(model: nn.Module, config: UsafConfig | None = None, frozen: dict | N
     """Make a loaded transformers MoE model trainable with sparse expert deltas.
 
     Args:
-        model: a ``*ForCausalLM`` of a family in ``usaf.engine.families.FAMILIES``.
+        model: a ``*ForCausalLM`` whose experts ``usaf.engine.discover`` finds (or with a family row).
         config: engine settings; ``UsafConfig()`` defaults when omitted.
         frozen: ``{experts module name: {stack name: frozen stack}}`` built elsewhere (streamed loading);
             by default the stacks are taken from the model's own parameters.
@@ -282,7 +287,7 @@ def prepare(model: nn.Module, config: UsafConfig | None = None, frozen: dict | N
         A ``UsafModel`` handle; ``handle.model`` is the same (patched) module.
 
     Raises:
-        UnsupportedModelError: dense model or unknown family (one line naming the supported ones).
+        UnsupportedModelError: dense model, or a layout usaf cannot train (one line naming why).
         ValueError: a bad ``train_layers`` spec or density.
     """
     config = config or UsafConfig()
@@ -292,31 +297,30 @@ def prepare(model: nn.Module, config: UsafConfig | None = None, frozen: dict | N
     layers = decoder_layers(model)
     train_range = parse_layers(config.train_layers, len(layers))
     base_fp, fp_of = (base_fingerprint, "checkpoint") if base_fingerprint else base_fingerprint_of(model, family)
-    for p in model.parameters():
-        p.requires_grad_(False)
     moe: list[MoeLayer] = []
     names = {id(m): n for n, m in model.named_modules()}
-    for i, layer in enumerate(layers):
-        stock = fused_experts(layer, family)
-        if stock is None:
-            continue  # a dense layer (e.g. deepseek's leading layers)
-        block = get_path(layer, family.block)
-        name = f"{names[id(block)]}.{family.experts}"
-        experts = UsafExperts(stock, family.transposed, family.bias, config.quant, config.group_size,
+    sites = [(i, layer, moe_site(layer, family)) for i, layer in enumerate(layers)]
+    sites = [(i, layer, site) for i, layer, site in sites if site is not None]  # dense layers have none
+    layouts = {(site.transposed, site.concatenated) for _, _, site in sites}
+    if len(layouts) > 1:
+        raise UnsupportedModelError(f"{family.model_type}: its MoE layers have different expert layouts")
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for i, layer, site in sites:
+        name = names[id(site.experts)]
+        experts = UsafExperts(site.experts, site.transposed, site.bias, config.quant, config.group_size,
                               chunk_bytes=config.chunk_mb << 20, frozen=(frozen or {}).get(name))
-        set_path(block, family.experts, experts)
+        setattr(site.block, site.attr, experts)
         if family.dispatch == "llama4":
-            block.forward = types.MethodType(llama4_block_forward, block)
+            site.block.forward = types.MethodType(llama4_block_forward, site.block)
         trainable = i in train_range
         experts.init_deltas(device=next(iter(layer.parameters())).device)
         for d in experts.deltas.values():
             d.values.requires_grad_(trainable)
-        router = get_path(block, family.router)
         if trainable and config.train_router:
-            for p in router.parameters():
+            for p in site.router.parameters():
                 p.requires_grad_(True)
-        prefix = f"{names[id(block)]}.{family.experts}"
-        moe.append(MoeLayer(i, prefix, experts, router, names[id(router)], trainable))
+        moe.append(MoeLayer(i, name, experts, site.router, names[id(site.router)], trainable))
     if not moe:
         raise UnsupportedModelError(
             f"{type(model).__name__} has no fused expert layers (a dense model?); usaf trains "
@@ -329,6 +333,7 @@ def prepare(model: nn.Module, config: UsafConfig | None = None, frozen: dict | N
         text_cfg.output_router_logits = config.router_aux_loss
         model.config.output_router_logits = config.router_aux_loss
     handle = UsafModel(model, config, family, moe, base_fp, fp_of)
+    handle.transposed, handle.concatenated = layouts.pop()
     model.usaf = handle  # type: ignore[attr-defined]
     return handle
 

@@ -103,7 +103,7 @@ def export_hf(run: Run, out, base_weights: str = DEFAULT_BASE_WEIGHTS, overwrite
                               run.meta.get("quant") if dequant else "none", run.train_dtype if dequant else None)
     if dequant:  # every MoE layer's experts were quantized in training, not only the trained ones
 
-        transposed = ref.family.transposed
+        transposed = ref.transposed
         all_maps = {f"{m.prefix}.{n}": stack_map(f"{m.prefix}.{n}", m.experts.shape(n), ckpt, transposed)
                     for m in ref.layers for n in NAMES}
         patch, expert_names = _dequantized_patch(run, patches, all_maps, ref)

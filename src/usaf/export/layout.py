@@ -24,7 +24,7 @@ import torch
 import yaml
 from safetensors import safe_open
 
-from ..engine.families import FAMILIES
+from ..engine.families import transposed_of
 from ..integrity import EXPORT_RECORD, file_checksums, verify_export
 from ..io import atomic_save_safetensors, atomic_write_json, read_safetensors
 from ..load.hf import resolve_device, resolve_dtype
@@ -240,8 +240,7 @@ class Patches:
 
 def plan(run_tensors: dict[str, torch.Tensor], meta: dict[str, str], ckpt: Checkpoint) -> tuple[Patches, dict]:
     """Map every delta entry to on-disk tensors. Returns (patches, {stack key: StackMap})."""
-    fam = FAMILIES.get(meta.get("model_type", ""))
-    transposed = bool(fam and fam.transposed)
+    transposed = transposed_of(meta)
     shapes = {k: tuple(v) for k, v in json.loads(meta.get("shapes", "{}")).items()}
     patches, maps = Patches(), {}
     for key, shape in shapes.items():

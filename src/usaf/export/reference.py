@@ -18,8 +18,9 @@ from transformers import AutoModelForCausalLM
 
 from ..config import UsafConfig
 from ..engine import model as usaf_model
+from ..engine.discover import moe_site
 from ..engine.experts import NAMES
-from ..engine.families import family_for, get_path
+from ..engine.families import family_for
 from ..engine.model import decoder_layers, prepare
 from ..integrity import checkpoint_fingerprint
 from ..load.hf import load_config, load_model
@@ -99,7 +100,8 @@ def reference_model(base: str, tensors: dict, meta: dict, dtype, quant: str = "n
     if quant != "none":  # training loaded (and so quantized) the experts at its compute dtype
         family = family_for(model.config)
         for layer in decoder_layers(model):
-            stock = get_path(get_path(layer, family.block) or layer, family.experts)
+            site = moe_site(layer, family)
+            stock = site.experts if site is not None else None
             for name in NAMES:
                 p = getattr(stock, name, None) if stock is not None else None
                 if p is not None and p.dim() == 3:
@@ -123,7 +125,7 @@ def probe_ids(vocab_size: int, n: int = 12) -> torch.Tensor:
 @torch.no_grad()
 def fp32_logits(model, ids: torch.Tensor) -> torch.Tensor:
     model.float().eval()
-    return model(input_ids=ids).logits.float()
+    return model(input_ids=ids, use_cache=False).logits.float()  # no generation cache (hybrid layers)
 
 
 def compare_logits(ref: torch.Tensor, got: torch.Tensor, tol: float, what: str) -> float:

@@ -8,7 +8,8 @@ from __future__ import annotations
 import torch
 from transformers import AutoModelForCausalLM
 
-from ..engine.families import family_for, fused_experts, get_path
+from ..engine.discover import moe_site
+from ..engine.families import UnsupportedModelError, family_for
 from ..engine.model import decoder_layers
 from .gguf.model import is_gguf, open_gguf
 from .hf import load_config
@@ -22,33 +23,41 @@ def inspect_model(model: str, density: float = 0.005, trust_remote_code: bool = 
     with torch.device("meta"):
         m = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
     layers = decoder_layers(m)
-    moe_layers, expert_params, router_params, shapes = [], 0, 0, None
+    moe_layers, expert_params, router_params, shapes, site = [], 0, 0, None, None
     for i, layer in enumerate(layers):
-        ex = fused_experts(layer, fam)
-        if ex is None:
+        s = moe_site(layer, fam)
+        if s is None:
             continue
-        block = get_path(layer, fam.block)
+        site, ex = s, s.experts
         moe_layers.append(i)
         expert_params += ex.gate_up_proj.numel() + ex.down_proj.numel()
-        router_params += sum(p.numel() for p in get_path(block, fam.router).parameters())
+        router_params += sum(p.numel() for p in site.router.parameters())
         shapes = {"gate_up_proj": list(ex.gate_up_proj.shape), "down_proj": list(ex.down_proj.shape)}
+    if site is None:
+        raise UnsupportedModelError(f"{model} has no fused expert layers (a dense model?); usaf trains "
+                                    f"Mixture-of-Experts models")
     total = sum(p.numel() for p in m.parameters())
-    layout = "transposed [E, in, out]" if fam.transposed else "standard [E, out, in]"
-    if fam.bias:
+    layout = "transposed [E, in, out]" if site.transposed else "standard [E, out, in]"
+    if not site.concatenated:
+        layout += ", gate/up interleaved"
+    if site.bias:
         layout += " + expert biases"
+    names = {id(mod): n.split(".")[-1] for n, mod in layers[moe_layers[0]].named_modules()}
+    shared = names.get(id(site.shared)) if site.shared is not None else None
     report = {
         "model_type": fam.model_type, "family": fam.model_type, "layout": layout,
-        "dispatch": fam.dispatch, "router_kind": fam.router_kind,
-        "block": fam.block or "(decoder layer)", "experts": fam.experts, "router": fam.router,
-        "shared_experts": fam.shared, "num_layers": len(layers), "moe_layers": moe_layers,
+        "dispatch": fam.dispatch, "discovered": fam.discovered,
+        "block": site.block_path or "(decoder layer)", "experts": site.attr, "router": site.router_path,
+        "shared_experts": shared, "num_layers": len(layers), "moe_layers": moe_layers,
         "expert_shapes": shapes, "total_params": total, "expert_params": expert_params,
         "router_params": router_params, "density": density,
         "active_budget_all_layers": int(round(density * expert_params)),
     }
+    where = "found in the module tree" if fam.discovered else "row in usaf.engine.families"
     report["text"] = "\n".join([
-        f"family        {fam.model_type} ({layout}; router: {fam.router_kind})",
-        f"MoE block     layer.{fam.block or ''}{'.' if fam.block else ''}{fam.experts} / router "
-        f"{fam.router}{'; shared: ' + fam.shared if fam.shared else ''}",
+        f"family        {fam.model_type} ({layout}; {where})",
+        f"MoE block     layer.{site.block_path}{'.' if site.block_path else ''}{site.attr} / router "
+        f"layer.{site.router_path}{'; shared: ' + shared if shared else ''}",
         f"layers        {len(layers)} decoder layers, {len(moe_layers)} MoE",
         f"expert stacks {shapes}",
         f"parameters    {total:,} total, {expert_params:,} in experts, {router_params:,} in routers",

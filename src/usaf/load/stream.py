@@ -34,8 +34,9 @@ from transformers import AutoConfig, AutoModelForCausalLM
 from transformers.core_model_loading import revert_weight_conversion
 
 from ..config import UsafConfig
+from ..engine.discover import fused_experts
 from ..engine.experts import NAMES
-from ..engine.families import family_for, fused_experts, get_path
+from ..engine.families import family_for, get_path
 from ..engine.model import UsafModel, decoder_layers, prepare
 from ..engine.quant import QuantizedTensor, QuantSpec
 from ..engine.store import DenseStack

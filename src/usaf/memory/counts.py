@@ -15,7 +15,8 @@ import torch
 from torch import nn
 from transformers import CONFIG_MAPPING, AutoModelForCausalLM, PretrainedConfig
 
-from ..engine.families import UnsupportedModelError, family_for, fused_experts, get_path, supported
+from ..engine.discover import moe_site
+from ..engine.families import UnsupportedModelError, family_for, supported
 from ..engine.model import decoder_layers
 from ..load.hf import load_config
 
@@ -246,11 +247,9 @@ def _count(config, trust_remote_code: bool) -> ModelCounts:
     cfg_qk = cfg_qk or _int_attr(text, "head_dim") or hidden // heads
     cfg_kv = _int_attr(text, "num_key_value_heads") or heads
     for i, layer in enumerate(layers):
-        block = get_path(layer, fam.block)
-        ex = fused_experts(layer, fam)
-        is_moe = ex is not None
-        router = get_path(block, fam.router) if is_moe else None
-        shared = get_path(block, fam.shared) if is_moe and fam.shared else None
+        site = moe_site(layer, fam)
+        is_moe = site is not None
+        ex, router, shared = (site.experts, site.router, site.shared) if is_moe else (None, None, None)
         attn = _attention_module(layer)
         skip = {id(mod) for mod in (ex, router, shared, attn) if mod is not None}
         qk_dim = _int_attr(attn, "qk_head_dim") or _int_attr(attn, "head_dim") or cfg_qk
@@ -272,13 +271,13 @@ def _count(config, trust_remote_code: bool) -> ModelCounts:
                 expert_params=numel([gu, dn]),
                 stack_numels=stacks,
                 num_experts=int(gu.shape[0]),
-                expert_inter=int((gu.shape[2] if fam.transposed else gu.shape[1]) // 2),
+                expert_inter=int((gu.shape[2] if site.transposed else gu.shape[1]) // 2),
             )
             info["expert_bias_params"] = numel(ex.parameters())  # biases (the stacks are counted already)
             info["router_params"] = numel(router.parameters())
             info["shared_params"] = numel(shared.parameters()) if shared is not None else 0
             if top_k is None:
-                top_k = _top_k(text, block, router)
+                top_k = _top_k(text, site.block, router)
         # attention: per-token widths normalized in fp32 inside it (q/k norms are per head)
         norm_width = 0
         if attn is not None:

@@ -18,12 +18,9 @@ import torch
 import yaml
 from safetensors import safe_open
 
-from ..engine.families import FAMILIES
+from ..engine.families import interleaved_of, transposed_of
 from ..io import atomic_write_text
 from .report_html import render
-
-# gate_up_proj stacks whose gate and up columns alternate (gate = even columns), see engine/families.py.
-INTERLEAVED = {"gpt_oss"}
 
 
 def write_report(run_dir, out: str | Path | None = None) -> Path:
@@ -98,8 +95,7 @@ def delta_budget(path: Path) -> dict:
             raise ValueError(f"{path} is not a usaf delta file")
         shapes = json.loads(meta.get("shapes", "{}"))
         model_type = meta.get("model_type", "")
-        fam = FAMILIES.get(model_type)
-        transposed, interleaved = bool(fam and fam.transposed), model_type in INTERLEAVED
+        transposed, interleaved = transposed_of(meta), interleaved_of(meta)
         per_layer: dict[int, dict] = {}
         for stack, shape in shapes.items():
             m = re.search(r"(?:^|\.)layers\.(\d+)\.", stack)

@@ -22,8 +22,9 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
 
 from ...config import UsafConfig
+from ...engine.discover import fused_experts
 from ...engine.experts import NAMES
-from ...engine.families import family_for, fused_experts, get_path, supported
+from ...engine.families import family_for, get_path, supported
 from ...engine.ggml import GGMLStack, dequantize
 from ...engine.model import UsafModel, decoder_layers, prepare
 from ..mmap import register_range

@@ -1,0 +1,115 @@
+"""Every decoder MoE family the installed transformers ships: supported with the numerics, or refused in one line.
+
+The families are enumerated from transformers' registries (``usaf.tiny_configs.moe_families``). For each:
+
+- supported: a tiny seeded model from the generic tiny config; with zero deltas the logits equal the stock
+  module's; with random deltas the gradients of the delta values and routers equal dense autograd on the stock
+  module with ``base + delta`` weights; one optimizer step on that batch lowers its loss. The three checks share
+  one model build;
+- or refused: ``usaf.prepare`` / ``family_for`` raise ``UnsupportedModelError`` with one line.
+
+The CLI round trip (train, export hf / delta, apply, apply --revert) of a subset of the discovered families is
+in tests/test_export.py (``ROUNDTRIP``).
+"""
+
+import copy
+
+import pytest
+import torch
+from transformers import AutoConfig
+
+import usaf
+from usaf.engine.families import UnsupportedModelError, family_for
+from usaf.testing import FAMILIES, make_tiny_model, moe_families, tiny_config
+
+IDS = torch.randint(6, 320, (1, 8), generator=torch.Generator().manual_seed(1))
+DECODERS = sorted(set(moe_families().values()))
+# The core suite's families run the same checks, and more, in tests/test_engine.py.
+CORE = {"gemma4_text" if f == "gemma4" else "llama4_text" if f == "llama4" else f for f in FAMILIES}
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny models run on one thread: a second one only waits on it (on 2 busy cores, 5x the wall time)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _rel(a, b):
+    return ((a - b).norm() / b.norm()).item()
+
+
+def _param(model, name):
+    return dict(model.named_parameters())[name]
+
+
+def _status(family):
+    """("refused", message) or ("supported", (stock, prepared model, handle))."""
+    try:  # the tiny config (a default config may count no experts); vision-language wrappers: their own
+        config = tiny_config(family)
+    except ValueError:
+        config = AutoConfig.for_model(family)
+    try:
+        family_for(config)
+    except UnsupportedModelError as e:
+        return "refused", str(e)
+    stock = make_tiny_model(family, seed=0)
+    model = copy.deepcopy(stock)
+    try:
+        handle = usaf.prepare(model, usaf.UsafConfig(quant="none", density=0.05))
+    except UnsupportedModelError as e:
+        return "refused", str(e)
+    return "supported", (stock, model, handle)
+
+
+def test_enumeration_finds_the_families():
+    fams = moe_families()
+    assert {"qwen3_moe", "mixtral", "deepseek_v3", "gpt_oss", "llama4_text"} <= set(fams.values())
+    assert fams["gemma4"] == "gemma4_text" and fams["aria"] == "aria_text"  # wrappers -> their CausalLM decoder
+    assert "llama" not in fams and "qwen3" not in fams  # dense decoders are not listed
+    assert {"jamba", "qwen3_next", "lfm2_moe", "bailing_hybrid"} <= set(DECODERS)  # hybrids are listed
+
+
+@pytest.mark.parametrize("family", [f for f in DECODERS if f not in CORE])
+def test_family_supported_with_numerics_or_refused_in_one_line(family):
+    status, info = _status(family)
+    if status == "refused":
+        assert info and "\n" not in info
+        return
+    stock, model, handle = info
+    with torch.no_grad():
+        ref = stock(IDS, use_cache=False).logits
+        out = model(IDS, use_cache=False).logits
+    assert _rel(out, ref) <= 1e-5  # zero deltas: the stock model
+
+    g = torch.Generator().manual_seed(0)
+    for d in handle.deltas().values():
+        k = max(1, d.numel // 20)
+        d.set(torch.randperm(d.numel, generator=g)[:k], torch.randn(k, generator=g) * 0.02)
+    dense = stock  # the reference logits are taken: the stock model becomes the dense base + delta model
+    for p in dense.parameters():
+        p.requires_grad_(False)
+    with torch.no_grad():
+        for key, d in handle.deltas().items():
+            _param(dense, key).add_(d.to_dense())
+    for key in list(handle.deltas()) + list(handle.router_parameters()):
+        _param(dense, key).requires_grad_(True)
+    loss_ref = dense(IDS, labels=IDS, use_cache=False).loss
+    loss_ref.backward()
+    opt = usaf.UsafOptimizer(handle, lr=0.02, router_lr=0.01)
+    opt.zero_grad()
+    loss = model(IDS, labels=IDS, use_cache=False).loss
+    loss.backward()
+    assert abs(loss.item() - loss_ref.item()) <= 1e-5 * abs(loss_ref.item())
+    for key, d in handle.deltas().items():
+        want = _param(dense, key).grad.reshape(-1)[d.indices.long()]
+        torch.testing.assert_close(d.values.grad, want, rtol=1e-4, atol=1e-7)
+    for key, p in handle.router_parameters().items():
+        torch.testing.assert_close(p.grad, _param(dense, key).grad, rtol=1e-4, atol=1e-7)
+
+    first = loss.item()  # one optimizer step on this batch lowers its loss
+    opt.step()
+    with torch.no_grad():
+        assert model(IDS, labels=IDS, use_cache=False).loss.item() < first
