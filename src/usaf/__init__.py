@@ -5,7 +5,7 @@ Train a tiny, well-chosen fraction of the real expert weights (default 0.5%) plu
     import usaf
     handle = usaf.prepare(model, usaf.UsafConfig(density=0.005, quant="4bit"))
     usaf.select(handle, calibration_batches)
-    opt = usaf.UsafOptimizer(handle, lr=1e-2, router_lr=1e-4)
+    opt = usaf.UsafOptimizer(handle, lr=3e-3, router_lr=1e-4)
     for batch in batches:
         model(**batch).loss.backward(); opt.step(); opt.zero_grad()
     handle.save_delta("delta.safetensors")

@@ -53,7 +53,7 @@ class TrainConfig:
     seq_len: int = _f(512, "tokens per sequence")
     batch_size: int = _f(4, "sequences per micro-batch")
     grad_accum: int = _f(1, "micro-batches per optimizer step")
-    lr: float = _f(1e-2, "learning rate of the sparse expert deltas (measured best: docs/quality.md)")
+    lr: float = _f(3e-3, "learning rate of the sparse expert deltas (measured best: docs/quality.md)")
     router_lr: float = _f(1e-4, "learning rate of the routers (measured best: docs/quality.md)")
     weight_decay: float = _f(0.0, "AdamW weight decay of the deltas (pulls them toward the base)")
     warmup: float = _f(0.05, "warmup, as a fraction of the steps")

@@ -66,7 +66,12 @@ def rss_mb() -> float:
 
 
 def peak_rss_mb() -> float:
-    """``getrusage(RUSAGE_SELF).ru_maxrss`` in MB (KB on Linux, bytes on macOS)."""
+    """This process's peak RSS in MB: ``VmHWM`` where Linux has it (the peak of this program's own memory
+    map), else ``getrusage(RUSAGE_SELF).ru_maxrss``. ``ru_maxrss`` of a worker started by fork + exec also
+    keeps the parent's peak at the fork, so a worker of a big parent would report the parent's peak."""
+    hwm = status_kb(("VmHWM",)).get("VmHWM")
+    if hwm:
+        return hwm / 1024
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return peak / 2**20 if sys.platform == "darwin" else peak / 1024
 

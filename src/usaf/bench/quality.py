@@ -79,7 +79,7 @@ KEYS: dict[str, tuple[type, object, str]] = {
     "reselect_fraction": (float, 0.3, "usaf RigL initial replaced fraction"),
     "density": (float, 0.005, "usaf density"),
     "warmup": (float, 0.05, "warmup fraction of the steps (linear, then cosine to 10%)"),
-    "lr_usaf": (float, 1e-2, "learning rate of usaf's deltas (usaf, usaf-norigl; best of 1e-3..3e-2, docs/quality.md)"),
+    "lr_usaf": (float, 3e-3, "learning rate of usaf's deltas (usaf, usaf-norigl; the default of usaf train, docs/quality.md)"),
     "lr_router": (float, 1e-4, "learning rate of the routers (usaf methods and router; best of 0, 1e-4, 1e-3)"),
     "lr_lora": (float, 3e-3, "LoRA learning rate (best of 3e-4, 1e-3, 3e-3 in --quick)"),
     "lr_full": (float, 1e-4, "full fine-tuning learning rate (not tuned)"),

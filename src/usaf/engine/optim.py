@@ -94,7 +94,7 @@ class UsafOptimizer:
     ``scaler``: a :class:`LossScaler` (fp16 compute); by default a disabled one (bf16 / fp32).
     """
 
-    def __init__(self, handle: UsafModel, lr: float = 1e-2, router_lr: float = 1e-4,
+    def __init__(self, handle: UsafModel, lr: float = 3e-3, router_lr: float = 1e-4,
                  weight_decay: float = 0.0, router_weight_decay: float = 0.0,
                  betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8, scaler: LossScaler | None = None):
         self.handle = handle
