@@ -19,6 +19,8 @@ LAYERS = [
     ("usaf.cli", "usaf.demo", "usaf.__main__", "usaf"),  # the commands and the public API
 ]
 OPTIONAL = {"peft", "gguf", "matplotlib", "llama_cpp", "trl", "tensorboard", "datasets"}
+# Heavy modules imported on first use (transformers' auto-model tables cost ~27 MB at `import usaf`).
+DEFERRED = {"transformers.models.auto.modeling_auto"}
 
 
 def _modules() -> dict[str, Path]:
@@ -67,7 +69,7 @@ def _imports(mod: str, path: Path, mods: dict):
                 yield t, node.lineno, local
         if local and not any(n.split(".")[0] == "usaf" for n in names) and not getattr(node, "level", 0):
             top = names[0].split(".")[0]
-            if top not in OPTIONAL:
+            if top not in OPTIONAL and names[0] not in DEFERRED:
                 yield f"third-party:{top}", node.lineno, True
 
 

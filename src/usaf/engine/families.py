@@ -22,11 +22,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from transformers.models.auto.modeling_auto import (
-    MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
-    MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES,
-)
-
 
 @dataclass(frozen=True)
 class Family:
@@ -112,6 +107,12 @@ def family_for(config) -> Family:
             if row.refused:
                 raise UnsupportedModelError(f"model_type {mt!r} is not supported: {row.refused}")
             return row
+    # imported here: the auto-model tables add ~27 MB to `import usaf`, and are needed only for a new family
+    from transformers.models.auto.modeling_auto import (
+        MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
+        MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES,
+    )
+
     if model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES and model_type in MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES:
         if text_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
             raise UnsupportedModelError(
