@@ -32,11 +32,9 @@ built and kept in its marker file (``routing_cost``); docs/quality.md reports it
 from __future__ import annotations
 
 import copy
-import json
 import logging
 import random
 import re
-import shutil
 import tempfile
 import time
 from pathlib import Path
@@ -55,17 +53,15 @@ from .upcycle import (
     _fingerprint,
     _is_complete,
     _moe_config,
-    _publish,
-    _quiet_progress_bars,
     find_smollm2_gguf,
     load_smollm2_dense,
+    write_cached_checkpoint,
 )
 
 logger = logging.getLogger(__name__)
 
 #: Bump when the recipe changes (invalidates cached beds).
 MOEFY_FORMAT_VERSION = 1
-MARKER_FILE = "usaf_upcycle.json"  # the same marker name as the upcycled bed (same cache helpers)
 #: The bed's recipe (chosen by held-out perplexity among 16/32 experts, top 25-50%, shared 0-50%, logit spread
 #: 0.1-1.0: docs/quality.md).
 DEFAULTS = {"num_experts": 16, "top_k": 4, "shared": 0.5, "moe_layers": 8, "logit_std": 0.1, "calib_seqs": 32,
@@ -295,20 +291,6 @@ def prepare_moefied_smollm2(cache_dir: Path | str | None = None, **recipe) -> Pa
     del dense
     logger.info("moefied SmolLM2 (E=%d, k=%d) in %.0f s; routing cost %s", r["num_experts"], r["top_k"],
                 time.perf_counter() - start, cost)
-    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=root))
-    try:
-        with _quiet_progress_bars():
-            moe.save_pretrained(staging)
-        tokenizer.save_pretrained(staging)
-        (staging / MARKER_FILE).write_text(json.dumps(fingerprint, indent=2, sort_keys=True) + "\n")
-        (staging / "usaf_moefy.json").write_text(json.dumps(
-            {"routing_cost": cost, "layers": stats, **r}, indent=2) + "\n")
-        staging.chmod(0o755)
-        for item in staging.iterdir():
-            if item.is_file():
-                item.chmod(0o644)
-        _publish(staging, target, fingerprint)
-    finally:
-        if staging.exists():
-            shutil.rmtree(staging, ignore_errors=True)
+    write_cached_checkpoint(moe, tokenizer, target, fingerprint,
+                            {"usaf_moefy.json": {"routing_cost": cost, "layers": stats, **r}})
     return target

@@ -463,24 +463,31 @@ def prepare_upcycled_smollm2(
         router_std=router_std,
     )
     del dense
-    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=root))
+    write_cached_checkpoint(moe, tokenizer, target, fingerprint)
+    logger.info("wrote upcycled checkpoint %s in %.1f s", target, time.perf_counter() - start)
+    return target
+
+
+def write_cached_checkpoint(model, tokenizer, target: Path, fingerprint: dict, extra: dict | None = None) -> None:
+    """Save ``model`` and ``tokenizer`` (and ``extra``: file name -> JSON-able value) with the marker recording
+    ``fingerprint`` into a temporary sibling of ``target``, then move it into place (:func:`_publish`)."""
+    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
     try:
         with _quiet_progress_bars():
-            moe.save_pretrained(staging)
+            model.save_pretrained(staging)
         tokenizer.save_pretrained(staging)
         (staging / MARKER_FILE).write_text(json.dumps(fingerprint, indent=2, sort_keys=True) + "\n")
+        for name, value in (extra or {}).items():
+            (staging / name).write_text(json.dumps(value, indent=2) + "\n")
         # mkdtemp (and the safetensors writer) create owner-only entries; a model cache should be readable.
         staging.chmod(0o755)
         for item in staging.iterdir():
             if item.is_file():
                 item.chmod(0o644)
-        del moe
         _publish(staging, target, fingerprint)
     finally:
         if staging.exists():
             shutil.rmtree(staging, ignore_errors=True)
-    logger.info("wrote upcycled checkpoint %s in %.1f s", target, time.perf_counter() - start)
-    return target
 
 
 def _publish(staging: Path, target: Path, fingerprint: dict) -> None:
