@@ -222,6 +222,19 @@ ROUNDTRIP += [("deepseek_v2", "none"), ("aria_text", "4bit"), ("phimoe", "none")
 
 @pytest.mark.parametrize("family,quant", ROUNDTRIP)
 def test_train_export_apply_revert_every_family(family, quant, tmp_path, capsys):
+    _roundtrip(family, quant, tmp_path, capsys)
+
+
+# Sparse deltas on the attention projections too (--attention-density): the same round trip, and the export
+# changes attention tensors. MLA attention (deepseek_v2) has other projection names.
+@pytest.mark.parametrize("family,quant", [("qwen3_moe", "4bit"), ("mixtral", "none"), ("deepseek_v2", "none")])
+def test_attention_deltas_export_apply_revert(family, quant, tmp_path, capsys):
+    src, dst = _roundtrip(family, quant, tmp_path, capsys, ["--attention-density", "0.1"])
+    changed = [k for k in src if not _same_bytes(src[k][1], dst[k][1])]
+    assert any("attn" in k for k in changed), changed
+
+
+def _roundtrip(family, quant, tmp_path, capsys, extra=()):
     ckpt = save_tiny_checkpoint(family, tmp_path / "ckpt", per_expert=family in PER_EXPERT_FAMILIES,
                                 max_shard_size="40KB")
     data = tmp_path / "d.jsonl"
@@ -230,7 +243,7 @@ def test_train_export_apply_revert_every_family(family, quant, tmp_path, capsys)
     run = tmp_path / "run"
     assert main(["train", "--model", str(ckpt), "--data", str(data), "--out", str(run), "--steps", "2",
                  "--seq-len", "16", "--batch-size", "4", "--lr", "0.05", "--density", "0.1", "--quant", quant,
-                 "--train-layers", "all", "--calib-batches", "1", "--quiet"]) == 0
+                 "--train-layers", "all", "--calib-batches", "1", "--quiet", *extra]) == 0
     hf, delta, merged, back = tmp_path / "hf", tmp_path / "d.safetensors", tmp_path / "merged", tmp_path / "back"
     capsys.readouterr()
     assert main(["export", str(run), "--format", "hf", "--out", str(hf)]) == 0
@@ -247,6 +260,7 @@ def test_train_export_apply_revert_every_family(family, quant, tmp_path, capsys)
     assert sorted(p.name for p in back.iterdir()) == sorted(p.name for p in ckpt.iterdir())
     for f in sorted(p.name for p in ckpt.iterdir()):  # revert: every file byte-identical to the original
         assert filecmp.cmp(ckpt / f, back / f, shallow=False), f
+    return src, dst
 
 
 

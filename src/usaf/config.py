@@ -23,6 +23,8 @@ class UsafConfig:
     quant: str = _f("4bit", "frozen expert storage: 4bit | 8bit | none", choices=("4bit", "8bit", "none"))
     group_size: int = _f(64, "quantization group size (64 -> 4.5 bits/weight at 4-bit)")
     train_router: bool = _f(True, "train the routers of the trainable layers (fp32 masters)")
+    attention_density: float = _f(0.0, "fraction of the attention projection weights (q/k/v/o) of the trainable "
+                                       "layers that train as sparse deltas too (0 = experts and routers only)")
     router_aux_loss: bool = _f(False, "add the family's load-balancing auxiliary loss, where it has one")
     score: str = _f("abs", "importance: abs = sum |grad|, sq = sum grad^2 (Fisher), signed = |sum grad|, "
                            "gw = |w| x sum |grad|, random (a control)", choices=("abs", "sq", "signed", "gw", "random"))
@@ -92,6 +94,7 @@ class TrainConfig:
         cfg, u = self, self.usaf
         checks = [
             (0 < u.density <= 1, f"--density must be in (0, 1], got {u.density}"),
+            (0 <= u.attention_density <= 1, f"--attention-density must be in [0, 1], got {u.attention_density}"),
             (cfg.seq_len >= 2, f"--seq-len must be at least 2, got {cfg.seq_len}"),
             (cfg.batch_size >= 1, f"--batch-size must be at least 1, got {cfg.batch_size}"),
             (cfg.grad_accum >= 1, f"--grad-accum must be at least 1, got {cfg.grad_accum}"),

@@ -25,6 +25,9 @@ from .delta import SparseDelta
 from .discover import moe_site
 from .experts import NAMES, UsafExperts, llama4_block_forward
 from .families import Family, UnsupportedModelError, family_for, get_path
+from .linear import attach, attention_linears
+from .linear import merge as merge_linear
+from .linear import unmerge as unmerge_linear
 
 FORMAT_VERSION = "1"
 log = logging.getLogger("usaf")
@@ -160,6 +163,8 @@ class UsafModel:
         self.fingerprint_of = fingerprint_of  # "checkpoint" (on disk) or "memory" (see base_fingerprint_of)
         self.transposed = layers[0].experts.transposed  # stacks stored [E, in, out]
         self.concatenated = True  # gate/up rows concatenated, not interleaved (set by prepare)
+        # {"<attention linear name>.weight": linear with a ``usaf_delta``} (``attention_density > 0``)
+        self.attention: dict[str, nn.Linear] = {}
 
     # -- views -----------------------------------------------------------------------------------
     @property
@@ -169,6 +174,15 @@ class UsafModel:
     def deltas(self) -> dict[str, SparseDelta]:
         """``{"<experts prefix>.<tensor name>": SparseDelta}`` for the trainable layers."""
         return {f"{m.prefix}.{n}": m.experts.deltas[n] for m in self.trainable_layers for n in NAMES}
+
+    def attention_deltas(self) -> dict[str, SparseDelta]:
+        """``{"<linear name>.weight": SparseDelta}`` over the attention projections of the trainable layers
+        (shape ``(1, out, in)``; empty unless ``attention_density > 0``)."""
+        return {k: lin.usaf_delta for k, lin in self.attention.items()}
+
+    def sparse_deltas(self) -> dict[str, SparseDelta]:
+        """Every trainable sparse delta: the expert stacks' and the attention projections'."""
+        return {**self.deltas(), **self.attention_deltas()}
 
     def router_parameters(self) -> dict[str, nn.Parameter]:
         if not self.config.train_router:
@@ -183,11 +197,22 @@ class UsafModel:
         density = self.config.density if density is None else density
         return int(round(density * self.expert_elements()))
 
+    def attention_elements(self) -> int:
+        """Attention projection weights in the trainable layers (what ``attention_density`` applies to)."""
+        return sum(d.numel for d in self.attention_deltas().values())
+
+    def attention_budget(self) -> int:
+        return int(round(self.config.attention_density * self.attention_elements()))
+
     def active(self) -> int:
+        """Active elements of every sparse delta (expert stacks and attention)."""
+        return sum(len(d) for d in self.sparse_deltas().values())
+
+    def expert_active(self) -> int:
         return sum(len(d) for d in self.deltas().values())
 
     def trainable_parameters(self) -> list[nn.Parameter]:
-        return [d.values for d in self.deltas().values()] + list(self.router_parameters().values())
+        return [d.values for d in self.sparse_deltas().values()] + list(self.router_parameters().values())
 
     # -- merge ---------------------------------------------------------------------------------------
     def merge(self) -> None:
@@ -195,15 +220,19 @@ class UsafModel:
         original bytes. While merged, the forward does not add the deltas again."""
         for m in self.trainable_layers:
             m.experts.merge()
+        for lin in self.attention.values():
+            merge_linear(lin)
 
     def unmerge(self) -> None:
         for m in self.trainable_layers:
             m.experts.unmerge()
+        for lin in self.attention.values():
+            unmerge_linear(lin)
 
     # -- delta file --------------------------------------------------------------------------------
     def delta_state(self) -> dict[str, torch.Tensor]:
         out = {}
-        for key, d in self.deltas().items():
+        for key, d in self.sparse_deltas().items():
             out[f"{key}.indices"] = d.indices.detach().cpu().contiguous()
             out[f"{key}.values"] = d.values.detach().float().cpu().contiguous()
         for key, p in self.router_parameters().items():
@@ -211,7 +240,7 @@ class UsafModel:
         return out
 
     def delta_metadata(self, **extra) -> dict[str, str]:
-        shapes = {k: list(d.shape) for k, d in self.deltas().items()}
+        shapes = {k: list(d.shape) for k, d in self.sparse_deltas().items()}
         meta = {
             "format": "usaf-delta",
             "version": FORMAT_VERSION,
@@ -226,6 +255,7 @@ class UsafModel:
             "quant": self.config.quant,
             "group_size": str(self.config.group_size),
             "train_router": str(self.config.train_router),
+            "attention_density": repr(self.config.attention_density),
             "shapes": json.dumps(shapes),
         }
         meta.update({k: str(v) for k, v in extra.items()})
@@ -252,7 +282,7 @@ class UsafModel:
 
     @torch.no_grad()
     def load_delta_state(self, tensors: dict[str, torch.Tensor]) -> None:
-        deltas = self.deltas()
+        deltas = self.sparse_deltas()
         keys = {k.rsplit(".", 1)[0] for k in tensors if not k.startswith("router::")}
         missing = keys - set(deltas)
         if missing:
@@ -293,6 +323,8 @@ def prepare(model: nn.Module, config: UsafConfig | None = None, frozen: dict | N
     config = config or UsafConfig()
     if not 0 < config.density <= 1:
         raise ValueError(f"density must be in (0, 1], got {config.density}")
+    if not 0 <= config.attention_density <= 1:
+        raise ValueError(f"attention density must be in [0, 1], got {config.attention_density}")
     family = family_for(model.config)
     layers = decoder_layers(model)
     train_range = parse_layers(config.train_layers, len(layers))
@@ -334,6 +366,14 @@ def prepare(model: nn.Module, config: UsafConfig | None = None, frozen: dict | N
         model.config.output_router_logits = config.router_aux_loss
     handle = UsafModel(model, config, family, moe, base_fp, fp_of)
     handle.transposed, handle.concatenated = layouts.pop()
+    if config.attention_density > 0:
+        for i in (m.index for m in moe if m.trainable):  # the MoE layers that train (the prefix below is cached)
+            for rel, lin in attention_linears(layers[i]):
+                attach(lin).values.requires_grad_(True)
+                handle.attention[f"{names[id(layers[i])]}.{rel}.weight"] = lin
+        if not handle.attention:
+            raise UnsupportedModelError(f"{family.model_type}: no attention projections (nn.Linear) were found "
+                                        f"in the trainable layers for --attention-density")
     model.usaf = handle  # type: ignore[attr-defined]
     return handle
 

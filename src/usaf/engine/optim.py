@@ -99,7 +99,7 @@ class UsafOptimizer:
                  betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8, scaler: LossScaler | None = None):
         self.handle = handle
         self.scaler = scaler or LossScaler(enabled=False)
-        self.values = [d.values for d in handle.deltas().values()]
+        self.values = [d.values for d in handle.sparse_deltas().values()]
         self.routers = list(handle.router_parameters().values())
         self.masters = [p if p.dtype == torch.float32 else p.detach().float().clone().requires_grad_(True)
                         for p in self.routers]

@@ -49,10 +49,10 @@ def reselect(handle: UsafModel, opt: UsafOptimizer | None, batches: Iterable[dic
     if handle.config.allocation != "global" and fraction > 0:
         raise ValueError(f"RigL reselection keeps a global budget; allocation={handle.config.allocation!r} "
                          f"trains without it (--reselect-every 0)")
-    active = handle.active()
+    active = handle.expert_active()  # the attention deltas keep their set (selected once)
     k = int(round(fraction * active))
     if k == 0:
-        return {"dropped": 0, "grown": 0, "active": active, "seconds": time.perf_counter() - t0}
+        return {"dropped": 0, "grown": 0, "active": handle.active(), "seconds": time.perf_counter() - t0}
     # Grow candidates are scored with the current effective weights, excluding the active set.
     cands = candidates(handle, batches, k, exclude_active=True, loss_fn=loss_fn, n_batches=n_batches,
                        streaming=True)

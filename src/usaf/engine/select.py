@@ -28,6 +28,7 @@ from .allocate import (
     prune,
     quotas,
 )
+from .attention import select_attention
 from .checkpointing import lean_passes
 from .experts import NAMES, UsafExperts
 from .loss import token_mean_loss
@@ -316,6 +317,8 @@ def select(handle: UsafModel, batches: Iterable[dict], density: float | None = N
     t0 = time.perf_counter()
     cfg = handle.config
     budget = handle.budget(density)
+    batches = list(batches) if n_batches is None else [b for _, b in zip(range(n_batches), batches)]
+    n_batches = None
     if cfg.allocation == "global":
         chosen = pick(candidates(handle, batches, budget, loss_fn=loss_fn, n_batches=n_batches), budget)
     else:
@@ -326,9 +329,10 @@ def select(handle: UsafModel, batches: Iterable[dict], density: float | None = N
             idx = chosen.get((m.index, n), torch.empty(0, dtype=torch.int64))
             m.experts.deltas[n].set(idx)
         per_layer[m.index] = sum(len(m.experts.deltas[n]) for n in NAMES)
+    attention = select_attention(handle, batches, loss_fn or token_mean_loss) if handle.attention else 0
     release_free_memory()
     return {"budget": budget, "active": handle.active(), "seconds": time.perf_counter() - t0,
-            "per_layer": per_layer}
+            "per_layer": per_layer, "attention_active": attention}
 
 
 def _allocate(handle: UsafModel, batches, budget: int, loss_fn: Callable, n_batches: int | None) -> dict:

@@ -148,7 +148,7 @@ def gguf_tensors(handle, arch_name: str) -> list[tuple[str, torch.Tensor]]:
     tmap = name_map(family, cfg.num_hidden_layers)
     out = []
     for name, p in handle.model.named_parameters():
-        if ".deltas." in name:
+        if ".deltas." in name or ".usaf_delta." in name:
             continue
         new = gguf_name(tmap, name)
         if new is None:

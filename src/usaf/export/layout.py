@@ -182,6 +182,11 @@ def stack_map(key: str, shape: tuple[int, ...], ckpt: Checkpoint, transposed: bo
     prefix, name = key.rsplit(".", 1)
     n_exp, rows, cols = shape
     numel = n_exp * rows * cols
+    if name == "weight":  # an attention projection's sparse delta, (1, out, in) over the 2-D weight
+        if key not in ckpt:
+            raise ExportError(f"{ckpt.dir}: no on-disk tensor holds {key}")
+        _expect(ckpt, key, (rows, cols))
+        return StackMap(key, tuple(shape), [key], torch.tensor([0, numel]))
     prefixes = list(dict.fromkeys([prefix, prefix.replace(".mlp.", ".block_sparse_moe.")]))
     block = prefix.rsplit(".experts", 1)[0]
     legacy = {"gate_up_proj": "input_linear", "down_proj": "output_linear"}[name]  # granitemoe

@@ -108,12 +108,14 @@ def reference_model(base: str, tensors: dict, meta: dict, dtype, quant: str = "n
                     p.data = p.data.to(compute_dtype)
     cfg = UsafConfig(density=float(meta.get("density", 0.005)), train_layers=meta.get("train_layers", "all"),
                      quant=quant, group_size=int(meta.get("group_size", 64)),
-                     train_router=meta.get("train_router", "True") == "True")
+                     train_router=meta.get("train_router", "True") == "True",
+                     attention_density=float(meta.get("attention_density", 0.0)))
     handle = prepare(model, cfg)
     handle.load_delta_state({k: v for k, v in tensors.items()
                              if k.startswith("router::") or k.endswith((".indices", ".values"))})
     for m in handle.layers:
         m.experts.fold(compute_dtype, dtype)  # the forward adds no delta any more
+    handle.merge()  # the attention deltas (the expert stacks are folded already)
     return handle
 
 

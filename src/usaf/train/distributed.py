@@ -177,7 +177,7 @@ def all_reduce_(t: torch.Tensor, d: Dist) -> torch.Tensor:
 def selection_digest(handle) -> str:
     """Checksum of every active set (delta names and sorted indices)."""
     h = hashlib.sha256()
-    for key, delta in sorted(handle.deltas().items()):
+    for key, delta in sorted(handle.sparse_deltas().items()):
         h.update(key.encode())
         h.update(delta.indices.cpu().numpy().tobytes())
     return h.hexdigest()[:16]

@@ -1,0 +1,99 @@
+"""Choosing the attention deltas (``UsafConfig.attention_density > 0``).
+
+The attention projections of the trainable layers are scored like the expert stacks (``UsafConfig.score``:
+``sum |g|``, ``sum g^2``, ``|sum g|``, ``|w| sum |g|`` or random) from their dense weight gradients over the
+calibration batches, in one set of passes, then one global top-k over every projection picks
+``attention_density x`` their elements. Data parallel, each rank's per-batch scores are folded in the
+one-process order (:class:`usaf.engine.ranks.RingFold`), so N ranks pick the same set as one process.
+The attention set is chosen once: RigL reselection moves the expert deltas only.
+
+Memory: one fp32 score buffer per projection of the trainable layers while scoring (4 bytes per attention
+weight), the frozen weights' bf16 gradients one batch at a time.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+from .checkpointing import lean_passes
+from .model import UsafModel
+from .ranks import RingFold, rank_world
+
+
+def _batch_score(g: torch.Tensor, w: torch.Tensor, kind: str) -> torch.Tensor:
+    g = g.float()
+    if kind == "sq":
+        return g * g
+    if kind == "signed":
+        return g
+    return g.abs()
+
+
+def attention_scores(handle: UsafModel, batches: list[dict], loss_fn: Callable) -> dict[str, torch.Tensor]:
+    """``{"<linear>.weight": fp32 scores of its shape}`` over ``batches``."""
+    cfg = handle.config
+    lins = handle.attention
+    if cfg.score == "random":
+        gen = torch.Generator().manual_seed(cfg.score_seed)
+        return {k: torch.rand(lin.weight.shape, generator=gen).to(lin.weight.device) for k, lin in lins.items()}
+    acc = {k: torch.zeros(lin.weight.shape, dtype=torch.float32, device=lin.weight.device)
+           for k, lin in lins.items()}
+    world = rank_world()[1]
+    own = {k: torch.zeros_like(a) for k, a in acc.items()} if world > 1 else acc
+    ring = RingFold(list(acc.values()), lambda a, o: [x.add_(y) for x, y in zip(a, o)]) if world > 1 else None
+    model = handle.model
+    params = handle.trainable_parameters()
+    flags = [p.requires_grad for p in params]
+    was_training = model.training
+    model.train()
+    with lean_passes(handle):
+        try:
+            for p in params:
+                p.requires_grad_(False)
+            for lin in lins.values():
+                lin.weight.requires_grad_(True)
+            for batch in batches:
+                loss_fn(model, batch).backward()
+                for k, lin in lins.items():
+                    if lin.weight.grad is not None:
+                        own[k] += _batch_score(lin.weight.grad, lin.weight, cfg.score)
+                    lin.weight.grad = None
+                if ring is not None:
+                    ring.add(list(own.values()))
+                    for o in own.values():
+                        o.zero_()
+        finally:
+            for lin in lins.values():
+                lin.weight.requires_grad_(False)
+                lin.weight.grad = None
+            for p, f in zip(params, flags):
+                p.requires_grad_(f)
+            model.train(was_training)
+    if ring is not None:
+        ring.result()
+    if cfg.score == "signed":
+        acc = {k: a.abs() for k, a in acc.items()}
+    elif cfg.score == "gw":
+        acc = {k: a * lins[k].weight.detach().float().abs() for k, a in acc.items()}
+    return acc
+
+
+def select_attention(handle: UsafModel, batches: list[dict], loss_fn: Callable) -> int:
+    """Activate ``handle.attention_budget()`` attention elements (zero deltas) by score. Returns how many."""
+    budget = handle.attention_budget()
+    if not handle.attention or budget == 0:
+        return 0
+    scores = attention_scores(handle, batches, loss_fn)
+    keys = list(scores)
+    flat = torch.cat([scores[k].reshape(-1).cpu() for k in keys])
+    chosen = torch.topk(flat, min(budget, flat.numel()), sorted=False).indices
+    chosen, _ = torch.sort(chosen)
+    starts = [0]
+    for k in keys:
+        starts.append(starts[-1] + scores[k].numel())
+    bounds = torch.searchsorted(chosen, torch.tensor(starts)).tolist()
+    for j, k in enumerate(keys):
+        handle.attention[k].usaf_delta.set(chosen[bounds[j]:bounds[j + 1]] - starts[j])
+    return int(chosen.numel())
