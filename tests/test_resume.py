@@ -33,29 +33,32 @@ def _losses(out):
     return [json.loads(x)["loss"] for x in (out / "log.jsonl").read_text().splitlines()]
 
 
-def test_interrupt_then_resume_is_bitwise_identical(setup, tmp_path, monkeypatch):
+# SIGINT during step 5 (calls: 4 selection batches, all layers in one pass, + 4 scoring the attention when it
+# trains; steps 1-3, 1 reselection batch, steps 4, 5).
+@pytest.mark.parametrize("extra,interrupt_at", [((), 10), (("--attention-density", "0.05"), 14)])
+def test_interrupt_then_resume_is_bitwise_identical(setup, tmp_path, monkeypatch, extra, interrupt_at):
     ckpt, data = setup
-    assert main(_args(ckpt, data, tmp_path / "a")) == 0
+    assert main(_args(ckpt, data, tmp_path / "a", *extra)) == 0
 
-    # SIGINT during step 5 (calls: 4 selection batches, all layers in one pass; steps 1-3, 1 reselection batch, steps 4, 5).
     calls = {"n": 0}
     real = trainer.token_mean_loss
 
     def interrupting(*a, **k):
         calls["n"] += 1
-        if calls["n"] == 10:
+        if calls["n"] == interrupt_at:
             os.kill(os.getpid(), signal.SIGINT)
         return real(*a, **k)
 
     monkeypatch.setattr(trainer, "token_mean_loss", interrupting)
-    assert main(_args(ckpt, data, tmp_path / "b")) == 130
+    assert main(_args(ckpt, data, tmp_path / "b", *extra)) == 130
     monkeypatch.setattr(trainer, "token_mean_loss", real)
     assert len(_losses(tmp_path / "b")) == 5
-    assert main(_args(ckpt, data, tmp_path / "b", "--resume", str(tmp_path / "b"))) == 0
+    assert main(_args(ckpt, data, tmp_path / "b", "--resume", str(tmp_path / "b"), *extra)) == 0
 
     assert _losses(tmp_path / "a") == _losses(tmp_path / "b")
     da, db = load_file(tmp_path / "a" / "delta.safetensors"), load_file(tmp_path / "b" / "delta.safetensors")
     assert da.keys() == db.keys()
+    assert any("self_attn" in k for k in da) == bool(extra)
     for k in da:
         assert torch.equal(da[k], db[k]), k
 

@@ -36,7 +36,8 @@ from .harness import rss_mb
 # name -> {option: default}; None = the setting named in SETTING_DEFAULTS
 OPTIONS: dict[str, dict[str, object]] = {
     "usaf": {"density": None, "lr": None, "router_lr": None, "wd": 0.0, "rigl": None, "rigl_frac": None,
-             "router": 1, "quant": "none", "score": "abs", "alloc": "global", "warmup": None},
+             "router": 1, "quant": "none", "score": "abs", "alloc": "global", "warmup": None, "attn": None,
+             "attn_lr": None},
     "router": {"lr": None, "warmup": None},
     "lora": {"r": 8, "alpha": 0, "lr": None, "attn": 1, "warmup": None},
     "full": {"lr": None, "warmup": None},
@@ -44,6 +45,7 @@ OPTIONS: dict[str, dict[str, object]] = {
 }
 SETTING_DEFAULTS = {("usaf", "density"): "density", ("usaf", "lr"): "lr_usaf", ("usaf", "router_lr"): "lr_router",
                     ("usaf", "rigl"): "reselect", ("usaf", "rigl_frac"): "reselect_fraction",
+                    ("usaf", "attn"): "attention_density", ("usaf", "attn_lr"): "lr_attention",
                     ("router", "lr"): "lr_router", ("lora", "lr"): "lr_lora", ("full", "lr"): "lr_full",
                     ("esft", "lr"): "lr_esft"}
 ALIASES = {"usaf-norigl": "usaf/rigl=0", "lora-r8": "lora/r=8", "lora-r16": "lora/r=16",
@@ -112,7 +114,9 @@ def expected_trainable(m: Method, model, layers: range, picked: dict | None = No
     stacks = [(getattr(ex, n)) for _, _, ex, _ in mods for n in ("gate_up_proj", "down_proj")]
     routers = sum(p.numel() for _, _, _, r in mods for p in r.parameters())
     if m.name == "usaf":
-        return int(round(m.opts["density"] * sum(s.numel() for s in stacks))) + (routers if m.opts["router"] else 0)
+        attn = int(round(m.opts["attn"] * sum(lin.weight.numel() for _, lin in _attention_linears(model, layers))))
+        return int(round(m.opts["density"] * sum(s.numel() for s in stacks))) + (routers if m.opts["router"] else 0) \
+            + attn
     if m.name == "router":
         return routers
     if m.name == "full":
@@ -300,7 +304,8 @@ def _setup_usaf(m: Method, cfg: dict, model, layers: range, data: dict, lr_fn, i
     router_only = m.name == "router"
     ucfg = usaf.UsafConfig(density=o.get("density", cfg["density"]), quant=o.get("quant", "none"),
                            train_layers=f"{layers.start}-{layers.stop - 1}", train_router=bool(o.get("router", 1)),
-                           score=o.get("score", "abs"), allocation=o.get("alloc", "global"))
+                           score=o.get("score", "abs"), allocation=o.get("alloc", "global"),
+                           attention_density=0.0 if router_only else o["attn"])
     expected = expected_trainable(m, model, layers)  # from the stock shapes, before prepare swaps the experts
     handle = usaf.prepare(model, ucfg)
     info["loaded_rss_mb"] = round(rss_mb(), 1)  # the prepared model (its 4-bit base, when quant=4bit)
@@ -315,7 +320,8 @@ def _setup_usaf(m: Method, cfg: dict, model, layers: range, data: dict, lr_fn, i
         info["selection_s"] = round(time.perf_counter() - t0, 2)
         info["active"] = rep["active"]
     opt = usaf.UsafOptimizer(handle, lr=o.get("lr", 0.0) if not router_only else 0.0,
-                             router_lr=o["lr"] if router_only else o["router_lr"], weight_decay=o.get("wd", 0.0))
+                             router_lr=o["lr"] if router_only else o["router_lr"], weight_decay=o.get("wd", 0.0),
+                             attention_lr=o.get("attn_lr") or o.get("lr", 0.0))
     sched = _schedule(opt.param_groups, lr_fn)
     state = {"step": 0, "reselect_s": 0.0}
     total, period = cfg["steps"], int(o.get("rigl", 0))
@@ -336,7 +342,7 @@ def _setup_usaf(m: Method, cfg: dict, model, layers: range, data: dict, lr_fn, i
 
     routers = handle.router_parameters()
     live = (0 if router_only else handle.active()) + sum(p.numel() for p in routers.values())
-    names = list(routers) + ([] if router_only else [k for k, d in handle.deltas().items() if len(d)])
+    names = list(routers) + ([] if router_only else [k for k, d in handle.sparse_deltas().items() if len(d)])
     check_scope(m, expected, live, names, layers)
 
     def ship() -> int:
@@ -347,3 +353,4 @@ def _setup_usaf(m: Method, cfg: dict, model, layers: range, data: dict, lr_fn, i
             return p.stat().st_size
 
     return Setup(model, live, step, info, ship)
+

@@ -40,9 +40,11 @@ class _SparseLinearFn(torch.autograd.Function):
     def backward(ctx, dy):
         x, values = ctx.saved_tensors
         delta, weight = ctx.delta, ctx.weight
-        dx = dv = None
+        dx = dv = dw = None
         if ctx.needs_input_grad[0]:
             dx = dy @ _effective(weight, delta, values)
+        if ctx.needs_input_grad[2]:  # the frozen weight's dense gradient: only when scoring asks for it
+            dw = (dy.reshape(-1, weight.shape[0]).float().t() @ x.reshape(-1, weight.shape[1]).float()).to(weight.dtype)
         if ctx.needs_input_grad[1] and len(delta):
             out_f, in_f = weight.shape
             x2 = x.reshape(-1, in_f).float()
@@ -58,7 +60,7 @@ class _SparseLinearFn(torch.autograd.Function):
                 r1 = min(out_f, r0 + rows)
                 g = dy2[:, r0:r1].t() @ x2  # (r1 - r0, in)
                 dv[a:b] = g.view(-1)[idx[a:b] - r0 * in_f]
-        return dx, dv, None, None, None
+        return dx, dv, dw, None, None
 
 
 def sparse_linear_forward(self: nn.Linear, x: torch.Tensor) -> torch.Tensor:

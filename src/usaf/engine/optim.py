@@ -89,23 +89,33 @@ class LossScaler:
 
 
 class UsafOptimizer:
-    """AdamW for a prepared model: group 0 = delta values, group 1 = router fp32 masters.
+    """AdamW for a prepared model: group 0 = expert delta values, then the router fp32 masters (when the routers
+    train), then the attention delta values (when there are attention deltas; ``attention_lr``, default ``lr``).
+    ``group_names`` names the groups in order.
 
     ``scaler``: a :class:`LossScaler` (fp16 compute); by default a disabled one (bf16 / fp32).
     """
 
     def __init__(self, handle: UsafModel, lr: float = 3e-3, router_lr: float = 1e-4,
-                 weight_decay: float = 0.0, router_weight_decay: float = 0.0,
+                 weight_decay: float = 0.0, router_weight_decay: float = 0.0, attention_lr: float | None = None,
                  betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8, scaler: LossScaler | None = None):
         self.handle = handle
         self.scaler = scaler or LossScaler(enabled=False)
-        self.values = [d.values for d in handle.sparse_deltas().values()]
+        experts = [d.values for d in handle.deltas().values()]
+        attention = [d.values for d in handle.attention_deltas().values()]
+        self.values = experts + attention  # expert deltas first: their positions in group 0 are theirs here
         self.routers = list(handle.router_parameters().values())
         self.masters = [p if p.dtype == torch.float32 else p.detach().float().clone().requires_grad_(True)
                         for p in self.routers]
-        groups = [{"params": self.values, "lr": lr, "weight_decay": weight_decay}]
+        groups = [{"params": experts, "lr": lr, "weight_decay": weight_decay}]
+        self.group_names = ["deltas"]
         if self.masters:
             groups.append({"params": self.masters, "lr": router_lr, "weight_decay": router_weight_decay})
+            self.group_names.append("routers")
+        if attention:
+            groups.append({"params": attention, "lr": lr if attention_lr is None else attention_lr,
+                           "weight_decay": weight_decay})
+            self.group_names.append("attention")
         self._adamw = torch.optim.AdamW(groups, betas=betas, eps=eps, foreach=False)
 
     @property

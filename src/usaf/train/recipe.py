@@ -152,7 +152,7 @@ class Recipe:
         """AdamW and its schedule, built once the active sets exist (selection or resume)."""
         cfg = self.cfg
         self.opt = UsafOptimizer(self.handle, lr=cfg.lr, router_lr=cfg.router_lr, weight_decay=cfg.weight_decay,
-                                 scaler=self.scaler)
+                                 attention_lr=cfg.attention_lr or cfg.lr, scaler=self.scaler)
         self.sched = make_scheduler(self.opt, int(cfg.warmup * self.total_steps), self.total_steps)
 
     def prepare_out(self) -> None:
@@ -198,8 +198,9 @@ class Recipe:
         changed = changed_settings(self.prev, cfg)
         if changed:
             log.warning("resume: changed settings: %s", diff_text(self.prev, cfg, changed))
-        if any(k in changed for k in ("lr", "router_lr", "steps", "epochs", "warmup")):
-            set_peak_lrs(self.opt, self.sched, [cfg.lr, cfg.router_lr])
+        if any(k in changed for k in ("lr", "router_lr", "attention_lr", "steps", "epochs", "warmup")):
+            lrs = {"deltas": cfg.lr, "routers": cfg.router_lr, "attention": cfg.attention_lr or cfg.lr}
+            set_peak_lrs(self.opt, self.sched, [lrs[n] for n in self.opt.group_names])
         if int(meta.get("world_size") or 1) != d.world:
             log.info("resume: %d process(es) -> %d (global batch %d kept)", int(meta.get("world_size") or 1),
                      d.world, global_batch(cfg, d.world))
