@@ -7,7 +7,8 @@ after the initial selection and after every reselection, every value, router and
 step's checkpoint, every logged loss. Two pairs; the data-parallel runs start in the background, the
 one-process runs meanwhile in this process (one thread, as each rank):
 
-* 2 processes x ``--grad-accum 2`` (bf16 compute and bf16 score buffers, the defaults) against 1 process x 4;
+* 2 processes x ``--grad-accum 2`` (bf16 compute and bf16 score buffers, the defaults; attention deltas too)
+  against 1 process x 4;
 * 3 processes x ``--grad-accum 1`` (``--dtype fp32 --score-dtype fp32``) against 1 process x 3.
 
 41 training sequences in micro-batches of 2 (the last one partial) and 8 steps of 8 or 6 sequences: both
@@ -37,7 +38,7 @@ COMMON = ["--seq-len", "32", "--steps", str(STEPS), "--density", "0.01", "--lr",
           "--quant", "none", "--reselect-every", "2", "--save-every", "1", "--keep-checkpoints", str(STEPS),
           "--quiet"]
 PAIRS = {  # name: (processes, --grad-accum of each, one process' --grad-accum, extra flags)
-    "two": (2, 2, 4, []),
+    "two": (2, 2, 4, ["--attention-density", "0.02"]),  # attention deltas too: scored per rank, folded in order
     "three": (3, 1, 3, ["--dtype", "fp32", "--score-dtype", "fp32"]),
 }
 
@@ -123,11 +124,13 @@ def test_n_processes_train_and_select_exactly_like_one(runs, name):
     assert mn["eval_tokens"] == m1["eval_tokens"]
     for k in ("eval_loss_before", "eval_loss_after"):  # eval sums per rank shard: the order differs
         assert mn[k] == pytest.approx(m1[k], rel=1e-6), k
-    assert 0 < mn["active_elements"] < mn["expert_elements"] // 50  # density 0.01
+    attention = 2 * 4 if "--attention-density" in PAIRS[name][3] else 0  # 2 layers x q/k/v/o
+    assert any(".self_attn." in k for k in _state(ranks, 1)) == bool(attention)
+    assert 0 < mn["active_elements"] < mn["expert_elements"] // 30  # density 0.01 (+ 2% of attention)
     # per step: the gradient bucket (values, routers, one flag per tensor) passes each rank once per
     # micro-batch plus the final broadcast; the micro-batches' losses (float64); the token counts
     router = 2 * 8 * 64  # 2 layers x (8 experts x hidden 64)
-    bucket = 4 * (mn["active_elements"] + router + 6)
+    bucket = 4 * (mn["active_elements"] + router + 6 + attention)
     assert mn["comm_bytes"] == bucket * (accum + 1) + 8 * accum * n + 24
     assert all(r["comm_bytes"] == mn["comm_bytes"] for r in lb)
     assert m1["comm_bytes"] == 0
