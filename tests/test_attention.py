@@ -49,18 +49,30 @@ def _batch(model, seed=0):
     return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids}
 
 
-@pytest.mark.parametrize("score", ["abs", "sq", "signed", "gw", "random"])
-def test_attention_budget_and_scores(score):
+@pytest.mark.parametrize("score,units", [("abs", "element"), ("sq", "element"), ("signed", "element"),
+                                         ("gw", "element"), ("random", "element"), ("abs", "row"),
+                                         ("abs", "column")])
+def test_attention_budget_and_scores(score, units):
     model = make_tiny_model("qwen3_moe")
     h = usaf.prepare(model, usaf.UsafConfig(density=0.02, quant="none", train_layers="top:1",
-                                            attention_density=0.03, score=score))
+                                            attention_density=0.03, score=score, attention_units=units,
+                                            score_dtype="fp32"))
     top = h.trainable_layers[0].index
     assert h.attention and all(k.startswith(f"model.layers.{top}.self_attn.") for k in h.attention)
     batches = [_batch(model, 0), _batch(model, 1)]
     rep = usaf.select(h, batches)
     assert rep["attention_active"] == h.attention_budget() == round(0.03 * h.attention_elements())
     assert rep["active"] == h.expert_active() + h.attention_budget()
-    if score == "abs":  # the chosen elements are the top of sum |dL/dW| computed by plain autograd
+    if units != "element":  # whole rows / columns, at most one in part
+        partial = 0
+        for lin in h.attention.values():
+            mask = torch.zeros(lin.weight.shape, dtype=torch.bool).view(-1)
+            mask[lin.usaf_delta.indices.long()] = True
+            per = mask.view(lin.weight.shape).sum(1 if units == "row" else 0)
+            full = lin.weight.shape[1 if units == "row" else 0]
+            partial += int(((per > 0) & (per < full)).sum())
+        assert partial <= 1
+    elif score == "abs":  # the chosen elements are the top of sum |dL/dW| computed by plain autograd
         lins = list(h.attention.values())
         for p in h.trainable_parameters():
             p.requires_grad_(False)  # the plain nn.Linear forward (the deltas are zero)

@@ -366,3 +366,18 @@ def test_prediction_matches_live_tensor_peak():
     assert pred_train == pytest.approx(train_sdpa, rel=0.2)
     assert pred_infer == pytest.approx(infer_sdpa, rel=0.2)
     assert predicted("eager", "on")[0] == pytest.approx(train_eager_ckpt, rel=0.2)
+
+
+def test_attention_deltas_planned(qwen_dir):
+    """--attention-density adds its deltas' state to the step and its score buffers to selection."""
+    kw = {"device_memory": "80GB", "host_memory": "64GB", "checkpointing": "on"}
+    base, attn = plan.predict(qwen_dir, **kw), plan.predict(qwen_dir, attention_density=0.05, **kw)
+    # Qwen3-30B-A3B attention: q 4096x2048, k/v 512x2048, o 2048x4096 per layer; top 8 layers train
+    per_layer = 2 * 4096 * 2048 + 2 * 512 * 2048
+    active = 8 * round(0.05 * per_layer)
+    assert attn["train"]["active_elements"] - base["train"]["active_elements"] == active
+    grew = attn["train_peak_device_bytes"] - base["train_peak_device_bytes"]
+    assert 16 * active <= grew <= 21 * active  # indices, values, moments (+ gradients within the layer)
+    scores = attn["select_peak_host_bytes"] + attn["select_peak_device_bytes"] - \
+        base["select_peak_host_bytes"] - base["select_peak_device_bytes"]
+    assert scores >= 8 * per_layer * 2  # bf16 score buffers of every trainable layer's projections

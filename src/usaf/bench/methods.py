@@ -37,7 +37,7 @@ from .harness import rss_mb
 OPTIONS: dict[str, dict[str, object]] = {
     "usaf": {"density": None, "lr": None, "router_lr": None, "wd": 0.0, "rigl": None, "rigl_frac": None,
              "router": 1, "quant": "none", "score": "abs", "alloc": "global", "warmup": None, "attn": None,
-             "attn_lr": None},
+             "attn_lr": None, "attn_units": "element"},
     "router": {"lr": None, "warmup": None},
     "lora": {"r": 8, "alpha": 0, "lr": None, "attn": 1, "warmup": None},
     "full": {"lr": None, "warmup": None},
@@ -305,7 +305,8 @@ def _setup_usaf(m: Method, cfg: dict, model, layers: range, data: dict, lr_fn, i
     ucfg = usaf.UsafConfig(density=o.get("density", cfg["density"]), quant=o.get("quant", "none"),
                            train_layers=f"{layers.start}-{layers.stop - 1}", train_router=bool(o.get("router", 1)),
                            score=o.get("score", "abs"), allocation=o.get("alloc", "global"),
-                           attention_density=0.0 if router_only else o["attn"])
+                           attention_density=0.0 if router_only else o["attn"],
+                           attention_units=o.get("attn_units", "element"))
     expected = expected_trainable(m, model, layers)  # from the stock shapes, before prepare swaps the experts
     handle = usaf.prepare(model, ucfg)
     info["loaded_rss_mb"] = round(rss_mb(), 1)  # the prepared model (its 4-bit base, when quant=4bit)

@@ -7,8 +7,8 @@ calibration batches, in one set of passes, then one global top-k over every proj
 one-process order (:class:`usaf.engine.ranks.RingFold`), so N ranks pick the same set as one process.
 The attention set is chosen once: RigL reselection moves the expert deltas only.
 
-Memory: one fp32 score buffer per projection of the trainable layers while scoring (4 bytes per attention
-weight), the frozen weights' bf16 gradients one batch at a time.
+Memory: one score buffer per projection of the trainable layers while scoring (``score_dtype``: 2 bytes per
+attention weight in bf16, the default, 4 in fp32), the frozen weights' gradients one batch at a time.
 """
 
 from __future__ import annotations
@@ -32,14 +32,14 @@ def _batch_score(g: torch.Tensor, w: torch.Tensor, kind: str) -> torch.Tensor:
 
 
 def attention_scores(handle: UsafModel, batches: list[dict], loss_fn: Callable) -> dict[str, torch.Tensor]:
-    """``{"<linear>.weight": fp32 scores of its shape}`` over ``batches``."""
+    """``{"<linear>.weight": scores of its shape (``score_dtype``)}`` over ``batches``."""
     cfg = handle.config
     lins = handle.attention
     if cfg.score == "random":
         gen = torch.Generator().manual_seed(cfg.score_seed)
         return {k: torch.rand(lin.weight.shape, generator=gen).to(lin.weight.device) for k, lin in lins.items()}
-    acc = {k: torch.zeros(lin.weight.shape, dtype=torch.float32, device=lin.weight.device)
-           for k, lin in lins.items()}
+    dtype = torch.float32 if cfg.score_dtype == "fp32" else torch.bfloat16
+    acc = {k: torch.zeros(lin.weight.shape, dtype=dtype, device=lin.weight.device) for k, lin in lins.items()}
     world = rank_world()[1]
     own = {k: torch.zeros_like(a) for k, a in acc.items()} if world > 1 else acc
     ring = RingFold(list(acc.values()), lambda a, o: [x.add_(y) for x, y in zip(a, o)]) if world > 1 else None
@@ -58,7 +58,7 @@ def attention_scores(handle: UsafModel, batches: list[dict], loss_fn: Callable) 
                 loss_fn(model, batch).backward()
                 for k, lin in lins.items():
                     if lin.weight.grad is not None:
-                        own[k] += _batch_score(lin.weight.grad, lin.weight, cfg.score)
+                        own[k] += _batch_score(lin.weight.grad, lin.weight, cfg.score).to(dtype)
                     lin.weight.grad = None
                 if ring is not None:
                     ring.add(list(own.values()))
@@ -86,6 +86,8 @@ def select_attention(handle: UsafModel, batches: list[dict], loss_fn: Callable) 
     if not handle.attention or budget == 0:
         return 0
     scores = attention_scores(handle, batches, loss_fn)
+    if handle.config.attention_units != "element":
+        return _select_units(handle, scores, budget, handle.config.attention_units == "column")
     keys = list(scores)
     flat = torch.cat([scores[k].reshape(-1).cpu() for k in keys])
     chosen = torch.topk(flat, min(budget, flat.numel()), sorted=False).indices
@@ -97,3 +99,30 @@ def select_attention(handle: UsafModel, batches: list[dict], loss_fn: Callable) 
     for j, k in enumerate(keys):
         handle.attention[k].usaf_delta.set(chosen[bounds[j]:bounds[j + 1]] - starts[j])
     return int(chosen.numel())
+
+
+def _select_units(handle: UsafModel, scores: dict[str, torch.Tensor], budget: int, columns: bool) -> int:
+    """Whole rows (or columns) by mean score per element, in decreasing order, until the budget is spent (the
+    last unit in part)."""
+    units = []  # (mean score, key, unit index, unit length)
+    for k, s in scores.items():
+        s = s.float().cpu()
+        per = (s.mean(0) if columns else s.mean(1)).tolist()
+        length = s.shape[0] if columns else s.shape[1]
+        units += [(v, k, j, length) for j, v in enumerate(per)]
+    units.sort(key=lambda u: -u[0])
+    picked: dict[str, list[torch.Tensor]] = {k: [] for k in scores}
+    used = 0
+    for _, k, j, length in units:
+        if used == budget:
+            break
+        rows, cols = scores[k].shape
+        idx = torch.arange(rows) * cols + j if columns else j * cols + torch.arange(cols)
+        if used + length > budget:  # the last unit in part: its best elements, so the budget is exact
+            best = torch.topk(scores[k].float().cpu().reshape(-1)[idx], budget - used).indices
+            idx = idx[best]
+        picked[k].append(idx)
+        used += idx.numel()
+    for k, parts in picked.items():
+        handle.attention[k].usaf_delta.set(torch.cat(parts) if parts else torch.empty(0, dtype=torch.int64))
+    return used

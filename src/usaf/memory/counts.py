@@ -52,6 +52,7 @@ class LayerCounts:
     router_params: int = 0
     shared_params: int = 0
     other_params: int = 0
+    attn_linear_params: int = 0  # weights of the attention's nn.Linear projections (``--attention-density``)
     attn_norm_width: int = 0
     mlp_width: int = 0
     heads: int = 1
@@ -303,6 +304,9 @@ def _count(config, trust_remote_code: bool) -> ModelCounts:
         info["attn_norm_width"] = norm_width
         info["mlp_width"] = mlp_width
         info["other_params"] = numel(layer.parameters())  # what is left: attention, norms, dense MLP
+        if attn is not None:
+            info["attn_linear_params"] = sum(m.weight.numel() for m in attn.modules()
+                                             if isinstance(m, nn.Linear) and m.weight.dim() == 2)
         out_layers.append(LayerCounts(**info))
     if not any(x.moe for x in out_layers):
         raise UnsupportedModelError(

@@ -195,6 +195,8 @@ class _Phase:
         self.per_el = idx_bytes / (2 * len(moe_train))  # mean index size over the stacks
         offsets = sum((lc.num_experts + 1) * 8 * len(lc.stack_numels) for lc in moe_train)
         self.router = sum(lc.router_params for lc in moe_train)
+        self.attention = sum(int(round(self.s.attention_density * lc.attn_linear_params)) for lc in moe_train)
+        self.active += self.attention  # 4-byte indices (a projection has < 2**31 weights)
         if self.train:
             p.add("deltas: indices + fp32 values + AdamW moments (16 B/elt)",
                   int(self.active * (self.per_el + 12)) + offsets, "device")
@@ -253,6 +255,10 @@ class _Phase:
             # scores are less hot than the frozen weights: planned on the host (RAM on CPU), moved below if room
             p.add(f"selection: importance scores ({score_dtype}, one layer group) + top-k", self.scores,
                   self.host_tier, "select")
+            if self.attention:  # every trainable layer's attention projections, scored at once
+                attn_scores = sum(lc.attn_linear_params for lc in self.moe_train) * (4 if s.score_dtype == "fp32" else 2)
+                p.add(f"selection: attention importance scores ({score_dtype})", attn_scores, self.host_tier, "select")
+                self.scores += attn_scores
         if p.device_free() < 0 or p.host_free() < 0:
             what = "trainable state, activations, logits and transients" if self.train else \
                 "activations, logits and transients"

@@ -33,6 +33,7 @@ class Settings:
     seq_len: int = 512
     batch_size: int = 1
     density: float = 0.005
+    attention_density: float = 0.0
     train_layers: str = "top:8"
     quant: str = "4bit"
     dtype: str = "bf16"
@@ -65,6 +66,8 @@ def check_settings(s: Settings) -> None:
         raise ValueError(f"--seq-len and --batch-size must be >= 1, got {s.seq_len} and {s.batch_size}")
     if not 0 < s.density <= 1:
         raise ValueError(f"--density must be in (0, 1], got {s.density}")
+    if not 0 <= s.attention_density <= 1:
+        raise ValueError(f"--attention-density must be in [0, 1], got {s.attention_density}")
     if s.quant not in QUANTS:
         raise ValueError(f"--quant {s.quant!r} is not one of {', '.join(QUANTS)}")
     if s.dtype not in DTYPE_BYTES:
