@@ -24,13 +24,17 @@ def _dense_reference(lin, delta, x, dy):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("block_bytes", [16 << 20, 4 * 40 * 3])  # one block, and blocks of 3 rows
-def test_sparse_linear_gradients_equal_dense_autograd(dtype, block_bytes, monkeypatch):
+@pytest.mark.parametrize("block_bytes,columns", [(16 << 20, False), (4 * 40 * 3, False), (16 << 20, True)])
+def test_sparse_linear_gradients_equal_dense_autograd(dtype, block_bytes, columns, monkeypatch):
     monkeypatch.setattr(linear, "_BLOCK_BYTES", block_bytes)
     torch.manual_seed(0)
     lin = torch.nn.Linear(40, 30, bias=True).to(dtype).requires_grad_(False)
     d = attach(lin)
-    d.set(torch.randperm(1200)[:150], torch.randn(150) * 0.1)
+    if columns:  # whole input columns: the dY^T X[:, cols] path
+        cols = torch.tensor([3, 17, 29])
+        d.set((torch.arange(30).view(-1, 1) * 40 + cols.view(1, -1)).reshape(-1), torch.randn(90) * 0.1)
+    else:
+        d.set(torch.randperm(1200)[:150], torch.randn(150) * 0.1)
     d.values.requires_grad_(True)
     x = torch.randn(3, 7, 40, dtype=dtype, requires_grad=True)
     dy = torch.randn(3, 7, 30)

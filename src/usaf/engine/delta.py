@@ -70,9 +70,10 @@ class SparseDelta(nn.Module):
 
     def span(self, start: int, stop: int) -> tuple[int, int]:
         """Range of ``indices``/``values`` owned by experts ``[start, stop)``."""
-        key = (id(self.offsets), self.offsets._version)  # a host copy of the offsets, refreshed on change
-        if getattr(self, "_span_key", None) != key:
-            self._span_list, self._span_key = self.offsets.tolist(), key
+        # a host copy of the offsets, refreshed on change (a reference to the tensor, not its id: ids are reused)
+        src, version = getattr(self, "_span_key", (None, None))
+        if src is not self.offsets or version != self.offsets._version:
+            self._span_list, self._span_key = self.offsets.tolist(), (self.offsets, self.offsets._version)
         return self._span_list[start], self._span_list[stop]
 
     def local(self, start: int, stop: int) -> torch.Tensor:

@@ -50,6 +50,11 @@ class _SparseLinearFn(torch.autograd.Function):
             x2 = x.reshape(-1, in_f).float()
             dy2 = dy.reshape(-1, out_f).float()
             idx = delta.indices.long()
+            cols, where = _columns(delta, in_f)
+            if cols.numel() * 2 <= in_f and out_f * cols.numel() * 4 <= _BLOCK_BYTES:
+                # few distinct input columns (whole-column units, or a sparse set): dY^T X[:, cols] only
+                g = dy2.t() @ x2[:, cols]  # (out, n_cols)
+                return dx, g.view(-1)[(idx // in_f) * cols.numel() + where], dw, None, None
             dv = torch.empty(idx.numel(), dtype=torch.float32, device=values.device)
             rows = max(1, _BLOCK_BYTES // (4 * in_f))
             bounds = torch.searchsorted(idx, torch.arange(0, out_f + rows, rows, device=idx.device) * in_f).tolist()
@@ -61,6 +66,16 @@ class _SparseLinearFn(torch.autograd.Function):
                 g = dy2[:, r0:r1].t() @ x2  # (r1 - r0, in)
                 dv[a:b] = g.view(-1)[idx[a:b] - r0 * in_f]
         return dx, dv, dw, None, None
+
+
+def _columns(delta: SparseDelta, in_f: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The distinct input columns of the active set (sorted) and each element's position among them, cached
+    until the active set changes."""
+    src, version = getattr(delta, "_cols_key", (None, None))
+    if src is not delta.indices or version != delta.indices._version:  # a reference, not an id: never reused
+        cols, where = torch.unique(delta.indices.long() % in_f, sorted=True, return_inverse=True)
+        delta._cols, delta._cols_key = (cols, where), (delta.indices, delta.indices._version)
+    return delta._cols
 
 
 def sparse_linear_forward(self: nn.Linear, x: torch.Tensor) -> torch.Tensor:
