@@ -12,6 +12,7 @@ from __future__ import annotations
 import random
 from collections.abc import Iterator, Sequence
 
+import numpy as np
 import torch
 
 from .examples import IGNORE_INDEX, DataError, Example
@@ -31,12 +32,14 @@ def split_eval(
     ``max_eval=0``) returns ``(all, [])``. Raises :class:`DataError` when fewer than 2 examples are given
     (nothing could be held out and still leave training data). For packed text the held-out windows are
     windows of the same stream, so a document cut across two windows can be on both sides of the split.
+    A lazy sequence with a ``take(indices)`` method (:class:`usaf.data.store.StoredExamples`) is split into
+    two views of it instead of lists, with the same examples.
     """
     if not 0.0 <= fraction < 1.0:
         raise ValueError(f"eval fraction must be in [0, 1), got {fraction}")
     n = len(examples)
     if fraction == 0.0 or max_eval == 0:
-        return list(examples), []
+        return (examples, examples[:0]) if hasattr(examples, "take") else (list(examples), [])
     if n < 2:
         raise DataError(
             f"only {n} training sequence(s): too few to hold out an eval split; add data or give an eval file"
@@ -45,7 +48,13 @@ def split_eval(
     if max_eval is not None:
         k = min(k, int(max_eval))
     k = max(1, min(k, n - 1))
-    held = set(random.Random(f"usaf-split:{seed}").sample(range(n), k))
+    held = random.Random(f"usaf-split:{seed}").sample(range(n), k)
+    take = getattr(examples, "take", None)
+    if take is not None:  # a lazy sequence (usaf.data.store.StoredExamples): views, nothing is read
+        keep = np.ones(n, dtype=bool)
+        keep[held] = False
+        return take(np.flatnonzero(keep)), take(np.sort(np.asarray(held, dtype=np.int64)))
+    held = set(held)
     train = [ex for i, ex in enumerate(examples) if i not in held]
     evals = [ex for i, ex in enumerate(examples) if i in held]
     return train, evals

@@ -4,6 +4,7 @@ the identities (content digests) that a resumed run must match."""
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -11,11 +12,11 @@ import torch
 from ..config import TrainConfig
 from ..data.batches import split_eval
 from ..data.examples import Example
-from ..data.load import load_examples
+from ..data.store import load_stored
 from ..engine.model import parse_layers
 from ..load.hf import check_model, load_tokenizer, resolve_device, resolve_dtype
 from . import distributed
-from .resume import config_digest, examples_digest, files_digest
+from .resume import config_digest, examples_digest
 
 log = logging.getLogger("usaf")
 
@@ -26,8 +27,8 @@ class Inputs:
     dtype: torch.dtype
     tokenizer: object
     pad_id: int
-    train: list[Example]
-    eval: list[Example]
+    train: Sequence[Example]  # read lazily from the token store (usaf.data.store)
+    eval: Sequence[Example]
     stats: object  # DataStats of --data
     identity: dict  # content digests: model config, data, eval data, tokens (+ base fingerprint, later)
 
@@ -39,18 +40,21 @@ def read_inputs(cfg: TrainConfig, d: distributed.Dist) -> Inputs:
     device = resolve_device(distributed.device_for(d, cfg.device))
     dtype = resolve_dtype(cfg.dtype, device)
     tok = load_tokenizer(cfg.model, cfg.trust_remote_code)
-    examples, stats = load_examples(cfg.data, tok, cfg.seq_len)
-    eval_stats = None
+    progress = False if cfg.quiet or not d.main else None  # the tokenizing bar: on a terminal
+    data = load_stored(cfg.data, tok, cfg.seq_len, progress=progress)
+    examples, stats = data.examples, data.stats
+    evals = None
     if cfg.eval_data:
         train_ex = examples
-        eval_ex, eval_stats = load_examples(cfg.eval_data, tok, cfg.seq_len)
+        evals = load_stored(cfg.eval_data, tok, cfg.seq_len, progress=progress)
+        eval_ex = evals.examples
     else:
         train_ex, eval_ex = held_out_split(examples, cfg.seed)
     log_data("data", stats, cfg.seq_len)
-    if eval_stats is not None:
-        log_data("eval data", eval_stats, cfg.seq_len)
-    identity = {"model_config": config_digest(model_cfg), "data": files_digest(stats.files),
-                "eval_data": files_digest(eval_stats.files) if eval_stats else None,
+    if evals is not None:
+        log_data("eval data", evals.stats, cfg.seq_len)
+    identity = {"model_config": config_digest(model_cfg), "data": data.digest,
+                "eval_data": evals.digest if evals else None,
                 "tokens": examples_digest(examples, eval_ex if cfg.eval_data else [])}
     return Inputs(device, dtype, tok, pad_id(tok), train_ex, eval_ex, stats, identity)
 

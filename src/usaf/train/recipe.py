@@ -108,7 +108,8 @@ class Recipe:
         cfg.validate()
         self.prev = distributed.run_agreed(d, lambda: check_out_dir(cfg), main_only=True)
         torch.manual_seed(cfg.seed)
-        self.inputs = inp = distributed.run_agreed(d, lambda: read_inputs(cfg, d))
+        # each node's local rank 0 first: it writes the token store that the other ranks then open
+        self.inputs = inp = distributed.local_main_first(d, lambda: read_inputs(cfg, d))
         self.device, self.identity = inp.device, inp.identity
         if d.on:
             log.info("data parallel: %d processes (%s), global batch %d = --batch-size %d x --grad-accum %d x %d",

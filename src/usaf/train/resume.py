@@ -13,13 +13,12 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
-from array import array
 from pathlib import Path
 
 import yaml
 
 from ..config import TrainConfig, to_dict
+from ..data.store import tokens_digest
 from . import checkpoint
 
 log = logging.getLogger("usaf")
@@ -85,24 +84,9 @@ def changed_settings(prev: dict, cfg: TrainConfig) -> list[str]:
 
 
 # ------------------------------------------------------------------------------------------- identities
-def files_digest(files: list[str]) -> str:
-    h = hashlib.sha256()
-    for name in files:  # content only: the same data at another path is the same data
-        h.update(f"{os.path.getsize(name)}\0".encode())
-        with open(name, "rb") as f:
-            for chunk in iter(lambda: f.read(1 << 20), b""):
-                h.update(chunk)
-    return h.hexdigest()[:32]
-
-
 def examples_digest(*example_lists) -> str:
-    h = hashlib.sha256()
-    for examples in example_lists:
-        for ex in examples:
-            h.update(array("q", ex.input_ids).tobytes())
-            h.update(array("q", ex.labels).tobytes())
-        h.update(b"|")
-    return h.hexdigest()[:32]
+    """Digest of the tokenized examples (lists of examples or token-store views): ``usaf.data.store``."""
+    return tokens_digest(*example_lists)
 
 
 def config_digest(model_cfg) -> str:

@@ -12,7 +12,7 @@ from pathlib import Path
 from safetensors import safe_open
 
 from ..config import UsafConfig
-from ..data.load import load_examples
+from ..data.store import load_stored
 from ..load.hf import load_model, load_tokenizer, resolve_device, resolve_dtype
 from ..load.stream import load_prepared
 from .evaluate import evaluate_examples
@@ -84,7 +84,7 @@ def evaluate_data(model: str, data: str, delta: str | None = None, seq_len: int 
     batch_size = batch_size or run.get("batch_size") or DEFAULT_BATCH_SIZE
     seed = run.get("seed", 0) if seed is None else seed
     tok = load_tokenizer(model, trust_remote_code)
-    examples, _ = load_examples(data, tok, seq_len)
+    examples = load_stored(data, tok, seq_len).examples  # the run's token store when it has one
     if held_out:
         examples = held_out_split(examples, seed)[1]
     elif run.get("eval") == "held-out":
