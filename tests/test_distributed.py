@@ -144,11 +144,12 @@ def test_resume_with_another_number_of_processes(runs, tmp_path, capsys):
         shutil.rmtree(out / "checkpoints" / f"step-{step:07d}")
     capsys.readouterr()
     # the global batch must be kept: 2 processes x 2 x 2 -> 1 x 2 x 2 is refused before anything is loaded
-    assert main(_train_args(ckpt, data, out, "--grad-accum", "2", "--resume", str(out))) == 2
+    extra = PAIRS["two"][3]
+    assert main(_train_args(ckpt, data, out, "--grad-accum", "2", "--resume", str(out), *extra)) == 2
     err = capsys.readouterr().err
     assert "global batch changed (8 -> 4" in err and "2 process(es)" in err
     # 1 process x --grad-accum 4 continues it exactly like the 1-process run (incl. the reselection at step 6)
-    assert _one_thread(_train_args(ckpt, data, out, "--grad-accum", "4", "--resume", str(out))) == 0
+    assert _one_thread(_train_args(ckpt, data, out, "--grad-accum", "4", "--resume", str(out), *extra)) == 0
     one = root / "two-one"
     assert [r["loss"] for r in _log(one)] == [r["loss"] for r in _log(out)]
     for step in range(6, STEPS + 1):

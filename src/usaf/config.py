@@ -25,9 +25,10 @@ class UsafConfig:
     train_router: bool = _f(True, "train the routers of the trainable layers (fp32 masters)")
     attention_density: float = _f(0.0, "fraction of the attention projection weights (q/k/v/o) of the trainable "
                                        "layers that train as sparse deltas too (0 = experts and routers only)")
-    attention_units: str = _f("element", "what the attention budget picks: element (single weights) | row (whole "
-                                         "output rows of a projection) | column (whole input columns)",
-                              choices=("element", "row", "column"))
+    attention_units: str = _f("column", "what the attention budget picks: column (whole input columns of a "
+                                        "projection; measured best, docs/quality.md) | element (single weights) | "
+                                        "row (whole output rows)",
+                              choices=("column", "element", "row"))
     router_aux_loss: bool = _f(False, "add the family's load-balancing auxiliary loss, where it has one")
     score: str = _f("abs", "importance: abs = sum |grad|, sq = sum grad^2 (Fisher), signed = |sum grad|, "
                            "gw = |w| x sum |grad|, random (a control)", choices=("abs", "sq", "signed", "gw", "random"))

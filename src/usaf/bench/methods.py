@@ -25,19 +25,21 @@ from transformers import AutoModelForCausalLM
 
 import usaf
 
+from ..engine.checkpointing import enable_checkpointing
 from ..engine.discover import moe_site
 from ..engine.families import family_for
 from ..engine.loss import lm_loss, token_weighted_loss
 from ..engine.model import decoder_layers, parse_layers
 from ..engine.optim import lr_lambda
 from ..engine.rigl import drop_fraction, reselect
+from ..memory.policy import use_checkpointing
 from .harness import rss_mb
 
 # name -> {option: default}; None = the setting named in SETTING_DEFAULTS
 OPTIONS: dict[str, dict[str, object]] = {
     "usaf": {"density": None, "lr": None, "router_lr": None, "wd": 0.0, "rigl": None, "rigl_frac": None,
              "router": 1, "quant": "none", "score": "abs", "alloc": "global", "warmup": None, "attn": None,
-             "attn_lr": None, "attn_units": "element"},
+             "attn_lr": None, "attn_units": "column", "ckpt": "auto"},
     "router": {"lr": None, "warmup": None},
     "lora": {"r": 8, "alpha": 0, "lr": None, "attn": 1, "warmup": None},
     "full": {"lr": None, "warmup": None},
@@ -310,6 +312,10 @@ def _setup_usaf(m: Method, cfg: dict, model, layers: range, data: dict, lr_fn, i
     expected = expected_trainable(m, model, layers)  # from the stock shapes, before prepare swaps the experts
     handle = usaf.prepare(model, ucfg)
     info["loaded_rss_mb"] = round(rss_mb(), 1)  # the prepared model (its 4-bit base, when quant=4bit)
+    # activation checkpointing decided as usaf train decides it (--checkpointing auto: the memory plan)
+    info["checkpointing"] = use_checkpointing(handle, o.get("ckpt", "auto"), cfg["batch"], cfg["seq"])
+    if info["checkpointing"]:
+        enable_checkpointing(handle)
 
     def loss_of(mod, b):  # usaf's training loss: chunked LM head, the same value as the others'
         s, n = lm_loss(mod, b, "cpu")
