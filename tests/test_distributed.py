@@ -172,7 +172,7 @@ def test_calibration_is_whole_global_steps():
 
 def test_selection_checksum_mismatch_raises(monkeypatch):
     delta = types.SimpleNamespace(indices=torch.tensor([1, 5, 9], dtype=torch.int32))
-    handle = types.SimpleNamespace(deltas=lambda: {"layers.0.experts.down_proj": delta})
+    handle = types.SimpleNamespace(sparse_deltas=lambda: {"layers.0.experts.down_proj": delta})
     two = distributed.Dist(rank=1, world=2)
 
     monkeypatch.setattr(dist, "all_reduce", lambda t, op=None: None)  # the other rank has the same sets
