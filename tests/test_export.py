@@ -228,10 +228,24 @@ def test_train_export_apply_revert_every_family(family, quant, tmp_path, capsys)
 # Sparse deltas on the attention projections too (--attention-density): the same round trip, and the export
 # changes attention tensors. MLA attention (deepseek_v2) has other projection names.
 @pytest.mark.parametrize("family,quant", [("qwen3_moe", "4bit"), ("mixtral", "none"), ("deepseek_v2", "none")])
-def test_attention_deltas_export_apply_revert(family, quant, tmp_path, capsys):
+def test_attention_deltas_export_apply_revert(family, quant, tmp_path, capsys, monkeypatch):
     src, dst = _roundtrip(family, quant, tmp_path, capsys, ["--attention-density", "0.1"])
     changed = [k for k in src if not _same_bytes(src[k][1], dst[k][1])]
     assert any("attn" in k for k in changed), changed
+    if family in ("qwen3_moe", "mixtral"):  # GGUF: the merged attention output projection, as in the hf export
+        gguf = pytest.importorskip("gguf")
+        import usaf.export.gguf as ge
+
+        monkeypatch.setattr(ge, "have_llama_cpp", lambda: False)
+        out = tmp_path / "m.gguf"
+        assert main(["export", str(tmp_path / "run"), "--format", "gguf", "--type", "f16", "--out", str(out)]) == 0
+        tensors = {t.name: t for t in gguf.GGUFReader(str(out)).tensors}
+        for i in range(2):
+            name = f"model.layers.{i}.self_attn.o_proj.weight"
+            want = dst[name][1].to(torch.float16)
+            got = torch.from_numpy(tensors[f"blk.{i}.attn_output.weight"].data.copy()).reshape(want.shape)
+            assert torch.equal(got, want), name
+        assert any(f"self_attn.o_proj" in k for k in changed)
 
 
 def _roundtrip(family, quant, tmp_path, capsys, extra=()):
