@@ -245,7 +245,7 @@ def test_attention_deltas_export_apply_revert(family, quant, tmp_path, capsys, m
             want = dst[name][1].to(torch.float16)
             got = torch.from_numpy(tensors[f"blk.{i}.attn_output.weight"].data.copy()).reshape(want.shape)
             assert torch.equal(got, want), name
-        assert any(f"self_attn.o_proj" in k for k in changed)
+        assert any("self_attn.o_proj" in k for k in changed)
 
 
 def _roundtrip(family, quant, tmp_path, capsys, extra=()):
