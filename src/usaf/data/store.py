@@ -14,7 +14,8 @@ A store is a directory ``<root>/<key>/`` holding
 * ``offsets.bin`` - little-endian ``int64``, sequences + 1 entries: sequence ``i`` is tokens
   ``offsets[i]:offsets[i + 1]``;
 * ``manifest.json`` - format version, the key and what it was made of, kind, counts, the
-  :class:`DataStats`, the byte size and sha256 of every file, and the digest of the tokenized examples.
+  :class:`DataStats`, the byte size and sha256 of every file, the sha256 of every block (``block_bytes``,
+  1 MiB) of ``ids.bin`` and ``labels.bin``, and the digest of the tokenized examples.
 
 The key is a sha256 of the format version, the content digest of the data files (their sizes and bytes in
 reading order, :func:`files_digest`) and their suffixes, the tokenizer's identity (:func:`tokenizer_identity`),
@@ -22,15 +23,29 @@ reading order, :func:`files_digest`) and their suffixes, the tokenizer's identit
 path shares a store, and any change that could change a token gets a new one. ``root`` is
 ``$USAF_TOKENS_CACHE``, else ``$USAF_CACHE/tokens`` (default ``~/.cache/usaf/tokens``).
 
+The content digest is not recomputed for files that have not changed: ``<root>/digests.json`` records, for
+the files of each data path, the digest with each file's absolute path, size, mtime, ctime, inode and device
+(:func:`data_digest`), as git's index does; any change of these hashes the files again. A file whose bytes
+change while all of these stay the same (possible only by setting the clock back or writing the disk beneath
+the file system) is not detected - the assumption git and make rely on. A digest is recorded only when the
+files had not changed for a few seconds before they were hashed, and did not change while they were hashed,
+so a file rewritten within one timestamp tick is not trusted.
+
 A store is written in a hidden temporary directory beside its place and renamed into it when complete, so an
 interrupted tokenization leaves no store (its temporary directory is removed by a later build once stale). A
-store is used only if its manifest parses and matches the key, and every file has its recorded size and
-sha256 and the offsets are consistent; otherwise it is rebuilt. When the store cannot be written (read-only
-or full disk), the data is tokenized in memory instead, with a warning.
+store is used only if its manifest parses and matches the key, every file has its recorded size, the offsets
+file its sha256 and consistent offsets; otherwise it is rebuilt. The token files are checked lazily, block by
+block: the first read of a block in a process hashes the whole block and compares it with the manifest (so
+opening costs no pass over the data, and a run reads each block's hash once). A block that fails is a
+:class:`StoreCorrupted` error (a one-line :class:`DataError`); the store is removed first, so the next run
+tokenizes the data again. A store written before block checksums existed is checked whole once and its
+manifest given them. When the store cannot be written (read-only or full disk), the data is tokenized in
+memory instead, with a warning.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -51,11 +66,11 @@ import transformers
 from tqdm import tqdm
 
 from ..io import is_disk_full
-from .examples import DataStats, Example
+from .examples import DataError, DataStats, Example
 from .load import MIN_TAIL_FRACTION, data_files, load_examples, read_data
 
-__all__ = ["FORMAT", "StoredData", "StoredExamples", "TokenStore", "cache_root", "files_digest", "load_stored",
-           "tokenizer_identity", "tokens_digest"]
+__all__ = ["FORMAT", "StoreCorrupted", "StoredData", "StoredExamples", "TokenStore", "cache_root", "data_digest",
+           "files_digest", "load_stored", "tokenizer_identity", "tokens_digest"]
 
 log = logging.getLogger("usaf")
 
@@ -63,6 +78,10 @@ FORMAT = 1
 _FLUSH_TOKENS = 1 << 20  # tokens buffered before they are written
 _STALE_S = 3600  # a temporary store directory untouched for this long belongs to a dead build
 _MANIFEST = "manifest.json"
+_BLOCK_BYTES = 1 << 20  # the token files are checked by blocks of this size (recorded in the manifest)
+_DIGESTS = "digests.json"  # the data digest cache in the stores' root
+_DIGEST_ENTRIES = 256  # data paths remembered there (the most recently hashed)
+_SETTLED_NS = 3_000_000_000  # a file changed more recently than this when hashed: its digest is not recorded
 
 
 def cache_root() -> Path:
@@ -81,6 +100,77 @@ def files_digest(files) -> str:
             for chunk in iter(lambda: f.read(1 << 20), b""):
                 h.update(chunk)
     return h.hexdigest()[:32]
+
+
+def _file_stat(path: str) -> list[int]:
+    st = os.stat(path)
+    return [st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino, st.st_dev]
+
+
+def _read_digests(path: Path) -> dict[str, Any]:
+    try:
+        d = json.loads(path.read_text())
+        return d["entries"] if isinstance(d, dict) and d.get("format") == 1 and isinstance(d["entries"], dict) else {}
+    except (OSError, ValueError, KeyError, TypeError):
+        return {}
+
+
+def _write_json(path: Path, obj: Any) -> None:
+    """Write ``obj`` to ``path`` atomically (a temporary file beside it, renamed over it)."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        try:
+            mode = path.stat().st_mode & 0o777  # the file's own mode, else rw-r--r--
+        except OSError:
+            mode = 0o644
+        os.chmod(tmp, mode)
+        with os.fdopen(fd, "w") as f:
+            json.dump(obj, f, indent=1)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+
+
+def data_digest(files, root: str | Path | None) -> str:
+    """:func:`files_digest` of ``files``, taken from ``<root>/digests.json`` when every file has the size,
+    mtime, ctime, inode and device recorded with it there (no byte is read); else computed and recorded
+    (best effort: an unwritable ``root`` only means the files are hashed again next time). ``root`` None:
+    no cache."""
+    if root is None:
+        return files_digest(files)
+    paths = [os.path.abspath(f) for f in files]
+    name = json.dumps(paths)
+    cache = Path(root) / _DIGESTS
+    before = [_file_stat(p) for p in paths]
+    entry = _read_digests(cache).get(name)
+    if isinstance(entry, dict) and entry.get("stat") == before and isinstance(entry.get("digest"), str):
+        return entry["digest"]
+    start = time.time_ns()
+    digest = files_digest(files)
+    after = [_file_stat(p) for p in paths]
+    settled = all(start - max(st[1], st[2]) > _SETTLED_NS for st in before)
+    if after == before and settled:
+        _record_digest(cache, name, {"stat": before, "digest": digest})
+    return digest
+
+
+def _record_digest(cache: Path, name: str, entry: dict[str, Any]) -> None:
+    """Add ``entry`` to the digest cache ``cache`` (best effort), keeping the newest :data:`_DIGEST_ENTRIES`."""
+    try:
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        entries = _read_digests(cache)  # read again: another process may have added its own
+        entries[name] = dict(entry, at=time.time())
+        if len(entries) > _DIGEST_ENTRIES:
+            newest = sorted(entries, key=lambda k: entries[k].get("at", 0) if isinstance(entries[k], dict)
+                            else 0)[-_DIGEST_ENTRIES:]
+            entries = {k: entries[k] for k in newest}
+        _write_json(cache, {"format": 1, "entries": entries})
+    except OSError as e:
+        log.debug("cannot record a digest in %s (%s)", cache, e)
 
 
 def tokenizer_identity(tokenizer: Any) -> str:
@@ -127,10 +217,27 @@ def _hash_examples(h, ids: np.ndarray, labels: np.ndarray | None, lengths: np.nd
 def tokens_digest(*example_lists) -> str:
     """Digest of the tokenized examples of each list (token ids and labels, in order; ``|`` after each
     list). Lists of :class:`Example` and :class:`StoredExamples` give the same digest for the same examples;
-    a whole store followed by an empty list takes the digest recorded when the store was built."""
+    a whole store followed by an empty list takes the digest recorded when the store was built, and other
+    lists of whole stores (a run's --data and --eval-data) the digest recorded in the stores' data digest
+    cache (``digests.json``) under their keys, which name their content - computed (reading every block) the
+    first time."""
     if (len(example_lists) == 2 and isinstance(example_lists[0], StoredExamples) and example_lists[0].whole
             and len(example_lists[1]) == 0):
         return example_lists[0].store.manifest["tokens_digest"]
+    stores = [e.store for e in example_lists if isinstance(e, StoredExamples) and e.whole]
+    if stores and all(len(e) == 0 or (isinstance(e, StoredExamples) and e.whole) for e in example_lists):
+        name = json.dumps(["tokens"] + [e.store.manifest["key"] if len(e) else "" for e in example_lists])
+        cache = stores[0].directory.parent / _DIGESTS
+        entry = _read_digests(cache).get(name)
+        if isinstance(entry, dict) and isinstance(entry.get("digest"), str):
+            return entry["digest"]
+        digest = _tokens_digest(example_lists)
+        _record_digest(cache, name, {"digest": digest})
+        return digest
+    return _tokens_digest(example_lists)
+
+
+def _tokens_digest(example_lists) -> str:
     h = hashlib.sha256()
     for examples in example_lists:
         if isinstance(examples, StoredExamples) and examples.whole:
@@ -149,7 +256,12 @@ def tokens_digest(*example_lists) -> str:
 
 
 class StoreDamaged(ValueError):
-    """A token store that fails its checks (it is rebuilt)."""
+    """A token store that fails its checks when opened (it is rebuilt)."""
+
+
+class StoreCorrupted(DataError, StoreDamaged):
+    """A block of a token store that fails its checksum when read: the store has been removed (the next run
+    tokenizes the data again). One line, exit status 2 from the CLI."""
 
 
 def _sha256_file(path: Path) -> str:
@@ -160,23 +272,95 @@ def _sha256_file(path: Path) -> str:
     return h.hexdigest()
 
 
-class TokenStore:
-    """An opened, checked token store (see the module docstring); :meth:`example` reads one sequence."""
+class _Blocks:
+    """The sha256 of a file, and of each of its blocks of ``size`` bytes, from its bytes as they come."""
 
-    def __init__(self, directory: Path, manifest: dict[str, Any], offsets: np.ndarray) -> None:
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self.whole, self.block, self.filled = hashlib.sha256(), hashlib.sha256(), 0
+        self.digests: list[str] = []
+
+    def update(self, raw) -> None:
+        self.whole.update(raw)
+        view = memoryview(raw).cast("B")
+        while len(view):
+            take = min(len(view), self.size - self.filled)
+            self.block.update(view[:take])
+            self.filled += take
+            view = view[take:]
+            if self.filled == self.size:
+                self.digests.append(self.block.hexdigest())
+                self.block, self.filled = hashlib.sha256(), 0
+
+    def info(self, nbytes: int) -> dict[str, Any]:
+        """The manifest entry of the file (``nbytes`` long)."""
+        if self.filled:
+            self.digests.append(self.block.hexdigest())
+            self.block, self.filled = hashlib.sha256(), 0
+        return {"bytes": nbytes, "sha256": self.whole.hexdigest(), "block_bytes": self.size, "blocks": self.digests}
+
+
+def _blocks_ok(info: dict[str, Any], size: int) -> bool:
+    """Whether ``info`` (a manifest entry) has a well-formed block checksum for each block of ``size`` bytes."""
+    block, blocks = info.get("block_bytes"), info.get("blocks")
+    if not isinstance(block, int) or block <= 0 or not isinstance(blocks, list):
+        return False
+    return len(blocks) == -(-size // block) and all(isinstance(d, str) and len(d) == 64 for d in blocks)
+
+
+def _add_blocks(directory: Path, m: dict[str, Any], names: list[str]) -> None:
+    """A store written before block checksums: check ``names`` whole (raises :class:`StoreDamaged`) and add
+    their block checksums to the manifest (atomically; skipped when the store is read-only)."""
+    for name in names:
+        blocks = _Blocks(_BLOCK_BYTES)
+        with open(directory / name, "rb") as f:
+            for chunk in iter(lambda: f.read(_BLOCK_BYTES), b""):
+                blocks.update(chunk)
+        info = blocks.info(m["files"][name]["bytes"])
+        if info["sha256"] != m["files"][name]["sha256"]:
+            raise StoreDamaged(f"{name} fails its checksum")
+        m["files"][name] = info
+    try:
+        _write_json(directory / _MANIFEST, m)
+    except OSError as e:
+        log.debug("cannot add block checksums to %s (%s)", directory, e)
+
+
+class TokenStore:
+    """An opened, checked token store (see the module docstring); :meth:`example` reads one sequence, after
+    checking the blocks it lies in (once each)."""
+
+    def __init__(self, directory: Path, manifest: dict[str, Any], offsets: np.ndarray,
+                 verified: bool = False) -> None:
         self.directory = Path(directory)
         self.manifest = manifest
         self.offsets = offsets
         self.kind = manifest["kind"]
         self.has_labels = bool(manifest["labels"])
         self._lock = threading.Lock()
+        self._check_lock = threading.Lock()
+        try:
+            st = os.stat(self.directory)
+            self._identity = (st.st_ino, st.st_dev)
+        except OSError:
+            self._identity = None
         self._ids = open(self.directory / "ids.bin", "rb")  # noqa: SIM115 - closed in close()/__del__
         self._labels = open(self.directory / "labels.bin", "rb") if self.has_labels else None  # noqa: SIM115
+        # per file: its block size, the expected digests and which blocks this process has checked
+        self._checks: dict[int, tuple[str, int, int, list[str], bytearray]] = {}
+        for name, f in (("ids.bin", self._ids), ("labels.bin", self._labels)):
+            if f is None:
+                continue
+            info = manifest["files"][name]
+            n = len(info["blocks"])
+            self._checks[f.fileno()] = (name, int(info["bytes"]), int(info["block_bytes"]), info["blocks"],
+                                        bytearray(b"\1" * n if verified else n))
 
     @classmethod
     def open(cls, directory: Path, key: str) -> TokenStore:
-        """Open and check the store at ``directory``; raises :class:`StoreDamaged` (or ``FileNotFoundError``
-        when there is none)."""
+        """Open and check the store at ``directory`` (manifest, sizes, offsets; the token files are checked
+        block by block as they are read); raises :class:`StoreDamaged` (or ``FileNotFoundError`` when there
+        is none)."""
         directory = Path(directory)
         try:
             text = (directory / _MANIFEST).read_text()
@@ -194,14 +378,18 @@ class TokenStore:
             names = {"ids.bin": 4 * tokens, "offsets.bin": 8 * (sequences + 1)}
             if m["labels"]:
                 names["labels.bin"] = 4 * tokens
+            unblocked = []
             for name, size in names.items():
                 info = m["files"][name]
                 path = directory / name
                 actual = path.stat().st_size if path.exists() else -1
                 if actual != size or int(info["bytes"]) != size:
                     raise StoreDamaged(f"{name} has {actual} bytes, expected {size}")
-                if _sha256_file(path) != info["sha256"]:
-                    raise StoreDamaged(f"{name} fails its checksum")
+                if name == "offsets.bin":
+                    if _sha256_file(path) != info["sha256"]:
+                        raise StoreDamaged(f"{name} fails its checksum")
+                elif not _blocks_ok(info, size):
+                    unblocked.append(name)
             DataStats(**m["stats"])  # complete
         except (KeyError, TypeError, ValueError) as e:
             if isinstance(e, StoreDamaged):
@@ -210,6 +398,12 @@ class TokenStore:
         offsets = np.fromfile(directory / "offsets.bin", dtype="<i8")
         if offsets[0] != 0 or offsets[-1] != tokens or (sequences and not (np.diff(offsets) > 0).all()):
             raise StoreDamaged("its offsets are inconsistent")
+        if unblocked:
+            log.info("token store %s: checking it whole once, to record its block checksums", directory)
+            _add_blocks(directory, m, unblocked)
+            if len(unblocked) < len(names) - 1:  # some files were already blocked: not all checked now
+                return cls(directory, m, offsets)
+            return cls(directory, m, offsets, verified=True)
         return cls(directory, m, offsets)
 
     def __len__(self) -> int:
@@ -219,14 +413,57 @@ class TokenStore:
         """The :class:`DataStats` of the build, naming ``files`` (the paths the data has now)."""
         return DataStats(**dict(self.manifest["stats"], files=[str(f) for f in files]))
 
+    def _pread(self, f, n: int, at: int) -> bytes:
+        if hasattr(os, "pread"):
+            return os.pread(f.fileno(), n, at)
+        with self._lock:  # pragma: no cover - platforms without pread
+            f.seek(at)
+            return f.read(n)
+
+    def _check(self, f, lo: int, hi: int) -> None:
+        """Check the blocks of ``f`` that bytes ``lo:hi`` lie in, those not checked yet in this process."""
+        name, size, block, digests, done = self._checks[f.fileno()]
+        for k in range(lo // block, (hi - 1) // block + 1):
+            if done[k]:
+                continue
+            with self._check_lock:
+                if done[k]:
+                    continue
+                h, at, end = hashlib.sha256(), k * block, min(size, (k + 1) * block)
+                while at < end:
+                    raw = self._pread(f, min(end - at, 1 << 22), at)
+                    if not raw:
+                        break
+                    h.update(raw)
+                    at += len(raw)
+                if at != end or h.hexdigest() != digests[k]:
+                    self._corrupted(f"{name} bytes {k * block}-{end} fail their checksum" if at == end else
+                                    f"{name} is truncated")
+                done[k] = 1
+
+    def _corrupted(self, why: str):
+        """Remove this store (if it is still the one opened) and raise :class:`StoreCorrupted`."""
+        removed = False
+        try:
+            st = os.stat(self.directory)
+            if self._identity is not None and (st.st_ino, st.st_dev) == self._identity:
+                aside = Path(tempfile.mkdtemp(prefix=f".{self.directory.name}.bad.", suffix=".tmp",
+                                              dir=self.directory.parent))
+                os.rename(self.directory, aside / "store")
+                shutil.rmtree(aside, ignore_errors=True)
+            removed = True
+        except FileNotFoundError:
+            removed = True  # another process removed it already
+        except OSError as e:
+            log.debug("cannot remove the token store %s (%s)", self.directory, e)
+        then = ("it has been removed: the next run tokenizes the data again" if removed else
+                "remove it and run again to tokenize the data again")
+        raise StoreCorrupted(f"the token store is corrupted ({why}); {then}", path=self.directory)
+
     def _read(self, f, start: int, count: int, dtype: str) -> np.ndarray:
         n = 4 * count
-        if hasattr(os, "pread"):
-            raw = os.pread(f.fileno(), n, 4 * start)
-        else:  # pragma: no cover - platforms without pread
-            with self._lock:
-                f.seek(4 * start)
-                raw = f.read(n)
+        self._check(f, 4 * start, 4 * start + n)
+        raw = self._pread(f, n, 4 * start)
         if len(raw) != n:
             raise StoreDamaged(f"token store {self.directory} is truncated (it changed while in use)")
         return np.frombuffer(raw, dtype=dtype)
@@ -297,7 +534,10 @@ class StoredExamples(Sequence):
 
     def take(self, indices) -> StoredExamples:
         """The examples at ``indices`` (positions in this view), as a view."""
-        return StoredExamples(self.store, np.asarray(self.index, dtype=np.int64)[np.asarray(indices, dtype=np.int64)])
+        index = self.index
+        base = (np.arange(index.start, index.stop, index.step, dtype=np.int64) if isinstance(index, range)
+                else np.asarray(index, dtype=np.int64))
+        return StoredExamples(self.store, base[np.asarray(indices, dtype=np.int64)])
 
     def __repr__(self) -> str:
         return f"StoredExamples({len(self)} of {len(self.store)} sequences in {self.store.directory})"
@@ -317,7 +557,7 @@ class _Writer:
         self.labels_file = None
         self.ids, self.labels, self.lengths = array("I"), array("i"), array("q")
         self.offsets = array("q", [0])
-        self.h_ids, self.h_labels = hashlib.sha256(), hashlib.sha256()
+        self.h_ids, self.h_labels = _Blocks(_BLOCK_BYTES), _Blocks(_BLOCK_BYTES)
         self.h_tokens = hashlib.sha256()  # tokens_digest of the examples, as they come
 
     def add(self, ids: list[int], labels: list[int] | None, loss_tokens: int) -> None:
@@ -356,7 +596,7 @@ class _Writer:
             f.flush()
             os.fsync(f.fileno())
             f.close()
-            files[name] = {"bytes": (self.directory / name).stat().st_size, "sha256": h.hexdigest()}
+            files[name] = h.info((self.directory / name).stat().st_size)
         raw = np.frombuffer(self.offsets, dtype=np.int64).astype("<i8", copy=False).tobytes()
         with open(self.directory / "offsets.bin", "wb") as f:
             f.write(raw)
@@ -489,10 +729,10 @@ def load_stored(
     if int(seq_len) < 2:
         raise ValueError(f"seq_len must be at least 2, got {seq_len}")
     files = data_files(Path(path))
-    digest = files_digest(files)
+    stores = Path(root) if root is not None else cache_root()
+    digest = data_digest(files, stores)
     key, fields = store_key(digest, files, tokenizer, seq_len, chat_template_kwargs)
-    target = Path(root) if root is not None else cache_root()
-    target = target / key
+    target = stores / key
     try:
         store = TokenStore.open(target, key)
         log.info("token store: %s (%d sequences)", target, len(store))
