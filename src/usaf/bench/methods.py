@@ -183,6 +183,27 @@ def esft_experts(shares: dict[int, torch.Tensor], top_p: float) -> dict[int, lis
 
 
 # ------------------------------------------------------------------------------------------------ setup
+@torch.no_grad()
+def resident_rss_mb(model) -> float:
+    """RSS with every weight of ``model`` paged in. transformers maps a safetensors checkpoint loaded in its
+    own dtype (the bf16 bed) and its pages become resident only when first read: measured right after loading,
+    the first forward of training would add the weights themselves (about 240 MB on the moefy bed) to "the
+    memory training adds". Reading every parameter and buffer once makes the loaded model's RSS what inference
+    holds."""
+    def touch(t: torch.Tensor) -> None:  # one element per 4 KiB page: no copy of the tensor
+        if t.numel() and not t.is_meta:
+            t.detach().reshape(-1)[:: max(1, 4096 // t.element_size())].double().sum()
+
+    for t in list(model.parameters()) + list(model.buffers()):
+        touch(t)
+    for mod in model.modules():  # usaf's frozen stacks live outside the parameters
+        frozen = getattr(mod, "frozen", None)
+        for st in frozen.values() if isinstance(frozen, dict) else ():
+            for t in st.tensors().values():
+                touch(t)
+    return rss_mb()
+
+
 @dataclass
 class Setup:
     model: object
@@ -214,7 +235,7 @@ def setup_method(m: Method, cfg: dict, model_dir: str, data: dict) -> Setup:
     fp32 = m.name in ("full", "esft")
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32 if fp32 else torch.bfloat16)
     model.config.use_cache = False
-    loaded = rss_mb()  # the loaded model, before anything of the method
+    loaded = resident_rss_mb(model)  # the loaded model, before anything of the method
     layers = parse_layers(cfg["layers"], len(decoder_layers(model)))
     total = cfg["steps"]
     lr_fn = lr_lambda(int(m.opts["warmup"] * total), total)
@@ -311,7 +332,7 @@ def _setup_usaf(m: Method, cfg: dict, model, layers: range, data: dict, lr_fn, i
                            attention_units=o.get("attn_units", "element"))
     expected = expected_trainable(m, model, layers)  # from the stock shapes, before prepare swaps the experts
     handle = usaf.prepare(model, ucfg)
-    info["loaded_rss_mb"] = round(rss_mb(), 1)  # the prepared model (its 4-bit base, when quant=4bit)
+    info["loaded_rss_mb"] = round(resident_rss_mb(model), 1)  # the prepared model (its 4-bit base, when quant=4bit)
     # activation checkpointing decided as usaf train decides it (--checkpointing auto: the memory plan)
     info["checkpointing"] = use_checkpointing(handle, o.get("ckpt", "auto"), cfg["batch"], cfg["seq"])
     if info["checkpointing"]:
