@@ -27,6 +27,7 @@ import usaf
 
 from ..engine.checkpointing import enable_checkpointing
 from ..engine.discover import moe_site
+from ..engine.experts import UsafExperts
 from ..engine.families import family_for
 from ..engine.loss import lm_loss, token_weighted_loss
 from ..engine.model import decoder_layers, parse_layers
@@ -197,10 +198,10 @@ def resident_rss_mb(model) -> float:
     for t in list(model.parameters()) + list(model.buffers()):
         touch(t)
     for mod in model.modules():  # usaf's frozen stacks live outside the parameters
-        frozen = getattr(mod, "frozen", None)
-        for st in frozen.values() if isinstance(frozen, dict) else ():
-            for t in st.tensors().values():
-                touch(t)
+        if isinstance(mod, UsafExperts):
+            for st in mod.frozen.values():
+                for t in st.tensors().values():
+                    touch(t)
     return rss_mb()
 
 

@@ -22,7 +22,7 @@ from .model import UsafModel
 from .ranks import RingFold, rank_world
 
 
-def _batch_score(g: torch.Tensor, w: torch.Tensor, kind: str) -> torch.Tensor:
+def _batch_score(g: torch.Tensor, kind: str) -> torch.Tensor:
     g = g.float()
     if kind == "sq":
         return g * g
@@ -58,7 +58,7 @@ def attention_scores(handle: UsafModel, batches: list[dict], loss_fn: Callable) 
                 loss_fn(model, batch).backward()
                 for k, lin in lins.items():
                     if lin.weight.grad is not None:
-                        own[k] += _batch_score(lin.weight.grad, lin.weight, cfg.score).to(dtype)
+                        own[k] += _batch_score(lin.weight.grad, cfg.score).to(dtype)
                     lin.weight.grad = None
                 if ring is not None:
                     ring.add(list(own.values()))
