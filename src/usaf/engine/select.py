@@ -59,19 +59,21 @@ def _layer_params(handle: UsafModel, m: MoeLayer) -> list:
 
 
 _CHUNK = 1 << 24
+_SMALL = 1 << 18  # below this, torch.topk's temporaries are a few MB
 
 
 def top_candidates(scores: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     """The ``k`` largest entries of a flat score buffer and their positions.
 
-    Small buffers use ``torch.topk``. Large ones first find a threshold from a strided sample (a quantile),
-    keep what is above it, and take the exact top-k of those: no sort-sized temporaries of the buffer.
+    Small buffers use ``torch.topk``. Larger ones first find a threshold from a strided sample (a quantile),
+    keep what is above it, and take the exact top-k of those: no sort-sized temporaries of the buffer
+    (``torch.topk`` on CPU holds about 16 bytes per element of its input, 31 MB for a 2M-element stack).
     """
     n = scores.numel()
-    if n <= 1 << 22 or k >= n // 4:
+    if n <= _SMALL or k >= n // 4:
         top = torch.topk(scores, k, sorted=False)
         return top.values, top.indices
-    sample = scores[:: max(1, n // (1 << 20))].float()
+    sample = scores[:: max(1, n // _SMALL)].float()
     frac = 1.5 * k / n
     while True:
         thr = torch.quantile(sample, max(0.0, 1.0 - frac)).to(scores.dtype)
@@ -302,6 +304,7 @@ def candidates(handle: UsafModel, batches: Iterable[dict], budget: int, exclude_
                     keep = vals >= 0
                     out.append((m, n, vals[keep], idx[keep]))
                 out = prune(out, budget)
+                del scores, sc  # not held through the next group's passes
         finally:
             model.train(was_training)
     return out
@@ -362,8 +365,9 @@ def _allocate(handle: UsafModel, batches, budget: int, loss_fn: Callable, n_batc
                     picked = expert_pick(m, scores, [share[(m.index, e)] for e in range(m.experts.num_experts)])
                 else:
                     channels[m.index] = channel_scores(m, scores).cpu()
-                    continue
+                    picked = {}
                 out.update({(m.index, n): idx for n, idx in picked.items()})
+                del scores  # not held through the next group's passes
         finally:
             model.train(was_training)
     if cfg.allocation == "channel":
