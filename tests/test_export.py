@@ -9,6 +9,7 @@ import pytest
 import torch
 import yaml
 from safetensors import safe_open
+from transformers import AutoModelForImageTextToText
 
 import usaf
 from usaf.cli import main
@@ -218,11 +219,23 @@ ROUNDTRIP += [(f, q) for f in ("deepseek_v3", "glm4_moe") for q in ("none", "4bi
 # attention with dense first layers, a transposed layout, a router named `router`, a hybrid of mamba and attention
 # layers.
 ROUNDTRIP += [("deepseek_v2", "none"), ("aria_text", "4bit"), ("phimoe", "none"), ("jamba", "4bit")]
+# Vision-language models whose text decoder is no CausalLM: loaded whole with their image-text-to-text class,
+# trained on text; the export keeps every tensor name (vision tower included) and loads with that class.
+# ernie4_5_vl_moe has modality-isolated experts (text experts train, vision experts stay frozen).
+VISION_LANGUAGE = {"qwen3_vl_moe": "Qwen3VLMoeForConditionalGeneration",
+                   "ernie4_5_vl_moe": "Ernie4_5_VLMoeForConditionalGeneration"}
+ROUNDTRIP += [("qwen3_vl_moe", "none"), ("ernie4_5_vl_moe", "4bit")]
 
 
 @pytest.mark.parametrize("family,quant", ROUNDTRIP)
 def test_train_export_apply_revert_every_family(family, quant, tmp_path, capsys):
-    _roundtrip(family, quant, tmp_path, capsys)
+    src, dst = _roundtrip(family, quant, tmp_path, capsys)
+    if family in VISION_LANGUAGE:  # the export loads with the model's own class; only text-decoder tensors changed
+        model = AutoModelForImageTextToText.from_pretrained(str(tmp_path / "hf"))
+        assert type(model).__name__ == VISION_LANGUAGE[family]
+        changed = [k for k in src if not _same_bytes(src[k][1], dst[k][1])]
+        assert changed and all(k.startswith("model.language_model.layers.") for k in changed), changed
+        assert all("vision_moe" not in k for k in changed)  # ernie's vision experts never see text tokens
 
 
 # Sparse deltas on the attention projections too (--attention-density): the same round trip, and the export

@@ -7,6 +7,7 @@ import torch
 
 import usaf
 from usaf.cli import main
+from usaf.engine import forward
 from usaf.engine.forward import prefix_hidden, suffix_logits, suffix_matches
 from usaf.testing import FAMILIES, make_tiny_model, save_tiny_checkpoint
 
@@ -27,6 +28,16 @@ def test_prefix_hidden_and_suffix_forward_are_exact(family):
         logits = suffix_logits(model, start, hidden, MASK)
     assert torch.equal(logits[MASK.bool()], full.logits[MASK.bool()])
     assert suffix_matches(model, start, IDS, MASK)
+
+
+def test_suffix_forward_forgets_the_rope_deltas_of_another_batch(monkeypatch):
+    """A vision-language model that keeps the rope deltas of its last forward and adds them when given
+    ``inputs_embeds`` alone (qwen3_omni_moe_thinker): the suffix forward forgets them and matches the full
+    forward; kept, the deltas of the batch that ran in between are caught by ``suffix_matches``."""
+    model = make_tiny_model("qwen3_omni_moe_thinker")
+    assert suffix_matches(model, 1, IDS, MASK)
+    monkeypatch.setattr(forward, "_forget_rope_deltas", lambda model: None)
+    assert not suffix_matches(model, 1, IDS, MASK)
 
 
 def test_training_with_prefix_cache_equals_without(tmp_path, monkeypatch):

@@ -26,9 +26,10 @@ import torch
 from huggingface_hub import split_torch_state_dict_into_shards
 from safetensors.torch import save_file
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
+from transformers import PreTrainedTokenizerFast
 from transformers.modeling_utils import remove_tied_weights_from_state_dict
 
+from .engine.families import auto_model_class
 from .tiny_configs import BOS_ID, DEFAULT_VOCAB_SIZE, EOS_ID, PAD_ID, moe_families, tiny_config
 
 __all__ = [
@@ -209,7 +210,8 @@ def _reinit_(model: torch.nn.Module, seed: int, std: float = INIT_STD) -> None:
 
 
 def make_tiny_model(family: str, seed: int = 0, dtype: torch.dtype = torch.float32, **overrides):
-    """Build the ``AutoModelForCausalLM`` class for ``tiny_config(family, **overrides)``, seeded, in eval mode.
+    """Build the model of ``tiny_config(family, **overrides)``, seeded, in eval mode: its ``AutoModelForCausalLM``
+    class, or for a vision-language wrapper its ``AutoModelForImageTextToText`` class (tiny towers).
 
     Every parameter is overwritten with ``N(0, INIT_STD)`` drawn from a generator seeded with ``seed`` (values are
     drawn in float32, then cast, so different dtypes get the same rounded weights), except norm weights (1) and
@@ -219,7 +221,7 @@ def make_tiny_model(family: str, seed: int = 0, dtype: torch.dtype = torch.float
     config = tiny_config(family, **overrides)
     with torch.random.fork_rng(devices=[]):  # leave the caller's global RNG untouched
         torch.manual_seed(seed)
-        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+        model = auto_model_class(config).from_config(config, dtype=dtype)
     _reinit_(model, seed)
     return model.eval()
 
@@ -347,5 +349,5 @@ def save_tiny_checkpoint(
         state_dict = remove_tied_weights_from_state_dict(state_dict, model)
         state_dict = _original_layout_state_dict(family, state_dict)
         _write_safetensors(state_dict, path, shard, model.num_parameters())
-    make_tiny_tokenizer(model.config.vocab_size).save_pretrained(path)
+    make_tiny_tokenizer(model.config.get_text_config().vocab_size).save_pretrained(path)
     return path

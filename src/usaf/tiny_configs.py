@@ -235,6 +235,57 @@ _OVERRIDES.update({
 
 # Wrapper model types of the core suite -> the text decoder their tiny model is built from.
 _TEXT_OF = {"gemma4": "gemma4_text", "llama4": "llama4_text"}
+
+# The towers of a vision-language wrapper (vision / audio encoders and their nested sub-configs, projectors):
+# these sizes are set where a sub-config has the attribute, so a tiny wrapper costs about its text decoder.
+# ``out_hidden_size`` / ``output_dim`` feed the text decoder (its hidden width).
+_TINY_TOWER: dict[str, Any] = {
+    "hidden_size": 32,
+    "intermediate_size": 64,
+    "mlp_dim": 64,
+    "num_hidden_layers": 2,
+    "depth": 2,
+    "n_layers": 2,
+    "num_heads": 2,
+    "num_attention_heads": 2,
+    "num_key_value_heads": 2,
+    "head_dim": 16,
+    "out_hidden_size": HIDDEN,
+    "output_dim": HIDDEN,
+    "text_hidden_size": HIDDEN,
+    "projection_intermediate_size": 64,
+    "projector_hidden_size": 64,
+    "encoder_layers": 2,
+    "encoder_attention_heads": 2,
+    "encoder_ffn_dim": 64,
+    "d_model": 32,
+    "downsample_hidden_size": 16,
+    "output_channels": 16,
+    "downsample_channels": [16, 32],
+    "hidden_sizes": [16, 16, 16, 16],
+    "depths": [1, 1, 1, 1],
+    "deepstack_visual_indexes": [1],
+    "global_attn_indexes": [1],
+}
+# Text decoders of vision-language wrappers whose config needs more than the generic sizes (one row each).
+_OVERRIDES.update({
+    "ernie4_5_vl_moe_text": {"moe_intermediate_size": [MOE_INTERMEDIATE, MOE_INTERMEDIATE],  # text, vision experts
+                             "rope_parameters": {"rope_type": "default", "rope_theta": 500000.0,
+                                                 "mrope_section": [3, 3, 2]}},  # sums to head_dim // 2
+    "glm4v_moe_text": {"rope_parameters": {"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.5,
+                                           "mrope_section": [2, 1, 1]}},  # sums to the rotary half-width (4)
+    "hy_v4_vl_text": {"rope_parameters": {"rope_type": "default", "rope_theta": 10000.0,
+                                          "mrope_section": [2, 1, 1]}},  # sums to qk_rope_head_dim // 2
+    "glm5_next_text": {"qk_rope_head_dim": 0, "qk_nope_head_dim": 16,  # its DSA attention layers have no RoPE
+                       "num_hidden_layers": 3, "mlp_layer_types": ["dense", "sparse", "sparse"]},  # MoE from 3
+    "deepseek_ocr2_text": {"mlp_layer_types": ["dense", "sparse", "sparse"], "num_hidden_layers": 3},  # no default
+    "unlimited_ocr_text": {"num_key_value_heads": 4},  # its eager attention has no key/value groups
+    "mistral4": {"head_dim": 16},
+    # the thinker's forward reads vision_start_token_id (its 3-D positions, with an attention mask), which its
+    # config class does not define in transformers 5.24 (Qwen3OmniMoeConfig's default)
+    "qwen3_omni_moe_thinker": {"vision_start_token_id": 151652},  # qk_nope_head_dim + qk_rope_head_dim (its rotary part is a fraction of it)
+    "step3p5": {"mlp_layer_types": ["dense", "sparse", "sparse"], "num_hidden_layers": 3},  # MoE from layer 3
+})
 _MOE_CLASS = re.compile(r"(Experts|MoE|Moe|MoA|MoeBlock|MoELayer)$")
 
 
@@ -298,6 +349,8 @@ def tiny_config(family: str, **overrides):
         defaults = AutoConfig.for_model(model_type)
     except ValueError:
         raise ValueError(f"unknown family {family!r}: not a model_type of transformers") from None
+    if model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES and "text_config" in getattr(defaults, "sub_configs", {}):
+        return _tiny_wrapper(defaults, overrides)
     known = defaults.to_dict()
     if not any(k in known for k in EXPERT_COUNT_ATTRS) and family not in _OVERRIDES:
         raise ValueError(f"{family!r} is not a Mixture-of-Experts family")
@@ -327,3 +380,46 @@ def tiny_config(family: str, **overrides):
     if layer_types is not None and len(layer_types) != config.num_hidden_layers:
         raise ValueError(f"layer_types has {len(layer_types)} entries for {config.num_hidden_layers} layers")
     return config
+
+
+def _tiny_tower(sub: dict[str, Any]) -> dict[str, Any]:
+    """A vision / audio sub-config (dict) with the sizes of :data:`_TINY_TOWER`, nested sub-configs too; a
+    per-layer list (one entry per layer: ``layer_types``, a stage's ``patch_sizes``) keeps its first entries
+    and its last one."""
+    out = {**sub, **{k: v for k, v in _TINY_TOWER.items() if k in sub}}
+    layers = next((k for k in ("num_hidden_layers", "depth", "n_layers") if isinstance(sub.get(k), int)), None)
+    if layers is not None and out[layers] < sub[layers]:
+        n = out[layers]
+        for key, value in out.items():
+            if isinstance(value, list) and len(value) == sub[layers]:
+                out[key] = value[: n - 1] + value[-1:]
+    for key, value in sub.items():
+        if isinstance(value, dict) and "model_type" in value:
+            out[key] = _tiny_tower(value)
+    return out
+
+
+def _tiny_wrapper(defaults, overrides: dict[str, Any]):
+    """A vision-language wrapper whose text decoder is no CausalLM of its own: the text decoder's tiny config
+    (:func:`tiny_config` of its model type), every other sub-config shrunk by :func:`_tiny_tower`. Overrides
+    that the wrapper's own config holds go there (after its row in :data:`_OVERRIDES`), the others to the text
+    decoder."""
+    known = defaults.to_dict()
+    top = {k: v for k, v in overrides.items() if k in known and k != "text_config"}
+    kwargs: dict[str, Any] = {}
+    for key in defaults.sub_configs:
+        sub = getattr(defaults, key, None)
+        if sub is None:
+            continue
+        if key == "text_config":
+            text = {k: v for k, v in overrides.items() if k not in top}
+            kwargs[key] = tiny_config(sub.model_type, **text).to_dict()
+        else:
+            kwargs[key] = _tiny_tower(sub.to_dict())
+    kwargs.update({k: v for k, v in _TINY_TOWER.items() if k in known and k not in kwargs})
+    if "tie_word_embeddings" in known:
+        kwargs["tie_word_embeddings"] = False
+    kwargs.update(_OVERRIDES.get(defaults.model_type, {}))
+    kwargs.update(top)
+    kwargs["attn_implementation"] = "eager"
+    return AutoConfig.for_model(defaults.model_type, **kwargs)

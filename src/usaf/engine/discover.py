@@ -7,6 +7,8 @@
   width): the experts' siblings first, then the siblings of each ancestor up to the decoder layer. The whole
   sibling trains (scales, correction biases), and its scoring stays the family's own code.
 - shared experts: a sibling named ``shared_expert*`` (only described; it stays frozen like any dense MLP).
+- modality-isolated experts (a ``text_*`` experts module beside ``vision_*`` / ``audio_*`` ones, in a
+  vision-language model): the text experts train; text tokens never reach the others, which stay frozen.
 """
 
 from __future__ import annotations
@@ -43,6 +45,22 @@ def experts_candidates(layer: nn.Module) -> list[tuple[str, nn.Module]]:
     """``(path, module)`` of the modules of ``layer`` that hold 3-D expert stacks."""
     return [(n, m) for n, m in layer.named_modules()
             if _is_stack(m, "down_proj") and (_is_stack(m, "gate_up_proj") or _is_stack(m, "up_proj"))]
+
+
+_OTHER_MODALITIES = ("vision", "visual", "image", "video", "audio")
+
+
+def _text_experts(found: list[tuple[str, nn.Module]]) -> list[tuple[str, nn.Module]]:
+    """Modality-isolated experts (ernie4_5_vl_moe: ``text_moe.experts`` beside ``vision_moe.experts``): text
+    tokens only reach the text experts, which train; the other modalities' experts stay frozen."""
+    if len(found) < 2:
+        return found
+    def parent(path: str) -> str:
+        return path.rpartition(".")[0].rpartition(".")[2]
+
+    text = [(n, m) for n, m in found if "text" in parent(n)]
+    rest = [n for n, _ in found if not any(w in parent(n) for w in _OTHER_MODALITIES)]
+    return text if len(text) == 1 and rest == [text[0][0]] else found
 
 
 def _flag(module: nn.Module, name: str, row_value):
@@ -93,6 +111,7 @@ def moe_site(layer: nn.Module, family: Family) -> MoeSite | None:
         found = routed if routed else found  # shared experts held as stacks run on every token: frozen
         if not found:
             return None
+        found = _text_experts(found)
         if len(found) > 1:
             raise UnsupportedModelError(f"{family.model_type}: more than one experts module in a decoder layer "
                                         f"({', '.join(n for n, _ in found)})")

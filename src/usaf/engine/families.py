@@ -15,7 +15,12 @@ Layouts of the fused expert stacks:
   per-expert biases (``has_bias``) and a clamped SwiGLU.
 
 Rows remain for real exceptions: a block whose structure discovery cannot read (llama4's block computes
-every expert for every token), and families usaf refuses, with the missing piece named.
+every expert for every token), experts without layout flags (step3p5), and families usaf refuses, with the
+missing piece named.
+
+Vision-language models (``MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES``) load whole with their own class
+(:func:`auto_model_class`) and run on text alone; their text decoder's MoE layers train, the vision / audio
+towers stay frozen, and exports keep the checkpoint's tensor names.
 """
 
 from __future__ import annotations
@@ -54,9 +59,15 @@ class Family:
 
 _ROWS = [
     Family("llama4_text", block="feed_forward", router="router", transposed=True, bias=False, dispatch="llama4"),
+    # Step3p7Experts (step3p7's text decoder) carries no layout flags: standard stacks, no biases, its own
+    # clamped SwiGLU in ``_apply_gate``
+    Family("step3p5", transposed=False, bias=False),
     Family("dbrx", refused="its experts are 2-D w1/v1/w2 tensors of shape [E*I, H] (no 3-D expert stacks)"),
     Family("jetmoe", refused="its mixture of attention heads and MLP experts has no fused experts module"),
     Family("doge", refused="its cross-domain MoE keeps experts as embedding tables (no fused experts module)"),
+    Family("diffusion_gemma", refused="it is a block-diffusion model (DiffusionGemmaForBlockDiffusion denoises a "
+                                      "canvas of tokens with bidirectional attention), not a causal LM that "
+                                      "next-token loss trains"),
     Family("longcat_flash", refused="its router also routes to identity 'zero experts' (indices >= E), which "
                                     "the fused experts function does not run"),
 ]
@@ -92,11 +103,12 @@ def family_for(config) -> Family:
     """The family of a transformers config (its text decoder for multimodal wrappers).
 
     A row when the family has one; otherwise a discovered family for any config that counts routed experts and
-    builds a CausalLM (transformers' own model types, or remote code whose ``auto_map`` names one).
+    builds a CausalLM (transformers' own model types, or remote code whose ``auto_map`` names one) or is a
+    vision-language model (image-text-to-text: usaf trains its text decoder, see :func:`auto_model_class`).
 
     Raises:
-        UnsupportedModelError: one line: a refused family with the missing piece, a vision-language model whose
-            text decoder is no CausalLM, or a model that is not a supported Mixture-of-Experts family.
+        UnsupportedModelError: one line: a refused family with the missing piece, or a model that is not a
+            supported Mixture-of-Experts family.
     """
     model_type = getattr(config, "model_type", None)
     text = config.get_text_config() if hasattr(config, "get_text_config") else config
@@ -113,15 +125,10 @@ def family_for(config) -> Family:
         MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES,
     )
 
-    if model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES and model_type in MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES:
-        if text_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
-            raise UnsupportedModelError(
-                f"model_type {model_type!r} is a vision-language model; usaf trains its text decoder "
-                f"{text_type!r} ({MODEL_FOR_CAUSAL_LM_MAPPING_NAMES[text_type]}): give a checkpoint of that model")
-        raise UnsupportedModelError(
-            f"model_type {model_type!r} is a vision-language model whose text decoder ({text_type!r}) "
-            f"transformers does not expose as a CausalLM; usaf trains CausalLM decoders")
+    # a vision-language model loads with its image-text-to-text class and trains its text decoder on text
+    # (``auto_model_class``)
     causal_lm = (model_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES or text_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+                 or model_type in MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES
                  or "AutoModelForCausalLM" in (getattr(config, "auto_map", None) or {}))
     if num_experts_of(config) > 1 and causal_lm:
         return Family(text_type)
@@ -129,6 +136,30 @@ def family_for(config) -> Family:
         f"model_type {model_type!r} is not a supported Mixture-of-Experts family "
         f"(supported: {supported()})"
     )
+
+
+def auto_model_class(config):
+    """transformers' auto class that builds the model usaf trains for ``config``.
+
+    ``AutoModelForCausalLM`` for a CausalLM (or remote code whose ``auto_map`` names one); for a
+    vision-language model whose type transformers registers only as image-text-to-text (its text decoder is
+    no CausalLM of its own), ``AutoModelForImageTextToText``: the whole model is built and loaded (the same
+    tensor names as its checkpoint), usaf runs it on text alone and trains its text decoder's MoE layers.
+    """
+    # imported here: the auto-model tables add ~27 MB to `import usaf`
+    from transformers.models.auto.modeling_auto import (
+        MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
+        MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES,
+        AutoModelForCausalLM,
+        AutoModelForImageTextToText,
+    )
+
+    model_type = getattr(config, "model_type", None)
+    if "AutoModelForCausalLM" not in (getattr(config, "auto_map", None) or {}) \
+            and model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES \
+            and model_type in MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES:
+        return AutoModelForImageTextToText
+    return AutoModelForCausalLM
 
 
 def get_path(root, path: str):

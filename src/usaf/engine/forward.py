@@ -43,8 +43,19 @@ def skip_prefix(model: nn.Module, start: int):
             del layer.forward
 
 
+def _forget_rope_deltas(model: nn.Module) -> None:
+    """Vision-language models with multi-axis RoPE (qwen3_vl_moe, glm4v_moe, ernie4_5_vl_moe, ...) keep the
+    ``rope_deltas`` of their last forward for generation and add them when given ``inputs_embeds`` alone: on
+    the suffix forward those would be another batch's. Forgotten, the positions follow the mask, as the full
+    forward's do on text (``suffix_matches`` checks it)."""
+    for module in model.modules():
+        if getattr(module, "rope_deltas", None) is not None:
+            module.rope_deltas = None
+
+
 def suffix_logits(model: nn.Module, start: int, hidden: torch.Tensor, attention_mask: torch.Tensor):
     """Logits of the model run from layer ``start`` on, given the hidden states entering it (B, T, H)."""
+    _forget_rope_deltas(model)
     with skip_prefix(model, start):
         return model(inputs_embeds=hidden, attention_mask=attention_mask, use_cache=False).logits
 
@@ -72,15 +83,22 @@ def prefix_hidden(model: nn.Module, start: int, input_ids: torch.Tensor, attenti
 @torch.no_grad()
 def suffix_matches(model: nn.Module, start: int, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> bool:
     """Whether starting at layer ``start`` from cached hidden states reproduces the full forward exactly
-    (families that transform ``inputs_embeds`` or need the token ids deeper in the stack do not)."""
+    (families that transform ``inputs_embeds`` or need the token ids deeper in the stack do not), also when
+    other forwards ran between the prefix and the suffix, as in training (a forward that keeps state from its
+    last call and reads it when given ``inputs_embeds`` does not)."""
+    one, one_mask = input_ids[:1], attention_mask[:1]
     try:
         full = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
         part = suffix_logits(model, start, prefix_hidden(model, start, input_ids, attention_mask), attention_mask)
+        full_one = model(input_ids=one, attention_mask=one_mask, use_cache=False).logits
+        hidden_one = prefix_hidden(model, start, one, one_mask)
+        model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)  # another batch in between
+        part_one = suffix_logits(model, start, hidden_one, one_mask)
     except Exception as e:  # noqa: BLE001 - any failure means "not supported for this family"
         log.info("frozen-prefix cache unavailable for this model (%s)", str(e).splitlines()[0][:100])
         return False
-    mask = attention_mask.bool()
-    return bool(torch.equal(full[mask], part[mask]))
+    mask, mask_one = attention_mask.bool(), one_mask.bool()
+    return bool(torch.equal(full[mask], part[mask]) and torch.equal(full_one[mask_one], part_one[mask_one]))
 
 
 def logits_of(model: nn.Module, batch: dict, device) -> torch.Tensor:

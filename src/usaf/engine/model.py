@@ -45,15 +45,19 @@ class MoeLayer:
     trainable: bool
 
 
+_TOWERS = ("vision", "visual", "audio")
+
+
 def decoder_layers(model: nn.Module) -> nn.ModuleList:
+    """The text decoder's layers (a vision-language model's ``model.language_model.layers``)."""
     cfg = model.config.get_text_config()
     n = cfg.num_hidden_layers
     for path in ("model.layers", "model.language_model.layers", "language_model.model.layers"):
         layers = get_path(model, path)
         if isinstance(layers, nn.ModuleList) and len(layers) == n:
             return layers
-    for _, mod in model.named_modules():
-        if isinstance(mod, nn.ModuleList) and len(mod) == n:
+    for name, mod in model.named_modules():  # a vision-language model's towers hold layer lists too
+        if isinstance(mod, nn.ModuleList) and len(mod) == n and not any(w in name for w in _TOWERS):
             return mod
     raise UnsupportedModelError(f"could not find the {n} decoder layers of {type(model).__name__}")
 

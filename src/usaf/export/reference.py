@@ -14,13 +14,13 @@ import gc
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForCausalLM
+from transformers import AutoConfig
 
 from ..config import UsafConfig
 from ..engine import model as usaf_model
 from ..engine.discover import moe_site
 from ..engine.experts import NAMES
-from ..engine.families import family_for
+from ..engine.families import auto_model_class, family_for
 from ..engine.model import decoder_layers, prepare
 from ..integrity import checkpoint_fingerprint
 from ..load.hf import load_config, load_model
@@ -143,9 +143,11 @@ def compare_logits(ref: torch.Tensor, got: torch.Tensor, tol: float, what: str) 
 
 
 def hf_logits(path: Path, ids: torch.Tensor) -> torch.Tensor:
-
+    """fp32 logits of a written checkpoint loaded by transformers with the class of its config (a
+    vision-language model: its image-text-to-text class, run on text)."""
     try:
-        model = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32)
+        cls = auto_model_class(AutoConfig.from_pretrained(str(path)))
+        model = cls.from_pretrained(str(path), dtype=torch.float32)
     except Exception as e:  # noqa: BLE001 - any load failure is a failed check
         raise ExportCheckError(f"check failed: transformers cannot load the export ({str(e).splitlines()[0]}); "
                                f"output removed") from None

@@ -6,9 +6,9 @@ import json
 from pathlib import Path
 
 import torch
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoConfig, AutoTokenizer
 
-from ..engine.families import UnsupportedModelError, family_for, supported
+from ..engine.families import UnsupportedModelError, auto_model_class, family_for, supported
 from ..integrity import verify_export
 from ..io import check_safetensors
 from ..units import DTYPES
@@ -116,15 +116,18 @@ def check_model(model: str, trust_remote_code: bool = False):
 def load_model(model: str, dtype=torch.bfloat16, device="cpu", trust_remote_code: bool = False):
     """Load a causal LM from a local directory (or hub id); refuses unsupported families before loading.
 
+    A vision-language model loads whole with its image-text-to-text class (``auto_model_class``): usaf runs
+    it on text and trains its text decoder; its vision tower is loaded and stays frozen.
+
     Only safetensors weights are read (``use_safetensors=True``: never a pickle); a checkpoint that lacks
     some of the model's weights is refused rather than completed with random values.
     """
     if is_gguf(model):  # experts stay in their GGUF quantization; zero deltas compute the base
         return load_gguf(model, dtype=dtype, device=device).model.eval()
-    check_model(model, trust_remote_code)  # one-line errors for dense / unknown models, bad shards
+    config = check_model(model, trust_remote_code)  # one-line errors for dense / unknown models, bad shards
     try:
-        m, info = AutoModelForCausalLM.from_pretrained(model, dtype=dtype, trust_remote_code=trust_remote_code,
-                                                       use_safetensors=True, output_loading_info=True)
+        m, info = auto_model_class(config).from_pretrained(model, dtype=dtype, trust_remote_code=trust_remote_code,
+                                                           use_safetensors=True, output_loading_info=True)
     except (MemoryError, torch.OutOfMemoryError):
         raise
     except Exception as e:

@@ -6,10 +6,9 @@ Reads config.json only (the model is built on the meta device), so it works for 
 from __future__ import annotations
 
 import torch
-from transformers import AutoModelForCausalLM
 
 from ..engine.discover import moe_site
-from ..engine.families import UnsupportedModelError, family_for
+from ..engine.families import FAMILIES, UnsupportedModelError, auto_model_class, family_for
 from ..engine.model import decoder_layers
 from .gguf.model import is_gguf, open_gguf
 from .hf import load_config
@@ -21,7 +20,7 @@ def inspect_model(model: str, density: float = 0.005, trust_remote_code: bool = 
     config = load_config(model, trust_remote_code)
     fam = family_for(config)
     with torch.device("meta"):
-        m = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
+        m = auto_model_class(config).from_config(config, trust_remote_code=trust_remote_code)
     layers = decoder_layers(m)
     moe_layers, expert_params, router_params, shapes, site = [], 0, 0, None, None
     for i, layer in enumerate(layers):
@@ -54,6 +53,8 @@ def inspect_model(model: str, density: float = 0.005, trust_remote_code: bool = 
         "active_budget_all_layers": int(round(density * expert_params)),
     }
     where = "found in the module tree" if fam.discovered else "row in usaf.engine.families"
+    if fam.discovered and fam.model_type in FAMILIES:  # e.g. step3p5: experts without layout flags
+        where += "; layout flags from its row in usaf.engine.families"
     report["text"] = "\n".join([
         f"family        {fam.model_type} ({layout}; {where})",
         f"MoE block     layer.{site.block_path}{'.' if site.block_path else ''}{site.attr} / router "

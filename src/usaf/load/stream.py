@@ -30,13 +30,13 @@ from pathlib import Path
 import torch
 from accelerate import init_empty_weights
 from safetensors import safe_open
-from transformers import AutoConfig, AutoModelForCausalLM
+from transformers import AutoConfig
 from transformers.core_model_loading import revert_weight_conversion
 
 from ..config import UsafConfig
 from ..engine.discover import fused_experts
 from ..engine.experts import NAMES
-from ..engine.families import family_for, get_path
+from ..engine.families import auto_model_class, family_for, get_path
 from ..engine.model import UsafModel, decoder_layers, prepare
 from ..engine.quant import QuantizedTensor, QuantSpec
 from ..engine.store import DenseStack
@@ -183,7 +183,7 @@ def load_streamed(model_dir, cfg: UsafConfig | None = None, dtype=torch.bfloat16
     family = family_for(config)
     kw = {"attn_implementation": attn_implementation} if attn_implementation else {}
     with init_empty_weights(include_buffers=False):
-        model = AutoModelForCausalLM.from_config(config, dtype=dtype, **kw)
+        model = auto_model_class(config).from_config(config, dtype=dtype, **kw)
     reader = ShardReader(model_dir)
     stacks: dict[str, tuple[str, str, torch.Tensor]] = {}  # in-memory key -> (experts prefix, name, meta)
     for layer in decoder_layers(model):
@@ -314,7 +314,7 @@ def load_prepared(model: str, cfg: UsafConfig, dtype, device, trust_remote_code:
 def expert_bytes(config, cfg: UsafConfig) -> int:
     """Bytes of all frozen expert stacks at the chosen quantization, from the config alone."""
     with init_empty_weights():
-        model = AutoModelForCausalLM.from_config(config)
+        model = auto_model_class(config).from_config(config)
     n = sum(p.numel() for name, p in model.named_parameters()
             if p.dim() == 3 and name.endswith(("gate_up_proj", "down_proj")))
     bits = {"4bit": 4 + 32 / cfg.group_size, "8bit": 8 + 32 / cfg.group_size}.get(cfg.quant, 16)

@@ -13,10 +13,10 @@ from typing import Any
 
 import torch
 from torch import nn
-from transformers import CONFIG_MAPPING, AutoModelForCausalLM, PretrainedConfig
+from transformers import CONFIG_MAPPING, PretrainedConfig
 
 from ..engine.discover import moe_site
-from ..engine.families import UnsupportedModelError, family_for, supported
+from ..engine.families import UnsupportedModelError, auto_model_class, family_for, supported
 from ..engine.model import decoder_layers
 from ..load.hf import load_config
 
@@ -219,7 +219,7 @@ def _count(config, trust_remote_code: bool) -> ModelCounts:
 
     fam = family_for(config)
     with torch.device("meta"):
-        m = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
+        m = auto_model_class(config).from_config(config, trust_remote_code=trust_remote_code)
     text = m.config.get_text_config()
     hidden = int(text.hidden_size)
     layers = decoder_layers(m)
