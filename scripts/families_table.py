@@ -48,7 +48,8 @@ def row(family: str) -> str:
                               ("CLI by hand", family in BY_HAND and family not in exported)) if on]
     layer = handle.layers[0]
     flags = [f for f, on in (("transposed", handle.transposed), ("interleaved", not handle.concatenated),
-                             ("biases", layer.experts.gate_up_bias is not None)) if on]
+                             ("biases", layer.experts.gate_up_bias is not None),
+                             ("post-expert norm", layer.experts.post_expert_norm is not None)) if on]
     row_type = handle.family.model_type
     if row_type in FAMILIES:
         flags = [f"{', '.join(flags) or 'layout'} (row)"]

@@ -221,10 +221,12 @@ ROUNDTRIP += [(f, q) for f in ("deepseek_v3", "glm4_moe") for q in ("none", "4bi
 ROUNDTRIP += [("deepseek_v2", "none"), ("aria_text", "4bit"), ("phimoe", "none"), ("jamba", "4bit")]
 # Vision-language models whose text decoder is no CausalLM: loaded whole with their image-text-to-text class,
 # trained on text; the export keeps every tensor name (vision tower included) and loads with that class.
-# ernie4_5_vl_moe has modality-isolated experts (text experts train, vision experts stay frozen).
+# ernie4_5_vl_moe has modality-isolated experts (text experts train, vision experts stay frozen); muse_spark a
+# norm after each expert and experts on a projection of the hidden states.
 VISION_LANGUAGE = {"qwen3_vl_moe": "Qwen3VLMoeForConditionalGeneration",
-                   "ernie4_5_vl_moe": "Ernie4_5_VLMoeForConditionalGeneration"}
-ROUNDTRIP += [("qwen3_vl_moe", "none"), ("ernie4_5_vl_moe", "4bit")]
+                   "ernie4_5_vl_moe": "Ernie4_5_VLMoeForConditionalGeneration",
+                   "muse_spark": "MuseSparkForConditionalGeneration"}
+ROUNDTRIP += [("qwen3_vl_moe", "none"), ("ernie4_5_vl_moe", "4bit"), ("muse_spark", "4bit")]
 
 
 @pytest.mark.parametrize("family,quant", ROUNDTRIP)

@@ -55,6 +55,7 @@ _TINY: dict[str, Any] = {
     "intermediate_size": DENSE_INTERMEDIATE,
     "moe_intermediate_size": MOE_INTERMEDIATE,
     "expert_intermediate_size": MOE_INTERMEDIATE,
+    "moe_hidden_size": 40,  # muse_spark's experts run on a projection of the hidden states (not 64 wide)
     "shared_expert_intermediate_size": SHARED_INTERMEDIATE,
     "num_experts": NUM_EXPERTS,
     "num_local_experts": NUM_EXPERTS,

@@ -4,8 +4,10 @@
   parameters; its layout comes from the flags transformers' ``@use_experts_implementation`` sets on it
   (``is_transposed``, ``has_bias``, ``has_gate``, ``has_post_expert_norm``), or from a family row.
 - router: the nearest module beside the experts holding an ``[E, H]`` weight (E experts, H their input
-  width): the experts' siblings first, then the siblings of each ancestor up to the decoder layer. The whole
-  sibling trains (scales, correction biases), and its scoring stays the family's own code.
+  width): the experts' siblings first, then the siblings of each ancestor up to the decoder layer; failing
+  that, an ``[E, H']`` weight (experts that run on a projection of the hidden states). The whole sibling
+  trains (scales, correction biases), and its scoring stays the family's own code.
+- a norm after each expert (``has_post_expert_norm``): run by the fused experts function, frozen.
 - shared experts: a sibling named ``shared_expert*`` (only described; it stays frozen like any dense MLP).
 - modality-isolated experts (a ``text_*`` experts module beside ``vision_*`` / ``audio_*`` ones, in a
   vision-language model): the text experts train; text tokens never reach the others, which stay frozen.
@@ -55,6 +57,7 @@ def _text_experts(found: list[tuple[str, nn.Module]]) -> list[tuple[str, nn.Modu
     tokens only reach the text experts, which train; the other modalities' experts stay frozen."""
     if len(found) < 2:
         return found
+
     def parent(path: str) -> str:
         return path.rpartition(".")[0].rpartition(".")[2]
 
@@ -69,23 +72,26 @@ def _flag(module: nn.Module, name: str, row_value):
 
 
 def _router(layer: nn.Module, path: str, num_experts: int, width: int) -> tuple[str, nn.Module]:
-    """The nearest module beside ``path`` (the experts) holding an ``[E, H]`` parameter."""
+    """The nearest module beside ``path`` (the experts) holding an ``[E, H]`` parameter; failing that, an
+    ``[E, H']`` one (experts that run on a projection of the decoder's width: muse_spark's router scores the
+    hidden states, its experts their ``pre_expert_proj`` projection)."""
     parts = path.split(".")
-    for depth in range(len(parts) - 1, -1, -1):
-        parent_path = ".".join(parts[:depth])
-        parent = get_path(layer, parent_path)
-        own = parts[depth]
-        found = []
-        for name, child in parent.named_children():
-            if name == own:
-                continue
-            if any(tuple(p.shape) == (num_experts, width) for p in child.parameters()):
-                found.append((f"{parent_path}.{name}".lstrip("."), child))
-        if len(found) == 1:
-            return found[0]
-        if len(found) > 1:
-            names = ", ".join(n for n, _ in found)
-            raise UnsupportedModelError(f"more than one router candidate beside {path} ({names})")
+    for match in (lambda s: s == (num_experts, width), lambda s: len(s) == 2 and s[0] == num_experts):
+        for depth in range(len(parts) - 1, -1, -1):
+            parent_path = ".".join(parts[:depth])
+            parent = get_path(layer, parent_path)
+            own = parts[depth]
+            found = []
+            for name, child in parent.named_children():
+                if name == own:
+                    continue
+                if any(match(tuple(p.shape)) for p in child.parameters()):
+                    found.append((f"{parent_path}.{name}".lstrip("."), child))
+            if len(found) == 1:
+                return found[0]
+            if len(found) > 1:
+                names = ", ".join(n for n, _ in found)
+                raise UnsupportedModelError(f"more than one router candidate beside {path} ({names})")
     raise UnsupportedModelError(f"no router (a module with an [{num_experts}, {width}] weight) beside {path}; "
                                 f"a router that also scores null experts (more than {num_experts} outputs) "
                                 f"is not supported")
@@ -120,9 +126,10 @@ def moe_site(layer: nn.Module, family: Family) -> MoeSite | None:
     if getattr(ex, "has_gate", True) is False or not _is_stack(ex, "gate_up_proj"):
         raise UnsupportedModelError(f"{what}: experts without a gate (up_proj + activation, has_gate=False) are "
                                     f"not supported; the delta engine trains gate_up_proj and down_proj stacks")
-    if getattr(ex, "has_post_expert_norm", False):
-        raise UnsupportedModelError(f"{what}: a norm after each expert (has_post_expert_norm) is not supported by "
-                                    f"the fused experts function")
+    if getattr(ex, "has_post_expert_norm", False) and not isinstance(getattr(ex, "post_expert_norm", None),
+                                                                     nn.Module):
+        raise UnsupportedModelError(f"{what}: has_post_expert_norm is set but the experts hold no post_expert_norm "
+                                    f"module")
     transposed = _flag(ex, "is_transposed", family.transposed)
     bias = _flag(ex, "has_bias", family.bias)
     if transposed is None or bias is None:

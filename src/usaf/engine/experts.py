@@ -87,6 +87,9 @@ class UsafExperts(nn.Module):
             self.register_buffer("down_bias", stock.down_proj_bias.detach().clone(), persistent=False)
         else:
             self.gate_up_bias = self.down_bias = None
+        # a norm after each expert's down projection (``has_post_expert_norm``: muse_spark), before the routing
+        # weight; a frozen submodule, so its weight keeps its name and device with the model
+        self.post_expert_norm = stock.post_expert_norm if getattr(stock, "has_post_expert_norm", False) else None
         apply_gate = getattr(type(stock), "_apply_gate", None)  # set by transformers' experts decorator
         if apply_gate is not None:
             self._gate = lambda h, _s=stock: apply_gate(_s, h)
@@ -281,6 +284,8 @@ class ExpertsFunction(torch.autograd.Function):
                     y = mod._gate(h) @ wd
                     if mod.down_bias is not None:
                         y = y + mod.down_bias[e]
+                    if mod.post_expert_norm is not None:
+                        y = mod.post_expert_norm(y)
                     if not score_on_input:
                         y = y * wp[r0 : r0 + n]
                     out.index_add_(0, tok[:real], y[:real].to(out.dtype))
@@ -330,10 +335,24 @@ class ExpertsFunction(torch.autograd.Function):
                     with torch.enable_grad():
                         hh = he.detach().requires_grad_(True)
                         act = mod._gate(hh)  # (n, I)
-                    dact = g @ wd_b
-                    if on_input:
+                    if mod.post_expert_norm is not None:  # y = norm(act @ Wd (+ bias)): its backward by autograd
+                        y_pre = act.detach() @ wd_f
+                        if mod.down_bias is not None:
+                            y_pre = y_pre + mod.down_bias[e]
+                        with torch.enable_grad():
+                            yp = y_pre.requires_grad_(True)
+                            yn = mod.post_expert_norm(yp)
+                        dyn = g
+                        if not on_input:  # out = w * norm(y): dw = g . norm(y), d norm(y) = w * g
+                            dwp[r0 : r0 + real] = (g.float() * yn.detach().float()).sum(-1)[:real]
+                            dyn = g * we.to(g.dtype)
+                        (dye,) = torch.autograd.grad(yn, yp, dyn)
+                        dact = dye @ wd_b
+                    elif on_input:
+                        dact = g @ wd_b
                         dye = g
                     else:  # out = w * y: dw = g . y = (g @ Wd) . act (+ g . bias), dy = w * g
+                        dact = g @ wd_b
                         dw = (dact * act.detach()).sum(-1, dtype=torch.float32)
                         if mod.down_bias is not None:
                             dw += g.float() @ mod.down_bias[e].float()
