@@ -15,7 +15,13 @@ import usaf
 from usaf.cli import main
 from usaf.export.layout import load_run
 from usaf.load.hf import load_model
-from usaf.testing import FAMILIES, PER_EXPERT_FAMILIES, save_tiny_checkpoint
+from usaf.testing import (
+    FAMILIES,
+    PER_EXPERT_FAMILIES,
+    make_tiny_model,
+    make_tiny_tokenizer,
+    save_tiny_checkpoint,
+)
 
 DTYPE_NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16"}
 
@@ -240,6 +246,17 @@ def test_train_export_apply_revert_every_family(family, quant, tmp_path, capsys)
         assert all("vision_moe" not in k for k in changed)  # ernie's vision experts never see text tokens
 
 
+def test_vision_language_checkpoint_in_its_original_layout(tmp_path, capsys):
+    """deepseek_ocr2 as plain ``save_pretrained`` writes it: the text decoder under ``model.layers`` (in memory
+    ``model.language_model.layers``), experts per expert. Training loads it through transformers' conversion
+    (the streamed loader falls back to from_pretrained); export and apply find the renamed tensors through
+    transformers' conversion tables and keep the source's names; revert is byte-exact."""
+    src, dst = _roundtrip("deepseek_ocr2", "4bit", tmp_path, capsys, original=True)
+    changed = [k for k in src if not _same_bytes(src[k][1], dst[k][1])]
+    assert changed and all(k.startswith("model.layers.") for k in changed), changed
+    assert any(".mlp.experts.0." in k for k in changed)  # per-expert tensors on disk
+
+
 # Sparse deltas on the attention projections too (--attention-density): the same round trip, and the export
 # changes attention tensors. MLA attention (deepseek_v2) has other projection names.
 @pytest.mark.parametrize("family,quant", [("qwen3_moe", "4bit"), ("mixtral", "none"), ("deepseek_v2", "none")])
@@ -263,9 +280,15 @@ def test_attention_deltas_export_apply_revert(family, quant, tmp_path, capsys, m
         assert any("self_attn.o_proj" in k for k in changed)
 
 
-def _roundtrip(family, quant, tmp_path, capsys, extra=()):
-    ckpt = save_tiny_checkpoint(family, tmp_path / "ckpt", per_expert=family in PER_EXPERT_FAMILIES,
-                                max_shard_size="40KB")
+def _roundtrip(family, quant, tmp_path, capsys, extra=(), original=False):
+    if original:  # plain save_pretrained: transformers' original (published) layout and names
+        ckpt = tmp_path / "ckpt"
+        model = make_tiny_model(family)
+        model.save_pretrained(ckpt, max_shard_size="40KB")
+        make_tiny_tokenizer(model.config.get_text_config().vocab_size).save_pretrained(ckpt)
+    else:
+        ckpt = save_tiny_checkpoint(family, tmp_path / "ckpt", per_expert=family in PER_EXPERT_FAMILIES,
+                                    max_shard_size="40KB")
     data = tmp_path / "d.jsonl"
     data.write_text("".join(json.dumps({"text": f"{w} fox {w} dog {i} " * 3}) + "\n"
                             for i, w in enumerate("abcdefghijkl")))

@@ -6,7 +6,10 @@
   transformers' ``conversion_mapping.py`` builds the stacks on load (``MergeModulelist(dim=0)`` then
   ``Concatenate(dim=1)``): per-expert ``experts.N.gate_proj/up_proj/down_proj.weight`` (mixtral
   ``block_sparse_moe.experts.N.w1/w3/w2.weight``; gate_up rows ``[0, I)`` are gate, ``[I, 2I)`` up), fused
-  names for fused families (gpt_oss, llama4, gemma4), granitemoe's ``input_linear/output_linear``.
+  names for fused families (gpt_oss, llama4, gemma4), granitemoe's ``input_linear/output_linear``; failing
+  those, the names transformers' conversion tables give (``Checkpoint.source_keys``: a vision-language
+  checkpoint's ``model.layers`` for ``model.language_model.layers``, renamed per-expert tensors). Stacks that
+  are stored transposed, or merged with / split across other tensors on disk, are refused in one line.
 - ``write_checkpoint``: the source copied shard by shard with some tensors patched, atomically.
 """
 
@@ -27,7 +30,8 @@ from safetensors import safe_open
 from ..engine.families import transposed_of
 from ..integrity import EXPORT_RECORD, file_checksums, verify_export
 from ..io import atomic_save_safetensors, atomic_write_json, read_safetensors
-from ..load.hf import resolve_device, resolve_dtype
+from ..load.hf import load_config, resolve_device, resolve_dtype
+from ..load.stream import meta_model, source_keys
 
 log = logging.getLogger("usaf")
 
@@ -130,6 +134,7 @@ class Checkpoint:
                 self.where = {k: "model.safetensors" for k in f.keys()}
         else:
             raise ExportError(f"{self.dir} has no model.safetensors (usaf exports safetensors checkpoints only)")
+        self._meta = None  # the model on the meta device, built on first use by ``source_keys``
         self.files = list(dict.fromkeys(self.where.values()))
         for f in self.files:
             if Path(f).name != f or not (self.dir / f).is_file():
@@ -150,6 +155,25 @@ class Checkpoint:
     def get(self, name: str) -> torch.Tensor:
         with safe_open(str(self.dir / self.where[name]), "pt") as f:
             return f.get_tensor(name)
+
+    def source_keys(self, key: str, shape: tuple[int, ...]) -> list[str]:
+        """The on-disk names transformers' conversion tables give the in-memory tensor ``key`` (a vision-language
+        checkpoint's ``model.layers.N`` for ``model.language_model.layers.N``, per-expert names), those that
+        this checkpoint holds; [] when the model cannot be built from its config (remote code)."""
+        if self._meta is None:
+            try:
+                self._meta = meta_model(load_config(str(self.dir)))
+            except Exception as e:  # noqa: BLE001 - no conversion tables then: the names are taken as they are
+                log.info("no conversion tables for %s (%s)", self.dir, str(e).splitlines()[0][:100])
+                self._meta = False
+        if self._meta is False:
+            return []
+        try:
+            names = source_keys(self._meta, key, torch.empty(shape, device="meta"))
+        except Exception as e:  # noqa: BLE001 - a conversion that needs more tensors than this one (ernie4_5_vl_moe)
+            log.info("no on-disk name for %s from the conversion tables (%s)", key, str(e).splitlines()[0][:100])
+            return []
+        return [n for n in names if n in self.where]
 
 
 # ------------------------------------------------------------------------------- in-memory -> on-disk map
@@ -183,16 +207,33 @@ def stack_map(key: str, shape: tuple[int, ...], ckpt: Checkpoint, transposed: bo
     n_exp, rows, cols = shape
     numel = n_exp * rows * cols
     if name == "weight":  # an attention projection's sparse delta, (1, out, in) over the 2-D weight
-        if key not in ckpt:
+        disk = key if key in ckpt else next(iter(ckpt.source_keys(key, (rows, cols))), None)
+        if disk is None:
             raise ExportError(f"{ckpt.dir}: no on-disk tensor holds {key}")
-        _expect(ckpt, key, (rows, cols))
-        return StackMap(key, tuple(shape), [key], torch.tensor([0, numel]))
+        _expect(ckpt, disk, (rows, cols))
+        return StackMap(key, tuple(shape), [disk], torch.tensor([0, numel]))
     prefixes = list(dict.fromkeys([prefix, prefix.replace(".mlp.", ".block_sparse_moe.")]))
     block = prefix.rsplit(".experts", 1)[0]
     legacy = {"gate_up_proj": "input_linear", "down_proj": "output_linear"}[name]  # granitemoe
-    for cand in [f"{p}.{name}" for p in prefixes] + [f"{p}.{name}.weight" for p in prefixes] + \
-            [f"{block}.{legacy}.weight"]:
+    cands = [f"{p}.{name}" for p in prefixes] + [f"{p}.{name}.weight" for p in prefixes] + \
+        [f"{block}.{legacy}.weight"]
+    if not any(c in ckpt for c in cands) and not any(f"{p}.0.{n}.weight" in ckpt
+                                                   for p in prefixes for ns in _PER_EXPERT_NAMES for n in ns):
+        # renamed on disk (transformers' conversion tables): one fused name, or per-expert names
+        found = ckpt.source_keys(key, tuple(shape))
+        if len(found) == 1:
+            cands.insert(0, found[0])
+        for disk in found[1:] if len(found) > 1 else ():
+            parts = disk.rsplit(".", 3)  # <prefix>.<e>.<proj>.weight
+            if len(parts) == 4 and parts[1].isdigit():
+                prefixes.append(parts[0])
+        prefixes = list(dict.fromkeys(prefixes))
+    for cand in cands:
         if cand in ckpt:
+            if rows != cols and tuple(ckpt.info(cand)[1]) == (n_exp, cols, rows):
+                raise ExportError(f"{ckpt.dir}: {cand} is stored transposed on disk ({n_exp}, {cols}, {rows}) "
+                                  f"(transformers transposes it on load); usaf patches expert stacks in their "
+                                  f"in-memory layout {tuple(shape)} only")
             _expect(ckpt, cand, tuple(shape))
             return StackMap(key, tuple(shape), [cand], torch.tensor([0, numel]))
     for p in prefixes:
@@ -219,6 +260,8 @@ def stack_map(key: str, shape: tuple[int, ...], ckpt: Checkpoint, transposed: bo
 def router_name(key: str, ckpt: Checkpoint, shape: tuple[int, ...]) -> str:
     """On-disk name of an in-memory router parameter (mixtral ``block_sparse_moe.gate``, granite ``router.layer``)."""
     cands = [key, key.replace(".mlp.", ".block_sparse_moe."), key.replace(".router.weight", ".router.layer.weight")]
+    if not any(c in ckpt for c in cands):
+        cands += ckpt.source_keys(key, tuple(shape))  # renamed on disk (transformers' conversion tables)
     for cand in dict.fromkeys(cands):
         if cand in ckpt:
             _expect(ckpt, cand, tuple(shape))

@@ -15,7 +15,10 @@
 Tiers: a frozen stack lives on the compute device, in host RAM, or on disk (the mmap of the cache, paged
 in on use); ``Prefetcher`` asks the kernel for the next layer's pages while the current layer computes.
 The on-disk -> in-memory name mapping comes from transformers' own conversion tables (reverted on the
-meta model), so any family transformers can load is covered without a table of names here.
+meta model), so any family transformers can load is covered without a table of names here. A tensor whose
+on-disk form needs more than a rename (split, merged or transposed: several vision-language checkpoints in
+their original layout) raises ``LayoutError``, and ``load_prepared`` loads the model with transformers'
+``from_pretrained`` instead (a warning says so).
 """
 
 from __future__ import annotations
@@ -90,8 +93,9 @@ class ShardReader:
         return h.hexdigest()[:16]
 
 
-def _source_keys(meta_model, key: str, tensor: torch.Tensor) -> list[str]:
-    """On-disk names of one in-memory tensor, from transformers' conversion tables (reverted)."""
+def source_keys(meta_model, key: str, tensor: torch.Tensor) -> list[str]:
+    """On-disk names of one in-memory tensor, from transformers' conversion tables (reverted): a renamed
+    name, or the per-expert names of a fused stack."""
     return list(revert_weight_conversion(meta_model, {key: tensor}).keys())
 
 
@@ -101,7 +105,7 @@ def _expert_parts(keys: list[str], name: str, num_experts: int) -> list[list[str
     for k in keys:
         m = _EXPERT_KEY.search(k)
         if m is None:
-            raise ValueError(f"unexpected on-disk expert tensor {k}")
+            raise LayoutError(f"unexpected on-disk expert tensor {k}")
         parts[int(m.group(1))][m.group(2)] = k
     out = []
     for e, p in enumerate(parts):
@@ -110,10 +114,15 @@ def _expert_parts(keys: list[str], name: str, num_experts: int) -> list[list[str
         for kind in kinds:
             match = [v for n, v in p.items() if n in kind]
             if len(match) != 1:
-                raise ValueError(f"cannot find expert {e}'s {'/'.join(sorted(kind))} tensor on disk")
+                raise LayoutError(f"cannot find expert {e}'s {'/'.join(sorted(kind))} tensor on disk")
             row.append(match[0])
         out.append(row)
     return out
+
+
+class LayoutError(ValueError):
+    """A tensor of the model is not on disk under its name (or a renamed one) at its shape: the checkpoint
+    needs a conversion of transformers' (a split, merge or transpose) that the streamed loader does not do."""
 
 
 class _StackBuilder:
@@ -127,13 +136,13 @@ class _StackBuilder:
         if key in disk:
             self.mode, self.src = "fused", key
         else:
-            src = [k for k in _source_keys(meta_model, key, meta) if k in disk] or []
+            src = [k for k in source_keys(meta_model, key, meta) if k in disk] or []
             if len(src) == 1:
                 self.mode, self.src = "fused", src[0]
             elif src:
                 self.mode, self.src = "per_expert", _expert_parts(src, key.rsplit(".", 1)[1], self.shape[0])
             else:
-                raise ValueError(f"checkpoint has no tensor for {key}")
+                raise LayoutError(f"checkpoint has no tensor for {key}")
 
     def expert(self, e: int, fused: torch.Tensor | None) -> torch.Tensor:
         if self.mode == "fused":
@@ -141,7 +150,7 @@ class _StackBuilder:
         else:
             w = torch.cat([self.reader.get(k) for k in self.src[e]], dim=0)
         if tuple(w.shape) != self.shape[1:]:
-            raise ValueError(f"{self.key}: expert {e} has shape {tuple(w.shape)}, expected {self.shape[1:]}")
+            raise LayoutError(f"{self.key}: expert {e} has shape {tuple(w.shape)}, expected {self.shape[1:]}")
         return w.to(self.dtype)
 
     def build(self):
@@ -199,12 +208,12 @@ def load_streamed(model_dir, cfg: UsafConfig | None = None, dtype=torch.bfloat16
     for key, p in list(model.named_parameters()):
         if key in stacks:
             continue
-        src = key if key in disk else next((k for k in _source_keys(model, key, p) if k in disk), None)
+        src = key if key in disk else next((k for k in source_keys(model, key, p) if k in disk), None)
         if src is None:
             continue  # tied (lm_head) or computed
         t = reader.get(src).to(dtype=p.dtype if p.is_floating_point() else None, device=device)
         if tuple(t.shape) != tuple(p.shape):
-            raise ValueError(f"{src}: shape {tuple(t.shape)} does not match the model's {tuple(p.shape)}")
+            raise LayoutError(f"{src}: shape {tuple(t.shape)} does not match the model's {tuple(p.shape)}")
         mod_name, _, pname = key.rpartition(".")
         get_path(model, mod_name)._parameters[pname] = torch.nn.Parameter(t, requires_grad=False)
     for key, b in list(model.named_buffers()):
@@ -304,11 +313,21 @@ def load_prepared(model: str, cfg: UsafConfig, dtype, device, trust_remote_code:
             log.info("frozen expert stacks on the %s tier", tier)
         try:
             handle = load_streamed(p, cfg, dtype=dtype, device=device, tier=tier)
+        except LayoutError as e:  # transformers' own loader converts it (the whole model is loaded at once)
+            log.warning("the checkpoint's on-disk layout needs transformers' conversion (%s): loaded with "
+                        "from_pretrained instead of streamed", str(e).splitlines()[0])
         except (OSError, RuntimeError) as e:
             raise ValueError(f"cannot load {model}: {str(e).splitlines()[0]}") from None
-        handle.model.to(device)
-        return handle
+        else:
+            handle.model.to(device)
+            return handle
     return prepare(load_model(model, dtype=dtype, device=device, trust_remote_code=trust_remote_code), cfg)
+
+
+def meta_model(config):
+    """The model of ``config`` on the meta device (no memory), built with the class usaf loads it with."""
+    with init_empty_weights(include_buffers=False):
+        return auto_model_class(config).from_config(config)
 
 
 def expert_bytes(config, cfg: UsafConfig) -> int:
