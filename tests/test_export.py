@@ -246,12 +246,16 @@ def test_train_export_apply_revert_every_family(family, quant, tmp_path, capsys)
         assert all("vision_moe" not in k for k in changed)  # ernie's vision experts never see text tokens
 
 
-def test_vision_language_checkpoint_in_its_original_layout(tmp_path, capsys):
-    """deepseek_ocr2 as plain ``save_pretrained`` writes it: the text decoder under ``model.layers`` (in memory
-    ``model.language_model.layers``), experts per expert. Training loads it through transformers' conversion
-    (the streamed loader falls back to from_pretrained); export and apply find the renamed tensors through
-    transformers' conversion tables and keep the source's names; revert is byte-exact."""
-    src, dst = _roundtrip("deepseek_ocr2", "4bit", tmp_path, capsys, original=True)
+@pytest.mark.parametrize("family", ["deepseek_ocr2", "unlimited_ocr"])
+def test_vision_language_checkpoint_in_its_original_layout(family, tmp_path, capsys, caplog):
+    """A vision-language model as plain ``save_pretrained`` writes it: the text decoder under ``model.layers``
+    (in memory ``model.language_model.layers``), experts per expert; unlimited_ocr's vision attention merges
+    q/k/v into one tensor, so the streamed loader falls back to transformers' from_pretrained. Export and
+    apply find the renamed tensors through transformers' conversion tables and keep the source's names;
+    revert is byte-exact."""
+    src, dst = _roundtrip(family, "4bit", tmp_path, capsys, original=True)
+    fell_back = "loaded with from_pretrained instead of streamed" in caplog.text
+    assert fell_back == (family == "unlimited_ocr")
     changed = [k for k in src if not _same_bytes(src[k][1], dst[k][1])]
     assert changed and all(k.startswith("model.layers.") for k in changed), changed
     assert any(".mlp.experts.0." in k for k in changed)  # per-expert tensors on disk
