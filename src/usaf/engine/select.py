@@ -204,7 +204,7 @@ def _passes(handle: UsafModel, batches: list[dict], loss_fn: Callable, hooks: di
 
 
 def scored_layers(handle: UsafModel, batches: list[dict], loss_fn: Callable):
-    """Yield ``(layer, {stack: flat fp32 scores})`` for every trainable layer, from the top, scoring
+    """Yield ``(layer, {stack: flat scores})`` (:func:`final_scores`) for every trainable layer, from the top, scoring
     ``score_layers`` layers per pass within ``score_budget_mb`` (``UsafConfig.score`` picks the score)."""
     cfg = handle.config
     layers = list(reversed(handle.trainable_layers))
@@ -302,7 +302,7 @@ def candidates(handle: UsafModel, batches: Iterable[dict], budget: int, exclude_
                         sc[m.experts.deltas[n].indices.long()] = -1.0
                     vals, idx = top_candidates(sc, min(sc.numel(), cap(sc.numel())))
                     keep = vals >= 0
-                    out.append((m, n, vals[keep], idx[keep]))
+                    out.append((m, n, vals[keep].float(), idx[keep]))
                 out = prune(out, budget)
                 del scores, sc  # not held through the next group's passes
         finally:
