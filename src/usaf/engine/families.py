@@ -13,9 +13,13 @@ Layouts of the fused expert stacks:
 - transposed:  ``gate_up_proj [E, H, 2I]``, ``down_proj [E, I, H]`` (``is_transposed``: gpt_oss, aria, llama4).
 - gpt_oss adds gate/up *interleaved* along 2I (``is_concatenated=False``; its ``_apply_gate`` reads it),
   per-expert biases (``has_bias``) and a clamped SwiGLU.
+- no gate (``has_gate=False``, nemotron_h): ``up_proj [E, I, H]``, ``down_proj [E, H, I]``; ``y = down @ act(up @ x)``.
+- dbrx (a row): 2-D ``w1`` (gate) and ``v1`` (up) ``[E*I, H]``, viewed as ``[E, I, H]`` stacks, and ``w2
+  [E*I, H]``, the down projection stored ``[E, I, H]`` (in, out); the delta files name them ``...mlp.w1`` etc.
 
 Rows remain for real exceptions: a block whose structure discovery cannot read (llama4's block computes
-every expert for every token), and families usaf refuses, with the missing piece named.
+every expert for every token; dbrx's 2-D expert tensors), and families usaf refuses, with the missing piece
+named.
 """
 
 from __future__ import annotations
@@ -36,6 +40,9 @@ class Family:
         bias: the experts carry ``gate_up_proj_bias`` / ``down_proj_bias``; None: ``has_bias``.
         dispatch: ``experts`` (replace the experts module) or ``llama4`` (replace the block forward).
         refused: why usaf cannot train this family (one line), or None.
+        stacks: ``(name, path on the experts module, transposed)`` of the input stacks, then down, when they
+            are not transformers' fused ``gate_up_proj`` / ``down_proj`` (gated: ``act(gate) * up``).
+        act: path of the activation on the experts module (with ``stacks``).
     """
 
     model_type: str
@@ -46,6 +53,8 @@ class Family:
     bias: bool | None = None
     dispatch: str = "experts"
     refused: str | None = None
+    stacks: tuple[tuple[str, str, bool], ...] | None = None
+    act: str = "act_fn"
 
     @property
     def discovered(self) -> bool:
@@ -54,7 +63,9 @@ class Family:
 
 _ROWS = [
     Family("llama4_text", block="feed_forward", router="router", transposed=True, bias=False, dispatch="llama4"),
-    Family("dbrx", refused="its experts are 2-D w1/v1/w2 tensors of shape [E*I, H] (no 3-D expert stacks)"),
+    Family("dbrx", block="ffn", router="router", transposed=False, bias=False,
+           stacks=(("w1", "mlp.w1", False), ("v1", "mlp.v1", False), ("w2", "mlp.w2", True)),
+           act="mlp.activation_fn"),
     Family("jetmoe", refused="its mixture of attention heads and MLP experts has no fused experts module"),
     Family("doge", refused="its cross-domain MoE keeps experts as embedding tables (no fused experts module)"),
     Family("longcat_flash", refused="its router also routes to identity 'zero experts' (indices >= E), which "
