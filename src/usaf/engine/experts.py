@@ -325,9 +325,9 @@ class ExpertsFunction(torch.autograd.Function):
     Gradients for the hidden states, the routing weights and the delta values only. It keeps the layer
     input and the routing (and, unless the module's mode is ``lean``, the (S_pad, W) pre-activations of the
     input stacks: W = 2I for gate/up, I without a gate); no per-route copy of the inputs or outputs is kept.
-    These are held on ``ctx`` rather than through ``save_for_backward``, so that decoder-layer checkpointing does not re-run the
-    experts: its recomputation stops after the last op that saved a tensor (the router), and the
-    backward recomputes the pre-activations from the kept input with the weights it dequantizes anyway.
+    These are held on ``ctx`` rather than through ``save_for_backward``, so that decoder-layer checkpointing
+    does not re-run the experts: its recomputation stops after the last op that saved a tensor (the router),
+    and the backward recomputes the pre-activations from the kept input with the weights it dequantizes anyway.
     """
 
     @staticmethod
