@@ -73,17 +73,19 @@ def test_enumeration_finds_the_families():
 
 
 @pytest.mark.parametrize("family,names", [("nemotron_h", ("up_proj", "down_proj")),
-                                          ("dbrx", ("mlp.w1", "mlp.v1", "mlp.w2"))])
-def test_no_gate_and_flat_experts_train_under_their_own_names(family, names):
-    """nemotron_h (``has_gate=False``: up_proj + relu2) and dbrx (2-D w1 / v1 / w2) are supported (the checks
-    below run on them), and their deltas carry the model's own parameter names and shapes."""
+                                          ("dbrx", ("mlp.w1", "mlp.v1", "mlp.w2")),
+                                          ("jetmoe", ("input_linear.weight", "output_linear.weight"))])
+def test_no_gate_flat_and_block_held_experts_train_under_their_own_names(family, names):
+    """nemotron_h (``has_gate=False``: up_proj + relu2), dbrx (2-D w1 / v1 / w2) and jetmoe (stacks held by its
+    MoE block) are supported (the checks below run on them), and their deltas carry the model's own parameter
+    names and sizes."""
     status, info = _status(family)
     assert status == "supported", info
     stock, _, handle = info
     params = dict(stock.named_parameters())
     for key, d in handle.deltas().items():
-        assert key.endswith(names) and params[key].numel() == d.numel, key
-    assert {k.rsplit(".experts.", 1)[1] for k in handle.deltas()} == set(names)
+        assert params[key].numel() == d.numel, key
+    assert {m.key(n)[len(m.prefix) + 1:] for m in handle.trainable_layers for n in m.experts.names} == set(names)
 
 
 def test_latent_experts_find_the_router_on_the_hidden_width():

@@ -87,12 +87,12 @@ def moe_site(layer: nn.Module, family: Family) -> MoeSite | None:
     """
     if not family.discovered:
         block = get_path(layer, family.block)
-        ex = getattr(block, family.experts, None) if block is not None else None
+        ex = get_path(block, family.experts) if block is not None else None
         first = family.stacks[0][1] if family.stacks else "gate_up_proj"
         p = get_path(ex, first) if ex is not None else None
         if p is None or not isinstance(p, nn.Parameter) or p.dim() not in (2, 3):
             return None
-        path = f"{family.block}.{family.experts}".lstrip(".")
+        path = ".".join(filter(None, (family.block, family.experts)))
         found = [(path, ex)]
     else:
         found = experts_candidates(layer)
@@ -137,6 +137,8 @@ def moe_site(layer: nn.Module, family: Family) -> MoeSite | None:
         widths = (width, hidden) if isinstance(hidden, int) and hidden != width else (width,)
         router_path, router = _router(layer, path, num_experts, widths)
     block_path, _, attr = path.rpartition(".")
+    if family.dispatch == "jetmoe":  # the block holds the stacks: the usaf experts become its ``experts``
+        block_path, attr = path, "experts"
     block = get_path(layer, block_path)
     shared = next((m for n, m in block.named_children() if n.startswith("shared_expert") and "gate" not in n), None)
     return MoeSite(block, block_path, attr, ex, router, router_path, shared, layout.transposed, bool(bias),

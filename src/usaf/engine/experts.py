@@ -473,3 +473,14 @@ def llama4_block_forward(self, hidden_states: torch.Tensor):
     return out, router_logits
 
 
+def jetmoe_block_forward(self, layer_input: torch.Tensor) -> torch.Tensor:
+    """Routed equivalent of ``JetMoeMoE.forward`` (stock sorts the tokens by expert and calls its stacks with
+    per-expert row counts): softmax over the top-k router logits, the experts, the block's bias."""
+    bsz, length, width = layer_input.shape
+    x = layer_input.reshape(-1, width)
+    logits = self.router(x)[4]  # the router module runs: transformers records its logits
+    top_logits, top_idx = logits.topk(self.router.top_k, dim=1)
+    weights = torch.softmax(top_logits, dim=1).type_as(x)
+    return self.experts(x, top_idx, weights).view(bsz, length, width) + self.bias
+
+

@@ -18,8 +18,8 @@ Layouts of the fused expert stacks:
   [E*I, H]``, the down projection stored ``[E, I, H]`` (in, out); the delta files name them ``...mlp.w1`` etc.
 
 Rows remain for real exceptions: a block whose structure discovery cannot read (llama4's block computes
-every expert for every token; dbrx's 2-D expert tensors), and families usaf refuses, with the missing piece
-named.
+every expert for every token; dbrx's 2-D expert tensors; jetmoe's block calls its expert stacks with per-expert row
+counts), and families usaf refuses, with the missing piece named.
 """
 
 from __future__ import annotations
@@ -34,11 +34,13 @@ class Family:
     Attributes:
         model_type: ``config.model_type`` (of the text decoder).
         block: attribute path of the MoE block on a decoder layer ("" = the decoder layer itself).
-        experts: attribute name of the fused experts module on the block.
+        experts: attribute name of the fused experts module on the block ("" = the block itself).
         router: attribute path of the router module, relative to the block.
         transposed: expert stacks stored ``[E, in, out]``; None: the experts module's ``is_transposed``.
         bias: the experts carry ``gate_up_proj_bias`` / ``down_proj_bias``; None: ``has_bias``.
-        dispatch: ``experts`` (replace the experts module) or ``llama4`` (replace the block forward).
+        dispatch: ``experts`` (replace the experts module), ``llama4`` (replace the block forward) or
+            ``jetmoe`` (the block holds the stacks: the usaf experts are attached to it as ``experts`` and the
+            block forward replaced).
         refused: why usaf cannot train this family (one line), or None.
         stacks: ``(name, path on the experts module, transposed)`` of the input stacks, then down, when they
             are not transformers' fused ``gate_up_proj`` / ``down_proj`` (gated: ``act(gate) * up``).
@@ -66,7 +68,10 @@ _ROWS = [
     Family("dbrx", block="ffn", router="router", transposed=False, bias=False,
            stacks=(("w1", "mlp.w1", False), ("v1", "mlp.v1", False), ("w2", "mlp.w2", True)),
            act="mlp.activation_fn"),
-    Family("jetmoe", refused="its mixture of attention heads and MLP experts has no fused experts module"),
+    # its mixture of attention heads (JetMoeMoA, experts over q/o projections) stays frozen
+    Family("jetmoe", block="mlp", experts="", router="router", transposed=False, bias=False, dispatch="jetmoe",
+           stacks=(("input_linear", "input_linear.weight", False), ("output_linear", "output_linear.weight", False)),
+           act="activation"),
     Family("doge", refused="its cross-domain MoE keeps experts as embedding tables (no fused experts module)"),
     Family("longcat_flash", refused="its router also routes to identity 'zero experts' (indices >= E), which "
                                     "the fused experts function does not run"),

@@ -23,7 +23,7 @@ from ..integrity import TORCH_DTYPES, checkpoint_fingerprint, local_checkpoint
 from ..io import atomic_save_safetensors, read_safetensors
 from .delta import SparseDelta
 from .discover import moe_site
-from .experts import UsafExperts, llama4_block_forward
+from .experts import UsafExperts, jetmoe_block_forward, llama4_block_forward
 from .families import Family, UnsupportedModelError, family_for, get_path
 from .linear import attach, attention_linears
 from .linear import merge as merge_linear
@@ -350,6 +350,8 @@ def prepare(model: nn.Module, config: UsafConfig | None = None, frozen: dict | N
         setattr(site.block, site.attr, experts)
         if family.dispatch == "llama4":
             site.block.forward = types.MethodType(llama4_block_forward, site.block)
+        elif family.dispatch == "jetmoe":
+            site.block.forward = types.MethodType(jetmoe_block_forward, site.block)
         trainable = i in train_range
         experts.init_deltas(device=next(iter(layer.parameters())).device)
         for d in experts.deltas.values():

@@ -193,11 +193,11 @@ def stack_map(key: str, shape: tuple[int, ...], ckpt: Checkpoint, transposed: bo
     prefix, name = key.rsplit(".", 1)
     n_exp, rows, cols = shape
     numel = n_exp * rows * cols
-    if name == "weight":  # an attention projection's sparse delta, (1, out, in) over the 2-D weight
-        disk = next((c for c in disk_names(key) if c in ckpt), None)
+    if name == "weight":  # an attention projection's sparse delta, (1, out, in) over the 2-D weight, or a
+        disk = next((c for c in disk_names(key) if c in ckpt), None)  # stack named weight (jetmoe)
         if disk is None:
             raise ExportError(f"{ckpt.dir}: no on-disk tensor holds {key}")
-        _expect(ckpt, disk, (rows, cols))
+        _expect(ckpt, disk, (rows, cols), also=tuple(shape))
         return StackMap(key, tuple(shape), [disk], torch.tensor([0, numel]))
     prefixes = disk_names(prefix)
     block = prefix.rsplit(".experts", 1)[0]

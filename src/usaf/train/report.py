@@ -106,6 +106,8 @@ def delta_budget(path: Path) -> dict:
             if not m or f"{stack}.indices" not in f.keys():
                 continue
             layer, name = int(m.group(1)), stack.rsplit(".", 1)[1]
+            if name == "weight":  # jetmoe's stacks: input_linear.weight (gate then up rows), output_linear.weight
+                name = {"input_linear": "gate_up_proj"}.get(stack.rsplit(".", 2)[1], name)
             e, r, c = (int(s) for s in shape)
             idx = f.get_tensor(f"{stack}.indices").long()
             row = per_layer.setdefault(layer, {"active": torch.zeros(e, dtype=torch.int64), "capacity": 0,
