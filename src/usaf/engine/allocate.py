@@ -45,21 +45,25 @@ def quotas(sizes: list[int], budget: int) -> list[int]:
 
 
 def final_scores(m: MoeLayer, buffers: dict[str, torch.Tensor], score: str, seed: int = 0) -> dict[str, torch.Tensor]:
-    """Flat fp32 scores per stack from the accumulated buffers (``signed`` buffers hold sum dL/dW)."""
+    """Flat fp32 scores per stack from the accumulated buffers (``signed`` buffers hold sum dL/dW).
+
+    Stack rows of null experts (longcat_flash's gate_up_proj rows past its routed experts) score -1: never
+    a candidate."""
     ex = m.experts
     out = {}
     for n in NAMES:
         b = buffers[n]
+        per = ex.deltas[n].per_expert
         if score == "random":
             g = torch.Generator().manual_seed(seed * 1000003 + m.index * 2 + NAMES.index(n))
-            out[n] = torch.rand(b.numel(), generator=g).to(b.device)
-            continue
-        s = b.float().abs().view(-1) if score == "signed" else b.float().view(-1)
+            s = torch.rand(b.numel(), generator=g).to(b.device)
+        else:
+            s = b.float().abs().view(-1) if score == "signed" else b.float().view(-1)
         if score == "gw":  # |w| of the base (deltas are zero at selection), expert by expert
-            per = s.numel() // ex.num_experts
             for e in range(ex.num_experts):
                 w = ex.weight(n, e, e + 1, torch.float32, s.device).view(-1)
                 s[e * per : (e + 1) * per] *= w.abs()
+        s[ex.num_experts * per :] = -1.0
         out[n] = s
     return out
 
@@ -75,7 +79,7 @@ def layer_pick(m: MoeLayer, scores: dict[str, torch.Tensor], k: int) -> dict[str
 def expert_pick(m: MoeLayer, scores: dict[str, torch.Tensor], ks: list[int]) -> dict[str, torch.Tensor]:
     """``ks[e]`` best elements of each expert ``e`` (both stacks)."""
     ex = m.experts
-    per = {n: scores[n].numel() // ex.num_experts for n in NAMES}
+    per = {n: ex.deltas[n].per_expert for n in NAMES}
     out = {n: [] for n in NAMES}
     for e, k in enumerate(ks):
         if k == 0:
@@ -106,10 +110,10 @@ def channel_scores(m: MoeLayer, scores: dict[str, torch.Tensor]) -> torch.Tensor
     ex = m.experts
     if ex.transposed:
         raise ValueError("allocation 'channel' needs the standard expert layout ([E, 2I, H] / [E, H, I])")
-    e, two_i, h = ex.shape("gate_up_proj")
+    rows, two_i, h = ex.shape("gate_up_proj")
     i = two_i // 2
-    gu = scores["gate_up_proj"].view(e, two_i, h).sum(-1)
-    dn = scores["down_proj"].view(e, h, i).sum(1)
+    gu = scores["gate_up_proj"].view(rows, two_i, h)[: ex.num_experts].sum(-1)
+    dn = scores["down_proj"].view(-1, h, i)[: ex.num_experts].sum(1)
     return gu[:, :i] + gu[:, i:] + dn
 
 

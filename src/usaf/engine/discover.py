@@ -5,7 +5,11 @@
   (``is_transposed``, ``has_bias``, ``has_gate``, ``has_post_expert_norm``), or from a family row.
 - router: the nearest module beside the experts holding an ``[E, H]`` weight (E experts, H their input
   width): the experts' siblings first, then the siblings of each ancestor up to the decoder layer. The whole
-  sibling trains (scales, correction biases), and its scoring stays the family's own code.
+  sibling trains (scales, correction biases), and its scoring stays the family's own code. When no module
+  holds one, a router that also scores null experts: the nearest module holding a 2-D weight with more than
+  ``E`` and at most ``2E`` rows (inkling ``[E + shared, H]``, zaya's router MLP ``[E + 1, router width]``,
+  longcat_flash ``[E + zero experts, H]``). Routes to indices ``>= E`` are null experts: the fused experts
+  function skips them, or adds ``w * x`` for a family whose row says ``null_experts="identity"``.
 - shared experts: a sibling named ``shared_expert*`` (only described; it stays frozen like any dense MLP).
 """
 
@@ -32,6 +36,7 @@ class MoeSite:
     transposed: bool
     bias: bool
     concatenated: bool  # gate/up rows concatenated (False: interleaved, read by the module's _apply_gate)
+    null_experts: str = "skip"  # what a route to an index >= E adds: "skip" (nothing) or "identity" (w * x)
 
 
 def _is_stack(module: nn.Module, name: str) -> bool:
@@ -50,8 +55,9 @@ def _flag(module: nn.Module, name: str, row_value):
     return row_value if row_value is not None else value
 
 
-def _router(layer: nn.Module, path: str, num_experts: int, width: int) -> tuple[str, nn.Module]:
-    """The nearest module beside ``path`` (the experts) holding an ``[E, H]`` parameter."""
+def _nearest(layer: nn.Module, path: str, match) -> tuple[str, nn.Module] | None:
+    """The nearest module beside ``path`` holding a parameter for which ``match(p)``: the siblings of ``path``
+    first, then those of each ancestor; None when there is none."""
     parts = path.split(".")
     for depth in range(len(parts) - 1, -1, -1):
         parent_path = ".".join(parts[:depth])
@@ -61,16 +67,26 @@ def _router(layer: nn.Module, path: str, num_experts: int, width: int) -> tuple[
         for name, child in parent.named_children():
             if name == own:
                 continue
-            if any(tuple(p.shape) == (num_experts, width) for p in child.parameters()):
+            if any(match(p) for p in child.parameters()):
                 found.append((f"{parent_path}.{name}".lstrip("."), child))
         if len(found) == 1:
             return found[0]
         if len(found) > 1:
             names = ", ".join(n for n, _ in found)
             raise UnsupportedModelError(f"more than one router candidate beside {path} ({names})")
-    raise UnsupportedModelError(f"no router (a module with an [{num_experts}, {width}] weight) beside {path}; "
-                                f"a router that also scores null experts (more than {num_experts} outputs) "
-                                f"is not supported")
+    return None
+
+
+def _router(layer: nn.Module, path: str, num_experts: int, width: int) -> tuple[str, nn.Module]:
+    """The nearest module beside ``path`` (the experts) holding an ``[E, H]`` parameter, else one holding a
+    2-D parameter with ``E < rows <= 2E`` (a router that also scores null or shared experts)."""
+    found = _nearest(layer, path, lambda p: tuple(p.shape) == (num_experts, width))
+    if found is None:
+        found = _nearest(layer, path, lambda p: p.dim() == 2 and num_experts < p.shape[0] <= 2 * num_experts)
+    if found is None:
+        raise UnsupportedModelError(f"no router beside {path}: no module with an [{num_experts}, {width}] "
+                                    f"weight, nor one with {num_experts + 1} to {2 * num_experts} outputs")
+    return found
 
 
 def moe_site(layer: nn.Module, family: Family) -> MoeSite | None:
@@ -109,7 +125,9 @@ def moe_site(layer: nn.Module, family: Family) -> MoeSite | None:
     if transposed is None or bias is None:
         raise UnsupportedModelError(f"{what}: the experts carry no layout flags (@use_experts_implementation) "
                                     f"and the family has no row in usaf.engine.families")
-    num_experts, width = ex.gate_up_proj.shape[0], ex.gate_up_proj.shape[1 if transposed else 2]
+    # experts that compute (longcat_flash's gate_up_proj also has rows for its zero experts, never read)
+    num_experts = min(ex.gate_up_proj.shape[0], ex.down_proj.shape[0])
+    width = ex.gate_up_proj.shape[1 if transposed else 2]
     if family.router is not None:
         router_path = f"{family.block}.{family.router}".lstrip(".")
         router = get_path(layer, router_path)
@@ -119,7 +137,7 @@ def moe_site(layer: nn.Module, family: Family) -> MoeSite | None:
     block = get_path(layer, block_path)
     shared = next((m for n, m in block.named_children() if n.startswith("shared_expert") and "gate" not in n), None)
     return MoeSite(block, block_path, attr, ex, router, router_path, shared, bool(transposed), bool(bias),
-                   bool(getattr(ex, "is_concatenated", True)))
+                   bool(getattr(ex, "is_concatenated", True)), family.null_experts)
 
 
 def fused_experts(layer: nn.Module, family: Family):

@@ -15,7 +15,8 @@ Layouts of the fused expert stacks:
   per-expert biases (``has_bias``) and a clamped SwiGLU.
 
 Rows remain for real exceptions: a block whose structure discovery cannot read (llama4's block computes
-every expert for every token), and families usaf refuses, with the missing piece named.
+every expert for every token), experts without layout flags whose null experts add the token's input
+(longcat_flash), and families usaf refuses, with the missing piece named.
 """
 
 from __future__ import annotations
@@ -35,6 +36,9 @@ class Family:
         transposed: expert stacks stored ``[E, in, out]``; None: the experts module's ``is_transposed``.
         bias: the experts carry ``gate_up_proj_bias`` / ``down_proj_bias``; None: ``has_bias``.
         dispatch: ``experts`` (replace the experts module) or ``llama4`` (replace the block forward).
+        null_experts: what a route to an index ``>= E`` (a null / zero expert the router also scores) adds:
+            ``skip`` (nothing: inkling, zaya) or ``identity`` (the routing weight times the token's input:
+            longcat_flash's zero experts).
         refused: why usaf cannot train this family (one line), or None.
     """
 
@@ -45,6 +49,7 @@ class Family:
     transposed: bool | None = None
     bias: bool | None = None
     dispatch: str = "experts"
+    null_experts: str = "skip"
     refused: str | None = None
 
     @property
@@ -57,8 +62,8 @@ _ROWS = [
     Family("dbrx", refused="its experts are 2-D w1/v1/w2 tensors of shape [E*I, H] (no 3-D expert stacks)"),
     Family("jetmoe", refused="its mixture of attention heads and MLP experts has no fused experts module"),
     Family("doge", refused="its cross-domain MoE keeps experts as embedding tables (no fused experts module)"),
-    Family("longcat_flash", refused="its router also routes to identity 'zero experts' (indices >= E), which "
-                                    "the fused experts function does not run"),
+    # Its experts carry no layout flags; routes to indices >= E are identity "zero experts" (w * x).
+    Family("longcat_flash", transposed=False, bias=False, null_experts="identity"),
 ]
 
 FAMILIES: dict[str, Family] = {row.model_type: row for row in _ROWS}
