@@ -235,6 +235,12 @@ _OVERRIDES.update({
                       "ffn_hidden_size": DENSE_INTERMEDIATE, "zero_expert_num": 4},
     "jamba": {"attn_layer_period": 2, "attn_layer_offset": 1},
     "lfm2_moe": {"layer_types": ["conv", "conv", "full_attention"]},  # no default pattern; layer 0 is dense  # mamba, then attention (as in 1 of 8 published)
+    # dbrx: its own names of the sizes (the aliases reach ffn_config too late), expert sizes in ffn_config;
+    # DbrxAttention reads attn_config.rope_theta, which DbrxAttentionConfig does not define, and clamps with
+    # clip_qkv unconditionally (published: 8)
+    "dbrx": {"d_model": HIDDEN, "n_heads": 4, "n_layers": 2, "max_seq_len": 512,
+             "attn_config": {"kv_n_heads": 2, "rope_theta": 10000.0, "clip_qkv": 8.0},
+             "ffn_config": {"ffn_hidden_size": MOE_INTERMEDIATE, "moe_num_experts": NUM_EXPERTS, "moe_top_k": TOP_K}},
 })
 
 # Wrapper model types of the core suite -> the text decoder their tiny model is built from.

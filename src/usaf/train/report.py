@@ -22,6 +22,10 @@ from ..engine.families import interleaved_of, transposed_of
 from ..io import atomic_write_text
 from .report_html import render
 
+# Stacks that hold only up or only gate rows (by their parameter's name): nemotron_h's up_proj (no gate),
+# dbrx's v1 and w1; gate_up_proj is split by rows, anything else is down.
+_UP, _GATE = ("up_proj", "v1"), ("w1",)
+
 
 def write_report(run_dir, out: str | Path | None = None) -> Path:
     """Write ``report.html`` (default: into the run directory); returns its path.
@@ -98,10 +102,12 @@ def delta_budget(path: Path) -> dict:
         transposed, interleaved = transposed_of(meta), interleaved_of(meta)
         per_layer: dict[int, dict] = {}
         for stack, shape in shapes.items():
-            m = re.search(r"(?:^|\.)layers\.(\d+)\.", stack)
+            m = re.search(r"(?:^|\.)(?:layers|blocks)\.(\d+)\.", stack)  # dbrx: transformer.blocks.N
             if not m or f"{stack}.indices" not in f.keys():
                 continue
             layer, name = int(m.group(1)), stack.rsplit(".", 1)[1]
+            if name == "weight":  # jetmoe's stacks: input_linear.weight (gate then up rows), output_linear.weight
+                name = {"input_linear": "gate_up_proj"}.get(stack.rsplit(".", 2)[1], name)
             e, r, c = (int(s) for s in shape)
             idx = f.get_tensor(f"{stack}.indices").long()
             row = per_layer.setdefault(layer, {"active": torch.zeros(e, dtype=torch.int64), "capacity": 0,
@@ -119,6 +125,10 @@ def delta_budget(path: Path) -> dict:
                     gate = (local // c) < r // 2
                 row["gate"] += int(gate.sum())
                 row["up"] += int((~gate).sum())
+            elif name in _UP:  # an up_proj without a gate (nemotron_h), dbrx's v1
+                row["up"] += int(idx.numel())
+            elif name in _GATE:  # dbrx's w1
+                row["gate"] += int(idx.numel())
             else:
                 row["down"] += int(idx.numel())
     layers = sorted(per_layer)
