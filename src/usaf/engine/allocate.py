@@ -49,24 +49,27 @@ def final_scores(m: MoeLayer, buffers: dict[str, torch.Tensor], score: str, seed
 
     ``abs``, ``sq`` and ``signed`` are the buffers themselves, flattened, in their dtype (``signed`` made
     absolute in place): no fp32 copy of a layer's buffers (on a 30B-width layer, 2.4 GB beside 1.2 GB of
-    bf16 buffers). ``gw`` is fp32 (a product), ``random`` fp32 draws."""
+    bf16 buffers). ``gw`` is fp32 (a product), ``random`` fp32 draws.
+
+    Stack rows of null experts (longcat_flash's gate_up_proj rows past its routed experts) score -1 (written
+    into the buffer views too): never a candidate."""
     ex = m.experts
     out = {}
     for i, n in enumerate(ex.names):
         b = buffers[n]
+        per = ex.deltas[n].per_expert
         if score == "random":
             g = torch.Generator().manual_seed(seed * 1000003 + m.index * len(ex.names) + i)
-            out[n] = torch.rand(b.numel(), generator=g).to(b.device)
-            continue
-        if score in ("abs", "sq", "signed"):
-            out[n] = (b.abs_() if score == "signed" else b).view(-1)
-            continue
-        s = b.float().view(-1)
+            s = torch.rand(b.numel(), generator=g).to(b.device)
+        elif score in ("abs", "sq", "signed"):
+            s = (b.abs_() if score == "signed" else b).view(-1)
+        else:
+            s = b.float().view(-1)
         if score == "gw":  # |w| of the base (deltas are zero at selection), expert by expert
-            per = s.numel() // ex.num_experts
             for e in range(ex.num_experts):
                 w = ex.weight(n, e, e + 1, torch.float32, s.device).view(-1)
                 s[e * per : (e + 1) * per] *= w.abs()
+        s[ex.num_experts * per :] = -1.0
         out[n] = s
     return out
 
@@ -91,7 +94,7 @@ def layer_pick(m: MoeLayer, scores: dict[str, torch.Tensor], k: int) -> dict[str
 def expert_pick(m: MoeLayer, scores: dict[str, torch.Tensor], ks: list[int]) -> dict[str, torch.Tensor]:
     """``ks[e]`` best elements of each expert ``e`` (all its stacks)."""
     ex = m.experts
-    per = [scores[n].numel() // ex.num_experts for n in ex.names]
+    per = [ex.deltas[n].per_expert for n in ex.names]
     out = {n: [] for n in ex.names}
     for e, k in enumerate(ks):
         if k == 0:
@@ -137,14 +140,15 @@ def channel_scores(m: MoeLayer, scores: dict[str, torch.Tensor]) -> torch.Tensor
     """(E, I) summed element scores of every channel of a layer (input stacks [E, out, in])."""
     ex = m.experts
     i, rows = _channel_rows(m)
+    live = ex.num_experts  # rows past it belong to null experts (longcat_flash's gate_up_proj)
     total = None
     for n, parts in rows.items():
         e, r, h = ex.shape(n)
-        s = scores[n].view(e, r, h).sum(-1, dtype=torch.float32)
+        s = scores[n].view(e, r, h)[:live].sum(-1, dtype=torch.float32)
         for p in range(parts):
             total = s[:, p * i : (p + 1) * i] if total is None else total + s[:, p * i : (p + 1) * i]
     e, r, c = ex.shape(ex.names[-1])
-    dn = scores[ex.names[-1]].view(e, r, c)
+    dn = scores[ex.names[-1]].view(e, r, c)[:live]
     return total + (dn.sum(2, dtype=torch.float32) if ex.down_transposed else dn.sum(1, dtype=torch.float32))
 
 

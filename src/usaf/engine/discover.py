@@ -6,7 +6,11 @@
   ``has_gate=False`` (nemotron_h): an ``up_proj`` stack and the module's activation, no gating.
 - router: the nearest module beside the experts holding an ``[E, H]`` weight (E experts, H their input
   width): the experts' siblings first, then the siblings of each ancestor up to the decoder layer. The whole
-  sibling trains (scales, correction biases), and its scoring stays the family's own code.
+  sibling trains (scales, correction biases), and its scoring stays the family's own code. When no module
+  holds one, a router that also scores null experts: the nearest module holding a 2-D weight with more than
+  ``E`` and at most ``2E`` rows (inkling ``[E + shared, H]``, zaya's router MLP ``[E + 1, router width]``,
+  longcat_flash ``[E + zero experts, H]``). Routes to indices ``>= E`` are null experts: the fused experts
+  function skips them, or adds ``w * x`` for a family whose row says ``null_experts="identity"``.
 - shared experts: a sibling named ``shared_expert*`` (only described; it stays frozen like any dense MLP).
 """
 
@@ -16,7 +20,7 @@ from dataclasses import dataclass
 
 from torch import nn
 
-from .experts import ExpertsLayout, Stack
+from .experts import ExpertsLayout, Stack, computing_experts
 from .families import Family, UnsupportedModelError, get_path
 
 
@@ -35,6 +39,7 @@ class MoeSite:
     bias: bool
     concatenated: bool  # gate/up rows concatenated (False: interleaved, read by the module's _apply_gate)
     layout: ExpertsLayout  # the stacks (names, on-model paths, orientation) and the gating
+    null_experts: str = "skip"  # what a route to an index >= E adds: "skip" (nothing) or "identity" (w * x)
 
 
 def _is_stack(module: nn.Module, name: str) -> bool:
@@ -53,11 +58,10 @@ def _flag(module: nn.Module, name: str, row_value):
     return row_value if row_value is not None else value
 
 
-def _router(layer: nn.Module, path: str, num_experts: int, widths: tuple[int, ...]) -> tuple[str, nn.Module]:
-    """The nearest module beside ``path`` (the experts) holding an ``[E, H]`` parameter, ``H`` one of ``widths``
-    (the experts' input width; nemotron_h's latent experts: the block's hidden size)."""
+def _nearest(layer: nn.Module, path: str, match) -> tuple[str, nn.Module] | None:
+    """The nearest module beside ``path`` holding a parameter for which ``match(p)``: the siblings of ``path``
+    first, then those of each ancestor; None when there is none."""
     parts = path.split(".")
-    shapes = {(num_experts, w) for w in widths}
     for depth in range(len(parts) - 1, -1, -1):
         parent_path = ".".join(parts[:depth])
         parent = get_path(layer, parent_path)
@@ -66,16 +70,28 @@ def _router(layer: nn.Module, path: str, num_experts: int, widths: tuple[int, ..
         for name, child in parent.named_children():
             if name == own:
                 continue
-            if any(p.dim() == 2 and tuple(p.shape) in shapes for p in child.parameters()):
+            if any(match(p) for p in child.parameters()):
                 found.append((f"{parent_path}.{name}".lstrip("."), child))
         if len(found) == 1:
             return found[0]
         if len(found) > 1:
             names = ", ".join(n for n, _ in found)
             raise UnsupportedModelError(f"more than one router candidate beside {path} ({names})")
-    raise UnsupportedModelError(f"no router (a module with an [{num_experts}, {widths[0]}] weight) beside {path}; "
-                                f"a router that also scores null experts (more than {num_experts} outputs) "
-                                f"is not supported")
+    return None
+
+
+def _router(layer: nn.Module, path: str, num_experts: int, widths: tuple[int, ...]) -> tuple[str, nn.Module]:
+    """The nearest module beside ``path`` (the experts) holding an ``[E, H]`` parameter, ``H`` one of ``widths``
+    (the experts' input width; nemotron_h's latent experts: the block's hidden size), else one holding a 2-D
+    parameter with ``E < rows <= 2E`` (a router that also scores null or shared experts)."""
+    shapes = {(num_experts, w) for w in widths}
+    found = _nearest(layer, path, lambda p: p.dim() == 2 and tuple(p.shape) in shapes)
+    if found is None:
+        found = _nearest(layer, path, lambda p: p.dim() == 2 and num_experts < p.shape[0] <= 2 * num_experts)
+    if found is None:
+        raise UnsupportedModelError(f"no router beside {path}: no module with an [{num_experts}, {widths[0]}] "
+                                    f"weight, nor one with {num_experts + 1} to {2 * num_experts} outputs")
+    return found
 
 
 def moe_site(layer: nn.Module, family: Family) -> MoeSite | None:
@@ -126,7 +142,8 @@ def moe_site(layer: nn.Module, family: Family) -> MoeSite | None:
     if layout.stacks[-1].transposed != layout.transposed and bias:
         raise UnsupportedModelError(f"{what}: expert biases with stacks of mixed orientation are not supported")
     w = get_path(ex, layout.stacks[0].path)
-    num_experts = w.shape[0] if w.dim() == 3 else int(ex.num_experts)
+    # experts that compute (longcat_flash's gate_up_proj also has rows for its zero experts, never read)
+    num_experts = computing_experts(ex, layout)
     width = w.shape[-1] if w.dim() == 2 else w.shape[1 if transposed else 2]
     if family.router is not None:
         router_path = f"{family.block}.{family.router}".lstrip(".")
@@ -142,7 +159,7 @@ def moe_site(layer: nn.Module, family: Family) -> MoeSite | None:
     block = get_path(layer, block_path)
     shared = next((m for n, m in block.named_children() if n.startswith("shared_expert") and "gate" not in n), None)
     return MoeSite(block, block_path, attr, ex, router, router_path, shared, layout.transposed, bool(bias),
-                   layout.concatenated, layout)
+                   layout.concatenated, layout, family.null_experts)
 
 
 def fused_experts(layer: nn.Module, family: Family):

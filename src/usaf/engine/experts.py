@@ -12,6 +12,10 @@
   gradient and the gradient of the compact delta values, ``g[k] = sum_t dY[t, r_k] * X[t, c_k]`` over
   the tokens of that expert. Either gather-dot (O(T * nnz)) or a per-expert GEMM ``dY^T X`` gathered
   and freed at once, chosen by cost; no dense gradient of a whole expert stack ever exists.
+- null experts: routes to an index ``>= E`` (a router that also scores null or zero experts) run no expert.
+  By default they add nothing (inkling's and zaya's experts skip them); with ``null_experts="identity"``
+  (longcat_flash's zero experts) they add ``w * x``, and the backward returns ``w * dY`` to the input and
+  ``dY . x`` to their routing weights.
 
 The module's mode is one explicit value, :class:`ExpertsMode`, changed only through
 :meth:`UsafExperts.set_mode` (or the ``with experts.mode_as(...)`` context): ``lean`` (recompute the
@@ -105,6 +109,14 @@ def stack_tensor(stock: nn.Module, stack: Stack, num_experts: int) -> torch.Tens
     return t.data.view(num_experts, -1, t.shape[-1]) if t.dim() == 2 else t.data
 
 
+def computing_experts(stock: nn.Module, layout: ExpertsLayout) -> int:
+    """The experts of a stock experts module that compute: the fewest rows of its 3-D stacks (longcat_flash's
+    gate_up_proj also holds rows for its zero experts, never read), or its ``num_experts`` for 2-D stacks
+    (dbrx's ``[E * R, C]``)."""
+    rows = [t.shape[0] for t in (_get(stock, st.path) for st in layout.stacks) if t.dim() == 3]
+    return min(rows) if rows else int(stock.num_experts)
+
+
 # hook(stack name, expert, left (S, R), right (S, C)): the expert's dense weight gradient is ``left.T @ right``
 # in the stack's native layout (``[R, C]``); called once per hit expert and stack in every backward.
 ScoreHook = Callable[[str, int, torch.Tensor, torch.Tensor], None]
@@ -129,19 +141,26 @@ class UsafExperts(nn.Module):
     """
 
     def __init__(self, stock: nn.Module, layout: ExpertsLayout, quant: str = "none", group_size: int = 64,
-                 chunk_bytes: int = 256 << 20, frozen: dict | None = None):
+                 chunk_bytes: int = 256 << 20, frozen: dict | None = None, null_experts: str = "skip"):
         super().__init__()
+        if null_experts not in ("skip", "identity"):
+            raise ValueError(f"null_experts must be 'skip' or 'identity', got {null_experts!r}")
         self.layout = layout
         self.names = layout.names  # the input stacks, then down
         self.paths = {st.name: st.path for st in layout.stacks}
         self.transposed = layout.transposed  # the input stacks' orientation
         self.down_transposed = layout.stacks[-1].transposed
         first = _get(stock, layout.stacks[0].path)
-        self.num_experts = first.shape[0] if first.dim() == 3 else int(stock.num_experts)
+        # Experts that compute; routes to indices >= num_experts are null experts (``null_experts``). A stack
+        # may hold more rows than that (longcat_flash's gate_up_proj has rows for its zero experts, never read):
+        # the frozen stacks and deltas keep the checkpoint's shapes.
+        self.num_experts = computing_experts(stock, layout)
+        self.null_identity = null_experts == "identity"
         stacks = {st.name: stack_tensor(stock, st, self.num_experts) for st in layout.stacks}
         self.frozen = frozen or {name: freeze_stack(t, quant, group_size) for name, t in stacks.items()}
         self.base_dtype = first.dtype
         self.frozen_numel = {name: t.numel() for name, t in stacks.items()}
+        self._expert_bytes = 2 * sum(t[0].numel() for t in stacks.values())  # one expert, bf16
         # widths of the input stacks' outputs: their slices of the intermediate pre-activations
         self.widths = [stacks[n].shape[2 if self.transposed else 1] for n in self.names[:-1]]
         self.quant = quant
@@ -204,6 +223,10 @@ class UsafExperts(nn.Module):
     def shape(self, name: str) -> tuple[int, ...]:
         return tuple(self.frozen[name].shape)
 
+    def live_numel(self, name: str) -> int:
+        """Elements of stack ``name`` that belong to experts that compute (what selection may activate)."""
+        return self.num_experts * self.deltas[name].per_expert
+
     def param_name(self, name: str) -> str:
         """The on-model name of stack ``name`` relative to this module (e.g. dbrx ``mlp.w1``)."""
         return self.paths[name]
@@ -233,8 +256,7 @@ class UsafExperts(nn.Module):
 
     def runs(self, counts: list[int]) -> list[tuple[int, int]]:
         """Group consecutive hit experts into runs whose dequantized weights fit ``chunk_bytes``."""
-        per_expert = 2 * sum(self.frozen_numel[n] // self.num_experts for n in self.names)  # bf16 bytes
-        cap = max(1, self.chunk_bytes // max(per_expert, 1))
+        cap = max(1, self.chunk_bytes // max(self._expert_bytes, 1))
         runs, start = [], None
         for e, c in enumerate(counts + [0]):
             if c and start is None:
@@ -278,7 +300,8 @@ class UsafExperts(nn.Module):
         ``compute_dtype`` as in training, then stored at ``store_dtype``), for good: what an export writes."""
         cpu = torch.device("cpu")
         for name in list(self.frozen):
-            self.frozen[name] = DenseStack(self.weight(name, 0, self.num_experts, compute_dtype, cpu).to(store_dtype))
+            rows = self.shape(name)[0]
+            self.frozen[name] = DenseStack(self.weight(name, 0, rows, compute_dtype, cpu).to(store_dtype))
         self._merged = {}
 
     def release(self) -> list:
@@ -316,6 +339,14 @@ def _sparse_grad(left: torch.Tensor, right: torch.Tensor, idx: torch.Tensor,
         k = idx[a : a + step]
         out[a : a + step] = (lf[:, k // cols] * rf[:, k % cols]).sum(0)
     return out
+
+
+def _identity_weights(mod: UsafExperts, route: Routing, weights: torch.Tensor) -> torch.Tensor | None:
+    """(T, 1) summed routing weights of each token's routes to identity null experts; None when the module's
+    null experts add nothing or no route goes to one."""
+    if not mod.null_identity or route.null is None:
+        return None
+    return (weights * route.null).sum(-1, keepdim=True)
 
 
 class ExpertsFunction(torch.autograd.Function):
@@ -361,6 +392,9 @@ class ExpertsFunction(torch.autograd.Function):
                     if not score_on_input:
                         y = y * wp[r0 : r0 + n]
                     out.index_add_(0, tok[:real], y[:real].to(out.dtype))
+        null = _identity_weights(mod, route, weights)
+        if null is not None:  # identity null experts: out[t] += sum_k w[t, k] x[t] over the null routes
+            out.add_((x * null).to(out.dtype))
         ctx.x, ctx.weights, ctx.h_all = x.detach(), weights.detach(), h_all
         ctx.mod, ctx.route, ctx.score_on_input = mod, route, score_on_input
         return out
@@ -443,10 +477,16 @@ class ExpertsFunction(torch.autograd.Function):
                         i0, i1 = delta.span(e, e + 1)
                         if i0 != i1:
                             grads[name][i0:i1] = _sparse_grad(left, right, delta.local(e, e + 1))
+        null = _identity_weights(mod, route, ctx.weights)
+        if null is not None and dx_all is not None:  # out = w * x on the null routes: dx = w * dout
+            dx_all.add_((dout * null).to(dx_all.dtype))
         dweights = None
         if ctx.needs_input_grad[1]:
             dflat = torch.zeros(ctx.weights.numel(), dtype=torch.float32, device=x.device)
             dflat[route.slot[route.pos]] = dwp[route.pos]
+            if null is not None:  # dw = dout . x on the null routes
+                dnull = (dout.float() * x.float()).sum(-1, keepdim=True) * route.null
+                dflat += dnull.view(-1)
             dweights = dflat.view_as(ctx.weights).to(ctx.weights.dtype)
         values_grads = [grads[nm] for nm in mod.names] if grads is not None else [None] * len(mod.names)
         return dx_all, dweights, None, None, None, *values_grads

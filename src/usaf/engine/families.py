@@ -19,7 +19,8 @@ Layouts of the fused expert stacks:
 
 Rows remain for real exceptions: a block whose structure discovery cannot read (llama4's block computes
 every expert for every token; dbrx's 2-D expert tensors; jetmoe's block calls its expert stacks with per-expert row
-counts), and families usaf refuses, with the missing piece named.
+counts), experts without layout flags whose null experts add the token's input (longcat_flash), and families
+usaf refuses, with the missing piece named.
 """
 
 from __future__ import annotations
@@ -41,6 +42,9 @@ class Family:
         dispatch: ``experts`` (replace the experts module), ``llama4`` (replace the block forward) or
             ``jetmoe`` (the block holds the stacks: the usaf experts are attached to it as ``experts`` and the
             block forward replaced).
+        null_experts: what a route to an index ``>= E`` (a null / zero expert the router also scores) adds:
+            ``skip`` (nothing: inkling, zaya) or ``identity`` (the routing weight times the token's input:
+            longcat_flash's zero experts).
         refused: why usaf cannot train this family (one line), or None.
         stacks: ``(name, path on the experts module, transposed)`` of the input stacks, then down, when they
             are not transformers' fused ``gate_up_proj`` / ``down_proj`` (gated: ``act(gate) * up``).
@@ -54,6 +58,7 @@ class Family:
     transposed: bool | None = None
     bias: bool | None = None
     dispatch: str = "experts"
+    null_experts: str = "skip"
     refused: str | None = None
     stacks: tuple[tuple[str, str, bool], ...] | None = None
     act: str = "act_fn"
@@ -73,8 +78,8 @@ _ROWS = [
            stacks=(("input_linear", "input_linear.weight", False), ("output_linear", "output_linear.weight", False)),
            act="activation"),
     Family("doge", refused="its cross-domain MoE keeps experts as embedding tables (no fused experts module)"),
-    Family("longcat_flash", refused="its router also routes to identity 'zero experts' (indices >= E), which "
-                                    "the fused experts function does not run"),
+    # Its experts carry no layout flags; routes to indices >= E are identity "zero experts" (w * x).
+    Family("longcat_flash", transposed=False, bias=False, null_experts="identity"),
 ]
 
 FAMILIES: dict[str, Family] = {row.model_type: row for row in _ROWS}

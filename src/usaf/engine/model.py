@@ -52,9 +52,11 @@ class MoeLayer:
 def decoder_layers(model: nn.Module) -> nn.ModuleList:
     cfg = model.config.get_text_config()
     n = cfg.num_hidden_layers
+    # longcat_flash counts the 2 attention sublayers of each decoder layer in num_hidden_layers (num_layers)
+    counts = {n, getattr(cfg, "num_layers", n)}
     for path in ("model.layers", "model.language_model.layers", "language_model.model.layers"):
         layers = get_path(model, path)
-        if isinstance(layers, nn.ModuleList) and len(layers) == n:
+        if isinstance(layers, nn.ModuleList) and len(layers) in counts:
             return layers
     for _, mod in model.named_modules():
         if isinstance(mod, nn.ModuleList) and len(mod) == n:
@@ -195,8 +197,9 @@ class UsafModel:
         return {f"{m.router_prefix}.{n}": p for m in self.trainable_layers for n, p in m.router.named_parameters()}
 
     def expert_elements(self) -> int:
-        """Expert weights in the trainable layers (what the density applies to)."""
-        return sum(d.numel for d in self.deltas().values())
+        """Weights of the experts that compute in the trainable layers (what the density applies to; stack
+        rows of null experts, as longcat_flash's gate_up_proj has, are not counted)."""
+        return sum(m.experts.live_numel(n) for m in self.trainable_layers for n in m.experts.names)
 
     def budget(self, density: float | None = None) -> int:
         density = self.config.density if density is None else density
@@ -346,7 +349,8 @@ def prepare(model: nn.Module, config: UsafConfig | None = None, frozen: dict | N
     for i, layer, site in sites:
         name = names[id(site.experts)]
         experts = UsafExperts(site.experts, site.layout, config.quant, config.group_size,
-                              chunk_bytes=config.chunk_mb << 20, frozen=(frozen or {}).get(name))
+                              chunk_bytes=config.chunk_mb << 20, frozen=(frozen or {}).get(name),
+                              null_experts=site.null_experts)
         setattr(site.block, site.attr, experts)
         if family.dispatch == "llama4":
             site.block.forward = types.MethodType(llama4_block_forward, site.block)
@@ -391,4 +395,4 @@ def effective_weight(layer: MoeLayer, name: str, dtype=None) -> torch.Tensor:
     """Dense effective ``[E, R, C]`` weight (base + delta) of one stack: for tests, merge and export."""
     ex = layer.experts
     dtype = dtype or ex.base_dtype
-    return ex.weight(name, 0, ex.num_experts, dtype, ex.deltas[name].values.device)
+    return ex.weight(name, 0, ex.shape(name)[0], dtype, ex.deltas[name].values.device)

@@ -274,14 +274,14 @@ def candidates(handle: UsafModel, batches: Iterable[dict], budget: int, exclude_
     was_training = model.training
     model.train()
 
-    def cap(numel: int) -> int:
+    def cap(numel: int) -> int:  # numel: the elements of one stack's experts that compute
         return max(1, math.ceil(cfg.layer_share_cap * budget * numel / max(total, 1)))
 
     with lean_passes(handle):  # every scoring pass keeps only what a checkpointed step keeps
         try:
             if streaming:
                 layers = handle.trainable_layers
-                hooks = {m.index: StreamedCandidates(m.experts, {n: math.ceil(cap(m.experts.deltas[n].numel) /
+                hooks = {m.index: StreamedCandidates(m.experts, {n: math.ceil(cap(m.experts.live_numel(n)) /
                                                                               m.experts.num_experts * 2)
                                                                   for n in m.experts.names})
                          for m in layers}
@@ -293,7 +293,7 @@ def candidates(handle: UsafModel, batches: Iterable[dict], budget: int, exclude_
                     merge_ranks(list(hooks.values()))
                 for m in reversed(layers):
                     for n in m.experts.names:
-                        best = hooks[m.index].best(n, cap(m.experts.deltas[n].numel))
+                        best = hooks[m.index].best(n, cap(m.experts.live_numel(n)))
                         if best is not None:
                             out.append((m, n, *best))
                 return out
@@ -302,7 +302,7 @@ def candidates(handle: UsafModel, batches: Iterable[dict], budget: int, exclude_
                     sc = scores[n]
                     if exclude_active:
                         sc[m.experts.deltas[n].indices.long()] = -1.0
-                    vals, idx = top_candidates(sc, min(sc.numel(), cap(sc.numel())))
+                    vals, idx = top_candidates(sc, min(sc.numel(), cap(m.experts.live_numel(n))))
                     keep = vals >= 0
                     out.append((m, n, vals[keep].float(), idx[keep]))
                 out = prune(out, budget)
@@ -347,8 +347,7 @@ def _allocate(handle: UsafModel, batches, budget: int, loss_fn: Callable, n_batc
     if not batches:
         raise ValueError("no calibration batches for selection")
     layers = handle.trainable_layers
-    sizes = {m.index: [m.experts.deltas[n].numel // m.experts.num_experts for n in m.experts.names]
-             for m in layers}
+    sizes = {m.index: [m.experts.deltas[n].per_expert for n in m.experts.names] for m in layers}
     if cfg.allocation == "layer":
         share = dict(zip((m.index for m in layers), quotas([sum(sizes[m.index]) * m.experts.num_experts
                                                             for m in layers], budget)))

@@ -112,7 +112,9 @@ def delta_budget(path: Path) -> dict:
             idx = f.get_tensor(f"{stack}.indices").long()
             row = per_layer.setdefault(layer, {"active": torch.zeros(e, dtype=torch.int64), "capacity": 0,
                                                "gate": 0, "up": 0, "down": 0})
-            row["active"] += torch.bincount(idx // (r * c), minlength=e)
+            counts, active = torch.bincount(idx // (r * c), minlength=e), row["active"]
+            n = min(len(active), len(counts))  # longcat_flash's gate_up_proj has rows for its zero experts
+            row["active"] = active[:n] + counts[:n]
             row["capacity"] += r * c
             if name == "gate_up_proj":
                 local = idx % (r * c)
