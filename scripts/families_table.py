@@ -23,6 +23,7 @@ from test_export import ROUNDTRIP  # noqa: E402
 from test_families import CORE, DECODERS, _status  # noqa: E402
 
 from usaf.engine.families import FAMILIES  # noqa: E402
+from usaf.engine.model import decoder_layers  # noqa: E402
 from usaf.testing import moe_families  # noqa: E402
 
 BY_HAND = {"granitemoehybrid", "kimi_linear", "lara_mini", "minimax", "qwen3_5_moe_text", "qwen3_next",
@@ -33,8 +34,8 @@ BY_HAND = {"granitemoehybrid", "kimi_linear", "lara_mini", "minimax", "qwen3_5_m
 TEXT_OF = {"gemma4": "gemma4_text", "llama4": "llama4_text"}  # the core suite's wrapper names
 
 
-def _relative(path: str, index: int) -> str:
-    return path.split(f"layers.{index}.", 1)[1]
+def _relative(path: str, layer_name: str) -> str:
+    return path[len(layer_name) + 1:] if path.startswith(layer_name + ".") else path
 
 
 def row(family: str) -> str:
@@ -47,14 +48,16 @@ def row(family: str) -> str:
     tested = [t for t, on in (("test_engine", family in CORE), ("test_export", family in exported),
                               ("CLI by hand", family in BY_HAND and family not in exported)) if on]
     layer = handle.layers[0]
+    names = {id(m): n for n, m in handle.model.named_modules()}
+    layer_name = names[id(decoder_layers(handle.model)[layer.index])]
     flags = [f for f, on in (("transposed", handle.transposed), ("interleaved", not handle.concatenated),
                              ("biases", layer.experts.gate_up_bias is not None),
                              ("post-expert norm", layer.experts.post_expert_norm is not None)) if on]
     row_type = handle.family.model_type
     if row_type in FAMILIES:
         flags = [f"{', '.join(flags) or 'layout'} (row)"]
-    where = ", ".join([f"`{_relative(layer.prefix, layer.index)}`",
-                       f"router `{_relative(layer.router_prefix, layer.index)}`", *flags])
+    where = ", ".join([f"`{_relative(layer.prefix, layer_name)}`",
+                       f"router `{_relative(layer.router_prefix, layer_name)}`", *flags])
     label = "supported" + (f" ({', '.join(tested)})" if tested else "")
     return f"| {family} | {wrappers} | {label} | {where} |"
 

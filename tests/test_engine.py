@@ -123,6 +123,52 @@ def test_fused_experts_equal_the_dense_reference(family):
         torch.testing.assert_close(d.values.grad, dense.reshape(-1)[d.indices.long()], rtol=1e-4, atol=1e-6)
 
 
+@pytest.mark.parametrize("lean", [False, True])
+@pytest.mark.parametrize("family", ["longcat_flash", "zaya"])
+def test_null_expert_routes_equal_the_stock_experts(family, lean):
+    """Routes to indices >= E (null experts the router also scores): longcat_flash's zero experts add ``w * x``
+    (identity), zaya's skip expert (index E) adds nothing. The fused function against the family's stock
+    experts module with base + delta weights, and engine/reference.py: outputs, input and routing-weight
+    gradients, and the delta values' gradients."""
+    from usaf.engine.reference import reference_experts
+
+    stock, _, handle = _prepared(family)
+    _random_deltas(handle)
+    m = handle.layers[-1]
+    ex = m.experts
+    ex.set_mode(lean=lean)
+    g = torch.Generator().manual_seed(3)
+    n_null = ex.shape("gate_up_proj")[0] - ex.num_experts if family == "longcat_flash" else 1
+    T, K, E = 40, 2, ex.num_experts
+    x = torch.randn(T, ex.shape("down_proj")[1], generator=g, requires_grad=True)
+    idx = torch.stack([torch.randperm(E + n_null, generator=g)[:K] for _ in range(T)])
+    assert (idx >= E).any() and (idx < E).any()
+    w = torch.rand(T, K, generator=g, requires_grad=True)
+    out = ex(x, idx, w)
+    stock_ex = dict(stock.named_modules())[m.prefix]
+    gu = torch.nn.Parameter(effective_weight(m, "gate_up_proj", torch.float32))
+    dn = torch.nn.Parameter(effective_weight(m, "down_proj", torch.float32))
+    stock_ex.gate_up_proj, stock_ex.down_proj = gu, dn
+    if hasattr(stock_ex, "config"):  # the module's own loop: transformers' grouped_mm leaves index E undefined
+        stock_ex.config._experts_implementation = "eager"
+    x2, w2 = x.detach().clone().requires_grad_(True), w.detach().clone().requires_grad_(True)
+    ref = stock_ex(x2, idx, w2)
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-6)
+    with torch.no_grad():
+        dense = reference_experts(x, idx, w, gu, dn, ex._gate, null_identity=family == "longcat_flash")
+    torch.testing.assert_close(out, dense, rtol=1e-5, atol=1e-6)
+    dy = torch.randn(T, x.shape[1], generator=g)
+    out.backward(dy)
+    ref.backward(dy)
+    torch.testing.assert_close(x.grad, x2.grad, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(w.grad, w2.grad, rtol=1e-5, atol=1e-6)
+    if family == "longcat_flash":  # the identity routes' weights have a gradient (dY . x)
+        assert bool((w.grad[idx >= E] != 0).all())
+    for name, p in (("gate_up_proj", gu), ("down_proj", dn)):
+        d = ex.deltas[name]
+        torch.testing.assert_close(d.values.grad, p.grad.reshape(-1)[d.indices.long()], rtol=1e-4, atol=1e-6)
+
+
 @pytest.mark.parametrize("family", FAMILIES)
 def test_quantized_base_error_bound(family):
     stock, model, handle = _prepared(family, quant="4bit")

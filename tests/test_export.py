@@ -225,6 +225,13 @@ ROUNDTRIP += [(f, q) for f in ("deepseek_v3", "glm4_moe") for q in ("none", "4bi
 # attention with dense first layers, a transposed layout, a router named `router`, a hybrid of mamba and attention
 # layers.
 ROUNDTRIP += [("deepseek_v2", "none"), ("aria_text", "4bit"), ("phimoe", "none"), ("jamba", "4bit")]
+# Routers that also score null experts: longcat_flash's identity zero experts (and gate_up_proj rows for them),
+# zaya's skip expert scored by a router MLP.
+ROUNDTRIP += [("longcat_flash", "none"), ("zaya", "4bit")]
+# Experts without a gate (nemotron_h: up_proj + relu2, published per-expert layout under `backbone.`), dbrx's 2-D
+# w1 / v1 / w2 tensors (written back under their own names and shapes) and jetmoe's stacks held by its MoE block
+# (input_linear.weight / output_linear.weight).
+ROUNDTRIP += [("nemotron_h", "4bit"), ("dbrx", "none"), ("jetmoe", "4bit")]
 # Vision-language models whose text decoder is no CausalLM: loaded whole with their image-text-to-text class,
 # trained on text; the export keeps every tensor name (vision tower included) and loads with that class.
 # ernie4_5_vl_moe has modality-isolated experts (text experts train, vision experts stay frozen); muse_spark a

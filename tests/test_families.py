@@ -83,6 +83,34 @@ def test_enumeration_finds_the_families():
     assert {"jamba", "qwen3_next", "lfm2_moe", "bailing_hybrid"} <= set(DECODERS)  # hybrids are listed
 
 
+@pytest.mark.parametrize("family,names", [("nemotron_h", ("up_proj", "down_proj")),
+                                          ("dbrx", ("mlp.w1", "mlp.v1", "mlp.w2")),
+                                          ("jetmoe", ("input_linear.weight", "output_linear.weight"))])
+def test_no_gate_flat_and_block_held_experts_train_under_their_own_names(family, names):
+    """nemotron_h (``has_gate=False``: up_proj + relu2), dbrx (2-D w1 / v1 / w2) and jetmoe (stacks held by its
+    MoE block) are supported (the checks below run on them), and their deltas carry the model's own parameter
+    names and sizes."""
+    status, info = _status(family)
+    assert status == "supported", info
+    stock, _, handle = info
+    params = dict(stock.named_parameters())
+    for key, d in handle.deltas().items():
+        assert params[key].numel() == d.numel, key
+    assert {m.key(n)[len(m.prefix) + 1:] for m in handle.trainable_layers for n in m.experts.names} == set(names)
+
+
+def test_latent_experts_find_the_router_on_the_hidden_width():
+    """nemotron_h with ``moe_latent_size`` (published in larger Nemotron-H): the experts run on a projected
+    width, the router scores the hidden states ([E, hidden], not [E, latent])."""
+    stock = make_tiny_model("nemotron_h", seed=0, moe_latent_size=32)
+    model = copy.deepcopy(stock)
+    handle = usaf.prepare(model, usaf.UsafConfig(quant="none", density=0.05))
+    assert list(handle.router_parameters()) == ["model.layers.1.mixer.gate.weight"]
+    assert handle.layers[0].experts.shape("up_proj")[2] == 32
+    with torch.no_grad():
+        assert _rel(model(IDS, use_cache=False).logits, stock(IDS, use_cache=False).logits) <= 1e-5
+
+
 def test_enumeration_lists_vision_language_models_under_their_own_type():
     fams = moe_families()
     assert fams["qwen3_vl_moe"] == "qwen3_vl_moe" and fams["ernie4_5_vl_moe"] == "ernie4_5_vl_moe"
@@ -109,8 +137,9 @@ def test_family_supported_with_numerics_or_refused_in_one_line(family):
     for p in dense.parameters():
         p.requires_grad_(False)
     with torch.no_grad():
-        for key, d in handle.deltas().items():
-            _param(dense, key).add_(d.to_dense())
+        for key, d in handle.deltas().items():  # dbrx: 2-D [E*I, H] tensors, the same flat order as [E, I, H]
+            p = _param(dense, key)
+            p.add_(d.to_dense().view_as(p))
     for key in list(handle.deltas()) + list(handle.router_parameters()):
         _param(dense, key).requires_grad_(True)
     loss_ref = dense(IDS, labels=IDS, use_cache=False).loss

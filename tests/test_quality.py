@@ -165,6 +165,13 @@ def test_method_trains_only_its_scope(setup, method):
     ref = ref_model.state_dict()
     m = parse_method(method, cfg)
     st = setup_method(m, cfg, cfg["model_dir"], data)
+    # every method trains in training mode; usaf's checkpointing choice is in effect (transformers
+    # checkpoints a layer only while it is training)
+    assert all(mod.training for mod in st.model.modules())
+    if m.name == "usaf":
+        from usaf.engine.checkpointing import is_checkpointing
+
+        assert is_checkpointing(st.model.usaf) == st.info["checkpointing"]
     losses = [st.step(b) for b in data["train"]]
     assert all(torch.isfinite(torch.tensor(losses)))
     assert st.trainable > 0 and st.ship() > 0

@@ -99,6 +99,21 @@ def test_budget_per_layer_expert_and_matrix_matches_a_dense_count(tmp_path, fami
             assert (b["matrix"]["gate"][li], b["matrix"]["up"][li], b["matrix"]["down"][li]) == (gate, up, down)
 
 
+def test_budget_counts_attention_deltas_apart_from_the_experts(tmp_path):
+    handle = usaf.prepare(make_tiny_model("qwen3_moe"), usaf.UsafConfig(quant="none", attention_density=0.05))
+    gen = torch.Generator().manual_seed(0)
+    for d in handle.deltas().values():
+        d.set(torch.randperm(d.numel, generator=gen)[: d.numel // 7])
+    for d in handle.attention_deltas().values():
+        d.set(torch.randperm(d.numel, generator=gen)[: d.numel // 11])
+    handle.save_delta(tmp_path / "delta.safetensors")
+    b = delta_budget(tmp_path / "delta.safetensors")
+    experts = sum(len(d) for d in handle.deltas().values())
+    assert b["attention"] == sum(len(d) for d in handle.attention_deltas().values()) > 0
+    assert sum(map(sum, b["active"])) == experts
+    assert sum(sum(b["matrix"][n]) for n in ("gate", "up", "down")) == experts
+
+
 def test_tensorboard_events_hold_the_scalars_of_log_jsonl(run):
     pytest.importorskip("tensorboard")
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator

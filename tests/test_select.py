@@ -120,3 +120,73 @@ def test_random_score_is_seeded_and_allocation_refuses_rigl():
     usaf.select(h, BATCHES)
     with pytest.raises(ValueError, match="RigL"):
         usaf.reselect(h, None, BATCHES, 0.3)
+
+
+@pytest.mark.parametrize("allocation,score", [("global", "abs"), ("global", "random"), ("layer", "gw"),
+                                              ("expert", "abs"), ("channel", "sq")])
+def test_selection_and_reselection_with_null_experts(allocation, score):
+    """longcat_flash routes to identity zero experts (indices >= E) and its gate_up_proj holds rows for them,
+    which no expert reads: selection and RigL reselection spend the budget on the experts that compute only,
+    and the sparse gradients stay exact."""
+    stock = make_tiny_model("longcat_flash", seed=0)
+    handle = usaf.prepare(copy.deepcopy(stock), usaf.UsafConfig(quant="none", score_dtype="fp32", density=0.05,
+                                                                allocation=allocation, score=score))
+    layers = handle.trainable_layers
+
+    def live():  # every active index in the rows of the experts that compute
+        return all(int(m.experts.deltas[n].indices.max()) < m.experts.live_numel(n)
+                   for m in layers for n in m.experts.names)
+
+    assert handle.expert_elements() == sum(m.experts.live_numel(n) for m in layers for n in m.experts.names) < \
+        sum(d.numel for d in handle.deltas().values())
+    rep = usaf.select(handle, BATCHES)
+    assert rep["active"] == handle.budget() == rep["budget"] and live()
+    if allocation == "global":
+        opt = usaf.UsafOptimizer(handle, lr=0.02)
+        handle.model(**BATCHES[0]).loss.backward()
+        opt.step()
+        opt.zero_grad()
+        rep = usaf.reselect(handle, opt, BATCHES, 0.3)
+        assert rep["grown"] > 0 and handle.active() == handle.budget() and live()
+    handle.model(**BATCHES[0]).loss.backward()
+    with torch.no_grad():  # the dense reference: base + the trained deltas, the trained routers
+        params = dict(stock.named_parameters())
+        for key, d in handle.deltas().items():
+            params[key].add_(d.to_dense())
+        for key, p in handle.router_parameters().items():
+            params[key].copy_(p)
+    g = _dense_grads(stock, list(handle.deltas()))[0]
+    for key, d in handle.deltas().items():
+        torch.testing.assert_close(d.values.grad, g[key].reshape(-1)[d.indices.long()], rtol=1e-4, atol=1e-7)
+
+
+@pytest.mark.parametrize("family", ["qwen3_moe", "nemotron_h", "dbrx"])
+def test_a_channel_is_the_weights_of_one_intermediate_neuron(family):
+    """``channel_elements`` of every layout (gate_up + down; up_proj without a gate + down; dbrx's gate w1, up v1
+    and down w2 stored [E, I, H]): zeroing a channel's input rows, its down weights or both removes the same
+    neuron from the expert's output, and the channels of an expert tile all its weights once."""
+    handle = usaf.prepare(make_tiny_model(family, seed=0), usaf.UsafConfig(quant="none"))
+    m = handle.trainable_layers[-1]
+    ex = m.experts
+    e, j = 3, 5
+    x = torch.randn(6, ex.shape(ex.names[0])[2], generator=torch.Generator().manual_seed(0))
+    idx, w = torch.full((6, 1), e), torch.ones(6, 1)
+
+    def out(zero: dict) -> torch.Tensor:  # the expert's output with the weights at ``zero`` set to 0
+        for n in ex.names:
+            at = zero.get(n, torch.empty(0, dtype=torch.int64))
+            ex.deltas[n].set(at, -ex.frozen[n].tensor.reshape(-1)[at].float())
+        with torch.no_grad():
+            return ex(x, idx, w)
+
+    ch = channel_elements(m, e, j)
+    down = ex.names[-1]
+    whole = out(ch)
+    assert (whole - out({})).abs().max() > 1e-4  # the neuron contributes
+    torch.testing.assert_close(out({down: ch[down]}), whole, rtol=0, atol=1e-6)
+    torch.testing.assert_close(out({n: v for n, v in ch.items() if n != down}), whole, rtol=0, atol=1e-6)
+    inter = ex.shape(down)[1 if ex.down_transposed else 2]
+    for n in ex.names:  # every weight of expert e in exactly one channel
+        got = torch.cat([channel_elements(m, e, c)[n] for c in range(inter)])
+        per = ex.deltas[n].per_expert
+        assert torch.equal(got.sort().values, torch.arange(e * per, (e + 1) * per))

@@ -72,6 +72,7 @@ PER_EXPERT_FAMILIES: tuple[str, ...] = (
     "deepseek_v3",
     "glm4_moe",
     "granitemoe",
+    "nemotron_h",
 )
 
 _ALIASES = {"gemma4_text": "gemma4", "llama4_text": "llama4"}
@@ -231,15 +232,16 @@ def make_tiny_model(family: str, seed: int = 0, dtype: torch.dtype = torch.float
 # ---------------------------------------------------------------------------------------------------------
 
 # family -> (per-expert projection names for gate, up, down; rename of the MoE block prefix on disk)
-_PER_EXPERT_NAMES: dict[str, tuple[tuple[str, str, str], tuple[str, str] | None]] = {
+_PER_EXPERT_NAMES: dict[str, tuple[tuple[str | None, str, str], tuple[str, str] | None]] = {
     "qwen3_moe": (("gate_proj", "up_proj", "down_proj"), None),
     "qwen2_moe": (("gate_proj", "up_proj", "down_proj"), None),
     "olmoe": (("gate_proj", "up_proj", "down_proj"), None),
     "deepseek_v3": (("gate_proj", "up_proj", "down_proj"), None),
     "glm4_moe": (("gate_proj", "up_proj", "down_proj"), None),
     "mixtral": (("w1", "w3", "w2"), (".mlp.", ".block_sparse_moe.")),
+    "nemotron_h": ((None, "up_proj", "down_proj"), ("model.", "backbone.")),  # no gate; backbone.layers.N...
 }
-_FUSED_EXPERT_KEY = re.compile(r"^(?P<prefix>.*\.experts)\.(?P<name>gate_up_proj|down_proj)$")
+_FUSED_EXPERT_KEY = re.compile(r"^(?P<prefix>.*\.experts)\.(?P<name>gate_up_proj|up_proj|down_proj)$")
 
 
 def _original_layout_state_dict(family: str, state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -253,6 +255,8 @@ def _original_layout_state_dict(family: str, state_dict: dict[str, torch.Tensor]
       ``mlp.experts.{e}.down_proj.weight [H, I]``. Routers and shared experts keep their names.
     * mixtral: the same split with ``w1`` (gate), ``w3`` (up), ``w2`` (down), and ``.mlp.`` -> ``.block_sparse_moe.``
       everywhere (so the router is ``block_sparse_moe.gate.weight``).
+    * nemotron_h (no gate): ``mixer.experts.up_proj [E, I, H]`` -> ``mixer.experts.{e}.up_proj.weight [I, H]``,
+      ``down_proj`` as above, and every ``model.`` name under ``backbone.``.
     * granitemoe: experts stay fused but are renamed ``block_sparse_moe.input_linear.weight [E, 2I, H]`` and
       ``block_sparse_moe.output_linear.weight [E, H, I]``; the router becomes ``block_sparse_moe.router.layer.weight``.
     """
@@ -278,7 +282,7 @@ def _original_layout_state_dict(family: str, state_dict: dict[str, torch.Tensor]
         )
     (gate_name, up_name, down_name), block_rename = _PER_EXPERT_NAMES[family]
     for key, tensor in state_dict.items():
-        disk_key = key.replace(*block_rename) if block_rename else key
+        disk_key = key.replace(*block_rename, 1) if block_rename else key
         match = _FUSED_EXPERT_KEY.match(disk_key)
         if match is None:
             out[disk_key] = tensor.detach().clone().contiguous()
@@ -292,8 +296,9 @@ def _original_layout_state_dict(family: str, state_dict: dict[str, torch.Tensor]
                 )
                 out[f"{prefix}.{e}.{up_name}.weight"] = tensor[e, intermediate:].detach().clone().contiguous()
         else:
+            part = up_name if match["name"] == "up_proj" else down_name
             for e in range(tensor.shape[0]):
-                out[f"{prefix}.{e}.{down_name}.weight"] = tensor[e].detach().clone().contiguous()
+                out[f"{prefix}.{e}.{part}.weight"] = tensor[e].detach().clone().contiguous()
     return out
 
 

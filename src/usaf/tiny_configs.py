@@ -230,8 +230,18 @@ _EXACT = ("qwen3_moe", "qwen2_moe", "mixtral", "olmoe", "deepseek_v3", "glm4_moe
 _OVERRIDES.update({
     "beam": {"mlp_layer_types": ["dense", "sparse", "sparse"], "num_hidden_layers": 3},
     "zaya": {"num_experts_per_tok": 1},
+    # 2 decoder layers (num_hidden_layers counts its 2 attention sublayers per layer); 4 identity zero experts
+    # beside the 8 routed ones (256 beside 512 published)
+    "longcat_flash": {"num_hidden_layers": 4, "expert_ffn_hidden_size": MOE_INTERMEDIATE,
+                      "ffn_hidden_size": DENSE_INTERMEDIATE, "zero_expert_num": 4},
     "jamba": {"attn_layer_period": 2, "attn_layer_offset": 1},
     "lfm2_moe": {"layer_types": ["conv", "conv", "full_attention"]},  # no default pattern; layer 0 is dense  # mamba, then attention (as in 1 of 8 published)
+    # dbrx: its own names of the sizes (the aliases reach ffn_config too late), expert sizes in ffn_config;
+    # DbrxAttention reads attn_config.rope_theta, which DbrxAttentionConfig does not define, and clamps with
+    # clip_qkv unconditionally (published: 8)
+    "dbrx": {"d_model": HIDDEN, "n_heads": 4, "n_layers": 2, "max_seq_len": 512,
+             "attn_config": {"kv_n_heads": 2, "rope_theta": 10000.0, "clip_qkv": 8.0},
+             "ffn_config": {"ffn_hidden_size": MOE_INTERMEDIATE, "moe_num_experts": NUM_EXPERTS, "moe_top_k": TOP_K}},
 })
 
 # Wrapper model types of the core suite -> the text decoder their tiny model is built from.

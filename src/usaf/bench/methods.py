@@ -354,6 +354,9 @@ def _setup_usaf(m: Method, cfg: dict, model, layers: range, data: dict, lr_fn, i
     sched = _schedule(opt.param_groups, lr_fn)
     state = {"step": 0, "reselect_s": 0.0}
     total, period = cfg["steps"], int(o.get("rigl", 0))
+    # training mode, as `usaf train`'s loop sets it: from_pretrained returns the model in eval mode, and
+    # transformers checkpoints a layer only in training mode (without this, checkpointing was silently off)
+    model.train()
 
     def step(b):
         k = state["step"]

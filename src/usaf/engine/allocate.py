@@ -8,8 +8,9 @@
 - ``layer``: every layer gets the density of its own elements (largest-remainder quotas, exact in total);
 - ``expert``: every expert of every layer gets the density of its own elements;
 - ``channel``: structured: whole channels ``j`` of an expert (gate row ``j``, up row ``j``, down column
-  ``j``: the weights of one intermediate neuron, ``3H`` elements), the best by summed score over all layers;
-  the budget's remainder (less than one channel) is the first elements of the next best channel.
+  ``j``: the weights of one intermediate neuron, ``3H`` elements; ``2H`` without a gate), the best by summed
+  score over all layers; the budget's remainder (less than one channel) is the first elements of the next
+  best channel.
 
 Scores (``UsafConfig.score``): ``abs`` = sum |dL/dW| over the calibration batches, ``sq`` = sum (dL/dW)^2
 (Fisher), ``signed`` = |sum dL/dW|, ``gw`` = |w| * sum |dL/dW| (first-order Taylor), ``random`` (a control).
@@ -19,7 +20,6 @@ from __future__ import annotations
 
 import torch
 
-from .experts import NAMES
 from .model import MoeLayer
 
 SCORES = ("abs", "sq", "signed", "gw", "random")
@@ -45,72 +45,111 @@ def quotas(sizes: list[int], budget: int) -> list[int]:
 
 
 def final_scores(m: MoeLayer, buffers: dict[str, torch.Tensor], score: str, seed: int = 0) -> dict[str, torch.Tensor]:
-    """Flat fp32 scores per stack from the accumulated buffers (``signed`` buffers hold sum dL/dW)."""
+    """Flat scores per stack from the accumulated buffers (``signed`` buffers hold sum dL/dW).
+
+    ``abs``, ``sq`` and ``signed`` are the buffers themselves, flattened, in their dtype (``signed`` made
+    absolute in place): no fp32 copy of a layer's buffers (on a 30B-width layer, 2.4 GB beside 1.2 GB of
+    bf16 buffers). ``gw`` is fp32 (a product), ``random`` fp32 draws.
+
+    Stack rows of null experts (longcat_flash's gate_up_proj rows past its routed experts) score -1 (written
+    into the buffer views too): never a candidate."""
     ex = m.experts
     out = {}
-    for n in NAMES:
+    for i, n in enumerate(ex.names):
         b = buffers[n]
+        per = ex.deltas[n].per_expert
         if score == "random":
-            g = torch.Generator().manual_seed(seed * 1000003 + m.index * 2 + NAMES.index(n))
-            out[n] = torch.rand(b.numel(), generator=g).to(b.device)
-            continue
-        s = b.float().abs().view(-1) if score == "signed" else b.float().view(-1)
+            g = torch.Generator().manual_seed(seed * 1000003 + m.index * len(ex.names) + i)
+            s = torch.rand(b.numel(), generator=g).to(b.device)
+        elif score in ("abs", "sq", "signed"):
+            s = (b.abs_() if score == "signed" else b).view(-1)
+        else:
+            s = b.float().view(-1)
         if score == "gw":  # |w| of the base (deltas are zero at selection), expert by expert
-            per = s.numel() // ex.num_experts
             for e in range(ex.num_experts):
                 w = ex.weight(n, e, e + 1, torch.float32, s.device).view(-1)
                 s[e * per : (e + 1) * per] *= w.abs()
+        s[ex.num_experts * per :] = -1.0
         out[n] = s
     return out
 
 
+def _split(top: torch.Tensor, names: tuple[str, ...], sizes: list[int], offsets: list[int]) -> dict:
+    """Positions ``top`` in the concatenation of stacks of ``sizes`` -> ``{stack: position - start + offset}``."""
+    out, start = {}, 0
+    for n, size, off in zip(names, sizes, offsets):
+        out[n] = top[(top >= start) & (top < start + size)] - start + off
+        start += size
+    return out
+
+
 def layer_pick(m: MoeLayer, scores: dict[str, torch.Tensor], k: int) -> dict[str, torch.Tensor]:
-    """The ``k`` best elements of one layer (both stacks) -> ``{stack: flat indices}``."""
-    flat = torch.cat([scores[n] for n in NAMES])
+    """The ``k`` best elements of one layer (all its stacks) -> ``{stack: flat indices}``."""
+    names = m.experts.names
+    flat = torch.cat([scores[n] for n in names])
     top = torch.topk(flat, min(k, flat.numel()), sorted=False).indices
-    split = scores[NAMES[0]].numel()
-    return {NAMES[0]: top[top < split], NAMES[1]: top[top >= split] - split}
+    return _split(top, names, [scores[n].numel() for n in names], [0] * len(names))
 
 
 def expert_pick(m: MoeLayer, scores: dict[str, torch.Tensor], ks: list[int]) -> dict[str, torch.Tensor]:
-    """``ks[e]`` best elements of each expert ``e`` (both stacks)."""
+    """``ks[e]`` best elements of each expert ``e`` (all its stacks)."""
     ex = m.experts
-    per = {n: scores[n].numel() // ex.num_experts for n in NAMES}
-    out = {n: [] for n in NAMES}
+    per = [ex.deltas[n].per_expert for n in ex.names]
+    out = {n: [] for n in ex.names}
     for e, k in enumerate(ks):
         if k == 0:
             continue
-        parts = [scores[n][e * per[n] : (e + 1) * per[n]] for n in NAMES]
+        parts = [scores[n][e * p : (e + 1) * p] for n, p in zip(ex.names, per)]
         top = torch.topk(torch.cat(parts), k, sorted=False).indices
-        a = per[NAMES[0]]
-        out[NAMES[0]].append(top[top < a] + e * per[NAMES[0]])
-        out[NAMES[1]].append(top[top >= a] - a + e * per[NAMES[1]])
+        for n, idx in _split(top, ex.names, per, [e * p for p in per]).items():
+            out[n].append(idx)
     return {n: torch.cat(v) if v else torch.empty(0, dtype=torch.long) for n, v in out.items()}
+
+
+def _channel_rows(m: MoeLayer) -> tuple[int, dict[str, int]]:
+    """``(I, {input stack: rows per channel})`` of a layer whose input stacks are ``[E, W, H]``: a gate_up
+    stack holds channel ``j`` at rows ``j`` and ``I + j``; an up_proj (no gate), or dbrx's separate gate and
+    up stacks, at row ``j``."""
+    ex = m.experts
+    if ex.transposed or not ex.layout.concatenated:
+        raise ValueError("allocation 'channel' needs input stacks [E, out, in] with gate/up concatenated")
+    inputs = ex.names[:-1]
+    parts = 2 if ex.layout.gated and len(inputs) == 1 else 1
+    inter = ex.shape(inputs[0])[1] // parts
+    return inter, {n: ex.shape(n)[1] // inter for n in inputs}
 
 
 def channel_elements(m: MoeLayer, e: int, j: int) -> dict[str, torch.Tensor]:
     """Flat indices of channel ``j`` of expert ``e``: gate row ``j``, up row ``I + j`` (``gate_up_proj`` [E, 2I,
-    H]) and down column ``j`` (``down_proj`` [E, H, I]); standard layout only."""
+    H]; up row ``j`` alone without a gate; dbrx: row ``j`` of ``w1`` and ``v1``) and down column ``j``
+    (``down_proj`` [E, H, I]; row ``j`` of a down stack stored [E, I, H], dbrx's ``w2``)."""
     ex = m.experts
-    _, two_i, h = ex.shape("gate_up_proj")
-    i = two_i // 2
-    base = e * two_i * h
-    cols = torch.arange(h)
-    gu = torch.cat([base + j * h + cols, base + (i + j) * h + cols])
-    dn = e * h * i + cols * i + j
-    return {"gate_up_proj": gu, "down_proj": dn}
+    i, rows = _channel_rows(m)
+    out = {}
+    for n, parts in rows.items():
+        _, r, h = ex.shape(n)
+        cols = torch.arange(h)
+        out[n] = torch.cat([e * r * h + (p * i + j) * h + cols for p in range(parts)])
+    down = ex.names[-1]
+    _, r, c = ex.shape(down)
+    out[down] = e * r * c + (j * c + torch.arange(c) if ex.down_transposed else torch.arange(r) * c + j)
+    return out
 
 
 def channel_scores(m: MoeLayer, scores: dict[str, torch.Tensor]) -> torch.Tensor:
-    """(E, I) summed element scores of every channel of a standard-layout layer."""
+    """(E, I) summed element scores of every channel of a layer (input stacks [E, out, in])."""
     ex = m.experts
-    if ex.transposed:
-        raise ValueError("allocation 'channel' needs the standard expert layout ([E, 2I, H] / [E, H, I])")
-    e, two_i, h = ex.shape("gate_up_proj")
-    i = two_i // 2
-    gu = scores["gate_up_proj"].view(e, two_i, h).sum(-1)
-    dn = scores["down_proj"].view(e, h, i).sum(1)
-    return gu[:, :i] + gu[:, i:] + dn
+    i, rows = _channel_rows(m)
+    live = ex.num_experts  # rows past it belong to null experts (longcat_flash's gate_up_proj)
+    total = None
+    for n, parts in rows.items():
+        e, r, h = ex.shape(n)
+        s = scores[n].view(e, r, h)[:live].sum(-1, dtype=torch.float32)
+        for p in range(parts):
+            total = s[:, p * i : (p + 1) * i] if total is None else total + s[:, p * i : (p + 1) * i]
+    e, r, c = ex.shape(ex.names[-1])
+    dn = scores[ex.names[-1]].view(e, r, c)[:live]
+    return total + (dn.sum(2, dtype=torch.float32) if ex.down_transposed else dn.sum(1, dtype=torch.float32))
 
 
 def channel_pick(layers: list[MoeLayer], ch: dict[int, torch.Tensor], budget: int) -> dict:

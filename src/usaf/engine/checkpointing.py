@@ -47,12 +47,26 @@ def is_checkpointing(handle: UsafModel) -> bool:
     return any(getattr(m, "gradient_checkpointing", False) for m in handle.model.modules())
 
 
+def can_checkpoint(handle: UsafModel) -> bool:
+    """Whether transformers can checkpoint the model's layers (``supports_gradient_checkpointing``; jetmoe not)."""
+    return bool(getattr(handle.model, "supports_gradient_checkpointing", True))
+
+
 @contextlib.contextmanager
 def lean_passes(handle: UsafModel):
     """Checkpointing (lean experts) for the duration of the block, restored after: selection and
     reselection passes use it whatever the training steps do, so that scoring stays within the memory of a
-    training step (their dense score buffers come on top of the activations). It costs them some time."""
+    training step (their dense score buffers come on top of the activations). It costs them some time.
+    A model whose layers transformers cannot checkpoint (jetmoe) scores with lean experts only."""
     was = is_checkpointing(handle)
+    if not was and not can_checkpoint(handle):
+        modes = [m.experts.set_mode(lean=True) for m in handle.layers]
+        try:
+            yield
+        finally:
+            for m, mode in zip(handle.layers, modes):
+                m.experts.set_mode(lean=mode.lean)
+        return
     if not was:
         enable_checkpointing(handle)
     try:

@@ -12,6 +12,10 @@
   gradient and the gradient of the compact delta values, ``g[k] = sum_t dY[t, r_k] * X[t, c_k]`` over
   the tokens of that expert. Either gather-dot (O(T * nnz)) or a per-expert GEMM ``dY^T X`` gathered
   and freed at once, chosen by cost; no dense gradient of a whole expert stack ever exists.
+- null experts: routes to an index ``>= E`` (a router that also scores null or zero experts) run no expert.
+  By default they add nothing (inkling's and zaya's experts skip them); with ``null_experts="identity"``
+  (longcat_flash's zero experts) they add ``w * x``, and the backward returns ``w * dY`` to the input and
+  ``dY . x`` to their routing weights.
 
 The module's mode is one explicit value, :class:`ExpertsMode`, changed only through
 :meth:`UsafExperts.set_mode` (or the ``with experts.mode_as(...)`` context): ``lean`` (recompute the
@@ -35,6 +39,8 @@ from .delta import SparseDelta
 from .routing import Routing
 from .store import DenseStack, freeze_stack
 
+# The stack names of the standard layout (transformers' fused experts with a gate); a module's own are
+# ``UsafExperts.names`` (its :class:`ExpertsLayout`).
 NAMES = ("gate_up_proj", "down_proj")
 
 # Relative cost of one gather-dot multiply-add vs one GEMM multiply-add (measured: bench/sparse_grad.py).
@@ -49,6 +55,66 @@ def _default_gate(act_fn):
         return act_fn(g) * u
 
     return gate
+
+
+@dataclass(frozen=True)
+class Stack:
+    """One expert weight stack as the stock experts module holds it."""
+
+    name: str  # usaf's name for it (deltas, frozen stacks, score hooks): the parameter's own name
+    path: str  # the parameter's path on the experts module: its on-model name is ``<experts prefix>.<path>``
+    transposed: bool  # stored [E, in, out] (else [E, out, in]); a 2-D [E * R, C] parameter is viewed as [E, R, C]
+
+
+@dataclass(frozen=True)
+class ExpertsLayout:
+    """The stacks of one experts module and how they compose: ``y = down @ act(inputs @ x)``.
+
+    The outputs of the input stacks are concatenated along the intermediate axis (one ``gate_up_proj``; an
+    ``up_proj`` alone; or dbrx's separate gate ``w1`` then up ``v1``); the last stack is ``down``.
+    """
+
+    stacks: tuple[Stack, ...]  # the input stacks, then down
+    gated: bool = True  # act(gate) * up with the module's ``_apply_gate``; False: act(up) (``has_gate=False``)
+    bias: bool = False  # ``<path>_bias`` beside a single input stack and beside down
+    concatenated: bool = True  # gate/up rows concatenated (False: interleaved, read by ``_apply_gate``)
+    act: str = "act_fn"  # path of the activation on the experts module (default gating, or no gate)
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        return tuple(s.name for s in self.stacks)
+
+    @property
+    def transposed(self) -> bool:
+        """The orientation of the input stacks."""
+        return self.stacks[0].transposed
+
+    @staticmethod
+    def fused(transposed: bool, bias: bool = False, concatenated: bool = True, gated: bool = True) -> ExpertsLayout:
+        """transformers' fused experts: ``gate_up_proj`` (``up_proj`` without a gate) and ``down_proj``."""
+        first = "gate_up_proj" if gated else "up_proj"
+        return ExpertsLayout((Stack(first, first, transposed), Stack("down_proj", "down_proj", transposed)),
+                             gated=gated, bias=bias, concatenated=concatenated)
+
+
+def _get(module: nn.Module, path: str):
+    for part in path.split("."):
+        module = getattr(module, part)
+    return module
+
+
+def stack_tensor(stock: nn.Module, stack: Stack, num_experts: int) -> torch.Tensor:
+    """The ``[E, R, C]`` weights of one stack of a stock experts module (a view of its parameter)."""
+    t = _get(stock, stack.path)
+    return t.data.view(num_experts, -1, t.shape[-1]) if t.dim() == 2 else t.data
+
+
+def computing_experts(stock: nn.Module, layout: ExpertsLayout) -> int:
+    """The experts of a stock experts module that compute: the fewest rows of its 3-D stacks (longcat_flash's
+    gate_up_proj also holds rows for its zero experts, never read), or its ``num_experts`` for 2-D stacks
+    (dbrx's ``[E * R, C]``)."""
+    rows = [t.shape[0] for t in (_get(stock, st.path) for st in layout.stacks) if t.dim() == 3]
+    return min(rows) if rows else int(stock.num_experts)
 
 
 # hook(stack name, expert, left (S, R), right (S, C)): the expert's dense weight gradient is ``left.T @ right``
@@ -69,36 +135,60 @@ class UsafExperts(nn.Module):
     """Drop-in replacement for a transformers fused experts module.
 
     The frozen stacks live in ``self.frozen`` (dense or quantized, not parameters); the only trainable
-    expert tensors are ``self.deltas[name].values``.
+    expert tensors are ``self.deltas[name].values``. Both are keyed by ``self.names`` (the layout's stacks:
+    ``gate_up_proj`` / ``down_proj``, ``up_proj`` / ``down_proj`` without a gate, dbrx's ``w1`` / ``v1`` /
+    ``w2``); ``param_name`` gives each one's on-model name.
     """
 
-    def __init__(self, stock: nn.Module, transposed: bool, bias: bool, quant: str = "none",
-                 group_size: int = 64, chunk_bytes: int = 256 << 20, frozen: dict | None = None):
+    def __init__(self, stock: nn.Module, layout: ExpertsLayout, quant: str = "none", group_size: int = 64,
+                 chunk_bytes: int = 256 << 20, frozen: dict | None = None, null_experts: str = "skip"):
         super().__init__()
-        self.transposed = transposed
-        self.num_experts = stock.gate_up_proj.shape[0]
-        self.frozen = frozen or {name: freeze_stack(getattr(stock, name).data, quant, group_size) for name in NAMES}
-        self.base_dtype = stock.gate_up_proj.dtype
-        self.frozen_numel = {n: stock.gate_up_proj.numel() if n == "gate_up_proj" else stock.down_proj.numel()
-                             for n in NAMES}
+        if null_experts not in ("skip", "identity"):
+            raise ValueError(f"null_experts must be 'skip' or 'identity', got {null_experts!r}")
+        self.layout = layout
+        self.names = layout.names  # the input stacks, then down
+        self.paths = {st.name: st.path for st in layout.stacks}
+        self.transposed = layout.transposed  # the input stacks' orientation
+        self.down_transposed = layout.stacks[-1].transposed
+        first = _get(stock, layout.stacks[0].path)
+        # Experts that compute; routes to indices >= num_experts are null experts (``null_experts``). A stack
+        # may hold more rows than that (longcat_flash's gate_up_proj has rows for its zero experts, never read):
+        # the frozen stacks and deltas keep the checkpoint's shapes.
+        self.num_experts = computing_experts(stock, layout)
+        self.null_identity = null_experts == "identity"
+        stacks = {st.name: stack_tensor(stock, st, self.num_experts) for st in layout.stacks}
+        self.frozen = frozen or {name: freeze_stack(t, quant, group_size) for name, t in stacks.items()}
+        self.base_dtype = first.dtype
+        self.frozen_numel = {name: t.numel() for name, t in stacks.items()}
+        self._expert_bytes = 2 * sum(t[0].numel() for t in stacks.values())  # one expert, bf16
+        # widths of the input stacks' outputs: their slices of the intermediate pre-activations
+        self.widths = [stacks[n].shape[2 if self.transposed else 1] for n in self.names[:-1]]
         self.quant = quant
-        if bias:
-            self.register_buffer("gate_up_bias", stock.gate_up_proj_bias.detach().clone(), persistent=False)
-            self.register_buffer("down_bias", stock.down_proj_bias.detach().clone(), persistent=False)
+        bias_paths = []
+        if layout.bias:
+            if len(self.names) != 2:
+                raise ValueError("expert biases with more than one input stack are not supported")
+            bias_paths = [f"{layout.stacks[0].path}_bias", f"{layout.stacks[1].path}_bias"]
+            self.register_buffer("gate_up_bias", _get(stock, bias_paths[0]).detach().clone(), persistent=False)
+            self.register_buffer("down_bias", _get(stock, bias_paths[1]).detach().clone(), persistent=False)
         else:
             self.gate_up_bias = self.down_bias = None
         # a norm after each expert's down projection (``has_post_expert_norm``: muse_spark), before the routing
         # weight; a frozen submodule, so its weight keeps its name and device with the model
         self.post_expert_norm = stock.post_expert_norm if getattr(stock, "has_post_expert_norm", False) else None
         apply_gate = getattr(type(stock), "_apply_gate", None)  # set by transformers' experts decorator
-        if apply_gate is not None:
+        if not layout.gated:  # up_proj + activation (has_gate=False)
+            self._gate = _get(stock, layout.act)
+        elif apply_gate is not None:
             self._gate = lambda h, _s=stock: apply_gate(_s, h)
         else:
-            self._gate = _default_gate(stock.act_fn)
+            self._gate = _default_gate(_get(stock, layout.act))
         # Keep the stock module (minus its big tensors) for its gate constants (e.g. gpt_oss alpha/limit).
-        for name in NAMES + ("gate_up_proj_bias", "down_proj_bias"):
-            if name in stock._parameters:
-                del stock._parameters[name]
+        for path in [st.path for st in layout.stacks] + bias_paths:
+            owner, _, leaf = path.rpartition(".")
+            owner = _get(stock, owner) if owner else stock
+            if leaf in owner._parameters:
+                del owner._parameters[leaf]
         self._stock = [stock]
         self.deltas = nn.ModuleDict()
         self.chunk_bytes = chunk_bytes
@@ -136,8 +226,16 @@ class UsafExperts(nn.Module):
     def shape(self, name: str) -> tuple[int, ...]:
         return tuple(self.frozen[name].shape)
 
+    def live_numel(self, name: str) -> int:
+        """Elements of stack ``name`` that belong to experts that compute (what selection may activate)."""
+        return self.num_experts * self.deltas[name].per_expert
+
+    def param_name(self, name: str) -> str:
+        """The on-model name of stack ``name`` relative to this module (e.g. dbrx ``mlp.w1``)."""
+        return self.paths[name]
+
     def init_deltas(self, device=None) -> None:
-        for name in NAMES:
+        for name in self.names:
             if name not in self.deltas:
                 self.deltas[name] = SparseDelta(self.shape(name), device=device)
 
@@ -161,8 +259,7 @@ class UsafExperts(nn.Module):
 
     def runs(self, counts: list[int]) -> list[tuple[int, int]]:
         """Group consecutive hit experts into runs whose dequantized weights fit ``chunk_bytes``."""
-        per_expert = 2 * sum(self.frozen_numel[n] // self.num_experts for n in NAMES)  # bf16 bytes
-        cap = max(1, self.chunk_bytes // max(per_expert, 1))
+        cap = max(1, self.chunk_bytes // max(self._expert_bytes, 1))
         runs, start = [], None
         for e, c in enumerate(counts + [0]):
             if c and start is None:
@@ -180,7 +277,7 @@ class UsafExperts(nn.Module):
         if self._merged is not None:
             return
         saved = {}
-        for n in NAMES:
+        for n in self.names:
             frozen = self.frozen[n]
             if not hasattr(frozen, "tensor"):
                 raise ValueError("merge needs an unquantized base (quant='none')")
@@ -196,7 +293,7 @@ class UsafExperts(nn.Module):
         """Undo :meth:`merge`: the frozen base returns to its original bytes."""
         if not self._merged:
             return
-        for n in NAMES:
+        for n in self.names:
             self.frozen[n].tensor.view(-1)[self.deltas[n].indices.long()] = self._merged[n]
         self._merged = None
 
@@ -206,7 +303,8 @@ class UsafExperts(nn.Module):
         ``compute_dtype`` as in training, then stored at ``store_dtype``), for good: what an export writes."""
         cpu = torch.device("cpu")
         for name in list(self.frozen):
-            self.frozen[name] = DenseStack(self.weight(name, 0, self.num_experts, compute_dtype, cpu).to(store_dtype))
+            rows = self.shape(name)[0]
+            self.frozen[name] = DenseStack(self.weight(name, 0, rows, compute_dtype, cpu).to(store_dtype))
         self._merged = {}
 
     def release(self) -> list:
@@ -217,11 +315,13 @@ class UsafExperts(nn.Module):
 
     def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor,
                 score_on_input: bool = False) -> torch.Tensor:
-        """Args: hidden_states (T, H); top_k_index (T, K); top_k_weights (T, K). Returns (T, H)."""
+        """Args: hidden_states (T, H) (or (B, S, H): dbrx); top_k_index (T, K); top_k_weights (T, K).
+        Returns hidden_states' shape."""
         route = Routing.build(top_k_index, self.num_experts)
-        values = [self.deltas[n].values for n in NAMES]
-        return ExpertsFunction.apply(hidden_states, top_k_weights, values[0], values[1], self, route,
-                                     score_on_input)
+        values = [self.deltas[n].values for n in self.names]
+        x = hidden_states.reshape(-1, hidden_states.shape[-1])
+        out = ExpertsFunction.apply(x, top_k_weights, self, route, score_on_input, *values)
+        return out.view(hidden_states.shape)
 
 
 def _sparse_grad(left: torch.Tensor, right: torch.Tensor, idx: torch.Tensor,
@@ -244,33 +344,41 @@ def _sparse_grad(left: torch.Tensor, right: torch.Tensor, idx: torch.Tensor,
     return out
 
 
+def _identity_weights(mod: UsafExperts, route: Routing, weights: torch.Tensor) -> torch.Tensor | None:
+    """(T, 1) summed routing weights of each token's routes to identity null experts; None when the module's
+    null experts add nothing or no route goes to one."""
+    if not mod.null_identity or route.null is None:
+        return None
+    return (weights * route.null).sum(-1, keepdim=True)
+
+
 class ExpertsFunction(torch.autograd.Function):
     """Routed expert MLP over ``base + delta``, fused with the gather of the token rows, the routing
     weights and the scatter back: ``out[t] = sum_k w[t, k] * expert_{e[t, k]}(x[t])``.
 
     Gradients for the hidden states, the routing weights and the delta values only. It keeps the layer
-    input and the routing (and, unless the module's mode is ``lean``, the (S_pad, 2I) gate/up
-    pre-activations); no per-route copy of the inputs or outputs is kept. These are held on ``ctx``
-    rather than through ``save_for_backward``, so that decoder-layer checkpointing does not re-run the
-    experts: its recomputation stops after the last op that saved a tensor (the router), and the
-    backward recomputes the pre-activations from the kept input with the weights it dequantizes anyway.
+    input and the routing (and, unless the module's mode is ``lean``, the (S_pad, W) pre-activations of the
+    input stacks: W = 2I for gate/up, I without a gate); no per-route copy of the inputs or outputs is kept.
+    These are held on ``ctx`` rather than through ``save_for_backward``, so that decoder-layer checkpointing
+    does not re-run the experts: its recomputation stops after the last op that saved a tensor (the router),
+    and the backward recomputes the pre-activations from the kept input with the weights it dequantizes anyway.
     """
 
     @staticmethod
-    def forward(ctx, x, weights, v_gate_up, v_down, mod: UsafExperts, route: Routing, score_on_input: bool):
-        # x: (T, H); weights: (T, K) routing weights.
+    def forward(ctx, x, weights, mod: UsafExperts, route: Routing, score_on_input: bool, *values):
+        # x: (T, H); weights: (T, K) routing weights; values: the delta values of mod.names, in order.
         wp = weights.reshape(-1)[route.slot].unsqueeze(-1)  # (S_pad, 1)
-        width = mod.shape("gate_up_proj")[2 if mod.transposed else 1]
+        width = sum(mod.widths)
         out = torch.zeros_like(x)
         save = not mod.mode.lean and any(ctx.needs_input_grad)
         h_all = x.new_empty(route.bounds[-1], width) if save else None
         n = route.block
         for start, stop in mod.runs(route.counts):
-            w_gu = mod.weight("gate_up_proj", start, stop, x.dtype, x.device, v_gate_up)
-            w_dn = mod.weight("down_proj", start, stop, x.dtype, x.device, v_down)
+            w_gu, w_dn = _run_weights(mod, start, stop, x, values)
             for e, a, b, c in route.segments(start, stop):
                 wg, wd = w_gu[e - start], w_dn[e - start]
-                wg, wd = (wg, wd) if mod.transposed else (wg.t(), wd.t())
+                wg = wg if mod.transposed else wg.t()
+                wd = wd if mod.down_transposed else wd.t()
                 for r0, real in route.blocks(a, b, c):
                     tok = route.tok[r0 : r0 + n]
                     xe = x.index_select(0, tok)
@@ -289,6 +397,9 @@ class ExpertsFunction(torch.autograd.Function):
                     if not score_on_input:
                         y = y * wp[r0 : r0 + n]
                     out.index_add_(0, tok[:real], y[:real].to(out.dtype))
+        null = _identity_weights(mod, route, weights)
+        if null is not None:  # identity null experts: out[t] += sum_k w[t, k] x[t] over the null routes
+            out.add_((x * null).to(out.dtype))
         ctx.x, ctx.weights, ctx.h_all = x.detach(), weights.detach(), h_all
         ctx.mod, ctx.route, ctx.score_on_input = mod, route, score_on_input
         return out
@@ -301,16 +412,18 @@ class ExpertsFunction(torch.autograd.Function):
         wp = ctx.weights.reshape(-1)[route.slot].unsqueeze(-1)  # (S_pad, 1)
         dx_all = torch.zeros_like(x) if ctx.needs_input_grad[0] else None
         dwp = torch.zeros(route.bounds[-1], dtype=torch.float32, device=x.device)
-        want = ctx.needs_input_grad[2] or ctx.needs_input_grad[3]
-        grads = {nm: torch.zeros_like(mod.deltas[nm].values) for nm in NAMES} if want else None
+        want = any(ctx.needs_input_grad[5:])
+        grads = {nm: torch.zeros_like(mod.deltas[nm].values) for nm in mod.names} if want else None
         hook = mod.mode.score_hook
+        inputs, down = mod.names[:-1], mod.names[-1]
+        spans = [(sum(mod.widths[:i]), sum(mod.widths[: i + 1])) for i in range(len(inputs))]
         for start, stop in mod.runs(route.counts):
-            w_gu = mod.weight("gate_up_proj", start, stop, x.dtype, x.device)
-            w_dn = mod.weight("down_proj", start, stop, x.dtype, x.device)
+            w_gu, w_dn = _run_weights(mod, start, stop, x)
             for e, a, b, c in route.segments(start, stop):
                 wg, wd = w_gu[e - start], w_dn[e - start]
-                wg_f, wd_f = (wg, wd) if mod.transposed else (wg.t(), wd.t())  # forward orientation
-                wg_b, wd_b = (wg.t(), wd.t()) if mod.transposed else (wg, wd)  # backward orientation
+                # forward orientation (in, out) and backward orientation (out, in)
+                wg_f, wg_b = (wg, wg.t()) if mod.transposed else (wg.t(), wg)
+                wd_f, wd_b = (wd, wd.t()) if mod.down_transposed else (wd.t(), wd)
                 # The expert's rows of the four factors of its weight gradients, filled block by block; the
                 # gradients themselves are one matmul per stack over all of them (inner size b - a, a
                 # multiple of the block: few distinct shapes).
@@ -369,9 +482,12 @@ class ExpertsFunction(torch.autograd.Function):
                     o = r0 - a
                     f_act[o : o + n], f_dy[o : o + n] = act.detach(), dye
                     f_dh[o : o + n], f_x[o : o + n] = dh, xe
-                # dW = left^T @ right in the native layout of each stack.
-                pairs = {"down_proj": (f_act, f_dy) if mod.transposed else (f_dy, f_act),
-                         "gate_up_proj": (f_x, f_dh) if mod.transposed else (f_dh, f_x)}
+                # dW = left^T @ right in the native layout of each stack; an input stack's part of the
+                # pre-activation gradient is its slice of f_dh.
+                pairs = {down: (f_act, f_dy) if mod.down_transposed else (f_dy, f_act)}
+                for name, (lo, hi) in zip(inputs, spans):
+                    dh_s = f_dh if len(inputs) == 1 else f_dh[:, lo:hi]
+                    pairs[name] = (f_x, dh_s) if mod.transposed else (dh_s, f_x)
                 for name, (left, right) in pairs.items():
                     if hook is not None:
                         hook(name, e, left, right)
@@ -380,14 +496,28 @@ class ExpertsFunction(torch.autograd.Function):
                         i0, i1 = delta.span(e, e + 1)
                         if i0 != i1:
                             grads[name][i0:i1] = _sparse_grad(left, right, delta.local(e, e + 1))
+        null = _identity_weights(mod, route, ctx.weights)
+        if null is not None and dx_all is not None:  # out = w * x on the null routes: dx = w * dout
+            dx_all.add_((dout * null).to(dx_all.dtype))
         dweights = None
         if ctx.needs_input_grad[1]:
             dflat = torch.zeros(ctx.weights.numel(), dtype=torch.float32, device=x.device)
             dflat[route.slot[route.pos]] = dwp[route.pos]
+            if null is not None:  # dw = dout . x on the null routes
+                dnull = (dout.float() * x.float()).sum(-1, keepdim=True) * route.null
+                dflat += dnull.view(-1)
             dweights = dflat.view_as(ctx.weights).to(ctx.weights.dtype)
-        g_gu = grads["gate_up_proj"] if grads is not None else None
-        g_dn = grads["down_proj"] if grads is not None else None
-        return dx_all, dweights, g_gu, g_dn, None, None, None
+        values_grads = [grads[nm] for nm in mod.names] if grads is not None else [None] * len(mod.names)
+        return dx_all, dweights, None, None, None, *values_grads
+
+
+def _run_weights(mod: UsafExperts, start: int, stop: int, x: torch.Tensor, values=None):
+    """Effective (input, down) weights of experts ``[start, stop)``; separate input stacks (dbrx's gate and
+    up) are concatenated along their output axis, as one gate_up stack."""
+    vals = values if values is not None else [None] * len(mod.names)
+    ws = [mod.weight(nm, start, stop, x.dtype, x.device, v) for nm, v in zip(mod.names, vals)]
+    w_in = ws[0] if len(ws) == 2 else torch.cat(ws[:-1], dim=2 if mod.transposed else 1)
+    return w_in, ws[-1]
 
 
 def llama4_block_forward(self, hidden_states: torch.Tensor):
@@ -400,5 +530,16 @@ def llama4_block_forward(self, hidden_states: torch.Tensor):
     out = self.shared_expert(hidden_states)
     out.add_(routed)
     return out, router_logits
+
+
+def jetmoe_block_forward(self, layer_input: torch.Tensor) -> torch.Tensor:
+    """Routed equivalent of ``JetMoeMoE.forward`` (stock sorts the tokens by expert and calls its stacks with
+    per-expert row counts): softmax over the top-k router logits, the experts, the block's bias."""
+    bsz, length, width = layer_input.shape
+    x = layer_input.reshape(-1, width)
+    logits = self.router(x)[4]  # the router module runs: transformers records its logits
+    top_logits, top_idx = logits.topk(self.router.top_k, dim=1)
+    weights = torch.softmax(top_logits, dim=1).type_as(x)
+    return self.experts(x, top_idx, weights).view(bsz, length, width) + self.bias
 
 

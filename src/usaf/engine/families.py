@@ -13,10 +13,14 @@ Layouts of the fused expert stacks:
 - transposed:  ``gate_up_proj [E, H, 2I]``, ``down_proj [E, I, H]`` (``is_transposed``: gpt_oss, aria, llama4).
 - gpt_oss adds gate/up *interleaved* along 2I (``is_concatenated=False``; its ``_apply_gate`` reads it),
   per-expert biases (``has_bias``) and a clamped SwiGLU.
+- no gate (``has_gate=False``, nemotron_h): ``up_proj [E, I, H]``, ``down_proj [E, H, I]``; ``y = down @ act(up @ x)``.
+- dbrx (a row): 2-D ``w1`` (gate) and ``v1`` (up) ``[E*I, H]``, viewed as ``[E, I, H]`` stacks, and ``w2
+  [E*I, H]``, the down projection stored ``[E, I, H]`` (in, out); the delta files name them ``...mlp.w1`` etc.
 
 Rows remain for real exceptions: a block whose structure discovery cannot read (llama4's block computes
-every expert for every token), experts without layout flags (step3p5), and families usaf refuses, with the
-missing piece named.
+every expert for every token; dbrx's 2-D expert tensors; jetmoe's block calls its expert stacks with per-expert row
+counts), experts without layout flags (step3p5; longcat_flash, whose null experts add the token's input), and
+families usaf refuses, with the missing piece named.
 
 Vision-language models (``MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES``) load whole with their own class
 (:func:`auto_model_class`) and run on text alone; their text decoder's MoE layers train, the vision / audio
@@ -35,12 +39,20 @@ class Family:
     Attributes:
         model_type: ``config.model_type`` (of the text decoder).
         block: attribute path of the MoE block on a decoder layer ("" = the decoder layer itself).
-        experts: attribute name of the fused experts module on the block.
+        experts: attribute name of the fused experts module on the block ("" = the block itself).
         router: attribute path of the router module, relative to the block.
         transposed: expert stacks stored ``[E, in, out]``; None: the experts module's ``is_transposed``.
         bias: the experts carry ``gate_up_proj_bias`` / ``down_proj_bias``; None: ``has_bias``.
-        dispatch: ``experts`` (replace the experts module) or ``llama4`` (replace the block forward).
+        dispatch: ``experts`` (replace the experts module), ``llama4`` (replace the block forward) or
+            ``jetmoe`` (the block holds the stacks: the usaf experts are attached to it as ``experts`` and the
+            block forward replaced).
+        null_experts: what a route to an index ``>= E`` (a null / zero expert the router also scores) adds:
+            ``skip`` (nothing: inkling, zaya) or ``identity`` (the routing weight times the token's input:
+            longcat_flash's zero experts).
         refused: why usaf cannot train this family (one line), or None.
+        stacks: ``(name, path on the experts module, transposed)`` of the input stacks, then down, when they
+            are not transformers' fused ``gate_up_proj`` / ``down_proj`` (gated: ``act(gate) * up``).
+        act: path of the activation on the experts module (with ``stacks``).
     """
 
     model_type: str
@@ -50,7 +62,10 @@ class Family:
     transposed: bool | None = None
     bias: bool | None = None
     dispatch: str = "experts"
+    null_experts: str = "skip"
     refused: str | None = None
+    stacks: tuple[tuple[str, str, bool], ...] | None = None
+    act: str = "act_fn"
 
     @property
     def discovered(self) -> bool:
@@ -59,17 +74,22 @@ class Family:
 
 _ROWS = [
     Family("llama4_text", block="feed_forward", router="router", transposed=True, bias=False, dispatch="llama4"),
+    Family("dbrx", block="ffn", router="router", transposed=False, bias=False,
+           stacks=(("w1", "mlp.w1", False), ("v1", "mlp.v1", False), ("w2", "mlp.w2", True)),
+           act="mlp.activation_fn"),
+    # its mixture of attention heads (JetMoeMoA, experts over q/o projections) stays frozen
+    Family("jetmoe", block="mlp", experts="", router="router", transposed=False, bias=False, dispatch="jetmoe",
+           stacks=(("input_linear", "input_linear.weight", False), ("output_linear", "output_linear.weight", False)),
+           act="activation"),
+    Family("doge", refused="its cross-domain MoE keeps experts as embedding tables (no fused experts module)"),
+    # Its experts carry no layout flags; routes to indices >= E are identity "zero experts" (w * x).
+    Family("longcat_flash", transposed=False, bias=False, null_experts="identity"),
     # Step3p7Experts (step3p7's text decoder) carries no layout flags: standard stacks, no biases, its own
     # clamped SwiGLU in ``_apply_gate``
     Family("step3p5", transposed=False, bias=False),
-    Family("dbrx", refused="its experts are 2-D w1/v1/w2 tensors of shape [E*I, H] (no 3-D expert stacks)"),
-    Family("jetmoe", refused="its mixture of attention heads and MLP experts has no fused experts module"),
-    Family("doge", refused="its cross-domain MoE keeps experts as embedding tables (no fused experts module)"),
     Family("diffusion_gemma", refused="it is a block-diffusion model (DiffusionGemmaForBlockDiffusion denoises a "
                                       "canvas of tokens with bidirectional attention), not a causal LM that "
                                       "next-token loss trains"),
-    Family("longcat_flash", refused="its router also routes to identity 'zero experts' (indices >= E), which "
-                                    "the fused experts function does not run"),
 ]
 
 FAMILIES: dict[str, Family] = {row.model_type: row for row in _ROWS}

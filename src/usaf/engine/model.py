@@ -23,7 +23,7 @@ from ..integrity import TORCH_DTYPES, checkpoint_fingerprint, local_checkpoint
 from ..io import atomic_save_safetensors, read_safetensors
 from .delta import SparseDelta
 from .discover import moe_site
-from .experts import NAMES, UsafExperts, llama4_block_forward
+from .experts import UsafExperts, jetmoe_block_forward, llama4_block_forward
 from .families import Family, UnsupportedModelError, family_for, get_path
 from .linear import attach, attention_linears
 from .linear import merge as merge_linear
@@ -44,6 +44,10 @@ class MoeLayer:
     router_prefix: str
     trainable: bool
 
+    def key(self, name: str) -> str:
+        """The on-model name of stack ``name`` (delta files, exports): ``<prefix>.<its path>``."""
+        return f"{self.prefix}.{self.experts.param_name(name)}"
+
 
 _TOWERS = ("vision", "visual", "audio")
 
@@ -52,9 +56,11 @@ def decoder_layers(model: nn.Module) -> nn.ModuleList:
     """The text decoder's layers (a vision-language model's ``model.language_model.layers``)."""
     cfg = model.config.get_text_config()
     n = cfg.num_hidden_layers
+    # longcat_flash counts the 2 attention sublayers of each decoder layer in num_hidden_layers (num_layers)
+    counts = {n, getattr(cfg, "num_layers", n)}
     for path in ("model.layers", "model.language_model.layers", "language_model.model.layers"):
         layers = get_path(model, path)
-        if isinstance(layers, nn.ModuleList) and len(layers) == n:
+        if isinstance(layers, nn.ModuleList) and len(layers) in counts:
             return layers
     for name, mod in model.named_modules():  # a vision-language model's towers hold layer lists too
         if isinstance(mod, nn.ModuleList) and len(mod) == n and not any(w in name for w in _TOWERS):
@@ -176,8 +182,9 @@ class UsafModel:
         return [m for m in self.layers if m.trainable]
 
     def deltas(self) -> dict[str, SparseDelta]:
-        """``{"<experts prefix>.<tensor name>": SparseDelta}`` for the trainable layers."""
-        return {f"{m.prefix}.{n}": m.experts.deltas[n] for m in self.trainable_layers for n in NAMES}
+        """``{"<experts prefix>.<tensor name>": SparseDelta}`` for the trainable layers (the model's own parameter
+        names: ``gate_up_proj`` / ``down_proj``, nemotron_h's ``up_proj``, dbrx's ``mlp.w1`` ...)."""
+        return {m.key(n): m.experts.deltas[n] for m in self.trainable_layers for n in m.experts.names}
 
     def attention_deltas(self) -> dict[str, SparseDelta]:
         """``{"<linear name>.weight": SparseDelta}`` over the attention projections of the trainable layers
@@ -194,8 +201,9 @@ class UsafModel:
         return {f"{m.router_prefix}.{n}": p for m in self.trainable_layers for n, p in m.router.named_parameters()}
 
     def expert_elements(self) -> int:
-        """Expert weights in the trainable layers (what the density applies to)."""
-        return sum(d.numel for d in self.deltas().values())
+        """Weights of the experts that compute in the trainable layers (what the density applies to; stack
+        rows of null experts, as longcat_flash's gate_up_proj has, are not counted)."""
+        return sum(m.experts.live_numel(n) for m in self.trainable_layers for n in m.experts.names)
 
     def budget(self, density: float | None = None) -> int:
         density = self.config.density if density is None else density
@@ -337,18 +345,21 @@ def prepare(model: nn.Module, config: UsafConfig | None = None, frozen: dict | N
     names = {id(m): n for n, m in model.named_modules()}
     sites = [(i, layer, moe_site(layer, family)) for i, layer in enumerate(layers)]
     sites = [(i, layer, site) for i, layer, site in sites if site is not None]  # dense layers have none
-    layouts = {(site.transposed, site.concatenated) for _, _, site in sites}
+    layouts = {site.layout for _, _, site in sites}
     if len(layouts) > 1:
         raise UnsupportedModelError(f"{family.model_type}: its MoE layers have different expert layouts")
     for p in model.parameters():
         p.requires_grad_(False)
     for i, layer, site in sites:
         name = names[id(site.experts)]
-        experts = UsafExperts(site.experts, site.transposed, site.bias, config.quant, config.group_size,
-                              chunk_bytes=config.chunk_mb << 20, frozen=(frozen or {}).get(name))
+        experts = UsafExperts(site.experts, site.layout, config.quant, config.group_size,
+                              chunk_bytes=config.chunk_mb << 20, frozen=(frozen or {}).get(name),
+                              null_experts=site.null_experts)
         setattr(site.block, site.attr, experts)
         if family.dispatch == "llama4":
             site.block.forward = types.MethodType(llama4_block_forward, site.block)
+        elif family.dispatch == "jetmoe":
+            site.block.forward = types.MethodType(jetmoe_block_forward, site.block)
         trainable = i in train_range
         experts.init_deltas(device=next(iter(layer.parameters())).device)
         for d in experts.deltas.values():
@@ -369,7 +380,8 @@ def prepare(model: nn.Module, config: UsafConfig | None = None, frozen: dict | N
         text_cfg.output_router_logits = config.router_aux_loss
         model.config.output_router_logits = config.router_aux_loss
     handle = UsafModel(model, config, family, moe, base_fp, fp_of)
-    handle.transposed, handle.concatenated = layouts.pop()
+    layout = layouts.pop()
+    handle.transposed, handle.concatenated = layout.transposed, layout.concatenated
     if config.attention_density > 0:
         for i in (m.index for m in moe if m.trainable):  # the MoE layers that train (the prefix below is cached)
             for rel, lin in attention_linears(layers[i]):
@@ -387,4 +399,4 @@ def effective_weight(layer: MoeLayer, name: str, dtype=None) -> torch.Tensor:
     """Dense effective ``[E, R, C]`` weight (base + delta) of one stack: for tests, merge and export."""
     ex = layer.experts
     dtype = dtype or ex.base_dtype
-    return ex.weight(name, 0, ex.num_experts, dtype, ex.deltas[name].values.device)
+    return ex.weight(name, 0, ex.shape(name)[0], dtype, ex.deltas[name].values.device)

@@ -15,7 +15,6 @@ from collections.abc import Callable, Iterable
 import torch
 
 from .allocate import pick
-from .experts import NAMES
 from .model import UsafModel
 from .optim import UsafOptimizer
 from .select import candidates
@@ -61,9 +60,9 @@ def reselect(handle: UsafModel, opt: UsafOptimizer | None, batches: Iterable[dic
     keep = _drop_masks(handle, n_grow)  # drop exactly as many as can be grown: the budget is kept
     with torch.no_grad():
         for m in handle.trainable_layers:
-            for n in NAMES:
+            for n in m.experts.names:
                 d = m.experts.deltas[n]
-                mask = keep[f"{m.prefix}.{n}"]
+                mask = keep[m.key(n)]
                 old_idx = d.indices.long()
                 kept_pos = mask.nonzero().squeeze(1)
                 new_idx = grown.get((m.index, n), torch.empty(0, dtype=torch.int64)).to(old_idx.device)

@@ -36,15 +36,17 @@ class Routing:
     zero-gradient padding up to a multiple of ``block`` (:func:`block_rows`), computed ``block`` rows at a
     time. ``tok`` (S_pad,) is the token row of each padded row, ``slot`` (S_pad,) its position in the
     flattened (T * K) routing weights (padding rows point at row 0 / slot 0 and are never scattered back),
-    ``pos`` (S,) the padded rows that are routed.
+    ``pos`` (S,) the padded rows that are routed. ``null`` (T, K) bool marks the routes to an index ``>= E``
+    (null experts, which run no expert), None when there is none.
     """
 
-    __slots__ = ("counts", "bounds", "tok", "slot", "pos", "block")
+    __slots__ = ("counts", "bounds", "tok", "slot", "pos", "block", "null")
 
     def __init__(self, counts: list[int], bounds: list[int], tok: torch.Tensor, slot: torch.Tensor,
-                 pos: torch.Tensor, block: int):
+                 pos: torch.Tensor, block: int, null: torch.Tensor | None = None):
         self.counts, self.bounds, self.block = counts, bounds, block
         self.tok, self.slot, self.pos = tok, slot, pos
+        self.null = null
 
     @staticmethod
     @torch.no_grad()
@@ -54,7 +56,9 @@ class Routing:
         block = block_rows(flat.numel(), num_experts)
         _, perm = torch.sort(flat, stable=True)
         counts = torch.bincount(flat, minlength=num_experts + 1)[:num_experts].tolist()
-        perm = perm[: sum(counts)]  # routes to the sentinel expert (index == E) are dropped
+        routed = sum(counts)
+        perm = perm[:routed]  # routes to null experts (index >= E) run no expert
+        null = top_k_index >= num_experts if routed < flat.numel() else None
         bounds, rows = [0], []
         for c in counts:
             rows.append(torch.arange(bounds[-1], bounds[-1] + c))
@@ -62,7 +66,7 @@ class Routing:
         pos = (torch.cat(rows) if rows else torch.empty(0, dtype=torch.long)).to(flat.device)
         slot = torch.zeros(bounds[-1], dtype=torch.long, device=flat.device)
         slot[pos] = perm
-        return Routing(counts, bounds, slot // top_k, slot, pos, block)
+        return Routing(counts, bounds, slot // top_k, slot, pos, block, null)
 
     def segments(self, start: int, stop: int):
         """``(e, a, b, c)`` for the hit experts in ``[start, stop)``: padded rows ``[a, b)``, ``c`` real."""

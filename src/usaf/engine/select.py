@@ -30,7 +30,7 @@ from .allocate import (
 )
 from .attention import select_attention
 from .checkpointing import lean_passes
-from .experts import NAMES, UsafExperts
+from .experts import UsafExperts
 from .loss import token_mean_loss
 from .model import MoeLayer, UsafModel
 from .ranks import RingFold, all_gather_ragged, rank_world
@@ -40,7 +40,7 @@ def _groups(layers: list[MoeLayer], budget_bytes: int, elem_bytes: int,
             max_layers: int = 1) -> list[list[MoeLayer]]:
     groups, cur, used = [], [], 0
     for m in layers:
-        size = sum(m.experts.deltas[n].numel for n in NAMES) * elem_bytes
+        size = sum(d.numel for d in m.experts.deltas.values()) * elem_bytes
         if cur and (used + size > budget_bytes or len(cur) >= max_layers):
             groups.append(cur)
             cur, used = [], 0
@@ -52,7 +52,7 @@ def _groups(layers: list[MoeLayer], budget_bytes: int, elem_bytes: int,
 
 
 def _layer_params(handle: UsafModel, m: MoeLayer) -> list:
-    params = [m.experts.deltas[n].values for n in NAMES]
+    params = [m.experts.deltas[n].values for n in m.experts.names]
     if handle.config.train_router:
         params += list(m.router.parameters())
     return params
@@ -95,7 +95,8 @@ class DenseScores:
     experts module, accumulated into dense ``[E, R, C]`` buffers of ``dtype`` (one per stack)."""
 
     def __init__(self, ex: UsafExperts, dtype: torch.dtype, power: int):
-        self.buffers = {n: torch.zeros(ex.shape(n), dtype=dtype, device=ex.deltas[n].values.device) for n in NAMES}
+        self.buffers = {n: torch.zeros(ex.shape(n), dtype=dtype, device=ex.deltas[n].values.device)
+                        for n in ex.names}
         self.power = power
 
     def __call__(self, name: str, e: int, left: torch.Tensor, right: torch.Tensor) -> None:
@@ -116,7 +117,7 @@ class StreamedCandidates:
     def __init__(self, ex: UsafExperts, k: dict[str, int]):
         self.ex, self.k = ex, k
         self.found: dict[str, list] = {}
-        self.ends: dict[str, list[int]] = {n: [] for n in NAMES}  # len(found[n]) after each batch
+        self.ends: dict[str, list[int]] = {n: [] for n in ex.names}  # len(found[n]) after each batch
 
     def __call__(self, name: str, e: int, left: torch.Tensor, right: torch.Tensor) -> None:
         g = (left.t() @ right).float().abs().view(-1)
@@ -127,7 +128,7 @@ class StreamedCandidates:
         self.found.setdefault(name, []).append((top.values[keep], top.indices[keep] + e * delta.per_expert))
 
     def end_batch(self) -> None:
-        for n in NAMES:
+        for n in self.ex.names:
             self.ends[n].append(len(self.found.get(n, [])))
 
     def batches(self, name: str) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -158,10 +159,10 @@ def merge_ranks(hooks: list[StreamedCandidates]) -> None:
     (batch k of rank r is batch ``k * N + r`` of one process), so that :meth:`StreamedCandidates.best` merges
     exactly what one process would have found. One gather of all lists (scores, indices, lengths)."""
     _, world = rank_world()
-    stacks = [(h, n) for h in hooks for n in NAMES]
+    stacks = [(h, n) for h in hooks for n in h.ex.names]
     per = [h.batches(n) for h, n in stacks]  # [stack][batch] -> (scores, indices)
     n_batches = len(per[0]) if per else 0
-    dev = hooks[0].ex.deltas[NAMES[0]].values.device
+    dev = hooks[0].ex.deltas[hooks[0].ex.names[0]].values.device
     lengths = torch.tensor([[len(per[s][k][0]) for k in range(n_batches)] for s in range(len(stacks))],
                            dtype=torch.int64, device=dev).reshape(-1)
     scores = torch.cat([sc for batches in per for sc, _ in batches] or [torch.zeros(0, device=dev)])
@@ -204,7 +205,7 @@ def _passes(handle: UsafModel, batches: list[dict], loss_fn: Callable, hooks: di
 
 
 def scored_layers(handle: UsafModel, batches: list[dict], loss_fn: Callable):
-    """Yield ``(layer, {stack: flat fp32 scores})`` for every trainable layer, from the top, scoring
+    """Yield ``(layer, {stack: flat scores})`` (:func:`final_scores`) for every trainable layer, from the top, scoring
     ``score_layers`` layers per pass within ``score_budget_mb`` (``UsafConfig.score`` picks the score)."""
     cfg = handle.config
     layers = list(reversed(handle.trainable_layers))
@@ -227,7 +228,7 @@ def _fold_ranks(handle: UsafModel, batches: list[dict], loss_fn: Callable, hooks
     """Data parallel scoring: every rank's per-batch scores added to the sum in the global batch order (batch
     k of rank r is one process's batch ``k * N + r``), in the buffers' dtype, as one process adds them. Each
     rank holds a second set of the group's buffers (the running sum); the hooks' own ones are reset per batch."""
-    own = [hooks[m.index].buffers[n] for m in group for n in NAMES]
+    own = [hooks[m.index].buffers[n] for m in group for n in m.experts.names]
     acc = [torch.zeros_like(b) for b in own]
 
     def fold(acc: list[torch.Tensor], own: list[torch.Tensor]) -> None:
@@ -244,8 +245,9 @@ def _fold_ranks(handle: UsafModel, batches: list[dict], loss_fn: Callable, hooks
     _passes(handle, batches, loss_fn, hooks, only=group, after_batch=after_batch)
     ring.result()
     for m in group:
-        hooks[m.index].buffers = dict(zip(NAMES, acc[: len(NAMES)]))
-        acc = acc[len(NAMES):]
+        names = m.experts.names
+        hooks[m.index].buffers = dict(zip(names, acc[: len(names)]))
+        acc = acc[len(names):]
 
 
 def candidates(handle: UsafModel, batches: Iterable[dict], budget: int, exclude_active: bool = False,
@@ -272,16 +274,16 @@ def candidates(handle: UsafModel, batches: Iterable[dict], budget: int, exclude_
     was_training = model.training
     model.train()
 
-    def cap(numel: int) -> int:
+    def cap(numel: int) -> int:  # numel: the elements of one stack's experts that compute
         return max(1, math.ceil(cfg.layer_share_cap * budget * numel / max(total, 1)))
 
     with lean_passes(handle):  # every scoring pass keeps only what a checkpointed step keeps
         try:
             if streaming:
                 layers = handle.trainable_layers
-                hooks = {m.index: StreamedCandidates(m.experts, {n: math.ceil(cap(m.experts.deltas[n].numel) /
+                hooks = {m.index: StreamedCandidates(m.experts, {n: math.ceil(cap(m.experts.live_numel(n)) /
                                                                               m.experts.num_experts * 2)
-                                                                  for n in NAMES})
+                                                                  for n in m.experts.names})
                          for m in layers}
                 if rank_world()[1] == 1:
                     _passes(handle, batches, loss_fn, hooks)
@@ -290,19 +292,19 @@ def candidates(handle: UsafModel, batches: Iterable[dict], budget: int, exclude_
                             after_batch=lambda: [h.end_batch() for h in hooks.values()])
                     merge_ranks(list(hooks.values()))
                 for m in reversed(layers):
-                    for n in NAMES:
-                        best = hooks[m.index].best(n, cap(m.experts.deltas[n].numel))
+                    for n in m.experts.names:
+                        best = hooks[m.index].best(n, cap(m.experts.live_numel(n)))
                         if best is not None:
                             out.append((m, n, *best))
                 return out
             for m, scores in scored_layers(handle, batches, loss_fn):
-                for n in NAMES:
+                for n in m.experts.names:
                     sc = scores[n]
                     if exclude_active:
                         sc[m.experts.deltas[n].indices.long()] = -1.0
-                    vals, idx = top_candidates(sc, min(sc.numel(), cap(sc.numel())))
+                    vals, idx = top_candidates(sc, min(sc.numel(), cap(m.experts.live_numel(n))))
                     keep = vals >= 0
-                    out.append((m, n, vals[keep], idx[keep]))
+                    out.append((m, n, vals[keep].float(), idx[keep]))
                 out = prune(out, budget)
                 del scores, sc  # not held through the next group's passes
         finally:
@@ -328,10 +330,10 @@ def select(handle: UsafModel, batches: Iterable[dict], density: float | None = N
         chosen = _allocate(handle, batches, budget, loss_fn or token_mean_loss, n_batches)
     per_layer = {}
     for m in handle.trainable_layers:
-        for n in NAMES:
+        for n in m.experts.names:
             idx = chosen.get((m.index, n), torch.empty(0, dtype=torch.int64))
             m.experts.deltas[n].set(idx)
-        per_layer[m.index] = sum(len(m.experts.deltas[n]) for n in NAMES)
+        per_layer[m.index] = sum(len(m.experts.deltas[n]) for n in m.experts.names)
     attention = select_attention(handle, batches, loss_fn or token_mean_loss) if handle.attention else 0
     release_free_memory()
     return {"budget": budget, "active": handle.active(), "seconds": time.perf_counter() - t0,
@@ -345,7 +347,7 @@ def _allocate(handle: UsafModel, batches, budget: int, loss_fn: Callable, n_batc
     if not batches:
         raise ValueError("no calibration batches for selection")
     layers = handle.trainable_layers
-    sizes = {m.index: [m.experts.deltas[n].numel // m.experts.num_experts for n in NAMES] for m in layers}
+    sizes = {m.index: [m.experts.deltas[n].per_expert for n in m.experts.names] for m in layers}
     if cfg.allocation == "layer":
         share = dict(zip((m.index for m in layers), quotas([sum(sizes[m.index]) * m.experts.num_experts
                                                             for m in layers], budget)))

@@ -26,7 +26,6 @@ import gc
 
 import torch
 
-from ..engine.experts import NAMES
 from .layout import (
     Checkpoint,
     ExportError,
@@ -66,19 +65,19 @@ def full_patch(run: Run, patches: Patches):
 
 
 def _dequantized_patch(run: Run, patches: Patches, maps: dict, ref):
-    """Replace every expert tensor by the effective weights of usaf's (quantized) model, cast to disk dtype."""
-    layers = {m.prefix: m.experts for m in ref.layers}
+    """Replace every expert tensor by the effective weights of usaf's (quantized) model, cast to disk dtype.
+
+    ``maps``: ``{stack key: (experts module, stack name, StackMap)}``."""
     where = {}
-    for key, m in maps.items():
+    for ex, stack, m in maps.values():
         for i, disk in enumerate(m.names):
-            where[disk] = (key, int(m.starts[i]), int(m.starts[i + 1]))
+            where[disk] = (ex, stack, int(m.starts[i]), int(m.starts[i + 1]))
 
     def patch(name: str, t: torch.Tensor) -> torch.Tensor:
         if name in patches.routers:
             return run.routers[patches.routers[name]].to(t.dtype).reshape(t.shape).contiguous()
-        key, a, b = where[name]
-        prefix, stack = key.rsplit(".", 1)
-        w = layers[prefix].frozen[stack].tensor.reshape(-1)[a:b]
+        ex, stack, a, b = where[name]
+        w = ex.frozen[stack].tensor.reshape(-1)[a:b]
         return w.to(t.dtype).reshape(t.shape).contiguous()
 
     return patch, set(where)
@@ -104,8 +103,8 @@ def export_hf(run: Run, out, base_weights: str = DEFAULT_BASE_WEIGHTS, overwrite
     if dequant:  # every MoE layer's experts were quantized in training, not only the trained ones
 
         transposed = ref.transposed
-        all_maps = {f"{m.prefix}.{n}": stack_map(f"{m.prefix}.{n}", m.experts.shape(n), ckpt, transposed)
-                    for m in ref.layers for n in NAMES}
+        all_maps = {m.key(n): (m.experts, n, stack_map(m.key(n), m.experts.shape(n), ckpt, transposed))
+                    for m in ref.layers for n in m.experts.names}
         patch, expert_names = _dequantized_patch(run, patches, all_maps, ref)
         touched = expert_names | set(patches.routers)
     else:

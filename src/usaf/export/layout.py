@@ -5,11 +5,13 @@
 - ``stack_map`` / ``plan``: where each fused in-memory expert stack ``[E, R, C]`` lives on disk, the way
   transformers' ``conversion_mapping.py`` builds the stacks on load (``MergeModulelist(dim=0)`` then
   ``Concatenate(dim=1)``): per-expert ``experts.N.gate_proj/up_proj/down_proj.weight`` (mixtral
-  ``block_sparse_moe.experts.N.w1/w3/w2.weight``; gate_up rows ``[0, I)`` are gate, ``[I, 2I)`` up), fused
-  names for fused families (gpt_oss, llama4, gemma4), granitemoe's ``input_linear/output_linear``; failing
+  ``block_sparse_moe.experts.N.w1/w3/w2.weight``; gate_up rows ``[0, I)`` are gate, ``[I, 2I)`` up; an
+  ``up_proj`` stack without a gate: ``experts.N.up_proj.weight``, nemotron_h's under ``backbone.`` instead of
+  ``model.``), fused names for fused families (gpt_oss, llama4, gemma4), granitemoe's
+  ``input_linear/output_linear``, dbrx's 2-D ``[E*I, H]`` ``w1/v1/w2`` (the stack's flat order); failing
   those, the names transformers' conversion tables give (``Checkpoint.source_keys``: a vision-language
-  checkpoint's ``model.layers`` for ``model.language_model.layers``, renamed per-expert tensors). Stacks that
-  are stored transposed, or merged with / split across other tensors on disk, are refused in one line.
+  checkpoint's ``model.layers`` for ``model.language_model.layers``, renamed per-expert tensors). Stacks
+  stored transposed, or merged with / split across other tensors on disk, are refused in one line.
 - ``write_checkpoint``: the source copied shard by shard with some tensors patched, atomically.
 """
 
@@ -201,22 +203,33 @@ class StackMap:
         return out
 
 
+def disk_names(key: str) -> list[str]:
+    """Where an in-memory tensor may live on disk: its own name, mixtral's ``block_sparse_moe`` for ``mlp``,
+    nemotron_h's ``backbone.`` for ``model.`` (transformers renames them on load)."""
+    cands = [key, key.replace(".mlp.", ".block_sparse_moe.")]
+    if key.startswith("model."):
+        cands.append("backbone." + key[len("model."):])
+    return list(dict.fromkeys(cands))
+
+
 def stack_map(key: str, shape: tuple[int, ...], ckpt: Checkpoint, transposed: bool = False) -> StackMap:
     """Map the in-memory stack ``key`` (e.g. ``model.layers.1.mlp.experts.gate_up_proj``) to ``ckpt``'s tensors."""
     prefix, name = key.rsplit(".", 1)
     n_exp, rows, cols = shape
     numel = n_exp * rows * cols
-    if name == "weight":  # an attention projection's sparse delta, (1, out, in) over the 2-D weight
-        disk = key if key in ckpt else next(iter(ckpt.source_keys(key, (rows, cols))), None)
+    if name == "weight":  # an attention projection's sparse delta, (1, out, in) over the 2-D weight, or a
+        disk = next((c for c in disk_names(key) if c in ckpt), None)  # stack named weight (jetmoe)
+        if disk is None:  # renamed on disk (transformers' conversion tables)
+            disk = next(iter(ckpt.source_keys(key, (rows, cols))), None)
         if disk is None:
             raise ExportError(f"{ckpt.dir}: no on-disk tensor holds {key}")
-        _expect(ckpt, disk, (rows, cols))
+        _expect(ckpt, disk, (rows, cols), also=tuple(shape))
         return StackMap(key, tuple(shape), [disk], torch.tensor([0, numel]))
-    prefixes = list(dict.fromkeys([prefix, prefix.replace(".mlp.", ".block_sparse_moe.")]))
+    prefixes = disk_names(prefix)
     block = prefix.rsplit(".experts", 1)[0]
-    legacy = {"gate_up_proj": "input_linear", "down_proj": "output_linear"}[name]  # granitemoe
-    cands = [f"{p}.{name}" for p in prefixes] + [f"{p}.{name}.weight" for p in prefixes] + \
-        [f"{block}.{legacy}.weight"]
+    legacy = {"gate_up_proj": "input_linear", "down_proj": "output_linear"}.get(name)  # granitemoe
+    cands = [f"{p}.{name}" for p in prefixes] + [f"{p}.{name}.weight" for p in prefixes]
+    cands += [f"{block}.{legacy}.weight"] if legacy else []
     if not any(c in ckpt for c in cands) and not any(f"{p}.0.{n}.weight" in ckpt
                                                    for p in prefixes for ns in _PER_EXPERT_NAMES for n in ns):
         # renamed on disk (transformers' conversion tables): one fused name, or per-expert names
@@ -234,17 +247,18 @@ def stack_map(key: str, shape: tuple[int, ...], ckpt: Checkpoint, transposed: bo
                 raise ExportError(f"{ckpt.dir}: {cand} is stored transposed on disk ({n_exp}, {cols}, {rows}) "
                                   f"(transformers transposes it on load); usaf patches expert stacks in their "
                                   f"in-memory layout {tuple(shape)} only")
-            _expect(ckpt, cand, tuple(shape))
+            flat = (n_exp * rows, cols)  # dbrx: 2-D [E*R, C] on disk and in memory, the same flat order
+            _expect(ckpt, cand, tuple(shape), also=flat if ckpt.info(cand)[1] == flat else None)
             return StackMap(key, tuple(shape), [cand], torch.tensor([0, numel]))
     for p in prefixes:
         for gate, up, down in _PER_EXPERT_NAMES:
-            first = f"{p}.0.{down if name == 'down_proj' else gate}.weight"
-            if first not in ckpt:
+            kinds = {"gate_up_proj": (gate, up), "up_proj": (up,), "down_proj": (down,)}.get(name)
+            if kinds is None or f"{p}.0.{kinds[0]}.weight" not in ckpt:
                 continue
             if transposed:
                 raise ExportError(f"{key}: per-expert on-disk tensors for a transposed layout are not supported")
             names, starts = [], [0]
-            parts = [(gate, rows // 2), (up, rows // 2)] if name == "gate_up_proj" else [(down, rows)]
+            parts = [(k, rows // len(kinds)) for k in kinds]
             for e in range(n_exp):
                 for part, n_rows in parts:
                     disk = f"{p}.{e}.{part}.weight"
@@ -259,7 +273,7 @@ def stack_map(key: str, shape: tuple[int, ...], ckpt: Checkpoint, transposed: bo
 
 def router_name(key: str, ckpt: Checkpoint, shape: tuple[int, ...]) -> str:
     """On-disk name of an in-memory router parameter (mixtral ``block_sparse_moe.gate``, granite ``router.layer``)."""
-    cands = [key, key.replace(".mlp.", ".block_sparse_moe."), key.replace(".router.weight", ".router.layer.weight")]
+    cands = disk_names(key) + [key.replace(".router.weight", ".router.layer.weight")]
     if not any(c in ckpt for c in cands):
         cands += ckpt.source_keys(key, tuple(shape))  # renamed on disk (transformers' conversion tables)
     for cand in dict.fromkeys(cands):
@@ -269,9 +283,9 @@ def router_name(key: str, ckpt: Checkpoint, shape: tuple[int, ...]) -> str:
     raise ExportError(f"{ckpt.dir}: no on-disk tensor holds the router {key}")
 
 
-def _expect(ckpt: Checkpoint, name: str, shape: tuple[int, ...]) -> None:
+def _expect(ckpt: Checkpoint, name: str, shape: tuple[int, ...], also: tuple[int, ...] | None = None) -> None:
     got = ckpt.info(name)[1]
-    if tuple(got) != tuple(shape):
+    if tuple(got) not in (tuple(shape), also):
         raise BaseMismatchError(f"{ckpt.dir}: {name} has shape {tuple(got)}, the delta expects {tuple(shape)} "
                                 f"(the delta was made for another base model)")
 

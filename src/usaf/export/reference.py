@@ -19,8 +19,7 @@ from transformers import AutoConfig
 from ..config import UsafConfig
 from ..engine import model as usaf_model
 from ..engine.discover import moe_site
-from ..engine.experts import NAMES
-from ..engine.families import auto_model_class, family_for
+from ..engine.families import auto_model_class, family_for, get_path
 from ..engine.model import decoder_layers, prepare
 from ..integrity import checkpoint_fingerprint
 from ..load.hf import load_config, load_model
@@ -101,11 +100,9 @@ def reference_model(base: str, tensors: dict, meta: dict, dtype, quant: str = "n
         family = family_for(model.config)
         for layer in decoder_layers(model):
             site = moe_site(layer, family)
-            stock = site.experts if site is not None else None
-            for name in NAMES:
-                p = getattr(stock, name, None) if stock is not None else None
-                if p is not None and p.dim() == 3:
-                    p.data = p.data.to(compute_dtype)
+            for st in site.layout.stacks if site is not None else ():
+                p = get_path(site.experts, st.path)
+                p.data = p.data.to(compute_dtype)
     cfg = UsafConfig(density=float(meta.get("density", 0.005)), train_layers=meta.get("train_layers", "all"),
                      quant=quant, group_size=int(meta.get("group_size", 64)),
                      train_router=meta.get("train_router", "True") == "True",

@@ -8,7 +8,7 @@ from __future__ import annotations
 import torch
 
 from ..engine.discover import moe_site
-from ..engine.families import FAMILIES, UnsupportedModelError, auto_model_class, family_for
+from ..engine.families import FAMILIES, UnsupportedModelError, auto_model_class, family_for, get_path
 from ..engine.model import decoder_layers
 from .gguf.model import is_gguf, open_gguf
 from .hf import load_config
@@ -29,9 +29,10 @@ def inspect_model(model: str, density: float = 0.005, trust_remote_code: bool = 
             continue
         site, ex = s, s.experts
         moe_layers.append(i)
-        expert_params += ex.gate_up_proj.numel() + ex.down_proj.numel()
+        stacks = {st.path: get_path(ex, st.path) for st in site.layout.stacks}
+        expert_params += sum(p.numel() for p in stacks.values())
         router_params += sum(p.numel() for p in site.router.parameters())
-        shapes = {"gate_up_proj": list(ex.gate_up_proj.shape), "down_proj": list(ex.down_proj.shape)}
+        shapes = {path: list(p.shape) for path, p in stacks.items()}
     if site is None:
         raise UnsupportedModelError(f"{model} has no fused expert layers (a dense model?); usaf trains "
                                     f"Mixture-of-Experts models")
@@ -39,6 +40,8 @@ def inspect_model(model: str, density: float = 0.005, trust_remote_code: bool = 
     layout = "transposed [E, in, out]" if site.transposed else "standard [E, out, in]"
     if not site.concatenated:
         layout += ", gate/up interleaved"
+    if not site.layout.gated:
+        layout += ", no gate (up_proj + activation)"
     if site.bias:
         layout += " + expert biases"
     names = {id(mod): n.split(".")[-1] for n, mod in layers[moe_layers[0]].named_modules()}

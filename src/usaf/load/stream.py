@@ -37,8 +37,7 @@ from transformers import AutoConfig
 from transformers.core_model_loading import revert_weight_conversion
 
 from ..config import UsafConfig
-from ..engine.discover import fused_experts
-from ..engine.experts import NAMES
+from ..engine.discover import moe_site
 from ..engine.families import auto_model_class, family_for, get_path
 from ..engine.model import UsafModel, decoder_layers, prepare
 from ..engine.quant import QuantizedTensor, QuantSpec
@@ -108,8 +107,8 @@ def _expert_parts(keys: list[str], name: str, num_experts: int) -> list[list[str
             raise LayoutError(f"unexpected on-disk expert tensor {k}")
         parts[int(m.group(1))][m.group(2)] = k
     out = []
+    kinds = {"gate_up_proj": [_GATE, _UP], "up_proj": [_UP]}.get(name, [_DOWN])  # up_proj: no gate (nemotron_h)
     for e, p in enumerate(parts):
-        kinds = [_GATE, _UP] if name == "gate_up_proj" else [_DOWN]
         row = []
         for kind in kinds:
             match = [v for n, v in p.items() if n in kind]
@@ -126,11 +125,13 @@ class LayoutError(ValueError):
 
 
 class _StackBuilder:
-    """Reads one fused expert stack, expert by expert, quantizing as it goes."""
+    """Reads one fused expert stack, expert by expert, quantizing as it goes.
+
+    ``shape``: the stack's ``[E, R, C]`` (``meta`` may be dbrx's 2-D ``[E * R, C]`` parameter)."""
 
     def __init__(self, reader: ShardReader, meta_model, key: str, meta: torch.Tensor, dtype, quant: str,
-                 group_size: int):
-        self.reader, self.key, self.shape, self.dtype = reader, key, tuple(meta.shape), dtype
+                 group_size: int, shape: tuple[int, ...]):
+        self.reader, self.key, self.shape, self.dtype = reader, key, tuple(shape), dtype
         self.quant, self.group_size = quant, group_size
         disk = reader.keys()
         if key in disk:
@@ -143,9 +144,13 @@ class _StackBuilder:
                 self.mode, self.src = "per_expert", _expert_parts(src, key.rsplit(".", 1)[1], self.shape[0])
             else:
                 raise LayoutError(f"checkpoint has no tensor for {key}")
+        self.flat = meta.dim() == 2
 
     def expert(self, e: int, fused: torch.Tensor | None) -> torch.Tensor:
-        if self.mode == "fused":
+        if self.mode == "fused" and self.flat:  # [E * R, C]: expert e's rows
+            r = self.shape[1]
+            w = fused[e * r : (e + 1) * r]
+        elif self.mode == "fused":
             w = fused[e]
         else:
             w = torch.cat([self.reader.get(k) for k in self.src[e]], dim=0)
@@ -194,14 +199,18 @@ def load_streamed(model_dir, cfg: UsafConfig | None = None, dtype=torch.bfloat16
     with init_empty_weights(include_buffers=False):
         model = auto_model_class(config).from_config(config, dtype=dtype, **kw)
     reader = ShardReader(model_dir)
-    stacks: dict[str, tuple[str, str, torch.Tensor]] = {}  # in-memory key -> (experts prefix, name, meta)
+    # in-memory key -> (experts prefix, stack name, meta parameter, [E, R, C])
+    stacks: dict[str, tuple[str, str, torch.Tensor, tuple[int, ...]]] = {}
     for layer in decoder_layers(model):
-        ex = fused_experts(layer, family)
-        if ex is None:
+        site = moe_site(layer, family)
+        if site is None:
             continue
-        prefix = next(n for n, m in model.named_modules() if m is ex)
-        for name in NAMES:
-            stacks[f"{prefix}.{name}"] = (prefix, name, getattr(ex, name))
+        prefix = next(n for n, m in model.named_modules() if m is site.experts)
+        for st in site.layout.stacks:
+            p = get_path(site.experts, st.path)
+            e = p.shape[0] if p.dim() == 3 else int(site.experts.num_experts)  # dbrx: 2-D [E * R, C]
+            shape = tuple(p.shape) if p.dim() == 3 else (e, p.shape[0] // e, p.shape[1])
+            stacks[f"{prefix}.{st.path}"] = (prefix, st.name, p, shape)
 
     # 1. Non-expert tensors, one at a time, straight to their device.
     disk = reader.keys()
@@ -232,13 +241,13 @@ def load_streamed(model_dir, cfg: UsafConfig | None = None, dtype=torch.bfloat16
         tensors, meta, _mm = cached
         base_fp = meta["base_fingerprint"]
         frozen = {}
-        for key, (prefix, name, m) in stacks.items():
-            frozen.setdefault(prefix, {})[name] = _from_cache(tensors, key, tuple(m.shape), cfg)
+        for key, (prefix, name, _, shape) in stacks.items():
+            frozen.setdefault(prefix, {})[name] = _from_cache(tensors, key, shape, cfg)
         log.info("expert stacks mapped from the quantized cache %s", cpath)
     else:
         frozen, out = {}, {}
-        for key, (prefix, name, m) in stacks.items():
-            stack = _StackBuilder(reader, model, key, m, dtype, cfg.quant, cfg.group_size).build()
+        for key, (prefix, name, m, shape) in stacks.items():
+            stack = _StackBuilder(reader, model, key, m, dtype, cfg.quant, cfg.group_size, shape).build()
             frozen.setdefault(prefix, {})[name] = stack
             for k, v in stack.tensors().items():
                 out[f"{key}.{k}"] = v
@@ -249,8 +258,8 @@ def load_streamed(model_dir, cfg: UsafConfig | None = None, dtype=torch.bfloat16
         if tier == "disk":
             tensors, _, _mm = map_safetensors(cpath)
             frozen = {}
-            for key, (prefix, name, m) in stacks.items():
-                frozen.setdefault(prefix, {})[name] = _from_cache(tensors, key, tuple(m.shape), cfg)
+            for key, (prefix, name, _, shape) in stacks.items():
+                frozen.setdefault(prefix, {})[name] = _from_cache(tensors, key, shape, cfg)
     if tier in ("device", "host"):
         target = device if tier == "device" else "cpu"
         frozen = {p: {n: _clone_to(s, target) for n, s in d.items()} for p, d in frozen.items()}
@@ -334,7 +343,10 @@ def expert_bytes(config, cfg: UsafConfig) -> int:
     """Bytes of all frozen expert stacks at the chosen quantization, from the config alone."""
     with init_empty_weights():
         model = auto_model_class(config).from_config(config)
-    n = sum(p.numel() for name, p in model.named_parameters()
-            if p.dim() == 3 and name.endswith(("gate_up_proj", "down_proj")))
+    family = family_for(config)
+    n = 0
+    for layer in decoder_layers(model):
+        site = moe_site(layer, family)
+        n += sum(get_path(site.experts, st.path).numel() for st in site.layout.stacks) if site is not None else 0
     bits = {"4bit": 4 + 32 / cfg.group_size, "8bit": 8 + 32 / cfg.group_size}.get(cfg.quant, 16)
     return int(n * bits / 8)

@@ -16,7 +16,7 @@ from torch import nn
 from transformers import CONFIG_MAPPING, PretrainedConfig
 
 from ..engine.discover import moe_site
-from ..engine.families import UnsupportedModelError, auto_model_class, family_for, supported
+from ..engine.families import UnsupportedModelError, auto_model_class, family_for, get_path, supported
 from ..engine.model import decoder_layers
 from ..load.hf import load_config
 
@@ -266,13 +266,17 @@ def _count(config, trust_remote_code: bool) -> ModelCounts:
             "v_head_dim": v_dim,
         }
         if is_moe:
-            gu, dn = ex.gate_up_proj, ex.down_proj
-            stacks = (gu.numel(), dn.numel())
+            params = [get_path(ex, st.path) for st in site.layout.stacks]
+            stacks = tuple(p.numel() for p in params)
+            gu = params[0]
+            n_exp = int(gu.shape[0]) if gu.dim() == 3 else int(ex.num_experts)  # dbrx: 2-D [E * I, H]
+            width = gu.shape[0] // n_exp if gu.dim() == 2 else gu.shape[2] if site.transposed else gu.shape[1]
+            gated_in_one = site.layout.gated and len(params) == 2  # gate and up rows in one stack
             info.update(
-                expert_params=numel([gu, dn]),
+                expert_params=numel(params),
                 stack_numels=stacks,
-                num_experts=int(gu.shape[0]),
-                expert_inter=int((gu.shape[2] if site.transposed else gu.shape[1]) // 2),
+                num_experts=n_exp,
+                expert_inter=int(width // 2 if gated_in_one else width),
             )
             info["expert_bias_params"] = numel(ex.parameters())  # biases (the stacks are counted already)
             info["router_params"] = numel(router.parameters())

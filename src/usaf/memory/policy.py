@@ -10,6 +10,7 @@ import logging
 
 import torch
 
+from ..engine.checkpointing import can_checkpoint
 from ..engine.model import UsafModel, compute_device
 from ..load.gguf.model import is_gguf
 from ..units import dtype_name
@@ -23,9 +24,12 @@ def use_checkpointing(handle: UsafModel, mode: str, batch_size: int, seq_len: in
     """``on`` / ``off`` as given; ``auto``: ask the memory plan (``usaf plan``, from the config and this run's
     settings) whether checkpointing lowers the predicted training peak on the compute device (by more than
     ``usaf.memory.phase.AUTO_CHECKPOINT_GAIN``); on if so. (If the plan cannot describe the model: on when the trainable
-    layers' saved activations, ~24 values of size H per token and layer, exceed 512 MB.)"""
+    layers' saved activations, ~24 values of size H per token and layer, exceed 512 MB.) ``auto`` is off for a
+    model whose layers transformers cannot checkpoint."""
     if mode in ("on", "off"):
         return mode == "on"
+    if not can_checkpoint(handle):  # auto: transformers cannot checkpoint this model's layers (jetmoe)
+        return False
     model = handle.model
     cfg = handle.config
     device = compute_device(model)

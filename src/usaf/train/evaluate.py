@@ -22,7 +22,8 @@ class RouterLoad:
     """Tokens routed to each expert of each trainable MoE layer while active (a context manager): forward
     hooks on the experts modules read their ``top_k_index`` (T, K); positions whose ``mask`` is 0 (padding)
     are not counted. ``counts``: {decoder layer index: (E,) int64}, each token counted once per chosen
-    expert (so a layer's counts sum to K x tokens)."""
+    expert (so a layer's counts sum to K x tokens, less its routes to null experts, index >= E, which are
+    not counted)."""
 
     def __init__(self, handle):
         self.layers = handle.trainable_layers
@@ -45,7 +46,9 @@ class RouterLoad:
             idx = args[1] if len(args) > 1 else kwargs["top_k_index"]  # (T, K)
             if self.mask is not None and self.mask.numel() == idx.shape[0]:
                 idx = idx[self.mask.to(idx.device)]
-            self.counts[layer] += torch.bincount(idx.reshape(-1).cpu(), minlength=len(self.counts[layer]))
+            idx = idx.reshape(-1).cpu()
+            n = len(self.counts[layer])
+            self.counts[layer] += torch.bincount(idx[idx < n], minlength=n)
 
         return hook
 

@@ -22,6 +22,10 @@ from ..engine.families import interleaved_of, transposed_of
 from ..io import atomic_write_text
 from .report_html import render
 
+# Stacks that hold only up or only gate rows (by their parameter's name): nemotron_h's up_proj (no gate),
+# dbrx's v1 and w1; gate_up_proj is split by rows, anything else is down.
+_UP, _GATE = ("up_proj", "v1"), ("w1",)
+
 
 def write_report(run_dir, out: str | Path | None = None) -> Path:
     """Write ``report.html`` (default: into the run directory); returns its path.
@@ -87,7 +91,7 @@ def delta_budget(path: Path) -> dict:
 
     Returns ``{"layers": [l0, ...], "experts": E, "active": [[n per expert] per layer], "capacity":
     [[elements per expert] per layer], "matrix": {"gate" | "up" | "down": [n per layer]},
-    "model_type": str}``.
+    "attention": active elements of attention projections, "model_type": str}``.
     """
     with safe_open(str(path), "pt") as f:
         meta = f.metadata() or {}
@@ -97,16 +101,24 @@ def delta_budget(path: Path) -> dict:
         model_type = meta.get("model_type", "")
         transposed, interleaved = transposed_of(meta), interleaved_of(meta)
         per_layer: dict[int, dict] = {}
+        attention = 0
         for stack, shape in shapes.items():
-            m = re.search(r"(?:^|\.)layers\.(\d+)\.", stack)
+            m = re.search(r"(?:^|\.)(?:layers|blocks)\.(\d+)\.", stack)  # dbrx: transformer.blocks.N
             if not m or f"{stack}.indices" not in f.keys():
                 continue
             layer, name = int(m.group(1)), stack.rsplit(".", 1)[1]
+            if ".self_attn." in stack:  # an attention projection's delta (--attention-density): not an expert's
+                attention += f.get_slice(f"{stack}.indices").get_shape()[0]
+                continue
+            if name == "weight":  # jetmoe's stacks: input_linear.weight (gate then up rows), output_linear.weight
+                name = {"input_linear": "gate_up_proj"}.get(stack.rsplit(".", 2)[1], name)
             e, r, c = (int(s) for s in shape)
             idx = f.get_tensor(f"{stack}.indices").long()
             row = per_layer.setdefault(layer, {"active": torch.zeros(e, dtype=torch.int64), "capacity": 0,
                                                "gate": 0, "up": 0, "down": 0})
-            row["active"] += torch.bincount(idx // (r * c), minlength=e)
+            counts, active = torch.bincount(idx // (r * c), minlength=e), row["active"]
+            n = min(len(active), len(counts))  # longcat_flash's gate_up_proj has rows for its zero experts
+            row["active"] = active[:n] + counts[:n]
             row["capacity"] += r * c
             if name == "gate_up_proj":
                 local = idx % (r * c)
@@ -117,6 +129,10 @@ def delta_budget(path: Path) -> dict:
                     gate = (local // c) < r // 2
                 row["gate"] += int(gate.sum())
                 row["up"] += int((~gate).sum())
+            elif name in _UP:  # an up_proj without a gate (nemotron_h), dbrx's v1
+                row["up"] += int(idx.numel())
+            elif name in _GATE:  # dbrx's w1
+                row["gate"] += int(idx.numel())
             else:
                 row["down"] += int(idx.numel())
     layers = sorted(per_layer)
@@ -126,4 +142,5 @@ def delta_budget(path: Path) -> dict:
         "active": [per_layer[k]["active"].tolist() for k in layers],
         "capacity": [[per_layer[k]["capacity"]] * len(per_layer[k]["active"]) for k in layers],
         "matrix": {n: [per_layer[k][n] for k in layers] for n in ("gate", "up", "down")},
+        "attention": attention,
     }
