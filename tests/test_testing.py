@@ -38,6 +38,7 @@ NO_PER_EXPERT = tuple(f for f in FAMILIES if f not in PER_EXPERT_FAMILIES)
 PER_EXPERT_KEY = {
     "mixtral": re.compile(r"^model\.layers\.\d+\.block_sparse_moe\.experts\.\d+\.w[123]\.weight$"),
     "granitemoe": re.compile(r"^model\.layers\.\d+\.block_sparse_moe\.(input|output)_linear\.weight$"),
+    "nemotron_h": re.compile(r"^backbone\.layers\.\d+\.mixer\.experts\.\d+\.(up|down)_proj\.weight$"),
 }
 QWEN_STYLE_KEY = re.compile(r"^model\.layers\.\d+\.mlp\.experts\.\d+\.(gate|up|down)_proj\.weight$")
 
@@ -213,6 +214,9 @@ def test_checkpoint_roundtrip(tmp_path, family, per_expert, max_shard_size):
             assert len(expert_keys) == 2 * 8 * 3
         elif family == "granitemoe":
             assert "model.layers.0.block_sparse_moe.router.layer.weight" in keys
+        elif family == "nemotron_h":  # one MoE layer of the tiny hybrid; no gate: up and down per expert
+            assert len(expert_keys) == 1 * 8 * 2
+            assert "backbone.layers.1.mixer.experts.7.up_proj.weight" in keys
         else:
             n_moe = 2
             assert len(expert_keys) == n_moe * 8 * 3
