@@ -40,7 +40,7 @@ def test_suffix_forward_forgets_the_rope_deltas_of_another_batch(monkeypatch):
     assert not suffix_matches(model, 1, IDS, MASK)
 
 
-def test_training_with_prefix_cache_equals_without(tmp_path, monkeypatch):
+def test_training_with_prefix_cache_equals_without(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("USAF_PREFIX_CACHE", str(tmp_path / "prefix"))
     ckpt = save_tiny_checkpoint("deepseek_v3", tmp_path / "c")
     rows = [{"text": f"{w} fox {w} dog {i} " * 4} for i, w in enumerate("abcdefghijklmnopqrstuvwxyz")]
@@ -48,9 +48,13 @@ def test_training_with_prefix_cache_equals_without(tmp_path, monkeypatch):
     data.write_text("".join(json.dumps(r) + "\n" for r in rows))
     common = ["train", "--model", str(ckpt), "--data", str(data), "--steps", "6", "--seq-len", "32",
               "--batch-size", "4", "--lr", "0.01", "--density", "0.05", "--train-layers", "top:1",
-              "--reselect-every", "3", "--quiet"]
-    assert main(common + ["--out", str(tmp_path / "a"), "--no-prefix-cache"]) == 0
+              "--reselect-every", "3"]
+    capsys.readouterr()
+    assert main(common + ["--out", str(tmp_path / "a"), "--no-prefix-cache", "--quiet"]) == 0
+    assert "%|" not in capsys.readouterr().err  # --quiet: no bar
     assert main(common + ["--out", str(tmp_path / "b")]) == 0
+    err = capsys.readouterr().err  # the phase bars (rate and ETA) of a run that is not quiet
+    assert "frozen-prefix cache (layers 0-" in err and "selection (scoring layers)" in err
     assert len(list((tmp_path / "prefix").glob("*.bin"))) == 1
     la = [json.loads(x)["loss"] for x in (tmp_path / "a" / "log.jsonl").read_text().splitlines()]
     lb = [json.loads(x)["loss"] for x in (tmp_path / "b" / "log.jsonl").read_text().splitlines()]
@@ -59,5 +63,6 @@ def test_training_with_prefix_cache_equals_without(tmp_path, monkeypatch):
     mb = json.loads((tmp_path / "b" / "metrics.json").read_text())
     assert ma["eval_ppl_before"] == mb["eval_ppl_before"] and ma["eval_ppl_after"] == mb["eval_ppl_after"]
     # a second run reuses the cache file
-    assert main(common + ["--out", str(tmp_path / "c2")]) == 0
+    assert main(common + ["--out", str(tmp_path / "c2"), "--quiet"]) == 0
+    assert "%|" not in capsys.readouterr().err
     assert len(list((tmp_path / "prefix").glob("*.bin"))) == 1

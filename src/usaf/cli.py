@@ -34,6 +34,7 @@ from .load.inspect import inspect_model
 from .memory.plan import predict
 from .memory.report import format_plan, json_safe
 from .memory.sizes import DTYPE_BYTES, QUANTS
+from .progress import progress_bars
 from .train.chat import ChatSession, run_chat
 from .train.distributed import PeerFailed
 from .train.generate import generate
@@ -461,7 +462,8 @@ def main(argv: list[str] | None = None) -> int:
     if getattr(args, "quiet", False):
         logging.getLogger("usaf").setLevel(logging.WARNING)
     try:
-        return args.func(args)
+        with progress_bars(not getattr(args, "quiet", False)):  # usaf train: also off on ranks > 0 (recipe)
+            return args.func(args)
     except KeyboardInterrupt as e:
         print(f"usaf: {e or 'interrupted'}", file=sys.stderr)
         return 130

@@ -106,9 +106,10 @@ def verify_tensors(path, tensors: dict[str, torch.Tensor], metadata: dict) -> bo
     return True
 
 
-def verify_file(path) -> bool:
+def verify_file(path, progress=None) -> bool:
     """:func:`verify_tensors` reading the file from disk tensor by tensor (bounded memory, no mmap: a large
-    cache verified this way does not stay resident); returns False when the file recorded no checksums."""
+    cache verified this way does not stay resident); returns False when the file recorded no checksums.
+    ``progress``: an object with ``update(n)``, told the bytes checked (a tqdm bar)."""
     header, start, meta = read_header(path, with_metadata=True)
     sums = recorded(path, meta)
     if sums is None:
@@ -129,6 +130,8 @@ def verify_file(path) -> bool:
                     raise IntegrityError(f"{path} is truncated (tensor {name})")
                 h.update(block)
                 left -= len(block)
+                if progress is not None:
+                    progress.update(len(block))
             if h.hexdigest() != sums[name]:
                 raise IntegrityError(f"{path} is corrupted: tensor {name} does not match its checksum")
     return True

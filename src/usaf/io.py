@@ -23,7 +23,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from .integrity import verify_tensors, with_checksums
+from .integrity import CHECKSUM_KEY, ST_DTYPES, tensor_checksum, verify_tensors, with_checksums
 
 _DISK_FULL = (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC))
 _DISK_FULL_TEXT = ("No space left on device", "os error 28", "Disk quota exceeded", "os error 122")
@@ -101,6 +101,46 @@ def atomic_save_safetensors(tensors: dict[str, torch.Tensor], path, metadata: di
     if checksums:
         metadata = with_checksums(tensors, metadata)
     atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
+
+
+class SafetensorsStream:
+    """Write a safetensors file one tensor at a time into an open file, so a file larger than memory (the
+    quantized expert cache of a large model) never exists in memory at once; the checksums usaf records
+    (``usaf.integrity``) are computed tensor by tensor as they are written.
+
+    The header goes last, into ``reserve`` bytes kept before the data (padded with spaces, as the format
+    allows): ``add`` each tensor, then ``finish(metadata)``. Use inside :func:`atomic_write`."""
+
+    def __init__(self, f, reserve: int):
+        self.f, self.reserve = f, int(reserve) + (-int(reserve) % 8)
+        self.header: dict[str, dict] = {}
+        self.sums: dict[str, str] = {}
+        self.off = 0
+        f.seek(8 + self.reserve)
+
+    def add(self, name: str, t: torch.Tensor) -> None:
+        if name in self.header:
+            raise ValueError(f"tensor {name} written twice")
+        t = t.detach().cpu().contiguous()
+        n = t.numel() * t.element_size()
+        self.header[name] = {"dtype": ST_DTYPES[t.dtype], "shape": list(t.shape),
+                             "data_offsets": [self.off, self.off + n]}
+        self.sums[name] = tensor_checksum(t)
+        if n:
+            self.f.write(memoryview(t.reshape(-1).view(torch.uint8).numpy()))
+        self.off += n
+
+    def finish(self, metadata: dict | None = None, checksums: bool = True) -> None:
+        meta = {k: str(v) for k, v in (metadata or {}).items() if k != CHECKSUM_KEY}
+        if checksums:
+            meta[CHECKSUM_KEY] = json.dumps(self.sums, sort_keys=True, separators=(",", ":"))
+        raw = json.dumps({"__metadata__": meta, **self.header}, separators=(",", ":")).encode()
+        if len(raw) > self.reserve:
+            raise ValueError(f"safetensors header of {len(raw)} bytes exceeds the {self.reserve} reserved")
+        self.f.seek(0)
+        self.f.write(self.reserve.to_bytes(8, "little"))
+        self.f.write(raw + b" " * (self.reserve - len(raw)))
+        self.f.flush()
 
 
 def atomic_write_text(path, text: str) -> None:

@@ -17,6 +17,7 @@ from collections.abc import Callable, Iterable
 
 import torch
 
+from .. import progress
 from ..runtime import release_free_memory
 from .allocate import (
     channel_pick,
@@ -212,15 +213,17 @@ def scored_layers(handle: UsafModel, batches: list[dict], loss_fn: Callable):
     dtype = torch.float32 if cfg.score_dtype == "fp32" else torch.bfloat16
     power = {"abs": 1, "gw": 1, "sq": 2, "signed": 0, "random": 1}[cfg.score]
     _, world = rank_world()
-    for group in _groups(layers, cfg.score_budget_mb << 20, dtype.itemsize, max(1, cfg.score_layers)):
-        hooks = {m.index: DenseScores(m.experts, dtype, power) for m in group}
-        if cfg.score != "random" and world == 1:
-            _passes(handle, batches, loss_fn, hooks, only=group)
-        elif cfg.score != "random":  # data parallel: the hooks score this rank's batch, folded in order
-            _fold_ranks(handle, batches, loss_fn, hooks, group)
-        for m in group:
-            yield m, final_scores(m, hooks[m.index].buffers, cfg.score, seed=cfg.score_seed)
-        del hooks
+    with progress.bar(len(layers), "selection (scoring layers)", unit="layer") as bar:
+        for group in _groups(layers, cfg.score_budget_mb << 20, dtype.itemsize, max(1, cfg.score_layers)):
+            hooks = {m.index: DenseScores(m.experts, dtype, power) for m in group}
+            if cfg.score != "random" and world == 1:
+                _passes(handle, batches, loss_fn, hooks, only=group)
+            elif cfg.score != "random":  # data parallel: the hooks score this rank's batch, folded in order
+                _fold_ranks(handle, batches, loss_fn, hooks, group)
+            for m in group:
+                yield m, final_scores(m, hooks[m.index].buffers, cfg.score, seed=cfg.score_seed)
+                bar.update(1)
+            del hooks
 
 
 def _fold_ranks(handle: UsafModel, batches: list[dict], loss_fn: Callable, hooks: dict[int, DenseScores],

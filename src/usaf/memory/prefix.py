@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .. import progress
 from ..data.batches import collate
 from ..engine.forward import prefix_hidden, suffix_matches
 from ..engine.model import UsafModel, compute_device, decoder_layers
@@ -81,14 +82,16 @@ class PrefixCache:
         tmp = root / f".{key}.{os.getpid()}.tmp"
         np_dtype = np.uint16 if dtype in (torch.bfloat16, torch.float16) else np.float32
         data = np.memmap(tmp, dtype=np_dtype, mode="w+", shape=(int(offsets[-1]), hidden))
-        for a in range(0, len(examples), batch_size):
-            chunk = examples[a : a + batch_size]
-            batch = collate(chunk, pad_id)
-            h = prefix_hidden(model, start, batch["input_ids"].to(device), batch["attention_mask"].to(device))
-            for row, ex in enumerate(chunk):
-                i = a + row
-                v = h[row, : len(ex.input_ids)].detach().to("cpu")
-                data[offsets[i] : offsets[i + 1]] = (v.view(torch.int16) if np_dtype == np.uint16 else v).numpy()
+        with progress.bar(len(examples), f"frozen-prefix cache (layers 0-{start - 1})", unit="seq") as bar:
+            for a in range(0, len(examples), batch_size):
+                chunk = examples[a : a + batch_size]
+                batch = collate(chunk, pad_id)
+                h = prefix_hidden(model, start, batch["input_ids"].to(device), batch["attention_mask"].to(device))
+                for row, ex in enumerate(chunk):
+                    i = a + row
+                    v = h[row, : len(ex.input_ids)].detach().to("cpu")
+                    data[offsets[i] : offsets[i + 1]] = (v.view(torch.int16) if np_dtype == np.uint16 else v).numpy()
+                bar.update(len(chunk))
         data.flush()
         del data
         digest = file_checksum(tmp)

@@ -40,6 +40,7 @@ from ..load.stream import load_prepared
 from ..load.tiers import Prefetcher
 from ..memory.policy import use_checkpointing
 from ..memory.prefix import enable_prefix_cache
+from ..progress import progress_bars
 from ..units import dtype_name
 from . import checkpoint, distributed
 from .evaluate import RouterLoad, evaluate_examples, peak_memory_mb
@@ -80,8 +81,9 @@ def train(cfg: TrainConfig) -> dict:
         log.setLevel(logging.ERROR)  # rank 0 speaks for the run
     try:
         run = Recipe(cfg, d)
-        run.setup()
-        with disk_full_is_an_error(run.out):
+        with progress_bars(not cfg.quiet and d.main):
+            run.setup()
+        with disk_full_is_an_error(run.out), progress_bars(not cfg.quiet and d.main):
             distributed.run_agreed(d, run.prepare_out if d.main else None)
             if not run.load_checkpoint():
                 run.select()
