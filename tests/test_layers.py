@@ -9,7 +9,7 @@ import pytest
 SRC = Path(__file__).resolve().parents[1] / "src"
 # Lowest first. A module may import its own layer and those below it.
 LAYERS = [
-    ("usaf.units", "usaf.integrity", "usaf.io", "usaf.config", "usaf.runtime"),  # foundation: among themselves
+    ("usaf.units", "usaf.integrity", "usaf.io", "usaf.config", "usaf.runtime", "usaf.progress"),  # foundation
     ("usaf.engine",),  # the math: families, experts, deltas, selection, optimizer
     ("usaf.load", "usaf.data"),  # where weights and data come from
     ("usaf.memory",),  # the planner and the frozen-prefix cache

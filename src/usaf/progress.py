@@ -31,7 +31,7 @@ def progress_bars(on: bool | None) -> Iterator[None]:
         _ON = old
 
 
-def bar(total: int | float, desc: str, unit: str = "it", **kw) -> tqdm:
+def progress_bar(total: int | float, desc: str, unit: str = "it", **kw) -> tqdm:
     """A tqdm bar of ``total`` units (rate and ETA), shown as :func:`progress_bars` says; left on screen only
     when it has ``leave=True``."""
     kw.setdefault("leave", False)

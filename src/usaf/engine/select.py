@@ -17,7 +17,7 @@ from collections.abc import Callable, Iterable
 
 import torch
 
-from .. import progress
+from ..progress import progress_bar
 from ..runtime import release_free_memory
 from .allocate import (
     channel_pick,
@@ -213,7 +213,7 @@ def scored_layers(handle: UsafModel, batches: list[dict], loss_fn: Callable):
     dtype = torch.float32 if cfg.score_dtype == "fp32" else torch.bfloat16
     power = {"abs": 1, "gw": 1, "sq": 2, "signed": 0, "random": 1}[cfg.score]
     _, world = rank_world()
-    with progress.bar(len(layers), "selection (scoring layers)", unit="layer") as bar:
+    with progress_bar(len(layers), "selection (scoring layers)", unit="layer") as bar:
         for group in _groups(layers, cfg.score_budget_mb << 20, dtype.itemsize, max(1, cfg.score_layers)):
             hooks = {m.index: DenseScores(m.experts, dtype, power) for m in group}
             if cfg.score != "random" and world == 1:

@@ -43,7 +43,7 @@ from ..engine.model import UsafModel, decoder_layers, prepare
 from ..engine.quant import QuantizedTensor, QuantSpec
 from ..engine.store import DenseStack
 from ..integrity import TORCH_DTYPES, IntegrityError, checkpoint_fingerprint, read_header, verify_file
-from .. import progress
+from ..progress import progress_bar
 from ..io import SafetensorsStream, atomic_write
 from .gguf.model import gguf_expert_bytes, is_gguf, load_gguf
 from .hf import check_shards, load_config, load_model
@@ -289,7 +289,7 @@ def load_streamed(model_dir, cfg: UsafConfig | None = None, dtype=torch.bfloat16
                     for key, (prefix, name, m, shape) in stacks.items()]
 
         def write(tmp):
-            with open(tmp, "wb") as f, progress.bar(sum(b.shape[0] for *_, b in builders),
+            with open(tmp, "wb") as f, progress_bar(sum(b.shape[0] for *_, b in builders),
                                                      f"quantizing experts ({cfg.quant}, first run)",
                                                      unit="expert") as bar:
                 out = SafetensorsStream(f, 4096 + 512 * 3 * len(builders))
@@ -333,7 +333,7 @@ def _open_cache(cpath: Path):
         return None
     try:
         if os.environ.get("USAF_VERIFY_CACHE", "1") != "0":
-            with progress.bar(cpath.stat().st_size, "checking the quantized cache", unit="B", unit_scale=True,
+            with progress_bar(cpath.stat().st_size, "checking the quantized cache", unit="B", unit_scale=True,
                               unit_divisor=1024) as bar:
                 if not verify_file(cpath, progress=bar):
                     raise IntegrityError(f"{cpath} has no checksums")

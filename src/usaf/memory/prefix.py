@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .. import progress
+from ..progress import progress_bar
 from ..data.batches import collate
 from ..engine.forward import prefix_hidden, suffix_matches
 from ..engine.model import UsafModel, compute_device, decoder_layers
@@ -82,7 +82,7 @@ class PrefixCache:
         tmp = root / f".{key}.{os.getpid()}.tmp"
         np_dtype = np.uint16 if dtype in (torch.bfloat16, torch.float16) else np.float32
         data = np.memmap(tmp, dtype=np_dtype, mode="w+", shape=(int(offsets[-1]), hidden))
-        with progress.bar(len(examples), f"frozen-prefix cache (layers 0-{start - 1})", unit="seq") as bar:
+        with progress_bar(len(examples), f"frozen-prefix cache (layers 0-{start - 1})", unit="seq") as bar:
             for a in range(0, len(examples), batch_size):
                 chunk = examples[a : a + batch_size]
                 batch = collate(chunk, pad_id)
