@@ -55,6 +55,7 @@ def test_training_with_prefix_cache_equals_without(tmp_path, monkeypatch, capsys
     assert main(common + ["--out", str(tmp_path / "b")]) == 0
     err = capsys.readouterr().err  # the phase bars (rate and ETA) of a run that is not quiet
     assert "frozen-prefix cache (layers 0-" in err and "selection (scoring layers)" in err
+    assert "eval (held-out batches)" in err
     assert len(list((tmp_path / "prefix").glob("*.bin"))) == 1
     la = [json.loads(x)["loss"] for x in (tmp_path / "a" / "log.jsonl").read_text().splitlines()]
     lb = [json.loads(x)["loss"] for x in (tmp_path / "b" / "log.jsonl").read_text().splitlines()]

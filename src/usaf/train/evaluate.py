@@ -15,6 +15,7 @@ import torch
 
 from ..data.batches import collate
 from ..engine.loss import lm_loss
+from ..progress import progress_bar
 from .distributed import Dist, all_sum_many
 
 
@@ -115,8 +116,17 @@ def eval_batches(eval_ex, batch_size: int, pad: int, d: Dist | None = None, offs
 
 def evaluate_examples(model, eval_ex, batch_size: int, pad: int, device=None, d: Dist | None = None,
                       offset: int = 0, max_batches: int = 0, load: RouterLoad | None = None) -> dict:
-    """:func:`evaluate` over :func:`eval_batches`: the run's eval, and ``usaf eval``'s."""
-    return evaluate(model, eval_batches(eval_ex, batch_size, pad, d, offset, max_batches), device, dist=d, load=load)
+    """:func:`evaluate` over :func:`eval_batches`: the run's eval, and ``usaf eval``'s (with a progress bar)."""
+    rank, world = (d.rank, d.world) if d is not None else (0, 1)
+    n = len(eval_ex) if not max_batches else min(len(eval_ex), max_batches * batch_size * world)
+    mine = n * (rank + 1) // world - n * rank // world
+    with progress_bar(-(-mine // batch_size), "eval (held-out batches)", unit="batch") as bar:
+        def counted():
+            for batch in eval_batches(eval_ex, batch_size, pad, d, offset, max_batches):
+                yield batch
+                bar.update(1)
+
+        return evaluate(model, counted(), device, dist=d, load=load)
 
 
 def peak_memory_mb(device: torch.device | str = "cpu") -> float:
