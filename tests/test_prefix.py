@@ -67,3 +67,17 @@ def test_training_with_prefix_cache_equals_without(tmp_path, monkeypatch, capsys
     assert main(common + ["--out", str(tmp_path / "c2"), "--quiet"]) == 0
     assert "%|" not in capsys.readouterr().err
     assert len(list((tmp_path / "prefix").glob("*.bin"))) == 1
+
+
+def test_the_support_probe_is_short(monkeypatch):
+    """``enable_prefix_cache`` probes the family on 32 + 16 tokens, not on two full training sequences (five
+    full forwards of 512 tokens cost minutes at real width)."""
+    from usaf.data.examples import Example
+    from usaf.memory import prefix
+
+    seen = []
+    monkeypatch.setattr(prefix, "suffix_matches", lambda model, start, ids, mask: seen.append(mask.sum(1)) or False)
+    handle = usaf.prepare(make_tiny_model("qwen3_moe"), usaf.UsafConfig(quant="none", train_layers="top:1"))
+    rows = [Example(list(range(6, 70)), list(range(6, 70)))] * 3
+    assert prefix.enable_prefix_cache(handle, rows, [], 2, 0) is False
+    assert seen[0].tolist() == [prefix.PROBE_TOKENS, prefix.PROBE_TOKENS // 2]

@@ -43,8 +43,8 @@ from ..engine.model import UsafModel, decoder_layers, prepare
 from ..engine.quant import QuantizedTensor, QuantSpec
 from ..engine.store import DenseStack
 from ..integrity import TORCH_DTYPES, IntegrityError, checkpoint_fingerprint, read_header, verify_file
-from ..progress import progress_bar
 from ..io import SafetensorsStream, atomic_write
+from ..progress import progress_bar
 from .gguf.model import gguf_expert_bytes, is_gguf, load_gguf
 from .hf import check_shards, load_config, load_model
 from .mmap import evict, map_safetensors

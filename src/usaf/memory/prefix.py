@@ -20,15 +20,18 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..progress import progress_bar
 from ..data.batches import collate
+from ..data.examples import Example
 from ..engine.forward import prefix_hidden, suffix_matches
 from ..engine.model import UsafModel, compute_device, decoder_layers
 from ..integrity import file_checksum
 from ..io import atomic_write_json
 from ..load.mmap import evict
+from ..progress import progress_bar
 
 log = logging.getLogger("usaf")
+
+PROBE_TOKENS = 32  # tokens of the first probe sequence of ``enable_prefix_cache`` (the second has half)
 
 
 class PrefixCache:
@@ -138,7 +141,12 @@ def enable_prefix_cache(handle: UsafModel, train_ex, eval_ex, batch_size: int, p
         return False
     model = handle.model
     device = compute_device(model)
-    probe = collate(list(train_ex[:2]), pad_id)
+    # The probe is short: whether the family reproduces the full forward from cached states does not depend
+    # on the length, and at full width two 512-token sequences cost five full forwards (3 minutes for
+    # 16 layers of Qwen3-30B-A3B's widths on 2 cores). Two lengths, so that padding is in the probe.
+    probe = collate([Example(ex.input_ids[:n], ex.labels[:n]) for ex, n in zip(train_ex[:2], (PROBE_TOKENS,
+                                                                                            PROBE_TOKENS // 2))],
+                    pad_id)
     if not suffix_matches(model, start, probe["input_ids"].to(device), probe["attention_mask"].to(device)):
         return False
     cache = PrefixCache.build(handle, list(train_ex) + list(eval_ex), start, batch_size, pad_id)
