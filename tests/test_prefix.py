@@ -55,7 +55,7 @@ def test_training_with_prefix_cache_equals_without(tmp_path, monkeypatch, capsys
     assert main(common + ["--out", str(tmp_path / "b")]) == 0
     err = capsys.readouterr().err  # the phase bars (rate and ETA) of a run that is not quiet
     assert "frozen-prefix cache (layers 0-" in err and "selection (scoring layers)" in err
-    assert "eval (held-out batches)" in err
+    assert "eval (held-out batches)" in err and "checking the suffix forward" in err
     assert len(list((tmp_path / "prefix").glob("*.bin"))) == 1
     la = [json.loads(x)["loss"] for x in (tmp_path / "a" / "log.jsonl").read_text().splitlines()]
     lb = [json.loads(x)["loss"] for x in (tmp_path / "b" / "log.jsonl").read_text().splitlines()]
@@ -76,7 +76,7 @@ def test_the_support_probe_is_short(monkeypatch):
     from usaf.memory import prefix
 
     seen = []
-    monkeypatch.setattr(prefix, "suffix_matches", lambda model, start, ids, mask: seen.append(mask.sum(1)) or False)
+    monkeypatch.setattr(prefix, "suffix_matches", lambda model, start, ids, mask, bar: seen.append(mask.sum(1)) or False)
     handle = usaf.prepare(make_tiny_model("qwen3_moe"), usaf.UsafConfig(quant="none", train_layers="top:1"))
     rows = [Example(list(range(6, 70)), list(range(6, 70)))] * 3
     assert prefix.enable_prefix_cache(handle, rows, [], 2, 0) is False

@@ -81,19 +81,30 @@ def prefix_hidden(model: nn.Module, start: int, input_ids: torch.Tensor, attenti
 
 
 @torch.no_grad()
-def suffix_matches(model: nn.Module, start: int, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> bool:
+def suffix_matches(model: nn.Module, start: int, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                   progress=None) -> bool:
     """Whether starting at layer ``start`` from cached hidden states reproduces the full forward exactly
     (families that transform ``inputs_embeds`` or need the token ids deeper in the stack do not), also when
     other forwards ran between the prefix and the suffix, as in training (a forward that keeps state from its
-    last call and reads it when given ``inputs_embeds`` does not)."""
+    last call and reads it when given ``inputs_embeds`` does not). ``progress``: told ``update(1)`` after each
+    of the 7 (partial) forwards (a tqdm bar)."""
     one, one_mask = input_ids[:1], attention_mask[:1]
+    tick = progress.update if progress is not None else (lambda n: None)
     try:
         full = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
-        part = suffix_logits(model, start, prefix_hidden(model, start, input_ids, attention_mask), attention_mask)
+        tick(1)
+        hidden = prefix_hidden(model, start, input_ids, attention_mask)
+        tick(1)
+        part = suffix_logits(model, start, hidden, attention_mask)
+        tick(1)
         full_one = model(input_ids=one, attention_mask=one_mask, use_cache=False).logits
+        tick(1)
         hidden_one = prefix_hidden(model, start, one, one_mask)
+        tick(1)
         model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)  # another batch in between
+        tick(1)
         part_one = suffix_logits(model, start, hidden_one, one_mask)
+        tick(1)
     except Exception as e:  # noqa: BLE001 - any failure means "not supported for this family"
         log.info("frozen-prefix cache unavailable for this model (%s)", str(e).splitlines()[0][:100])
         return False

@@ -147,7 +147,9 @@ def enable_prefix_cache(handle: UsafModel, train_ex, eval_ex, batch_size: int, p
     probe = collate([Example(ex.input_ids[:n], ex.labels[:n]) for ex, n in zip(train_ex[:2], (PROBE_TOKENS,
                                                                                             PROBE_TOKENS // 2))],
                     pad_id)
-    if not suffix_matches(model, start, probe["input_ids"].to(device), probe["attention_mask"].to(device)):
+    with progress_bar(7, "frozen-prefix cache: checking the suffix forward", unit="forward") as bar:
+        ok = suffix_matches(model, start, probe["input_ids"].to(device), probe["attention_mask"].to(device), bar)
+    if not ok:
         return False
     cache = PrefixCache.build(handle, list(train_ex) + list(eval_ex), start, batch_size, pad_id)
     freed = release_prefix(handle, start)
