@@ -52,6 +52,7 @@ def test_training_with_prefix_cache_equals_without(tmp_path, monkeypatch, capsys
     capsys.readouterr()
     assert main(common + ["--out", str(tmp_path / "a"), "--no-prefix-cache", "--quiet"]) == 0
     assert "%|" not in capsys.readouterr().err  # --quiet: no bar
+    monkeypatch.setenv("USAF_PROGRESS", "1")  # stderr is no terminal here
     assert main(common + ["--out", str(tmp_path / "b")]) == 0
     err = capsys.readouterr().err  # the phase bars (rate and ETA) of a run that is not quiet
     assert "frozen-prefix cache (layers 0-" in err and "selection (scoring layers)" in err

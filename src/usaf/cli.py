@@ -462,7 +462,7 @@ def main(argv: list[str] | None = None) -> int:
     if getattr(args, "quiet", False):
         logging.getLogger("usaf").setLevel(logging.WARNING)
     try:
-        with progress_bars(not getattr(args, "quiet", False)):  # usaf train: also off on ranks > 0 (recipe)
+        with progress_bars(False if getattr(args, "quiet", False) else None):  # train: also off on ranks > 0
             return args.func(args)
     except KeyboardInterrupt as e:
         print(f"usaf: {e or 'interrupted'}", file=sys.stderr)

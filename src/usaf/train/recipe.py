@@ -81,9 +81,10 @@ def train(cfg: TrainConfig) -> dict:
         log.setLevel(logging.ERROR)  # rank 0 speaks for the run
     try:
         run = Recipe(cfg, d)
-        with progress_bars(not cfg.quiet and d.main):
+        bars = False if cfg.quiet or not d.main else None  # the phase bars: on a terminal (or USAF_PROGRESS=1)
+        with progress_bars(bars):
             run.setup()
-        with disk_full_is_an_error(run.out), progress_bars(not cfg.quiet and d.main):
+        with disk_full_is_an_error(run.out), progress_bars(bars):
             distributed.run_agreed(d, run.prepare_out if d.main else None)
             if not run.load_checkpoint():
                 run.select()
