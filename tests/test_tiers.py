@@ -33,6 +33,7 @@ def test_budgets():
     assert choose_tier(10**9, "cpu", device_memory="1GB", host_memory="64GB") == "disk"
 
 
+@pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_cuda_side_stream_prefetch_matches_device_tier(tmp_path):
     ckpt = save_tiny_checkpoint("mixtral", tmp_path / "c", per_expert=True)
