@@ -12,6 +12,7 @@ from __future__ import annotations
 import gc
 import json
 import logging
+import os
 import random
 from pathlib import Path
 
@@ -86,9 +87,11 @@ def run_demo(out: str = "runs/demo", steps: int = 0, quiet: bool = False) -> dic
     log = logging.getLogger("usaf")
     out_dir = Path(out)
     log.info("preparing the demo model (SmolLM2-135M-Instruct upcycled to 8 experts, top-2; cached)...")
-    # Built (first run only) in a child process, layer by layer: this process's peak RSS, the one the report
-    # and metrics.json give, is the fine-tuning job's, not the GGUF load's or the upcycling's.
-    model_dir = str(prepare_upcycled_smollm2(isolate=True))
+    # First run only, in a child process: the upcycled checkpoint (written layer by layer) and usaf's cache of
+    # its frozen expert stacks (built by the first load). This process's peak RSS, the one the report and
+    # metrics.json give, is then the fine-tuning job's, not the preparation's.
+    _prepare_in_child()
+    model_dir = str(prepare_upcycled_smollm2())
     train_p, eval_p, prompts = write_demo_data(out_dir / "data")
     cfg = demo_config(model_dir, train_p, eval_p, out_dir / "run", steps, quiet)
 
@@ -118,3 +121,40 @@ def run_demo(out: str = "runs/demo", steps: int = 0, quiet: bool = False) -> dic
         print(f"\nQ: {p}\n  before: {b}\n  after:  {a}")
     print(f"\noutputs: {cfg.out} (delta.safetensors, metrics.json, log.jsonl, loss.png)")
     return {"metrics": metrics, "before": before, "after": after, "prompts": prompts}
+
+
+def _prepare() -> None:
+    """The demo's preparation: the upcycled checkpoint, then one load of it, which builds the cache of its
+    frozen expert stacks (the first load of a checkpoint holds the checkpoint's and the cache's pages)."""
+    model_dir = prepare_upcycled_smollm2()
+    cfg = demo_config(str(model_dir), Path("unused"), Path("unused"), Path("unused"))
+    device = resolve_device("auto")
+    load_prepared(str(model_dir), cfg.usaf, resolve_dtype("auto", device), device)
+
+
+def _prepare_in_child() -> None:
+    """:func:`_prepare` in a fresh Python process (``python -m usaf.demo _prepare``); its messages go to stderr."""
+    import subprocess
+    import sys
+
+    import usaf
+
+    env = dict(os.environ)
+    src = str(Path(usaf.__file__).resolve().parent.parent)  # the child imports this usaf, installed or not
+    env["PYTHONPATH"] = os.pathsep.join([src] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p])
+    env["USAF_LOG_LEVEL"] = str(logging.getLogger("usaf").getEffectiveLevel())
+    sys.stderr.flush()
+    proc = subprocess.run([sys.executable, "-m", "usaf.demo", "_prepare"], env=env, stdout=subprocess.DEVNULL)
+    if proc.returncode != 0:
+        raise RuntimeError(f"preparing the demo model failed in a child process (exit code {proc.returncode}; "
+                           f"its messages are above)")
+
+
+if __name__ == "__main__":
+    import sys
+
+    if sys.argv[1:] == ["_prepare"]:
+        logging.basicConfig(level=int(os.environ.get("USAF_LOG_LEVEL", logging.INFO)), format="%(message)s")
+        _prepare()
+        sys.exit(0)
+    sys.exit("usage: python -m usaf.demo _prepare (used by usaf demo)")
