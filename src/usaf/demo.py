@@ -14,6 +14,8 @@ import json
 import logging
 import os
 import random
+import subprocess
+import sys
 from pathlib import Path
 
 from .bench.upcycle import prepare_upcycled_smollm2
@@ -134,13 +136,8 @@ def _prepare() -> None:
 
 def _prepare_in_child() -> None:
     """:func:`_prepare` in a fresh Python process (``python -m usaf.demo _prepare``); its messages go to stderr."""
-    import subprocess
-    import sys
-
-    import usaf
-
     env = dict(os.environ)
-    src = str(Path(usaf.__file__).resolve().parent.parent)  # the child imports this usaf, installed or not
+    src = str(Path(__file__).resolve().parents[1])  # the child imports this usaf, installed or not
     env["PYTHONPATH"] = os.pathsep.join([src] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p])
     env["USAF_LOG_LEVEL"] = str(logging.getLogger("usaf").getEffectiveLevel())
     sys.stderr.flush()
@@ -151,8 +148,6 @@ def _prepare_in_child() -> None:
 
 
 if __name__ == "__main__":
-    import sys
-
     if sys.argv[1:] == ["_prepare"]:
         logging.basicConfig(level=int(os.environ.get("USAF_LOG_LEVEL", logging.INFO)), format="%(message)s")
         _prepare()

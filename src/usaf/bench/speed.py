@@ -33,12 +33,18 @@ import sys
 import time
 
 import torch
+from accelerate import init_empty_weights
 from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM
 
 import usaf
 
 from ..engine.checkpointing import enable_checkpointing
+from ..engine.discover import moe_site
+from ..engine.experts import computing_experts, stack_tensor
+from ..engine.families import family_for, get_path
 from ..engine.loss import token_mean_loss
+from ..engine.model import decoder_layers
+from ..engine.store import freeze_stack
 from ..memory.policy import use_checkpointing
 from .harness import (
     AnonSampler,
@@ -200,14 +206,6 @@ def build_prepared(cfg: dict, ucfg: usaf.UsafConfig) -> usaf.UsafModel:
     order), and each expert stack is frozen (quantized) as soon as it is drawn, so memory beyond the frozen
     model is one stack in the compute dtype (the mid model's bf16 build was the whole-process peak of
     ``usaf bench memory size=mid``). Same handle as the two-step form, bit for bit."""
-    from accelerate import init_empty_weights
-
-    from ..engine.discover import moe_site
-    from ..engine.experts import computing_experts, stack_tensor
-    from ..engine.families import family_for, get_path
-    from ..engine.model import decoder_layers
-    from ..engine.store import freeze_stack
-
     dtype = _dtype(cfg)
     conf = _model_config(cfg)
     torch.manual_seed(cfg["seed"])

@@ -31,13 +31,18 @@ import json
 import logging
 import os
 import shutil
+import subprocess
+import sys
 import tempfile
 import time
 from importlib.util import find_spec
 from pathlib import Path
 
 import torch
+from accelerate import init_empty_weights
+from safetensors.torch import save_file
 from transformers import AutoModelForCausalLM, AutoTokenizer, MixtralConfig, Qwen2MoeConfig
+from transformers.core_model_loading import revert_weight_conversion
 from transformers.initialization import no_init_weights
 from transformers.utils import logging as hf_logging
 
@@ -387,10 +392,6 @@ class StreamedUpcycle:
         self.config = _moe_config(dense_model.config, family, num_experts, top_k)
 
     def save_pretrained(self, directory) -> None:
-        from accelerate import init_empty_weights
-        from safetensors.torch import save_file
-        from transformers.core_model_loading import revert_weight_conversion
-
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         start = time.perf_counter()
@@ -581,16 +582,11 @@ def _prepare_in_child(root: Path, family: str, num_experts: int, top_k: int, dty
     """Run :func:`prepare_upcycled_smollm2` in a fresh Python process (``python -m usaf.bench.upcycle``), so
     that the GGUF load and the upcycling never count in this process's memory. Its log lines and progress
     bars go to this process's stderr; a failure raises ``RuntimeError``."""
-    import subprocess
-    import sys
-
-    import usaf
-
     args = {"cache_dir": str(root), "family": family, "num_experts": num_experts, "top_k": top_k,
             "dtype": str(dtype).removeprefix("torch."), "noise_std": noise_std, "router_std": router_std,
             "seed": seed, "log_level": logging.getLogger("usaf").getEffectiveLevel()}
     env = dict(os.environ)
-    src = str(Path(usaf.__file__).resolve().parent.parent)  # the child imports this usaf, installed or not
+    src = str(Path(__file__).resolve().parents[2])  # the child imports this usaf, installed or not
     env["PYTHONPATH"] = os.pathsep.join([src] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p])
     sys.stderr.flush()
     proc = subprocess.run([sys.executable, "-m", "usaf.bench.upcycle", "_prepare", json.dumps(args)],
@@ -649,8 +645,6 @@ def _publish(staging: Path, target: Path, fingerprint: dict) -> None:
 
 
 if __name__ == "__main__":
-    import sys
-
     if len(sys.argv) == 3 and sys.argv[1] == "_prepare":
         sys.exit(_child_main(sys.argv[2:]))
     sys.exit("usage: python -m usaf.bench.upcycle _prepare JSON (used by prepare_upcycled_smollm2(isolate=True))")
