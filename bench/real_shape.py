@@ -2,12 +2,19 @@
 
     python bench/real_shape.py --layers 12 --train-top 8 --seq-len 512 --steps 3 --dir /tmp/q30
     python bench/real_shape.py --layers 48 --train-top 8 --seq-len 512 --steps 3 --dir /tmp/q30   # ~17 GB disk
+    python bench/real_shape.py --layers 12 --device cuda --device-cap 8GB --dir /tmp/q30   # a GPU capped at 8 GB
 
 Writes a checkpoint directory (config, tiny tokenizer, non-expert weights in bf16 shards) and generates the
 4-bit quantized expert cache *directly* (random codes, per-group scales of a std-0.02 weight; no 61 GB bf16
 checkpoint is ever created). Then runs the real path: streamed load (disk tier: mmap of the cache),
 frozen-prefix cache for the layers below the trainable range, selection, training steps. Prints JSON with
 tokens/s, peak RSS per phase and the planner's prediction.
+
+``--device cuda`` runs the same job on the GPU (the experts' tier chosen as ``usaf train`` chooses it, from the
+device's memory) and adds the device's peaks (``torch.cuda.max_memory_allocated`` and ``..._reserved``) of the
+selection pass and of the training steps, next to ``usaf plan``'s device prediction. ``--device-cap 8GB``
+limits the caching allocator to that much (``torch.cuda.set_per_process_memory_fraction``), as a smaller
+card would; the plan is asked for the same budget. ``bench/gpu_check.sh`` runs it at 8 and 12 GB.
 """
 
 from __future__ import annotations
@@ -15,6 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import resource
 import sys
 import time
@@ -195,12 +203,37 @@ def main() -> None:
     ap.add_argument("--dir", default="/tmp/usaf-qwen3-30b-shape")
     ap.add_argument("--checkpointing", default="auto", choices=("auto", "on", "off"),
                     help="as usaf train --checkpointing (auto: the plan's rule)")
+    ap.add_argument("--device", default="cpu", choices=("cpu", "cuda"),
+                    help="where the job runs (cuda: device peaks and the plan's device prediction are added)")
+    ap.add_argument("--device-cap", default="",
+                    help="cuda only: cap the caching allocator at this size (e.g. 8GB) with "
+                         "torch.cuda.set_per_process_memory_fraction; the plan is asked for the same budget")
+    ap.add_argument("--threads", type=int, default=2, help="torch CPU threads (default 2)")
     ap.add_argument("--device-memory", default="",
                     help="simulate a device of this size (e.g. 8GB): compare usaf plan's device peaks for it "
                          "with the heap bytes in use (malloc'd, i.e. every tensor) plus the frozen stacks the "
                          "plan puts on the device")
     a = ap.parse_args()
-    torch.set_num_threads(2)
+    # The generated 4-bit cache carries no per-tensor checksums: verified, it would be taken for a damaged cache,
+    # deleted and rebuilt from the checkpoint, which has no expert tensors (LayoutError).
+    os.environ.setdefault("USAF_VERIFY_CACHE", "0")
+    torch.set_num_threads(a.threads)
+    device = torch.device(a.device)
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            sys.exit("real_shape.py --device cuda: no CUDA device is available (torch.cuda.is_available() is False)")
+        if a.device_memory:
+            sys.exit("--device-memory simulates a device on the CPU; with --device cuda use --device-cap")
+        if a.device_cap:
+            from usaf.units import parse_bytes
+
+            total = torch.cuda.get_device_properties(device).total_memory
+            cap = parse_bytes(a.device_cap)
+            if not 0 < cap <= total:
+                sys.exit(f"--device-cap {a.device_cap}: must be > 0 and at most the device's {total / 2**30:.1f} GiB")
+            torch.cuda.set_per_process_memory_fraction(cap / total, device)
+    elif a.device_cap:
+        sys.exit("--device-cap needs --device cuda")
 
     import transformers  # noqa: F401 - imported before the runtime baseline, as in a training run
 
@@ -222,8 +255,18 @@ def main() -> None:
         write_quant_cache(cpath, a.layers)
     gen_s = time.perf_counter() - t0
     t0 = time.perf_counter()
-    handle = load_streamed(d, cfg, dtype=torch.bfloat16, tier="disk", cache_root=Path(a.dir) / "quant")
+    if device.type == "cuda":  # the tier `usaf train` (load_prepared, --tier auto) would choose for this device
+        from transformers import AutoConfig
+
+        from usaf.load.stream import expert_bytes
+        from usaf.load.tiers import choose_tier
+
+        tier = choose_tier(expert_bytes(AutoConfig.from_pretrained(d), cfg), device, a.device_cap or None)
+    else:
+        tier = "disk"
+    handle = load_streamed(d, cfg, dtype=torch.bfloat16, device=device, tier=tier, cache_root=Path(a.dir) / "quant")
     model = handle.model
+    model.to(device)
     load_s, rss_load = time.perf_counter() - t0, rss_mb()
     pf = Prefetcher(handle)
     g = torch.Generator().manual_seed(2)
@@ -263,8 +306,17 @@ def main() -> None:
         enable_checkpointing(handle)
     heap = HeapPeak(model).__enter__()
     heap_resident = heap_in_use()  # non-expert weights of the trainable range, prefix cache handle, data
+    cuda = device.type == "cuda"
+    if cuda:
+        torch.cuda.synchronize(device)
+        dev_resident = torch.cuda.memory_allocated(device)
+        torch.cuda.reset_peak_memory_stats(device)
     t0 = time.perf_counter()
     usaf.select(handle, [batch(0)], loss_fn=token_mean_loss)
+    if cuda:
+        torch.cuda.synchronize(device)
+        dev_select = (torch.cuda.max_memory_allocated(device), torch.cuda.max_memory_reserved(device))
+        torch.cuda.reset_peak_memory_stats(device)
     select_s = time.perf_counter() - t0
     peak_select = peak_mb()
     heap_select = heap.reset()
@@ -278,10 +330,12 @@ def main() -> None:
         b = batch(k)
         from usaf.engine.loss import lm_loss  # the loss `usaf train` uses
 
-        s, n = lm_loss(model, b, "cpu")
+        s, n = lm_loss(model, b, device)
         (s / n).backward()
         opt.step()
         opt.zero_grad()
+        if cuda:
+            torch.cuda.synchronize(device)
         times.append(time.perf_counter() - t0)
         rss_steps.append(rss_mb())
     heap.__exit__(None, None, None)
@@ -298,8 +352,33 @@ def main() -> None:
         "steps_peak_rss_mb": round(peak_mb()) if steps_phase else None,
         "peak_rss_mb": round(max(peak_select, peak_mb())),
         "active": handle.active(), "cache_gb": round(cpath.stat().st_size / 1e9, 2),
-        "checkpointing": ckpt,
+        "checkpointing": ckpt, "device": str(device), "threads": a.threads,
     }
+    if cuda:
+        from usaf.memory.plan import predict
+        from usaf.units import parse_bytes
+
+        mb = lambda x: round(x / 2**20)  # noqa: E731
+        p = predict(json.loads((d / "config.json").read_text()), seq_len=a.seq_len, batch_size=a.batch_size,
+                    density=0.005, train_layers=f"top:{a.train_top}", quant="4bit", dtype="bf16",
+                    device_memory=a.device_cap or None, device="cuda")
+        runtime = sum(q["bytes"] for q in p["train"]["breakdown"]
+                      if q["tier"] == "device" and q["item"].startswith("runtime (CUDA"))
+        out["cuda"] = {
+            "name": torch.cuda.get_device_name(device), "cap": a.device_cap or None,
+            "cap_mb": mb(parse_bytes(a.device_cap) if a.device_cap else torch.cuda.get_device_properties(device).total_memory),
+            "tier": tier, "resident_mb": mb(dev_resident),
+            "select_peak_allocated_mb": mb(dev_select[0]), "select_peak_reserved_mb": mb(dev_select[1]),
+            "step_peak_allocated_mb": mb(torch.cuda.max_memory_allocated(device)),
+            "step_peak_reserved_mb": mb(torch.cuda.max_memory_reserved(device)),
+            # the plan's device peaks include its CUDA runtime item (context, workspaces), which the allocator's
+            # counters do not see: compare the counters with the plan minus that item
+            "plan_select_peak_mb": mb(p["select_peak_device_bytes"]),
+            "plan_step_peak_mb": mb(p["train_peak_device_bytes"]),
+            "plan_cuda_runtime_mb": mb(runtime),
+            "plan_budget_mb": mb(p["device_budget_bytes"]) if p.get("device_budget_bytes") else None,
+            "plan_fits": p["fits"],
+        }
     try:
         from usaf.memory.plan import predict
 

@@ -92,3 +92,29 @@ def test_baselines_run_without_usaf_process_tuning():
     env.pop("USAF_NO_RUNTIME_TUNING")
     out = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True).stdout.strip()
     assert out == "32"
+
+
+@pytest.mark.parametrize("quant", ["4bit", "none"])
+def test_build_prepared_equals_prepare_of_build_model(quant):
+    """The memory bench's layer-by-layer build (no bf16 copy of the model) gives the same handle as
+    ``usaf.prepare(build_model(cfg))``: parameters, frozen stacks and the loss, bit for bit."""
+    import torch
+
+    import usaf
+    from usaf.bench.speed import build_model, build_prepared, make_batches
+
+    cfg = parse_extra(TINY + ["layers=2"])
+    ucfg = usaf.UsafConfig(density=0.05, quant=quant, train_layers="all")
+    a, b = usaf.prepare(build_model(cfg), ucfg), build_prepared(cfg, ucfg)
+    pa, pb = dict(a.model.named_parameters()), dict(b.model.named_parameters())
+    assert pa.keys() == pb.keys()
+    for k in pa:
+        assert torch.equal(pa[k], pb[k]) and pa[k].requires_grad == pb[k].requires_grad, k
+    assert not any(p.is_meta for p in pb.values())
+    for la, lb in zip(a.layers, b.layers, strict=True):
+        for n, st in la.experts.frozen.items():
+            ta, tb = st.tensors(), lb.experts.frozen[n].tensors()
+            assert ta.keys() == tb.keys() and all(torch.equal(ta[x], tb[x]) for x in ta), n
+    batch = make_batches(cfg, 1)[0]
+    with torch.no_grad():
+        assert torch.equal(a.model(**batch).loss, b.model(**batch).loss)

@@ -238,6 +238,7 @@ def test_to_and_empty():
     assert e.dequantize().shape == (0, 4, 4)
 
 
+@pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_cuda_matches_cpu():
     w = _rand((6, 48, 80), seed=4, heavy=True)

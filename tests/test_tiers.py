@@ -33,6 +33,7 @@ def test_budgets():
     assert choose_tier(10**9, "cpu", device_memory="1GB", host_memory="64GB") == "disk"
 
 
+@pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_cuda_side_stream_prefetch_matches_device_tier(tmp_path):
     ckpt = save_tiny_checkpoint("mixtral", tmp_path / "c", per_expert=True)
@@ -50,3 +51,23 @@ def test_cuda_side_stream_prefetch_matches_device_tier(tmp_path):
         if pf:
             pf.close()
     assert torch.equal(outs[0], outs[1]) and torch.equal(outs[0], outs[2])
+
+
+def test_a_mapped_file_is_unmapped_with_its_tensors(tmp_path):
+    """The disk tier's page registry holds its mmaps weakly: once the tensors are gone, the file is unmapped
+    (a strong reference kept every mapped cache resident: a second load in one process doubled the RSS)."""
+    import gc
+    import weakref
+
+    from safetensors.torch import save_file
+
+    from usaf.load import mmap as usaf_mmap
+
+    save_file({"w": torch.ones(4096)}, str(tmp_path / "x.safetensors"))
+    tensors, _, mm = usaf_mmap.map_safetensors(tmp_path / "x.safetensors")
+    assert float(tensors["w"].sum()) == 4096
+    usaf_mmap.evict(stream.DenseStack(tensors["w"].view(1, 1, -1)))  # a registered range: evicts, no error
+    ref = weakref.ref(mm)
+    del tensors, mm
+    gc.collect()
+    assert ref() is None

@@ -19,6 +19,7 @@ from usaf.bench.upcycle import (
     load_smollm2_dense,
     prepare_upcycled_smollm2,
     upcycle_dense_to_moe,
+    upcycle_to_checkpoint,
 )
 
 needs_smollm2 = pytest.mark.skipif(
@@ -224,7 +225,7 @@ def test_prepare_saves_reloadable_checkpoint_and_reuses_it(dense, batch, tmp_pat
             raise OSError("disk full")
 
     monkeypatch.setattr(upcycle, "load_smollm2_dense", lambda: (model, tokenizer))
-    monkeypatch.setattr(upcycle, "upcycle_dense_to_moe", lambda *args, **kw: HalfWritten())
+    monkeypatch.setattr(upcycle, "upcycle_to_checkpoint", lambda *args, **kw: HalfWritten())
     with pytest.raises(OSError, match="disk full"):
         prepare_upcycled_smollm2(tmp_path, **kwargs)
     assert sorted(p.name for p in tmp_path.iterdir()) == [path.name]
@@ -241,3 +242,55 @@ def test_default_cache_location(monkeypatch, tmp_path):
         upcycle.upcycled_smollm2_name("qwen2_moe", 4, 1, torch.float32)
         == "smollm2-135m-moe-qwen2_moe-e4k1-fp32"
     )
+
+
+def _tiny_llama(tie: bool):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=24, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                         tie_word_embeddings=tie)
+    return LlamaForCausalLM(config).eval()
+
+
+@pytest.mark.parametrize("family,noise,tie,dtype", [("mixtral", 0.0, True, torch.bfloat16),
+                                                    ("mixtral", 0.01, False, torch.float32),
+                                                    ("qwen2_moe", 0.01, True, torch.bfloat16)])
+def test_streamed_checkpoint_equals_in_memory_upcycle(tmp_path, family, noise, tie, dtype):
+    """The layer-by-layer writer (what prepare_upcycled_smollm2 uses) writes upcycle_dense_to_moe's
+    tensors bit for bit, one shard per part, under save_pretrained's on-disk names."""
+    from safetensors import safe_open
+    from transformers import AutoModelForCausalLM
+
+    dense = _tiny_llama(tie)
+    kw = dict(family=family, num_experts=3, top_k=2, dtype=dtype, noise_std=noise, seed=5, router_std=1e-2)
+    upcycle_to_checkpoint(dense, **kw).save_pretrained(tmp_path / "streamed")
+    in_memory = upcycle_dense_to_moe(dense, **kw)
+    in_memory.save_pretrained(tmp_path / "saved")
+
+    index = json.loads((tmp_path / "streamed" / "model.safetensors.index.json").read_text())
+    assert sorted(set(index["weight_map"].values())) == [f"model-0000{i}-of-00003.safetensors" for i in (1, 2, 3)]
+    with safe_open(str(tmp_path / "saved" / "model.safetensors"), "pt") as f:
+        saved = {k: f.get_tensor(k) for k in f.keys()}
+    assert set(index["weight_map"]) == set(saved)  # the names save_pretrained gives them (tied head omitted)
+    for key, shard in index["weight_map"].items():
+        with safe_open(str(tmp_path / "streamed" / shard), "pt") as f:
+            assert torch.equal(f.get_tensor(key), saved[key]), key
+    for name in ("config.json", "generation_config.json"):
+        assert json.loads((tmp_path / "streamed" / name).read_text()) == json.loads(
+            (tmp_path / "saved" / name).read_text()), name
+
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "streamed").eval()
+    ids = torch.randint(0, 64, (2, 7), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        assert torch.equal(reloaded(ids).logits, in_memory(ids).logits)
+
+
+def test_isolated_prepare_reports_a_failing_child(tmp_path, monkeypatch):
+    """prepare_upcycled_smollm2(isolate=True) builds in a child process; its failure is an error here."""
+    monkeypatch.setattr(upcycle, "find_smollm2_gguf", lambda: tmp_path / "fake.gguf")
+    (tmp_path / "fake.gguf").write_bytes(b"not a gguf")
+    monkeypatch.setattr(upcycle, "_check_family", lambda family: None)  # the child checks it and fails
+    with pytest.raises(RuntimeError, match="failed in a child process"):
+        prepare_upcycled_smollm2(tmp_path / "cache", family="qwen3_moe", isolate=True)

