@@ -136,3 +136,141 @@ def test_attention_deltas_train_merge_and_reload(tmp_path):
     other.eval()
     with torch.no_grad():
         assert torch.equal(other(input_ids=b["input_ids"]).logits, want)
+
+
+# ------------------------------------------------------------------ shared experts (``shared_density``)
+# qwen2_moe's shared expert: mlp.shared_expert.{gate,up,down}_proj (nn.Linear), gated by mlp.shared_expert_gate.
+SHARED = ("gate_proj", "up_proj", "down_proj")
+
+
+def _qwen2(shared=0.1, attention=0.0, layers="top:1"):
+    model = make_tiny_model("qwen2_moe")
+    return model, usaf.prepare(model, usaf.UsafConfig(density=0.02, quant="none", train_layers=layers,
+                                                      shared_density=shared, attention_density=attention,
+                                                      score_dtype="fp32"))
+
+
+def test_shared_expert_linears_budget_in_whole_columns():
+    model, h = _qwen2(0.1)
+    top = h.trainable_layers[0].index
+    assert set(h.shared) == {f"model.layers.{top}.mlp.shared_expert.{p}.weight" for p in SHARED}  # not the gate
+    assert not h.attention and h.shared_elements() == sum(lin.weight.numel() for lin in h.shared.values())
+    batches = [_batch(model, 0), _batch(model, 1)]
+    rep = usaf.select(h, batches)
+    assert rep["shared_active"] == h.shared_budget() == round(0.1 * h.shared_elements()) > 0
+    assert rep["active"] == h.active() == h.expert_active() + h.shared_budget()
+    scores = attention_scores(h, batches, token_mean_loss, h.shared)  # the same passes' scores, recomputed
+    partial, chosen, left = 0, [], []
+    for k, lin in h.shared.items():
+        mask = torch.zeros(lin.weight.numel(), dtype=torch.bool)
+        mask[lin.usaf_delta.indices.long()] = True
+        per = mask.view(lin.weight.shape).sum(0)  # per input column
+        rows = lin.weight.shape[0]
+        partial += int(((per > 0) & (per < rows)).sum())
+        mean = scores[k].float().mean(0)
+        chosen += mean[per == rows].tolist()
+        left += mean[per == 0].tolist()
+    assert partial <= 1 and chosen and left  # whole input columns, at most one in part
+    assert min(chosen) >= max(left) * (1 - 1e-5)  # the best columns by mean score
+
+
+def test_attention_and_shared_scored_in_the_same_passes():
+    """One backward per calibration batch over every linear: adding the shared experts costs no pass and
+    leaves the attention set as it was."""
+    calls, sets = {}, {}
+    for name, shared in (("attention", 0.0), ("both", 0.1)):
+        model, h = _qwen2(shared, attention=0.05)
+        n = [0]
+
+        def loss(m, b, n=n):
+            n[0] += 1
+            return token_mean_loss(m, b)
+
+        rep = usaf.select(h, [_batch(model, 0), _batch(model, 1)], loss_fn=loss)
+        assert rep["attention_active"] == h.attention_budget() > 0
+        assert rep["shared_active"] == h.shared_budget()
+        calls[name] = n[0]
+        sets[name] = {k: d.indices.clone() for k, d in h.attention_deltas().items()}
+    assert calls["both"] == calls["attention"]
+    assert sets["both"].keys() == sets["attention"].keys()
+    assert all(torch.equal(sets["both"][k], sets["attention"][k]) for k in sets["both"])
+
+
+def test_shared_sparse_gradients_equal_dense_autograd():
+    """The shared linears' exact sparse backward inside the model equals dense autograd through the same
+    model with the deltas merged into plain weights (the gradient of W_eff at the active positions)."""
+    model, h = _qwen2(0.1)
+    b = _batch(model)
+    usaf.select(h, [b])
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for d in h.shared_deltas().values():
+            d.values.copy_(torch.randn(len(d), generator=gen) * 0.05)
+    loss = token_mean_loss(model, b)
+    loss.backward()
+    got = {k: d.values.grad.clone() for k, d in h.shared_deltas().items()}
+    assert all(bool(g.abs().sum() > 0) for g in got.values())
+    for lin in h.shared.values():  # plain nn.Linear over W_eff = round(W + delta), a dense leaf
+        linear.merge(lin)
+        lin.weight.requires_grad_(True)
+    ref = token_mean_loss(model, b)
+    ref.backward()
+    torch.testing.assert_close(ref, loss, rtol=0, atol=0)
+    for k, lin in h.shared.items():
+        want = lin.weight.grad.reshape(-1)[lin.usaf_delta.indices.long()]
+        torch.testing.assert_close(got[k], want, rtol=1e-5, atol=1e-8)
+
+
+def test_shared_deltas_train_merge_and_reload(tmp_path):
+    from usaf.train.report import delta_budget
+    from usaf.train.trained import delta_config
+
+    model = make_tiny_model("qwen2_moe")
+    cfg = usaf.UsafConfig(density=0.05, quant="none", attention_density=0.05, shared_density=0.1)
+    h = usaf.prepare(model, cfg)
+    b = _batch(model)
+    usaf.select(h, [b])
+    opt = usaf.UsafOptimizer(h, lr=1e-2, attention_lr=3e-3, weight_decay=0.01)
+    assert opt.group_names == ["deltas", "routers", "attention", "shared"]
+    assert [g["lr"] for g in opt.param_groups] == [1e-2, 1e-4, 3e-3, 1e-2]
+    assert opt.param_groups[3]["weight_decay"] == 0.01
+    group0 = opt.param_groups[0]["params"]  # RigL's positions: the expert deltas only, in order
+    assert len(group0) == len(h.deltas()) and all(p is d.values for p, d in zip(group0, h.deltas().values()))
+    losses = []
+    for _ in range(4):
+        loss = token_mean_loss(model, b)
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        losses.append(float(loss.detach()))
+    assert losses[-1] < losses[0]
+    assert all(bool(d.values.abs().sum() > 0) for d in h.shared_deltas().values() if len(d))
+    model.eval()
+    with torch.no_grad():
+        want = model(input_ids=b["input_ids"]).logits
+        before = {k: lin.weight.detach().clone() for k, lin in h.linears().items()}
+        h.merge()
+        torch.testing.assert_close(model(input_ids=b["input_ids"]).logits, want, rtol=1e-5, atol=1e-5)
+        h.unmerge()
+        assert all(torch.equal(lin.weight, before[k]) for k, lin in h.linears().items())
+    path = tmp_path / "d.safetensors"
+    h.save_delta(path)
+    assert delta_config(str(path)).shared_density == 0.1
+    budget = delta_budget(path)  # the shared experts' elements are counted apart from the routed experts'
+    assert budget["shared"] == sum(len(d) for d in h.shared_deltas().values()) == h.shared_budget()
+    assert sum(map(sum, budget["active"])) == h.expert_active()
+    other = make_tiny_model("qwen2_moe")
+    h2 = usaf.prepare(other, cfg, base_fingerprint=h.fingerprint)
+    h2.load_delta(path)
+    other.eval()
+    with torch.no_grad():
+        assert torch.equal(other(input_ids=b["input_ids"]).logits, want)
+
+
+def test_shared_density_needs_linear_shared_experts():
+    """A family without nn.Linear shared experts (mixtral has none): one line naming the flag."""
+    with pytest.raises(usaf.UnsupportedModelError, match="--shared-density") as e:
+        usaf.prepare(make_tiny_model("mixtral"), usaf.UsafConfig(quant="none", shared_density=0.1))
+    assert "\n" not in str(e.value)
+    with pytest.raises(ValueError, match="shared density"):
+        usaf.prepare(make_tiny_model("qwen2_moe"), usaf.UsafConfig(quant="none", shared_density=1.5))

@@ -219,6 +219,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
         batch_size=args.batch_size,
         density=args.density,
         attention_density=args.attention_density,
+        shared_density=args.shared_density,
         train_layers=args.train_layers,
         quant=args.quant,
         dtype=args.dtype,
@@ -378,6 +379,8 @@ def _plan_parser(sub) -> None:
     q.add_argument("--density", type=float, default=0.005)
     q.add_argument("--attention-density", type=float, default=UsafConfig.attention_density,
                    help="fraction of the attention projections that train (as usaf train)")
+    q.add_argument("--shared-density", type=float, default=UsafConfig.shared_density,
+                   help="fraction of the shared experts' linear weights that train (as usaf train)")
     q.add_argument("--train-layers", default="top:8", help="all | top:N | a-b (default: top:8)")
     q.add_argument("--quant", default="4bit", choices=QUANTS)
     q.add_argument("--dtype", default="bf16", choices=tuple(DTYPE_BYTES))

@@ -29,6 +29,9 @@ class UsafConfig:
                                         "projection; measured best, docs/quality.md) | element (single weights) | "
                                         "row (whole output rows)",
                               choices=("column", "element", "row"))
+    shared_density: float = _f(0.0, "fraction of the shared experts' weights (nn.Linear shared experts of the "
+                                    "trainable MoE layers) that train as sparse deltas, chosen as whole input "
+                                    "columns (0 = frozen, like a dense MLP)")
     router_aux_loss: bool = _f(False, "add the family's load-balancing auxiliary loss, where it has one")
     score: str = _f("abs", "importance: abs = sum |grad|, sq = sum grad^2 (Fisher), signed = |sum grad|, "
                            "gw = |w| x sum |grad|, random (a control)", choices=("abs", "sq", "signed", "gw", "random"))
@@ -100,6 +103,7 @@ class TrainConfig:
         checks = [
             (0 < u.density <= 1, f"--density must be in (0, 1], got {u.density}"),
             (0 <= u.attention_density <= 1, f"--attention-density must be in [0, 1], got {u.attention_density}"),
+            (0 <= u.shared_density <= 1, f"--shared-density must be in [0, 1], got {u.shared_density}"),
             (cfg.seq_len >= 2, f"--seq-len must be at least 2, got {cfg.seq_len}"),
             (cfg.batch_size >= 1, f"--batch-size must be at least 1, got {cfg.batch_size}"),
             (cfg.grad_accum >= 1, f"--grad-accum must be at least 1, got {cfg.grad_accum}"),

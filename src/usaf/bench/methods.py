@@ -29,6 +29,7 @@ from ..engine.checkpointing import enable_checkpointing
 from ..engine.discover import moe_site
 from ..engine.experts import UsafExperts
 from ..engine.families import family_for
+from ..engine.linear import shared_expert_linears
 from ..engine.loss import lm_loss, token_weighted_loss
 from ..engine.model import decoder_layers, parse_layers
 from ..engine.optim import lr_lambda
@@ -40,15 +41,16 @@ from .harness import rss_mb
 OPTIONS: dict[str, dict[str, object]] = {
     "usaf": {"density": None, "lr": None, "router_lr": None, "wd": 0.0, "rigl": None, "rigl_frac": None,
              "router": 1, "quant": "none", "score": "abs", "alloc": "global", "warmup": None, "attn": None,
-             "attn_lr": None, "attn_units": "column", "ckpt": "auto"},
+             "attn_lr": None, "attn_units": "column", "shared": None, "ckpt": "auto"},
     "router": {"lr": None, "warmup": None},
-    "lora": {"r": 8, "alpha": 0, "lr": None, "attn": 1, "warmup": None},
+    "lora": {"r": 8, "alpha": 0, "lr": None, "attn": 1, "shared": 0, "warmup": None},
     "full": {"lr": None, "warmup": None},
     "esft": {"lr": None, "top_p": 0.2, "warmup": None},
 }
 SETTING_DEFAULTS = {("usaf", "density"): "density", ("usaf", "lr"): "lr_usaf", ("usaf", "router_lr"): "lr_router",
                     ("usaf", "rigl"): "reselect", ("usaf", "rigl_frac"): "reselect_fraction",
                     ("usaf", "attn"): "attention_density", ("usaf", "attn_lr"): "lr_attention",
+                    ("usaf", "shared"): "shared_density",
                     ("router", "lr"): "lr_router", ("lora", "lr"): "lr_lora", ("full", "lr"): "lr_full",
                     ("esft", "lr"): "lr_esft"}
 ALIASES = {"usaf-norigl": "usaf/rigl=0", "lora-r8": "lora/r=8", "lora-r16": "lora/r=16",
@@ -111,6 +113,13 @@ def _attention_linears(model, layers: range):
     return out
 
 
+def _shared_linears(model, layers: range):
+    """``[(layer index, name, nn.Linear)]``: the shared experts' linears of the chosen layers (full names)."""
+    names = {id(m): n for n, m in model.named_modules()}
+    return [(i, f"{names[id(layer)]}.{rel}", lin) for i, layer in enumerate(decoder_layers(model)) if i in layers
+            for rel, lin in shared_expert_linears(layer)]
+
+
 def expected_trainable(m: Method, model, layers: range, picked: dict | None = None) -> int:
     """The trainable count ``m`` must have on a stock ``model`` scoped to ``layers``, from shapes alone."""
     mods = moe_modules(model, layers)
@@ -118,8 +127,10 @@ def expected_trainable(m: Method, model, layers: range, picked: dict | None = No
     routers = sum(p.numel() for _, _, _, r in mods for p in r.parameters())
     if m.name == "usaf":
         attn = int(round(m.opts["attn"] * sum(lin.weight.numel() for _, lin in _attention_linears(model, layers))))
+        # whole input columns, the last one in part: exactly the budget
+        shared = int(round(m.opts["shared"] * sum(lin.weight.numel() for _, _, lin in _shared_linears(model, layers))))
         return int(round(m.opts["density"] * sum(s.numel() for s in stacks))) + (routers if m.opts["router"] else 0) \
-            + attn
+            + attn + shared
     if m.name == "router":
         return routers
     if m.name == "full":
@@ -130,6 +141,8 @@ def expected_trainable(m: Method, model, layers: range, picked: dict | None = No
     n = sum(r * (s.shape[1] + s.shape[2]) * s.shape[0] for s in stacks)
     if m.opts["attn"]:
         n += sum(r * (lin.in_features + lin.out_features) for _, lin in _attention_linears(model, layers))
+    if m.opts["shared"]:
+        n += sum(r * (lin.in_features + lin.out_features) for _, _, lin in _shared_linears(model, layers))
     return n
 
 
@@ -310,7 +323,11 @@ def _setup_lora(m: Method, model, layers: range, mods):
     # Full names: PEFT matches target_parameters by suffix and ignores layers_to_transform for them.
     targets = [f"{name}.{n}" for _, name, _, _ in mods for n in ("gate_up_proj", "down_proj")]
     attn = ["q_proj", "k_proj", "v_proj", "o_proj"] if m.opts["attn"] else []
-    lcfg = LoraConfig(r=r, lora_alpha=m.opts["alpha"] or 2 * r, lora_dropout=0.0, target_modules=attn,
+    # the shared experts' linears, spelled per layer (full names: only the chosen layers' match)
+    shared = [name for _, name, _ in _shared_linears(model, layers)] if m.opts["shared"] else []
+    if m.opts["shared"] and not shared:
+        raise ValueError(f"{m.spec}: the model has no nn.Linear shared experts in the chosen layers")
+    lcfg = LoraConfig(r=r, lora_alpha=m.opts["alpha"] or 2 * r, lora_dropout=0.0, target_modules=attn + shared,
                       target_parameters=targets, layers_to_transform=list(layers) if attn else None)
     model = get_peft_model(model, lcfg)
     params = [p for p in model.parameters() if p.requires_grad]
@@ -330,7 +347,8 @@ def _setup_usaf(m: Method, cfg: dict, model, layers: range, data: dict, lr_fn, i
                            train_layers=f"{layers.start}-{layers.stop - 1}", train_router=bool(o.get("router", 1)),
                            score=o.get("score", "abs"), allocation=o.get("alloc", "global"),
                            attention_density=0.0 if router_only else o["attn"],
-                           attention_units=o.get("attn_units", "element"))
+                           attention_units=o.get("attn_units", "element"),
+                           shared_density=0.0 if router_only else o["shared"])
     expected = expected_trainable(m, model, layers)  # from the stock shapes, before prepare swaps the experts
     handle = usaf.prepare(model, ucfg)
     info["loaded_rss_mb"] = round(resident_rss_mb(model), 1)  # the prepared model (its 4-bit base, when quant=4bit)

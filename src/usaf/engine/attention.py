@@ -1,14 +1,17 @@
-"""Choosing the attention deltas (``UsafConfig.attention_density > 0``).
+"""Choosing the sparse deltas of frozen ``nn.Linear`` weights: the attention projections
+(``UsafConfig.attention_density > 0``) and the shared experts (``UsafConfig.shared_density > 0``).
 
-The attention projections of the trainable layers are scored like the expert stacks (``UsafConfig.score``:
-``sum |g|``, ``sum g^2``, ``|sum g|``, ``|w| sum |g|`` or random) from their dense weight gradients over the
-calibration batches, in one set of passes, then one global top-k over every projection picks
-``attention_density x`` their elements. Data parallel, each rank's per-batch scores are folded in the
-one-process order (:class:`usaf.engine.ranks.RingFold`), so N ranks pick the same set as one process.
-The attention set is chosen once: RigL reselection moves the expert deltas only.
+The linears of the trainable layers are scored like the expert stacks (``UsafConfig.score``: ``sum |g|``,
+``sum g^2``, ``|sum g|``, ``|w| sum |g|`` or random) from their dense weight gradients over the calibration
+batches, in one set of passes for both groups (one backward per batch over every linear), then each group
+spends its own budget: the attention ``attention_density x`` its elements by ``attention_units`` (one global
+top-k over every projection, or whole columns / rows), the shared experts ``shared_density x`` theirs as whole
+input columns. Data parallel, each rank's per-batch scores are folded in the one-process order
+(:class:`usaf.engine.ranks.RingFold`), so N ranks pick the same set as one process. These sets are chosen
+once: RigL reselection moves the expert deltas only.
 
-Memory: one score buffer per projection of the trainable layers while scoring (``score_dtype``: 2 bytes per
-attention weight in bf16, the default, 4 in fp32), the frozen weights' gradients one batch at a time.
+Memory: one score buffer per scored linear of the trainable layers while scoring (``score_dtype``: 2 bytes
+per weight in bf16, the default, 4 in fp32), the frozen weights' gradients one batch at a time.
 """
 
 from __future__ import annotations
@@ -31,10 +34,12 @@ def _batch_score(g: torch.Tensor, kind: str) -> torch.Tensor:
     return g.abs()
 
 
-def attention_scores(handle: UsafModel, batches: list[dict], loss_fn: Callable) -> dict[str, torch.Tensor]:
-    """``{"<linear>.weight": scores of its shape (``score_dtype``)}`` over ``batches``."""
+def attention_scores(handle: UsafModel, batches: list[dict], loss_fn: Callable,
+                     lins: dict[str, torch.nn.Linear] | None = None) -> dict[str, torch.Tensor]:
+    """``{"<linear>.weight": scores of its shape (``score_dtype``)}`` over ``batches``, for ``lins`` (default:
+    ``handle.attention``; any linears of ``handle.linears()``), all scored in the same passes."""
     cfg = handle.config
-    lins = handle.attention
+    lins = handle.attention if lins is None else lins
     if cfg.score == "random":
         gen = torch.Generator().manual_seed(cfg.score_seed)
         return {k: torch.rand(lin.weight.shape, generator=gen).to(lin.weight.device) for k, lin in lins.items()}
@@ -80,14 +85,38 @@ def attention_scores(handle: UsafModel, batches: list[dict], loss_fn: Callable) 
     return acc
 
 
+def select_linears(handle: UsafModel, batches: list[dict], loss_fn: Callable) -> dict[str, int]:
+    """Activate ``handle.attention_budget()`` attention elements and ``handle.shared_budget()`` shared-expert
+    elements (zero deltas) by score, both groups scored in the same passes. Returns ``{"attention": n,
+    "shared": n}`` (how many each activated)."""
+    groups = {"attention": (handle.attention, handle.attention_budget()),
+              "shared": (handle.shared, handle.shared_budget())}
+    lins = {k: lin for group, budget in groups.values() if group and budget for k, lin in group.items()}
+    out = {"attention": 0, "shared": 0}
+    if not lins:
+        return out
+    scores = attention_scores(handle, batches, loss_fn, lins)
+    for name, (group, budget) in groups.items():
+        if not group or not budget:
+            continue
+        part = {k: scores.pop(k) for k in group}
+        units = handle.config.attention_units if name == "attention" else "column"
+        if units == "element":
+            out[name] = _select_elements(group, part, budget)
+        else:
+            out[name] = _select_units(group, part, budget, units == "column")
+        del part
+    return out
+
+
 def select_attention(handle: UsafModel, batches: list[dict], loss_fn: Callable) -> int:
-    """Activate ``handle.attention_budget()`` attention elements (zero deltas) by score. Returns how many."""
-    budget = handle.attention_budget()
-    if not handle.attention or budget == 0:
-        return 0
-    scores = attention_scores(handle, batches, loss_fn)
-    if handle.config.attention_units != "element":
-        return _select_units(handle, scores, budget, handle.config.attention_units == "column")
+    """Activate ``handle.attention_budget()`` attention elements (zero deltas) by score (the shared experts'
+    too, in the same passes: :func:`select_linears`). Returns how many attention elements."""
+    return select_linears(handle, batches, loss_fn)["attention"]
+
+
+def _select_elements(lins: dict[str, torch.nn.Linear], scores: dict[str, torch.Tensor], budget: int) -> int:
+    """One global top-k over the elements of every linear of ``lins``."""
     keys = list(scores)
     flat = torch.cat([scores[k].reshape(-1).cpu() for k in keys])
     chosen = torch.topk(flat, min(budget, flat.numel()), sorted=False).indices
@@ -97,11 +126,12 @@ def select_attention(handle: UsafModel, batches: list[dict], loss_fn: Callable) 
         starts.append(starts[-1] + scores[k].numel())
     bounds = torch.searchsorted(chosen, torch.tensor(starts)).tolist()
     for j, k in enumerate(keys):
-        handle.attention[k].usaf_delta.set(chosen[bounds[j]:bounds[j + 1]] - starts[j])
+        lins[k].usaf_delta.set(chosen[bounds[j]:bounds[j + 1]] - starts[j])
     return int(chosen.numel())
 
 
-def _select_units(handle: UsafModel, scores: dict[str, torch.Tensor], budget: int, columns: bool) -> int:
+def _select_units(lins: dict[str, torch.nn.Linear], scores: dict[str, torch.Tensor], budget: int,
+                  columns: bool) -> int:
     """Whole rows (or columns) by mean score per element, in decreasing order, until the budget is spent (the
     last unit in part)."""
     units = []  # (mean score, key, unit index, unit length)
@@ -124,5 +154,5 @@ def _select_units(handle: UsafModel, scores: dict[str, torch.Tensor], budget: in
         picked[k].append(idx)
         used += idx.numel()
     for k, parts in picked.items():
-        handle.attention[k].usaf_delta.set(torch.cat(parts) if parts else torch.empty(0, dtype=torch.int64))
+        lins[k].usaf_delta.set(torch.cat(parts) if parts else torch.empty(0, dtype=torch.int64))
     return used

@@ -1,4 +1,5 @@
-"""Sparse deltas over frozen 2-D weights (the attention projections of the trainable layers).
+"""Sparse deltas over frozen 2-D weights (the attention projections and the nn.Linear shared experts of the
+trainable layers).
 
 A :class:`SparseLinear` is attached to an ``nn.Linear`` in place (the module, its name and its ``weight`` stay
 where transformers put them): its forward computes ``x @ round(W + delta)^T + b`` with the delta added in fp32
@@ -131,3 +132,20 @@ def attention_linears(layer: nn.Module) -> list[tuple[str, nn.Linear]]:
         return []
     return [(f"{name}.{n}" if n else name, m) for n, m in attn.named_modules()
             if isinstance(m, nn.Linear) and m.weight.dim() == 2 and not m.weight.is_meta]
+
+
+def shared_expert_linears(layer: nn.Module) -> list[tuple[str, nn.Linear]]:
+    """``[(name relative to the decoder layer, linear)]``: the ``nn.Linear`` modules of the decoder layer's
+    shared expert, the child of its MoE block named ``shared_expert*`` that is not a gate (qwen2_moe's
+    ``mlp.shared_expert``, deepseek's ``mlp.shared_experts``; not ``mlp.shared_expert_gate``), the rule
+    :func:`usaf.engine.discover.moe_site` uses for ``MoeSite.shared``. Empty when there is none or it holds
+    its weights as 3-D stacks."""
+    for path, block in layer.named_modules():
+        name, shared = next(((n, m) for n, m in block.named_children()
+                             if n.startswith("shared_expert") and "gate" not in n), (None, None))
+        if shared is None:
+            continue
+        base = f"{path}.{name}" if path else name
+        return [(f"{base}.{n}" if n else base, m) for n, m in shared.named_modules()
+                if isinstance(m, nn.Linear) and m.weight.dim() == 2 and not m.weight.is_meta]
+    return []

@@ -25,7 +25,7 @@ from .delta import SparseDelta
 from .discover import moe_site
 from .experts import UsafExperts, jetmoe_block_forward, llama4_block_forward
 from .families import Family, UnsupportedModelError, family_for, get_path
-from .linear import attach, attention_linears
+from .linear import attach, attention_linears, shared_expert_linears
 from .linear import merge as merge_linear
 from .linear import unmerge as unmerge_linear
 
@@ -175,6 +175,8 @@ class UsafModel:
         self.concatenated = True  # gate/up rows concatenated, not interleaved (set by prepare)
         # {"<attention linear name>.weight": linear with a ``usaf_delta``} (``attention_density > 0``)
         self.attention: dict[str, nn.Linear] = {}
+        # {"<shared expert linear name>.weight": linear with a ``usaf_delta``} (``shared_density > 0``)
+        self.shared: dict[str, nn.Linear] = {}
 
     # -- views -----------------------------------------------------------------------------------
     @property
@@ -191,9 +193,18 @@ class UsafModel:
         (shape ``(1, out, in)``; empty unless ``attention_density > 0``)."""
         return {k: lin.usaf_delta for k, lin in self.attention.items()}
 
+    def shared_deltas(self) -> dict[str, SparseDelta]:
+        """``{"<linear name>.weight": SparseDelta}`` over the shared experts' linears of the trainable layers
+        (shape ``(1, out, in)``; empty unless ``shared_density > 0``)."""
+        return {k: lin.usaf_delta for k, lin in self.shared.items()}
+
+    def linears(self) -> dict[str, nn.Linear]:
+        """Every ``nn.Linear`` with a sparse delta: the attention projections, then the shared experts'."""
+        return {**self.attention, **self.shared}
+
     def sparse_deltas(self) -> dict[str, SparseDelta]:
-        """Every trainable sparse delta: the expert stacks' and the attention projections'."""
-        return {**self.deltas(), **self.attention_deltas()}
+        """Every trainable sparse delta: the expert stacks', the attention projections' and the shared experts'."""
+        return {**self.deltas(), **self.attention_deltas(), **self.shared_deltas()}
 
     def router_parameters(self) -> dict[str, nn.Parameter]:
         if not self.config.train_router:
@@ -216,8 +227,15 @@ class UsafModel:
     def attention_budget(self) -> int:
         return int(round(self.config.attention_density * self.attention_elements()))
 
+    def shared_elements(self) -> int:
+        """Shared-expert linear weights in the trainable layers (what ``shared_density`` applies to)."""
+        return sum(d.numel for d in self.shared_deltas().values())
+
+    def shared_budget(self) -> int:
+        return int(round(self.config.shared_density * self.shared_elements()))
+
     def active(self) -> int:
-        """Active elements of every sparse delta (expert stacks and attention)."""
+        """Active elements of every sparse delta (expert stacks, attention, shared experts)."""
         return sum(len(d) for d in self.sparse_deltas().values())
 
     def expert_active(self) -> int:
@@ -232,13 +250,13 @@ class UsafModel:
         original bytes. While merged, the forward does not add the deltas again."""
         for m in self.trainable_layers:
             m.experts.merge()
-        for lin in self.attention.values():
+        for lin in self.linears().values():
             merge_linear(lin)
 
     def unmerge(self) -> None:
         for m in self.trainable_layers:
             m.experts.unmerge()
-        for lin in self.attention.values():
+        for lin in self.linears().values():
             unmerge_linear(lin)
 
     # -- delta file --------------------------------------------------------------------------------
@@ -268,6 +286,7 @@ class UsafModel:
             "group_size": str(self.config.group_size),
             "train_router": str(self.config.train_router),
             "attention_density": repr(self.config.attention_density),
+            "shared_density": repr(self.config.shared_density),
             "shapes": json.dumps(shapes),
         }
         meta.update({k: str(v) for k, v in extra.items()})
@@ -337,6 +356,8 @@ def prepare(model: nn.Module, config: UsafConfig | None = None, frozen: dict | N
         raise ValueError(f"density must be in (0, 1], got {config.density}")
     if not 0 <= config.attention_density <= 1:
         raise ValueError(f"attention density must be in [0, 1], got {config.attention_density}")
+    if not 0 <= config.shared_density <= 1:
+        raise ValueError(f"shared density must be in [0, 1], got {config.shared_density}")
     family = family_for(model.config)
     layers = decoder_layers(model)
     train_range = parse_layers(config.train_layers, len(layers))
@@ -390,6 +411,15 @@ def prepare(model: nn.Module, config: UsafConfig | None = None, frozen: dict | N
         if not handle.attention:
             raise UnsupportedModelError(f"{family.model_type}: no attention projections (nn.Linear) were found "
                                         f"in the trainable layers for --attention-density")
+    if config.shared_density > 0:
+        for i in (m.index for m in moe if m.trainable):
+            for rel, lin in shared_expert_linears(layers[i]):
+                attach(lin).values.requires_grad_(True)
+                handle.shared[f"{names[id(layers[i])]}.{rel}.weight"] = lin
+        if not handle.shared:
+            raise UnsupportedModelError(f"{family.model_type}: no shared expert of nn.Linear modules was found in "
+                                        f"the trainable layers for --shared-density (its shared experts are "
+                                        f"3-D stacks, or it has none)")
     model.usaf = handle  # type: ignore[attr-defined]
     return handle
 

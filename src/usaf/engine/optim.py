@@ -90,7 +90,8 @@ class LossScaler:
 
 class UsafOptimizer:
     """AdamW for a prepared model: group 0 = expert delta values, then the router fp32 masters (when the routers
-    train), then the attention delta values (when there are attention deltas; ``attention_lr``, default ``lr``).
+    train), then the attention delta values (when there are attention deltas; ``attention_lr``, default ``lr``),
+    then the shared experts' delta values (when there are; ``lr`` and ``weight_decay``, as the expert deltas).
     ``group_names`` names the groups in order.
 
     ``scaler``: a :class:`LossScaler` (fp16 compute); by default a disabled one (bf16 / fp32).
@@ -103,7 +104,8 @@ class UsafOptimizer:
         self.scaler = scaler or LossScaler(enabled=False)
         experts = [d.values for d in handle.deltas().values()]
         attention = [d.values for d in handle.attention_deltas().values()]
-        self.values = experts + attention  # expert deltas first: their positions in group 0 are theirs here
+        shared = [d.values for d in handle.shared_deltas().values()]
+        self.values = experts + attention + shared  # expert deltas first: their positions in group 0 are theirs here
         self.routers = list(handle.router_parameters().values())
         self.masters = [p if p.dtype == torch.float32 else p.detach().float().clone().requires_grad_(True)
                         for p in self.routers]
@@ -116,6 +118,9 @@ class UsafOptimizer:
             groups.append({"params": attention, "lr": lr if attention_lr is None else attention_lr,
                            "weight_decay": weight_decay})
             self.group_names.append("attention")
+        if shared:
+            groups.append({"params": shared, "lr": lr, "weight_decay": weight_decay})
+            self.group_names.append("shared")
         self._adamw = torch.optim.AdamW(groups, betas=betas, eps=eps, foreach=False)
 
     @property

@@ -29,7 +29,7 @@ from .allocate import (
     prune,
     quotas,
 )
-from .attention import select_attention
+from .attention import select_linears
 from .checkpointing import lean_passes
 from .experts import UsafExperts
 from .loss import token_mean_loss
@@ -337,10 +337,10 @@ def select(handle: UsafModel, batches: Iterable[dict], density: float | None = N
             idx = chosen.get((m.index, n), torch.empty(0, dtype=torch.int64))
             m.experts.deltas[n].set(idx)
         per_layer[m.index] = sum(len(m.experts.deltas[n]) for n in m.experts.names)
-    attention = select_attention(handle, batches, loss_fn or token_mean_loss) if handle.attention else 0
+    linears = select_linears(handle, batches, loss_fn or token_mean_loss)  # attention + shared experts
     release_free_memory()
     return {"budget": budget, "active": handle.active(), "seconds": time.perf_counter() - t0,
-            "per_layer": per_layer, "attention_active": attention}
+            "per_layer": per_layer, "attention_active": linears["attention"], "shared_active": linears["shared"]}
 
 
 def _allocate(handle: UsafModel, batches, budget: int, loss_fn: Callable, n_batches: int | None) -> dict:

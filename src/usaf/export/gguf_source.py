@@ -54,6 +54,9 @@ def _new_values(run: Run, src: GGUFFile, config) -> dict[str, tuple[torch.Tensor
     for key in sorted({k.rsplit(".", 1)[0] for k in run.tensors if k.endswith(".indices")}):
         m = _LAYER.search(key)
         stack = key.rsplit(".", 1)[-1]
+        if stack == "weight" and ".shared_expert" in key:
+            raise ExportError(f"--like-source does not write shared-expert deltas yet ({key}); export without "
+                              f"--like-source, or train with --shared-density 0")
         if stack == "weight":
             raise ExportError(f"--like-source does not write attention deltas yet ({key}); export without "
                               f"--like-source, or train with --attention-density 0")

@@ -106,7 +106,8 @@ def reference_model(base: str, tensors: dict, meta: dict, dtype, quant: str = "n
     cfg = UsafConfig(density=float(meta.get("density", 0.005)), train_layers=meta.get("train_layers", "all"),
                      quant=quant, group_size=int(meta.get("group_size", 64)),
                      train_router=meta.get("train_router", "True") == "True",
-                     attention_density=float(meta.get("attention_density", 0.0)))
+                     attention_density=float(meta.get("attention_density", 0.0)),
+                     shared_density=float(meta.get("shared_density", 0.0)))
     handle = prepare(model, cfg)
     handle.load_delta_state({k: v for k, v in tensors.items()
                              if k.startswith("router::") or k.endswith((".indices", ".values"))})

@@ -53,6 +53,7 @@ class LayerCounts:
     shared_params: int = 0
     other_params: int = 0
     attn_linear_params: int = 0  # weights of the attention's nn.Linear projections (``--attention-density``)
+    shared_linear_params: int = 0  # weights of the shared expert's nn.Linear modules (``--shared-density``)
     attn_norm_width: int = 0
     mlp_width: int = 0
     heads: int = 1
@@ -281,6 +282,9 @@ def _count(config, trust_remote_code: bool) -> ModelCounts:
             info["expert_bias_params"] = numel(ex.parameters())  # biases (the stacks are counted already)
             info["router_params"] = numel(router.parameters())
             info["shared_params"] = numel(shared.parameters()) if shared is not None else 0
+            info["shared_linear_params"] = sum(mod.weight.numel() for mod in shared.modules()
+                                               if isinstance(mod, nn.Linear) and mod.weight.dim() == 2) \
+                if shared is not None else 0
             if top_k is None:
                 top_k = _top_k(text, site.block, router)
         # attention: per-token widths normalized in fp32 inside it (q/k norms are per head)

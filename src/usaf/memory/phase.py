@@ -196,7 +196,8 @@ class _Phase:
         offsets = sum((lc.num_experts + 1) * 8 * len(lc.stack_numels) for lc in moe_train)
         self.router = sum(lc.router_params for lc in moe_train)
         self.attention = sum(int(round(self.s.attention_density * lc.attn_linear_params)) for lc in moe_train)
-        self.active += self.attention  # 4-byte indices (a projection has < 2**31 weights)
+        self.shared = sum(int(round(self.s.shared_density * lc.shared_linear_params)) for lc in moe_train)
+        self.active += self.attention + self.shared  # 4-byte indices (a linear has < 2**31 weights)
         if self.train:
             p.add("deltas: indices + fp32 values + AdamW moments (16 B/elt)",
                   int(self.active * (self.per_el + 12)) + offsets, "device")
@@ -259,6 +260,11 @@ class _Phase:
                 attn_scores = sum(lc.attn_linear_params for lc in self.moe_train) * (4 if s.score_dtype == "fp32" else 2)
                 p.add(f"selection: attention importance scores ({score_dtype})", attn_scores, self.host_tier, "select")
                 self.scores += attn_scores
+            if self.shared:  # every trainable layer's shared-expert linears, scored in the same passes
+                sh_scores = sum(lc.shared_linear_params for lc in self.moe_train) * (4 if s.score_dtype == "fp32" else 2)
+                p.add(f"selection: shared-expert importance scores ({score_dtype})", sh_scores, self.host_tier,
+                      "select")
+                self.scores += sh_scores
         if p.device_free() < 0 or p.host_free() < 0:
             what = "trainable state, activations, logits and transients" if self.train else \
                 "activations, logits and transients"

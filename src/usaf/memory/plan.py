@@ -206,6 +206,7 @@ def predict(
     score_dtype: str = "bf16",
     score_layers: int = 1,
     attention_density: float = 0.0,
+    shared_density: float = 0.0,
     suggest: bool = True,
     trust_remote_code: bool = False,
 ) -> dict:
@@ -217,6 +218,7 @@ def predict(
         seq_len, batch_size: tokens per sequence and sequences per micro-batch.
         density: fraction of the trainable layers' expert weights that train.
         attention_density: fraction of their attention projection weights that train (sparse deltas too).
+        shared_density: fraction of their shared experts' linear weights that train (sparse deltas too).
         train_layers: ``all`` | ``top:N`` | ``a-b`` (``top:N`` above the layer count means all).
         quant: frozen expert storage, ``4bit`` | ``8bit`` | ``none``.
         dtype: compute dtype of the non-expert weights and activations, ``bf16`` | ``fp16`` | ``fp32``.
@@ -270,6 +272,7 @@ def predict(
         batch_size=int(batch_size),
         density=float(density),
         attention_density=float(attention_density),
+        shared_density=float(shared_density),
         train_layers=str(train_layers),
         quant=str(quant),
         dtype=str(dtype),

@@ -43,7 +43,8 @@ def use_checkpointing(handle: UsafModel, mode: str, batch_size: int, seq_len: in
             mem["device_memory"] = torch.cuda.get_device_properties(device).total_memory
         src = getattr(model.config, "_name_or_path", "")
         r = plan.predict(src if is_gguf(src) else model.config, seq_len=seq_len, batch_size=batch_size, density=cfg.density,
-                         attention_density=cfg.attention_density, train_layers=cfg.train_layers,
+                         attention_density=cfg.attention_density, shared_density=cfg.shared_density,
+                         train_layers=cfg.train_layers,
                          quant=cfg.quant, dtype=dtype, device="cuda" if device.type == "cuda" else "cpu",
                          chunk_mb=cfg.chunk_mb, group_size=cfg.group_size,
                          prefix_cache=getattr(model, "usaf_prefix", None) is not None,

@@ -34,6 +34,7 @@ class Settings:
     batch_size: int = 1
     density: float = 0.005
     attention_density: float = 0.0
+    shared_density: float = 0.0
     train_layers: str = "top:8"
     quant: str = "4bit"
     dtype: str = "bf16"
@@ -68,6 +69,8 @@ def check_settings(s: Settings) -> None:
         raise ValueError(f"--density must be in (0, 1], got {s.density}")
     if not 0 <= s.attention_density <= 1:
         raise ValueError(f"--attention-density must be in [0, 1], got {s.attention_density}")
+    if not 0 <= s.shared_density <= 1:
+        raise ValueError(f"--shared-density must be in [0, 1], got {s.shared_density}")
     if s.quant not in QUANTS:
         raise ValueError(f"--quant {s.quant!r} is not one of {', '.join(QUANTS)}")
     if s.dtype not in DTYPE_BYTES:

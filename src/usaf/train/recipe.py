@@ -203,7 +203,8 @@ class Recipe:
         if changed:
             log.warning("resume: changed settings: %s", diff_text(self.prev, cfg, changed))
         if any(k in changed for k in ("lr", "router_lr", "attention_lr", "steps", "epochs", "warmup")):
-            lrs = {"deltas": cfg.lr, "routers": cfg.router_lr, "attention": cfg.attention_lr or cfg.lr}
+            lrs = {"deltas": cfg.lr, "routers": cfg.router_lr, "attention": cfg.attention_lr or cfg.lr,
+                   "shared": cfg.lr}
             set_peak_lrs(self.opt, self.sched, [lrs[n] for n in self.opt.group_names])
         if int(meta.get("world_size") or 1) != d.world:
             log.info("resume: %d process(es) -> %d (global batch %d kept)", int(meta.get("world_size") or 1),

@@ -91,7 +91,8 @@ def delta_budget(path: Path) -> dict:
 
     Returns ``{"layers": [l0, ...], "experts": E, "active": [[n per expert] per layer], "capacity":
     [[elements per expert] per layer], "matrix": {"gate" | "up" | "down": [n per layer]},
-    "attention": active elements of attention projections, "model_type": str}``.
+    "attention": active elements of attention projections, "shared": active elements of the shared experts'
+    linears, "model_type": str}``.
     """
     with safe_open(str(path), "pt") as f:
         meta = f.metadata() or {}
@@ -101,7 +102,7 @@ def delta_budget(path: Path) -> dict:
         model_type = meta.get("model_type", "")
         transposed, interleaved = transposed_of(meta), interleaved_of(meta)
         per_layer: dict[int, dict] = {}
-        attention = 0
+        attention = shared = 0
         for stack, shape in shapes.items():
             m = re.search(r"(?:^|\.)(?:layers|blocks)\.(\d+)\.", stack)  # dbrx: transformer.blocks.N
             if not m or f"{stack}.indices" not in f.keys():
@@ -109,6 +110,9 @@ def delta_budget(path: Path) -> dict:
             layer, name = int(m.group(1)), stack.rsplit(".", 1)[1]
             if ".self_attn." in stack:  # an attention projection's delta (--attention-density): not an expert's
                 attention += f.get_slice(f"{stack}.indices").get_shape()[0]
+                continue
+            if ".shared_expert" in stack:  # a shared expert's linear (--shared-density): not a routed expert's
+                shared += f.get_slice(f"{stack}.indices").get_shape()[0]
                 continue
             if name == "weight":  # jetmoe's stacks: input_linear.weight (gate then up rows), output_linear.weight
                 name = {"input_linear": "gate_up_proj"}.get(stack.rsplit(".", 2)[1], name)
@@ -143,4 +147,5 @@ def delta_budget(path: Path) -> dict:
         "capacity": [[per_layer[k]["capacity"]] * len(per_layer[k]["active"]) for k in layers],
         "matrix": {n: [per_layer[k][n] for k in layers] for n in ("gate", "up", "down")},
         "attention": attention,
+        "shared": shared,
     }

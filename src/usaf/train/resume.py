@@ -17,14 +17,15 @@ from pathlib import Path
 
 import yaml
 
-from ..config import TrainConfig, to_dict
+from ..config import TrainConfig, UsafConfig, to_dict
 from ..data.store import tokens_digest
 from . import checkpoint
 
 log = logging.getLogger("usaf")
 
 RESUME_KEYS = ("seq_len", "seed")
-RESUME_USAF_KEYS = ("density", "train_layers", "quant", "group_size", "train_router", "attention_density")
+RESUME_USAF_KEYS = ("density", "train_layers", "quant", "group_size", "train_router", "attention_density",
+                    "shared_density")
 # Compared by content (data files, tokenized data, model config, base weights), not by path.
 RESUME_PATH_KEYS = ("model", "data", "eval_data")
 _NOT_SETTINGS = ("resume", "overwrite", "quiet", "out")
@@ -50,8 +51,9 @@ def check_out_dir(cfg: TrainConfig) -> dict | None:
         if not isinstance(prev, dict):
             raise RunError(f"--resume {cfg.resume}: {saved} is not a usaf run config")
         diffs = [k for k in RESUME_KEYS if str(prev.get(k)) != str(getattr(cfg, k))]
+        # a key the saved config lacks (a run from before the setting existed) trained with its default
         diffs += [f"usaf.{k}" for k in RESUME_USAF_KEYS
-                  if str((prev.get("usaf") or {}).get(k)) != str(getattr(cfg.usaf, k))]
+                  if str((prev.get("usaf") or {}).get(k, getattr(UsafConfig, k))) != str(getattr(cfg.usaf, k))]
         if diffs:
             raise RunError(f"cannot resume {out}: settings differ ({diff_text(prev, cfg, diffs)}); "
                            f"use the run's settings, or start a new run in another --out")

@@ -42,7 +42,8 @@ def delta_config(delta: str) -> UsafConfig:
     return UsafConfig(quant=meta.get("quant", "none"), group_size=int(meta.get("group_size", 64)),
                       train_layers=meta.get("train_layers", "all"), density=float(meta.get("density", 0.005)),
                       train_router=meta.get("train_router", "True") == "True",
-                      attention_density=float(meta.get("attention_density", 0.0)))
+                      attention_density=float(meta.get("attention_density", 0.0)),
+                      shared_density=float(meta.get("shared_density", 0.0)))
 
 
 def eval_settings(delta: str | None) -> dict:
