@@ -291,6 +291,18 @@ def test_attention_deltas_export_apply_revert(family, quant, tmp_path, capsys, m
         assert any("self_attn.o_proj" in k for k in changed)
 
 
+# Sparse deltas on the shared experts' linears too (--shared-density): qwen2_moe's mlp.shared_expert.*, deepseek's
+# mlp.shared_experts.*; the same round trip (hf export == apply, revert byte-exact, the hf export's logits
+# within 1e-5 of the in-memory model's), and the export changes shared-expert tensors.
+@pytest.mark.parametrize("family,quant", [("qwen2_moe", "4bit"), ("deepseek_v3", "none")])
+def test_shared_deltas_export_apply_revert(family, quant, tmp_path, capsys):
+    src, dst = _roundtrip(family, quant, tmp_path, capsys, ["--shared-density", "0.1"])
+    changed = [k for k in src if not _same_bytes(src[k][1], dst[k][1])]
+    shared = [k for k in changed if ".shared_expert" in k]
+    assert shared and all(k.endswith(("gate_proj.weight", "up_proj.weight", "down_proj.weight")) for k in shared)
+    assert not any("shared_expert_gate" in k or "self_attn" in k for k in changed), changed
+
+
 def _roundtrip(family, quant, tmp_path, capsys, extra=(), original=False):
     if original:  # plain save_pretrained: transformers' original (published) layout and names
         ckpt = tmp_path / "ckpt"

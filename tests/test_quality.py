@@ -243,6 +243,60 @@ def test_scope_check_catches_lora_on_every_layer(setup):
         check_scope(m, expected, live, names, range(1, 2))
 
 
+@pytest.fixture(scope="module")
+def qwen2_cfg(setup, tmp_path_factory):
+    """The same settings and data on a tiny qwen2_moe (a shared expert of nn.Linear modules in every layer)."""
+    cfg, _ = setup
+    model = save_tiny_checkpoint("qwen2_moe", tmp_path_factory.mktemp("quality-qwen2") / "model", dtype=torch.bfloat16)
+    return dict(cfg, model_dir=str(model))
+
+
+@pytest.mark.parametrize("method", ["usaf/shared=0.1/rigl=0", "lora/r=2/attn=0/shared=1", "lora/r=2/shared=1"])
+def test_shared_expert_options_train_their_scope(qwen2_cfg, method):
+    """usaf's shared= (sparse deltas on the shared experts' linears, whole input columns: exactly the budget) and
+    LoRA's shared=1 (adapters on them) train the shared experts of the chosen layer only, as their scope says
+    (asserted inside setup_method as well)."""
+    from pathlib import Path
+
+    from transformers import AutoModelForCausalLM
+
+    from usaf.load.hf import load_tokenizer
+
+    cfg = qwen2_cfg
+    data = load_task(cfg, "docs", load_tokenizer(cfg["model_dir"]), task_files("docs", Path(cfg["data_dir"])))
+    ref_model = AutoModelForCausalLM.from_pretrained(cfg["model_dir"], dtype=torch.float32)
+    m = parse_method(method, cfg)
+    without = parse_method(method.replace("shared=0.1", "shared=0").replace("shared=1", "shared=0"), cfg)
+    st = setup_method(m, cfg, cfg["model_dir"], data)
+    assert st.trainable == expected_trainable(m, ref_model, range(1, 2)) > expected_trainable(without, ref_model,
+                                                                                              range(1, 2))
+    assert all(torch.isfinite(torch.tensor([st.step(b) for b in data["train"][:2]])))
+    if m.name == "usaf":
+        handle = st.model.usaf
+        assert set(handle.shared) == {f"model.layers.1.mlp.shared_expert.{p}.weight"
+                                      for p in ("gate_proj", "up_proj", "down_proj")}
+        assert st.trainable - expected_trainable(without, ref_model, range(1, 2)) == handle.shared_budget() > 0
+        assert sum(len(d) for d in handle.shared_deltas().values()) == handle.shared_budget()
+    else:
+        adapters = [k for k in st.model.state_dict() if "lora_A" in k]
+        shared = {k.split(".lora_A")[0].split("model.layers.")[1] for k in adapters if "shared_expert" in k}
+        assert shared == {f"1.mlp.shared_expert.{p}" for p in ("gate_proj", "up_proj", "down_proj")}
+        assert all(".layers.1." in k for k in adapters)
+        assert any("q_proj" in k for k in adapters) == bool(m.opts["attn"])
+
+
+def test_lora_shared_needs_linear_shared_experts(setup):
+    """mixtral has no shared expert: lora's shared=1 is refused rather than silently adding nothing."""
+    from pathlib import Path
+
+    from usaf.load.hf import load_tokenizer
+
+    cfg, _ = setup
+    data = load_task(cfg, "docs", load_tokenizer(cfg["model_dir"]), task_files("docs", Path(cfg["data_dir"])))
+    with pytest.raises(ValueError, match="no nn.Linear shared experts"):
+        setup_method(parse_method("lora/r=2/shared=1", cfg), cfg, cfg["model_dir"], data)
+
+
 def test_method_specs_and_grids(setup):
     cfg, _ = setup
     assert expand_methods("usaf/density=0.005|0.01/lr=1e-3,lora/r=2|4") == [

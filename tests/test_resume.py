@@ -33,11 +33,22 @@ def _losses(out):
     return [json.loads(x)["loss"] for x in (out / "log.jsonl").read_text().splitlines()]
 
 
-# SIGINT during step 5 (calls: 4 selection batches, all layers in one pass, + 4 scoring the attention when it
-# trains; steps 1-3, 1 reselection batch, steps 4, 5).
-@pytest.mark.parametrize("extra,interrupt_at", [((), 10), (("--attention-density", "0.05"), 14)])
-def test_interrupt_then_resume_is_bitwise_identical(setup, tmp_path, monkeypatch, extra, interrupt_at):
-    ckpt, data = setup
+@pytest.fixture(scope="module")
+def qwen2(tmp_path_factory, setup):
+    """A qwen2_moe checkpoint (it has a shared expert of nn.Linear modules) and the same data."""
+    return save_tiny_checkpoint("qwen2_moe", tmp_path_factory.mktemp("resume-qwen2") / "ckpt"), setup[1]
+
+
+# SIGINT during step 5 (calls: 4 selection batches, all layers in one pass, + 4 scoring the attention and/or the
+# shared experts when they train, both in the same passes; steps 1-3, 1 reselection batch, steps 4, 5).
+@pytest.mark.parametrize("family,extra,interrupt_at,marker", [
+    ("mixtral", (), 10, None),
+    ("mixtral", ("--attention-density", "0.05"), 14, "self_attn"),
+    ("qwen2_moe", ("--shared-density", "0.1", "--attention-density", "0.05"), 14, "shared_expert"),
+])
+def test_interrupt_then_resume_is_bitwise_identical(setup, qwen2, tmp_path, monkeypatch, family, extra,
+                                                    interrupt_at, marker):
+    ckpt, data = qwen2 if family == "qwen2_moe" else setup
     assert main(_args(ckpt, data, tmp_path / "a", *extra)) == 0
 
     calls = {"n": 0}
@@ -59,6 +70,7 @@ def test_interrupt_then_resume_is_bitwise_identical(setup, tmp_path, monkeypatch
     da, db = load_file(tmp_path / "a" / "delta.safetensors"), load_file(tmp_path / "b" / "delta.safetensors")
     assert da.keys() == db.keys()
     assert any("self_attn" in k for k in da) == bool(extra)
+    assert any(".shared_expert." in k for k in da) == (marker == "shared_expert")
     for k in da:
         assert torch.equal(da[k], db[k]), k
 
@@ -69,3 +81,25 @@ def test_resume_with_different_settings_is_refused(setup, tmp_path, capsys):
     capsys.readouterr()
     assert main(_args(ckpt, data, tmp_path / "a", "--resume", str(tmp_path / "a"), "--density", "0.1")) == 2
     assert "density" in capsys.readouterr().err
+
+
+def test_resume_with_another_shared_density_is_refused(qwen2, tmp_path, capsys):
+    """--shared-density changes the trainable set: a resume must keep it; a run saved before the setting
+    existed (no shared_density in its config.yaml) trained with the default, 0."""
+    import yaml
+
+    ckpt, data = qwen2
+    out = tmp_path / "a"
+    assert main(_args(ckpt, data, out, "--steps", "2", "--shared-density", "0.1")) == 0
+    capsys.readouterr()
+    assert main(_args(ckpt, data, out, "--steps", "2", "--resume", str(out))) == 2
+    err = capsys.readouterr().err
+    assert "usaf.shared_density" in err and len(err.strip().splitlines()) == 1
+    saved = yaml.safe_load((out / "config.yaml").read_text())
+    del saved["usaf"]["shared_density"]
+    (out / "config.yaml").write_text(yaml.safe_dump(saved))
+    from usaf.config import TrainConfig, UsafConfig
+    from usaf.train.resume import check_out_dir
+
+    keep = {k: v for k, v in saved.items() if k != "usaf"}
+    assert check_out_dir(TrainConfig(**dict(keep, resume=str(out)), usaf=UsafConfig(**saved["usaf"]))) is not None
