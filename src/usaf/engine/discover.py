@@ -12,7 +12,8 @@
   longcat_flash ``[E + zero experts, H]``). Routes to indices ``>= E`` are null experts: the fused experts
   function skips them, or adds ``w * x`` for a family whose row says ``null_experts="identity"``.
 - a norm after each expert (``has_post_expert_norm``, muse_spark): run by the fused experts function, frozen.
-- shared experts: a sibling named ``shared_expert*`` (only described; it stays frozen like any dense MLP).
+- shared experts: a sibling named ``shared_expert*`` (only described; it stays frozen like any dense MLP unless
+  ``UsafConfig.shared_density > 0`` gives its nn.Linear modules sparse deltas: ``linear.shared_expert_linears``).
 - modality-isolated experts (a ``text_*`` experts module beside ``vision_*`` / ``audio_*`` ones, in a
   vision-language model): the text experts train; text tokens never reach the others, which stay frozen.
 """

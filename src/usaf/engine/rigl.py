@@ -48,7 +48,7 @@ def reselect(handle: UsafModel, opt: UsafOptimizer | None, batches: Iterable[dic
     if handle.config.allocation != "global" and fraction > 0:
         raise ValueError(f"RigL reselection keeps a global budget; allocation={handle.config.allocation!r} "
                          f"trains without it (--reselect-every 0)")
-    active = handle.expert_active()  # the attention deltas keep their set (selected once)
+    active = handle.expert_active()  # the attention and shared-expert deltas keep their sets (selected once)
     k = int(round(fraction * active))
     if k == 0:
         return {"dropped": 0, "grown": 0, "active": handle.active(), "seconds": time.perf_counter() - t0}
