@@ -265,6 +265,10 @@ class _Phase:
                 p.add(f"selection: shared-expert importance scores ({score_dtype})", sh_scores, self.host_tier,
                       "select")
                 self.scores += sh_scores
+            scored = sum((lc.attn_linear_params if self.attention else 0)
+                         + (lc.shared_linear_params if self.shared else 0) for lc in self.moe_train)
+            if scored:  # one backward fills every scored linear's dense weight gradient before they are read
+                p.add("selection: dense gradients of the scored linears (one batch)", scored * d, "device", "select")
         if p.device_free() < 0 or p.host_free() < 0:
             what = "trainable state, activations, logits and transients" if self.train else \
                 "activations, logits and transients"
