@@ -234,6 +234,7 @@ def test_shared_deltas_train_merge_and_reload(tmp_path):
     assert opt.group_names == ["deltas", "routers", "attention", "shared"]
     assert [g["lr"] for g in opt.param_groups] == [1e-2, 1e-4, 3e-3, 1e-2]
     assert opt.param_groups[3]["weight_decay"] == 0.01
+    assert usaf.UsafOptimizer(h, lr=1e-2, shared_lr=1e-3).param_groups[3]["lr"] == 1e-3  # --shared-lr
     group0 = opt.param_groups[0]["params"]  # RigL's positions: the expert deltas only, in order
     assert len(group0) == len(h.deltas()) and all(p is d.values for p, d in zip(group0, h.deltas().values()))
     losses = []

@@ -65,6 +65,7 @@ class TrainConfig:
     lr: float = _f(3e-3, "learning rate of the sparse expert deltas (measured best: docs/quality.md)")
     router_lr: float = _f(1e-4, "learning rate of the routers (measured best: docs/quality.md)")
     attention_lr: float = _f(0.0, "learning rate of the attention deltas (--attention-density > 0); 0 = --lr")
+    shared_lr: float = _f(0.0, "learning rate of the shared-expert deltas (--shared-density > 0); 0 = --lr")
     weight_decay: float = _f(0.0, "AdamW weight decay of the deltas (pulls them toward the base)")
     warmup: float = _f(0.05, "warmup, as a fraction of the steps")
     reselect_every: int = _f(50, "RigL reselection period in steps (0 = off); a reselection scores one step's "
@@ -109,7 +110,8 @@ class TrainConfig:
             (cfg.grad_accum >= 1, f"--grad-accum must be at least 1, got {cfg.grad_accum}"),
             (cfg.steps >= 0, f"--steps must be >= 0, got {cfg.steps}"),
             (cfg.steps > 0 or cfg.epochs > 0, f"--epochs must be > 0 when --steps is 0, got {cfg.epochs}"),
-            (min(cfg.lr, cfg.router_lr, cfg.attention_lr) >= 0, "--lr, --router-lr and --attention-lr must be >= 0"),
+            (min(cfg.lr, cfg.router_lr, cfg.attention_lr, cfg.shared_lr) >= 0,
+             "--lr, --router-lr, --attention-lr and --shared-lr must be >= 0"),
             (0 <= cfg.warmup < 1, f"--warmup must be in [0, 1), got {cfg.warmup}"),
             (0 <= cfg.reselect_fraction <= 1, f"--reselect-fraction must be in [0, 1], got {cfg.reselect_fraction}"),
             (min(cfg.reselect_every, cfg.eval_every, cfg.save_every, cfg.max_eval_batches) >= 0,

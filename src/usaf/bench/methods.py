@@ -41,7 +41,7 @@ from .harness import rss_mb
 OPTIONS: dict[str, dict[str, object]] = {
     "usaf": {"density": None, "lr": None, "router_lr": None, "wd": 0.0, "rigl": None, "rigl_frac": None,
              "router": 1, "quant": "none", "score": "abs", "alloc": "global", "warmup": None, "attn": None,
-             "attn_lr": None, "attn_units": "column", "shared": None, "ckpt": "auto"},
+             "attn_lr": None, "attn_units": "column", "shared": None, "shared_lr": None, "ckpt": "auto"},
     "router": {"lr": None, "warmup": None},
     "lora": {"r": 8, "alpha": 0, "lr": None, "attn": 1, "shared": 0, "warmup": None},
     "full": {"lr": None, "warmup": None},
@@ -50,7 +50,7 @@ OPTIONS: dict[str, dict[str, object]] = {
 SETTING_DEFAULTS = {("usaf", "density"): "density", ("usaf", "lr"): "lr_usaf", ("usaf", "router_lr"): "lr_router",
                     ("usaf", "rigl"): "reselect", ("usaf", "rigl_frac"): "reselect_fraction",
                     ("usaf", "attn"): "attention_density", ("usaf", "attn_lr"): "lr_attention",
-                    ("usaf", "shared"): "shared_density",
+                    ("usaf", "shared"): "shared_density", ("usaf", "shared_lr"): "lr_shared",
                     ("router", "lr"): "lr_router", ("lora", "lr"): "lr_lora", ("full", "lr"): "lr_full",
                     ("esft", "lr"): "lr_esft"}
 ALIASES = {"usaf-norigl": "usaf/rigl=0", "lora-r8": "lora/r=8", "lora-r16": "lora/r=16",
@@ -368,7 +368,8 @@ def _setup_usaf(m: Method, cfg: dict, model, layers: range, data: dict, lr_fn, i
         info["active"] = rep["active"]
     opt = usaf.UsafOptimizer(handle, lr=o.get("lr", 0.0) if not router_only else 0.0,
                              router_lr=o["lr"] if router_only else o["router_lr"], weight_decay=o.get("wd", 0.0),
-                             attention_lr=o.get("attn_lr") or o.get("lr", 0.0))
+                             attention_lr=o.get("attn_lr") or o.get("lr", 0.0),
+                             shared_lr=o.get("shared_lr") or o.get("lr", 0.0))
     sched = _schedule(opt.param_groups, lr_fn)
     state = {"step": 0, "reselect_s": 0.0}
     total, period = cfg["steps"], int(o.get("rigl", 0))

@@ -156,7 +156,8 @@ class Recipe:
         """AdamW and its schedule, built once the active sets exist (selection or resume)."""
         cfg = self.cfg
         self.opt = UsafOptimizer(self.handle, lr=cfg.lr, router_lr=cfg.router_lr, weight_decay=cfg.weight_decay,
-                                 attention_lr=cfg.attention_lr or cfg.lr, scaler=self.scaler)
+                                 attention_lr=cfg.attention_lr or cfg.lr, shared_lr=cfg.shared_lr or cfg.lr,
+                                 scaler=self.scaler)
         self.sched = make_scheduler(self.opt, int(cfg.warmup * self.total_steps), self.total_steps)
 
     def prepare_out(self) -> None:
@@ -202,9 +203,9 @@ class Recipe:
         changed = changed_settings(self.prev, cfg)
         if changed:
             log.warning("resume: changed settings: %s", diff_text(self.prev, cfg, changed))
-        if any(k in changed for k in ("lr", "router_lr", "attention_lr", "steps", "epochs", "warmup")):
+        if any(k in changed for k in ("lr", "router_lr", "attention_lr", "shared_lr", "steps", "epochs", "warmup")):
             lrs = {"deltas": cfg.lr, "routers": cfg.router_lr, "attention": cfg.attention_lr or cfg.lr,
-                   "shared": cfg.lr}
+                   "shared": cfg.shared_lr or cfg.lr}
             set_peak_lrs(self.opt, self.sched, [lrs[n] for n in self.opt.group_names])
         if int(meta.get("world_size") or 1) != d.world:
             log.info("resume: %d process(es) -> %d (global batch %d kept)", int(meta.get("world_size") or 1),
