@@ -230,7 +230,7 @@ def test_shared_deltas_train_merge_and_reload(tmp_path):
     h = usaf.prepare(model, cfg)
     b = _batch(model)
     usaf.select(h, [b])
-    opt = usaf.UsafOptimizer(h, lr=1e-2, attention_lr=3e-3, weight_decay=0.01)
+    opt = usaf.UsafOptimizer(h, lr=1e-2, attention_lr=3e-3, shared_lr=None, weight_decay=0.01)
     assert opt.group_names == ["deltas", "routers", "attention", "shared"]
     assert [g["lr"] for g in opt.param_groups] == [1e-2, 1e-4, 3e-3, 1e-2]
     assert opt.param_groups[3]["weight_decay"] == 0.01
