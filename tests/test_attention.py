@@ -269,9 +269,9 @@ def test_shared_deltas_train_merge_and_reload(tmp_path):
 
 
 def test_shared_density_without_linear_shared_experts(caplog):
-    """A family without nn.Linear shared experts (mixtral has none): a one-line warning naming the flag, no
+    """A family without nn.Linear shared experts (mixtral has none): a one-line note (info) naming the flag, no
     shared deltas, the routed experts' budget unchanged (the default applies to every family)."""
-    with caplog.at_level("WARNING", logger="usaf"):
+    with caplog.at_level("INFO", logger="usaf"):
         h = usaf.prepare(make_tiny_model("mixtral"), usaf.UsafConfig(quant="none", shared_density=0.1))
     assert not h.shared and h.shared_budget() == 0
     warned = [r.getMessage() for r in caplog.records if "--shared-density" in r.getMessage()]
