@@ -230,7 +230,7 @@ def test_shared_deltas_train_merge_and_reload(tmp_path):
     h = usaf.prepare(model, cfg)
     b = _batch(model)
     usaf.select(h, [b])
-    opt = usaf.UsafOptimizer(h, lr=1e-2, attention_lr=3e-3, weight_decay=0.01)
+    opt = usaf.UsafOptimizer(h, lr=1e-2, attention_lr=3e-3, shared_lr=None, weight_decay=0.01)
     assert opt.group_names == ["deltas", "routers", "attention", "shared"]
     assert [g["lr"] for g in opt.param_groups] == [1e-2, 1e-4, 3e-3, 1e-2]
     assert opt.param_groups[3]["weight_decay"] == 0.01
@@ -268,10 +268,13 @@ def test_shared_deltas_train_merge_and_reload(tmp_path):
         assert torch.equal(other(input_ids=b["input_ids"]).logits, want)
 
 
-def test_shared_density_needs_linear_shared_experts():
-    """A family without nn.Linear shared experts (mixtral has none): one line naming the flag."""
-    with pytest.raises(usaf.UnsupportedModelError, match="--shared-density") as e:
-        usaf.prepare(make_tiny_model("mixtral"), usaf.UsafConfig(quant="none", shared_density=0.1))
-    assert "\n" not in str(e.value)
+def test_shared_density_without_linear_shared_experts(caplog):
+    """A family without nn.Linear shared experts (mixtral has none): a one-line note (info) naming the flag, no
+    shared deltas, the routed experts' budget unchanged (the default applies to every family)."""
+    with caplog.at_level("INFO", logger="usaf"):
+        h = usaf.prepare(make_tiny_model("mixtral"), usaf.UsafConfig(quant="none", shared_density=0.1))
+    assert not h.shared and h.shared_budget() == 0
+    warned = [r.getMessage() for r in caplog.records if "--shared-density" in r.getMessage()]
+    assert len(warned) == 1 and "\n" not in warned[0] and "trains nothing" in warned[0]
     with pytest.raises(ValueError, match="shared density"):
         usaf.prepare(make_tiny_model("qwen2_moe"), usaf.UsafConfig(quant="none", shared_density=1.5))

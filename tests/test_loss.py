@@ -38,15 +38,19 @@ def test_chunked_loss_equals_full_logits_loss(family, rows, monkeypatch):
     b = _batch(True)
     s_ref, n_ref = token_weighted_loss(model(input_ids=IDS, attention_mask=b["attention_mask"]).logits, b["labels"])
     s_ref.backward()
-    ref = [p.grad.clone() for p in handle.trainable_parameters()]
+    # a linear whose share of the global shared-expert budget is 0 elements has no gradient either way
+    ref = [None if p.grad is None else p.grad.clone() for p in handle.trainable_parameters()]
     for p in handle.trainable_parameters():
         p.grad = None
     s, n = L.lm_loss(model, b, "cpu")
     s.backward()
     assert int(n) == int(n_ref)
     assert abs(s.item() - s_ref.item()) <= 1e-5 * abs(s_ref.item())
+    assert sum(g is not None for g in ref) > len(handle.deltas())
     for p, g in zip(handle.trainable_parameters(), ref):
-        torch.testing.assert_close(p.grad, g, rtol=1e-4, atol=1e-6)  # fp32, summation order differs
+        assert (p.grad is None) == (g is None)
+        if g is not None:
+            torch.testing.assert_close(p.grad, g, rtol=1e-4, atol=1e-6)  # fp32, summation order differs
     assert type(model.get_output_embeddings()).forward is not None and "forward" not in vars(model.get_output_embeddings())
 
 

@@ -401,7 +401,7 @@ def test_shared_deltas_planned():
     counts = count_model(QWEN15_MOE)
     assert all(lc.shared_linear_params == per_layer for lc in counts.layers)
     kw = {"device_memory": "80GB", "host_memory": "64GB", "checkpointing": "on"}
-    base, sh = plan.predict(QWEN15_MOE, **kw), plan.predict(QWEN15_MOE, shared_density=0.05, **kw)
+    base, sh = plan.predict(QWEN15_MOE, shared_density=0, **kw), plan.predict(QWEN15_MOE, shared_density=0.05, **kw)
     active = 8 * round(0.05 * per_layer)  # top 8 layers train
     assert sh["train"]["active_elements"] - base["train"]["active_elements"] == active
     grew = sh["train_peak_device_bytes"] - base["train_peak_device_bytes"]

@@ -85,21 +85,24 @@ def test_resume_with_different_settings_is_refused(setup, tmp_path, capsys):
 
 def test_resume_with_another_shared_density_is_refused(qwen2, tmp_path, capsys):
     """--shared-density changes the trainable set: a resume must keep it; a run saved before the setting
-    existed (no shared_density in its config.yaml) trained with the default, 0."""
+    existed (no shared_density in its config.yaml) trained without shared deltas (0), not today's default."""
     import yaml
 
     ckpt, data = qwen2
     out = tmp_path / "a"
-    assert main(_args(ckpt, data, out, "--steps", "2", "--shared-density", "0.1")) == 0
+    assert main(_args(ckpt, data, out, "--steps", "2", "--shared-density", "0.05")) == 0
     capsys.readouterr()
-    assert main(_args(ckpt, data, out, "--steps", "2", "--resume", str(out))) == 2
+    assert main(_args(ckpt, data, out, "--steps", "2", "--resume", str(out))) == 2  # the default, 0.1
     err = capsys.readouterr().err
     assert "usaf.shared_density" in err and len(err.strip().splitlines()) == 1
     saved = yaml.safe_load((out / "config.yaml").read_text())
     del saved["usaf"]["shared_density"]
     (out / "config.yaml").write_text(yaml.safe_dump(saved))
     from usaf.config import TrainConfig, UsafConfig
-    from usaf.train.resume import check_out_dir
+    from usaf.train.resume import RunError, check_out_dir
 
     keep = {k: v for k, v in saved.items() if k != "usaf"}
-    assert check_out_dir(TrainConfig(**dict(keep, resume=str(out)), usaf=UsafConfig(**saved["usaf"]))) is not None
+    old = UsafConfig(**saved["usaf"], shared_density=0.0)
+    assert check_out_dir(TrainConfig(**dict(keep, resume=str(out)), usaf=old)) is not None
+    with pytest.raises(RunError, match="usaf.shared_density"):
+        check_out_dir(TrainConfig(**dict(keep, resume=str(out)), usaf=UsafConfig(**saved["usaf"])))

@@ -29,9 +29,9 @@ class UsafConfig:
                                         "projection; measured best, docs/quality.md) | element (single weights) | "
                                         "row (whole output rows)",
                               choices=("column", "element", "row"))
-    shared_density: float = _f(0.0, "fraction of the shared experts' weights (nn.Linear shared experts of the "
+    shared_density: float = _f(0.1, "fraction of the shared experts' weights (nn.Linear shared experts of the "
                                     "trainable MoE layers) that train as sparse deltas, chosen as whole input "
-                                    "columns (0 = frozen, like a dense MLP)")
+                                    "columns (0 = frozen, like a dense MLP; measured best: docs/quality.md)")
     router_aux_loss: bool = _f(False, "add the family's load-balancing auxiliary loss, where it has one")
     score: str = _f("abs", "importance: abs = sum |grad|, sq = sum grad^2 (Fisher), signed = |sum grad|, "
                            "gw = |w| x sum |grad|, random (a control)", choices=("abs", "sq", "signed", "gw", "random"))
@@ -65,7 +65,8 @@ class TrainConfig:
     lr: float = _f(3e-3, "learning rate of the sparse expert deltas (measured best: docs/quality.md)")
     router_lr: float = _f(1e-4, "learning rate of the routers (measured best: docs/quality.md)")
     attention_lr: float = _f(0.0, "learning rate of the attention deltas (--attention-density > 0); 0 = --lr")
-    shared_lr: float = _f(0.0, "learning rate of the shared-expert deltas (--shared-density > 0); 0 = --lr")
+    shared_lr: float = _f(1e-3, "learning rate of the shared-expert deltas (--shared-density > 0; measured best: "
+                                "docs/quality.md); 0 = --lr")
     weight_decay: float = _f(0.0, "AdamW weight decay of the deltas (pulls them toward the base)")
     warmup: float = _f(0.05, "warmup, as a fraction of the steps")
     reselect_every: int = _f(50, "RigL reselection period in steps (0 = off); a reselection scores one step's "

@@ -80,9 +80,9 @@ KEYS: dict[str, tuple[type, object, str]] = {
     "density": (float, 0.005, "usaf density"),
     "attention_density": (float, 0.0, "usaf attention density (sparse deltas on q/k/v/o of the trained layers)"),
     "lr_attention": (float, 0.0, "learning rate of usaf's attention deltas (0 = lr_usaf)"),
-    "shared_density": (float, 0.0, "usaf shared-expert density (sparse deltas, whole input columns, on the shared "
+    "shared_density": (float, 0.1, "usaf shared-expert density (sparse deltas, whole input columns, on the shared "
                                    "experts' linears of the trained layers)"),
-    "lr_shared": (float, 0.0, "learning rate of usaf's shared-expert deltas (0 = lr_usaf)"),
+    "lr_shared": (float, 1e-3, "learning rate of usaf's shared-expert deltas (0 = lr_usaf; the default of usaf train)"),
     "warmup": (float, 0.05, "warmup fraction of the steps (linear, then cosine to 10%)"),
     "lr_usaf": (float, 3e-3, "learning rate of usaf's deltas (usaf, usaf-norigl; the default of usaf train, docs/quality.md)"),
     "lr_router": (float, 1e-4, "learning rate of the routers (usaf methods and router; best of 0, 1e-4, 1e-3)"),

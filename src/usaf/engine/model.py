@@ -416,10 +416,9 @@ def prepare(model: nn.Module, config: UsafConfig | None = None, frozen: dict | N
             for rel, lin in shared_expert_linears(layers[i]):
                 attach(lin).values.requires_grad_(True)
                 handle.shared[f"{names[id(layers[i])]}.{rel}.weight"] = lin
-        if not handle.shared:
-            raise UnsupportedModelError(f"{family.model_type}: no shared expert of nn.Linear modules was found in "
-                                        f"the trainable layers for --shared-density (its shared experts are "
-                                        f"3-D stacks, or it has none)")
+        if not handle.shared:  # the default applies to every family: a note, not an error (the report says 0)
+            log.info("%s: no shared expert of nn.Linear modules in the trainable layers (none, or 3-D stacks): "
+                        "--shared-density %g trains nothing here", family.model_type, config.shared_density)
     model.usaf = handle  # type: ignore[attr-defined]
     return handle
 

@@ -91,8 +91,8 @@ class LossScaler:
 class UsafOptimizer:
     """AdamW for a prepared model: group 0 = expert delta values, then the router fp32 masters (when the routers
     train), then the attention delta values (when there are attention deltas; ``attention_lr``, default ``lr``),
-    then the shared experts' delta values (when there are; ``shared_lr``, default ``lr``; ``weight_decay`` as the
-    expert deltas).
+    then the shared experts' delta values (when there are; ``shared_lr``, 1e-3 by default, ``None`` = ``lr``;
+    ``weight_decay`` as the expert deltas).
     ``group_names`` names the groups in order.
 
     ``scaler``: a :class:`LossScaler` (fp16 compute); by default a disabled one (bf16 / fp32).
@@ -100,7 +100,7 @@ class UsafOptimizer:
 
     def __init__(self, handle: UsafModel, lr: float = 3e-3, router_lr: float = 1e-4,
                  weight_decay: float = 0.0, router_weight_decay: float = 0.0, attention_lr: float | None = None,
-                 shared_lr: float | None = None,
+                 shared_lr: float | None = 1e-3,
                  betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8, scaler: LossScaler | None = None):
         self.handle = handle
         self.scaler = scaler or LossScaler(enabled=False)

@@ -206,7 +206,7 @@ def predict(
     score_dtype: str = "bf16",
     score_layers: int = 1,
     attention_density: float = 0.0,
-    shared_density: float = 0.0,
+    shared_density: float = 0.1,
     suggest: bool = True,
     trust_remote_code: bool = False,
 ) -> dict:

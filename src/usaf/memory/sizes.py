@@ -34,7 +34,7 @@ class Settings:
     batch_size: int = 1
     density: float = 0.005
     attention_density: float = 0.0
-    shared_density: float = 0.0
+    shared_density: float = 0.1
     train_layers: str = "top:8"
     quant: str = "4bit"
     dtype: str = "bf16"

@@ -29,6 +29,8 @@ RESUME_USAF_KEYS = ("density", "train_layers", "quant", "group_size", "train_rou
 # Compared by content (data files, tokenized data, model config, base weights), not by path.
 RESUME_PATH_KEYS = ("model", "data", "eval_data")
 _NOT_SETTINGS = ("resume", "overwrite", "quiet", "out")
+# What a run saved before a setting existed trained with, where that differs from today's default.
+_ABSENT_MEANS = {"shared_density": 0.0}
 
 
 class RunError(ValueError):
@@ -53,7 +55,7 @@ def check_out_dir(cfg: TrainConfig) -> dict | None:
         diffs = [k for k in RESUME_KEYS if str(prev.get(k)) != str(getattr(cfg, k))]
         # a key the saved config lacks (a run from before the setting existed) trained with its default
         diffs += [f"usaf.{k}" for k in RESUME_USAF_KEYS
-                  if str((prev.get("usaf") or {}).get(k, getattr(UsafConfig, k))) != str(getattr(cfg.usaf, k))]
+                  if str((prev.get("usaf") or {}).get(k, _ABSENT_MEANS.get(k, getattr(UsafConfig, k)))) != str(getattr(cfg.usaf, k))]
         if diffs:
             raise RunError(f"cannot resume {out}: settings differ ({diff_text(prev, cfg, diffs)}); "
                            f"use the run's settings, or start a new run in another --out")
