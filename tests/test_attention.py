@@ -174,6 +174,52 @@ def test_shared_expert_linears_budget_in_whole_columns():
     assert min(chosen) >= max(left) * (1 - 1e-5)  # the best columns by mean score
 
 
+@pytest.mark.parametrize("family", ["qwen2_moe", "deepseek_v3"])
+def test_shared_units_channel_picks_whole_intermediate_channels(family):
+    """--shared-units channel: each chosen unit is one intermediate channel of a shared expert with all its
+    weights (gate row j, up row j, down column j), the best by mean score, at most one in part; the budget is
+    exact."""
+    model = make_tiny_model(family)
+    h = usaf.prepare(model, usaf.UsafConfig(density=0.05, quant="none", train_layers="top:2", shared_density=0.2,
+                                            shared_units="channel"))
+    batches = [_batch(model, 0), _batch(model, 1)]
+    rep = usaf.select(h, batches)
+    assert rep["shared_active"] == h.shared_budget() == round(0.2 * h.shared_elements()) > 0
+    scores = attention_scores(h, batches, token_mean_loss, h.shared)
+    hidden = model.config.hidden_size
+    experts = {}
+    for k in h.shared:
+        experts.setdefault(k.rsplit(".", 2)[0], []).append(k)
+    partial, chosen, left = 0, [], []
+    for keys in experts.values():
+        assert len(keys) == 3
+        count, total, size = 0, 0, 0
+        for k in keys:
+            lin = h.shared[k]
+            mask = torch.zeros(lin.weight.numel(), dtype=torch.bool)
+            mask[lin.usaf_delta.indices.long()] = True
+            by_row = lin.weight.shape[1] == hidden  # gate, up: [I, hidden]; down: [hidden, I]
+            mask = mask.view(lin.weight.shape)
+            count = count + (mask.sum(1) if by_row else mask.sum(0))
+            s = scores[k].float()
+            total = total + (s.sum(1) if by_row else s.sum(0))
+            size += lin.weight.shape[1] if by_row else lin.weight.shape[0]
+        partial += int(((count > 0) & (count < size)).sum())
+        mean = total / size
+        chosen += mean[count == size].tolist()
+        left += mean[count == 0].tolist()
+    assert partial <= 1 and chosen and left  # whole channels, at most one in part
+    assert min(chosen) >= max(left) * (1 - 1e-5)  # the best channels by mean score
+
+
+def test_shared_units_channel_refuses_linears_without_a_common_width():
+    from usaf.engine.attention import _channel_groups
+
+    lins = {"m.shared_expert.a_proj.weight": torch.nn.Linear(8, 5), "m.shared_expert.b_proj.weight": torch.nn.Linear(6, 8)}
+    with pytest.raises(ValueError, match="--shared-units channel"):
+        _channel_groups(lins, hidden=8)
+
+
 def test_attention_and_shared_scored_in_the_same_passes():
     """One backward per calibration batch over every linear: adding the shared experts costs no pass and
     leaves the attention set as it was."""

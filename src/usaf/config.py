@@ -32,6 +32,11 @@ class UsafConfig:
     shared_density: float = _f(0.1, "fraction of the shared experts' weights (nn.Linear shared experts of the "
                                     "trainable MoE layers) that train as sparse deltas, chosen as whole input "
                                     "columns (0 = frozen, like a dense MLP; measured best: docs/quality.md)")
+    shared_units: str = _f("column", "what the shared-expert budget picks: column (whole input columns of each "
+                                     "linear) | channel (whole intermediate channels of a shared expert: gate row j, "
+                                     "up row j and down column j together) | element (single weights) | row "
+                                     "(whole output rows)",
+                           choices=("column", "channel", "element", "row"))
     router_aux_loss: bool = _f(False, "add the family's load-balancing auxiliary loss, where it has one")
     score: str = _f("abs", "importance: abs = sum |grad|, sq = sum grad^2 (Fisher), signed = |sum grad|, "
                            "gw = |w| x sum |grad|, random (a control)", choices=("abs", "sq", "signed", "gw", "random"))

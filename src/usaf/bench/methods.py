@@ -41,7 +41,7 @@ from .harness import rss_mb
 OPTIONS: dict[str, dict[str, object]] = {
     "usaf": {"density": None, "lr": None, "router_lr": None, "wd": 0.0, "rigl": None, "rigl_frac": None,
              "router": 1, "quant": "none", "score": "abs", "alloc": "global", "warmup": None, "attn": None,
-             "attn_lr": None, "attn_units": "column", "shared": None, "shared_lr": None, "ckpt": "auto"},
+             "attn_lr": None, "attn_units": "column", "shared": None, "shared_lr": None, "shared_units": "column", "ckpt": "auto"},
     "router": {"lr": None, "warmup": None},
     "lora": {"r": 8, "alpha": 0, "lr": None, "attn": 1, "shared": 0, "warmup": None},
     "full": {"lr": None, "warmup": None},
@@ -348,7 +348,8 @@ def _setup_usaf(m: Method, cfg: dict, model, layers: range, data: dict, lr_fn, i
                            score=o.get("score", "abs"), allocation=o.get("alloc", "global"),
                            attention_density=0.0 if router_only else o["attn"],
                            attention_units=o.get("attn_units", "element"),
-                           shared_density=0.0 if router_only else o["shared"])
+                           shared_density=0.0 if router_only else o["shared"],
+                           shared_units=o.get("shared_units", "column"))
     expected = expected_trainable(m, model, layers)  # from the stock shapes, before prepare swaps the experts
     handle = usaf.prepare(model, ucfg)
     info["loaded_rss_mb"] = round(resident_rss_mb(model), 1)  # the prepared model (its 4-bit base, when quant=4bit)

@@ -5,8 +5,8 @@ The linears of the trainable layers are scored like the expert stacks (``UsafCon
 ``sum g^2``, ``|sum g|``, ``|w| sum |g|`` or random) from their dense weight gradients over the calibration
 batches, in one set of passes for both groups (one backward per batch over every linear), then each group
 spends its own budget: the attention ``attention_density x`` its elements by ``attention_units`` (one global
-top-k over every projection, or whole columns / rows), the shared experts ``shared_density x`` theirs as whole
-input columns. Data parallel, each rank's per-batch scores are folded in the one-process order
+top-k over every projection, or whole columns / rows), the shared experts ``shared_density x`` theirs by
+``shared_units`` (whole input columns, whole intermediate channels of an expert, single weights or rows). Data parallel, each rank's per-batch scores are folded in the one-process order
 (:class:`usaf.engine.ranks.RingFold`), so N ranks pick the same set as one process. These sets are chosen
 once: RigL reselection moves the expert deltas only.
 
@@ -100,13 +100,20 @@ def select_linears(handle: UsafModel, batches: list[dict], loss_fn: Callable) ->
         if not group or not budget:
             continue
         part = {k: scores.pop(k) for k in group}
-        units = handle.config.attention_units if name == "attention" else "column"
-        if units == "element":
+        units = handle.config.attention_units if name == "attention" else handle.config.shared_units
+        if units == "channel":
+            out[name] = _select_channels(group, part, budget, _hidden_size(handle))
+        elif units == "element":
             out[name] = _select_elements(group, part, budget)
         else:
             out[name] = _select_units(group, part, budget, units == "column")
         del part
     return out
+
+
+def _hidden_size(handle: UsafModel) -> int:
+    cfg = handle.model.config
+    return int(cfg.get_text_config().hidden_size if hasattr(cfg, "get_text_config") else cfg.hidden_size)
 
 
 def select_attention(handle: UsafModel, batches: list[dict], loss_fn: Callable) -> int:
@@ -155,4 +162,76 @@ def _select_units(lins: dict[str, torch.nn.Linear], scores: dict[str, torch.Tens
         used += idx.numel()
     for k, parts in picked.items():
         lins[k].usaf_delta.set(torch.cat(parts) if parts else torch.empty(0, dtype=torch.int64))
+    return used
+
+
+def _channel_groups(lins: dict[str, torch.nn.Linear], hidden: int) -> list[tuple[list[tuple[str, bool]], int]]:
+    """The shared experts of ``lins`` as channel groups: ``[([(key, by_row)], channels)]``, one per expert (the
+    linears under one module path). A linear that reads the hidden state (gate, up: ``[I, hidden]``) gives
+    channel j as its row j; one that writes it (down: ``[hidden, I]``) as its column j. Raises when an
+    expert's linears do not share one intermediate width ``I``."""
+    experts: dict[str, list[str]] = {}
+    for k in lins:
+        experts.setdefault(k.rsplit(".", 2)[0], []).append(k)
+    out = []
+    for prefix, keys in experts.items():
+        members, widths = [], set()
+        for k in keys:
+            o, i = lins[k].weight.shape
+            if i == hidden and o != hidden:
+                members.append((k, True))
+                widths.add(o)
+            elif o == hidden and i != hidden:
+                members.append((k, False))
+                widths.add(i)
+            else:
+                widths.add(None)
+        if len(widths) != 1 or None in widths:
+            shapes = ", ".join(f"{k.rsplit('.', 2)[-2]} {list(lins[k].weight.shape)}" for k in keys)
+            raise ValueError(f"{prefix}: its linears ({shapes}) share no intermediate width around the hidden size "
+                             f"{hidden}: --shared-units channel cannot group them")
+        out.append((members, widths.pop()))
+    return out
+
+
+def _select_channels(lins: dict[str, torch.nn.Linear], scores: dict[str, torch.Tensor], budget: int,
+                     hidden: int) -> int:
+    """Whole intermediate channels of the shared experts (gate row j, up row j, down column j: a neuron with all
+    its weights, as structured sparse fine-tuning picks FFN channels), by mean score per element over the
+    channel, in decreasing order, until the budget is spent (the last channel in part: its best elements)."""
+    units = []  # (mean score, group index, channel)
+    groups = _channel_groups(lins, hidden)
+    for gi, (members, width) in enumerate(groups):
+        total, count = torch.zeros(width), 0
+        for k, by_row in members:
+            s = scores[k].float().cpu()
+            total += s.sum(1) if by_row else s.sum(0)
+            count += s.shape[1] if by_row else s.shape[0]
+        units += [(v / count, gi, j) for j, v in enumerate(total.tolist())]
+    units.sort(key=lambda u: -u[0])
+    picked: dict[str, list[torch.Tensor]] = {k: [] for k in scores}
+    used = 0
+    for _, gi, j in units:
+        if used == budget:
+            break
+        members = groups[gi][0]
+        idx = {}
+        for k, by_row in members:
+            rows, cols = scores[k].shape
+            idx[k] = j * cols + torch.arange(cols) if by_row else torch.arange(rows) * cols + j
+        length = sum(v.numel() for v in idx.values())
+        if used + length > budget:  # the last channel in part: its best elements, so the budget is exact
+            flat = torch.cat([scores[k].float().cpu().reshape(-1)[v] for k, v in idx.items()])
+            keep = torch.zeros(length, dtype=torch.bool)
+            keep[torch.topk(flat, budget - used).indices] = True
+            start = 0
+            for k in list(idx):
+                n = idx[k].numel()
+                idx[k] = idx[k][keep[start:start + n]]
+                start += n
+        for k, v in idx.items():
+            picked[k].append(v)
+            used += v.numel()
+    for k, parts in picked.items():
+        lins[k].usaf_delta.set(torch.cat(parts).sort().values if parts else torch.empty(0, dtype=torch.int64))
     return used

@@ -25,7 +25,7 @@ log = logging.getLogger("usaf")
 
 RESUME_KEYS = ("seq_len", "seed")
 RESUME_USAF_KEYS = ("density", "train_layers", "quant", "group_size", "train_router", "attention_density",
-                    "shared_density")
+                    "shared_density", "shared_units")
 # Compared by content (data files, tokenized data, model config, base weights), not by path.
 RESUME_PATH_KEYS = ("model", "data", "eval_data")
 _NOT_SETTINGS = ("resume", "overwrite", "quiet", "out")
