@@ -44,8 +44,12 @@ def family(key: str) -> str | None:
     name = key.split("/")[0]
     if name == "usaf" and re.fullmatch(r"usaf/density=[0-9.e-]+", key):
         return "usaf"
+    if name == "usaf" and re.fullmatch(r"usaf/shared=[0-9.e-]+", key):
+        return "usaf (+ shared experts, by shared density)"
     if name == "lora" and re.fullmatch(r"lora/r=\d+", key):
         return "LoRA (experts + attention)"
+    if name == "lora" and re.fullmatch(r"lora/r=\d+/shared=1", key):
+        return "LoRA (experts + attention + shared experts)"
     if name == "lora" and re.fullmatch(r"lora/r=\d+/attn=0", key):
         return "LoRA (experts only)"
     return None
