@@ -308,6 +308,9 @@ def test_method_specs_and_grids(setup):
         parse_method("qlora", cfg)
     with pytest.raises(ValueError, match="not key=value"):
         parse_method("usaf/rank=4", cfg)
+    with pytest.raises(ValueError, match="alloc=layer needs rigl=0"):  # refused before a worker starts
+        parse_method("usaf/alloc=layer", cfg)
+    assert parse_method("usaf/alloc=layer/rigl=0", cfg).opts["alloc"] == "layer"
 
 
 def test_worker_reports(setup):

@@ -87,6 +87,10 @@ def parse_method(spec: str, settings: dict) -> Method:
     for key, value in opts.items():
         if value is None:
             opts[key] = settings[SETTING_DEFAULTS.get((name, key), key)]
+    if name == "usaf" and opts["alloc"] != "global" and int(opts["rigl"] or 0) > 0:
+        # refused here, before any worker starts (RigL reselection keeps one global budget)
+        raise ValueError(f"method {spec!r}: alloc={opts['alloc']} needs rigl=0 (RigL reselection keeps a global "
+                         f"budget)")
     return Method(spec, name, opts)
 
 
