@@ -41,7 +41,8 @@ from .harness import rss_mb
 OPTIONS: dict[str, dict[str, object]] = {
     "usaf": {"density": None, "lr": None, "router_lr": None, "wd": 0.0, "rigl": None, "rigl_frac": None,
              "router": 1, "quant": "none", "score": "abs", "alloc": "global", "warmup": None, "attn": None,
-             "attn_lr": None, "attn_units": "column", "shared": None, "shared_lr": None, "shared_units": "column", "ckpt": "auto"},
+             "attn_lr": None, "attn_units": "column", "shared": None, "shared_lr": None, "shared_units": "column",
+             "ckpt": "auto"},
     "router": {"lr": None, "warmup": None},
     "lora": {"r": 8, "alpha": 0, "lr": None, "attn": 1, "shared": 0, "warmup": None},
     "full": {"lr": None, "warmup": None},

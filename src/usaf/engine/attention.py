@@ -6,8 +6,8 @@ The linears of the trainable layers are scored like the expert stacks (``UsafCon
 batches, in one set of passes for both groups (one backward per batch over every linear), then each group
 spends its own budget: the attention ``attention_density x`` its elements by ``attention_units`` (one global
 top-k over every projection, or whole columns / rows), the shared experts ``shared_density x`` theirs by
-``shared_units`` (whole input columns, whole intermediate channels of an expert, single weights or rows). Data parallel, each rank's per-batch scores are folded in the one-process order
-(:class:`usaf.engine.ranks.RingFold`), so N ranks pick the same set as one process. These sets are chosen
+``shared_units`` (whole input columns, whole intermediate channels of an expert, single weights or rows).
+Data parallel, each rank's per-batch scores are folded in the one-process order (:class:`usaf.engine.ranks.RingFold`), so N ranks pick the same set as one process. These sets are chosen
 once: RigL reselection moves the expert deltas only.
 
 Memory: one score buffer per scored linear of the trainable layers while scoring (``score_dtype``: 2 bytes
@@ -112,8 +112,7 @@ def select_linears(handle: UsafModel, batches: list[dict], loss_fn: Callable) ->
 
 
 def _hidden_size(handle: UsafModel) -> int:
-    cfg = handle.model.config
-    return int(cfg.get_text_config().hidden_size if hasattr(cfg, "get_text_config") else cfg.hidden_size)
+    return int(handle.model.config.get_text_config().hidden_size)
 
 
 def select_attention(handle: UsafModel, batches: list[dict], loss_fn: Callable) -> int:
@@ -141,25 +140,40 @@ def _select_units(lins: dict[str, torch.nn.Linear], scores: dict[str, torch.Tens
                   columns: bool) -> int:
     """Whole rows (or columns) by mean score per element, in decreasing order, until the budget is spent (the
     last unit in part)."""
-    units = []  # (mean score, key, unit index, unit length)
+    units = []  # (mean score, [(key, unit index, by_row)])
     for k, s in scores.items():
-        s = s.float().cpu()
-        per = (s.mean(0) if columns else s.mean(1)).tolist()
-        length = s.shape[0] if columns else s.shape[1]
-        units += [(v, k, j, length) for j, v in enumerate(per)]
+        per = (s.float().cpu().mean(0) if columns else s.float().cpu().mean(1)).tolist()
+        units += [(v, [(k, j, not columns)]) for j, v in enumerate(per)]
+    return _spend(lins, scores, units, budget)
+
+
+def _spend(lins: dict[str, torch.nn.Linear], scores: dict[str, torch.Tensor], units: list, budget: int) -> int:
+    """Activate whole units (``(score, [(key, index, by_row)])``: row or column ``index`` of each named linear)
+    in decreasing score order until ``budget`` elements are active; the last unit in part (its best elements,
+    so the budget is exact)."""
     units.sort(key=lambda u: -u[0])
     picked: dict[str, list[torch.Tensor]] = {k: [] for k in scores}
     used = 0
-    for _, k, j, length in units:
+    for _, members in units:
         if used == budget:
             break
-        rows, cols = scores[k].shape
-        idx = torch.arange(rows) * cols + j if columns else j * cols + torch.arange(cols)
-        if used + length > budget:  # the last unit in part: its best elements, so the budget is exact
-            best = torch.topk(scores[k].float().cpu().reshape(-1)[idx], budget - used).indices
-            idx = idx[best]
-        picked[k].append(idx)
-        used += idx.numel()
+        idx = {}
+        for k, j, by_row in members:
+            rows, cols = scores[k].shape
+            idx[k] = j * cols + torch.arange(cols) if by_row else torch.arange(rows) * cols + j
+        length = sum(v.numel() for v in idx.values())
+        if used + length > budget:
+            flat = torch.cat([scores[k].float().cpu().reshape(-1)[v] for k, v in idx.items()])
+            keep = torch.zeros(length, dtype=torch.bool)
+            keep[torch.topk(flat, budget - used).indices] = True
+            start = 0
+            for k in list(idx):
+                n = idx[k].numel()
+                idx[k] = idx[k][keep[start:start + n]]
+                start += n
+        for k, v in idx.items():
+            picked[k].append(v)
+            used += v.numel()
     for k, parts in picked.items():
         lins[k].usaf_delta.set(torch.cat(parts) if parts else torch.empty(0, dtype=torch.int64))
     return used
@@ -199,39 +213,12 @@ def _select_channels(lins: dict[str, torch.nn.Linear], scores: dict[str, torch.T
     """Whole intermediate channels of the shared experts (gate row j, up row j, down column j: a neuron with all
     its weights, as structured sparse fine-tuning picks FFN channels), by mean score per element over the
     channel, in decreasing order, until the budget is spent (the last channel in part: its best elements)."""
-    units = []  # (mean score, group index, channel)
-    groups = _channel_groups(lins, hidden)
-    for gi, (members, width) in enumerate(groups):
+    units = []  # (mean score, [(key, channel, by_row)])
+    for members, width in _channel_groups(lins, hidden):
         total, count = torch.zeros(width), 0
         for k, by_row in members:
             s = scores[k].float().cpu()
             total += s.sum(1) if by_row else s.sum(0)
             count += s.shape[1] if by_row else s.shape[0]
-        units += [(v / count, gi, j) for j, v in enumerate(total.tolist())]
-    units.sort(key=lambda u: -u[0])
-    picked: dict[str, list[torch.Tensor]] = {k: [] for k in scores}
-    used = 0
-    for _, gi, j in units:
-        if used == budget:
-            break
-        members = groups[gi][0]
-        idx = {}
-        for k, by_row in members:
-            rows, cols = scores[k].shape
-            idx[k] = j * cols + torch.arange(cols) if by_row else torch.arange(rows) * cols + j
-        length = sum(v.numel() for v in idx.values())
-        if used + length > budget:  # the last channel in part: its best elements, so the budget is exact
-            flat = torch.cat([scores[k].float().cpu().reshape(-1)[v] for k, v in idx.items()])
-            keep = torch.zeros(length, dtype=torch.bool)
-            keep[torch.topk(flat, budget - used).indices] = True
-            start = 0
-            for k in list(idx):
-                n = idx[k].numel()
-                idx[k] = idx[k][keep[start:start + n]]
-                start += n
-        for k, v in idx.items():
-            picked[k].append(v)
-            used += v.numel()
-    for k, parts in picked.items():
-        lins[k].usaf_delta.set(torch.cat(parts).sort().values if parts else torch.empty(0, dtype=torch.int64))
-    return used
+        units += [(v / count, [(k, j, by_row) for k, by_row in members]) for j, v in enumerate(total.tolist())]
+    return _spend(lins, scores, units, budget)

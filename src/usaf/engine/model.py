@@ -418,7 +418,7 @@ def prepare(model: nn.Module, config: UsafConfig | None = None, frozen: dict | N
                 handle.shared[f"{names[id(layers[i])]}.{rel}.weight"] = lin
         if not handle.shared:  # the default applies to every family: a note, not an error (the report says 0)
             log.info("%s: no shared expert of nn.Linear modules in the trainable layers (none, or 3-D stacks): "
-                        "--shared-density %g trains nothing here", family.model_type, config.shared_density)
+                     "--shared-density %g trains nothing here", family.model_type, config.shared_density)
     model.usaf = handle  # type: ignore[attr-defined]
     return handle
 

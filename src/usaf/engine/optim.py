@@ -121,7 +121,8 @@ class UsafOptimizer:
                            "weight_decay": weight_decay})
             self.group_names.append("attention")
         if shared:
-            groups.append({"params": shared, "lr": lr if shared_lr is None else shared_lr, "weight_decay": weight_decay})
+            groups.append({"params": shared, "lr": lr if shared_lr is None else shared_lr,
+                           "weight_decay": weight_decay})
             self.group_names.append("shared")
         self._adamw = torch.optim.AdamW(groups, betas=betas, eps=eps, foreach=False)
 

@@ -53,9 +53,10 @@ def check_out_dir(cfg: TrainConfig) -> dict | None:
         if not isinstance(prev, dict):
             raise RunError(f"--resume {cfg.resume}: {saved} is not a usaf run config")
         diffs = [k for k in RESUME_KEYS if str(prev.get(k)) != str(getattr(cfg, k))]
-        # a key the saved config lacks (a run from before the setting existed) trained with its default
+        # a key the saved config lacks (a run from before the setting existed) trained with the default of then
+        saved = prev.get("usaf") or {}
         diffs += [f"usaf.{k}" for k in RESUME_USAF_KEYS
-                  if str((prev.get("usaf") or {}).get(k, _ABSENT_MEANS.get(k, getattr(UsafConfig, k)))) != str(getattr(cfg.usaf, k))]
+                  if str(saved.get(k, _ABSENT_MEANS.get(k, getattr(UsafConfig, k)))) != str(getattr(cfg.usaf, k))]
         if diffs:
             raise RunError(f"cannot resume {out}: settings differ ({diff_text(prev, cfg, diffs)}); "
                            f"use the run's settings, or start a new run in another --out")
