@@ -224,13 +224,13 @@ def test_non_finite_final_eval_or_loss_keeps_the_last_good_outputs(env, tmp_path
     monkeypatch.setattr(trainer, "evaluate_examples", real)
     calls, loss = {"n": 0}, trainer.token_mean_loss
 
-    def nan_after_selection(*a, **k):  # call 1: the selection pass (--score-layers 64); then every step
+    def nan_after_selection(*a, **k):  # call 1: the selection pass (one per calibration batch); then every step
         calls["n"] += 1
         return loss(*a, **k) * (float("nan") if calls["n"] > 1 else 1.0)
 
     monkeypatch.setattr(trainer, "token_mean_loss", nan_after_selection)
     fresh = tmp_path / "nan"
-    _fails(_args(ckpt, data, fresh, "--max-skips", "0", "--save-every", "0", "--score-layers", "64", steps=2), capsys,
+    _fails(_args(ckpt, data, fresh, "--max-skips", "0", "--save-every", "0", steps=2), capsys,
            r"no step of the run had a finite loss \(2 steps\): no delta, metrics or checkpoint written",
            "every loss NaN (injected) with --max-skips 0")
     assert not (fresh / "delta.safetensors").exists() and not (fresh / "metrics.json").exists()

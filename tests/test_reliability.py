@@ -291,7 +291,7 @@ def test_non_finite_steps_are_skipped_and_too_many_stop_with_checkpoint(env, tmp
     data = _write(tmp_path / "pc.jsonl", rows)
     calls = {"n": 0}
     real = trainer.token_mean_loss
-    nan_steps = {2, 4, 5, 6}  # call 1 is the selection batch (--score-layers 64: one pass), call k + 1 is step k
+    nan_steps = {2, 4, 5, 6}  # call 1 is the selection batch (one pass), call k + 1 is step k
 
     def nan_loss(*a, **k):
         calls["n"] += 1
@@ -301,7 +301,7 @@ def test_non_finite_steps_are_skipped_and_too_many_stop_with_checkpoint(env, tmp
     monkeypatch.setattr(trainer, "token_mean_loss", nan_loss)
     out = tmp_path / "nan"
     argv = _args(env, out, "--data", str(data), "--max-skips", "3", "--reselect-every", "0", "--save-every", "0",
-                 "--score-layers", "64", steps=10)
+                 steps=10)
     msg = _fails(argv, capsys, r"stopped at step 6: 3 consecutive steps had a non-finite loss or gradient "
                  r"\(last: epoch 0 batch 5\); checkpoint saved \(.*step-0000006\)")
     log = _log(out)

@@ -190,3 +190,50 @@ def test_a_channel_is_the_weights_of_one_intermediate_neuron(family):
         got = torch.cat([channel_elements(m, e, c)[n] for c in range(inter)])
         per = ex.deltas[n].per_expert
         assert torch.equal(got.sort().values, torch.arange(e * per, (e + 1) * per))
+
+
+@pytest.mark.parametrize("family", ["qwen3_moe", "qwen2_moe", "llama4", "longcat_flash"])
+def test_one_calibration_pass_scores_every_layer_exactly(family):
+    """Selection runs one forward and one backward per calibration batch (the shared-expert linears scored in
+    the same pass), and the replayed backward of each group of experts sums exactly the dense gradients that
+    stock autograd gives for every trainable layer: one expert per group gives the same buffers as the whole
+    layer at once."""
+    from usaf.engine.select import DenseScores, _replay, calibrate
+    from usaf.engine.loss import token_mean_loss
+
+    stock = make_tiny_model(family, seed=0)
+    handle = usaf.prepare(copy.deepcopy(stock), usaf.UsafConfig(quant="none", score_dtype="fp32", density=0.05))
+    forwards = []
+    hook = handle.model.get_input_embeddings().register_forward_hook(lambda *a: forwards.append(1))
+    cal = calibrate(handle, BATCHES, token_mean_loss)
+    hook.remove()
+    assert len(forwards) == len(BATCHES)
+    assert (cal.linears is not None) == bool(handle.shared)
+    layers = handle.trainable_layers
+    assert len(layers) > 1 and all(len(cal.calls[m.index]) == len(BATCHES) for m in layers)
+    names = [f"{m.prefix}.{n}" for m in layers for n in m.experts.names]
+    grads = _dense_grads(stock, names)
+    for m in layers:
+        ex = m.experts
+        whole = DenseScores(ex, torch.float32, 1)
+        _replay(m, cal.calls[m.index], whole, ex.num_experts)
+        for e in range(ex.num_experts):
+            one = DenseScores(ex, torch.float32, 1, e, e + 1)
+            _replay(m, cal.calls[m.index], one, e + 1)
+            for n in ex.names:
+                assert torch.equal(one.buffers[n][0], whole.buffers[n][e]), (m.index, e, n)
+        for n in ex.names:
+            key = f"{m.prefix}.{ex.param_name(n)}"
+            want = sum(g[key].abs() for g in grads).view(ex.shape(n))[: ex.num_experts]
+            torch.testing.assert_close(whole.buffers[n][: ex.num_experts], want, rtol=1e-4, atol=1e-6)
+
+
+def test_expert_groups_pick_what_whole_layers_pick():
+    """The group size (``score_budget_mb``) changes the memory, not the choice."""
+    sets = []
+    for mb in (0, 64):
+        _, handle = _prepared(density=0.05, score_budget_mb=mb)
+        usaf.select(handle, BATCHES)
+        sets.append({k: d.indices.clone() for k, d in handle.deltas().items()})
+    assert sets[0].keys() == sets[1].keys()
+    assert all(torch.equal(sets[0][k], sets[1][k]) for k in sets[0])

@@ -230,6 +230,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
         attn=args.attn,
         checkpointing=args.checkpointing,
         prefix_cache=args.prefix_cache,
+        calib_batches=args.calib_batches,
         trust_remote_code=args.trust_remote_code,
     )
     print(json.dumps(json_safe(r), indent=2) if args.json else format_plan(r))
@@ -402,6 +403,8 @@ def _plan_parser(sub) -> None:
         default=True,
         help="layers below the trainable range are cached hidden states, not resident (default: on)",
     )
+    q.add_argument("--calib-batches", type=int, default=TrainConfig.calib_batches,
+                   help="micro-batches the initial selection records, as usaf train (default: %(default)s)")
     q.add_argument("--json", action="store_true", help="print the full prediction as JSON")
     q.add_argument("--trust-remote-code", action="store_true")
     q.set_defaults(func=cmd_plan)

@@ -47,9 +47,8 @@ class UsafConfig:
     score_seed: int = _f(0, "seed of the random score (score=random)")
     score_dtype: str = _f("bf16", "dtype of the dense importance buffers: bf16 (half the memory) | fp32",
                           choices=("bf16", "fp32"))
-    score_budget_mb: int = _f(1024, "memory for dense importance buffers scored at once (with score_layers > 1)")
-    score_layers: int = _f(1, "layers scored per selection pass (more: fewer passes, more score buffers "
-                              "held at once, within score_budget_mb)")
+    score_budget_mb: int = _f(64, "memory for the dense importance buffers of the experts scored at once "
+                                  "(a group of experts of one layer, at least one expert)")
     layer_share_cap: float = _f(4.0, "a layer may take at most this multiple of its fair share of budget")
     chunk_mb: int = _f(256, "max dequantized expert weights held at once per layer, MB")
 
@@ -147,12 +146,19 @@ def to_dict(cfg) -> dict:
     return out
 
 
+# Keys that older versions wrote into a run's config.yaml and that no longer set anything: read and ignored,
+# so that such a file still works as --config.
+RETIRED = {"score_layers"}  # selection scores every layer in one pass per batch since 2026-12-03
+
+
 def from_dict(cls, data: dict):
     """Build a config from a (possibly partial) dict; unknown keys are an error naming the key."""
     known = {f.name: f for f in fields(cls)}
     kwargs = {}
     for k, v in data.items():
         k = k.replace("-", "_")
+        if k in RETIRED and k not in known:
+            continue
         if k not in known:
             raise ValueError(f"unknown config key {k!r} (known: {', '.join(known)})")
         factory = known[k].default_factory

@@ -44,12 +44,14 @@ def quotas(sizes: list[int], budget: int) -> list[int]:
     return out
 
 
-def final_scores(m: MoeLayer, buffers: dict[str, torch.Tensor], score: str, seed: int = 0) -> dict[str, torch.Tensor]:
-    """Flat scores per stack from the accumulated buffers (``signed`` buffers hold sum dL/dW).
+def final_scores(m: MoeLayer, buffers: dict[str, torch.Tensor], score: str, seed: int = 0,
+                 first: int = 0) -> dict[str, torch.Tensor]:
+    """Flat scores per stack from the accumulated buffers (``signed`` buffers hold sum dL/dW) of the experts
+    from ``first`` on (a group of experts, or the whole stack).
 
     ``abs``, ``sq`` and ``signed`` are the buffers themselves, flattened, in their dtype (``signed`` made
-    absolute in place): no fp32 copy of a layer's buffers (on a 30B-width layer, 2.4 GB beside 1.2 GB of
-    bf16 buffers). ``gw`` is fp32 (a product), ``random`` fp32 draws.
+    absolute in place): no fp32 copy of the buffers. ``gw`` is fp32 (a product), ``random`` fp32 draws
+    (whole stacks only).
 
     Stack rows of null experts (longcat_flash's gate_up_proj rows past its routed experts) score -1 (written
     into the buffer views too): never a candidate."""
@@ -59,6 +61,8 @@ def final_scores(m: MoeLayer, buffers: dict[str, torch.Tensor], score: str, seed
         b = buffers[n]
         per = ex.deltas[n].per_expert
         if score == "random":
+            if first:
+                raise ValueError("random scores are drawn for whole stacks")
             g = torch.Generator().manual_seed(seed * 1000003 + m.index * len(ex.names) + i)
             s = torch.rand(b.numel(), generator=g).to(b.device)
         elif score in ("abs", "sq", "signed"):
@@ -66,10 +70,10 @@ def final_scores(m: MoeLayer, buffers: dict[str, torch.Tensor], score: str, seed
         else:
             s = b.float().view(-1)
         if score == "gw":  # |w| of the base (deltas are zero at selection), expert by expert
-            for e in range(ex.num_experts):
+            for e in range(first, min(ex.num_experts, first + b.shape[0])):
                 w = ex.weight(n, e, e + 1, torch.float32, s.device).view(-1)
-                s[e * per : (e + 1) * per] *= w.abs()
-        s[ex.num_experts * per :] = -1.0
+                s[(e - first) * per : (e - first + 1) * per] *= w.abs()
+        s[max(0, ex.num_experts - first) * per :] = -1.0
         out[n] = s
     return out
 

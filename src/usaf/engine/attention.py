@@ -3,7 +3,8 @@
 
 The linears of the trainable layers are scored like the expert stacks (``UsafConfig.score``: ``sum |g|``,
 ``sum g^2``, ``|sum g|``, ``|w| sum |g|`` or random) from their dense weight gradients over the calibration
-batches, in one set of passes for both groups (one backward per batch over every linear), then each group
+batches, in the selection's calibration pass (the same forward and backward per batch that records the
+experts: ``usaf.engine.select.calibrate``) or a pass of their own (:func:`attention_scores`), then each group
 spends its own budget: the attention ``attention_density x`` its elements by ``attention_units`` (one global
 top-k over every projection, or whole columns / rows), the shared experts ``shared_density x`` theirs by
 ``shared_units`` (whole input columns, whole intermediate channels of an expert, single weights or rows).
@@ -34,20 +35,66 @@ def _batch_score(g: torch.Tensor, kind: str) -> torch.Tensor:
     return g.abs()
 
 
+class LinearScores:
+    """Dense score buffers of some frozen linears, fed from their weights' gradients one calibration batch at a
+    time (:meth:`add_batch` after each backward; data parallel, folded over the ranks in the one-process order),
+    finished by :meth:`result`. Used by a pass of its own (:func:`attention_scores`) or by the calibration pass
+    that also records the experts (``usaf.engine.select.calibrate``)."""
+
+    def __init__(self, handle: UsafModel, lins: dict[str, torch.nn.Linear]):
+        cfg = handle.config
+        self.lins, self.kind = lins, cfg.score
+        self.dtype = torch.float32 if cfg.score_dtype == "fp32" else torch.bfloat16
+        self.acc = {k: torch.zeros(lin.weight.shape, dtype=self.dtype, device=lin.weight.device)
+                    for k, lin in lins.items()}
+        world = rank_world()[1]
+        self.own = {k: torch.zeros_like(a) for k, a in self.acc.items()} if world > 1 else self.acc
+        self.ring = RingFold(list(self.acc.values()), lambda a, o: [x.add_(y) for x, y in zip(a, o)]) \
+            if world > 1 else None
+
+    def watch(self, on: bool) -> None:
+        """Make the linears' weights require grad (``on``) for the passes, or stop (and drop their grads)."""
+        for lin in self.lins.values():
+            lin.weight.requires_grad_(on)
+            lin.weight.grad = None
+
+    def add_batch(self) -> None:
+        """Add the gradients of one batch's backward, then drop them."""
+        for k, lin in self.lins.items():
+            if lin.weight.grad is not None:
+                self.own[k] += _batch_score(lin.weight.grad, self.kind).to(self.dtype)
+            lin.weight.grad = None
+        if self.ring is not None:
+            self.ring.add(list(self.own.values()))
+            for o in self.own.values():
+                o.zero_()
+
+    def result(self) -> dict[str, torch.Tensor]:
+        if self.ring is not None:
+            self.ring.result()
+        acc = self.acc
+        if self.kind == "signed":
+            acc = {k: a.abs() for k, a in acc.items()}
+        elif self.kind == "gw":
+            acc = {k: a * self.lins[k].weight.detach().float().abs() for k, a in acc.items()}
+        return acc
+
+
+def random_scores(handle: UsafModel, lins: dict[str, torch.nn.Linear]) -> dict[str, torch.Tensor]:
+    """The ``random`` control: seeded draws of each linear's shape (no pass)."""
+    gen = torch.Generator().manual_seed(handle.config.score_seed)
+    return {k: torch.rand(lin.weight.shape, generator=gen).to(lin.weight.device) for k, lin in lins.items()}
+
+
 def attention_scores(handle: UsafModel, batches: list[dict], loss_fn: Callable,
                      lins: dict[str, torch.nn.Linear] | None = None) -> dict[str, torch.Tensor]:
     """``{"<linear>.weight": scores of its shape (``score_dtype``)}`` over ``batches``, for ``lins`` (default:
-    ``handle.attention``; any linears of ``handle.linears()``), all scored in the same passes."""
-    cfg = handle.config
+    ``handle.attention``; any linears of ``handle.linears()``), all scored in one pass of their own (selection
+    scores them in its calibration pass instead)."""
     lins = handle.attention if lins is None else lins
-    if cfg.score == "random":
-        gen = torch.Generator().manual_seed(cfg.score_seed)
-        return {k: torch.rand(lin.weight.shape, generator=gen).to(lin.weight.device) for k, lin in lins.items()}
-    dtype = torch.float32 if cfg.score_dtype == "fp32" else torch.bfloat16
-    acc = {k: torch.zeros(lin.weight.shape, dtype=dtype, device=lin.weight.device) for k, lin in lins.items()}
-    world = rank_world()[1]
-    own = {k: torch.zeros_like(a) for k, a in acc.items()} if world > 1 else acc
-    ring = RingFold(list(acc.values()), lambda a, o: [x.add_(y) for x, y in zip(a, o)]) if world > 1 else None
+    if handle.config.score == "random":
+        return random_scores(handle, lins)
+    scores = LinearScores(handle, lins)
     model = handle.model
     params = handle.trainable_parameters()
     flags = [p.requires_grad for p in params]
@@ -57,45 +104,39 @@ def attention_scores(handle: UsafModel, batches: list[dict], loss_fn: Callable,
         try:
             for p in params:
                 p.requires_grad_(False)
-            for lin in lins.values():
-                lin.weight.requires_grad_(True)
+            scores.watch(True)
             for batch in batches:
                 loss_fn(model, batch).backward()
-                for k, lin in lins.items():
-                    if lin.weight.grad is not None:
-                        own[k] += _batch_score(lin.weight.grad, cfg.score).to(dtype)
-                    lin.weight.grad = None
-                if ring is not None:
-                    ring.add(list(own.values()))
-                    for o in own.values():
-                        o.zero_()
+                scores.add_batch()
         finally:
-            for lin in lins.values():
-                lin.weight.requires_grad_(False)
-                lin.weight.grad = None
+            scores.watch(False)
             for p, f in zip(params, flags):
                 p.requires_grad_(f)
             model.train(was_training)
-    if ring is not None:
-        ring.result()
-    if cfg.score == "signed":
-        acc = {k: a.abs() for k, a in acc.items()}
-    elif cfg.score == "gw":
-        acc = {k: a * lins[k].weight.detach().float().abs() for k, a in acc.items()}
-    return acc
+    return scores.result()
 
 
-def select_linears(handle: UsafModel, batches: list[dict], loss_fn: Callable) -> dict[str, int]:
+def scored_linears(handle: UsafModel) -> dict[str, torch.nn.Linear]:
+    """The linears selection scores: the attention projections and shared experts of the trainable layers
+    whose group has a budget."""
+    return {k: lin for group, budget in ((handle.attention, handle.attention_budget()),
+                                         (handle.shared, handle.shared_budget()))
+            if group and budget for k, lin in group.items()}
+
+
+def select_linears(handle: UsafModel, batches: list[dict], loss_fn: Callable,
+                   scores: dict[str, torch.Tensor] | None = None) -> dict[str, int]:
     """Activate ``handle.attention_budget()`` attention elements and ``handle.shared_budget()`` shared-expert
-    elements (zero deltas) by score, both groups scored in the same passes. Returns ``{"attention": n,
-    "shared": n}`` (how many each activated)."""
+    elements (zero deltas) by score, both groups scored in the same passes (``scores``: already computed, as
+    the calibration pass does). Returns ``{"attention": n, "shared": n}`` (how many each activated)."""
     groups = {"attention": (handle.attention, handle.attention_budget()),
               "shared": (handle.shared, handle.shared_budget())}
-    lins = {k: lin for group, budget in groups.values() if group and budget for k, lin in group.items()}
+    lins = scored_linears(handle)
     out = {"attention": 0, "shared": 0}
     if not lins:
         return out
-    scores = attention_scores(handle, batches, loss_fn, lins)
+    if scores is None:
+        scores = attention_scores(handle, batches, loss_fn, lins)
     for name, (group, budget) in groups.items():
         if not group or not budget:
             continue

@@ -21,8 +21,10 @@ The module's mode is one explicit value, :class:`ExpertsMode`, changed only thro
 :meth:`UsafExperts.set_mode` (or the ``with experts.mode_as(...)`` context): ``lean`` (recompute the
 pre-activations in the backward; activation checkpointing and scoring passes), ``score_hook`` (called in the
 backward with the two factors of each hit expert's dense weight gradient: importance scoring lives in
-``usaf.engine.select``, not here) and ``staged`` (device copies of host-tier stacks sent ahead by the
-prefetcher). ``usaf.engine.reference`` holds the dense ~30-line computation this function must equal.
+``usaf.engine.select``, not here), ``staged`` (device copies of host-tier stacks sent ahead by the
+prefetcher), ``capture`` (a calibration pass records each call's input, routing and output gradient:
+:class:`Captured`) and ``replay`` (the forward computes nothing, so that the backward of a captured call can be
+run again for some of its experts with a score hook). ``usaf.engine.reference`` holds the dense ~30-line computation this function must equal.
 """
 
 from __future__ import annotations
@@ -122,6 +124,19 @@ def computing_experts(stock: nn.Module, layout: ExpertsLayout) -> int:
 ScoreHook = Callable[[str, int, torch.Tensor, torch.Tensor], None]
 
 
+@dataclass(eq=False)
+class Captured:
+    """One call of an experts module in a calibration pass (``ExpertsMode.capture``): its input, routing and,
+    once its backward ran, the gradient of its output. From these the backward of that call can be run again
+    for any subset of its experts (``ExpertsMode.replay``), without the rest of the model."""
+
+    x: torch.Tensor  # (T, H) layer input
+    index: torch.Tensor  # (T, K) routed experts
+    weights: torch.Tensor  # (T, K) routing weights
+    on_input: bool  # llama4: the routing weight scales the expert input
+    dout: torch.Tensor | None = None  # (T, H) gradient of the output; None until the backward ran
+
+
 @dataclass(frozen=True)
 class ExpertsMode:
     """How a :class:`UsafExperts` runs (see the module docstring). Immutable: change it with ``set_mode``."""
@@ -129,6 +144,8 @@ class ExpertsMode:
     lean: bool = False  # recompute the gate/up pre-activations in the backward instead of keeping them
     score_hook: ScoreHook | None = None  # receives each hit expert's weight-gradient factors in the backward
     staged: tuple[dict, object] | None = None  # ({stack name: device copy}, CUDA event) from the prefetcher
+    capture: list | None = None  # each forward appends a :class:`Captured`, which its backward completes
+    replay: bool = False  # the forward computes nothing: only the backward (and its score hook) is wanted
 
 
 class UsafExperts(nn.Module):
@@ -320,7 +337,11 @@ class UsafExperts(nn.Module):
         route = Routing.build(top_k_index, self.num_experts)
         values = [self.deltas[n].values for n in self.names]
         x = hidden_states.reshape(-1, hidden_states.shape[-1])
-        out = ExpertsFunction.apply(x, top_k_weights, self, route, score_on_input, *values)
+        rec = None
+        if self._mode.capture is not None:
+            rec = Captured(x.detach(), top_k_index.detach(), top_k_weights.detach(), score_on_input)
+            self._mode.capture.append(rec)
+        out = ExpertsFunction.apply(x, top_k_weights, self, route, score_on_input, rec, *values)
         return out.view(hidden_states.shape)
 
 
@@ -365,15 +386,17 @@ class ExpertsFunction(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x, weights, mod: UsafExperts, route: Routing, score_on_input: bool, *values):
-        # x: (T, H); weights: (T, K) routing weights; values: the delta values of mod.names, in order.
+    def forward(ctx, x, weights, mod: UsafExperts, route: Routing, score_on_input: bool, rec: Captured | None,
+                *values):
+        # x: (T, H); weights: (T, K) routing weights; rec: this call's record in a calibration pass (its
+        # backward stores the output gradient there); values: the delta values of mod.names, in order.
         wp = weights.reshape(-1)[route.slot].unsqueeze(-1)  # (S_pad, 1)
         width = sum(mod.widths)
         out = torch.zeros_like(x)
-        save = not mod.mode.lean and any(ctx.needs_input_grad)
+        save = not mod.mode.lean and not mod.mode.replay and any(ctx.needs_input_grad)
         h_all = x.new_empty(route.bounds[-1], width) if save else None
         n = route.block
-        for start, stop in mod.runs(route.counts):
+        for start, stop in ([] if mod.mode.replay else mod.runs(route.counts)):
             w_gu, w_dn = _run_weights(mod, start, stop, x, values)
             for e, a, b, c in route.segments(start, stop):
                 wg, wd = w_gu[e - start], w_dn[e - start]
@@ -401,12 +424,14 @@ class ExpertsFunction(torch.autograd.Function):
         if null is not None:  # identity null experts: out[t] += sum_k w[t, k] x[t] over the null routes
             out.add_((x * null).to(out.dtype))
         ctx.x, ctx.weights, ctx.h_all = x.detach(), weights.detach(), h_all
-        ctx.mod, ctx.route, ctx.score_on_input = mod, route, score_on_input
+        ctx.mod, ctx.route, ctx.score_on_input, ctx.rec = mod, route, score_on_input, rec
         return out
 
     @staticmethod
     def backward(ctx, dout):
         x, h_all, mod, route = ctx.x, ctx.h_all, ctx.mod, ctx.route
+        if ctx.rec is not None:
+            ctx.rec.dout = dout.detach()
         on_input = ctx.score_on_input
         n = route.block
         wp = ctx.weights.reshape(-1)[route.slot].unsqueeze(-1)  # (S_pad, 1)
@@ -473,12 +498,13 @@ class ExpertsFunction(torch.autograd.Function):
                         dye = g * we.to(g.dtype)
                         dact = dact * we.to(dact.dtype)
                     (dh,) = torch.autograd.grad(act, hh, dact)
-                    dxe = dh @ wg_b
-                    if on_input:  # xe = w * x: dw = dxe . x, dx = w * dxe
-                        dwp[r0 : r0 + real] = (dxe.float() * xe_raw.float()).sum(-1)[:real]
-                        dxe = dxe * we.to(dxe.dtype)
-                    if dx_all is not None:
-                        dx_all.index_add_(0, tok[:real], dxe[:real].to(dx_all.dtype))
+                    if dx_all is not None or on_input:  # else no input gradient is wanted (the lowest trained
+                        dxe = dh @ wg_b                 # layer, a scoring replay): one matmul less
+                        if on_input:  # xe = w * x: dw = dxe . x, dx = w * dxe
+                            dwp[r0 : r0 + real] = (dxe.float() * xe_raw.float()).sum(-1)[:real]
+                            dxe = dxe * we.to(dxe.dtype)
+                        if dx_all is not None:
+                            dx_all.index_add_(0, tok[:real], dxe[:real].to(dx_all.dtype))
                     o = r0 - a
                     f_act[o : o + n], f_dy[o : o + n] = act.detach(), dye
                     f_dh[o : o + n], f_x[o : o + n] = dh, xe
@@ -508,7 +534,7 @@ class ExpertsFunction(torch.autograd.Function):
                 dflat += dnull.view(-1)
             dweights = dflat.view_as(ctx.weights).to(ctx.weights.dtype)
         values_grads = [grads[nm] for nm in mod.names] if grads is not None else [None] * len(mod.names)
-        return dx_all, dweights, None, None, None, *values_grads
+        return dx_all, dweights, None, None, None, None, *values_grads
 
 
 def _run_weights(mod: UsafExperts, start: int, stop: int, x: torch.Tensor, values=None):

@@ -1,11 +1,18 @@
 """Choosing what trains: importance scores, and the budget allocated by ``usaf.engine.allocate``.
 
-Importance of an expert weight = ``sum |dL/dW|`` (or ``sum (dL/dW)^2``) over a few calibration batches,
-computed by a score hook the experts' backward calls with each expert's gradient factors. Layers are scored in groups from the
-top, one layer per pass by default (``score_layers``), so that at most one layer's dense score buffers
-exist at once (and never more than ``score_budget_mb``). Each scored layer keeps only its best candidates
-(at most ``layer_share_cap`` times its fair share of the budget), then one global threshold picks the
-budget over all candidates: the budget goes where the scores are, not a fixed fraction of every tensor.
+Importance of an expert weight = ``sum |dL/dW|`` (or ``sum (dL/dW)^2``, ...) over a few calibration batches.
+Selection runs **one forward and one backward per calibration batch** for every trainable layer at once
+(:func:`calibrate`): each experts call records its input, routing and output gradient
+(``usaf.engine.experts.Captured``), and the shared-expert and attention linears add their dense weight
+gradients (``usaf.engine.attention.LinearScores``). Then, layer by layer and a group of experts at a time, the
+recorded calls' backward runs again for those experts only (``ExpertsMode.replay``: no forward, no input
+gradient) with a score hook that sums each expert's dense weight gradient into a buffer of the group's experts
+(at most ``score_budget_mb``; never a layer's). Each group's best candidates are merged into the layer's (at most
+``layer_share_cap`` times its fair share of the budget), then one global threshold picks the budget over all
+candidates: the budget goes where the scores are, not a fixed fraction of every tensor. The sums are exact:
+the same as a pass per layer would give, and the same on N ranks as in one process.
+
+RigL reselection (``usaf.engine.rigl``) scores in one streaming pass instead (:class:`StreamedCandidates`).
 """
 
 from __future__ import annotations
@@ -14,6 +21,7 @@ import contextlib
 import math
 import time
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 
 import torch
 
@@ -29,34 +37,13 @@ from .allocate import (
     prune,
     quotas,
 )
-from .attention import select_linears
+from .attention import LinearScores, random_scores, scored_linears, select_linears
 from .checkpointing import lean_passes
-from .experts import UsafExperts
+from .experts import Captured, ExpertsFunction, UsafExperts
 from .loss import token_mean_loss
 from .model import MoeLayer, UsafModel
 from .ranks import RingFold, all_gather_ragged, rank_world
-
-
-def _groups(layers: list[MoeLayer], budget_bytes: int, elem_bytes: int,
-            max_layers: int = 1) -> list[list[MoeLayer]]:
-    groups, cur, used = [], [], 0
-    for m in layers:
-        size = sum(d.numel for d in m.experts.deltas.values()) * elem_bytes
-        if cur and (used + size > budget_bytes or len(cur) >= max_layers):
-            groups.append(cur)
-            cur, used = [], 0
-        cur.append(m)
-        used += size
-    if cur:
-        groups.append(cur)
-    return groups
-
-
-def _layer_params(handle: UsafModel, m: MoeLayer) -> list:
-    params = [m.experts.deltas[n].values for n in m.experts.names]
-    if handle.config.train_router:
-        params += list(m.router.parameters())
-    return params
+from .routing import Routing
 
 
 _CHUNK = 1 << 24
@@ -93,16 +80,20 @@ def top_candidates(scores: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Te
 
 class DenseScores:
     """Score hook: ``sum |dL/dW|`` (``power`` 1), ``sum (dL/dW)^2`` (2) or ``sum dL/dW`` (0, signed) of one
-    experts module, accumulated into dense ``[E, R, C]`` buffers of ``dtype`` (one per stack)."""
+    experts module, accumulated into dense buffers of ``dtype`` (one per stack): ``[E, R, C]`` (the stack's
+    shape), or ``[stop - first, R, C]`` for the experts ``[first, stop)`` only."""
 
-    def __init__(self, ex: UsafExperts, dtype: torch.dtype, power: int):
-        self.buffers = {n: torch.zeros(ex.shape(n), dtype=dtype, device=ex.deltas[n].values.device)
-                        for n in ex.names}
+    def __init__(self, ex: UsafExperts, dtype: torch.dtype, power: int, first: int = 0, stop: int | None = None):
+        dev = ex.deltas[ex.names[0]].values.device
+        self.first = first
+        self.buffers = {n: torch.zeros(ex.shape(n) if stop is None else (stop - first, *ex.shape(n)[1:]),
+                                       dtype=dtype, device=dev) for n in ex.names}
         self.power = power
 
     def __call__(self, name: str, e: int, left: torch.Tensor, right: torch.Tensor) -> None:
         buf = self.buffers[name]
         dw = left.t() @ right
+        e -= self.first
         if self.power == 1:
             buf[e] += dw.abs().to(buf.dtype)
         elif self.power == 2:
@@ -177,61 +168,100 @@ def merge_ranks(hooks: list[StreamedCandidates]) -> None:
                       for k in range(n_batches) for r in range(world)]
 
 
-def _passes(handle: UsafModel, batches: list[dict], loss_fn: Callable, hooks: dict, only=None,
+def _passes(handle: UsafModel, batches: list[dict], loss_fn: Callable, hooks: dict,
             after_batch: Callable | None = None) -> None:
-    """Forward + backward over ``batches`` with a score hook on the experts of ``only`` (default: every
-    trainable layer), then ``after_batch()`` after each. Only those layers' parameters require grad: autograd
-    stops below the lowest of them."""
+    """Forward + backward over ``batches`` with a score hook on the experts of every trainable layer, then
+    ``after_batch()`` after each (RigL's streaming pass)."""
     model = handle.model
-    layers = only or handle.trainable_layers
     params = handle.trainable_parameters()
-    keep = None if only is None else {id(p) for m in only for p in _layer_params(handle, m)}
-    flags = [p.requires_grad for p in params]
     with contextlib.ExitStack() as stack:
-        for m in layers:
+        for m in handle.trainable_layers:
             stack.enter_context(m.experts.mode_as(score_hook=hooks[m.index]))
+        for batch in batches:
+            loss_fn(model, batch).backward()
+            for p in params:
+                p.grad = None
+            if after_batch is not None:
+                after_batch()
+
+
+@dataclass
+class Calibration:
+    """What :func:`calibrate` leaves: per trainable layer, its experts' calls of each batch, and the scored
+    linears' scores (None when there are none)."""
+
+    calls: dict[int, list[list[Captured]]]  # layer index -> [batch][call]
+    linears: dict[str, torch.Tensor] | None
+
+
+def calibrate(handle: UsafModel, batches: list[dict], loss_fn: Callable, linears: bool = True) -> Calibration:
+    """One forward and one backward per calibration batch over every trainable layer (checkpointed, lean
+    experts): each experts call is recorded (:class:`Captured`: about ``2 T H`` values per layer and batch) and,
+    with ``linears``, the shared-expert and attention linears' scores are summed. ``random`` scores need no pass."""
+    cfg = handle.config
+    lins = scored_linears(handle) if linears else {}
+    if cfg.score == "random":
+        return Calibration({}, random_scores(handle, lins) if lins else None)
+    model, layers = handle.model, handle.trainable_layers
+    sink: dict[int, list[Captured]] = {m.index: [] for m in layers}
+    calls: dict[int, list[list[Captured]]] = {m.index: [] for m in layers}
+    scores = LinearScores(handle, lins) if lins else None
+    params = handle.trainable_parameters()
+    was_training = model.training
+    model.train()
+    with lean_passes(handle), contextlib.ExitStack() as stack:
+        for m in layers:
+            stack.enter_context(m.experts.mode_as(capture=sink[m.index]))
         try:
-            if keep is not None:
-                for p in params:
-                    p.requires_grad_(id(p) in keep)
+            if scores is not None:
+                scores.watch(True)
             for batch in batches:
                 loss_fn(model, batch).backward()
                 for p in params:
                     p.grad = None
-                if after_batch is not None:
-                    after_batch()
+                if scores is not None:
+                    scores.add_batch()
+                for i, got in sink.items():
+                    # a checkpoint's recomputation may record a second call that no backward completes
+                    calls[i].append([c for c in got if c.dout is not None])
+                    got.clear()
         finally:
-            for p, f in zip(params, flags):
-                p.requires_grad_(f)
+            if scores is not None:
+                scores.watch(False)
+            model.train(was_training)
+    return Calibration(calls, scores.result() if scores is not None else None)
 
 
-def scored_layers(handle: UsafModel, batches: list[dict], loss_fn: Callable):
-    """Yield ``(layer, {stack: flat scores})`` (:func:`final_scores`) for every trainable layer, from the top, scoring
-    ``score_layers`` layers per pass within ``score_budget_mb`` (``UsafConfig.score`` picks the score)."""
-    cfg = handle.config
-    layers = list(reversed(handle.trainable_layers))
-    dtype = torch.float32 if cfg.score_dtype == "fp32" else torch.bfloat16
-    power = {"abs": 1, "gw": 1, "sq": 2, "signed": 0, "random": 1}[cfg.score]
-    _, world = rank_world()
-    with progress_bar(len(layers), "selection (scoring layers)", unit="layer") as bar:
-        for group in _groups(layers, cfg.score_budget_mb << 20, dtype.itemsize, max(1, cfg.score_layers)):
-            hooks = {m.index: DenseScores(m.experts, dtype, power) for m in group}
-            if cfg.score != "random" and world == 1:
-                _passes(handle, batches, loss_fn, hooks, only=group)
-            elif cfg.score != "random":  # data parallel: the hooks score this rank's batch, folded in order
-                _fold_ranks(handle, batches, loss_fn, hooks, group)
-            for m in group:
-                yield m, final_scores(m, hooks[m.index].buffers, cfg.score, seed=cfg.score_seed)
-                bar.update(1)
-            del hooks
+def _replay(m: MoeLayer, calls: list[list[Captured]], hook: DenseScores, stop: int,
+            after_batch: Callable | None = None) -> None:
+    """Run the backward of a layer's recorded calls again for its experts ``[hook.first, stop)`` only (routes
+    to the others become null routes), with ``hook``, batch by batch (``after_batch()`` after each)."""
+    ex = m.experts
+    first, num = hook.first, ex.num_experts
+    with ex.mode_as(score_hook=hook, replay=True, lean=True, capture=None), torch.enable_grad():
+        for batch in calls:
+            for c in batch:
+                idx = c.index if first == 0 and stop >= num else \
+                    torch.where((c.index >= first) & (c.index < stop), c.index, num)
+                # the routing's block size depends on the number of routes, not on where they go: the
+                # replayed experts compute in the same blocks as in the pass (the same factors, bit for bit)
+                route = Routing.build(idx, num)
+                values = [ex.deltas[n].values.detach().requires_grad_() for n in ex.names]
+                out = ExpertsFunction.apply(c.x, c.weights, ex, route, c.on_input, None, *values)
+                out.backward(c.dout)
+            if after_batch is not None:
+                after_batch()
 
 
-def _fold_ranks(handle: UsafModel, batches: list[dict], loss_fn: Callable, hooks: dict[int, DenseScores],
-                group: list[MoeLayer]) -> None:
-    """Data parallel scoring: every rank's per-batch scores added to the sum in the global batch order (batch
-    k of rank r is one process's batch ``k * N + r``), in the buffers' dtype, as one process adds them. Each
-    rank holds a second set of the group's buffers (the running sum); the hooks' own ones are reset per batch."""
-    own = [hooks[m.index].buffers[n] for m in group for n in m.experts.names]
+def _score(m: MoeLayer, calls: list[list[Captured]], hook: DenseScores, stop: int) -> None:
+    """Fill ``hook``'s buffers from the recorded calls. Data parallel, every rank's per-batch scores are added
+    to the sum in the global batch order (batch k of rank r is one process's batch ``k * N + r``), in the
+    buffers' dtype, as one process adds them: each rank holds a second set of the buffers (the running sum)."""
+    if rank_world()[1] == 1:
+        _replay(m, calls, hook, stop)
+        return
+    names = list(hook.buffers)
+    own = [hook.buffers[n] for n in names]
     acc = [torch.zeros_like(b) for b in own]
 
     def fold(acc: list[torch.Tensor], own: list[torch.Tensor]) -> None:
@@ -245,21 +275,82 @@ def _fold_ranks(handle: UsafModel, batches: list[dict], loss_fn: Callable, hooks
         for b in own:
             b.zero_()
 
-    _passes(handle, batches, loss_fn, hooks, only=group, after_batch=after_batch)
+    _replay(m, calls, hook, stop, after_batch)
     ring.result()
-    for m in group:
-        names = m.experts.names
-        hooks[m.index].buffers = dict(zip(names, acc[: len(names)]))
-        acc = acc[len(names):]
+    hook.buffers = dict(zip(names, acc))
+
+
+def _dtype_power(handle: UsafModel) -> tuple[torch.dtype, int]:
+    cfg = handle.config
+    dtype = torch.float32 if cfg.score_dtype == "fp32" else torch.bfloat16
+    return dtype, {"abs": 1, "gw": 1, "sq": 2, "signed": 0, "random": 1}[cfg.score]
+
+
+def scored_layers(handle: UsafModel, cal: Calibration):
+    """Yield ``(layer, {stack: flat scores})`` (:func:`final_scores`, whole layers) for every trainable layer,
+    from the top (the ``layer`` / ``expert`` / ``channel`` allocations)."""
+    cfg = handle.config
+    dtype, power = _dtype_power(handle)
+    layers = list(reversed(handle.trainable_layers))
+    with progress_bar(len(layers), "selection (scoring layers)", unit="layer") as bar:
+        for m in layers:
+            hook = DenseScores(m.experts, dtype, power)
+            if cfg.score != "random":
+                _score(m, cal.calls[m.index], hook, m.experts.num_experts)
+            yield m, final_scores(m, hook.buffers, cfg.score, seed=cfg.score_seed)
+            bar.update(1)
+            del hook
+
+
+def _merge(best: tuple | None, vals: torch.Tensor, idx: torch.Tensor, k: int) -> tuple:
+    """The ``k`` best of a running ``(scores, indices)`` and new ones."""
+    if best is not None:
+        vals, idx = torch.cat([best[0], vals]), torch.cat([best[1], idx])
+    if vals.numel() > k:
+        top = torch.topk(vals, k, sorted=False)
+        vals, idx = top.values, idx[top.indices]
+    return vals, idx
+
+
+def layer_candidates(handle: UsafModel, m: MoeLayer, cal: Calibration, caps: dict[str, int],
+                     exclude_active: bool = False) -> list[tuple]:
+    """One layer's best ``caps[stack]`` candidates per stack: ``[(layer, stack, scores, flat indices)]``, scored a
+    group of experts at a time (their buffers within ``score_budget_mb``; the whole layer for ``random``)."""
+    cfg = handle.config
+    ex = m.experts
+    dtype, power = _dtype_power(handle)
+    per = {n: ex.deltas[n].per_expert for n in ex.names}
+    step = max(1, (cfg.score_budget_mb << 20) // max(1, sum(per.values()) * dtype.itemsize))
+    if cfg.score == "random" or step >= ex.num_experts:
+        step = ex.num_experts
+    best: dict[str, tuple | None] = {n: None for n in ex.names}
+    for first in range(0, ex.num_experts, step):
+        stop = min(ex.num_experts, first + step)
+        whole = first == 0 and stop == ex.num_experts
+        hook = DenseScores(ex, dtype, power, first, None if whole else stop)
+        if cfg.score != "random":
+            _score(m, cal.calls[m.index], hook, stop)
+        scores = final_scores(m, hook.buffers, cfg.score, seed=cfg.score_seed, first=first)
+        for n in ex.names:
+            sc, base = scores[n], first * per[n]
+            if exclude_active:
+                act = ex.deltas[n].indices.long() - base
+                sc[act[(act >= 0) & (act < sc.numel())]] = -1.0
+            vals, idx = top_candidates(sc, min(sc.numel(), caps[n]))
+            keep = vals >= 0
+            best[n] = _merge(best[n], vals[keep].float(), idx[keep] + base, caps[n])
+        del hook, scores
+    return [(m, n, *b) for n, b in best.items() if b is not None and b[0].numel()]
 
 
 def candidates(handle: UsafModel, batches: Iterable[dict], budget: int, exclude_active: bool = False,
                loss_fn: Callable | None = None, n_batches: int | None = None,
-               streaming: bool = False) -> list[tuple]:
+               streaming: bool = False, calibration: Calibration | None = None) -> list[tuple]:
     """Score the trainable stacks and return each one's top candidates (the ``global`` allocation).
 
     Two modes, both a score hook on the experts (``UsafExperts.mode_as(score_hook=...)``):
-      - accumulated (default): :class:`DenseScores` through :func:`scored_layers`;
+      - exact (default): :func:`calibrate` (one forward and backward per batch; ``calibration``: already
+        run), then :func:`layer_candidates` replays each layer a group of experts at a time;
       - streaming (reselection, one pass over all layers): :class:`StreamedCandidates`, no layer-sized buffer;
         data parallel, every rank's candidates are merged in the one-process order (:func:`merge_ranks`).
 
@@ -269,7 +360,7 @@ def candidates(handle: UsafModel, batches: Iterable[dict], budget: int, exclude_
     cfg = handle.config
     loss_fn = loss_fn or token_mean_loss
     batches = list(batches) if n_batches is None else [b for _, b in zip(range(n_batches), batches)]
-    if not batches:
+    if not batches and calibration is None:
         raise ValueError("no calibration batches for selection")
     total = handle.expert_elements()
     out = []
@@ -300,16 +391,13 @@ def candidates(handle: UsafModel, batches: Iterable[dict], budget: int, exclude_
                         if best is not None:
                             out.append((m, n, *best))
                 return out
-            for m, scores in scored_layers(handle, batches, loss_fn):
-                for n in m.experts.names:
-                    sc = scores[n]
-                    if exclude_active:
-                        sc[m.experts.deltas[n].indices.long()] = -1.0
-                    vals, idx = top_candidates(sc, min(sc.numel(), cap(m.experts.live_numel(n))))
-                    keep = vals >= 0
-                    out.append((m, n, vals[keep].float(), idx[keep]))
-                out = prune(out, budget)
-                del scores, sc  # not held through the next group's passes
+            cal = calibration or calibrate(handle, batches, loss_fn, linears=False)
+            layers = list(reversed(handle.trainable_layers))
+            with progress_bar(len(layers), "selection (scoring layers)", unit="layer") as bar:
+                for m in layers:
+                    caps = {n: cap(m.experts.live_numel(n)) for n in m.experts.names}
+                    out = prune(out + layer_candidates(handle, m, cal, caps, exclude_active), budget)
+                    bar.update(1)
         finally:
             model.train(was_training)
     return out
@@ -317,38 +405,40 @@ def candidates(handle: UsafModel, batches: Iterable[dict], budget: int, exclude_
 
 def select(handle: UsafModel, batches: Iterable[dict], density: float | None = None,
            loss_fn: Callable | None = None, n_batches: int | None = None) -> dict:
-    """Initial selection: score, then activate the ``density`` budget with zero deltas, spread by
-    ``UsafConfig.allocation`` (:mod:`usaf.engine.allocate`).
+    """Initial selection: one calibration pass (:func:`calibrate`), then the ``density`` budget activated with
+    zero deltas, spread by ``UsafConfig.allocation`` (:mod:`usaf.engine.allocate`), and the shared-expert and
+    attention budgets from the same pass.
 
     Returns a report: budget, active, seconds, per-layer active counts.
     """
     t0 = time.perf_counter()
     cfg = handle.config
     budget = handle.budget(density)
+    loss_fn = loss_fn or token_mean_loss
     batches = list(batches) if n_batches is None else [b for _, b in zip(range(n_batches), batches)]
-    n_batches = None
+    if not batches:
+        raise ValueError("no calibration batches for selection")
+    cal = calibrate(handle, batches, loss_fn)
     if cfg.allocation == "global":
-        chosen = pick(candidates(handle, batches, budget, loss_fn=loss_fn, n_batches=n_batches), budget)
+        chosen = pick(candidates(handle, batches, budget, loss_fn=loss_fn, calibration=cal), budget)
     else:
-        chosen = _allocate(handle, batches, budget, loss_fn or token_mean_loss, n_batches)
+        chosen = _allocate(handle, budget, cal)
     per_layer = {}
     for m in handle.trainable_layers:
         for n in m.experts.names:
             idx = chosen.get((m.index, n), torch.empty(0, dtype=torch.int64))
             m.experts.deltas[n].set(idx)
         per_layer[m.index] = sum(len(m.experts.deltas[n]) for n in m.experts.names)
-    linears = select_linears(handle, batches, loss_fn or token_mean_loss)  # attention + shared experts
+    linears = select_linears(handle, batches, loss_fn, scores=cal.linears)  # attention + shared experts
+    del cal
     release_free_memory()
     return {"budget": budget, "active": handle.active(), "seconds": time.perf_counter() - t0,
             "per_layer": per_layer, "attention_active": linears["attention"], "shared_active": linears["shared"]}
 
 
-def _allocate(handle: UsafModel, batches, budget: int, loss_fn: Callable, n_batches: int | None) -> dict:
+def _allocate(handle: UsafModel, budget: int, cal: Calibration) -> dict:
     """The ``layer`` / ``expert`` / ``channel`` allocations (exact budget; see :mod:`usaf.engine.allocate`)."""
     cfg = handle.config
-    batches = list(batches) if n_batches is None else [b for _, b in zip(range(n_batches), batches)]
-    if not batches:
-        raise ValueError("no calibration batches for selection")
     layers = handle.trainable_layers
     sizes = {m.index: [m.experts.deltas[n].per_expert for n in m.experts.names] for m in layers}
     if cfg.allocation == "layer":
@@ -358,23 +448,16 @@ def _allocate(handle: UsafModel, batches, budget: int, loss_fn: Callable, n_batc
         units = [(m.index, e) for m in layers for e in range(m.experts.num_experts)]
         share = dict(zip(units, quotas([sum(sizes[i]) for i, _ in units], budget)))
     out, channels = {}, {}
-    model = handle.model
-    was_training = model.training
-    model.train()
-    with lean_passes(handle):
-        try:
-            for m, scores in scored_layers(handle, batches, loss_fn):
-                if cfg.allocation == "layer":
-                    picked = layer_pick(m, scores, share[m.index])
-                elif cfg.allocation == "expert":
-                    picked = expert_pick(m, scores, [share[(m.index, e)] for e in range(m.experts.num_experts)])
-                else:
-                    channels[m.index] = channel_scores(m, scores).cpu()
-                    picked = {}
-                out.update({(m.index, n): idx for n, idx in picked.items()})
-                del scores  # not held through the next group's passes
-        finally:
-            model.train(was_training)
+    for m, scores in scored_layers(handle, cal):
+        if cfg.allocation == "layer":
+            picked = layer_pick(m, scores, share[m.index])
+        elif cfg.allocation == "expert":
+            picked = expert_pick(m, scores, [share[(m.index, e)] for e in range(m.experts.num_experts)])
+        else:
+            channels[m.index] = channel_scores(m, scores).cpu()
+            picked = {}
+        out.update({(m.index, n): idx for n, idx in picked.items()})
+        del scores  # not held through the next layer's scoring
     if cfg.allocation == "channel":
         out = channel_pick(layers, channels, budget)
     return out

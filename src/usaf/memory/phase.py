@@ -253,8 +253,12 @@ class _Phase:
             self.scores, score_dtype = score_bytes(s, self.moe_train)
             dw = max(sum(lc.stack_numels) // lc.num_experts for lc in self.moe_train) * (d + 4)
             p.add("selection: dense |dW| of one expert", dw, "device", "select")
+            # the calibration pass records every trainable layer's experts calls: input, output gradient, routing
+            calls = s.calib_batches * len(self.moe_train) * self.n_tok * (2 * self.mc.hidden * d + self.mc.top_k * (8 + d))
+            p.add(f"selection: recorded expert calls ({s.calib_batches} batches x {len(self.moe_train)} layers)",
+                  calls, "device", "select")
             # scores are less hot than the frozen weights: planned on the host (RAM on CPU), moved below if room
-            p.add(f"selection: importance scores ({score_dtype}, one layer group) + top-k", self.scores,
+            p.add(f"selection: importance scores ({score_dtype}, one group of experts) + candidates", self.scores,
                   self.host_tier, "select")
             if self.attention:  # every trainable layer's attention projections, scored at once
                 attn_scores = sum(lc.attn_linear_params for lc in self.moe_train) * (4 if s.score_dtype == "fp32" else 2)
@@ -361,25 +365,22 @@ def checkpointing_on(mc: ModelCounts, s: Settings) -> bool:
 
 
 def score_bytes(s: Settings, moe_train: list[LayerCounts]) -> tuple[int, str]:
-    """Dense score buffers of the largest group of layers scored at once, as ``usaf.select`` allocates them:
-    in ``score_dtype``, ``score_layers`` layers at a time within ``score_budget_mb`` (at least one), plus the
-    top-k candidates of the largest stack (values + int64 indices)."""
+    """What ``usaf.engine.select`` holds while scoring a layer: the dense score buffers of one group of its
+    experts (in ``score_dtype``, within ``score_budget_mb``, at least one expert), the layer's running
+    candidates and one group's top-k (at most ``layer_share_cap`` = 4 times each stack's fair share of the
+    budget, twice), and the pool of candidates kept over the layers (about the budget); fp32 scores and int64
+    indices."""
     budget = s.score_budget_mb << 20
     elem = 4 if s.score_dtype == "fp32" else 2
-    groups, cur, n = [], 0, 0
-    for lc in reversed(moe_train):
-        size = lc.expert_params * elem
-        if cur and (cur + size > budget or n >= max(1, s.score_layers)):
-            groups.append(cur)
-            cur, n = 0, 0
-        cur += size
-        n += 1
-    groups.append(cur)
     total = sum(lc.expert_params for lc in moe_train)
     budget_el = s.density * total
-    biggest = max(n for lc in moe_train for n in lc.stack_numels)
-    k = min(biggest, math.ceil(4.0 * budget_el * biggest / total))  # layer_share_cap = 4
-    return max(groups) + k * (elem + 8), ("fp32" if elem == 4 else "bf16")
+    worst = 0
+    for lc in moe_train:
+        per = lc.expert_params // max(1, lc.num_experts)
+        group = min(lc.num_experts, max(1, budget // max(1, per * elem))) * per * elem
+        cands = sum(2 * min(n, math.ceil(4.0 * budget_el * n / total)) for n in lc.stack_numels) * 12
+        worst = max(worst, group + cands)
+    return worst + int(budget_el) * 12, ("fp32" if elem == 4 else "bf16")
 
 
 def _ranges(idx: list[int]) -> str:

@@ -202,9 +202,9 @@ def predict(
     checkpointing: str | bool = "auto",
     prefix_cache: bool = True,
     group_size: int = 64,
-    score_budget_mb: int = 1024,
+    score_budget_mb: int = 64,
     score_dtype: str = "bf16",
-    score_layers: int = 1,
+    calib_batches: int = 4,
     attention_density: float = 0.0,
     shared_density: float = 0.1,
     suggest: bool = True,
@@ -234,7 +234,8 @@ def predict(
         prefix_cache: layers below the trainable range run once to build a cache of hidden states and are
             not resident while training (``usaf train --prefix-cache``, the default). False keeps them
             resident.
-        group_size, score_budget_mb, score_layers, score_dtype: ``UsafConfig`` fields of the same names.
+        group_size, score_budget_mb, score_dtype: ``UsafConfig`` fields of the same names.
+        calib_batches: micro-batches the initial selection records (``usaf train --calib-batches``).
         suggest: when it does not fit, try candidate settings and report the first that fits.
 
     Returns:
@@ -286,7 +287,7 @@ def predict(
         group_size=int(group_size),
         score_budget_mb=int(score_budget_mb),
         score_dtype=str(score_dtype),
-        score_layers=int(score_layers),
+        calib_batches=int(calib_batches),
     )
     check_settings(s)
     mc = count_model(config, trust_remote_code)

@@ -46,9 +46,9 @@ class Settings:
     checkpointing: str = "auto"  # auto | on | off, as ``usaf train --checkpointing``
     prefix_cache: bool = True
     group_size: int = 64
-    score_budget_mb: int = 1024
+    score_budget_mb: int = 64
     score_dtype: str = "bf16"
-    score_layers: int = 1
+    calib_batches: int = 4  # micro-batches the initial selection records (usaf train --calib-batches)
     expert_bits: float = 0.0  # quant "gguf": the file's expert bytes * 8 / expert weights
 
     @property
@@ -83,6 +83,8 @@ def check_settings(s: Settings) -> None:
         raise ValueError(f"--checkpointing {s.checkpointing!r} is not auto, on or off")
     if s.chunk_mb < 1:
         raise ValueError(f"--chunk-mb must be >= 1, got {s.chunk_mb}")
+    if s.calib_batches < 1:
+        raise ValueError(f"--calib-batches must be >= 1, got {s.calib_batches}")
     if s.group_size < 8 or s.group_size % 8:
         raise ValueError(f"group size must be a positive multiple of 8, got {s.group_size}")
 
