@@ -237,3 +237,24 @@ def test_expert_groups_pick_what_whole_layers_pick():
         sets.append({k: d.indices.clone() for k, d in handle.deltas().items()})
     assert sets[0].keys() == sets[1].keys()
     assert all(torch.equal(sets[0][k], sets[1][k]) for k in sets[0])
+
+
+def test_top_k_without_a_sort_is_exact_with_ties():
+    """``kth_largest`` / ``top_k_masks`` (two histograms of the float bits, no sort-sized temporaries) pick what
+    ``torch.topk`` picks, exactly ``k`` also when many scores tie at the threshold (bf16 scores do)."""
+    from usaf.engine.allocate import kth_largest, top_k_masks
+
+    g = torch.Generator().manual_seed(0)
+    for trial in range(100):
+        n = int(torch.randint(1, 300, (1,), generator=g))
+        x = torch.randint(0, 20, (n,), generator=g).float() / 4
+        if trial % 3 == 0:
+            x = torch.rand(n, generator=g).bfloat16()
+        parts = list(x.split(max(1, n // 3)))
+        k = int(torch.randint(1, n + 1, (1,), generator=g))
+        want = torch.topk(x.float(), k).values
+        value, ties = kth_largest(parts, k)
+        assert value == float(want.min()) and ties == int((want == want.min()).sum())
+        mask = torch.cat(top_k_masks(parts, k))
+        assert int(mask.sum()) == k
+        assert torch.equal(torch.sort(x.float()[mask]).values, torch.sort(want).values)

@@ -177,16 +177,70 @@ def channel_pick(layers: list[MoeLayer], ch: dict[int, torch.Tensor], budget: in
     return {k: torch.cat(v) for k, v in out.items()}
 
 
+_BINS = 1 << 16
+_SPLIT = 1 << 24
+
+
+def _bits(t: torch.Tensor) -> torch.Tensor:
+    """The float32 bit patterns of non-negative scores as int32 (ordered as the values; ``+ 0.0`` makes -0 +0)."""
+    return (t.float() + 0.0).view(torch.int32)
+
+
+def kth_largest(parts: list[torch.Tensor], k: int) -> tuple[float, int]:
+    """The ``k``-th largest value over the non-negative scores ``parts`` (``1 <= k <= their size``), and how many
+    of the ``k`` largest equal it (the rest are above it). Exact, from two 16-bit histograms of the float32 bit
+    patterns, chunk by chunk: no sort-sized temporaries (``torch.topk`` on CPU holds about 16 bytes per element
+    of its input: 640 MB for the 40 M candidates of a 30B-width selection)."""
+    hi = torch.zeros(_BINS, dtype=torch.int64)
+    for p in parts:
+        for c in p.split(_SPLIT):
+            hi += torch.bincount((_bits(c) >> 16).cpu(), minlength=_BINS)
+    above = hi.flip(0).cumsum(0).flip(0)  # above[b]: how many have high bits >= b
+    b = int((above >= k).nonzero().max())
+    over = int(above[b + 1]) if b + 1 < _BINS else 0
+    lo = torch.zeros(_BINS, dtype=torch.int64)
+    for p in parts:
+        for c in p.split(_SPLIT):
+            bits = _bits(c)
+            lo += torch.bincount((bits[(bits >> 16) == b] & 0xFFFF).cpu(), minlength=_BINS)
+    la = lo.flip(0).cumsum(0).flip(0)
+    low = int((la >= k - over).nonzero().max())
+    more = over + (int(la[low + 1]) if low + 1 < _BINS else 0)  # strictly above the k-th
+    value = torch.tensor([(b << 16) | low], dtype=torch.int32).view(torch.float32).item()
+    return value, k - more
+
+
+def top_k_masks(parts: list[torch.Tensor], k: int) -> list[torch.Tensor]:
+    """Boolean masks over ``parts`` that pick exactly their ``k`` largest (non-negative) scores; among scores
+    equal to the ``k``-th, the first ones in order."""
+    total = sum(p.numel() for p in parts)
+    if k >= total:
+        return [torch.ones(p.numel(), dtype=torch.bool, device=p.device) for p in parts]
+    if k <= 0:
+        return [torch.zeros(p.numel(), dtype=torch.bool, device=p.device) for p in parts]
+    thr, ties = kth_largest(parts, k)
+    out = []
+    for p in parts:
+        pf = p.float()
+        eq = pf == thr
+        n_eq = int(eq.sum())
+        if n_eq > ties:  # only the first ``ties`` of the equal ones
+            eq &= eq.cumsum(0) <= ties
+        out.append((pf > thr) | eq)
+        ties -= min(n_eq, ties)
+    return out
+
+
 def prune(cands: list[tuple], k: int) -> list[tuple]:
     """Keep only candidates that can still be among the global top ``k`` (what :func:`pick` takes), so
-    the pool held between layer groups stays near ``k`` entries instead of growing with every group."""
+    the pool held between layers stays near ``k`` entries instead of growing with every layer."""
     total = sum(c[2].numel() for c in cands)
     if total <= k:
         return cands
-    thr = torch.topk(torch.cat([c[2].float().cpu() for c in cands]), k, sorted=False).values.min()
+    thr, _ = kth_largest([c[2] for c in cands], k)
     out = []
     for m, n, vals, idx in cands:
-        keep = vals >= thr.to(vals.device)
+        keep = vals >= thr
         if keep.any():
             out.append((m, n, vals[keep], idx[keep]))
     return out
@@ -196,15 +250,9 @@ def pick(cands: list[tuple], k: int) -> dict[tuple[int, str], torch.Tensor]:
     """Global top-``k`` over all candidates -> ``{(layer index, stack name): flat indices}``."""
     if not cands:
         return {}
-    scores = torch.cat([c[2].float().cpu() for c in cands])
-    k = min(k, scores.numel())
-    chosen = torch.zeros(scores.numel(), dtype=torch.bool)
-    if k > 0:
-        chosen[torch.topk(scores, k, sorted=False).indices] = True
-    out, pos = {}, 0
-    for m, n, s, idx in cands:
-        sel = idx[chosen[pos : pos + s.numel()].to(idx.device)]
-        pos += s.numel()
+    out = {}
+    for (m, n, _, idx), chosen in zip(cands, top_k_masks([c[2] for c in cands], k)):
+        sel = idx[chosen.to(idx.device)]
         key = (m.index, n)
         out[key] = torch.cat([out[key], sel]) if key in out else sel
     return out

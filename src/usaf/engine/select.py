@@ -33,6 +33,7 @@ from .allocate import (
     expert_pick,
     final_scores,
     layer_pick,
+    kth_largest,
     pick,
     prune,
     quotas,
@@ -302,20 +303,50 @@ def scored_layers(handle: UsafModel, cal: Calibration):
             del hook
 
 
-def _merge(best: tuple | None, vals: torch.Tensor, idx: torch.Tensor, k: int) -> tuple:
-    """The ``k`` best of a running ``(scores, indices)`` and new ones."""
-    if best is not None:
-        vals, idx = torch.cat([best[0], vals]), torch.cat([best[1], idx])
-    if vals.numel() > k:
-        top = torch.topk(vals, k, sorted=False)
-        vals, idx = top.values, idx[top.indices]
-    return vals, idx
+class _Pool:
+    """The best ``k`` candidates of one stack, at least ``floor``, over the groups of experts scored one after
+    another. A group adds what scores at least the floor, or once the pool holds ``k``, its ``k``-th best (one
+    comparison per element, no top-k over the group; with neither, the group's own best ``k``); past ``2k``
+    entries the pool is cut back to its ``k`` best and what ties with the ``k``-th."""
+
+    def __init__(self, k: int, floor: float = 0.0):
+        self.k, self.vals, self.idx, self.n, self.thr, self.full = k, [], [], 0, floor, False
+
+    def add(self, sc: torch.Tensor, base: int) -> None:
+        """Flat scores ``sc`` of a group whose first element is the stack's element ``base`` (-1: never)."""
+        if not self.full and self.thr <= 0:  # nothing to compare with yet: the group's own best k
+            vals, idx = top_candidates(sc, min(sc.numel(), self.k))
+            keep = vals >= 0
+            vals, idx = vals[keep], idx[keep]
+        else:
+            idx = torch.cat([(c >= self.thr).nonzero().squeeze(1) + off
+                             for off, c in zip(range(0, sc.numel(), _CHUNK), sc.split(_CHUNK))])
+            vals = sc[idx]
+        self.vals.append(vals.float())
+        self.idx.append(idx + base)
+        self.n += idx.numel()
+        if self.n > 2 * self.k or (not self.full and self.n >= self.k):
+            self._cut()
+
+    def _cut(self) -> None:
+        vals, idx = torch.cat(self.vals), torch.cat(self.idx)
+        if vals.numel() >= self.k:  # the k best, and whatever ties with the k-th
+            thr, _ = kth_largest([vals], self.k)
+            keep = vals >= thr
+            vals, idx = vals[keep], idx[keep]
+            self.full, self.thr = True, max(self.thr, thr)
+        self.vals, self.idx, self.n = [vals], [idx], vals.numel()
+
+    def result(self) -> tuple[torch.Tensor, torch.Tensor]:
+        self._cut()
+        return self.vals[0], self.idx[0]
 
 
 def layer_candidates(handle: UsafModel, m: MoeLayer, cal: Calibration, caps: dict[str, int],
-                     exclude_active: bool = False) -> list[tuple]:
-    """One layer's best ``caps[stack]`` candidates per stack: ``[(layer, stack, scores, flat indices)]``, scored a
-    group of experts at a time (their buffers within ``score_budget_mb``; the whole layer for ``random``)."""
+                     exclude_active: bool = False, floor: float = 0.0) -> list[tuple]:
+    """One layer's best ``caps[stack]`` candidates per stack that score at least ``floor``: ``[(layer, stack,
+    scores, flat indices)]``, scored a group of experts at a time (their buffers within ``score_budget_mb``; the
+    whole layer for ``random``)."""
     cfg = handle.config
     ex = m.experts
     dtype, power = _dtype_power(handle)
@@ -323,7 +354,7 @@ def layer_candidates(handle: UsafModel, m: MoeLayer, cal: Calibration, caps: dic
     step = max(1, (cfg.score_budget_mb << 20) // max(1, sum(per.values()) * dtype.itemsize))
     if cfg.score == "random" or step >= ex.num_experts:
         step = ex.num_experts
-    best: dict[str, tuple | None] = {n: None for n in ex.names}
+    pools = {n: _Pool(caps[n], floor) for n in ex.names}
     for first in range(0, ex.num_experts, step):
         stop = min(ex.num_experts, first + step)
         whole = first == 0 and stop == ex.num_experts
@@ -336,11 +367,10 @@ def layer_candidates(handle: UsafModel, m: MoeLayer, cal: Calibration, caps: dic
             if exclude_active:
                 act = ex.deltas[n].indices.long() - base
                 sc[act[(act >= 0) & (act < sc.numel())]] = -1.0
-            vals, idx = top_candidates(sc, min(sc.numel(), caps[n]))
-            keep = vals >= 0
-            best[n] = _merge(best[n], vals[keep].float(), idx[keep] + base, caps[n])
+            pools[n].add(sc, base)
         del hook, scores
-    return [(m, n, *b) for n, b in best.items() if b is not None and b[0].numel()]
+    best = {n: pool.result() for n, pool in pools.items()}
+    return [(m, n, *b) for n, b in best.items() if b[0].numel()]
 
 
 def candidates(handle: UsafModel, batches: Iterable[dict], budget: int, exclude_active: bool = False,
@@ -394,9 +424,12 @@ def candidates(handle: UsafModel, batches: Iterable[dict], budget: int, exclude_
             cal = calibration or calibrate(handle, batches, loss_fn, linears=False)
             layers = list(reversed(handle.trainable_layers))
             with progress_bar(len(layers), "selection (scoring layers)", unit="layer") as bar:
+                floor = 0.0  # once the pool holds the budget, what scores below its worst can never be picked
                 for m in layers:
                     caps = {n: cap(m.experts.live_numel(n)) for n in m.experts.names}
-                    out = prune(out + layer_candidates(handle, m, cal, caps, exclude_active), budget)
+                    out = prune(out + layer_candidates(handle, m, cal, caps, exclude_active, floor), budget)
+                    if sum(c[2].numel() for c in out) >= budget:
+                        floor = max(floor, min(float(c[2].min()) for c in out))
                     bar.update(1)
         finally:
             model.train(was_training)

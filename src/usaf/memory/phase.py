@@ -28,7 +28,7 @@ from .sizes import (
 )
 
 _STEP_MOMENTS = (("loss",), ("layer",), ("save",))
-_SELECT_MOMENTS = (("loss", "select"), ("layer", "select"))
+_SELECT_MOMENTS = (("loss", "select", "select-step"), ("layer", "select", "select-step"), ("score",))
 WHEN = {
     "step": " (during the step)",
     "train-step": " (during a training step)",
@@ -36,7 +36,9 @@ WHEN = {
     "loss": " (at the loss)",
     "layer": " (inside a layer)",
     "save": " (while saving)",
-    "select": " (while scoring, selection)",
+    "select": " (during the selection pass)",
+    "score": " (while scoring, selection)",
+    "selection": " (through selection)",
 }
 
 
@@ -68,7 +70,7 @@ class _Plan:
 
     def select_peak(self, tier: str) -> int:
         tiers = self._tiers(tier)
-        return self.used(tiers, ("resident", "step", "select-step")) + max(
+        return self.used(tiers, ("resident", "step", "selection")) + max(
             self.used(tiers, m) for m in _SELECT_MOMENTS)
 
     def peak(self, tier: str) -> int:
@@ -252,22 +254,23 @@ class _Phase:
             p.add("checkpoint staging (host copy of deltas, moments, routers)", ckpt, self.host_tier, "save")
             self.scores, score_dtype = score_bytes(s, self.moe_train)
             dw = max(sum(lc.stack_numels) // lc.num_experts for lc in self.moe_train) * (d + 4)
-            p.add("selection: dense |dW| of one expert", dw, "device", "select")
+            p.add("selection: dense |dW| of one expert", dw, "device", "score")
             # the calibration pass records every trainable layer's experts calls: input, output gradient, routing
             calls = s.calib_batches * len(self.moe_train) * self.n_tok * (2 * self.mc.hidden * d + self.mc.top_k * (8 + d))
             p.add(f"selection: recorded expert calls ({s.calib_batches} batches x {len(self.moe_train)} layers)",
-                  calls, "device", "select")
+                  calls, "device", "selection")
             # scores are less hot than the frozen weights: planned on the host (RAM on CPU), moved below if room
             p.add(f"selection: importance scores ({score_dtype}, one group of experts) + candidates", self.scores,
-                  self.host_tier, "select")
+                  self.host_tier, "score")
             if self.attention:  # every trainable layer's attention projections, scored at once
                 attn_scores = sum(lc.attn_linear_params for lc in self.moe_train) * (4 if s.score_dtype == "fp32" else 2)
-                p.add(f"selection: attention importance scores ({score_dtype})", attn_scores, self.host_tier, "select")
+                p.add(f"selection: attention importance scores ({score_dtype})", attn_scores, self.host_tier,
+                      "selection")
                 self.scores += attn_scores
             if self.shared:  # every trainable layer's shared-expert linears, scored in the same passes
                 sh_scores = sum(lc.shared_linear_params for lc in self.moe_train) * (4 if s.score_dtype == "fp32" else 2)
                 p.add(f"selection: shared-expert importance scores ({score_dtype})", sh_scores, self.host_tier,
-                      "select")
+                      "selection")
                 self.scores += sh_scores
             scored = sum((lc.attn_linear_params if self.attention else 0)
                          + (lc.shared_linear_params if self.shared else 0) for lc in self.moe_train)

@@ -236,7 +236,9 @@ def logits_bytes(mc: ModelCounts, s: Settings, d: int, train: bool) -> int:
 
 # Kinds of parts: ``resident`` (the whole run), ``step`` (every moment of a step), ``loss`` (around the
 # loss: forward end + start of backward), ``layer`` (inside one layer's forward/backward), ``save`` (while a
-# checkpoint is written, between steps), ``select`` (importance scoring: the score buffers live through a
-# forward + backward pass), ``train-step`` / ``select-step`` (like ``step``, in the training steps only /
-# the selection passes only). The step peak is resident + step + train-step + the largest of loss / layer /
-# save; the selection peak is resident + step + select-step + select + the larger of loss / layer.
+# checkpoint is written, between steps), ``select`` (the selection's calibration pass, beside its loss / layer
+# moments), ``score`` (scoring a group of experts after the pass: no activations then), ``selection`` (the whole
+# selection: recorded calls, the linears' scores), ``train-step`` / ``select-step`` (like ``step``, in the
+# training steps only / the calibration pass only). The step peak is resident + step + train-step + the largest
+# of loss / layer / save; the selection peak is resident + step + selection + the largest of loss + select +
+# select-step / layer + select + select-step / score.
