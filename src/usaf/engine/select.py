@@ -40,6 +40,7 @@ from .allocate import (
 )
 from .attention import LinearScores, random_scores, scored_linears, select_linears
 from .checkpointing import lean_passes
+from .delta import index_dtype
 from .experts import Captured, ExpertsFunction, UsafExperts
 from .loss import token_mean_loss
 from .model import MoeLayer, UsafModel
@@ -307,10 +308,12 @@ class _Pool:
     """The best ``k`` candidates of one stack, at least ``floor``, over the groups of experts scored one after
     another. A group adds what scores at least the floor, or once the pool holds ``k``, its ``k``-th best (one
     comparison per element, no top-k over the group; with neither, the group's own best ``k``); past ``2k``
-    entries the pool is cut back to its ``k`` best and what ties with the ``k``-th."""
+    entries the pool is cut back to its ``k`` best and what ties with the ``k``-th. Entries keep the scores'
+    dtype (bf16 by default) and the stack's index dtype (int32 below 2^31 elements): 6 bytes each."""
 
-    def __init__(self, k: int, floor: float = 0.0):
+    def __init__(self, k: int, floor: float = 0.0, index: torch.dtype = torch.int64):
         self.k, self.vals, self.idx, self.n, self.thr, self.full = k, [], [], 0, floor, False
+        self.index = index
 
     def add(self, sc: torch.Tensor, base: int) -> None:
         """Flat scores ``sc`` of a group whose first element is the stack's element ``base`` (-1: never)."""
@@ -322,8 +325,8 @@ class _Pool:
             idx = torch.cat([(c >= self.thr).nonzero().squeeze(1) + off
                              for off, c in zip(range(0, sc.numel(), _CHUNK), sc.split(_CHUNK))])
             vals = sc[idx]
-        self.vals.append(vals.float())
-        self.idx.append(idx + base)
+        self.vals.append(vals)
+        self.idx.append((idx + base).to(self.index))
         self.n += idx.numel()
         if self.n > 2 * self.k or (not self.full and self.n >= self.k):
             self._cut()
@@ -354,7 +357,7 @@ def layer_candidates(handle: UsafModel, m: MoeLayer, cal: Calibration, caps: dic
     step = max(1, (cfg.score_budget_mb << 20) // max(1, sum(per.values()) * dtype.itemsize))
     if cfg.score == "random" or step >= ex.num_experts:
         step = ex.num_experts
-    pools = {n: _Pool(caps[n], floor) for n in ex.names}
+    pools = {n: _Pool(caps[n], floor, index_dtype(ex.deltas[n].numel)) for n in ex.names}
     for first in range(0, ex.num_experts, step):
         stop = min(ex.num_experts, first + step)
         whole = first == 0 and stop == ex.num_experts

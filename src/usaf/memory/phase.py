@@ -201,11 +201,12 @@ class _Phase:
         self.shared = sum(int(round(self.s.shared_density * lc.shared_linear_params)) for lc in moe_train)
         self.active += self.attention + self.shared  # 4-byte indices (a linear has < 2**31 weights)
         if self.train:
+            # the active set exists from the end of selection, its moments from the first step: not during selection
             p.add("deltas: indices + fp32 values + AdamW moments (16 B/elt)",
-                  int(self.active * (self.per_el + 12)) + offsets, "device")
+                  int(self.active * (self.per_el + 12)) + offsets, "device", "train-step")
             p.add("deltas: fp32 gradients (4 B/elt)", self.active * 4, "device", "layer")
             master = 0 if d == 4 else 4  # fp32 models: the router parameter is its own master
-            p.add("routers: fp32 masters + AdamW moments", self.router * (master + 8), "device")
+            p.add("routers: fp32 masters + AdamW moments", self.router * (master + 8), "device", "train-step")
             p.add("routers: gradients", self.router * (d + (4 if master else 0)), "device", "layer")
         else:
             p.add("deltas: indices + fp32 values (applied)", int(self.active * (self.per_el + 4)) + offsets,
@@ -371,8 +372,8 @@ def score_bytes(s: Settings, moe_train: list[LayerCounts]) -> tuple[int, str]:
     """What ``usaf.engine.select`` holds while scoring a layer: the dense score buffers of one group of its
     experts (in ``score_dtype``, within ``score_budget_mb``, at least one expert), the layer's running
     candidates and one group's top-k (at most ``layer_share_cap`` = 4 times each stack's fair share of the
-    budget, twice), and the pool of candidates kept over the layers (about the budget); fp32 scores and int64
-    indices."""
+    budget, twice), and the pool of candidates kept over the layers (about the budget); each candidate a score in
+    ``score_dtype`` and an index (int32 below 2^31 elements)."""
     budget = s.score_budget_mb << 20
     elem = 4 if s.score_dtype == "fp32" else 2
     total = sum(lc.expert_params for lc in moe_train)
@@ -381,9 +382,10 @@ def score_bytes(s: Settings, moe_train: list[LayerCounts]) -> tuple[int, str]:
     for lc in moe_train:
         per = lc.expert_params // max(1, lc.num_experts)
         group = min(lc.num_experts, max(1, budget // max(1, per * elem))) * per * elem
-        cands = sum(2 * min(n, math.ceil(4.0 * budget_el * n / total)) for n in lc.stack_numels) * 12
+        cands = sum(2 * min(n, math.ceil(4.0 * budget_el * n / total)) * (elem + (4 if n < 2**31 else 8))
+                    for n in lc.stack_numels)
         worst = max(worst, group + cands)
-    return worst + int(budget_el) * 12, ("fp32" if elem == 4 else "bf16")
+    return worst + int(budget_el) * (elem + 4), ("fp32" if elem == 4 else "bf16")
 
 
 def _ranges(idx: list[int]) -> str:
