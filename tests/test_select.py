@@ -198,8 +198,8 @@ def test_one_calibration_pass_scores_every_layer_exactly(family):
     the same pass), and the replayed backward of each group of experts sums exactly the dense gradients that
     stock autograd gives for every trainable layer: one expert per group gives the same buffers as the whole
     layer at once."""
-    from usaf.engine.select import DenseScores, _replay, calibrate
     from usaf.engine.loss import token_mean_loss
+    from usaf.engine.select import DenseScores, _replay, calibrate
 
     stock = make_tiny_model(family, seed=0)
     handle = usaf.prepare(copy.deepcopy(stock), usaf.UsafConfig(quant="none", score_dtype="fp32", density=0.05))

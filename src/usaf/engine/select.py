@@ -32,8 +32,8 @@ from .allocate import (
     channel_scores,
     expert_pick,
     final_scores,
-    layer_pick,
     kth_largest,
+    layer_pick,
     pick,
     prune,
     quotas,
@@ -46,7 +46,6 @@ from .loss import token_mean_loss
 from .model import MoeLayer, UsafModel
 from .ranks import RingFold, all_gather_ragged, rank_world
 from .routing import Routing
-
 
 _CHUNK = 1 << 24
 _SMALL = 1 << 18  # below this, torch.topk's temporaries are a few MB
