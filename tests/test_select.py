@@ -216,10 +216,10 @@ def test_one_calibration_pass_scores_every_layer_exactly(family):
     for m in layers:
         ex = m.experts
         whole = DenseScores(ex, torch.float32, 1)
-        _replay(m, cal.calls[m.index], whole, ex.num_experts)
+        _replay(m, cal.calls[m.index], whole)
         for e in range(ex.num_experts):
             one = DenseScores(ex, torch.float32, 1, e, e + 1)
-            _replay(m, cal.calls[m.index], one, e + 1)
+            _replay(m, cal.calls[m.index], one)
             for n in ex.names:
                 assert torch.equal(one.buffers[n][0], whole.buffers[n][e]), (m.index, e, n)
         for n in ex.names:

@@ -23,6 +23,11 @@ import torch
 from .model import MoeLayer
 
 SCORES = ("abs", "sq", "signed", "gw", "random")
+
+
+def score_dtype(cfg) -> torch.dtype:
+    """The dtype of the dense score buffers (``UsafConfig.score_dtype``)."""
+    return torch.float32 if cfg.score_dtype == "fp32" else torch.bfloat16
 ALLOCATIONS = ("global", "layer", "expert", "channel")
 
 

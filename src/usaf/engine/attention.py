@@ -21,6 +21,7 @@ from collections.abc import Callable
 
 import torch
 
+from .allocate import score_dtype
 from .checkpointing import lean_passes
 from .model import UsafModel
 from .ranks import RingFold, rank_world
@@ -44,7 +45,7 @@ class LinearScores:
     def __init__(self, handle: UsafModel, lins: dict[str, torch.nn.Linear]):
         cfg = handle.config
         self.lins, self.kind = lins, cfg.score
-        self.dtype = torch.float32 if cfg.score_dtype == "fp32" else torch.bfloat16
+        self.dtype = score_dtype(cfg)
         self.acc = {k: torch.zeros(lin.weight.shape, dtype=self.dtype, device=lin.weight.device)
                     for k, lin in lins.items()}
         world = rank_world()[1]

@@ -37,6 +37,7 @@ from .allocate import (
     pick,
     prune,
     quotas,
+    score_dtype,
 )
 from .attention import LinearScores, random_scores, scored_linears, select_linears
 from .checkpointing import lean_passes
@@ -86,7 +87,7 @@ class DenseScores:
 
     def __init__(self, ex: UsafExperts, dtype: torch.dtype, power: int, first: int = 0, stop: int | None = None):
         dev = ex.deltas[ex.names[0]].values.device
-        self.first = first
+        self.first, self.stop = first, ex.num_experts if stop is None else stop  # the experts it scores
         self.buffers = {n: torch.zeros(ex.shape(n) if stop is None else (stop - first, *ex.shape(n)[1:]),
                                        dtype=dtype, device=dev) for n in ex.names}
         self.power = power
@@ -233,12 +234,12 @@ def calibrate(handle: UsafModel, batches: list[dict], loss_fn: Callable, linears
     return Calibration(calls, scores.result() if scores is not None else None)
 
 
-def _replay(m: MoeLayer, calls: list[list[Captured]], hook: DenseScores, stop: int,
+def _replay(m: MoeLayer, calls: list[list[Captured]], hook: DenseScores,
             after_batch: Callable | None = None) -> None:
-    """Run the backward of a layer's recorded calls again for its experts ``[hook.first, stop)`` only (routes
-    to the others become null routes), with ``hook``, batch by batch (``after_batch()`` after each)."""
+    """Run the backward of a layer's recorded calls again for the experts ``hook`` scores only (routes to the
+    others become null routes), with ``hook``, batch by batch (``after_batch()`` after each)."""
     ex = m.experts
-    first, num = hook.first, ex.num_experts
+    first, stop, num = hook.first, hook.stop, ex.num_experts
     with ex.mode_as(score_hook=hook, replay=True, lean=True, capture=None), torch.enable_grad():
         for batch in calls:
             for c in batch:
@@ -254,12 +255,12 @@ def _replay(m: MoeLayer, calls: list[list[Captured]], hook: DenseScores, stop: i
                 after_batch()
 
 
-def _score(m: MoeLayer, calls: list[list[Captured]], hook: DenseScores, stop: int) -> None:
+def _score(m: MoeLayer, calls: list[list[Captured]], hook: DenseScores) -> None:
     """Fill ``hook``'s buffers from the recorded calls. Data parallel, every rank's per-batch scores are added
     to the sum in the global batch order (batch k of rank r is one process's batch ``k * N + r``), in the
     buffers' dtype, as one process adds them: each rank holds a second set of the buffers (the running sum)."""
     if rank_world()[1] == 1:
-        _replay(m, calls, hook, stop)
+        _replay(m, calls, hook)
         return
     names = list(hook.buffers)
     own = [hook.buffers[n] for n in names]
@@ -276,15 +277,14 @@ def _score(m: MoeLayer, calls: list[list[Captured]], hook: DenseScores, stop: in
         for b in own:
             b.zero_()
 
-    _replay(m, calls, hook, stop, after_batch)
+    _replay(m, calls, hook, after_batch)
     ring.result()
     hook.buffers = dict(zip(names, acc))
 
 
 def _dtype_power(handle: UsafModel) -> tuple[torch.dtype, int]:
     cfg = handle.config
-    dtype = torch.float32 if cfg.score_dtype == "fp32" else torch.bfloat16
-    return dtype, {"abs": 1, "gw": 1, "sq": 2, "signed": 0, "random": 1}[cfg.score]
+    return score_dtype(cfg), {"abs": 1, "gw": 1, "sq": 2, "signed": 0, "random": 1}[cfg.score]
 
 
 def scored_layers(handle: UsafModel, cal: Calibration):
@@ -297,7 +297,7 @@ def scored_layers(handle: UsafModel, cal: Calibration):
         for m in layers:
             hook = DenseScores(m.experts, dtype, power)
             if cfg.score != "random":
-                _score(m, cal.calls[m.index], hook, m.experts.num_experts)
+                _score(m, cal.calls[m.index], hook)
             yield m, final_scores(m, hook.buffers, cfg.score, seed=cfg.score_seed)
             bar.update(1)
             del hook
@@ -362,7 +362,7 @@ def layer_candidates(handle: UsafModel, m: MoeLayer, cal: Calibration, caps: dic
         whole = first == 0 and stop == ex.num_experts
         hook = DenseScores(ex, dtype, power, first, None if whole else stop)
         if cfg.score != "random":
-            _score(m, cal.calls[m.index], hook, stop)
+            _score(m, cal.calls[m.index], hook)
         scores = final_scores(m, hook.buffers, cfg.score, seed=cfg.score_seed, first=first)
         for n in ex.names:
             sc, base = scores[n], first * per[n]
