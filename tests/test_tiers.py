@@ -71,3 +71,70 @@ def test_a_mapped_file_is_unmapped_with_its_tensors(tmp_path):
     del tensors, mm
     gc.collect()
     assert ref() is None
+
+
+@pytest.mark.parametrize("quant", ["4bit", "none"])
+def test_prefix_layers_stay_mapped_on_the_host_tier(tmp_path, quant):
+    """``prefix_mapped``: the stacks of the layers below the trainable range stay views of the mapped cache
+    (the disk tier), on the first load (cache just built) and on a later one; the others are in RAM; the
+    logits equal the plain host tier's."""
+    from usaf.load.mmap import _MMAP_RANGES
+
+    ckpt = save_tiny_checkpoint("mixtral", tmp_path / "c", per_expert=True)
+    cfg = usaf.UsafConfig(quant=quant, train_layers="top:1")
+    outs = []
+    for mapped in (True, True, False):  # first load builds the cache, the second maps it
+        h = stream.load_streamed(ckpt, cfg, dtype=torch.bfloat16, cache_root=tmp_path / "q", tier="host",
+                                 prefix_mapped=mapped)
+        start = h.trainable_layers[0].index
+        assert start > 0
+        for m in h.layers:
+            on_disk = [t.data_ptr() in _MMAP_RANGES for s in m.experts.frozen.values() for t in s.tensors().values()]
+            assert all(on_disk) if (mapped and m.index < start) else not any(on_disk), (m.index, mapped)
+        pf = Prefetcher(h)
+        with torch.no_grad():
+            outs.append(h.model(IDS).logits)
+        pf.close()
+    assert torch.equal(outs[0], outs[2]) and torch.equal(outs[1], outs[2])
+
+
+def test_a_skipped_layer_is_not_paged_back_in_after_its_eviction(tmp_path, monkeypatch):
+    """The suffix forward skips the prefix layers (they return at once): the read-ahead of a layer queued
+    before its eviction must not run after it, or the layer's pages stay resident (every prefix layer's did,
+    823 MB in the demo). Each frozen layer's last page operation is the eviction."""
+    import threading
+    import time
+
+    from usaf.engine.forward import skip_prefix
+    from usaf.load import tiers
+
+    ckpt = save_tiny_checkpoint("mixtral", tmp_path / "c", per_expert=True, num_hidden_layers=4)
+    h = stream.load_streamed(ckpt, usaf.UsafConfig(quant="4bit", train_layers="top:1"), dtype=torch.bfloat16,
+                             cache_root=tmp_path / "q", tier="disk")
+    owner = {t.data_ptr(): m.index for m in h.layers for s in m.experts.frozen.values() for t in s.tensors().values()}
+    log, lock = [], threading.Lock()
+    touch, evict = tiers._touch, tiers.evict
+
+    def slow_touch(tensors):
+        time.sleep(0.05)  # a read-ahead slower than a skipped layer
+        with lock:
+            log.append(("touch", owner[tensors[0].data_ptr()]))
+        touch(tensors)
+
+    def logged_evict(stack):
+        with lock:
+            log.append(("evict", owner[next(iter(stack.tensors().values())).data_ptr()]))
+        evict(stack)
+
+    monkeypatch.setattr(tiers, "_touch", slow_touch)
+    monkeypatch.setattr(tiers, "evict", logged_evict)
+    pf = Prefetcher(h)
+    start = h.trainable_layers[0].index
+    with torch.no_grad(), skip_prefix(h.model, start):
+        h.model(IDS)
+    pf.close()
+    last = {}
+    for op, i in log:
+        last[i] = op
+    assert start == 3
+    assert all(last[i] == "evict" for i in last if i < start), log

@@ -22,6 +22,7 @@ from .bench.upcycle import prepare_upcycled_smollm2
 from .config import TrainConfig, UsafConfig
 from .load.hf import load_tokenizer, resolve_device, resolve_dtype
 from .load.stream import load_prepared
+from .load.tiers import Prefetcher
 from .train.generate import generate
 from .train.recipe import train
 
@@ -99,8 +100,8 @@ def run_demo(out: str = "runs/demo", steps: int = 0, quiet: bool = False) -> dic
 
     device = resolve_device("auto")
     tok = load_tokenizer(model_dir)
-    base = load_prepared(model_dir, cfg.usaf, resolve_dtype("auto", device), device).model  # zero deltas
-    before = [generate(base, tok, p, max_new_tokens=24) for p in prompts]
+    base = _generation_model(model_dir, cfg, device)  # zero deltas
+    before = [generate(base.model, tok, p, max_new_tokens=24) for p in prompts]
     # A loaded model sits in reference cycles (hooks, the experts' back-references): `del` alone frees nothing
     # until the collector runs, so the training run would load its copy beside this one (and the tuned model
     # below beside the training run's). Collect, so the process's peak is one model's.
@@ -110,7 +111,7 @@ def run_demo(out: str = "runs/demo", steps: int = 0, quiet: bool = False) -> dic
     metrics = train(cfg)
     gc.collect()
 
-    handle = load_prepared(model_dir, cfg.usaf, resolve_dtype("auto", device), device)
+    handle = _generation_model(model_dir, cfg, device)
     handle.load_delta(Path(cfg.out) / "delta.safetensors")
     tuned = handle.model
     after = [generate(tuned, tok, p, max_new_tokens=24) for p in prompts]
@@ -125,13 +126,23 @@ def run_demo(out: str = "runs/demo", steps: int = 0, quiet: bool = False) -> dic
     return {"metrics": metrics, "before": before, "after": after, "prompts": prompts}
 
 
+def _generation_model(model_dir: str, cfg: TrainConfig, device):
+    """The model the before/after answers come from. Its frozen layers' stacks stay mapped (disk tier) and give
+    their pages back after each forward, so generating never holds all 30 layers' stacks: the training job
+    stays the process's peak."""
+    handle = load_prepared(model_dir, cfg.usaf, resolve_dtype("auto", device), device, tier="disk")
+    Prefetcher(handle, touch=False)
+    return handle
+
+
 def _prepare() -> None:
     """The demo's preparation: the upcycled checkpoint, then one load of it, which builds the cache of its
     frozen expert stacks (the first load of a checkpoint holds the checkpoint's and the cache's pages)."""
     model_dir = prepare_upcycled_smollm2()
     cfg = demo_config(str(model_dir), Path("unused"), Path("unused"), Path("unused"))
     device = resolve_device("auto")
-    load_prepared(str(model_dir), cfg.usaf, resolve_dtype("auto", device), device)
+    # the disk tier: the stacks are written to the cache one at a time and mapped, never all held
+    load_prepared(str(model_dir), cfg.usaf, resolve_dtype("auto", device), device, tier="disk")
 
 
 def _prepare_in_child() -> None:

@@ -39,7 +39,7 @@ from transformers.core_model_loading import revert_weight_conversion
 from ..config import UsafConfig
 from ..engine.discover import moe_site
 from ..engine.families import auto_model_class, family_for, get_path
-from ..engine.model import UsafModel, decoder_layers, prepare
+from ..engine.model import UsafModel, decoder_layers, parse_layers, prepare
 from ..engine.quant import QuantizedTensor, QuantSpec
 from ..engine.store import DenseStack
 from ..integrity import TORCH_DTYPES, IntegrityError, checkpoint_fingerprint, read_header, verify_file
@@ -219,12 +219,15 @@ def cache_path(model_dir: Path, reader: ShardReader, cfg: UsafConfig, dtype, cac
 
 
 def load_streamed(model_dir, cfg: UsafConfig | None = None, dtype=torch.bfloat16, device="cpu",
-                  tier: str = "disk", cache_root: Path | None = None, attn_implementation: str | None = None
-                  ) -> UsafModel:
+                  tier: str = "disk", cache_root: Path | None = None, attn_implementation: str | None = None,
+                  prefix_mapped: bool = False) -> UsafModel:
     """Load and prepare a checkpoint without ever holding its experts at full precision.
 
     Args:
         tier: where frozen expert stacks live: "device", "host" (RAM) or "disk" (mmap of the cache).
+        prefix_mapped: the layers below the trainable range (``cfg.train_layers``) will run only to build the
+            frozen-prefix cache, then be released: their stacks stay on the disk tier (the mapped cache, pages
+            dropped after each use) whatever ``tier`` says, so they are never all resident at once.
     """
     cfg = cfg or UsafConfig()
     model_dir = Path(model_dir)
@@ -236,7 +239,10 @@ def load_streamed(model_dir, cfg: UsafConfig | None = None, dtype=torch.bfloat16
     reader = ShardReader(model_dir)
     # in-memory key -> (experts prefix, stack name, meta parameter, [E, R, C])
     stacks: dict[str, tuple[str, str, torch.Tensor, tuple[int, ...]]] = {}
-    for layer in decoder_layers(model):
+    layers = decoder_layers(model)
+    below = parse_layers(cfg.train_layers, len(layers)).start if prefix_mapped else 0
+    mapped: set[str] = set()  # stacks that stay on the disk tier (layers below the trainable range)
+    for i, layer in enumerate(layers):
         site = moe_site(layer, family)
         if site is None:
             continue
@@ -246,6 +252,8 @@ def load_streamed(model_dir, cfg: UsafConfig | None = None, dtype=torch.bfloat16
             e = p.shape[0] if p.dim() == 3 else int(site.experts.num_experts)  # dbrx: 2-D [E * R, C]
             shape = tuple(p.shape) if p.dim() == 3 else (e, p.shape[0] // e, p.shape[1])
             stacks[f"{prefix}.{st.path}"] = (prefix, st.name, p, shape)
+            if i < below:
+                mapped.add(f"{prefix}.{st.path}")
 
     # 1. Non-expert tensors, one at a time, straight to their device.
     disk = reader.keys()
@@ -270,6 +278,7 @@ def load_streamed(model_dir, cfg: UsafConfig | None = None, dtype=torch.bfloat16
         raise ValueError(f"checkpoint {model_dir} lacks {len(missing)} tensors, e.g. {missing[0]}")
 
     # 2. Expert stacks: from the quantized cache, or streamed + quantized + cached.
+    key_of = {(prefix, name): key for key, (prefix, name, _, _) in stacks.items()}
     cpath = cache_path(model_dir, reader, cfg, dtype, cache_root)
     cached = _open_cache(cpath)
     if cached is not None:
@@ -297,29 +306,37 @@ def load_streamed(model_dir, cfg: UsafConfig | None = None, dtype=torch.bfloat16
                     stack = b.build(bar)
                     for k, v in stack.tensors().items():
                         out.add(f"{b.key}.{k}", v)
-                    if keep:
+                    if keep and b.key not in mapped:
                         frozen.setdefault(prefix, {})[name] = stack
                     del stack
                 out.finish({"base_fingerprint": base_fp, "quant": cfg.quant, "group_size": str(cfg.group_size)})
 
         atomic_write(cpath, write)
         log.info("expert stacks quantized and cached in %s", cpath)
-        if tier == "disk":
+        if tier == "disk" or not keep or mapped:
             tensors, _, _mm = map_safetensors(cpath)
-            frozen = {}
             for key, (prefix, name, _, shape) in stacks.items():
-                frozen.setdefault(prefix, {})[name] = _from_cache(tensors, key, shape, cfg)
+                if not keep or key in mapped:
+                    frozen.setdefault(prefix, {})[name] = _from_cache(tensors, key, shape, cfg)
     target = device if tier == "device" else "cpu"
-    if tier in ("device", "host") and not (cached is None and torch.device(target).type == "cpu"):
+    if tier in ("device", "host"):
         # Stack by stack, each mapped stack's pages dropped once copied: the mapped cache and its copy never
         # add up (at 16 layers of Qwen3-30B-A3B's widths the whole copy would peak at 2 x 5.4 GB). Stacks just
-        # quantized on the CPU for the host tier are already where they go: kept as they are.
+        # quantized on the CPU for the host tier are already where they go: kept as they are; the prefix's
+        # stacks stay mapped.
+        just_built = cached is None and torch.device(target).type == "cpu"
         moved: dict = {}
         for p, d in frozen.items():
             for n, s in d.items():
-                moved.setdefault(p, {})[n] = _clone_to(s, target)
-                evict(s)
+                if key_of[p, n] in mapped or just_built:
+                    moved.setdefault(p, {})[n] = s
+                else:
+                    moved.setdefault(p, {})[n] = _clone_to(s, target)
+                    evict(s)
         frozen = moved
+        if mapped:
+            log.info("the frozen stacks of layers 0-%d stay mapped (disk tier): they run once, for the "
+                     "frozen-prefix cache", below - 1)
     handle = prepare(model, cfg, frozen=frozen, base_fingerprint=base_fp)
     model.eval()
     return handle
@@ -362,9 +379,11 @@ def _clone_to(stack, device):
 
 
 def load_prepared(model: str, cfg: UsafConfig, dtype, device, trust_remote_code: bool = False,
-                  tier: str = "auto", device_memory=None, host_memory=None) -> UsafModel:
+                  tier: str = "auto", device_memory=None, host_memory=None, prefix_mapped: bool = False
+                  ) -> UsafModel:
     """The one way usaf loads a model to train or evaluate: streamed for local safetensors checkpoints
-    (quantized cache, tiers), ``from_pretrained`` + ``prepare`` otherwise (hub ids, remote code)."""
+    (quantized cache, tiers), ``from_pretrained`` + ``prepare`` otherwise (hub ids, remote code).
+    ``prefix_mapped``: see :func:`load_streamed` (the caller builds the frozen-prefix cache next)."""
     family_for(load_config(model, trust_remote_code))
     if is_gguf(model):
         if tier == "auto":
@@ -381,7 +400,7 @@ def load_prepared(model: str, cfg: UsafConfig, dtype, device, trust_remote_code:
                                device_memory, host_memory)
             log.info("frozen expert stacks on the %s tier", tier)
         try:
-            handle = load_streamed(p, cfg, dtype=dtype, device=device, tier=tier)
+            handle = load_streamed(p, cfg, dtype=dtype, device=device, tier=tier, prefix_mapped=prefix_mapped)
         except LayoutError as e:  # transformers' own loader converts it (the whole model is loaded at once)
             log.warning("the checkpoint's on-disk layout needs transformers' conversion (%s): loaded with "
                         "from_pretrained instead of streamed", str(e).splitlines()[0])

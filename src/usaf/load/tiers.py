@@ -41,11 +41,14 @@ def choose_tier(expert_bytes: int, device, device_memory=None, host_memory=None)
 class Prefetcher:
     """While decoder layer l runs, bring layer l+1's frozen expert stacks closer (see module docstring)."""
 
-    def __init__(self, handle: UsafModel, device=None):
+    def __init__(self, handle: UsafModel, device=None, touch: bool = True):
+        """``touch=False``: on CPU, no read-ahead of the next layer (only the pages a forward uses are read,
+        e.g. the two hit experts of a generated token); frozen disk-tier layers still give their pages back."""
         self.handle = handle
         self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="usaf-prefetch")
         self.device = torch.device(device) if device is not None else compute_device(handle.model)
         self.stream = None
+        self.pending: dict = {}  # id(layer) -> the read-ahead future of its pages (CPU)
         layers = decoder_layers(handle.model)
         moe = {m.index: m for m in handle.layers}
         order = sorted(moe)
@@ -60,7 +63,7 @@ class Prefetcher:
                         m.experts.frozen[name] = _pinned(st)
             for i in order:  # a staged copy lives until its layer's forward is done
                 self.hooks.append(layers[i].register_forward_hook(lambda mod, a, out, _m=moe[i]: self._unstage(_m)))
-        for i, nxt in zip(order, order[1:]):
+        for i, nxt in zip(order, order[1:]) if touch or self.stream is not None else ():
             self.hooks.append(layers[i].register_forward_pre_hook(
                 lambda mod, args, _m=moe[nxt]: self._prefetch(_m)))
         for i in order:  # frozen layers on the disk tier give their pages back after use
@@ -74,7 +77,7 @@ class Prefetcher:
         if tensors[0].device.type != "cpu":
             return
         if self.stream is None:
-            self.pool.submit(_touch, tensors)
+            self.pending[id(layer)] = self.pool.submit(_touch, tensors)
             return
         # CUDA: copy the next layer's host stacks to the device on the side stream (untested: no GPU here).
         # The caching allocator must not hand the copies' memory to the compute stream before they are used.
@@ -92,6 +95,11 @@ class Prefetcher:
         layer.experts.set_mode(staged=None)
 
     def _evict(self, layer) -> None:
+        # A read-ahead of this layer still queued or running would page it back in after the eviction (a
+        # layer skipped by the suffix forward returns at once): cancel it, or wait for it, first.
+        touch = self.pending.pop(id(layer), None)
+        if touch is not None and not touch.cancel():
+            touch.result()
         for s in layer.experts.frozen.values():
             evict(s)
 

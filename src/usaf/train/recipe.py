@@ -143,7 +143,8 @@ class Recipe:
     def _load_model(self):
         cfg, inp = self.cfg, self.inputs
         handle = load_prepared(cfg.model, cfg.usaf, inp.dtype, inp.device, cfg.trust_remote_code,
-                               device_memory=cfg.device_memory, host_memory=cfg.host_memory)
+                               device_memory=cfg.device_memory, host_memory=cfg.host_memory,
+                               prefix_mapped=cfg.prefix_cache)
         Prefetcher(handle)
         if self.ckpt is not None:
             check_identity(self.out, self.ckpt_meta.get("identity"),
