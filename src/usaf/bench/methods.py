@@ -42,9 +42,9 @@ OPTIONS: dict[str, dict[str, object]] = {
     "usaf": {"density": None, "lr": None, "router_lr": None, "wd": 0.0, "rigl": None, "rigl_frac": None,
              "router": 1, "quant": "none", "score": "abs", "alloc": "global", "warmup": None, "attn": None,
              "attn_lr": None, "attn_units": "column", "shared": None, "shared_lr": None, "shared_units": "column",
-             "ckpt": "auto"},
+             "ckpt": "auto", "dtype": "bf16"},
     "router": {"lr": None, "warmup": None},
-    "lora": {"r": 8, "alpha": 0, "lr": None, "attn": 1, "shared": 0, "warmup": None},
+    "lora": {"r": 8, "alpha": 0, "lr": None, "attn": 1, "shared": 0, "warmup": None, "dtype": "bf16"},
     "full": {"lr": None, "warmup": None},
     "esft": {"lr": None, "top_p": 0.2, "warmup": None},
 }
@@ -88,6 +88,8 @@ def parse_method(spec: str, settings: dict) -> Method:
     for key, value in opts.items():
         if value is None:
             opts[key] = settings[SETTING_DEFAULTS.get((name, key), key)]
+    if opts.get("dtype", "bf16") not in ("bf16", "fp32"):
+        raise ValueError(f"method {spec!r}: dtype must be bf16 or fp32, got {opts['dtype']!r}")
     if name == "usaf" and opts["alloc"] != "global" and int(opts["rigl"] or 0) > 0:
         # refused here, before any worker starts (RigL reselection keeps one global budget)
         raise ValueError(f"method {spec!r}: alloc={opts['alloc']} needs rigl=0 (RigL reselection keeps a global "
@@ -251,7 +253,7 @@ def _schedule(opt_groups, lr_fn):
 
 def setup_method(m: Method, cfg: dict, model_dir: str, data: dict) -> Setup:
     """Load the model for ``m``, make exactly its scope trainable (asserted) and return its training step."""
-    fp32 = m.name in ("full", "esft")
+    fp32 = m.name in ("full", "esft") or m.opts.get("dtype") == "fp32"  # dtype=fp32: the base in fp32 (a control)
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32 if fp32 else torch.bfloat16)
     model.config.use_cache = False
     loaded = resident_rss_mb(model)  # the loaded model, before anything of the method
