@@ -11,7 +11,7 @@ import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
 
-from usaf.data.batches import Batches, collate, split_eval
+from usaf.data.batches import Batches, collate, epoch_order, split_eval
 from usaf.data.examples import IGNORE_INDEX, DataError, Example
 from usaf.data.load import load_examples
 from usaf.engine.loss import token_weighted_loss
@@ -385,6 +385,26 @@ def test_batches_resume_exactly():
     assert [first] + [_ids(b) for b in resumed] == expected[:3]
     with pytest.raises(ValueError):
         Batches(examples[:5], 4).load_state_dict(run.state_dict())
+
+
+def test_a_state_saved_before_order_version_2_resumes_with_the_old_order():
+    """States saved before the numpy order carry no ``order``: they resume in the order their run started with
+    (Python's ``random.shuffle``, bit for bit), while new runs draw version 2 and save it."""
+    import random
+
+    examples = _examples(11)
+    old = list(range(11))
+    random.Random("usaf-batches:7:0").shuffle(old)  # epoch 0 of seed 7 as the earlier code drew it
+    run = Batches(examples, 4, seed=7)
+    state = run.state_dict()
+    assert state.pop("order") == 2
+    resumed = Batches(examples, 4, seed=0)
+    resumed.load_state_dict(state)  # an old state: no "order"
+    assert _ids(resumed.next_batch()) == [id(examples[i]) for i in old[:4]]
+    assert resumed.state_dict()["order"] == 1
+    assert epoch_order(11, 7, 0).tolist() != old and sorted(epoch_order(11, 7, 0).tolist()) == list(range(11))
+    with pytest.raises(ValueError, match="order version 3"):
+        epoch_order(11, 7, 0, version=3)
 
 
 @pytest.mark.parametrize("n", [16, 13, 9])

@@ -9,6 +9,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import random
 from collections.abc import Iterator, Sequence
 
@@ -80,11 +81,23 @@ def collate(examples: Sequence[Example], pad_id: int) -> dict[str, torch.Tensor]
     return {"input_ids": input_ids, "labels": labels, "attention_mask": attention_mask}
 
 
-def epoch_order(n: int, seed: int, epoch: int) -> list[int]:
-    """Indices ``0..n-1`` in the order epoch ``epoch`` of a run seeded with ``seed`` visits them."""
-    order = list(range(n))
-    random.Random(f"usaf-batches:{seed}:{epoch}").shuffle(order)
-    return order
+ORDER_VERSION = 2  # how an epoch's order is drawn; saved with the batches' state, so a resumed run keeps its own
+
+
+def epoch_order(n: int, seed: int, epoch: int, version: int = ORDER_VERSION) -> np.ndarray:
+    """Indices ``0..n-1`` (int64) in the order epoch ``epoch`` of a run seeded with ``seed`` visits them.
+
+    Version 2: a numpy ``PCG64`` permutation seeded from ``sha256("usaf-batches:{seed}:{epoch}")`` (4.7 M
+    sequences: 0.1 s and 38 MB). Version 1, the order of runs checkpointed before it: Python's
+    ``random.shuffle`` of a list (4.5 s and ~170 MB for 4.7 M), kept so that those runs resume exactly."""
+    if version == 1:
+        order = list(range(n))
+        random.Random(f"usaf-batches:{seed}:{epoch}").shuffle(order)
+        return np.asarray(order, dtype=np.int64)
+    if version != 2:
+        raise ValueError(f"unknown batch order version {version} (this usaf knows 1 and 2)")
+    key = int.from_bytes(hashlib.sha256(f"usaf-batches:{seed}:{epoch}".encode()).digest()[:16], "little")
+    return np.random.Generator(np.random.PCG64(key)).permutation(n).astype(np.int64, copy=False)
 
 
 class EpochOrder(torch.utils.data.Sampler):
@@ -102,7 +115,7 @@ class EpochOrder(torch.utils.data.Sampler):
         return self.n
 
     def __iter__(self) -> Iterator[int]:
-        return iter(epoch_order(self.n, self.seed, self.epoch))
+        return iter(epoch_order(self.n, self.seed, self.epoch).tolist())
 
 
 class Batches:
@@ -160,8 +173,9 @@ class Batches:
         self.pad_id = pad_id
         self.epoch = 0
         self.position = 0  # index of the next micro-batch (of local_batch_size) within the epoch
+        self.order_version = ORDER_VERSION
         self._order_epoch: int | None = None
-        self._order: list[int] = []
+        self._order = np.arange(0, dtype=np.int64)
 
     def __len__(self) -> int:
         return -(-self.micro_batches // self.world_size)
@@ -177,11 +191,12 @@ class Batches:
         n, u = len(self.examples), self.local_batch_size
         return n // u if self.drop_last else -(-n // u)
 
-    def order(self, epoch: int) -> list[int]:
-        """Example indices in the order epoch ``epoch`` visits them."""
+    def order(self, epoch: int) -> np.ndarray:
+        """Example indices (int64) in the order epoch ``epoch`` visits them."""
         if self._order_epoch != epoch:
             n = len(self.examples)
-            order = epoch_order(n, self.seed, epoch) if self.shuffle else list(range(n))
+            order = epoch_order(n, self.seed, epoch, self.order_version) if self.shuffle else \
+                np.arange(n, dtype=np.int64)
             self._order, self._order_epoch = order, epoch
         return self._order
 
@@ -190,7 +205,7 @@ class Batches:
         (positions past the epoch's end continue into the next epochs)."""
         m, u = self.micro_batches, self.local_batch_size
         epoch, position = epoch + position // m, position % m
-        return self.order(epoch)[position * u : (position + 1) * u]
+        return self.order(epoch)[position * u : (position + 1) * u].tolist()
 
     def rank_indices(self, epoch: int, position: int) -> list[int]:
         """This rank's indices of the global batch that starts at micro-batch ``position`` of ``epoch``."""
@@ -231,6 +246,7 @@ class Batches:
             "seed": self.seed,
             "num_examples": len(self.examples),
             "batch_size": self.local_batch_size,
+            "order": self.order_version,
         }
 
     def load_state_dict(self, state: dict[str, int]) -> None:
@@ -241,5 +257,6 @@ class Batches:
         self.seed = int(state["seed"])
         self.epoch = int(state["epoch"])
         self.position = int(state["position"])
+        self.order_version = int(state.get("order", 1))  # states saved before version 2 carry no version
         self._order_epoch = None
         self._normalize()
