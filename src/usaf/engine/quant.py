@@ -251,16 +251,22 @@ class QuantizedTensor:
             half = gs // 2
             words = q.view(rows, half).view(torch.int32)  # [rows, gs // 8]
             mask = 0x0F0F0F0F
+            # the codes of a chunk, unpacked in place as [rows, 2, half] bytes (low nibbles, then high): one
+            # contiguous uint8 -> float copy after (a strided one into the halves of ``b`` is ~50x slower on CPU)
+            codes = torch.empty(min(step, rows), 2, half, dtype=torch.uint8, device=dev)
+            codes32 = codes.view(torch.int32)  # [rows, 2, gs // 8]
         else:
             codes8 = q.view(rows, gs)
         for r0 in range(0, rows, step):
             r1 = min(rows, r0 + step)
             b = out[r0:r1] if direct else buf[: r1 - r0]
             if self.bits == 4:
-                wb = words[r0:r1]
-                b2 = b.view(r1 - r0, 2, half)
-                b2[:, 0].copy_(torch.bitwise_and(wb, mask).view(torch.uint8))
-                b2[:, 1].copy_(torch.bitwise_right_shift(wb, 4).bitwise_and_(mask).view(torch.uint8))
+                wb, m = words[r0:r1], r1 - r0
+                torch.bitwise_and(wb, mask, out=codes32[:m, 0])
+                hi = codes32[:m, 1]
+                torch.bitwise_right_shift(wb, 4, out=hi)
+                hi.bitwise_and_(mask)
+                b.copy_(codes[:m].view(m, gs))
             else:
                 b.copy_(codes8[r0:r1])
             b.mul_(s[r0:r1]).add_(z[r0:r1])
