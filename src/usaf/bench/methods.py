@@ -42,7 +42,7 @@ OPTIONS: dict[str, dict[str, object]] = {
     "usaf": {"density": None, "lr": None, "router_lr": None, "wd": 0.0, "rigl": None, "rigl_frac": None,
              "router": 1, "quant": "none", "score": "abs", "alloc": "global", "warmup": None, "attn": None,
              "attn_lr": None, "attn_units": "column", "shared": None, "shared_lr": None, "shared_units": "column",
-             "ckpt": "auto", "dtype": "bf16"},
+             "ckpt": "auto", "dtype": "bf16", "beta1": 0.9, "beta2": 0.999},
     "router": {"lr": None, "warmup": None},
     "lora": {"r": 8, "alpha": 0, "lr": None, "attn": 1, "shared": 0, "warmup": None, "dtype": "bf16"},
     "full": {"lr": None, "warmup": None},
@@ -377,7 +377,8 @@ def _setup_usaf(m: Method, cfg: dict, model, layers: range, data: dict, lr_fn, i
     opt = usaf.UsafOptimizer(handle, lr=o.get("lr", 0.0) if not router_only else 0.0,
                              router_lr=o["lr"] if router_only else o["router_lr"], weight_decay=o.get("wd", 0.0),
                              attention_lr=o.get("attn_lr") or o.get("lr", 0.0),
-                             shared_lr=o.get("shared_lr") or o.get("lr", 0.0))
+                             shared_lr=o.get("shared_lr") or o.get("lr", 0.0),
+                             betas=(float(o.get("beta1", 0.9)), float(o.get("beta2", 0.999))))
     sched = _schedule(opt.param_groups, lr_fn)
     state = {"step": 0, "reselect_s": 0.0}
     total, period = cfg["steps"], int(o.get("rigl", 0))
