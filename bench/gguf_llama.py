@@ -8,7 +8,8 @@
    exporter and requantized to each type (``write_retyped``; K-types with usaf's K-quantizer); usaf loads it
    (``--model X.gguf``, fp32 compute) and llama.cpp loads the same file; per type, the per-position max
    |logit difference| relative to the largest logit (``usaf.export.gguf.position_errors``) over 16 probe
-   sequences of 4 tokens: median, max, and the share of positions whose top token agrees.
+   sequences of 4 tokens: median, max, and the share of positions whose top token agrees; beside it, the same
+   error between usaf's logits of the F32 file and of the typed one (what the type's quantization itself does).
 2. **Improvement kept**: for each of ``--kept-types``, ``usaf train`` from that GGUF (the given lr and density)
    on a small chat task, ``usaf export --format gguf --like-source``, then the held-out perplexity of the base
    GGUF and of the export **computed from llama.cpp's logits** on the held-out split ``usaf eval --held-out``
@@ -95,16 +96,19 @@ def main() -> None:
         f"--{k.replace('_', '-')} {' '.join(v) if isinstance(v, list) else v}" for k, v in vars(a).items()),
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "logits": {}, "kept": {}}
     cfg = usaf.UsafConfig(quant="none")
-    for name in a.types:
+    exact = None  # usaf's logits of the F32 file: what each type's own quantization changes is measured against it
+    for name in ["f32"] + [t for t in a.types if t != "f32"]:
         path = typed(name)
         model = load_prepared(str(path), cfg, torch.float32, "cpu").model
         ids = gguf_probe_ids(model.config.vocab_size)
         with torch.no_grad():
             ours = model(input_ids=ids).logits
+        exact = ours if exact is None else exact
         theirs = llama_cpp_logits(path, ids)
-        err = position_errors(ours, theirs)
+        err, own = position_errors(ours, theirs), position_errors(exact, ours)
         row = {"median": float(err.median()), "max": float(err.max()),
-               "top_token_agrees": float((ours.argmax(-1) == theirs.argmax(-1)).float().mean())}
+               "top_token_agrees": float((ours.argmax(-1) == theirs.argmax(-1)).float().mean()),
+               "quantization_median": float(own.median()), "quantization_max": float(own.max())}
         out["logits"][name] = row
         print("logits", name, json.dumps(row), flush=True)
 

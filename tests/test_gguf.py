@@ -62,11 +62,29 @@ def test_f32_gguf_loads_as_the_checkpoint(files, family):
     ids = torch.randint(0, 320, (2, 10), generator=torch.Generator().manual_seed(0))
     want = _logits(load_model(str(ckpt), dtype=torch.float32), ids)
     h = load_gguf(path, dtype=torch.float32)
-    assert h.model.config.model_type == family
+    assert h.model.config.model_type == family and not h.model.config.tie_word_embeddings  # output.weight there
     assert torch.allclose(_logits(h.model, ids), want, atol=2e-5, rtol=1e-5)
     text = "Say apple then river\n<|im_start|>user"
     assert load_tokenizer(str(path))(text)["input_ids"] == load_tokenizer(str(ckpt))(text)["input_ids"]
     assert load_tokenizer(str(path)).chat_template == load_tokenizer(str(ckpt)).chat_template
+
+
+@pytest.mark.parametrize("family", list(DIMS))
+def test_tied_embeddings_gguf_has_no_output_tensor_and_loads(tmp_path, family):
+    """A model with tied embeddings (SmolLM2 and its upcycled MoE) is written without output.weight, as
+    llama.cpp writes it, and loads back tied, to the checkpoint's logits (it was refused: "lacks tensor
+    output.weight")."""
+    ckpt = save_tiny_checkpoint(family, tmp_path / "c", tie_word_embeddings=True, **DIMS[family])
+    ref = load_model(str(ckpt), dtype=torch.float32)
+    assert ref.config.tie_word_embeddings
+    h = usaf.prepare(load_model(str(ckpt), dtype=torch.float32), usaf.UsafConfig(quant="none"))
+    path = tmp_path / "m.gguf"
+    write_gguf(h, ckpt, path, "f32")
+    assert "output.weight" not in GGUFFile(path).tensors
+    ids = torch.randint(0, 320, (2, 10), generator=torch.Generator().manual_seed(0))
+    g = load_gguf(path, dtype=torch.float32).model
+    assert g.config.tie_word_embeddings and g.lm_head.weight is g.model.embed_tokens.weight
+    assert torch.allclose(_logits(g, ids), _logits(ref, ids), atol=2e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize("kind", ["f16", "bf16", "q8_0", "q4_0", "q4_1", "q5_0", "q5_1", "q4_k", "q5_k", "q6_k"])

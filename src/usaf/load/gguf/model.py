@@ -78,6 +78,9 @@ def gguf_config(f: GGUFFile):
     else:
         d["num_experts"] = experts
         d["moe_intermediate_size"] = f.get(f"{a}.expert_feed_forward_length", inter)
+    # llama.cpp's convention: a file without output.weight computes the output with token_embd (tied
+    # embeddings, e.g. SmolLM2); transformers' reader leaves the config's default (untied for these families)
+    d["tie_word_embeddings"] = "output.weight" not in f.tensors
     if "rope_theta" in d:
         d["rope_parameters"] = {"rope_type": "default", "rope_theta": float(d.pop("rope_theta"))}
     try:
@@ -160,6 +163,7 @@ def load_gguf(path, cfg: UsafConfig | None = None, dtype=torch.bfloat16, device=
     with init_empty_weights(include_buffers=False):
         model = AutoModelForCausalLM.from_config(config, dtype=dtype, **kw)
     model.config._name_or_path = str(path)
+    model.tie_weights()  # tied embeddings share one meta parameter: no output.weight is expected
     want = expected_tensors(model, family.model_type, text)
     stacks = {}
     for layer_idx, layer in enumerate(decoder_layers(model)):
