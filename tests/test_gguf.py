@@ -263,3 +263,23 @@ def test_like_source_refuses_linear_deltas(key, flag):
                           tensors={f"{key}.indices": torch.zeros(1, dtype=torch.int64), f"{key}.values": torch.zeros(1)})
     with pytest.raises(ExportError, match=flag):
         _new_values(run, SimpleNamespace(tensors={}), SimpleNamespace(num_hidden_layers=2))
+
+
+def test_prefix_layers_of_a_gguf_stay_views_of_the_file(files):
+    """``prefix_mapped`` on the host tier: the stacks below the trainable range stay views of the file's map
+    (they run once, for the frozen-prefix cache); the others are copies in RAM; the logits are the same."""
+    from usaf.load.mmap import _MMAP_RANGES
+
+    _, path = files["qwen3_moe"]
+    cfg = usaf.UsafConfig(quant="none", train_layers="top:1")
+    ids = torch.randint(0, 320, (2, 10), generator=torch.Generator().manual_seed(0))
+    outs = []
+    for mapped in (True, False):
+        h = load_gguf(path, cfg, dtype=torch.float32, tier="host", prefix_mapped=mapped)
+        start = h.trainable_layers[0].index
+        assert start > 0
+        for m in h.layers:
+            views = [t.data_ptr() in _MMAP_RANGES for s in m.experts.frozen.values() for t in s.tensors().values()]
+            assert all(views) if (mapped and m.index < start) else not any(views), (m.index, mapped)
+        outs.append(_logits(h.model, ids))
+    assert torch.equal(outs[0], outs[1])

@@ -46,9 +46,9 @@ def test_training_with_prefix_cache_equals_without(tmp_path, monkeypatch, capsys
     rows = [{"text": f"{w} fox {w} dog {i} " * 4} for i, w in enumerate("abcdefghijklmnopqrstuvwxyz")]
     data = tmp_path / "d.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    common = ["train", "--model", str(ckpt), "--data", str(data), "--steps", "6", "--seq-len", "32",
+    common = ["train", "--model", str(ckpt), "--data", str(data), "--steps", "12", "--seq-len", "32",
               "--batch-size", "4", "--lr", "0.01", "--density", "0.05", "--train-layers", "top:1",
-              "--reselect-every", "3"]
+              "--reselect-every", "3"]  # 48 visits: about one epoch, so the cache is built (prefix_pays_off)
     capsys.readouterr()
     assert main(common + ["--out", str(tmp_path / "a"), "--no-prefix-cache", "--quiet"]) == 0
     assert "%|" not in capsys.readouterr().err  # --quiet: no bar
@@ -82,3 +82,31 @@ def test_the_support_probe_is_short(monkeypatch):
     rows = [Example(list(range(6, 70)), list(range(6, 70)))] * 3
     assert prefix.enable_prefix_cache(handle, rows, [], 2, 0) is False
     assert seen[0].tolist() == [prefix.PROBE_TOKENS, prefix.PROBE_TOKENS // 2]
+
+
+def test_no_prefix_cache_for_a_short_run_on_a_large_dataset(tmp_path, monkeypatch):
+    """A run that visits few of its sequences does not build the cache (it would compute every sequence's
+    hidden states once); it trains as --no-prefix-cache does."""
+    import usaf.train.recipe as recipe
+    from usaf.memory.prefix import prefix_pays_off
+
+    assert prefix_pays_off(24, 3, 24) and not prefix_pays_off(180, 20, 8) and prefix_pays_off(180, 20, 180)
+    monkeypatch.setenv("USAF_PREFIX_CACHE", str(tmp_path / "prefix"))
+    built = []
+    enable = recipe.enable_prefix_cache
+    monkeypatch.setattr(recipe, "enable_prefix_cache", lambda *a, **k: built.append(1) or enable(*a, **k))
+    ckpt = save_tiny_checkpoint("deepseek_v3", tmp_path / "c")
+    rows = [{"text": f"{w} fox {w} dog {i} " * 4} for i, w in enumerate("abcdefghijklmnopqrstuvwxyz" * 4)]
+    data = tmp_path / "d.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    common = ["train", "--model", str(ckpt), "--data", str(data), "--seq-len", "32", "--batch-size", "4",
+              "--lr", "0.01", "--density", "0.05", "--train-layers", "top:1", "--quiet"]
+    assert main(common + ["--steps", "2", "--out", str(tmp_path / "a")]) == 0
+    assert not built and not list((tmp_path / "prefix").glob("*.bin"))
+    assert main(common + ["--steps", "2", "--out", str(tmp_path / "b"), "--no-prefix-cache"]) == 0
+    la = [json.loads(x)["loss"] for x in (tmp_path / "a" / "log.jsonl").read_text().splitlines()]
+    lb = [json.loads(x)["loss"] for x in (tmp_path / "b" / "log.jsonl").read_text().splitlines()]
+    assert la == lb
+    assert main(common + ["--steps", "60", "--out", str(tmp_path / "whole"), "--reselect-every", "0"]) == 0
+    # about one epoch: built
+    assert built and len(list((tmp_path / "prefix").glob("*.bin"))) == 1

@@ -389,7 +389,7 @@ def load_prepared(model: str, cfg: UsafConfig, dtype, device, trust_remote_code:
         if tier == "auto":
             tier = choose_tier(gguf_expert_bytes(model), device, device_memory, host_memory)
             log.info("frozen expert stacks (GGUF) on the %s tier", tier)
-        handle = load_gguf(model, cfg, dtype=dtype, device=device, tier=tier)
+        handle = load_gguf(model, cfg, dtype=dtype, device=device, tier=tier, prefix_mapped=prefix_mapped)
         handle.model.to(device)
         return handle
     p = Path(model)

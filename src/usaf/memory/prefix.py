@@ -133,6 +133,14 @@ def offset_index(batches, k: int):
         yield b
 
 
+def prefix_pays_off(n_train: int, n_eval: int, visits: int, evaluations: int = 2) -> bool:
+    """Whether building the cache is worth it: it runs the frozen prefix once for every training and eval
+    sequence, while without it the prefix runs once per visit of a training sequence and per evaluation of an
+    eval sequence. A run of 10 steps on a dataset of millions of sequences would otherwise spend hours (and
+    gigabytes of disk) on hidden states it never reads."""
+    return visits + evaluations * n_eval >= n_train + n_eval
+
+
 def enable_prefix_cache(handle: UsafModel, train_ex, eval_ex, batch_size: int, pad_id: int) -> bool:
     """Build the cache for ``train_ex + eval_ex`` when the first trainable layer is above 0 and the family
     reproduces the full forward from cached states; then release the frozen prefix. Returns whether on."""

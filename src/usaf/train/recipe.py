@@ -39,7 +39,7 @@ from ..engine.select import select
 from ..load.stream import load_prepared
 from ..load.tiers import Prefetcher
 from ..memory.policy import use_checkpointing
-from ..memory.prefix import enable_prefix_cache
+from ..memory.prefix import enable_prefix_cache, prefix_pays_off
 from ..progress import progress_bars
 from ..units import dtype_name
 from . import checkpoint, distributed
@@ -150,7 +150,14 @@ class Recipe:
             check_identity(self.out, self.ckpt_meta.get("identity"),
                            dict(self.identity, base_fingerprint=handle.fingerprint), ("base_fingerprint",))
         if cfg.prefix_cache:
-            enable_prefix_cache(handle, inp.train, inp.eval, cfg.batch_size, inp.pad_id)
+            per_step = cfg.batch_size * cfg.grad_accum * self.d.world
+            visits = cfg.steps * per_step if cfg.steps else math.ceil(cfg.epochs * len(inp.train))
+            if prefix_pays_off(len(inp.train), len(inp.eval), visits):
+                enable_prefix_cache(handle, inp.train, inp.eval, cfg.batch_size, inp.pad_id)
+            else:
+                log.info("frozen-prefix cache off: this run visits %d of %d training sequences, fewer than "
+                         "building the cache would compute (the frozen layers run in each step instead)", visits,
+                         len(inp.train))
         return handle
 
     def _optimizer(self) -> None:

@@ -26,7 +26,7 @@ from ...engine.discover import fused_experts
 from ...engine.experts import NAMES
 from ...engine.families import family_for, get_path, supported
 from ...engine.ggml import GGMLStack, dequantize
-from ...engine.model import UsafModel, decoder_layers, prepare
+from ...engine.model import UsafModel, decoder_layers, parse_layers, prepare
 from ..mmap import register_range
 from .names import ARCH, arch_name, expert_names, family_of_arch, gguf_name, name_map, qk_heads, unpermute
 from .reader import GGUFError, GGUFFile
@@ -147,12 +147,14 @@ def _check_shape(f: GGUFFile, name: str, shape: tuple[int, ...]) -> None:
 
 
 def load_gguf(path, cfg: UsafConfig | None = None, dtype=torch.bfloat16, device="cpu", tier: str = "disk",
-              attn_implementation: str | None = None) -> UsafModel:
+              attn_implementation: str | None = None, prefix_mapped: bool = False) -> UsafModel:
     """Build and prepare the model of a GGUF file without dequantizing its experts.
 
     Args:
         tier: where the frozen expert stacks live: "disk" (views of the file's memory map), "host" (a copy of
             their GGUF bytes in RAM) or "device".
+        prefix_mapped: the stacks of the layers below the trainable range stay views of the file whatever
+            ``tier`` says (they run once, for the frozen-prefix cache; see ``usaf.load.stream.load_streamed``).
     """
     cfg = cfg or UsafConfig()
     f = open_gguf(path)
@@ -166,6 +168,8 @@ def load_gguf(path, cfg: UsafConfig | None = None, dtype=torch.bfloat16, device=
     model.tie_weights()  # tied embeddings share one meta parameter: no output.weight is expected
     want = expected_tensors(model, family.model_type, text)
     stacks = {}
+    below = parse_layers(cfg.train_layers, len(decoder_layers(model))).start if prefix_mapped else 0
+    mapped = set()
     for layer_idx, layer in enumerate(decoder_layers(model)):
         ex = fused_experts(layer, family)
         if ex is None:
@@ -177,6 +181,8 @@ def load_gguf(path, cfg: UsafConfig | None = None, dtype=torch.bfloat16, device=
             _check_shape(f, g, (e, two_i // 2, h))
         _check_shape(f, names["down_proj"][0], tuple(ex.down_proj.shape))
         stacks[prefix] = names
+        if layer_idx < below:
+            mapped.add(prefix)
     for name, (_, shape) in want.items():
         _check_shape(f, name, shape)
 
@@ -199,7 +205,7 @@ def load_gguf(path, cfg: UsafConfig | None = None, dtype=torch.bfloat16, device=
             raws = []
             for n in parts:
                 raw = f.raw(n)
-                if tier == "disk":
+                if tier == "disk" or prefix in mapped:
                     register_range(raw, f.mm, f.tensors[n].offset, f.tensors[n].nbytes)
                 else:
                     raw = raw.to("cpu" if tier == "host" else device, copy=True)
