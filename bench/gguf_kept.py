@@ -21,14 +21,55 @@ from pathlib import Path
 import torch
 
 
-def main() -> None:
+def tiny_f32_gguf(root: Path) -> Path:
+    """``root/m-f32.gguf``: a tiny qwen3_moe (hidden 256, 4 experts, expert width 256) written by usaf's
+    exporter in F32 (once)."""
     import usaf
-    from usaf.cli import main as cli
     from usaf.export.gguf import write_gguf
-    from usaf.export.gguf_source import TYPES, write_retyped
-    from usaf.load.gguf.reader import GGUFFile
     from usaf.load.hf import load_model
     from usaf.testing import save_tiny_checkpoint
+
+    f32 = root / "m-f32.gguf"
+    if not f32.exists():
+        ckpt = save_tiny_checkpoint("qwen3_moe", root / "ckpt", hidden_size=256, moe_intermediate_size=256,
+                                    num_experts=4)
+        h = usaf.prepare(load_model(str(ckpt), dtype=torch.float32), usaf.UsafConfig(quant="none"))
+        write_gguf(h, ckpt, f32, "f32")
+    return f32
+
+
+def typed_gguf(root: Path, name: str) -> Path:
+    """``root/m-<name>.gguf``: the F32 file with every matrix whose rows fit the type's block in ``name``
+    (routers and norms stay F32; K-types by usaf's K-quantizer). ``f32``: the F32 file itself."""
+    from usaf.export.gguf_source import TYPES, write_retyped
+    from usaf.load.gguf.reader import GGUFFile
+
+    f32 = tiny_f32_gguf(root)
+    if name == "f32":
+        return f32
+    q = root / f"m-{name}.gguf"
+    if not q.exists():
+        src, kind = GGUFFile(f32), TYPES[name]
+        block = {8: 32, 2: 32, 3: 32, 6: 32, 7: 32}.get(kind, 256)  # Q8_0, Q4_0, Q4_1, Q5_0, Q5_1: 32
+        kinds = {n: kind for n, t in src.tensors.items()
+                 if len(t.shape) >= 2 and ".ffn_gate_inp." not in n and t.shape[-1] % block == 0}
+        write_retyped(src, q, {}, kinds)
+    return q
+
+
+def toy_chat_data(root: Path) -> Path:
+    """``root/train.jsonl``: 80 chat rows ("Say apple then river" -> "apple river")."""
+    words = ["apple", "river", "stone", "cloud", "green", "light", "music", "paper", "seven", "table"]
+    rows = [{"messages": [{"role": "user", "content": f"Say {words[i % 10]} then {words[(3 * i + 1) % 10]}"},
+                          {"role": "assistant", "content": f"{words[i % 10]} {words[(3 * i + 1) % 10]}"}]}
+            for i in range(80)]
+    data = root / "train.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return data
+
+
+def main() -> None:
+    from usaf.cli import main as cli
 
     ap = argparse.ArgumentParser()
     ap.add_argument("--dir", default="/tmp/gguf-kept")
@@ -38,18 +79,7 @@ def main() -> None:
     a = ap.parse_args()
     root = Path(a.dir)
     root.mkdir(parents=True, exist_ok=True)
-    f32 = root / "m-f32.gguf"
-    if not f32.exists():
-        ckpt = save_tiny_checkpoint("qwen3_moe", root / "ckpt", hidden_size=256, moe_intermediate_size=256,
-                                    num_experts=4)
-        h = usaf.prepare(load_model(str(ckpt), dtype=torch.float32), usaf.UsafConfig(quant="none"))
-        write_gguf(h, ckpt, f32, "f32")
-    words = ["apple", "river", "stone", "cloud", "green", "light", "music", "paper", "seven", "table"]
-    rows = [{"messages": [{"role": "user", "content": f"Say {words[i % 10]} then {words[(3 * i + 1) % 10]}"},
-                          {"role": "assistant", "content": f"{words[i % 10]} {words[(3 * i + 1) % 10]}"}]}
-            for i in range(80)]
-    data = root / "train.jsonl"
-    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    data = toy_chat_data(root)
 
     def ppl(model: Path, delta: Path | None = None) -> float:
         buf = io.StringIO()
@@ -61,14 +91,7 @@ def main() -> None:
 
     out = {}
     for name in a.types:
-        src = GGUFFile(f32)
-        kind = TYPES[name]
-        block = {8: 32, 2: 32, 3: 32, 6: 32, 7: 32}.get(kind, 256)
-        q = root / f"m-{name}.gguf"
-        if not q.exists():
-            kinds = {n: kind for n, t in src.tensors.items()
-                     if len(t.shape) >= 2 and ".ffn_gate_inp." not in n and t.shape[-1] % block == 0}
-            write_retyped(src, q, {}, kinds)
+        q = typed_gguf(root, name)
         run = root / f"run-{name}"
         if not (run / "metrics.json").exists():
             assert cli(["train", "--model", str(q), "--data", str(data), "--out", str(run), "--steps",

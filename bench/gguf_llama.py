@@ -47,15 +47,17 @@ def llama_ppl(gguf: Path, examples) -> float:
 
 
 def main() -> None:
+    from gguf_kept import (  # the same tiny GGUFs and toy task (bench/ is sys.path[0])
+        toy_chat_data,
+        typed_gguf,
+    )
+
     import usaf
     from usaf.cli import main as cli
     from usaf.data.store import load_stored
-    from usaf.export.gguf import gguf_probe_ids, have_llama_cpp, llama_cpp_logits, position_errors, write_gguf
-    from usaf.export.gguf_source import TYPES, write_retyped
-    from usaf.load.gguf.reader import GGUFFile
-    from usaf.load.hf import load_model, load_tokenizer
+    from usaf.export.gguf import gguf_probe_ids, have_llama_cpp, llama_cpp_logits, position_errors
+    from usaf.load.hf import load_tokenizer
     from usaf.load.stream import load_prepared
-    from usaf.testing import save_tiny_checkpoint
     from usaf.train.inputs import held_out_split
     from usaf.train.trained import evaluate_data
 
@@ -73,24 +75,8 @@ def main() -> None:
         raise SystemExit("llama_cpp is not importable: pip install llama-cpp-python")
     root = Path(a.dir)
     root.mkdir(parents=True, exist_ok=True)
-    f32 = root / "m-f32.gguf"
-    if not f32.exists():
-        ckpt = save_tiny_checkpoint("qwen3_moe", root / "ckpt", hidden_size=256, moe_intermediate_size=256,
-                                    num_experts=4)
-        h = usaf.prepare(load_model(str(ckpt), dtype=torch.float32), usaf.UsafConfig(quant="none"))
-        write_gguf(h, ckpt, f32, "f32")
-
     def typed(name: str) -> Path:
-        if name == "f32":
-            return f32
-        q = root / f"m-{name}.gguf"
-        if not q.exists():
-            src, kind = GGUFFile(f32), TYPES[name]
-            block = {8: 32, 2: 32, 3: 32, 6: 32, 7: 32}.get(kind, 256)  # Q8_0, Q4_0, Q4_1, Q5_0, Q5_1: 32
-            kinds = {n: kind for n, t in src.tensors.items()
-                     if len(t.shape) >= 2 and ".ffn_gate_inp." not in n and t.shape[-1] % block == 0}
-            write_retyped(src, q, {}, kinds)
-        return q
+        return typed_gguf(root, name)
 
     out: dict = {"command": "python bench/gguf_llama.py " + " ".join(
         f"--{k.replace('_', '-')} {' '.join(v) if isinstance(v, list) else v}" for k, v in vars(a).items()),
@@ -112,12 +98,7 @@ def main() -> None:
         out["logits"][name] = row
         print("logits", name, json.dumps(row), flush=True)
 
-    words = ["apple", "river", "stone", "cloud", "green", "light", "music", "paper", "seven", "table"]
-    rows = [{"messages": [{"role": "user", "content": f"Say {words[i % 10]} then {words[(3 * i + 1) % 10]}"},
-                          {"role": "assistant", "content": f"{words[i % 10]} {words[(3 * i + 1) % 10]}"}]}
-            for i in range(80)]
-    data = root / "train.jsonl"
-    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    data = toy_chat_data(root)
     for name in a.kept_types:
         q = typed(name)
         run = root / f"run-{name}-lr{a.lr}-d{a.density}"
