@@ -313,7 +313,7 @@ def load_streamed(model_dir, cfg: UsafConfig | None = None, dtype=torch.bfloat16
 
         atomic_write(cpath, write)
         log.info("expert stacks quantized and cached in %s", cpath)
-        if tier == "disk" or not keep or mapped:
+        if not keep or mapped:  # the disk tier, or the prefix layers of the host and device tiers
             tensors, _, _mm = map_safetensors(cpath)
             for key, (prefix, name, _, shape) in stacks.items():
                 if not keep or key in mapped:
