@@ -33,6 +33,24 @@ def test_dequantize_bit_exact_random_blocks(kind):
     got = ggml.dequantize(torch.from_numpy(raw), int(kind), 512)
     assert got.dtype == torch.float32 and tuple(got.shape) == want.shape
     assert np.array_equal(got.numpy().view(np.int32), want.view(np.int32))
+    formula = ggml.dequantize_blocks(torch.from_numpy(raw).reshape(-1, gguf.GGML_QUANT_SIZES[kind][1]), int(kind))
+    assert np.array_equal(formula.reshape(want.shape).numpy().view(np.int32), want.view(np.int32))
+
+
+@pytest.mark.parametrize("kind", TYPES, ids=lambda k: k.name)
+def test_chunked_and_unaligned_dequantization_is_the_reference(kind, monkeypatch):
+    """Several chunks through the reused buffers, bf16 output, and bytes that are not int32-aligned (the
+    byte-wise nibble path): the same values as the reference."""
+    monkeypatch.setattr(ggml, "_CHUNK_CPU", 3 * 256)
+    raw = _random_rows(kind, 10, 512, seed=3)
+    want = torch.from_numpy(gguf.quants.dequantize(raw, kind).astype(np.float32))
+    shifted = torch.from_numpy(np.concatenate([np.zeros(1, np.uint8), raw.reshape(-1)]))[1:].view(raw.shape)
+    assert shifted.data_ptr() % 4 == 1
+    for r in (torch.from_numpy(raw), shifted):
+        assert torch.equal(ggml.dequantize(r, int(kind), 512), want)
+        assert torch.equal(ggml.dequantize(r, int(kind), 512, torch.bfloat16), want.to(torch.bfloat16))
+    stack = ggml.GGMLStack([shifted.reshape(2, 5, -1)], [int(kind)], 512)
+    assert torch.equal(stack.dequantize(1, 2, dtype=torch.float32), want.view(2, 5, 512)[1:2])
 
 
 @pytest.mark.parametrize("kind", [T.Q8_0, T.Q4_0, T.Q4_1, T.Q5_0, T.Q5_1], ids=lambda k: k.name)

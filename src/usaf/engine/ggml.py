@@ -14,6 +14,11 @@ results equal the ``gguf`` package's numpy reference bit for bit (``tests/test_g
   ``(d * sc) * q - dmin * m``;
 - ``Q5_K``: as Q4_K with a fifth bit per element in 32 bytes before the nibbles;
 - ``Q6_K``: ``128 bytes low nibbles | 64 bytes high 2 bits | 16 int8 scales | d``: ``(d * sc) * (q - 32)``.
+
+``dequantize_blocks`` states each formula plainly; ``dequantize`` (the hot path) computes the same fp32
+operations in the same order, in place, through buffers reused by every chunk of blocks (no temporaries per
+chunk), nibbles unpacked four bytes at a time where the bytes are int32-aligned and high bits looked up in a
+table: 1.5-3.5x faster than the formulas on CPU (``bench/ggml_dequant.py``).
 """
 
 from __future__ import annotations
@@ -39,7 +44,7 @@ def type_name(kind: int) -> str:
 
 def _f16(b: torch.Tensor) -> torch.Tensor:
     """(n, 2) uint8 -> (n, 1) fp32."""
-    return b.contiguous().view(torch.float16).float()
+    return b.clone(memory_format=torch.contiguous_format).view(torch.float16).float()  # aligned, unlike a slice
 
 
 def _nibbles(qs: torch.Tensor, width: int) -> torch.Tensor:
@@ -105,22 +110,135 @@ def dequantize_blocks(blocks: torch.Tensor, kind: int) -> torch.Tensor:
                      f"{', '.join(type_name(k) for k in BLOCKS)})")
 
 
-# Elements dequantized per step: the fp32 temporaries of a step stay small (a few MB on CPU)
-_CHUNK_CPU = 1 << 18
+# Elements dequantized per step: the fp32 scratch of a step stays in cache on CPU (as in ``engine.quant``)
+_CHUNK_CPU = 1 << 19
 _CHUNK_ACCEL = 1 << 24
+_MASK = 0x0F0F0F0F
 
 
-def dequantize(raw: torch.Tensor, kind: int, cols: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+def _unpack_nibbles(qs: torch.Tensor, width: int, out: torch.Tensor) -> None:
+    """(m, k * width) bytes -> ``out`` (m, k, 2, width) uint8: per chunk of ``width`` bytes, the low nibbles
+    then the high ones. Four bytes at a time where the bytes are int32-aligned (rows of whole words)."""
+    m = qs.shape[0]
+    src = qs.reshape(m, -1, width)
+    if width % 4 == 0 and qs.stride(0) % 4 == 0 and qs.data_ptr() % 4 == 0:
+        w, o = src.view(torch.int32), out.view(torch.int32)
+        torch.bitwise_and(w, _MASK, out=o[:, :, 0])
+        torch.bitwise_right_shift(w, 4, out=o[:, :, 1])  # arithmetic shift: the sign bits land in masked-out bits
+        o[:, :, 1].bitwise_and_(_MASK)
+    else:
+        torch.bitwise_and(src, 15, out=out[:, :, 0])
+        torch.bitwise_right_shift(src, 4, out=out[:, :, 1])
+
+
+def _bit_table(width: int, device) -> torch.Tensor:
+    """A byte's high bits spread one per output byte, shifted to bit 4: ``(256,)`` int64 (``width`` 1: eight
+    one-bit fields) or int32 (``width`` 2: four two-bit fields), whose bytes read in memory order are the fields."""
+    v = torch.arange(256, dtype=torch.int64).view(256, 1)
+    k = 8 // width
+    fields = ((v >> (torch.arange(k) * width)) & ((1 << width) - 1)) << 4
+    return fields.to(torch.uint8).contiguous().view(torch.int64 if k == 8 else torch.int32).view(256).to(device)
+
+
+class _Scratch:
+    """The buffers of one ``dequantize`` call, reused by every chunk (no allocation per chunk)."""
+
+    def __init__(self, kind: int, rows: int, device):
+        block = BLOCKS[kind][0]
+        self.codes = torch.empty(rows, block, dtype=torch.uint8, device=device)
+        high_bytes = {Q5_0: 4, Q5_1: 4, Q5_K: 32, Q6_K: 64}.get(kind)
+        if high_bytes:  # the bytes of high bits, and each one's fields looked up in a table
+            self.table = _bit_table(2 if kind == Q6_K else 1, device)
+            self.index = torch.empty(rows * high_bytes, dtype=torch.int64, device=device)
+            self.high = torch.empty(rows * high_bytes, dtype=self.table.dtype, device=device)
+
+    def high_bits(self, qh: torch.Tensor) -> torch.Tensor:
+        """(m, k) bytes -> (m, k, fields per byte) uint8: each byte's fields, shifted to bit 4."""
+        m, k = qh.shape
+        idx, high = self.index[: m * k], self.high[: m * k]
+        idx.view(m, k).copy_(qh)
+        torch.index_select(self.table, 0, idx, out=high)
+        return high.view(torch.uint8).view(m, k, -1)
+
+
+def _fill(kind: int, blocks: torch.Tensor, b: torch.Tensor, s: _Scratch) -> None:
+    """Dequantize ``blocks`` (m, bytes per block) uint8 into ``b`` (m, elements per block) fp32: the formulas of
+    ``dequantize_blocks``, with the same fp32 operations in the same order, in place."""
+    m = blocks.shape[0]
+    codes = s.codes[:m]
+    if kind == Q8_0:
+        b.copy_(blocks[:, 2:].view(torch.int8))
+        b.mul_(_f16(blocks[:, :2]))
+        return
+    if kind in (Q4_0, Q4_1, Q5_0, Q5_1):
+        at = {Q4_0: 2, Q4_1: 4, Q5_0: 6, Q5_1: 8}[kind]
+        _unpack_nibbles(blocks[:, at:], 16, codes.view(m, 1, 2, 16))
+        if kind in (Q5_0, Q5_1):  # bit j of the 4 bytes before the nibbles is element j's fifth bit
+            codes.bitwise_or_(s.high_bits(blocks[:, at - 4 : at]).view(m, 32))
+        b.copy_(codes)
+        if kind in (Q4_0, Q5_0):
+            b.sub_(8 if kind == Q4_0 else 16).mul_(_f16(blocks[:, :2]))
+        else:
+            b.mul_(_f16(blocks[:, :2])).add_(_f16(blocks[:, 2:4]))
+        return
+    if kind in (Q4_K, Q5_K):
+        sc, mn = _scale_min_k4(blocks[:, 4:16])
+        d = (_f16(blocks[:, :2]) * sc.float()).view(m, 8, 1)
+        dm = (_f16(blocks[:, 2:4]) * mn.float()).view(m, 8, 1)
+        at = 16 if kind == Q4_K else 48
+        _unpack_nibbles(blocks[:, at:], 32, codes.view(m, 4, 2, 32))
+        if kind == Q5_K:  # bit i of byte l of the 32 bytes before the nibbles: element l of sub-block i
+            codes.view(m, 8, 32).bitwise_or_(s.high_bits(blocks[:, 16:48]).transpose(1, 2))
+        b.copy_(codes)
+        b.view(m, 8, 32).mul_(d).sub_(dm)
+        return
+    if kind == Q6_K:  # bits 2s..2s+1 of byte l of half c: element l of group 4c + s
+        d = (_f16(blocks[:, 208:210]) * blocks[:, 192:208].view(torch.int8).float()).view(m, 16, 1)
+        _unpack_nibbles(blocks[:, :128], 64, codes.view(m, 2, 2, 64))
+        high = s.high_bits(blocks[:, 128:192]).view(m, 2, 32, 4).transpose(2, 3)
+        codes.view(m, 2, 4, 32).bitwise_or_(high)
+        b.copy_(codes)
+        b.sub_(32)
+        b.view(m, 16, 16).mul_(d)
+        return
+    b.copy_(dequantize_blocks(blocks, kind))
+
+
+def dequantize(raw: torch.Tensor, kind: int, cols: int, dtype: torch.dtype = torch.float32,
+               out: torch.Tensor | None = None) -> torch.Tensor:
     """Raw rows ``(..., bytes per row)`` uint8 -> ``(..., cols)`` in ``dtype`` (on ``raw``'s device), a chunk of
-    blocks at a time (computed in fp32, rounded once to ``dtype``)."""
+    blocks at a time through reused buffers (computed in fp32, rounded once to ``dtype``). ``out``: write into
+    this ``(k, rows, cols)`` tensor instead (``raw`` is then ``(k, rows, bytes)``; each ``out[e]`` contiguous, as
+    in a row range of a larger stack) and return it."""
+    if kind not in BLOCKS:
+        dequantize_blocks(raw[:0], kind)  # names the type
     block, size = BLOCKS[kind]
-    lead = raw.shape[:-1]
-    blocks = raw.reshape(-1, size)
-    out = torch.empty(blocks.shape[0], block, dtype=dtype, device=raw.device)
-    step = max(1, (_CHUNK_CPU if raw.device.type == "cpu" else _CHUNK_ACCEL) // block)
-    for b0 in range(0, blocks.shape[0], step):
-        out[b0 : b0 + step] = dequantize_blocks(blocks[b0 : b0 + step], kind)
-    return out.reshape(*lead, cols)
+    if out is None:
+        out = torch.empty(*raw.shape[:-1], cols, dtype=dtype, device=raw.device)
+        pairs = [(raw.reshape(-1, size), out.view(-1, block))]
+    else:
+        pairs = [(raw[e].reshape(-1, size), out[e].view(-1, block)) for e in range(out.shape[0])]
+    if kind in (F32, F16, BF16):
+        ftype = {F32: torch.float32, F16: torch.float16, BF16: torch.bfloat16}[kind]
+        for src, dst in pairs:
+            src = src.contiguous() if src.data_ptr() % size == 0 else src.clone()  # a view as floats needs alignment
+            dst.copy_(src.view(ftype))
+        return out
+    n = max((src.shape[0] for src, _ in pairs), default=0)
+    step = min(n, max(1, (_CHUNK_CPU if raw.device.type == "cpu" else _CHUNK_ACCEL) // block))
+    if step == 0:
+        return out
+    scratch = _Scratch(kind, step, raw.device)
+    direct = out.dtype == torch.float32
+    buf = None if direct else torch.empty(step, block, dtype=torch.float32, device=raw.device)
+    for src, dst in pairs:
+        for b0 in range(0, src.shape[0], step):
+            b1 = min(src.shape[0], b0 + step)
+            b = dst[b0:b1] if direct else buf[: b1 - b0]
+            _fill(kind, src[b0:b1], b, scratch)
+            if not direct:
+                dst[b0:b1].copy_(b)
+    return out
 
 
 class GGMLStack:
@@ -148,8 +266,8 @@ class GGMLStack:
         out = torch.empty(k, self.shape[1], self.cols, dtype=dtype, device=dev)
         r0 = 0
         for p, kind in zip(self.parts, self.kinds):
-            out[:, r0 : r0 + p.shape[1]] = dequantize(p[start:stop].to(dev, non_blocking=dev.type != "cpu"), kind,
-                                                      self.cols, dtype)
+            dequantize(p[start:stop].to(dev, non_blocking=dev.type != "cpu"), kind, self.cols,
+                       out=out[:, r0 : r0 + p.shape[1]])
             r0 += p.shape[1]
         return out
 
