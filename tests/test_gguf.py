@@ -69,6 +69,39 @@ def test_f32_gguf_loads_as_the_checkpoint(files, family):
     assert load_tokenizer(str(path)).chat_template == load_tokenizer(str(ckpt)).chat_template
 
 
+def test_gguf_tokenizer_built_once_in_a_child_then_cached(files, tmp_path, monkeypatch):
+    """The first load builds the tokenizer in a child process into the cache; later loads read the cached
+    directory (no child), and give what transformers builds from the file in-process. A cache that cannot be
+    written falls back to building in-process; a file transformers cannot read is one line."""
+    import subprocess
+
+    from usaf.load.gguf import tokenizer as gt
+    from usaf.load.gguf.reader import GGUFError
+
+    ckpt, path = files["qwen3_moe"]
+    monkeypatch.setenv("USAF_TOKENIZER_CACHE", str(tmp_path / "tok"))
+    children = []
+    real = subprocess.run
+    monkeypatch.setattr(gt.subprocess, "run", lambda *a, **k: children.append(a) or real(*a, **k))
+    text = "Say apple then river\n<|im_start|>user"
+    first = load_tokenizer(str(path))
+    second = load_tokenizer(str(path))
+    assert len(children) == 1 and len(list((tmp_path / "tok").iterdir())) == 1
+    direct = gt.build(path)
+    for tok in (first, second):
+        assert tok(text)["input_ids"] == direct(text)["input_ids"] == load_tokenizer(str(ckpt))(text)["input_ids"]
+        assert tok.chat_template == direct.chat_template and tok.pad_token_id == direct.pad_token_id
+    (tmp_path / "ro").write_text("a file, so no directory can be made under it")
+    monkeypatch.setenv("USAF_TOKENIZER_CACHE", str(tmp_path / "ro" / "tok"))
+    assert load_tokenizer(str(path))(text)["input_ids"] == direct(text)["input_ids"] and len(children) == 1
+    monkeypatch.setenv("USAF_TOKENIZER_CACHE", str(tmp_path / "tok2"))
+    monkeypatch.setattr(gt, "CACHE_VERSION", "broken")
+    monkeypatch.setattr(gt.subprocess, "run", lambda *a, **k: subprocess.CompletedProcess(
+        a, 2, "", "Traceback...\nGGUFError: cannot build the tokenizer of x.gguf: no vocabulary"))
+    with pytest.raises(GGUFError, match="^cannot build the tokenizer of x.gguf: no vocabulary$"):
+        load_tokenizer(str(path))
+
+
 @pytest.mark.parametrize("family", list(DIMS))
 def test_tied_embeddings_gguf_has_no_output_tensor_and_loads(tmp_path, family):
     """A model with tied embeddings (SmolLM2 and its upcycled MoE) is written without output.weight, as

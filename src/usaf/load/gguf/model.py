@@ -4,7 +4,8 @@ stacks kept in their GGUF quantization as the frozen store (views of the file's 
 - config: ``transformers.modeling_gguf_pytorch_utils.load_gguf_checkpoint`` (metadata only, no tensor read),
   corrected where it falls short for MoE: qwen3moe's ``moe_intermediate_size`` (``expert_feed_forward_length``),
   and llama with experts, which it reads as a dense llama: that is Mixtral (``expert_count`` experts);
-- tokenizer and chat template: ``AutoTokenizer.from_pretrained(dir, gguf_file=name)``;
+- tokenizer and chat template: ``AutoTokenizer.from_pretrained(dir, gguf_file=name)``, built once in a child
+  process and cached (``usaf.load.gguf.tokenizer``);
 - every tensor the model needs must be in the file with the shape the metadata implies (else one line);
 - the fingerprint of the base (what a delta is tied to) samples the file's tensors, like
   ``usaf.integrity.checkpoint_fingerprint`` does for safetensors.
@@ -14,11 +15,10 @@ from __future__ import annotations
 
 import hashlib
 import logging
-from pathlib import Path
 
 import torch
 from accelerate import init_empty_weights
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoConfig, AutoModelForCausalLM
 from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
 
 from ...config import UsafConfig
@@ -92,15 +92,11 @@ def gguf_config(f: GGUFFile):
 
 
 def gguf_tokenizer(path):
-    """The tokenizer (and chat template) stored in the GGUF file."""
-    p = Path(path)
-    try:
-        tok = AutoTokenizer.from_pretrained(str(p.parent), gguf_file=p.name)
-    except Exception as e:  # noqa: BLE001
-        raise GGUFError(f"cannot build the tokenizer of {p}: {str(e).splitlines()[0]}") from None
-    if tok.pad_token_id is None and tok.eos_token_id is not None:
-        tok.pad_token = tok.eos_token
-    return tok
+    """The tokenizer (and chat template) stored in the GGUF file (built once, then cached:
+    :mod:`usaf.load.gguf.tokenizer`)."""
+    from .tokenizer import gguf_tokenizer as cached
+
+    return cached(open_gguf(path))
 
 
 def gguf_fingerprint(f: GGUFFile) -> str:
@@ -209,6 +205,7 @@ def load_gguf(path, cfg: UsafConfig | None = None, dtype=torch.bfloat16, device=
                     register_range(raw, f.mm, f.tensors[n].offset, f.tensors[n].nbytes)
                 else:
                     raw = raw.to("cpu" if tier == "host" else device, copy=True)
+                    f.release(n)  # copied: the file's pages are not kept as well
                 raws.append(raw)
             frozen[prefix][stack] = GGMLStack(raws, [f.tensors[n].ggml_type for n in parts], f.tensors[parts[0]].shape[-1])
     missing = [n for n, p in model.named_parameters() if p.is_meta and n.rsplit(".", 1)[-1] not in NAMES]
