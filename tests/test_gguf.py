@@ -69,13 +69,13 @@ def test_f32_gguf_loads_as_the_checkpoint(files, family):
     assert load_tokenizer(str(path)).chat_template == load_tokenizer(str(ckpt)).chat_template
 
 
-def test_gguf_tokenizer_built_once_in_a_child_then_cached(files, tmp_path, monkeypatch):
-    """The first load builds the tokenizer in a child process into the cache; later loads read the cached
-    directory (no child), and give what transformers builds from the file in-process. A cache that cannot be
-    written falls back to building in-process; a file transformers cannot read is one line."""
+def test_gguf_tokenizer_and_config_built_once_in_a_child_then_cached(files, tmp_path, monkeypatch):
+    """The first load builds the tokenizer and config values in a child process into the cache; later loads
+    read the cached directory (no child), and give what transformers builds from the file in-process. A cache
+    that cannot be written falls back to building in-process; a file transformers cannot read is one line."""
     import subprocess
 
-    from usaf.load.gguf import tokenizer as gt
+    from usaf.load.gguf import hfmeta as gt
     from usaf.load.gguf.reader import GGUFError
 
     ckpt, path = files["qwen3_moe"]
@@ -87,7 +87,9 @@ def test_gguf_tokenizer_built_once_in_a_child_then_cached(files, tmp_path, monke
     first = load_tokenizer(str(path))
     second = load_tokenizer(str(path))
     assert len(children) == 1 and len(list((tmp_path / "tok").iterdir())) == 1
-    direct = gt.build(path)
+    f = GGUFFile(path)
+    assert gt.gguf_config_values(f) == gt.build_config(path) and len(children) == 1
+    direct = gt.build_tokenizer(path)
     for tok in (first, second):
         assert tok(text)["input_ids"] == direct(text)["input_ids"] == load_tokenizer(str(ckpt))(text)["input_ids"]
         assert tok.chat_template == direct.chat_template and tok.pad_token_id == direct.pad_token_id

@@ -1,11 +1,11 @@
 """A model from a GGUF file: config and tokenizer from its metadata, non-expert tensors dequantized once, expert
 stacks kept in their GGUF quantization as the frozen store (views of the file's memory map on the disk tier).
 
-- config: ``transformers.modeling_gguf_pytorch_utils.load_gguf_checkpoint`` (metadata only, no tensor read),
+- config: ``transformers.modeling_gguf_pytorch_utils.load_gguf_checkpoint`` (metadata only, no tensor read; built
+  once in a child process and cached with the tokenizer: ``usaf.load.gguf.hfmeta``),
   corrected where it falls short for MoE: qwen3moe's ``moe_intermediate_size`` (``expert_feed_forward_length``),
   and llama with experts, which it reads as a dense llama: that is Mixtral (``expert_count`` experts);
-- tokenizer and chat template: ``AutoTokenizer.from_pretrained(dir, gguf_file=name)``, built once in a child
-  process and cached (``usaf.load.gguf.tokenizer``);
+- tokenizer and chat template: ``AutoTokenizer.from_pretrained(dir, gguf_file=name)`` (cached the same way);
 - every tensor the model needs must be in the file with the shape the metadata implies (else one line);
 - the fingerprint of the base (what a delta is tied to) samples the file's tensors, like
   ``usaf.integrity.checkpoint_fingerprint`` does for safetensors.
@@ -19,7 +19,6 @@ import logging
 import torch
 from accelerate import init_empty_weights
 from transformers import AutoConfig, AutoModelForCausalLM
-from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
 
 from ...config import UsafConfig
 from ...engine.discover import fused_experts
@@ -28,6 +27,8 @@ from ...engine.families import family_for, get_path, supported
 from ...engine.ggml import GGMLStack, dequantize
 from ...engine.model import UsafModel, decoder_layers, parse_layers, prepare
 from ..mmap import register_range
+from .hfmeta import gguf_config_values
+from .hfmeta import gguf_tokenizer as cached_tokenizer
 from .names import ARCH, arch_name, expert_names, family_of_arch, gguf_name, name_map, qk_heads, unpermute
 from .reader import GGUFError, GGUFFile
 
@@ -59,10 +60,7 @@ def gguf_config(f: GGUFFile):
     """The transformers config of the model in ``f``."""
     _dense_or_unknown(f)
     family = family_of_arch(f.arch)
-    try:
-        d = dict(load_gguf_checkpoint(str(f.path))["config"])
-    except Exception as e:  # noqa: BLE001 - transformers' reader: any failure is a bad file for us
-        raise GGUFError(f"cannot read the metadata of {f.path}: {str(e).splitlines()[0]}") from None
+    d = gguf_config_values(f)
     d.pop("_model_name_or_path", None)
     d.pop("model_type", None)
     a = f.arch
@@ -93,10 +91,8 @@ def gguf_config(f: GGUFFile):
 
 def gguf_tokenizer(path):
     """The tokenizer (and chat template) stored in the GGUF file (built once, then cached:
-    :mod:`usaf.load.gguf.tokenizer`)."""
-    from .tokenizer import gguf_tokenizer as cached
-
-    return cached(open_gguf(path))
+    :mod:`usaf.load.gguf.hfmeta`)."""
+    return cached_tokenizer(open_gguf(path))
 
 
 def gguf_fingerprint(f: GGUFFile) -> str:

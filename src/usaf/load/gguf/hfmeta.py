@@ -1,0 +1,132 @@
+"""What transformers builds from a GGUF file's metadata (the config values and the tokenizer with its chat
+template), built once in a child process and kept in ``$USAF_TOKENIZER_CACHE``, else ``$USAF_CACHE/tokenizers``
+(default ``~/.cache/usaf/tokenizers``): one directory per file, holding the saved tokenizer and
+``gguf_config.json``.
+
+transformers reads a GGUF's metadata with gguf-py's reader and converts the vocabulary in Python: for
+SmolLM2's 49k-token vocabulary that peaks about 170 MB above the process and keeps about 80 MB (16 MB for the
+config values, 65 MB for the tokenizer). A saved ``tokenizer.json`` loads for what a checkpoint's tokenizer
+costs (about 45 MB), so the conversion runs in a child, and every load (in this run and the next) reads the
+cached directory. The key hashes the file's metadata bytes (vocabulary, merges, template, hyper-parameters)
+and the transformers version. Where the cache cannot be written, both are built in this process.
+
+    python -m usaf.load.gguf.hfmeta FILE.gguf DIR     # what the child runs
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+from .reader import GGUFError, GGUFFile
+
+log = logging.getLogger("usaf")
+CACHE_VERSION = "usaf-gguf-hfmeta-1"
+_CONFIG, _TOKENIZER_ERROR = "gguf_config.json", "tokenizer_error.txt"
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("USAF_TOKENIZER_CACHE") or
+                Path(os.environ.get("USAF_CACHE", Path.home() / ".cache" / "usaf")) / "tokenizers")
+
+
+def cache_key(f: GGUFFile) -> str:
+    import transformers
+
+    h = hashlib.sha256(f"{CACHE_VERSION}|{transformers.__version__}\n".encode())
+    h.update(f.pread(0, f.kv_end))
+    return h.hexdigest()[:32]
+
+
+def build_config(path: Path) -> dict:
+    """transformers' config values for the file (``load_gguf_checkpoint``, metadata only)."""
+    from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
+
+    try:
+        return dict(load_gguf_checkpoint(str(path))["config"])
+    except Exception as e:  # noqa: BLE001 - transformers' reader: any failure is a bad file for us
+        raise GGUFError(f"cannot read the metadata of {path}: {str(e).splitlines()[0]}") from None
+
+
+def build_tokenizer(path: Path):
+    """The tokenizer built from the file's metadata by transformers (pad token = eos where it has none)."""
+    from transformers import AutoTokenizer
+
+    try:
+        tok = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+    except Exception as e:  # noqa: BLE001
+        raise GGUFError(f"cannot build the tokenizer of {path}: {str(e).splitlines()[0]}") from None
+    if tok.pad_token_id is None and tok.eos_token_id is not None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def _build_into(path: Path, out: Path) -> None:
+    """Both, saved into ``out`` atomically (a sibling temporary directory renamed into place). A tokenizer that
+    cannot be built leaves its one-line reason instead (the config alone serves inspect and plan)."""
+    config = build_config(path)
+    tmp = out.with_name(f".{out.name}.{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        build_tokenizer(path).save_pretrained(tmp)
+    except GGUFError as e:
+        (tmp / _TOKENIZER_ERROR).write_text(str(e))
+    (tmp / _CONFIG).write_text(json.dumps(config))
+    try:
+        tmp.rename(out)
+    except OSError:  # another process saved it first
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def cached(f: GGUFFile) -> Path | None:
+    """The file's cache directory, built by a child on a miss; None where the cache cannot be written."""
+    out = cache_root() / cache_key(f)
+    if (out / _CONFIG).is_file():
+        return out
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+    except OSError:
+        log.info("the cache %s cannot be written: the GGUF's tokenizer and config are built in this process",
+                 out.parent)
+        return None
+    p = subprocess.run([sys.executable, "-m", "usaf.load.gguf.hfmeta", str(f.path), str(out)],
+                       capture_output=True, text=True)
+    if p.returncode != 0:
+        lines = [ln for ln in p.stderr.strip().splitlines() if ln.strip()]
+        raise GGUFError(lines[-1].split(": ", 1)[-1] if lines else f"cannot read the metadata of {f.path}")
+    return out
+
+
+def gguf_config_values(f: GGUFFile) -> dict:
+    d = cached(f)
+    return json.loads((d / _CONFIG).read_text()) if d else build_config(f.path)
+
+
+def gguf_tokenizer(f: GGUFFile):
+    from transformers import AutoTokenizer
+
+    d = cached(f)
+    if d is None:
+        return build_tokenizer(f.path)
+    if (d / _TOKENIZER_ERROR).is_file():
+        raise GGUFError((d / _TOKENIZER_ERROR).read_text())
+    return AutoTokenizer.from_pretrained(str(d))
+
+
+def main() -> None:
+    try:
+        _build_into(Path(sys.argv[1]), Path(sys.argv[2]))
+    except GGUFError as e:
+        print(f"GGUFError: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+if __name__ == "__main__":
+    main()
