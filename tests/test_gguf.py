@@ -193,7 +193,7 @@ def test_train_from_gguf_and_eval_reproduces(q4k_run, capsys):
     assert ppl == pytest.approx(metrics["eval_ppl_after"], rel=1e-4)
 
 
-def test_inspect_and_plan_a_gguf(q4k_run, capsys):
+def test_inspect_and_plan_a_gguf(q4k_run, files, capsys):
     q, _, _ = q4k_run
     capsys.readouterr()
     assert main(["inspect", "--model", str(q)]) == 0
@@ -202,6 +202,16 @@ def test_inspect_and_plan_a_gguf(q4k_run, capsys):
     assert "experts (frozen store, as stored): Q4_K" in out
     assert main(["plan", "--model", str(q), "--device", "cpu"]) == 0
     assert "verdict" in capsys.readouterr().out
+    # a GGUF's non-expert tensors are dequantized into memory at load, the prefix layers' too
+    assert main(["plan", "--model", str(q), "--device", "cpu", "--train-layers", "top:1", "--json"]) == 0
+    gguf_parts = {p["item"]: p for p in json.loads(capsys.readouterr().out)["train"]["breakdown"]}
+    ckpt = files["qwen3_moe"][0]
+    assert main(["plan", "--model", str(ckpt), "--device", "cpu", "--train-layers", "top:1", "--json"]) == 0
+    hf_parts = {p["item"]: p for p in json.loads(capsys.readouterr().out)["train"]["breakdown"]}
+    ne = gguf_parts["non-expert weights"]
+    assert ne["tier"] == "device" and ne["bytes"] > hf_parts["non-expert weights"]["bytes"]
+    disk = next(p for i, p in gguf_parts.items() if i.startswith("frozen layers 0-"))
+    assert "experts" in disk["item"] and "embeddings" not in disk["item"]
 
 
 def test_export_like_source(q4k_run, tmp_path):

@@ -287,9 +287,11 @@ class _Phase:
     def weights(self) -> None:
         """Non-expert weights, then the frozen experts of the resident layers: device, else host, else disk."""
         p, mc, s, d = self.p, self.mc, self.s, self.d
-        per_layer = [lc.non_expert_params * d for lc in self.layers]
+        # a GGUF's non-expert tensors are all dequantized into memory at load (the prefix layers' too)
+        gguf = s.quant == "gguf"
+        per_layer = [lc.non_expert_params * d for lc in (mc.layers if gguf else self.layers)]
         head = (mc.lm_head_params or (mc.embed_params if mc.tied else 0)) * d
-        need_embed = (not self.train) or (not s.prefix_cache) or mc.tied
+        need_embed = (not self.train) or (not s.prefix_cache) or mc.tied or gguf
         embed = mc.embed_params * d if need_embed and not mc.tied else 0
         ne_total = sum(per_layer) + head + embed + mc.other_params * d
         ne_staging = max(2 * max(per_layer, default=0), head, embed)
@@ -304,11 +306,13 @@ class _Phase:
                 next(q for q in p.parts if q["item"].startswith("selection: importance"))["tier"] = "device"
             first = self.first
             if s.prefix_cache and (first > 0 or not mc.tied):
-                disk_prefix = sum(layer_expert_bytes(lc, s.quant, s.group_size, d, s.expert_bits) + lc.non_expert_params * d
-                                  for lc in mc.layers[:first])
-                disk_prefix += 0 if mc.tied else mc.embed_params * d
-                what = f"frozen layers 0-{first - 1} + embeddings" if first > 0 else "embeddings"
-                p.add(f"{what} (prefix-cache build only)", disk_prefix, "disk")
+                disk_prefix = sum(layer_expert_bytes(lc, s.quant, s.group_size, d, s.expert_bits)
+                                  + (0 if gguf else lc.non_expert_params * d) for lc in mc.layers[:first])
+                disk_prefix += 0 if mc.tied or gguf else mc.embed_params * d
+                what = (f"frozen layers 0-{first - 1}" + ("'s experts" if gguf else " + embeddings") if first > 0
+                        else "embeddings")
+                if disk_prefix:
+                    p.add(f"{what} (prefix-cache build only)", disk_prefix, "disk")
                 p.add("prefix cache: hidden states (B x T x H per batch)", self.n_tok * mc.hidden * d, "disk")
 
     def result(self) -> dict:
