@@ -9,6 +9,10 @@ an F16 GGUF by usaf's exporter and quantized to Q4_K_M by llama.cpp. Then the sa
 twice on the quality bench's docs task (its training rows; held-out split of them), once with ``--model
 X.Q4_K_M.gguf`` and once with ``--model CHECKPOINT --quant 4bit``, each in its own process under
 ``/usr/bin/time -v``: held-out perplexity before/after (the run's own eval) and the peak RSS of each.
+
+``--llama`` adds llama.cpp on this real model: usaf's logits of the Q4_K_M file against llama.cpp's (beside
+what Q4_K_M itself changes against usaf's logits of the F16 file), and the improvement that the GGUF run's
+``usaf export --format gguf --like-source`` keeps, by llama.cpp's perplexity on the run's held-out split.
 """
 
 from __future__ import annotations
@@ -46,6 +50,44 @@ def run(cmd: list[str], log: Path) -> dict:
     return {"wall_s": round(time.perf_counter() - t0, 1), "max_rss_mb": round(rss)}
 
 
+def against_llama(root: Path, f16: Path, q4: Path, data: Path, seq_len: int, run: dict) -> dict:
+    """llama.cpp on this real model: logits of the Q4_K_M file (usaf's against llama.cpp's, beside what the
+    Q4_K_M quantization itself changes against usaf's logits of the F16 file), and the improvement kept."""
+    from gguf_llama import llama_ppl  # bench/ is sys.path[0]
+
+    import usaf
+    from usaf.cli import main as cli
+    from usaf.data.store import load_stored
+    from usaf.export.gguf import gguf_probe_ids, llama_cpp_logits, position_errors
+    from usaf.load.hf import load_tokenizer
+    from usaf.load.stream import load_prepared
+    from usaf.train.inputs import held_out_split
+
+    cfg = usaf.UsafConfig(quant="none")
+    logits = {}
+    for name, path in (("f16", f16), ("q4_k_m", q4)):
+        model = load_prepared(str(path), cfg, torch.float32, "cpu").model
+        ids = gguf_probe_ids(model.config.vocab_size)
+        with torch.no_grad():
+            logits[name] = model(input_ids=ids).logits
+        del model
+    theirs = llama_cpp_logits(q4, ids)
+    err, own = position_errors(logits["q4_k_m"], theirs), position_errors(logits["f16"], logits["q4_k_m"])
+    res = {"logits_q4_k_m": {"median": float(err.median()), "max": float(err.max()),
+                             "top_token_agrees": float((logits["q4_k_m"].argmax(-1) == theirs.argmax(-1)).float().mean()),
+                             "quantization_median": float(own.median()), "quantization_max": float(own.max())}}
+    exported = root / "gguf_q4_k_m.like-source.gguf"
+    assert cli(["export", str(root / "gguf_q4_k_m"), "--format", "gguf", "--like-source", "--out", str(exported),
+                "--overwrite"]) == 0
+    held = held_out_split(load_stored(str(data), load_tokenizer(str(q4)), seq_len).examples, 0)[1]
+    base, export = llama_ppl(q4, held), llama_ppl(exported, held)
+    res["kept"] = {"ppl_before": run["eval_ppl_before"], "ppl_after": run["eval_ppl_after"], "llama_ppl_base": base,
+                   "llama_ppl_export": export,
+                   "kept": (base - export) / (run["eval_ppl_before"] - run["eval_ppl_after"])}
+    print("llama.cpp", json.dumps(res), flush=True)
+    return res
+
+
 def main() -> None:
     import usaf
     from usaf.bench.corpora import write_task_files
@@ -60,6 +102,9 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=4)
     ap.add_argument("--train-layers", default="top:6")
     ap.add_argument("--rows", type=int, default=400, help="training rows taken from the docs task")
+    ap.add_argument("--llama", action="store_true",
+                    help="also compare with llama.cpp: logits of the Q4_K_M file, and the improvement that the GGUF "
+                         "run's --like-source export keeps by llama.cpp's perplexity on the run's held-out split")
     ap.add_argument("--json", default="")
     a = ap.parse_args()
     root = Path(a.dir)
@@ -92,6 +137,8 @@ def main() -> None:
     g, h = out["runs"]["gguf_q4_k_m"], out["runs"]["hf_quant_4bit"]
     out["ppl_after_ratio"] = g["eval_ppl_after"] / h["eval_ppl_after"]
     out["max_rss_ratio"] = g["max_rss_mb"] / h["max_rss_mb"]
+    if a.llama:
+        out["llama_cpp"] = against_llama(root, f16, q4, data, a.seq_len, g)
     print(json.dumps(out, indent=1))
     if a.json:
         Path(a.json).write_text(json.dumps(out, indent=1) + "\n")

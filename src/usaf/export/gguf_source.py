@@ -3,7 +3,10 @@
 The output keeps the source's metadata, tensor order and types. Tensors the delta does not touch are copied
 byte for byte. A touched tensor (an expert stack with deltas, a trained router) is rewritten only where it
 changed: each GGML block holding a changed element is dequantized, given the new values (``base + delta`` in
-fp32; a router: its trained fp32 weights) and requantized in the tensor's own type; every other block keeps
+fp32; a router: its trained fp32 weights) and requantized in the tensor's own type, keeping its own scales:
+only the changed elements get new codes, rounded stochastically so that deltas below half a quantization
+step are kept in expectation, and the other elements keep their exact values (a block whose new values leave
+the range of its scales is quantized afresh: ``export.kquant.requantize_touched``); every other block keeps
 its bytes. (Requantizing a whole K-quant tensor would not give back its bytes, so untouched blocks are never
 requantized.) ``--touched-type T`` writes every touched tensor whole in type ``T`` instead (the tensor infos
 and offsets are rewritten; the key/values stay as stored).
@@ -26,7 +29,7 @@ from ..engine.ggml import BLOCKS, dequantize, type_name
 from ..load.gguf.model import gguf_config, gguf_fingerprint, open_gguf
 from ..load.gguf.names import expert_names, gguf_name, name_map
 from ..load.gguf.reader import GGUFFile
-from .kquant import quantize_rows
+from .kquant import quantize_rows, requantize_touched
 from .layout import ExportCheckError, ExportError, Run, Staged
 
 _LAYER = re.compile(r"\.layers\.(\d+)\.")
@@ -99,7 +102,8 @@ def _same_types(src: GGUFFile, path: Path, new: dict) -> dict:
             vals = values.numpy()
             changed = (before.reshape(len(rows), -1, block) != vals.reshape(len(rows), -1, block)).any(-1)
             blocks = old.reshape(len(rows), -1, size)
-            blocks[changed] = quantize_rows(vals.reshape(len(rows), -1, block)[changed], t.ggml_type)
+            blocks[changed] = requantize_touched(blocks[changed], before.reshape(len(rows), -1, block)[changed],
+                                                 vals.reshape(len(rows), -1, block)[changed], t.ggml_type)
             count += int(changed.sum())
             for i, r in enumerate(rows.tolist()):
                 if changed[i].any():

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..engine.ggml import BLOCKS, Q4_K, Q5_K, Q6_K, type_name
+from ..engine.ggml import BLOCKS, Q4_0, Q4_1, Q4_K, Q5_0, Q5_1, Q5_K, Q6_K, Q8_0, type_name
 
 
 def _f16(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -48,16 +48,34 @@ def _quant_k45(x: np.ndarray, bits: int) -> np.ndarray:
     step = (d[:, None] * sc.astype(np.float32))[..., None]
     off = (dmin[:, None] * mn.astype(np.float32))[..., None]
     q = np.clip(np.rint(_safe_div(sub + off, np.broadcast_to(step, sub.shape))), 0, qmax).astype(np.uint8)
-    low = (q & 15).reshape(n, 4, 2, 32)
-    qs = (low[:, :, 0] | (low[:, :, 1] << 4)).reshape(n, 128)
-    parts = [d16, m16, _k4_scales(sc, mn)]
-    if bits == 5:
-        hi = (q >> 4) & 1  # (n, 8, 32): bit k of byte j is sub-block k's element j
-        qh = np.zeros((n, 32), dtype=np.uint8)
-        for k in range(8):
-            qh |= hi[:, k] << k
-        parts.append(qh)
-    return np.concatenate(parts + [qs], axis=1)
+    return np.concatenate([d16, m16, _k4_scales(sc, mn), _codes_k45(q.reshape(n, 256), bits)], axis=1)
+
+
+def _nibbles(q: np.ndarray, width: int) -> np.ndarray:
+    """(n, k * 2 * width) codes < 16 -> (n, k * width) bytes: per chunk, low nibbles then high ones."""
+    n = q.shape[0]
+    c = q.reshape(n, -1, 2, width).astype(np.uint8)
+    return (c[:, :, 0] | (c[:, :, 1] << 4)).reshape(n, -1)
+
+
+def _codes_k45(q: np.ndarray, bits: int) -> np.ndarray:
+    """Q4_K / Q5_K codes (n, 256) -> the bytes after the scales: [32 bytes of fifth bits] + 128 of nibbles."""
+    qs = _nibbles(q & 15, 32)
+    if bits == 4:
+        return qs
+    hi = ((q >> 4) & 1).reshape(-1, 8, 32).astype(np.uint8)  # bit k of byte j is sub-block k's element j
+    qh = np.zeros((q.shape[0], 32), dtype=np.uint8)
+    for k in range(8):
+        qh |= hi[:, k] << k
+    return np.concatenate([qh, qs], axis=1)
+
+
+def _codes_q6k(q: np.ndarray) -> np.ndarray:
+    """Q6_K codes (n, 256), 0..63 -> ql (128 bytes) + qh (64 bytes)."""
+    n = q.shape[0]
+    hi = (q >> 4).reshape(n, 2, 4, 32).astype(np.uint8)
+    qh = (hi[:, :, 0] | (hi[:, :, 1] << 2) | (hi[:, :, 2] << 4) | (hi[:, :, 3] << 6)).reshape(n, 64)
+    return np.concatenate([_nibbles(q & 15, 64), qh], axis=1)
 
 
 def _quant_q6k(x: np.ndarray) -> np.ndarray:
@@ -68,12 +86,7 @@ def _quant_q6k(x: np.ndarray) -> np.ndarray:
     sc = np.clip(np.rint(_safe_div(scale, d[:, None])), -128, 127).astype(np.int8)
     step = (d[:, None] * sc.astype(np.float32))[..., None]
     q = (np.clip(np.rint(_safe_div(sub, np.broadcast_to(step, sub.shape))), -32, 31) + 32).astype(np.uint8)
-    q = q.reshape(n, 256)
-    low = (q & 15).reshape(n, 2, 2, 64)
-    ql = (low[:, :, 0] | (low[:, :, 1] << 4)).reshape(n, 128)
-    hi = (q >> 4).reshape(n, 2, 4, 32)
-    qh = (hi[:, :, 0] | (hi[:, :, 1] << 2) | (hi[:, :, 2] << 4) | (hi[:, :, 3] << 6)).reshape(n, 64)
-    return np.concatenate([ql, qh, sc.view(np.uint8), d16], axis=1)
+    return np.concatenate([_codes_q6k(q.reshape(n, 256)), sc.view(np.uint8), d16], axis=1)
 
 
 def quantize_rows(x: np.ndarray, kind: int) -> np.ndarray:
@@ -90,3 +103,70 @@ def quantize_rows(x: np.ndarray, kind: int) -> np.ndarray:
 
     q = gguf.quants.quantize(x, gguf.GGMLQuantizationType(kind))
     return np.ascontiguousarray(q).view(np.uint8).reshape(*x.shape[:-1], -1)
+
+
+# code range of each quantized type, and where its codes sit in a block
+CODE_RANGE = {Q8_0: (-128, 127), Q4_0: (0, 15), Q4_1: (0, 15), Q5_0: (0, 31), Q5_1: (0, 31), Q4_K: (0, 15),
+              Q5_K: (0, 31), Q6_K: (0, 63)}
+
+
+def with_codes(blocks: np.ndarray, q: np.ndarray, kind: int) -> np.ndarray:
+    """Blocks ``(n, bytes)`` of type ``kind`` with their codes replaced by ``q`` ``(n, elements)`` (within
+    ``CODE_RANGE``); the scales, mins and every other byte stay."""
+    out = np.array(blocks, dtype=np.uint8, copy=True)
+    n = out.shape[0]
+    if kind == Q8_0:
+        out[:, 2:] = q.astype(np.int8).view(np.uint8)
+    elif kind in (Q4_0, Q4_1):
+        at = 2 if kind == Q4_0 else 4
+        out[:, at : at + 16] = _nibbles(q, 16)
+    elif kind in (Q5_0, Q5_1):
+        at = 2 if kind == Q5_0 else 4
+        bits = ((q.astype(np.uint32) >> 4) & 1) << np.arange(32, dtype=np.uint32)
+        out[:, at : at + 4] = bits.sum(-1, dtype=np.uint32).astype("<u4").reshape(n, 1).view(np.uint8)
+        out[:, at + 4 : at + 20] = _nibbles(q & 15, 16)
+    elif kind in (Q4_K, Q5_K):
+        out[:, 16:] = _codes_k45(q, 4 if kind == Q4_K else 5)
+    elif kind == Q6_K:
+        out[:, :192] = _codes_q6k(q)
+    else:
+        raise ValueError(f"{type_name(kind)} has no codes")
+    return out
+
+
+def _deq(blocks: np.ndarray, kind: int) -> np.ndarray:
+    import torch
+
+    from ..engine.ggml import dequantize
+
+    return dequantize(torch.from_numpy(np.ascontiguousarray(blocks)), kind, BLOCKS[kind][0]).numpy()
+
+
+def requantize_touched(blocks: np.ndarray, base: np.ndarray, target: np.ndarray, kind: int,
+                       seed: int = 0) -> np.ndarray:
+    """Blocks ``(n, bytes)`` of type ``kind`` whose values go from ``base`` to ``target`` ``(n, elements)``.
+
+    Each block keeps its own scales; only the moved elements get new codes, rounded *stochastically* between
+    the two nearest grid values (up with probability equal to the fraction of the step): a trained delta
+    smaller than half a quantization step, which round-to-nearest would drop, is kept in expectation over the
+    many elements that moved, and every element that did not move keeps its exact value. A block where a
+    moved element falls outside the range its scales can represent (by more than half a step) is quantized
+    afresh from ``target`` instead. Untyped formats (F32, F16, BF16) are written afresh (exact up to their
+    rounding). ``seed`` fixes the rounding (the same run exports the same bytes)."""
+    fresh = quantize_rows(target, kind)
+    if kind not in CODE_RANGE:
+        return fresh
+    lo, hi = CODE_RANGE[kind]
+    n, block = target.shape
+    zero = _deq(with_codes(blocks, np.zeros((n, block), np.int64), kind), kind)
+    step = _deq(with_codes(blocks, np.ones((n, block), np.int64), kind), kind) - zero
+    live = step != 0
+    safe = np.where(live, step, 1)
+    q_old = np.where(live, np.rint((base - zero) / safe), 0)
+    moved = (target != base) & live
+    x = (target - zero) / safe  # the wanted code, fractional
+    floor = np.floor(x)
+    up = np.random.default_rng(seed).random(x.shape, dtype=np.float32) < (x - floor)
+    q = np.where(moved, np.clip(floor + up, lo, hi), q_old).astype(np.int64)
+    outside = (moved & ((x < lo - 0.5) | (x > hi + 0.5))).any(-1) | ((target != base) & ~live).any(-1)
+    return np.where(outside[:, None], fresh, with_codes(blocks, q, kind))
