@@ -108,3 +108,29 @@ def test_reader_refuses_bad_files(good, case, match):
     good.write_bytes(bytes(raw))
     with pytest.raises(GGUFError, match=match):
         GGUFFile(good)
+
+
+def test_long_arrays_stay_bytes_until_read(tmp_path):
+    """A vocabulary-sized array is kept as its span of the file (lengths checked at open, nothing decoded);
+    read, it equals the gguf package's; a string length past the end is refused at open."""
+    words = [f"tok{i}\u00e9" for i in range(5000)]
+    w = gguf.GGUFWriter(str(tmp_path / "v.gguf"), "qwen3moe")
+    w.add_block_count(1)
+    w.add_array("tokenizer.ggml.tokens", words)
+    w.add_array("tokenizer.ggml.token_type", list(range(5000)))
+    w.add_tensor("b.weight", np.ones(4, np.float32), raw_dtype=T.F32)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    f = GGUFFile(tmp_path / "v.gguf")
+    toks = f.metadata["tokenizer.ggml.tokens"]
+    assert type(toks).__name__ == "LazyArray" and len(toks) == 5000 and toks[4999] == words[4999]
+    assert list(toks) == words and toks == words and f.metadata["tokenizer.ggml.token_type"] == list(range(5000))
+    assert toks == GGUFFile(tmp_path / "v.gguf").metadata["tokenizer.ggml.tokens"]
+    raw = bytearray((tmp_path / "v.gguf").read_bytes())
+    at = raw.index(b"tok4999\xc3\xa9") - 8  # the last string's length
+    raw[at : at + 8] = struct.pack("<Q", 1 << 40)
+    (tmp_path / "bad.gguf").write_bytes(bytes(raw))
+    with pytest.raises(GGUFError, match="truncated or corrupt"):
+        GGUFFile(tmp_path / "bad.gguf")

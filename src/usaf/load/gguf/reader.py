@@ -32,6 +32,42 @@ _MAX_ELEMENTS = 1 << 44
 _SCALARS = {0: ("<B", 1), 1: ("<b", 1), 2: ("<H", 2), 3: ("<h", 2), 4: ("<I", 4), 5: ("<i", 4), 6: ("<f", 4),
             7: ("<?", 1), 10: ("<Q", 8), 11: ("<q", 8), 12: ("<d", 8)}
 _STRING, _ARRAY = 8, 9
+_LAZY = 4096  # metadata arrays longer than this (a vocabulary, its merges) stay bytes of the map until read
+
+
+class LazyArray:
+    """A long metadata array kept as its span of the file (its lengths checked, nothing decoded): a 150k-token
+    vocabulary as Python strings is tens of MB that usaf never reads (transformers reads the file itself).
+    Reading it (iteration, ``len``, indexing, ``==`` with a list) parses it; two of them compare by bytes."""
+
+    def __init__(self, cursor: _Cursor, start: int, end: int, etype: int, count: int):
+        self._buf, self._path, self.start, self.end = cursor.buf, cursor.path, start, end
+        self.etype, self.count = etype, count
+
+    def items(self) -> list:
+        c = _Cursor(self._buf, self._path)
+        c.pos = self.start
+        return c.items(self.etype, self.count, "an array")
+
+    def __len__(self) -> int:
+        return self.count
+
+    def __iter__(self):
+        return iter(self.items())
+
+    def __getitem__(self, i):
+        return self.items()[i]
+
+    def __eq__(self, other) -> bool:
+        if isinstance(other, LazyArray):
+            return self.etype == other.etype and self.count == other.count and \
+                bytes(self._buf[self.start : self.end]) == bytes(other._buf[other.start : other.end])
+        return isinstance(other, list) and self.items() == other
+
+    __hash__ = None
+
+    def __repr__(self) -> str:
+        return f"LazyArray({self.count} of type {self.etype})"
 
 
 @dataclass(frozen=True)
@@ -90,13 +126,27 @@ class _Cursor:
             if least is None:
                 raise GGUFError(f"{self.path}: {what} has unknown element type {etype}")
             self.need(count * least, what)  # before allocating the list
-            if etype in _SCALARS and etype != 7:
-                code, size = _SCALARS[etype]
-                out = list(struct.unpack_from(f"<{count}{code[1]}", self.buf, self.pos))
-                self.pos += count * size
-                return out
-            return [self.value(etype, what, depth + 1) for _ in range(count)]
+            if count > _LAZY and etype in (*_SCALARS, _STRING):
+                start = self.pos
+                if etype == _STRING:
+                    for _ in range(count):  # the lengths checked, nothing decoded
+                        n = self.u64(what)
+                        self.need(n, what)
+                        self.pos += n
+                else:
+                    self.pos += count * _SCALARS[etype][1]
+                return LazyArray(self, start, self.pos, etype, count)
+            return self.items(etype, count, what, depth + 1)
         raise GGUFError(f"{self.path}: {what} has unknown value type {vtype}")
+
+    def items(self, etype: int, count: int, what: str, depth: int = 1) -> list:
+        if etype in _SCALARS and etype != 7:
+            code, size = _SCALARS[etype]
+            self.need(count * size, what)
+            out = list(struct.unpack_from(f"<{count}{code[1]}", self.buf, self.pos))
+            self.pos += count * size
+            return out
+        return [self.value(etype, what, depth) for _ in range(count)]
 
 
 class GGUFFile:
