@@ -11,8 +11,9 @@ error is a little larger than llama.cpp's.
 from __future__ import annotations
 
 import numpy as np
+import torch
 
-from ..engine.ggml import BLOCKS, Q4_0, Q4_1, Q4_K, Q5_0, Q5_1, Q5_K, Q6_K, Q8_0, type_name
+from ..engine.ggml import BLOCKS, Q4_0, Q4_1, Q4_K, Q5_0, Q5_1, Q5_K, Q6_K, Q8_0, dequantize, type_name
 
 
 def _f16(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -135,10 +136,6 @@ def with_codes(blocks: np.ndarray, q: np.ndarray, kind: int) -> np.ndarray:
 
 
 def _deq(blocks: np.ndarray, kind: int) -> np.ndarray:
-    import torch
-
-    from ..engine.ggml import dequantize
-
     return dequantize(torch.from_numpy(np.ascontiguousarray(blocks)), kind, BLOCKS[kind][0]).numpy()
 
 

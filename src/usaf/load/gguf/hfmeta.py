@@ -24,6 +24,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import transformers
+from transformers import AutoTokenizer
+from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
+
 from .reader import GGUFError, GGUFFile
 
 log = logging.getLogger("usaf")
@@ -37,8 +41,6 @@ def cache_root() -> Path:
 
 
 def cache_key(f: GGUFFile) -> str:
-    import transformers
-
     h = hashlib.sha256(f"{CACHE_VERSION}|{transformers.__version__}\n".encode())
     h.update(f.pread(0, f.kv_end))
     return h.hexdigest()[:32]
@@ -46,8 +48,6 @@ def cache_key(f: GGUFFile) -> str:
 
 def build_config(path: Path) -> dict:
     """transformers' config values for the file (``load_gguf_checkpoint``, metadata only)."""
-    from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
-
     try:
         return dict(load_gguf_checkpoint(str(path))["config"])
     except Exception as e:  # noqa: BLE001 - transformers' reader: any failure is a bad file for us
@@ -56,8 +56,6 @@ def build_config(path: Path) -> dict:
 
 def build_tokenizer(path: Path):
     """The tokenizer built from the file's metadata by transformers (pad token = eos where it has none)."""
-    from transformers import AutoTokenizer
-
     try:
         tok = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
     except Exception as e:  # noqa: BLE001
@@ -110,8 +108,6 @@ def gguf_config_values(f: GGUFFile) -> dict:
 
 
 def gguf_tokenizer(f: GGUFFile):
-    from transformers import AutoTokenizer
-
     d = cached(f)
     if d is None:
         return build_tokenizer(f.path)
