@@ -20,6 +20,7 @@ from __future__ import annotations
 import re
 import shutil
 import struct
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -103,7 +104,8 @@ def _same_types(src: GGUFFile, path: Path, new: dict) -> dict:
             changed = (before.reshape(len(rows), -1, block) != vals.reshape(len(rows), -1, block)).any(-1)
             blocks = old.reshape(len(rows), -1, size)
             blocks[changed] = requantize_touched(blocks[changed], before.reshape(len(rows), -1, block)[changed],
-                                                 vals.reshape(len(rows), -1, block)[changed], t.ggml_type)
+                                                 vals.reshape(len(rows), -1, block)[changed], t.ggml_type,
+                                                 seed=zlib.crc32(name.encode()))  # a stream per tensor
             count += int(changed.sum())
             for i, r in enumerate(rows.tolist()):
                 if changed[i].any():
