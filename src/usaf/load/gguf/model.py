@@ -180,10 +180,11 @@ def load_gguf(path, cfg: UsafConfig | None = None, dtype=torch.bfloat16, device=
 
     for name, (key, shape) in want.items():  # non-expert tensors: dequantized once
         t = f.tensors[name]
-        w = dequantize(f.raw(name), t.ggml_type, t.shape[-1]).reshape(shape)  # fp32
+        # computed in fp32 a chunk at a time and rounded once to ``dtype``: no fp32 copy of a whole tensor
+        w = dequantize(f.raw(name), t.ggml_type, t.shape[-1], dtype=dtype).reshape(shape)
         heads = qk_heads(family.model_type, key, text)
         if heads:
-            w = unpermute(w, heads)
+            w = unpermute(w, heads).contiguous()
         mod_name, _, pname = key.rpartition(".")
         get_path(model, mod_name)._parameters[pname] = torch.nn.Parameter(w.to(device=device, dtype=dtype),
                                                                           requires_grad=False)
