@@ -102,6 +102,10 @@ def test_gguf_tokenizer_and_config_built_once_in_a_child_then_cached(files, tmp_
         a, 2, "", "Traceback...\nGGUFError: cannot build the tokenizer of x.gguf: no vocabulary"))
     with pytest.raises(GGUFError, match="^cannot build the tokenizer of x.gguf: no vocabulary$"):
         load_tokenizer(str(path))
+    # a child that cannot run at all (not the file's fault): built in this process instead
+    monkeypatch.setattr(gt.subprocess, "run", lambda *a, **k: subprocess.CompletedProcess(
+        a, 1, "", "ModuleNotFoundError: No module named 'usaf'"))
+    assert load_tokenizer(str(path))(text)["input_ids"] == direct(text)["input_ids"]
 
 
 @pytest.mark.parametrize("family", list(DIMS))

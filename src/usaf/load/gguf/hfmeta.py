@@ -8,7 +8,8 @@ SmolLM2's 49k-token vocabulary that peaks about 170 MB above the process and kee
 config values, 65 MB for the tokenizer). A saved ``tokenizer.json`` loads for what a checkpoint's tokenizer
 costs (about 45 MB), so the conversion runs in a child, and every load (in this run and the next) reads the
 cached directory. The key hashes the file's metadata bytes (vocabulary, merges, template, hyper-parameters)
-and the transformers version. Where the cache cannot be written, both are built in this process.
+and the transformers version. Where the cache cannot be written, or the child cannot run, both are built in
+this process.
 
     python -m usaf.load.gguf.hfmeta FILE.gguf DIR     # what the child runs
 """
@@ -94,11 +95,18 @@ def cached(f: GGUFFile) -> Path | None:
         log.info("the cache %s cannot be written: the GGUF's tokenizer and config are built in this process",
                  out.parent)
         return None
+    env = dict(os.environ)  # the child imports this very package, wherever it was imported from
+    root = str(Path(__file__).resolve().parents[3])
+    env["PYTHONPATH"] = os.pathsep.join([root, *filter(None, [env.get("PYTHONPATH")])])
     p = subprocess.run([sys.executable, "-m", "usaf.load.gguf.hfmeta", str(f.path), str(out)],
-                       capture_output=True, text=True)
-    if p.returncode != 0:
-        lines = [ln for ln in p.stderr.strip().splitlines() if ln.strip()]
-        raise GGUFError(lines[-1].split(": ", 1)[-1] if lines else f"cannot read the metadata of {f.path}")
+                       capture_output=True, text=True, env=env)
+    lines = [ln for ln in p.stderr.strip().splitlines() if ln.strip()]
+    if p.returncode == 2 and lines and lines[-1].startswith("GGUFError: "):  # the file's fault: one line
+        raise GGUFError(lines[-1][len("GGUFError: "):])
+    if p.returncode != 0:  # the child's own trouble (it could not start, or ran out of memory)
+        log.warning("building the GGUF's tokenizer and config in a child failed (%s); building them in this "
+                    "process", lines[-1] if lines else f"exit code {p.returncode}")
+        return None
     return out
 
 
