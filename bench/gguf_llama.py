@@ -46,6 +46,17 @@ def llama_ppl(gguf: Path, examples) -> float:
     return math.exp(total / max(count, 1))
 
 
+def logits_row(ours: torch.Tensor, theirs: torch.Tensor, exact: torch.Tensor) -> dict:
+    """usaf's logits against llama.cpp's (median and max per-position error, top-token agreement), beside what
+    the type's own quantization changes (usaf's logits of the exact file against ``ours``)."""
+    from usaf.export.gguf import position_errors
+
+    err, own = position_errors(ours, theirs), position_errors(exact, ours)
+    return {"median": float(err.median()), "max": float(err.max()),
+            "top_token_agrees": float((ours.argmax(-1) == theirs.argmax(-1)).float().mean()),
+            "quantization_median": float(own.median()), "quantization_max": float(own.max())}
+
+
 def main() -> None:
     from gguf_kept import (  # the same tiny GGUFs and toy task (bench/ is sys.path[0])
         toy_chat_data,
@@ -55,7 +66,7 @@ def main() -> None:
     import usaf
     from usaf.cli import main as cli
     from usaf.data.store import load_stored
-    from usaf.export.gguf import gguf_probe_ids, have_llama_cpp, llama_cpp_logits, position_errors
+    from usaf.export.gguf import gguf_probe_ids, have_llama_cpp, llama_cpp_logits
     from usaf.load.hf import load_tokenizer
     from usaf.load.stream import load_prepared
     from usaf.train.inputs import held_out_split
@@ -90,11 +101,7 @@ def main() -> None:
         with torch.no_grad():
             ours = model(input_ids=ids).logits
         exact = ours if exact is None else exact
-        theirs = llama_cpp_logits(path, ids)
-        err, own = position_errors(ours, theirs), position_errors(exact, ours)
-        row = {"median": float(err.median()), "max": float(err.max()),
-               "top_token_agrees": float((ours.argmax(-1) == theirs.argmax(-1)).float().mean()),
-               "quantization_median": float(own.median()), "quantization_max": float(own.max())}
+        row = logits_row(ours, llama_cpp_logits(path, ids), exact)
         out["logits"][name] = row
         print("logits", name, json.dumps(row), flush=True)
 

@@ -53,12 +53,12 @@ def run(cmd: list[str], log: Path) -> dict:
 def against_llama(root: Path, f16: Path, q4: Path, data: Path, seq_len: int, run: dict) -> dict:
     """llama.cpp on this real model: logits of the Q4_K_M file (usaf's against llama.cpp's, beside what the
     Q4_K_M quantization itself changes against usaf's logits of the F16 file), and the improvement kept."""
-    from gguf_llama import llama_ppl  # bench/ is sys.path[0]
+    from gguf_llama import llama_ppl, logits_row  # bench/ is sys.path[0]
 
     import usaf
     from usaf.cli import main as cli
     from usaf.data.store import load_stored
-    from usaf.export.gguf import gguf_probe_ids, llama_cpp_logits, position_errors
+    from usaf.export.gguf import gguf_probe_ids, llama_cpp_logits
     from usaf.load.hf import load_tokenizer
     from usaf.load.stream import load_prepared
     from usaf.train.inputs import held_out_split
@@ -71,11 +71,7 @@ def against_llama(root: Path, f16: Path, q4: Path, data: Path, seq_len: int, run
         with torch.no_grad():
             logits[name] = model(input_ids=ids).logits
         del model
-    theirs = llama_cpp_logits(q4, ids)
-    err, own = position_errors(logits["q4_k_m"], theirs), position_errors(logits["f16"], logits["q4_k_m"])
-    res = {"logits_q4_k_m": {"median": float(err.median()), "max": float(err.max()),
-                             "top_token_agrees": float((logits["q4_k_m"].argmax(-1) == theirs.argmax(-1)).float().mean()),
-                             "quantization_median": float(own.median()), "quantization_max": float(own.max())}}
+    res = {"logits_q4_k_m": logits_row(logits["q4_k_m"], llama_cpp_logits(q4, ids), logits["f16"])}
     exported = root / "gguf_q4_k_m.like-source.gguf"
     assert cli(["export", str(root / "gguf_q4_k_m"), "--format", "gguf", "--like-source", "--out", str(exported),
                 "--overwrite"]) == 0

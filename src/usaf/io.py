@@ -189,3 +189,9 @@ def check_safetensors(path) -> None:
             raise ValueError(f"{path} is not a safetensors file (unreadable header)") from None
     if 8 + n + end > size:
         raise ValueError(f"{path} is truncated: {size} bytes, its header needs {8 + n + end}")
+
+
+def cache_dir(name: str, override: str) -> Path:
+    """``$override`` if set, else ``$USAF_CACHE/name`` (default ``~/.cache/usaf/name``): where usaf keeps a
+    kind of cache (quantized stacks, token stores, prefix states, GGUF tokenizers)."""
+    return Path(os.environ.get(override) or Path(os.environ.get("USAF_CACHE", Path.home() / ".cache" / "usaf")) / name)

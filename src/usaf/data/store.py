@@ -65,7 +65,7 @@ import tokenizers
 import transformers
 from tqdm import tqdm
 
-from ..io import is_disk_full
+from ..io import cache_dir, is_disk_full
 from .examples import DataError, DataStats, Example
 from .load import MIN_TAIL_FRACTION, data_files, load_examples, read_data
 
@@ -86,8 +86,7 @@ _SETTLED_NS = 3_000_000_000  # a file changed more recently than this when hashe
 
 def cache_root() -> Path:
     """``$USAF_TOKENS_CACHE``, else ``$USAF_CACHE/tokens`` (default ``~/.cache/usaf/tokens``)."""
-    return Path(os.environ.get("USAF_TOKENS_CACHE") or
-                Path(os.environ.get("USAF_CACHE", Path.home() / ".cache" / "usaf")) / "tokens")
+    return cache_dir("tokens", "USAF_TOKENS_CACHE")
 
 
 def files_digest(files) -> str:

@@ -131,13 +131,11 @@ def _unpack_nibbles(qs: torch.Tensor, width: int, out: torch.Tensor) -> None:
         torch.bitwise_right_shift(src, 4, out=out[:, :, 1])
 
 
-def _bit_table(width: int, device) -> torch.Tensor:
-    """A byte's high bits spread one per output byte, shifted to bit 4: ``(256,)`` int64 (``width`` 1: eight
-    one-bit fields) or int32 (``width`` 2: four two-bit fields), whose bytes read in memory order are the fields."""
-    v = torch.arange(256, dtype=torch.int64).view(256, 1)
-    k = 8 // width
-    fields = ((v >> (torch.arange(k) * width)) & ((1 << width) - 1)) << 4
-    return fields.to(torch.uint8).contiguous().view(torch.int64 if k == 8 else torch.int32).view(256).to(device)
+def _bit_table(device) -> torch.Tensor:
+    """A byte's eight bits spread one per output byte, shifted to bit 4: ``(256,)`` int64 whose bytes, read in
+    memory order, are bit 0 ... bit 7 of the index."""
+    fields = ((torch.arange(256, dtype=torch.int64).view(256, 1) >> torch.arange(8)) & 1) << 4
+    return fields.to(torch.uint8).contiguous().view(torch.int64).view(256).to(device)
 
 
 class _Scratch:
@@ -147,7 +145,7 @@ class _Scratch:
         block = BLOCKS[kind][0]
         self.codes = torch.empty(rows, block, dtype=torch.uint8, device=device)
         if kind in (Q5_0, Q5_1):  # 4 bytes of fifth bits: each byte's eight fields looked up in a table
-            self.table = _bit_table(1, device)
+            self.table = _bit_table(device)
             self.index = torch.empty(rows * 4, dtype=torch.int64, device=device)
             self.high = torch.empty(rows * 4, dtype=self.table.dtype, device=device)
         if kind in (Q5_K, Q6_K):  # the high-bit bytes copied to aligned words, and one field of each at a time
@@ -220,7 +218,7 @@ def _fill(kind: int, blocks: torch.Tensor, b: torch.Tensor, s: _Scratch) -> None
         b.sub_(32)
         b.view(m, 16, 16).mul_(d)
         return
-    b.copy_(dequantize_blocks(blocks, kind))
+    raise ValueError(f"{type_name(kind)} has no in-place path")  # ``dequantize`` refuses unknown types first
 
 
 def dequantize(raw: torch.Tensor, kind: int, cols: int, dtype: torch.dtype = torch.float32,

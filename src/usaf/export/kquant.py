@@ -150,9 +150,8 @@ def requantize_touched(blocks: np.ndarray, base: np.ndarray, target: np.ndarray,
     moved element falls outside the range its scales can represent (by more than half a step) is quantized
     afresh from ``target`` instead. Untyped formats (F32, F16, BF16) are written afresh (exact up to their
     rounding). ``seed`` fixes the rounding (the same run exports the same bytes)."""
-    fresh = quantize_rows(target, kind)
     if kind not in CODE_RANGE:
-        return fresh
+        return quantize_rows(target, kind)
     lo, hi = CODE_RANGE[kind]
     n, block = target.shape
     zero = _deq(with_codes(blocks, np.zeros((n, block), np.int64), kind), kind)
@@ -166,4 +165,7 @@ def requantize_touched(blocks: np.ndarray, base: np.ndarray, target: np.ndarray,
     up = np.random.default_rng(seed).random(x.shape, dtype=np.float32) < (x - floor)
     q = np.where(moved, np.clip(floor + up, lo, hi), q_old).astype(np.int64)
     outside = (moved & ((x < lo - 0.5) | (x > hi + 0.5))).any(-1) | ((target != base) & ~live).any(-1)
-    return np.where(outside[:, None], fresh, with_codes(blocks, q, kind))
+    out = with_codes(blocks, q, kind)
+    if outside.any():
+        out[outside] = quantize_rows(target[outside], kind)
+    return out

@@ -43,7 +43,7 @@ from ..engine.model import UsafModel, decoder_layers, parse_layers, prepare
 from ..engine.quant import QuantizedTensor, QuantSpec
 from ..engine.store import DenseStack
 from ..integrity import TORCH_DTYPES, IntegrityError, checkpoint_fingerprint, read_header, verify_file
-from ..io import SafetensorsStream, atomic_write
+from ..io import SafetensorsStream, atomic_write, cache_dir
 from ..progress import progress_bar
 from .gguf.model import gguf_expert_bytes, is_gguf, load_gguf
 from .hf import check_shards, load_config, load_model
@@ -212,8 +212,7 @@ class _StackBuilder:
 
 def cache_path(model_dir: Path, reader: ShardReader, cfg: UsafConfig, dtype, cache_root: Path | None) -> Path:
     """``$USAF_QUANT_CACHE`` or ``$USAF_CACHE/quant`` (default ``~/.cache/usaf/quant``)."""
-    root = cache_root or Path(os.environ.get("USAF_QUANT_CACHE") or
-                              Path(os.environ.get("USAF_CACHE", Path.home() / ".cache" / "usaf")) / "quant")
+    root = cache_root or cache_dir("quant", "USAF_QUANT_CACHE")
     tag = f"v2|{Path(model_dir).resolve()}|{reader.files_signature()}|{cfg.quant}|{cfg.group_size}|{dtype}"
     return root / f"{hashlib.sha256(tag.encode()).hexdigest()[:24]}.safetensors"
 

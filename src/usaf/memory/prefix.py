@@ -25,7 +25,7 @@ from ..data.examples import Example
 from ..engine.forward import prefix_hidden, suffix_matches
 from ..engine.model import UsafModel, compute_device, decoder_layers
 from ..integrity import file_checksum
-from ..io import atomic_write_json
+from ..io import atomic_write_json, cache_dir
 from ..load.mmap import evict
 from ..progress import progress_bar
 
@@ -67,8 +67,7 @@ class PrefixCache:
         device = compute_device(model)
         dtype = next(p for p in model.parameters() if p.is_floating_point()).dtype
         hidden = model.config.get_text_config().hidden_size
-        root = cache_root or Path(os.environ.get("USAF_PREFIX_CACHE") or
-                                  Path(os.environ.get("USAF_CACHE", Path.home() / ".cache" / "usaf")) / "prefix")
+        root = cache_root or cache_dir("prefix", "USAF_PREFIX_CACHE")
         root.mkdir(parents=True, exist_ok=True)
         key = cls.key(handle, examples, start, dtype)
         path, meta = root / f"{key}.bin", root / f"{key}.json"

@@ -29,6 +29,7 @@ import transformers
 from transformers import AutoTokenizer
 from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
 
+from ...io import cache_dir
 from .reader import GGUFError, GGUFFile
 
 log = logging.getLogger("usaf")
@@ -37,8 +38,7 @@ _CONFIG, _TOKENIZER_ERROR = "gguf_config.json", "tokenizer_error.txt"
 
 
 def cache_root() -> Path:
-    return Path(os.environ.get("USAF_TOKENIZER_CACHE") or
-                Path(os.environ.get("USAF_CACHE", Path.home() / ".cache" / "usaf")) / "tokenizers")
+    return cache_dir("tokenizers", "USAF_TOKENIZER_CACHE")
 
 
 def cache_key(f: GGUFFile) -> str:
