@@ -228,6 +228,48 @@ def test_one_calibration_pass_scores_every_layer_exactly(family):
             torch.testing.assert_close(whole.buffers[n][: ex.num_experts], want, rtol=1e-4, atol=1e-6)
 
 
+def test_calibration_records_on_disk_are_the_records_in_memory(tmp_path, monkeypatch):
+    """The calibration pass writes each batch's recorded inputs and output gradients to a temporary file
+    (no layer's records stay in memory) and reads back the same bits; where no file can be made, the records
+    stay in memory with a warning, and selection picks the same elements either way."""
+    from usaf.engine.experts import Captured
+    from usaf.engine.loss import token_mean_loss
+    from usaf.engine.select import calibrate
+
+    monkeypatch.setenv("USAF_SPILL_DIR", str(tmp_path / "spill"))
+    _, handle = _prepared(density=0.05)
+    disk = calibrate(handle, BATCHES, token_mean_loss)
+    mem = calibrate(handle, BATCHES, token_mean_loss, spill=False)
+    assert disk.calls.spilling and not mem.calls.spilling
+    for m in handle.trainable_layers:
+        assert not any(isinstance(r, Captured) for b in disk.calls._batches[m.index] for r in b)
+        pairs = list(zip(disk.calls[m.index], mem.calls[m.index]))
+        assert len(pairs) == len(BATCHES)
+        for got, want in pairs:
+            assert len(got) == len(want) > 0
+            for a, b in zip(got, want):
+                for f in ("x", "index", "weights", "dout"):
+                    assert getattr(a, f).dtype == getattr(b, f).dtype
+                    assert torch.equal(getattr(a, f), getattr(b, f)), f
+    disk.close()
+    assert disk.calls._fd is None
+
+    picked = []
+    for where in ("spill", "blocked"):
+        if where == "blocked":
+            (tmp_path / "blocked").write_text("a file where the directory should be")
+            monkeypatch.setenv("USAF_SPILL_DIR", str(tmp_path / "blocked"))
+        _, h = _prepared(density=0.05)
+        if where == "blocked":
+            with pytest.warns(UserWarning, match="stay in memory"):
+                usaf.select(h, BATCHES)
+        else:
+            usaf.select(h, BATCHES)
+        picked.append({k: d.indices.clone() for k, d in h.deltas().items()})
+    assert picked[0].keys() == picked[1].keys()
+    assert all(torch.equal(picked[0][k], picked[1][k]) for k in picked[0])
+
+
 def test_expert_groups_pick_what_whole_layers_pick():
     """The group size (``score_budget_mb``) changes the memory, not the choice."""
     sets = []

@@ -46,6 +46,7 @@ from .experts import Captured, ExpertsFunction, UsafExperts
 from .loss import token_mean_loss
 from .model import MoeLayer, UsafModel
 from .ranks import RingFold, all_gather_ragged, rank_world
+from .records import CallRecords
 from .routing import Routing
 
 _CHUNK = 1 << 24
@@ -192,21 +193,27 @@ class Calibration:
     """What :func:`calibrate` leaves: per trainable layer, its experts' calls of each batch, and the scored
     linears' scores (None when there are none)."""
 
-    calls: dict[int, list[list[Captured]]]  # layer index -> [batch][call]
+    calls: CallRecords  # layer index -> [batch][call] (kept on disk until a layer is scored)
     linears: dict[str, torch.Tensor] | None
 
+    def close(self) -> None:
+        """Delete the records' file."""
+        self.calls.close()
 
-def calibrate(handle: UsafModel, batches: list[dict], loss_fn: Callable, linears: bool = True) -> Calibration:
+
+def calibrate(handle: UsafModel, batches: list[dict], loss_fn: Callable, linears: bool = True,
+              spill: bool = True) -> Calibration:
     """One forward and one backward per calibration batch over every trainable layer (checkpointed, lean
-    experts): each experts call is recorded (:class:`Captured`: about ``2 T H`` values per layer and batch) and,
-    with ``linears``, the shared-expert and attention linears' scores are summed. ``random`` scores need no pass."""
+    experts): each experts call is recorded (:class:`Captured`: about ``2 T H`` values per layer and batch; with
+    ``spill``, written to a temporary file as each batch's backward ends: :class:`CallRecords`) and, with
+    ``linears``, the shared-expert and attention linears' scores are summed. ``random`` scores need no pass."""
     cfg = handle.config
     lins = scored_linears(handle) if linears else {}
-    if cfg.score == "random":
-        return Calibration({}, random_scores(handle, lins) if lins else None)
     model, layers = handle.model, handle.trainable_layers
+    if cfg.score == "random":
+        return Calibration(CallRecords([], spill=False), random_scores(handle, lins) if lins else None)
     sink: dict[int, list[Captured]] = {m.index: [] for m in layers}
-    calls: dict[int, list[list[Captured]]] = {m.index: [] for m in layers}
+    calls = CallRecords([m.index for m in layers], spill=spill)
     scores = LinearScores(handle, lins) if lins else None
     params = handle.trainable_parameters()
     was_training = model.training
@@ -225,8 +232,11 @@ def calibrate(handle: UsafModel, batches: list[dict], loss_fn: Callable, linears
                     scores.add_batch()
                 for i, got in sink.items():
                     # a checkpoint's recomputation may record a second call that no backward completes
-                    calls[i].append([c for c in got if c.dout is not None])
+                    calls.add(i, [c for c in got if c.dout is not None])
                     got.clear()
+        except BaseException:
+            calls.close()
+            raise
         finally:
             if scores is not None:
                 scores.watch(False)
@@ -234,7 +244,7 @@ def calibrate(handle: UsafModel, batches: list[dict], loss_fn: Callable, linears
     return Calibration(calls, scores.result() if scores is not None else None)
 
 
-def _replay(m: MoeLayer, calls: list[list[Captured]], hook: DenseScores,
+def _replay(m: MoeLayer, calls: Iterable[list[Captured]], hook: DenseScores,
             after_batch: Callable | None = None) -> None:
     """Run the backward of a layer's recorded calls again for the experts ``hook`` scores only (routes to the
     others become null routes), with ``hook``, batch by batch (``after_batch()`` after each)."""
@@ -255,7 +265,7 @@ def _replay(m: MoeLayer, calls: list[list[Captured]], hook: DenseScores,
                 after_batch()
 
 
-def _score(m: MoeLayer, calls: list[list[Captured]], hook: DenseScores) -> None:
+def _score(m: MoeLayer, calls: Iterable[list[Captured]], hook: DenseScores) -> None:
     """Fill ``hook``'s buffers from the recorded calls. Data parallel, every rank's per-batch scores are added
     to the sum in the global batch order (batch k of rank r is one process's batch ``k * N + r``), in the
     buffers' dtype, as one process adds them: each rank holds a second set of the buffers (the running sum)."""
@@ -424,6 +434,7 @@ def candidates(handle: UsafModel, batches: Iterable[dict], budget: int, exclude_
                             out.append((m, n, *best))
                 return out
             cal = calibration or calibrate(handle, batches, loss_fn, linears=False)
+            own = calibration is None  # made here: its file is deleted here
             layers = list(reversed(handle.trainable_layers))
             with progress_bar(len(layers), "selection (scoring layers)", unit="layer") as bar:
                 floor = 0.0  # once the pool holds the budget, what scores below its worst can never be picked
@@ -433,6 +444,8 @@ def candidates(handle: UsafModel, batches: Iterable[dict], budget: int, exclude_
                     if sum(c[2].numel() for c in out) >= budget:
                         floor = max(floor, min(float(c[2].min()) for c in out))
                     bar.update(1)
+            if own:
+                cal.close()
         finally:
             model.train(was_training)
     return out
@@ -454,10 +467,13 @@ def select(handle: UsafModel, batches: Iterable[dict], density: float | None = N
     if not batches:
         raise ValueError("no calibration batches for selection")
     cal = calibrate(handle, batches, loss_fn)
-    if cfg.allocation == "global":
-        chosen = pick(candidates(handle, batches, budget, loss_fn=loss_fn, calibration=cal), budget)
-    else:
-        chosen = _allocate(handle, budget, cal)
+    try:
+        if cfg.allocation == "global":
+            chosen = pick(candidates(handle, batches, budget, loss_fn=loss_fn, calibration=cal), budget)
+        else:
+            chosen = _allocate(handle, budget, cal)
+    finally:
+        cal.close()
     per_layer = {}
     for m in handle.trainable_layers:
         for n in m.experts.names:
