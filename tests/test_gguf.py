@@ -1,7 +1,7 @@
 """--model X.gguf: loading (config, tokenizer, tensors, expert stacks kept in their GGUF types), training,
 eval, export back to the source's types (--like-source), and the refusals of bad input.
 
-Test files: tiny qwen3_moe / mixtral written by usaf's own GGUF exporter (F32), then requantized to each type
+Test files: tiny qwen3_moe / qwen2_moe / mixtral written by usaf's own GGUF exporter (F32), then requantized to each type
 (K-types with usaf's round-to-nearest K-quantizer, :mod:`usaf.export.kquant`)."""
 
 import json
@@ -23,6 +23,8 @@ from usaf.testing import save_tiny_checkpoint
 gguf = pytest.importorskip("gguf")
 # rows of 256 for the K-types
 DIMS = {"qwen3_moe": {"hidden_size": 256, "moe_intermediate_size": 256, "num_experts": 4},
+        "qwen2_moe": {"hidden_size": 256, "moe_intermediate_size": 256, "shared_expert_intermediate_size": 256,
+                      "num_experts": 4},
         "mixtral": {"hidden_size": 256, "intermediate_size": 256, "num_local_experts": 4}}
 
 
@@ -31,7 +33,7 @@ def _retype(src, dst, kind: int):
     f = GGUFFile(src)
     block = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType(kind)][0]
     kinds = {n: kind for n, t in f.tensors.items()
-             if len(t.shape) >= 2 and ".ffn_gate_inp." not in n and t.shape[-1] % block == 0}
+             if len(t.shape) >= 2 and ".ffn_gate_inp" not in n and t.shape[-1] % block == 0}
     write_retyped(f, dst, {}, kinds)
     return dst
 
@@ -67,6 +69,23 @@ def test_f32_gguf_loads_as_the_checkpoint(files, family):
     text = "Say apple then river\n<|im_start|>user"
     assert load_tokenizer(str(path))(text)["input_ids"] == load_tokenizer(str(ckpt))(text)["input_ids"]
     assert load_tokenizer(str(path)).chat_template == load_tokenizer(str(ckpt)).chat_template
+
+
+@pytest.mark.parametrize("family", list(DIMS))
+def test_llama_cpp_runs_the_written_gguf_as_transformers_runs_the_checkpoint(files, family):
+    """llama.cpp's logits of the F32 file against transformers' of the checkpoint (qwen2moe: its gated shared
+    expert and un-renormalized top-k as llama.cpp computes them). Needs llama-cpp-python (built from source)."""
+    import usaf.export.gguf as ge
+
+    if not ge.have_llama_cpp():
+        pytest.skip("llama_cpp is not importable (pip install llama-cpp-python builds llama.cpp from source)")
+    ckpt, path = files[family]
+    ids = ge.gguf_probe_ids(320)
+    want = _logits(load_model(str(ckpt), dtype=torch.float32), ids)
+    got = ge.llama_cpp_logits(path, ids)
+    err = ge.position_errors(want, got)
+    assert float((err <= ge.TOLERANCE["f32"]).float().mean()) >= 0.9, err
+    assert float(err.median()) < ge.TOLERANCE["f32"] / 2, err
 
 
 def test_gguf_tokenizer_and_config_built_once_in_a_child_then_cached(files, tmp_path, monkeypatch):
@@ -298,20 +317,44 @@ def test_dense_smollm2_q4_1_refused(capsys, tmp_path):
              capsys, "is a dense model (architecture 'llama', no experts)", tmp_path / "o")
 
 
-@pytest.mark.parametrize("key,flag", [("model.layers.1.self_attn.o_proj.weight", "--attention-density 0"),
-                                      ("model.layers.1.mlp.shared_expert.up_proj.weight", "--shared-density 0")])
-def test_like_source_refuses_linear_deltas(key, flag):
-    """--like-source writes expert stacks and routers only: an attention or shared-expert delta is refused,
-    naming the flag that leaves it out."""
-    from types import SimpleNamespace
+@pytest.mark.parametrize("family", ["qwen2_moe", "mixtral"])
+def test_like_source_writes_shared_expert_and_attention_deltas(files, tmp_path, family):
+    """Sparse deltas of linears (qwen2moe's shared expert, the attention projections; llama's q/k rows stored
+    permuted) go into their GGUF tensors like the expert stacks': in F32 the file loads as exactly base + delta,
+    and in the source's types every untouched tensor keeps its bytes (the export's check)."""
+    root = tmp_path
+    q = _retype(files[family][1], root / "m-q8_0.gguf", TYPES["q8_0"])
+    run = root / "run"
+    assert main(["train", "--model", str(q), "--data", str(_data(root)), "--out", str(run), "--steps", "3",
+                 "--seq-len", "32", "--batch-size", "4", "--lr", "0.02", "--density", "0.02", "--dtype", "fp32",
+                 "--attention-density", "1", "--attention-lr", "0.02", "--calib-batches", "2",
+                 "--device", "cpu", "--quiet"]) == 0
+    from usaf.io import read_safetensors
 
-    from usaf.export.gguf_source import _new_values
-    from usaf.export.layout import ExportError
+    keys = {k.rsplit(".", 1)[0] for k in read_safetensors(run / "delta.safetensors")[0] if k.endswith(".indices")}
+    nonempty = {k for k in keys if read_safetensors(run / "delta.safetensors")[0][f"{k}.indices"].numel()}
+    if family == "mixtral":  # llama's permuted q/k rows
+        assert any(".self_attn.q_proj." in k for k in nonempty) and any(".self_attn.k_proj." in k for k in nonempty)
+    assert any(".self_attn." in k for k in nonempty)
+    assert any(".shared_expert." in k for k in nonempty) == (family == "qwen2_moe")
+    own = root / "own.gguf"
+    assert main(["export", str(run), "--format", "gguf", "--like-source", "--out", str(own)]) == 0
+    a, b = GGUFFile(q), GGUFFile(own)
+    touched = {n for n in a.tensors if a.bytes_of(n) != b.bytes_of(n)}
+    if family == "mixtral":
+        assert any(".attn_q." in n for n in touched) and any(".attn_k." in n for n in touched)
+    assert any(".attn_" in n for n in touched)
+    assert any("_shexp." in n for n in touched) == (family == "qwen2_moe")
+    exact = root / "f32.gguf"
+    assert main(["export", str(run), "--format", "gguf", "--like-source", "--touched-type", "f32",
+                 "--out", str(exact)]) == 0
+    from usaf.train.trained import delta_config
 
-    run = SimpleNamespace(meta={"model_type": "qwen3_moe"},
-                          tensors={f"{key}.indices": torch.zeros(1, dtype=torch.int64), f"{key}.values": torch.zeros(1)})
-    with pytest.raises(ExportError, match=flag):
-        _new_values(run, SimpleNamespace(tensors={}), SimpleNamespace(num_hidden_layers=2))
+    ids = torch.randint(0, 320, (2, 10), generator=torch.Generator().manual_seed(1))
+    base = load_gguf(q, cfg=delta_config(str(run / "delta.safetensors")), dtype=torch.float32)
+    base.load_delta(run / "delta.safetensors")
+    got = _logits(load_gguf(exact, dtype=torch.float32).model, ids)
+    assert torch.allclose(got, _logits(base.model, ids), atol=1e-5, rtol=1e-5)
 
 
 def test_prefix_layers_of_a_gguf_stay_views_of_the_file(files):

@@ -1,6 +1,7 @@
 """``usaf export RUN --format gguf``: the merged model as a GGUF file that llama.cpp loads.
 
-Covered: ``qwen3_moe`` (llama.cpp arch ``qwen3moe``) and ``mixtral`` (arch ``llama`` with experts), as
+Covered: ``qwen3_moe`` (llama.cpp arch ``qwen3moe``), ``qwen2_moe`` (``qwen2moe``, with its gated shared
+expert) and ``mixtral`` (arch ``llama`` with experts), as
 llama.cpp's own ``convert_hf_to_gguf.py`` writes them:
 
 - tensor names from ``gguf.TensorNameMap``; expert stacks as ``blk.N.ffn_{gate,up,down}_exps.weight``
@@ -188,6 +189,8 @@ def _hparams(w, cfg, family: str, qtype: str) -> None:
     else:
         w.add_expert_count(cfg.num_experts)
         w.add_expert_feed_forward_length(cfg.moe_intermediate_size)
+    if family == "qwen2_moe":
+        w.add_expert_shared_feed_forward_length(cfg.shared_expert_intermediate_size)
     w.add_expert_used_count(cfg.num_experts_per_tok)
     w.add_file_type(_ftype(qtype))
 
@@ -195,11 +198,13 @@ def _hparams(w, cfg, family: str, qtype: str) -> None:
 def _supported(cfg, family: str) -> None:
     if family not in ARCH:
         raise ExportError(f"GGUF export supports {', '.join(ARCH)}; this model is {family}")
-    if family == "qwen3_moe":
-        if not getattr(cfg, "norm_topk_prob", True):
-            raise ExportError("GGUF export: qwen3_moe with norm_topk_prob=False has no llama.cpp equivalent")
+    if family in ("qwen3_moe", "qwen2_moe"):
+        # llama.cpp renormalizes the top-k weights for qwen3moe and never for qwen2moe
+        if bool(getattr(cfg, "norm_topk_prob", family == "qwen3_moe")) != (family == "qwen3_moe"):
+            raise ExportError(f"GGUF export: {family} with norm_topk_prob={cfg.norm_topk_prob} has no llama.cpp "
+                              "equivalent")
         if getattr(cfg, "mlp_only_layers", None) or getattr(cfg, "decoder_sparse_step", 1) != 1:
-            raise ExportError("GGUF export: qwen3_moe with dense (mlp_only) layers is not supported")
+            raise ExportError(f"GGUF export: {family} with dense (mlp_only) layers is not supported")
         if getattr(cfg, "use_sliding_window", False):
             raise ExportError("GGUF export: sliding-window attention is not supported")
     if family == "mixtral" and getattr(cfg, "sliding_window", None):
@@ -224,7 +229,7 @@ def write_gguf(handle, src: Path, path: Path, qtype: str = "f16", tokenizer_pre_
     for name, t in gguf_tensors(handle, arch_name):
         data = t.float().contiguous().numpy()
         kind = _qtype(qtype)
-        if data.ndim <= 1 or name.endswith("_norm.weight") or ".ffn_gate_inp." in name:
+        if data.ndim <= 1 or name.endswith("_norm.weight") or ".ffn_gate_inp" in name:  # routers, shexp gate
             kind = gguf.GGMLQuantizationType.F32
         try:
             q = gguf.quants.quantize(data, kind)

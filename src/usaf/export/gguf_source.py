@@ -1,9 +1,9 @@
 """``usaf export RUN --format gguf --like-source``: the trained model as the source GGUF with the deltas in it.
 
 The output keeps the source's metadata, tensor order and types. Tensors the delta does not touch are copied
-byte for byte. A touched tensor (an expert stack with deltas, a trained router) is rewritten only where it
-changed: each GGML block holding a changed element is dequantized, given the new values (``base + delta`` in
-fp32; a router: its trained fp32 weights) and requantized in the tensor's own type, keeping its own scales:
+byte for byte. A touched tensor (an expert stack with deltas, a shared-expert or attention weight with deltas, a trained
+router) is rewritten only where it changed: each GGML block holding a changed element is dequantized, given
+the new values (``base + delta`` in fp32; a router: its trained fp32 weights) and requantized in the tensor's own type, keeping its own scales:
 only the changed elements get new codes, rounded stochastically so that deltas below half a quantization
 step are kept in expectation, and the other elements keep their exact values (a block whose new values leave
 the range of its scales is quantized afresh: ``export.kquant.requantize_touched``); every other block keeps
@@ -28,7 +28,7 @@ import torch
 
 from ..engine.ggml import BLOCKS, dequantize, type_name
 from ..load.gguf.model import gguf_config, gguf_fingerprint, open_gguf
-from ..load.gguf.names import expert_names, gguf_name, name_map
+from ..load.gguf.names import expert_names, gguf_name, name_map, permute, qk_heads
 from ..load.gguf.reader import GGUFFile
 from .kquant import quantize_rows, requantize_touched
 from .layout import ExportCheckError, ExportError, Run, Staged
@@ -58,12 +58,11 @@ def _new_values(run: Run, src: GGUFFile, config) -> dict[str, tuple[torch.Tensor
     for key in sorted({k.rsplit(".", 1)[0] for k in run.tensors if k.endswith(".indices")}):
         m = _LAYER.search(key)
         stack = key.rsplit(".", 1)[-1]
-        if stack == "weight" and ".shared_expert" in key:
-            raise ExportError(f"--like-source does not write shared-expert deltas yet ({key}); export without "
-                              f"--like-source, or train with --shared-density 0")
-        if stack == "weight":
-            raise ExportError(f"--like-source does not write attention deltas yet ({key}); export without "
-                              f"--like-source, or train with --attention-density 0")
+        if stack == "weight":  # a linear's delta (shared expert, attention): flat indices into its [out, in]
+            got = _linear_rows(run, src, key, family, config)
+            if got is not None:
+                out[got[0]] = got[1:]
+            continue
         if m is None or stack not in ("gate_up_proj", "down_proj"):
             raise ExportError(f"the delta's stack {key} has no GGUF counterpart")
         parts = expert_names(int(m.group(1)))[stack]
@@ -86,6 +85,34 @@ def _new_values(run: Run, src: GGUFFile, config) -> dict[str, tuple[torch.Tensor
             w.view(-1).index_put_((where * cols + col[sel],), vals[sel], accumulate=True)
             out[part] = (rows, w)
     return out
+
+
+def _linear_rows(run: Run, src: GGUFFile, key: str, family: str, config):
+    """``(GGUF name, rows, new rows fp32)`` (None when empty) of a linear's sparse delta (a shared-expert or attention weight):
+    the source's dequantized rows plus the delta. llama's q/k rows are stored permuted (RoPE order): the
+    delta's rows are mapped to the file's."""
+    name = gguf_name(name_map(family, config.num_hidden_layers), key)
+    if name is None or name not in src.tensors:
+        raise ExportError(f"the source GGUF has no tensor for the delta of {key}")
+    info = src.tensors[name]
+    n_rows, cols = int(np.prod(info.shape[:-1])), info.shape[-1]
+    idx, vals = run.stack(key)
+    if not idx.numel():
+        return None
+    if int(idx.max()) >= n_rows * cols:
+        raise ExportError(f"the delta of {key} does not fit the GGUF's {name} {list(info.shape)}")
+    row, col = idx // cols, idx % cols
+    heads = qk_heads(family, key, config)
+    if heads:
+        order = permute(torch.arange(n_rows), heads)  # the file's row j holds the model's row order[j]
+        at = torch.empty_like(order)
+        at[order] = torch.arange(n_rows)
+        row = at[row]
+    rows, where = torch.unique(row, return_inverse=True)
+    raw = src.raw(name).reshape(n_rows, -1)
+    w = dequantize(raw[rows], info.ggml_type, cols)  # (n, cols) fp32
+    w.view(-1).index_put_((where * cols + col,), vals, accumulate=True)
+    return name, rows, w
 
 
 def _same_types(src: GGUFFile, path: Path, new: dict) -> dict:

@@ -76,6 +76,14 @@ def gguf_config(f: GGUFFile):
     else:
         d["num_experts"] = experts
         d["moe_intermediate_size"] = f.get(f"{a}.expert_feed_forward_length", inter)
+    if family == "qwen2_moe":
+        # llama.cpp's qwen2moe: every layer MoE, top-k weights not renormalized, a gated shared expert
+        shexp = f.tensors.get("blk.0.ffn_gate_shexp.weight")
+        if shexp is None:
+            raise GGUFError(f"{f.path} has no blk.0.ffn_gate_shexp.weight (qwen2moe's shared expert)")
+        d["shared_expert_intermediate_size"] = f.get(f"{a}.expert_shared_feed_forward_length", shexp.shape[0])
+        d["qkv_bias"] = "blk.0.attn_q.bias" in f.tensors
+        d.update(norm_topk_prob=False, decoder_sparse_step=1, mlp_only_layers=[], use_sliding_window=False)
     # llama.cpp's convention: a file without output.weight computes the output with token_embd (tied
     # embeddings, e.g. SmolLM2); transformers' reader leaves the config's default (untied for these families)
     d["tie_word_embeddings"] = "output.weight" not in f.tensors
