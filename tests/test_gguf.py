@@ -1,7 +1,7 @@
 """--model X.gguf: loading (config, tokenizer, tensors, expert stacks kept in their GGUF types), training,
 eval, export back to the source's types (--like-source), and the refusals of bad input.
 
-Test files: tiny qwen3_moe / qwen2_moe / mixtral written by usaf's own GGUF exporter (F32), then requantized to each type
+Test files: tiny qwen3_moe / qwen2_moe / olmoe / mixtral written by usaf's own GGUF exporter (F32), then requantized to each type
 (K-types with usaf's round-to-nearest K-quantizer, :mod:`usaf.export.kquant`)."""
 
 import json
@@ -25,6 +25,7 @@ gguf = pytest.importorskip("gguf")
 DIMS = {"qwen3_moe": {"hidden_size": 256, "moe_intermediate_size": 256, "num_experts": 4},
         "qwen2_moe": {"hidden_size": 256, "moe_intermediate_size": 256, "shared_expert_intermediate_size": 256,
                       "num_experts": 4},
+        "olmoe": {"hidden_size": 256, "intermediate_size": 256, "num_experts": 4, "num_key_value_heads": 4},
         "mixtral": {"hidden_size": 256, "intermediate_size": 256, "num_local_experts": 4}}
 
 
@@ -375,3 +376,21 @@ def test_prefix_layers_of_a_gguf_stay_views_of_the_file(files):
             assert all(views) if (mapped and m.index < start) else not any(views), (m.index, mapped)
         outs.append(_logits(h.model, ids))
     assert torch.equal(outs[0], outs[1])
+
+
+@pytest.mark.parametrize("family,kw,match", [
+    ("olmoe", {"num_key_value_heads": 2}, "grouped-query attention"),
+    ("olmoe", {"norm_topk_prob": True}, "norm_topk_prob=True"),
+    ("qwen2_moe", {"norm_topk_prob": True}, "norm_topk_prob=True"),
+    ("qwen3_moe", {"norm_topk_prob": False}, "norm_topk_prob=False"),
+])
+def test_gguf_export_refuses_configs_llama_cpp_computes_otherwise(family, kw, match):
+    """llama.cpp's graph of each architecture fixes some choices a transformers config may change (top-k
+    renormalization, olmoe's k-norm width): such a model is refused with one line, not written wrong."""
+    from usaf.export.gguf import _supported
+    from usaf.export.layout import ExportError
+    from usaf.tiny_configs import tiny_config
+
+    cfg = tiny_config(family, **kw)
+    with pytest.raises(ExportError, match=match):
+        _supported(cfg, family)

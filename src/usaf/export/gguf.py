@@ -1,7 +1,7 @@
 """``usaf export RUN --format gguf``: the merged model as a GGUF file that llama.cpp loads.
 
 Covered: ``qwen3_moe`` (llama.cpp arch ``qwen3moe``), ``qwen2_moe`` (``qwen2moe``, with its gated shared
-expert) and ``mixtral`` (arch ``llama`` with experts), as
+expert), ``olmoe`` (``olmoe``) and ``mixtral`` (arch ``llama`` with experts), as
 llama.cpp's own ``convert_hf_to_gguf.py`` writes them:
 
 - tensor names from ``gguf.TensorNameMap``; expert stacks as ``blk.N.ffn_{gate,up,down}_exps.weight``
@@ -186,6 +186,8 @@ def _hparams(w, cfg, family: str, qtype: str) -> None:
         w.add_expert_count(cfg.num_local_experts)
         w.add_vocab_size(cfg.vocab_size)
         w.add_rope_dimension_count(head_dim)
+    elif family == "olmoe":  # llama.cpp's olmoe: the experts' width is the feed-forward length
+        w.add_expert_count(cfg.num_experts)
     else:
         w.add_expert_count(cfg.num_experts)
         w.add_expert_feed_forward_length(cfg.moe_intermediate_size)
@@ -198,6 +200,15 @@ def _hparams(w, cfg, family: str, qtype: str) -> None:
 def _supported(cfg, family: str) -> None:
     if family not in ARCH:
         raise ExportError(f"GGUF export supports {', '.join(ARCH)}; this model is {family}")
+    if family == "olmoe":
+        if getattr(cfg, "norm_topk_prob", False):
+            raise ExportError("GGUF export: olmoe with norm_topk_prob=True has no llama.cpp equivalent")
+        if getattr(cfg, "clip_qkv", None) is not None:
+            raise ExportError("GGUF export: olmoe with clip_qkv is not supported")
+        if cfg.num_key_value_heads != cfg.num_attention_heads:  # llama.cpp sizes attn_k_norm by n_embd
+            raise ExportError("GGUF export: olmoe with grouped-query attention (num_key_value_heads "
+                              f"{cfg.num_key_value_heads} < num_attention_heads {cfg.num_attention_heads}) has no "
+                              "llama.cpp equivalent")
     if family in ("qwen3_moe", "qwen2_moe"):
         # llama.cpp renormalizes the top-k weights for qwen3moe and never for qwen2moe
         if bool(getattr(cfg, "norm_topk_prob", family == "qwen3_moe")) != (family == "qwen3_moe"):

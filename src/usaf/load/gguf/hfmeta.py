@@ -26,7 +26,7 @@ import sys
 from pathlib import Path
 
 import transformers
-from transformers import AutoTokenizer
+from transformers import AutoTokenizer, PreTrainedTokenizerFast
 from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
 
 from ...io import cache_dir
@@ -47,18 +47,56 @@ def cache_key(f: GGUFFile) -> str:
     return h.hexdigest()[:32]
 
 
+# llama.cpp's generic hyper-parameter keys (``{arch}.<key>``) -> config keys: the architectures transformers'
+# GGUF reader has no table for (usaf's loader adds what is specific to each family: ``usaf.load.gguf.model``)
+_GENERIC = {"block_count": "num_hidden_layers", "context_length": "max_position_embeddings",
+            "embedding_length": "hidden_size", "feed_forward_length": "intermediate_size",
+            "attention.head_count": "num_attention_heads", "attention.head_count_kv": "num_key_value_heads",
+            "rope.freq_base": "rope_theta", "attention.layer_norm_rms_epsilon": "rms_norm_eps",
+            "expert_count": "num_experts", "expert_used_count": "num_experts_per_tok", "vocab_size": "vocab_size"}
+OWN_CONFIG = {"olmoe": "olmoe"}  # llama.cpp architecture -> model type, read with usaf's table above
+
+
+def _own_config(f: GGUFFile) -> dict:
+    a = f.arch
+    d = {hf: f.get(f"{a}.{key}") for key, hf in _GENERIC.items() if f.get(f"{a}.{key}") is not None}
+    if "vocab_size" not in d:
+        tokens = f.get("tokenizer.ggml.tokens")
+        if tokens is not None:
+            d["vocab_size"] = len(tokens)
+    for key, hf in (("bos_token_id", "bos_token_id"), ("eos_token_id", "eos_token_id"),
+                    ("padding_token_id", "pad_token_id")):
+        if f.get(f"tokenizer.ggml.{key}") is not None:
+            d[hf] = f.get(f"tokenizer.ggml.{key}")
+    d["model_type"] = OWN_CONFIG[a]
+    return d
+
+
 def build_config(path: Path) -> dict:
-    """transformers' config values for the file (``load_gguf_checkpoint``, metadata only)."""
+    """The config values for the file: transformers' (``load_gguf_checkpoint``, metadata only), or usaf's table
+    for the architectures transformers has none for (:data:`OWN_CONFIG`)."""
     try:
+        f = GGUFFile(path)
+        if f.arch in OWN_CONFIG:
+            return _own_config(f)
         return dict(load_gguf_checkpoint(str(path))["config"])
+    except GGUFError:
+        raise
     except Exception as e:  # noqa: BLE001 - transformers' reader: any failure is a bad file for us
         raise GGUFError(f"cannot read the metadata of {path}: {str(e).splitlines()[0]}") from None
 
 
 def build_tokenizer(path: Path):
-    """The tokenizer built from the file's metadata by transformers (pad token = eos where it has none)."""
+    """The tokenizer built from the file's metadata by transformers (pad token = eos where it has none). For the
+    architectures transformers' GGUF reader has no config for, the tokenizer is built from the vocabulary
+    metadata alone (``PreTrainedTokenizerFast``)."""
     try:
-        tok = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+        if GGUFFile(path).arch in OWN_CONFIG:
+            tok = PreTrainedTokenizerFast.from_pretrained(str(path.parent), gguf_file=path.name)
+        else:
+            tok = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+    except GGUFError:
+        raise
     except Exception as e:  # noqa: BLE001
         raise GGUFError(f"cannot build the tokenizer of {path}: {str(e).splitlines()[0]}") from None
     if tok.pad_token_id is None and tok.eos_token_id is not None:

@@ -73,6 +73,9 @@ def gguf_config(f: GGUFFile):
         d["num_local_experts"] = experts
         d["num_experts_per_tok"] = f.get(f"{a}.expert_used_count")
         d["intermediate_size"] = inter
+    elif family == "olmoe":  # llama.cpp's olmoe: the experts' width is the feed-forward length; top-k as is
+        d.update(num_experts=experts, intermediate_size=inter, norm_topk_prob=False, clip_qkv=None,
+                 attention_bias="blk.0.attn_q.bias" in f.tensors)
     else:
         d["num_experts"] = experts
         d["moe_intermediate_size"] = f.get(f"{a}.expert_feed_forward_length", inter)

@@ -3,7 +3,8 @@
 
 Families and llama.cpp architectures: ``qwen3_moe`` <-> ``qwen3moe``; ``qwen2_moe`` <-> ``qwen2moe`` (with its
 shared expert: ``blk.N.ffn_{gate,up,down}_shexp`` and the shared expert's gate ``blk.N.ffn_gate_inp_shexp``);
-``mixtral`` <-> ``llama`` with experts.
+``olmoe`` <-> ``olmoe`` (q/k norms over the whole
+projection); ``mixtral`` <-> ``llama`` with experts.
 Expert stacks: ``gate_up_proj [E, 2I, H]`` is ``blk.N.ffn_gate_exps`` (rows ``[0, I)``) then
 ``blk.N.ffn_up_exps``; ``down_proj [E, H, I]`` is ``blk.N.ffn_down_exps`` (numpy order). llama's q/k rows
 are permuted from rotate-half order to llama.cpp's interleaved RoPE (:func:`permute` / :func:`unpermute`).
@@ -14,7 +15,7 @@ from __future__ import annotations
 import torch
 
 # family -> gguf.MODEL_ARCH member name
-ARCH = {"qwen3_moe": "QWEN3MOE", "qwen2_moe": "QWEN2MOE", "mixtral": "LLAMA"}
+ARCH = {"qwen3_moe": "QWEN3MOE", "qwen2_moe": "QWEN2MOE", "olmoe": "OLMOE", "mixtral": "LLAMA"}
 
 
 def _gguf():
