@@ -1,7 +1,7 @@
 """--model X.gguf: loading (config, tokenizer, tensors, expert stacks kept in their GGUF types), training,
 eval, export back to the source's types (--like-source), and the refusals of bad input.
 
-Test files: tiny qwen3_moe / qwen2_moe / olmoe / mixtral written by usaf's own GGUF exporter (F32), then requantized to each type
+Test files: tiny qwen3_moe / qwen2_moe / olmoe / granitemoe / mixtral written by usaf's own GGUF exporter (F32), then requantized to each type
 (K-types with usaf's round-to-nearest K-quantizer, :mod:`usaf.export.kquant`)."""
 
 import json
@@ -26,6 +26,9 @@ DIMS = {"qwen3_moe": {"hidden_size": 256, "moe_intermediate_size": 256, "num_exp
         "qwen2_moe": {"hidden_size": 256, "moe_intermediate_size": 256, "shared_expert_intermediate_size": 256,
                       "num_experts": 4},
         "olmoe": {"hidden_size": 256, "intermediate_size": 256, "num_experts": 4, "num_key_value_heads": 4},
+        "granitemoe": {"hidden_size": 256, "intermediate_size": 256, "num_local_experts": 4,
+                       "embedding_multiplier": 2.0, "residual_multiplier": 0.5, "attention_multiplier": 0.1,
+                       "logits_scaling": 4.0},
         "mixtral": {"hidden_size": 256, "intermediate_size": 256, "num_local_experts": 4}}
 
 

@@ -1,12 +1,13 @@
 """``usaf export RUN --format gguf``: the merged model as a GGUF file that llama.cpp loads.
 
 Covered: ``qwen3_moe`` (llama.cpp arch ``qwen3moe``), ``qwen2_moe`` (``qwen2moe``, with its gated shared
-expert), ``olmoe`` (``olmoe``) and ``mixtral`` (arch ``llama`` with experts), as
+expert), ``olmoe`` (``olmoe``), ``granitemoe`` (``granitemoe``) and ``mixtral`` (arch ``llama`` with
+experts), as
 llama.cpp's own ``convert_hf_to_gguf.py`` writes them:
 
 - tensor names from ``gguf.TensorNameMap``; expert stacks as ``blk.N.ffn_{gate,up,down}_exps.weight``
   (``[E, I, H]`` / ``[E, H, I]`` in numpy order: gate_up rows ``[0, I)`` are gate, ``[I, 2I)`` up);
-- llama arch: q/k rows permuted from HF's rotate-half order to llama.cpp's interleaved RoPE;
+- llama and granitemoe archs: q/k rows permuted from HF's rotate-half order to llama.cpp's interleaved RoPE;
 - 1-D tensors, norms and routers (``ffn_gate_inp``) in F32; other matrices in the chosen type (q8_0 falls
   back to f16 for rows that are not a multiple of 32, like the converter);
 - tokenizer: byte-level BPE only (``tokenizer.ggml.model = gpt2``), tokens and types from tokenizer.json,
@@ -188,6 +189,14 @@ def _hparams(w, cfg, family: str, qtype: str) -> None:
         w.add_rope_dimension_count(head_dim)
     elif family == "olmoe":  # llama.cpp's olmoe: the experts' width is the feed-forward length
         w.add_expert_count(cfg.num_experts)
+    elif family == "granitemoe":  # llama's hyper-parameters and granite's four scales
+        w.add_expert_count(cfg.num_local_experts)
+        w.add_vocab_size(cfg.vocab_size)
+        w.add_rope_dimension_count(head_dim)
+        w.add_attention_scale(cfg.attention_multiplier)
+        w.add_embedding_scale(cfg.embedding_multiplier)
+        w.add_residual_scale(cfg.residual_multiplier)
+        w.add_logit_scale(cfg.logits_scaling)
     else:
         w.add_expert_count(cfg.num_experts)
         w.add_expert_feed_forward_length(cfg.moe_intermediate_size)

@@ -53,8 +53,10 @@ _GENERIC = {"block_count": "num_hidden_layers", "context_length": "max_position_
             "embedding_length": "hidden_size", "feed_forward_length": "intermediate_size",
             "attention.head_count": "num_attention_heads", "attention.head_count_kv": "num_key_value_heads",
             "rope.freq_base": "rope_theta", "attention.layer_norm_rms_epsilon": "rms_norm_eps",
-            "expert_count": "num_experts", "expert_used_count": "num_experts_per_tok", "vocab_size": "vocab_size"}
-OWN_CONFIG = {"olmoe": "olmoe"}  # llama.cpp architecture -> model type, read with usaf's table above
+            "expert_count": "num_experts", "expert_used_count": "num_experts_per_tok", "vocab_size": "vocab_size",
+            "attention.scale": "attention_multiplier", "embedding_scale": "embedding_multiplier",
+            "residual_scale": "residual_multiplier", "logit_scale": "logits_scaling"}
+OWN_CONFIG = {"olmoe": "olmoe", "granitemoe": "granitemoe"}  # llama.cpp architecture -> model type, read with usaf's table above
 
 
 def _own_config(f: GGUFFile) -> dict:

@@ -69,10 +69,13 @@ def gguf_config(f: GGUFFile):
     if gate is None:
         raise GGUFError(f"{f.path} has no {expert_names(0)['gate_up_proj'][0]} (experts stored otherwise)")
     inter = gate.shape[1]
-    if family == "mixtral":
+    if family in ("mixtral", "granitemoe"):
+        d.pop("num_experts", None)
         d["num_local_experts"] = experts
         d["num_experts_per_tok"] = f.get(f"{a}.expert_used_count")
         d["intermediate_size"] = inter
+        if family == "granitemoe":
+            d["attention_bias"] = "blk.0.attn_q.bias" in f.tensors
     elif family == "olmoe":  # llama.cpp's olmoe: the experts' width is the feed-forward length; top-k as is
         d.update(num_experts=experts, intermediate_size=inter, norm_topk_prob=False, clip_qkv=None,
                  attention_bias="blk.0.attn_q.bias" in f.tensors)

@@ -4,7 +4,8 @@
 Families and llama.cpp architectures: ``qwen3_moe`` <-> ``qwen3moe``; ``qwen2_moe`` <-> ``qwen2moe`` (with its
 shared expert: ``blk.N.ffn_{gate,up,down}_shexp`` and the shared expert's gate ``blk.N.ffn_gate_inp_shexp``);
 ``olmoe`` <-> ``olmoe`` (q/k norms over the whole
-projection); ``mixtral`` <-> ``llama`` with experts.
+projection); ``granitemoe`` <-> ``granitemoe`` (q/k permuted like llama's); ``mixtral`` <-> ``llama`` with
+experts.
 Expert stacks: ``gate_up_proj [E, 2I, H]`` is ``blk.N.ffn_gate_exps`` (rows ``[0, I)``) then
 ``blk.N.ffn_up_exps``; ``down_proj [E, H, I]`` is ``blk.N.ffn_down_exps`` (numpy order). llama's q/k rows
 are permuted from rotate-half order to llama.cpp's interleaved RoPE (:func:`permute` / :func:`unpermute`).
@@ -15,7 +16,11 @@ from __future__ import annotations
 import torch
 
 # family -> gguf.MODEL_ARCH member name
-ARCH = {"qwen3_moe": "QWEN3MOE", "qwen2_moe": "QWEN2MOE", "olmoe": "OLMOE", "mixtral": "LLAMA"}
+ARCH = {"qwen3_moe": "QWEN3MOE", "qwen2_moe": "QWEN2MOE", "olmoe": "OLMOE", "granitemoe": "GRANITE_MOE",
+        "mixtral": "LLAMA"}
+ROPE_PERMUTED = ("LLAMA", "GRANITE_MOE")  # llama.cpp's converter permutes these archs' q/k rows
+# transformers' names that the gguf tables know under an older spelling
+_ALIASES = ((".block_sparse_moe.router.weight", ".block_sparse_moe.router.layer.weight"),)
 
 
 def _gguf():
@@ -44,7 +49,11 @@ def name_map(family: str, n_layers: int):
 
 def gguf_name(tmap, param: str) -> str | None:
     """The GGUF name of a (non-expert) parameter of the model, or None."""
-    return tmap.get_name(param, try_suffixes=(".weight", ".bias"))
+    name = tmap.get_name(param, try_suffixes=(".weight", ".bias"))
+    for new, old in _ALIASES:
+        if name is None and param.endswith(new):
+            name = tmap.get_name(param[: -len(new)] + old, try_suffixes=(".weight", ".bias"))
+    return name
 
 
 def expert_names(layer: int) -> dict[str, list[str]]:
@@ -69,7 +78,7 @@ def unpermute(w: torch.Tensor, n_head: int) -> torch.Tensor:
 
 def qk_heads(family: str, param: str, config) -> int | None:
     """Heads whose rows llama.cpp permutes in this parameter (llama arch q/k projections), else None."""
-    if ARCH.get(family) != "LLAMA":
+    if ARCH.get(family) not in ROPE_PERMUTED:
         return None
     if param.endswith("q_proj.weight"):
         return config.num_attention_heads
