@@ -43,7 +43,7 @@ def test_quotas_are_exact_and_proportional():
     assert quotas([3, 3], 10) == [3, 3]  # never more than a unit holds
 
 
-@pytest.mark.parametrize("score", ["abs", "sq", "signed", "gw"])
+@pytest.mark.parametrize("score", ["abs", "sq", "signed", "adam", "gw"])
 def test_scores_match_their_definition_on_dense_gradients(score):
     stock, handle = _prepared(score=score, density=0.02, allocation="layer")
     usaf.select(handle, BATCHES)
@@ -58,6 +58,9 @@ def test_scores_match_their_definition_on_dense_gradients(score):
             s = [sum(g[k].square() for g in grads) for k in keys]
         elif score == "signed":
             s = [sum(g[k] for g in grads).abs() for k in keys]
+        elif score == "adam":
+            s = [sum(g[k] for g in grads).square() / sum(g[k].square() for g in grads).sqrt().clamp_min(1e-38)
+                 for k in keys]
         else:
             s = [sum(g[k].abs() for g in grads) * params[k].detach().abs() for k in keys]
         flat = torch.cat([x.reshape(-1) for x in s])
@@ -270,11 +273,12 @@ def test_calibration_records_on_disk_are_the_records_in_memory(tmp_path, monkeyp
     assert all(torch.equal(picked[0][k], picked[1][k]) for k in picked[0])
 
 
-def test_expert_groups_pick_what_whole_layers_pick():
+@pytest.mark.parametrize("score", ["signed", "adam", "abs"])
+def test_expert_groups_pick_what_whole_layers_pick(score):
     """The group size (``score_budget_mb``) changes the memory, not the choice."""
     sets = []
     for mb in (0, 64):
-        _, handle = _prepared(density=0.05, score_budget_mb=mb)
+        _, handle = _prepared(density=0.05, score_budget_mb=mb, score=score)
         usaf.select(handle, BATCHES)
         sets.append({k: d.indices.clone() for k, d in handle.deltas().items()})
     assert sets[0].keys() == sets[1].keys()

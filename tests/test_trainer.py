@@ -95,6 +95,10 @@ def _close(a, b):
 
 
 def test_trainer_matches_usaf_train_and_resumes_identically(ckpt, tmp_path):
+    from usaf.config import TrainConfig
+
+    # the default calibration runs past one epoch of these 48 rows: both continue into the next epoch's order
+    assert TrainConfig().calib_batches > len(_id_rows()) // BATCH
     data = _write(tmp_path / "ids.jsonl", _id_rows())
     ref = _usaf_train(ckpt, data, tmp_path / "ref")
     out = tmp_path / "hf"

@@ -38,8 +38,9 @@ class UsafConfig:
                                      "(whole output rows)",
                            choices=("column", "channel", "element", "row"))
     router_aux_loss: bool = _f(False, "add the family's load-balancing auxiliary loss, where it has one")
-    score: str = _f("abs", "importance: abs = sum |grad|, sq = sum grad^2 (Fisher), signed = |sum grad|, "
-                           "gw = |w| x sum |grad|, random (a control)", choices=("abs", "sq", "signed", "gw", "random"))
+    score: str = _f("signed", "importance: signed = |sum grad| (measured best: docs/quality.md), abs = sum |grad|, "
+                              "sq = sum grad^2 (Fisher), adam = (sum grad)^2 / sqrt(sum grad^2), gw = |w| x sum |grad|, "
+                              "random (a control)", choices=("abs", "sq", "signed", "adam", "gw", "random"))
     allocation: str = _f("global", "how the budget is spread: global (one threshold, each layer capped at "
                                    "layer_share_cap x its share) | layer | expert (each gets its own density) | "
                                    "channel (whole expert channels: gate row, up row, down column)",
@@ -76,8 +77,8 @@ class TrainConfig:
     reselect_every: int = _f(50, "RigL reselection period in steps (0 = off); a reselection scores one step's "
                                  "micro-batches (--grad-accum per process)")
     reselect_fraction: float = _f(0.3, "initial fraction of active elements replaced; decays to 0")
-    calib_batches: int = _f(4, "micro-batches scored for the initial selection, rounded up to whole steps "
-                               "(a multiple of --grad-accum x processes)")
+    calib_batches: int = _f(16, "micro-batches scored for the initial selection, rounded up to whole steps "
+                                "(a multiple of --grad-accum x processes; measured best: docs/quality.md)")
     eval_every: int = _f(0, "evaluate every N steps (0 = only before and after)")
     save_every: int = _f(0, "checkpoint every N steps (0 = only at the end)")
     keep_checkpoints: int = _f(2, "checkpoints kept in <out>/checkpoints (the newest; at least 1)")

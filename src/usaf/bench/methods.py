@@ -25,6 +25,7 @@ from transformers import AutoModelForCausalLM
 
 import usaf
 
+from ..config import UsafConfig
 from ..engine.checkpointing import enable_checkpointing
 from ..engine.discover import moe_site
 from ..engine.experts import UsafExperts
@@ -40,7 +41,7 @@ from .harness import rss_mb
 # name -> {option: default}; None = the setting named in SETTING_DEFAULTS
 OPTIONS: dict[str, dict[str, object]] = {
     "usaf": {"density": None, "lr": None, "router_lr": None, "wd": 0.0, "rigl": None, "rigl_frac": None,
-             "router": 1, "quant": "none", "score": "abs", "alloc": "global", "warmup": None, "attn": None,
+             "router": 1, "quant": "none", "score": UsafConfig().score, "alloc": "global", "warmup": None, "attn": None,
              "attn_lr": None, "attn_units": "column", "shared": None, "shared_lr": None, "shared_units": "column",
              "ckpt": "auto", "dtype": "bf16", "beta1": 0.9, "beta2": 0.999},
     "router": {"lr": None, "warmup": None},
@@ -352,7 +353,7 @@ def _setup_usaf(m: Method, cfg: dict, model, layers: range, data: dict, lr_fn, i
     router_only = m.name == "router"
     ucfg = usaf.UsafConfig(density=o.get("density", cfg["density"]), quant=o.get("quant", "none"),
                            train_layers=f"{layers.start}-{layers.stop - 1}", train_router=bool(o.get("router", 1)),
-                           score=o.get("score", "abs"), allocation=o.get("alloc", "global"),
+                           score=o.get("score", UsafConfig().score), allocation=o.get("alloc", "global"),
                            attention_density=0.0 if router_only else o["attn"],
                            attention_units=o.get("attn_units", "element"),
                            shared_density=0.0 if router_only else o["shared"],

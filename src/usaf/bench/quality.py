@@ -74,7 +74,7 @@ KEYS: dict[str, tuple[type, object, str]] = {
     "batch": (int, 4, "sequences per step"),
     "steps": (int, 60, "optimizer steps (the token budget is steps x batch x seq)"),
     "eval_seqs": (int, 32, "held-out sequences per perplexity"),
-    "calib": (int, 4, "calibration batches (usaf selection, esft routing shares)"),
+    "calib": (int, 16, "calibration batches (usaf selection, esft routing shares; usaf train's default)"),
     "reselect": (int, 15, "usaf RigL period in steps"),
     "reselect_fraction": (float, 0.3, "usaf RigL initial replaced fraction"),
     "density": (float, 0.005, "usaf density"),

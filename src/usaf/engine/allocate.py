@@ -55,7 +55,9 @@ def final_scores(m: MoeLayer, buffers: dict[str, torch.Tensor], score: str, seed
     from ``first`` on (a group of experts, or the whole stack).
 
     ``abs``, ``sq`` and ``signed`` are the buffers themselves, flattened, in their dtype (``signed`` made
-    absolute in place): no fp32 copy of the buffers. ``gw`` is fp32 (a product), ``random`` fp32 draws
+    absolute in place): no fp32 copy of the buffers. ``adam`` is ``(sum g)^2 / sqrt(sum g^2)``, computed in
+    place in the signed buffer: with AdamW's update ``~ E[g] / sqrt(E[g^2])`` per step, the expected first-order
+    loss decrease of training that weight. ``gw`` is fp32 (a product), ``random`` fp32 draws
     (whole stacks only).
 
     Stack rows of null experts (longcat_flash's gate_up_proj rows past its routed experts) score -1 (written
@@ -72,6 +74,9 @@ def final_scores(m: MoeLayer, buffers: dict[str, torch.Tensor], score: str, seed
             s = torch.rand(b.numel(), generator=g).to(b.device)
         elif score in ("abs", "sq", "signed"):
             s = (b.abs_() if score == "signed" else b).view(-1)
+        elif score == "adam":  # (sum g)^2 / sqrt(sum g^2): an AdamW step's first-order gain, in place
+            sq = buffers[f"{n}::sq"]
+            s = b.square_().div_(sq.sqrt_().clamp_(min=torch.finfo(sq.dtype).tiny)).view(-1)
         else:
             s = b.float().view(-1)
         if score == "gw":  # |w| of the base (deltas are zero at selection), expert by expert

@@ -44,7 +44,8 @@ class LinearScores:
 
     def __init__(self, handle: UsafModel, lins: dict[str, torch.nn.Linear]):
         cfg = handle.config
-        self.lins, self.kind = lins, cfg.score
+        # ``adam`` scores the routed experts only; the linears' scores are then ``signed``'s
+        self.lins, self.kind = lins, "signed" if cfg.score == "adam" else cfg.score
         self.dtype = score_dtype(cfg)
         self.acc = {k: torch.zeros(lin.weight.shape, dtype=self.dtype, device=lin.weight.device)
                     for k, lin in lins.items()}

@@ -84,13 +84,16 @@ def top_candidates(scores: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Te
 class DenseScores:
     """Score hook: ``sum |dL/dW|`` (``power`` 1), ``sum (dL/dW)^2`` (2) or ``sum dL/dW`` (0, signed) of one
     experts module, accumulated into dense buffers of ``dtype`` (one per stack): ``[E, R, C]`` (the stack's
-    shape), or ``[stop - first, R, C]`` for the experts ``[first, stop)`` only."""
+    shape), or ``[stop - first, R, C]`` for the experts ``[first, stop)`` only. Power 3 (``adam``) keeps both
+    ``sum dL/dW`` and, under ``"<stack>::sq"``, ``sum (dL/dW)^2``."""
 
     def __init__(self, ex: UsafExperts, dtype: torch.dtype, power: int, first: int = 0, stop: int | None = None):
         dev = ex.deltas[ex.names[0]].values.device
         self.first, self.stop = first, ex.num_experts if stop is None else stop  # the experts it scores
         self.buffers = {n: torch.zeros(ex.shape(n) if stop is None else (stop - first, *ex.shape(n)[1:]),
                                        dtype=dtype, device=dev) for n in ex.names}
+        if power == 3:
+            self.buffers.update({f"{n}::sq": torch.zeros_like(self.buffers[n]) for n in ex.names})
         self.power = power
 
     def __call__(self, name: str, e: int, left: torch.Tensor, right: torch.Tensor) -> None:
@@ -103,6 +106,9 @@ class DenseScores:
             buf[e] += dw.float().square().to(buf.dtype)
         else:
             buf[e] += dw.to(buf.dtype)
+            if self.power == 3:
+                sq = self.buffers[f"{name}::sq"]
+                sq[e] += dw.float().square().to(sq.dtype)
 
 
 class StreamedCandidates:
@@ -294,7 +300,7 @@ def _score(m: MoeLayer, calls: Iterable[list[Captured]], hook: DenseScores) -> N
 
 def _dtype_power(handle: UsafModel) -> tuple[torch.dtype, int]:
     cfg = handle.config
-    return score_dtype(cfg), {"abs": 1, "gw": 1, "sq": 2, "signed": 0, "random": 1}[cfg.score]
+    return score_dtype(cfg), {"abs": 1, "gw": 1, "sq": 2, "signed": 0, "adam": 3, "random": 1}[cfg.score]
 
 
 def scored_layers(handle: UsafModel, cal: Calibration):
@@ -363,7 +369,7 @@ def layer_candidates(handle: UsafModel, m: MoeLayer, cal: Calibration, caps: dic
     ex = m.experts
     dtype, power = _dtype_power(handle)
     per = {n: ex.deltas[n].per_expert for n in ex.names}
-    step = max(1, (cfg.score_budget_mb << 20) // max(1, sum(per.values()) * dtype.itemsize))
+    step = max(1, (cfg.score_budget_mb << 20) // max(1, sum(per.values()) * dtype.itemsize * (2 if power == 3 else 1)))
     if cfg.score == "random" or step >= ex.num_experts:
         step = ex.num_experts
     pools = {n: _Pool(caps[n], floor, index_dtype(ex.deltas[n].numel)) for n in ex.names}

@@ -41,7 +41,7 @@ import torch
 from transformers import Trainer, TrainerCallback
 
 from ..config import UsafConfig
-from ..data.batches import EpochOrder
+from ..data.batches import EpochOrder, epoch_order
 from ..engine.families import UnsupportedModelError
 from ..engine.loss import token_mean_loss
 from ..engine.model import UsafModel, prepare
@@ -101,7 +101,7 @@ def _check(trainer, model) -> None:
 
 
 def attach(trainer: Trainer, config: UsafConfig | None = None, *, router_lr: float = 1e-4,
-           reselect_every: int = 50, reselect_fraction: float = 0.3, calib_batches: int = 4) -> UsafModel:
+           reselect_every: int = 50, reselect_fraction: float = 0.3, calib_batches: int = 16) -> UsafModel:
     """Turn ``trainer`` (a ``transformers.Trainer`` or ``trl.SFTTrainer``, built but not yet trained) into a usaf
     run; returns the :class:`~usaf.engine.model.UsafModel` handle (``trainer.model`` is the same module).
 
@@ -172,16 +172,27 @@ class _UsafTrainer:
 
     def usaf_calibration(self, step: int) -> list[dict]:
         """Calibration batches of the reselection after ``step`` (-1: the initial selection), collated by the
-        Trainer's own collator, in a fresh order seeded with ``args.seed + 7919 * (step + 1)``."""
+        Trainer's own collator, in a fresh order seeded with ``args.seed + 7919 * (step + 1)``, continuing into
+        the next epochs' orders when one epoch has fewer batches (as ``usaf train``'s do)."""
         seed, n = self.args.seed + 7919 * (step + 1), self.usaf.calib_batches if step < 0 else 1
-        loader = self._get_dataloader(self.train_dataset, description="usaf calibration",
-                                      batch_size=self._train_batch_size,
-                                      sampler_fn=lambda ds: EpochOrder(len(ds), seed))
-        out = []
-        for batch in loader:
-            out.append(batch)
-            if len(out) == n:
+
+        def order(ds, epoch: int) -> list[int]:  # a plain list: the loader's own set_epoch cannot reset it
+            return epoch_order(len(ds), seed, epoch).tolist()
+
+        out: list[dict] = []
+        epoch = 0
+        while len(out) < n:  # past the end of an epoch into the next, as usaf train's batches go
+            loader = self._get_dataloader(self.train_dataset, description="usaf calibration",
+                                          batch_size=self._train_batch_size,
+                                          sampler_fn=lambda ds, e=epoch: order(ds, e))
+            before = len(out)
+            for batch in loader:
+                out.append(batch)
+                if len(out) == n:
+                    break
+            if len(out) == before:  # an empty dataset
                 break
+            epoch += 1
         return out
 
     # -- optimizer -----------------------------------------------------------------------------------

@@ -256,10 +256,16 @@ class _Phase:
             self.scores, score_dtype = score_bytes(s, self.moe_train)
             dw = max(sum(lc.stack_numels) // lc.num_experts for lc in self.moe_train) * (d + 4)
             p.add("selection: dense |dW| of one expert", dw, "device", "score")
-            # the calibration pass records every trainable layer's experts calls: input, output gradient, routing
-            calls = s.calib_batches * len(self.moe_train) * self.n_tok * (2 * self.mc.hidden * d + self.mc.top_k * (8 + d))
-            p.add(f"selection: recorded expert calls ({s.calib_batches} batches x {len(self.moe_train)} layers)",
-                  calls, "device", "selection")
+            # the calibration pass records every trainable layer's experts calls: the routing of every batch stays
+            # in memory; the input and output gradient go to a file as each batch's backward ends
+            # (usaf.engine.records) and come back one layer's batch at a time while it is scored
+            pair = self.n_tok * 2 * self.mc.hidden * d
+            routing = s.calib_batches * len(self.moe_train) * self.n_tok * self.mc.top_k * (8 + d)
+            p.add(f"selection: recorded routing ({s.calib_batches} batches x {len(self.moe_train)} layers)",
+                  routing, "device", "selection")
+            p.add(f"selection: recorded inputs and output gradients of one batch ({len(self.moe_train)} layers, "
+                  "until written to disk)", len(self.moe_train) * pair, "device", "select")
+            p.add("selection: one layer's recorded batch, read back", pair, "device", "score")
             # scores are less hot than the frozen weights: planned on the host (RAM on CPU), moved below if room
             p.add(f"selection: importance scores ({score_dtype}, one group of experts) + candidates", self.scores,
                   self.host_tier, "score")

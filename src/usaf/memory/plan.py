@@ -204,7 +204,7 @@ def predict(
     group_size: int = 64,
     score_budget_mb: int = 64,
     score_dtype: str = "bf16",
-    calib_batches: int = 4,
+    calib_batches: int = 16,
     attention_density: float = 0.0,
     shared_density: float = 0.1,
     suggest: bool = True,

@@ -48,7 +48,7 @@ class Settings:
     group_size: int = 64
     score_budget_mb: int = 64
     score_dtype: str = "bf16"
-    calib_batches: int = 4  # micro-batches the initial selection records (usaf train --calib-batches)
+    calib_batches: int = 16  # micro-batches the initial selection records (usaf train --calib-batches)
     expert_bits: float = 0.0  # quant "gguf": the file's expert bytes * 8 / expert weights
 
     @property
