@@ -26,7 +26,7 @@ def setup(tmp_path_factory):
 def _args(ckpt, data, out, *extra):
     return ["train", "--model", str(ckpt), "--data", str(data), "--out", str(out), "--steps", "9",
             "--seq-len", "32", "--batch-size", "4", "--lr", "0.01", "--density", "0.05", "--reselect-every", "3",
-            "--quiet", *extra]
+            "--calib-batches", "4", "--quiet", *extra]
 
 
 def _losses(out):
