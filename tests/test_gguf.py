@@ -397,3 +397,29 @@ def test_gguf_export_refuses_configs_llama_cpp_computes_otherwise(family, kw, ma
     cfg = tiny_config(family, **kw)
     with pytest.raises(ExportError, match=match):
         _supported(cfg, family)
+
+
+@pytest.mark.parametrize("family,kw", [("qwen2_moe", {}), ("olmoe", {"num_key_value_heads": 4}),
+                                       ("granitemoe", {"embedding_multiplier": 2.0, "residual_multiplier": 0.5,
+                                                       "attention_multiplier": 0.1, "logits_scaling": 4.0})])
+def test_trained_run_exported_as_gguf_loads_as_the_trained_model(tmp_path, family, kw):
+    """A run with expert, attention (and qwen2moe's shared-expert) deltas, exported with `--format gguf` (F16),
+    loads back as the trained model: the exported file against base + delta in memory. The export's own check
+    runs too (llama.cpp's logits where llama-cpp-python is installed, else the read-back of names, shapes and
+    checksums)."""
+    from usaf.train.trained import delta_config
+
+    ckpt = str(save_tiny_checkpoint(family, tmp_path / "ckpt", **kw))
+    run, out = tmp_path / "run", tmp_path / "m.gguf"
+    assert main(["train", "--model", ckpt, "--data", str(_data(tmp_path)), "--out", str(run), "--steps", "3",
+                 "--seq-len", "32", "--batch-size", "4", "--lr", "0.02", "--density", "0.05", "--dtype", "fp32",
+                 "--attention-density", "0.05", "--quant", "none", "--calib-batches", "2", "--quiet"]) == 0
+    assert main(["export", str(run), "--format", "gguf", "--type", "f16", "--out", str(out)]) == 0
+    trained = usaf.prepare(load_model(ckpt, dtype=torch.float32), delta_config(str(run / "delta.safetensors")))
+    trained.load_delta(run / "delta.safetensors")
+    ids = torch.randint(0, 320, (2, 10), generator=torch.Generator().manual_seed(2))
+    want = _logits(trained.model, ids)
+    got = _logits(load_gguf(out, dtype=torch.float32).model, ids)
+    assert (got - want).abs().max() <= 2e-2 * want.abs().max()  # F16 storage
+    base = _logits(load_model(ckpt, dtype=torch.float32), ids)
+    assert (base - want).abs().max() > 10 * (got - want).abs().max()  # the deltas are in the file

@@ -31,7 +31,7 @@ import numpy as np
 import torch
 
 from ..integrity import IntegrityError
-from ..load.gguf.names import ARCH, expert_names, gguf_name, name_map, permute, qk_heads
+from ..load.gguf.names import ARCH, arch_name, expert_names, gguf_name, name_map, permute, qk_heads
 from ..load.hf import load_tokenizer
 from .layout import Checkpoint, ExportCheckError, ExportError, Run, Staged, check_out, disk_dtype, plan
 from .reference import DEFAULT_BASE_WEIGHTS, fp32_logits, reference_model
@@ -400,7 +400,7 @@ def export_gguf(run: Run, out, qtype: str = "f16", base_weights: str = DEFAULT_B
     ref = reference_model(run.base, run.tensors, run.meta, disk_dtype(ckpt, maps),
                           run.meta.get("quant") if dequant else "none",
                           run.train_dtype if dequant else None)
-    report = {"out": str(out), "type": qtype, "arch": ARCH[family].lower(), "check": "skipped"}
+    report = {"out": str(out), "type": qtype, "arch": arch_name(family), "check": "skipped"}
     with Staged(out, overwrite, is_dir=False) as st:
         written = write_gguf(ref, ckpt.dir, st.path, qtype, tokenizer_pre_name)
         report["tensors"] = len(written)
