@@ -11,20 +11,22 @@ bit (a test compares the two).
 
 The file lives in ``$USAF_SPILL_DIR`` (default ``$USAF_CACHE/spill``), is deleted when closed (or when the
 process ends), and goes through the page cache: what the kernel keeps of it is not the process's memory. When
-no file can be made there, or the disk fills while writing, the records stay in memory (one warning).
+no file can be made there, or the disk fills while writing, the records stay in memory (a warning in the log).
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import tempfile
-import warnings
 from collections.abc import Iterator
 
 import torch
 
 from ..io import cache_dir
 from .experts import Captured
+
+log = logging.getLogger("usaf")
 
 
 def spill_dir():
@@ -84,8 +86,8 @@ class CallRecords:
                 f = tempfile.TemporaryFile(dir=d, prefix="usaf-calib-")
                 self._file, self._fd, self._spilling = f, f.fileno(), True
             except OSError as e:
-                warnings.warn(f"calibration records stay in memory: cannot make a file in {directory or spill_dir()}"
-                              f" ({e.strerror or e})", stacklevel=2)
+                log.warning("calibration records stay in memory: cannot make a file in %s (%s)",
+                            directory or spill_dir(), e.strerror or e)
 
     @property
     def spilling(self) -> bool:
@@ -114,8 +116,8 @@ class CallRecords:
         try:
             return (self._write(c.x), c.index, c.weights, c.on_input, self._write(c.dout))
         except OSError as e:  # a full disk: this call and the later ones stay in memory
-            warnings.warn(f"calibration records stay in memory: writing to the spill file failed ({e.strerror or e})",
-                          stacklevel=3)
+            log.warning("calibration records stay in memory: writing to the spill file failed (%s)",
+                        e.strerror or e)
             self._spilling = False
             return c
 
