@@ -92,9 +92,14 @@ class DenseScores:
         self.first, self.stop = first, ex.num_experts if stop is None else stop  # the experts it scores
         self.buffers = {n: torch.zeros(ex.shape(n) if stop is None else (stop - first, *ex.shape(n)[1:]),
                                        dtype=dtype, device=dev) for n in ex.names}
-        if power == 3:
+        if self.per_stack(power) == 2:
             self.buffers.update({f"{n}::sq": torch.zeros_like(self.buffers[n]) for n in ex.names})
         self.power = power
+
+    @staticmethod
+    def per_stack(power: int) -> int:
+        """Dense buffers per stack: 2 for ``adam`` (power 3), else 1."""
+        return 2 if power == 3 else 1
 
     def __call__(self, name: str, e: int, left: torch.Tensor, right: torch.Tensor) -> None:
         buf = self.buffers[name]
@@ -369,7 +374,7 @@ def layer_candidates(handle: UsafModel, m: MoeLayer, cal: Calibration, caps: dic
     ex = m.experts
     dtype, power = _dtype_power(handle)
     per = {n: ex.deltas[n].per_expert for n in ex.names}
-    step = max(1, (cfg.score_budget_mb << 20) // max(1, sum(per.values()) * dtype.itemsize * (2 if power == 3 else 1)))
+    step = max(1, (cfg.score_budget_mb << 20) // max(1, sum(per.values()) * dtype.itemsize * DenseScores.per_stack(power)))
     if cfg.score == "random" or step >= ex.num_experts:
         step = ex.num_experts
     pools = {n: _Pool(caps[n], floor, index_dtype(ex.deltas[n].numel)) for n in ex.names}

@@ -68,23 +68,31 @@ def _new_values(run: Run, src: GGUFFile, config) -> dict[str, tuple[torch.Tensor
         parts = expert_names(int(m.group(1)))[stack]
         idx, vals = run.stack(key)
         infos = [src.tensors[p] for p in parts]
-        e, cols = infos[0].shape[0], infos[0].shape[-1]
+        cols = infos[0].shape[-1]
         rows_per = [i.shape[1] for i in infos]
         total = sum(rows_per)
         row, col = idx // cols, idx % cols  # row over (E, R_total)
         expert, r = row // total, row % total
-        for pi, (part, info) in enumerate(zip(parts, infos)):
+        for pi, part in enumerate(parts):
             lo = sum(rows_per[:pi])
             sel = (r >= lo) & (r < lo + rows_per[pi])
             if not bool(sel.any()):
                 continue
             prow = expert[sel] * rows_per[pi] + (r[sel] - lo)  # flat row of this part, over (E * R_i)
-            rows, where = torch.unique(prow, return_inverse=True)
-            raw = src.raw(part).reshape(e * rows_per[pi], -1)
-            w = dequantize(raw[rows], info.ggml_type, cols)  # (n, cols) fp32
-            w.view(-1).index_put_((where * cols + col[sel],), vals[sel], accumulate=True)
-            out[part] = (rows, w)
+            out[part] = _base_plus(src, part, prow, col[sel], vals[sel])
     return out
+
+
+def _base_plus(src: GGUFFile, name: str, row: torch.Tensor, col: torch.Tensor, vals: torch.Tensor):
+    """``(rows, values)``: the distinct ``rows`` of tensor ``name`` (flat over its leading dims) that the delta
+    touches, dequantized to fp32, with the delta ``vals`` added at ``(row, col)``."""
+    info = src.tensors[name]
+    cols = info.shape[-1]
+    rows, where = torch.unique(row, return_inverse=True)
+    raw = src.raw(name).reshape(-1, src.raw(name).shape[-1])
+    w = dequantize(raw[rows], info.ggml_type, cols)  # (n, cols) fp32
+    w.view(-1).index_put_((where * cols + col,), vals, accumulate=True)
+    return rows, w
 
 
 def _linear_rows(run: Run, src: GGUFFile, key: str, family: str, config):
@@ -108,11 +116,7 @@ def _linear_rows(run: Run, src: GGUFFile, key: str, family: str, config):
         at = torch.empty_like(order)
         at[order] = torch.arange(n_rows)
         row = at[row]
-    rows, where = torch.unique(row, return_inverse=True)
-    raw = src.raw(name).reshape(n_rows, -1)
-    w = dequantize(raw[rows], info.ggml_type, cols)  # (n, cols) fp32
-    w.view(-1).index_put_((where * cols + col,), vals, accumulate=True)
-    return name, rows, w
+    return name, *_base_plus(src, name, row, col, vals)
 
 
 def _same_types(src: GGUFFile, path: Path, new: dict) -> dict:
