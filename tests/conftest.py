@@ -1,9 +1,20 @@
+import atexit
 import os
+import shutil
 import tempfile
 
+
+def _scratch(var: str, prefix: str) -> None:
+    """Point ``var`` at a throw-away directory (unless it is set), removed when the test session ends."""
+    if var not in os.environ:
+        d = tempfile.mkdtemp(prefix=prefix)
+        os.environ[var] = d
+        atexit.register(shutil.rmtree, d, ignore_errors=True)
+
+
 # Quantized expert caches written by the tests go to a throw-away directory.
-os.environ.setdefault("USAF_QUANT_CACHE", tempfile.mkdtemp(prefix="usaf-quant-cache-"))
+_scratch("USAF_QUANT_CACHE", "usaf-quant-cache-")
 # So do the token stores (usaf.data.store).
-os.environ.setdefault("USAF_TOKENS_CACHE", tempfile.mkdtemp(prefix="usaf-tokens-cache-"))
+_scratch("USAF_TOKENS_CACHE", "usaf-tokens-cache-")
 # And the tokenizers built from GGUF files (usaf.load.gguf.tokenizer).
-os.environ.setdefault("USAF_TOKENIZER_CACHE", tempfile.mkdtemp(prefix="usaf-tokenizer-cache-"))
+_scratch("USAF_TOKENIZER_CACHE", "usaf-tokenizer-cache-")

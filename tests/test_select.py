@@ -335,3 +335,34 @@ def test_a_full_disk_keeps_the_later_calibration_records_in_memory(tmp_path, mon
     for a, b in zip(got, calls):
         assert all(torch.equal(getattr(a, f), getattr(b, f)) for f in ("x", "index", "weights", "dout"))
     store.close()
+
+
+def test_exact_reselection_grows_by_the_selection_score_of_the_trained_model():
+    """RigL with ``exact``: the grown elements are the inactive ones with the largest ``|Σg|`` (the selection's
+    score) over the batches, of the model as trained so far (base + deltas), by dense autograd."""
+    stock, handle = _prepared(score="signed", density=0.02)
+    usaf.select(handle, BATCHES)
+    gen = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for d in handle.deltas().values():
+            d.values.copy_(torch.randn(len(d), generator=gen) * 0.02)
+    trained = copy.deepcopy(stock)  # the effective model: base + the current deltas
+    params = dict(trained.named_parameters())
+    keys = list(handle.deltas())
+    with torch.no_grad():
+        for k in keys:
+            params[k] += handle.deltas()[k].to_dense().to(params[k].dtype)
+    before = {k: set(d.indices.tolist()) for k, d in handle.deltas().items()}
+    grads = _dense_grads(trained, keys)
+    r = usaf.reselect(handle, None, BATCHES, fraction=0.3, exact=True)
+    assert r["grown"] > 0 and handle.active() == handle.budget()
+    scores, offsets, off = [], {}, 0
+    for k in keys:
+        sc = sum(g[k] for g in grads).abs().reshape(-1).clone()
+        sc[sorted(before[k])] = -1.0  # active before: never grown
+        scores.append(sc)
+        offsets[k], off = off, off + sc.numel()
+    want = set(torch.topk(torch.cat(scores), r["grown"]).indices.tolist())
+    got = {i + offsets[k] for k, d in handle.deltas().items() for i in set(d.indices.tolist()) - before[k]}
+    assert len(got) == r["grown"]
+    assert len(got & want) >= 0.98 * r["grown"], (len(got & want), r["grown"])

@@ -41,6 +41,7 @@ from .harness import rss_mb
 # name -> {option: default}; None = the setting named in SETTING_DEFAULTS
 OPTIONS: dict[str, dict[str, object]] = {
     "usaf": {"density": None, "lr": None, "router_lr": None, "wd": 0.0, "rigl": None, "rigl_frac": None,
+             "rigl_batches": 1,
              "router": 1, "quant": "none", "score": UsafConfig().score, "alloc": "global", "warmup": None, "attn": None,
              "attn_lr": None, "attn_units": "column", "shared": None, "shared_lr": None, "shared_units": "column",
              "ckpt": "auto", "dtype": "bf16", "beta1": 0.9, "beta2": 0.999},
@@ -381,8 +382,11 @@ def _setup_usaf(m: Method, cfg: dict, model, layers: range, data: dict, lr_fn, i
                              shared_lr=o.get("shared_lr") or o.get("lr", 0.0),
                              betas=(float(o.get("beta1", 0.9)), float(o.get("beta2", 0.999))))
     sched = _schedule(opt.param_groups, lr_fn)
-    state = {"step": 0, "reselect_s": 0.0}
+    state = {"step": 0, "reselect_s": 0.0, "recent": []}
     total, period = cfg["steps"], int(o.get("rigl", 0))
+    # RigL grows by the last rigl_batches training batches: 1 = |g| of the step's batch, streamed; more = the
+    # selection's score (|Σg| by default) over them, exact (calibration pass and replay)
+    n_recent = max(1, int(o.get("rigl_batches", 1)))
     # training mode, as `usaf train`'s loop sets it: from_pretrained returns the model in eval mode, and
     # transformers checkpoints a layer only in training mode (without this, checkpointing was silently off)
     model.train()
@@ -395,9 +399,10 @@ def _setup_usaf(m: Method, cfg: dict, model, layers: range, data: dict, lr_fn, i
         opt.step()
         opt.zero_grad()
         state["step"] = k + 1
+        state["recent"] = (state["recent"] + [b])[-n_recent:]
         if period and state["step"] % period == 0 and state["step"] < total:
-            r = reselect(handle, opt, [b], drop_fraction(state["step"], total, o["rigl_frac"]), loss_fn=loss_of,
-                         n_batches=1)
+            r = reselect(handle, opt, list(state["recent"]), drop_fraction(state["step"], total, o["rigl_frac"]),
+                         loss_fn=loss_of, exact=n_recent > 1)
             state["reselect_s"] += r["seconds"]
         return float(loss.detach())
 

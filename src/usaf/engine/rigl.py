@@ -42,8 +42,12 @@ def _drop_masks(handle: UsafModel, k: int) -> dict[str, torch.Tensor]:
 
 
 def reselect(handle: UsafModel, opt: UsafOptimizer | None, batches: Iterable[dict], fraction: float,
-             loss_fn: Callable | None = None, n_batches: int | None = None) -> dict:
-    """One RigL update. Returns a report (dropped, grown, active, seconds)."""
+             loss_fn: Callable | None = None, n_batches: int | None = None, exact: bool = False) -> dict:
+    """One RigL update. Returns a report (dropped, grown, active, seconds).
+
+    Grown elements are ranked by ``|dL/dW|`` summed over ``batches`` (each batch's per-expert top candidates,
+    streamed in the backward), or with ``exact`` by the selection's own score (``config.score``, e.g. ``|Σg|``)
+    over every inactive element: the calibration pass and replay of :func:`usaf.engine.select.candidates`."""
     t0 = time.perf_counter()
     if handle.config.allocation != "global" and fraction > 0:
         raise ValueError(f"RigL reselection keeps a global budget; allocation={handle.config.allocation!r} "
@@ -54,7 +58,7 @@ def reselect(handle: UsafModel, opt: UsafOptimizer | None, batches: Iterable[dic
         return {"dropped": 0, "grown": 0, "active": handle.active(), "seconds": time.perf_counter() - t0}
     # Grow candidates are scored with the current effective weights, excluding the active set.
     cands = candidates(handle, batches, k, exclude_active=True, loss_fn=loss_fn, n_batches=n_batches,
-                       streaming=True)
+                       streaming=not exact)
     grown = pick(cands, k)
     n_grow = sum(v.numel() for v in grown.values())
     keep = _drop_masks(handle, n_grow)  # drop exactly as many as can be grown: the budget is kept
