@@ -131,6 +131,37 @@ def test_gguf_tokenizer_and_config_built_once_in_a_child_then_cached(files, tmp_
     assert load_tokenizer(str(path))(text)["input_ids"] == direct(text)["input_ids"]
 
 
+@pytest.mark.parametrize("pre", ["smollm", "llama-bpe", "gpt-2", "qwen2"])
+def test_gguf_tokenizer_pre_tokenizes_as_the_file_names(tmp_path, monkeypatch, pre):
+    """A qwen3moe file whose tokenizer is not Qwen's (``tokenizer.ggml.pre`` = smollm, ...): transformers picks
+    the pre-tokenizer by architecture, usaf sets the one the file names, through the cache and without it."""
+    from usaf.load.gguf.pretok import pre_tokenizer_json
+
+    ckpt = save_tiny_checkpoint("qwen3_moe", tmp_path / "ckpt", **DIMS["qwen3_moe"])
+    tj = json.loads((ckpt / "tokenizer.json").read_text(encoding="utf-8"))
+    tj["pre_tokenizer"] = pre_tokenizer_json(pre)
+    (ckpt / "tokenizer.json").write_text(json.dumps(tj), encoding="utf-8")
+    tc = json.loads((ckpt / "tokenizer_config.json").read_text(encoding="utf-8"))
+    (ckpt / "tokenizer_config.json").write_text(json.dumps(dict(tc, tokenizer_class="PreTrainedTokenizerFast")))
+    h = usaf.prepare(load_model(str(ckpt), dtype=torch.float32), usaf.UsafConfig(quant="none"))
+    path = tmp_path / "m.gguf"
+    write_gguf(h, ckpt, path, "f32")
+    assert GGUFFile(path).get("tokenizer.ggml.pre") == pre
+    text = "def f(x):\n    return 12345  # Hi there's\n\n\tok  done"
+    want = load_tokenizer(str(ckpt))
+    monkeypatch.setenv("USAF_TOKENIZER_CACHE", str(tmp_path / "tok"))
+    for _ in range(2):  # built in a child into the cache, then read from it
+        got = load_tokenizer(str(path))
+        assert got.backend_tokenizer.pre_tokenizer.pre_tokenize_str(text) == \
+            want.backend_tokenizer.pre_tokenizer.pre_tokenize_str(text)
+        assert got(text)["input_ids"] == want(text)["input_ids"]
+    monkeypatch.setenv("USAF_TOKENIZER_CACHE", str(tmp_path / "ro" / "tok"))
+    (tmp_path / "ro").write_text("not a directory: built in this process")
+    got = load_tokenizer(str(path))
+    assert got.backend_tokenizer.pre_tokenizer.pre_tokenize_str(text) == \
+        want.backend_tokenizer.pre_tokenizer.pre_tokenize_str(text)
+
+
 @pytest.mark.parametrize("family", list(DIMS))
 def test_tied_embeddings_gguf_has_no_output_tensor_and_loads(tmp_path, family):
     """A model with tied embeddings (SmolLM2 and its upcycled MoE) is written without output.weight, as

@@ -32,6 +32,7 @@ import torch
 
 from ..integrity import IntegrityError
 from ..load.gguf.names import ARCH, arch_name, expert_names, gguf_name, name_map, permute, qk_heads
+from ..load.gguf.pretok import tokenizer_pre
 from ..load.hf import load_tokenizer
 from .layout import Checkpoint, ExportCheckError, ExportError, Run, Staged, check_out, disk_dtype, plan
 from .reference import DEFAULT_BASE_WEIGHTS, fp32_logits, reference_model
@@ -43,15 +44,6 @@ CHECKSUM_KEY = "usaf.checksums"  # GGUF metadata: {tensor name: sha256 of its by
 # (tiny models / SmolLM2-135M upcycled): f16 1e-3 / 7e-4, bf16 4e-3 / 5e-3, q8_0 1.2e-2 / 2.9e-2 (q8_0
 # weights alone, in transformers: 1.6e-2 on SmolLM2; llama.cpp also rounds activations to 8 bits).
 TOLERANCE = {"f32": 1e-3, "f16": 1e-2, "bf16": 3e-2, "q8_0": 1e-1}
-# Known pre-tokenizer regexes (tokenizer.json ``Split`` patterns) -> llama.cpp ``tokenizer.ggml.pre``.
-_SPLIT_PRE = {
-    "(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\\r\\n\\p{L}\\p{N}]?\\p{L}+|\\p{N}| ?[^\\s\\p{L}\\p{N}]+[\\r\\n]*|"
-    "\\s*[\\r\\n]+|\\s+(?!\\S)|\\s+": "qwen2",
-    "(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\\r\\n\\p{L}\\p{N}]?\\p{L}+|\\p{N}{1,3}| ?[^\\s\\p{L}\\p{N}]+[\\r\\n]*|"
-    "\\s*[\\r\\n]+|\\s+(?!\\S)|\\s+": "llama-bpe",
-}
-
-
 def _qtype(name: str):
     import gguf
 
@@ -67,20 +59,6 @@ def _ftype(name: str):
 
 
 # ------------------------------------------------------------------------------------------------ tokenizer
-def tokenizer_pre(tok: dict) -> str | None:
-    """llama.cpp's pre-tokenizer name for a tokenizer.json, or None when it is not one we recognise."""
-    pre = tok.get("pre_tokenizer") or {}
-    items = pre.get("pretokenizers", []) if pre.get("type") == "Sequence" else [pre]
-    kinds = [p.get("type") for p in items]
-    if kinds == ["ByteLevel"] and items[0].get("use_regex", True):
-        return "gpt-2"
-    if kinds == ["Digits", "ByteLevel"] and items[0].get("individual_digits") and items[1].get("use_regex", True):
-        return "smollm"
-    if kinds[-1:] == ["ByteLevel"] and not items[-1].get("use_regex", True) and kinds[:-1] == ["Split"]:
-        return _SPLIT_PRE.get((items[0].get("pattern") or {}).get("Regex"))
-    return None
-
-
 def _vocab(src: Path, vocab_size: int) -> tuple[list[str], list[int]]:
     """Token strings (byte-level encoded, as llama.cpp's gpt2 vocab expects) and types, padded to vocab_size."""
     import gguf

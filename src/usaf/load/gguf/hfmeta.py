@@ -26,14 +26,16 @@ import sys
 from pathlib import Path
 
 import transformers
+from tokenizers import Regex, pre_tokenizers
 from transformers import AutoTokenizer, PreTrainedTokenizerFast
 from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
 
 from ...io import cache_dir
+from .pretok import pre_tokenizer_json
 from .reader import GGUFError, GGUFFile
 
 log = logging.getLogger("usaf")
-CACHE_VERSION = "usaf-gguf-hfmeta-1"
+CACHE_VERSION = "usaf-gguf-hfmeta-2"  # 2: the pre-tokenizer the file names
 _CONFIG, _TOKENIZER_ERROR = "gguf_config.json", "tokenizer_error.txt"
 
 
@@ -88,12 +90,49 @@ def build_config(path: Path) -> dict:
         raise GGUFError(f"cannot read the metadata of {path}: {str(e).splitlines()[0]}") from None
 
 
+def _pre_tokenizer(spec: dict):
+    """A ``tokenizers`` pre-tokenizer from its ``tokenizer.json`` form (the kinds :mod:`.pretok` writes)."""
+    kind = spec["type"]
+    if kind == "Sequence":
+        return pre_tokenizers.Sequence([_pre_tokenizer(s) for s in spec["pretokenizers"]])
+    if kind == "Digits":
+        return pre_tokenizers.Digits(individual_digits=spec["individual_digits"])
+    if kind == "ByteLevel":
+        return pre_tokenizers.ByteLevel(add_prefix_space=spec["add_prefix_space"], use_regex=spec["use_regex"])
+    return pre_tokenizers.Split(Regex(spec["pattern"]["Regex"]), behavior=spec["behavior"].lower(),
+                                invert=spec["invert"])
+
+
+def _set_pre_tokenizer(tok, name: str | None) -> None:
+    """Give ``tok`` the pre-tokenizer the file names (``tokenizer.ggml.pre``), where usaf knows the name:
+    transformers chooses one by architecture alone."""
+    spec = pre_tokenizer_json(name) if name else None
+    if spec is None:
+        if name:
+            log.info("GGUF pre-tokenizer %r is not one usaf knows: transformers' choice for the architecture is "
+                     "kept (its tokenization may differ from llama.cpp's on this file)", name)
+        return
+    tok.backend_tokenizer.pre_tokenizer = _pre_tokenizer(spec)
+    tok.usaf_pre_tokenizer = name
+
+
+def _generic_class(saved: Path) -> None:
+    """Load the saved tokenizer as tokenizer.json says: a model's own class (``Qwen2Tokenizer``, ...) rebuilds
+    its pipeline with its own pre-tokenizer on load, so the saved config names the generic fast class."""
+    cfg_path = saved / "tokenizer_config.json"
+    cfg = json.loads(cfg_path.read_text(encoding="utf-8"))
+    cfg["tokenizer_class"] = "PreTrainedTokenizerFast"
+    cfg_path.write_text(json.dumps(cfg, indent=2, ensure_ascii=False), encoding="utf-8")
+
+
 def build_tokenizer(path: Path):
-    """The tokenizer built from the file's metadata by transformers (pad token = eos where it has none). For the
-    architectures transformers' GGUF reader has no config for, the tokenizer is built from the vocabulary
-    metadata alone (``PreTrainedTokenizerFast``)."""
+    """The tokenizer built from the file's metadata by transformers (pad token = eos where it has none), with the
+    pre-tokenizer the file names (:func:`_set_pre_tokenizer`). For the architectures transformers' GGUF reader
+    has no config for, the tokenizer is built from the vocabulary metadata alone (``PreTrainedTokenizerFast``)."""
     try:
-        if GGUFFile(path).arch in OWN_CONFIG:
+        f = GGUFFile(path)
+        pre = f.get("tokenizer.ggml.pre")
+        if f.arch in OWN_CONFIG:
             tok = PreTrainedTokenizerFast.from_pretrained(str(path.parent), gguf_file=path.name)
         else:
             tok = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
@@ -101,6 +140,8 @@ def build_tokenizer(path: Path):
         raise
     except Exception as e:  # noqa: BLE001
         raise GGUFError(f"cannot build the tokenizer of {path}: {str(e).splitlines()[0]}") from None
+    if (f.get("tokenizer.ggml.model") or "") == "gpt2":  # byte-level BPE: the pre-tokenizer is named
+        _set_pre_tokenizer(tok, pre if isinstance(pre, str) else None)
     if tok.pad_token_id is None and tok.eos_token_id is not None:
         tok.pad_token = tok.eos_token
     return tok
@@ -114,7 +155,10 @@ def _build_into(path: Path, out: Path) -> None:
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     try:
-        build_tokenizer(path).save_pretrained(tmp)
+        tok = build_tokenizer(path)
+        tok.save_pretrained(tmp)
+        if getattr(tok, "usaf_pre_tokenizer", None):
+            _generic_class(tmp)
     except GGUFError as e:
         (tmp / _TOKENIZER_ERROR).write_text(str(e))
     (tmp / _CONFIG).write_text(json.dumps(config))
