@@ -234,6 +234,7 @@ class Setup:
     step: object  # batch -> loss (float)
     info: dict
     ship: object  # () -> bytes of what the method ships
+    handle: object = None  # usaf methods: the prepared model (its deltas), for analysis scripts
 
 
 def _file_bytes(tensors: dict) -> int:
@@ -418,5 +419,5 @@ def _setup_usaf(m: Method, cfg: dict, model, layers: range, data: dict, lr_fn, i
             handle.save_delta(p)
             return p.stat().st_size
 
-    return Setup(model, live, step, info, ship)
+    return Setup(model, live, step, info, ship, handle)
 
