@@ -28,17 +28,10 @@ from usaf.bench.upcycle import prepare_upcycled_smollm2
 from usaf.export import gguf as ge
 from usaf.load.gguf.model import load_gguf
 from usaf.load.hf import load_model, load_tokenizer
-from usaf.testing import make_tiny_model
+from usaf.testing import GGUF_DIMS, make_tiny_model
 
 VOCAB = 49152
-DIMS = {"qwen3_moe": {"hidden_size": 256, "moe_intermediate_size": 256, "num_experts": 4},
-        "qwen2_moe": {"hidden_size": 256, "moe_intermediate_size": 256, "shared_expert_intermediate_size": 256,
-                      "num_experts": 4},
-        "olmoe": {"hidden_size": 256, "intermediate_size": 256, "num_experts": 4, "num_key_value_heads": 4},
-        "granitemoe": {"hidden_size": 256, "intermediate_size": 256, "num_local_experts": 4,
-                       "embedding_multiplier": 2.0, "residual_multiplier": 0.5, "attention_multiplier": 0.1,
-                       "logits_scaling": 4.0},
-        "mixtral": {"hidden_size": 256, "intermediate_size": 256, "num_local_experts": 4}}
+DIMS = GGUF_DIMS
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja")
 TEXTS = ["Say apple then river.", "def f(x):\n    return x * 2  # 123", "<|im_start|>user\nHi<|im_end|>"]
 

@@ -18,18 +18,10 @@ from usaf.export.gguf_source import TYPES, write_retyped
 from usaf.load.gguf.model import load_gguf
 from usaf.load.gguf.reader import GGUFFile
 from usaf.load.hf import load_model, load_tokenizer
-from usaf.testing import save_tiny_checkpoint
+from usaf.testing import GGUF_DIMS, save_tiny_checkpoint
 
 gguf = pytest.importorskip("gguf")
-# rows of 256 for the K-types
-DIMS = {"qwen3_moe": {"hidden_size": 256, "moe_intermediate_size": 256, "num_experts": 4},
-        "qwen2_moe": {"hidden_size": 256, "moe_intermediate_size": 256, "shared_expert_intermediate_size": 256,
-                      "num_experts": 4},
-        "olmoe": {"hidden_size": 256, "intermediate_size": 256, "num_experts": 4, "num_key_value_heads": 4},
-        "granitemoe": {"hidden_size": 256, "intermediate_size": 256, "num_local_experts": 4,
-                       "embedding_multiplier": 2.0, "residual_multiplier": 0.5, "attention_multiplier": 0.1,
-                       "logits_scaling": 4.0},
-        "mixtral": {"hidden_size": 256, "intermediate_size": 256, "num_local_experts": 4}}
+DIMS = GGUF_DIMS
 
 
 def _retype(src, dst, kind: int):

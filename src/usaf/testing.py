@@ -64,6 +64,18 @@ FAMILIES: tuple[str, ...] = (
 # (transformers converts them on load, see ``transformers/conversion_mapping.py``). ``granitemoe`` is listed
 # although its published experts are *not* split per expert: its checkpoints keep the fused tensors under the
 # legacy names ``block_sparse_moe.input_linear/output_linear`` and ``router.layer``.
+# The GGUF architectures' tiny models: rows of 256 (the K-types' block), 4 experts (tests/test_gguf.py,
+# bench/gguf_converter.py)
+GGUF_DIMS: dict[str, dict] = {
+    "qwen3_moe": {"hidden_size": 256, "moe_intermediate_size": 256, "num_experts": 4},
+    "qwen2_moe": {"hidden_size": 256, "moe_intermediate_size": 256, "shared_expert_intermediate_size": 256,
+                  "num_experts": 4},
+    "olmoe": {"hidden_size": 256, "intermediate_size": 256, "num_experts": 4, "num_key_value_heads": 4},
+    "granitemoe": {"hidden_size": 256, "intermediate_size": 256, "num_local_experts": 4, "embedding_multiplier": 2.0,
+                   "residual_multiplier": 0.5, "attention_multiplier": 0.1, "logits_scaling": 4.0},
+    "mixtral": {"hidden_size": 256, "intermediate_size": 256, "num_local_experts": 4},
+}
+
 PER_EXPERT_FAMILIES: tuple[str, ...] = (
     "qwen3_moe",
     "qwen2_moe",
