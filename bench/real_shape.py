@@ -200,6 +200,9 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=1)
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--sequences", type=int, default=4)
+    ap.add_argument("--calib-batches", type=int, default=1,
+                    help="calibration batches of the selection (usaf train's default is 16; each is --batch-size "
+                         "of the --sequences, cycled)")
     ap.add_argument("--dir", default="/tmp/usaf-qwen3-30b-shape")
     ap.add_argument("--checkpointing", default="auto", choices=("auto", "on", "off"),
                     help="as usaf train --checkpointing (auto: the plan's rule)")
@@ -312,7 +315,7 @@ def main() -> None:
         dev_resident = torch.cuda.memory_allocated(device)
         torch.cuda.reset_peak_memory_stats(device)
     t0 = time.perf_counter()
-    usaf.select(handle, [batch(0)], loss_fn=token_mean_loss)
+    usaf.select(handle, [batch(k) for k in range(a.calib_batches)], loss_fn=token_mean_loss)
     if cuda:
         torch.cuda.synchronize(device)
         dev_select = (torch.cuda.max_memory_allocated(device), torch.cuda.max_memory_reserved(device))
@@ -346,7 +349,7 @@ def main() -> None:
         "layers": a.layers, "train_top": a.train_top, "seq_len": a.seq_len, "batch_size": a.batch_size,
         "generate_s": round(gen_s, 1), "load_s": round(load_s, 1), "rss_after_load_mb": round(rss_load),
         "prefix_s": round(prefix_s, 1), "peak_rss_through_prefix_mb": round(peak_prefix),
-        "select_s": round(select_s, 1), "step_s_median": round(step_s, 2),
+        "calib_batches": a.calib_batches, "select_s": round(select_s, 1), "step_s_median": round(step_s, 2),
         "tokens_per_s": round(a.seq_len * a.batch_size / step_s, 1),
         "rss_during_steps_mb": round(max(rss_steps)), "peak_rss_through_select_mb": round(peak_select),
         "steps_peak_rss_mb": round(peak_mb()) if steps_phase else None,
@@ -360,7 +363,7 @@ def main() -> None:
 
         mb = lambda x: round(x / 2**20)  # noqa: E731
         p = predict(json.loads((d / "config.json").read_text()), seq_len=a.seq_len, batch_size=a.batch_size,
-                    density=0.005, train_layers=f"top:{a.train_top}", quant="4bit", dtype="bf16",
+                    density=0.005, train_layers=f"top:{a.train_top}", quant="4bit", dtype="bf16", calib_batches=a.calib_batches,
                     device_memory=a.device_cap or None, device="cuda")
         runtime = sum(q["bytes"] for q in p["train"]["breakdown"]
                       if q["tier"] == "device" and q["item"].startswith("runtime (CUDA"))
@@ -383,7 +386,7 @@ def main() -> None:
         from usaf.memory.plan import predict
 
         p = predict(json.loads((d / "config.json").read_text()), seq_len=a.seq_len, batch_size=a.batch_size,
-                    density=0.005, train_layers=f"top:{a.train_top}", quant="4bit", dtype="bf16",
+                    density=0.005, train_layers=f"top:{a.train_top}", quant="4bit", dtype="bf16", calib_batches=a.calib_batches,
                     device_memory=None, host_memory=None, device="cpu")
         out["plan_train_peak_host_mb"] = round(p.get("train_peak_host_bytes", 0) / 2**20)
         out["plan_select_peak_host_mb"] = round(p.get("select_peak_host_bytes", 0) / 2**20)
@@ -397,7 +400,7 @@ def main() -> None:
         from usaf.memory.plan import predict
 
         p = predict(json.loads((d / "config.json").read_text()), seq_len=a.seq_len, batch_size=a.batch_size,
-                    density=0.005, train_layers=f"top:{a.train_top}", quant="4bit", dtype="bf16",
+                    density=0.005, train_layers=f"top:{a.train_top}", quant="4bit", dtype="bf16", calib_batches=a.calib_batches,
                     device_memory=a.device_memory, device="cuda")
         parts = p["train"]["breakdown"]
         on_dev = lambda pred: sum(q["bytes"] for q in parts if q["tier"] == "device" and pred(q["item"]))  # noqa: E731
