@@ -76,11 +76,11 @@ def _own_config(f: GGUFFile) -> dict:
     return d
 
 
-def build_config(path: Path) -> dict:
-    """The config values for the file: transformers' (``load_gguf_checkpoint``, metadata only), or usaf's table
-    for the architectures transformers has none for (:data:`OWN_CONFIG`)."""
+def build_config(path: Path, f: GGUFFile | None = None) -> dict:
+    """The config values for the file (``f``: the file already opened): transformers' (``load_gguf_checkpoint``,
+    metadata only), or usaf's table for the architectures transformers has none for (:data:`OWN_CONFIG`)."""
     try:
-        f = GGUFFile(path)
+        f = f or GGUFFile(path)
         if f.arch in OWN_CONFIG:
             return _own_config(f)
         return dict(load_gguf_checkpoint(str(path))["config"])
@@ -113,24 +113,29 @@ def _set_pre_tokenizer(tok, name: str | None) -> None:
                      "kept (its tokenization may differ from llama.cpp's on this file)", name)
         return
     tok.backend_tokenizer.pre_tokenizer = _pre_tokenizer(spec)
-    tok.usaf_pre_tokenizer = name
+
+
+def _byte_level(f: GGUFFile) -> bool:
+    """A byte-level BPE vocabulary (``gpt2``), whose pre-tokenizer the file names."""
+    return (f.get("tokenizer.ggml.model") or "") == "gpt2"
 
 
 def _generic_class(saved: Path) -> None:
-    """Load the saved tokenizer as tokenizer.json says: a model's own class (``Qwen2Tokenizer``, ...) rebuilds
-    its pipeline with its own pre-tokenizer on load, so the saved config names the generic fast class."""
+    """Load the saved tokenizer as tokenizer.json says, i.e. as it was built: a model's own class
+    (``Qwen2Tokenizer``, ...) rebuilds its pipeline with its own pre-tokenizer on load, so the saved config names
+    the generic fast class."""
     cfg_path = saved / "tokenizer_config.json"
     cfg = json.loads(cfg_path.read_text(encoding="utf-8"))
     cfg["tokenizer_class"] = "PreTrainedTokenizerFast"
     cfg_path.write_text(json.dumps(cfg, indent=2, ensure_ascii=False), encoding="utf-8")
 
 
-def build_tokenizer(path: Path):
+def build_tokenizer(path: Path, f: GGUFFile | None = None):
     """The tokenizer built from the file's metadata by transformers (pad token = eos where it has none), with the
     pre-tokenizer the file names (:func:`_set_pre_tokenizer`). For the architectures transformers' GGUF reader
     has no config for, the tokenizer is built from the vocabulary metadata alone (``PreTrainedTokenizerFast``)."""
     try:
-        f = GGUFFile(path)
+        f = f or GGUFFile(path)
         pre = f.get("tokenizer.ggml.pre")
         if f.arch in OWN_CONFIG:
             tok = PreTrainedTokenizerFast.from_pretrained(str(path.parent), gguf_file=path.name)
@@ -140,7 +145,7 @@ def build_tokenizer(path: Path):
         raise
     except Exception as e:  # noqa: BLE001
         raise GGUFError(f"cannot build the tokenizer of {path}: {str(e).splitlines()[0]}") from None
-    if (f.get("tokenizer.ggml.model") or "") == "gpt2":  # byte-level BPE: the pre-tokenizer is named
+    if _byte_level(f):
         _set_pre_tokenizer(tok, pre if isinstance(pre, str) else None)
     if tok.pad_token_id is None and tok.eos_token_id is not None:
         tok.pad_token = tok.eos_token
@@ -150,14 +155,14 @@ def build_tokenizer(path: Path):
 def _build_into(path: Path, out: Path) -> None:
     """Both, saved into ``out`` atomically (a sibling temporary directory renamed into place). A tokenizer that
     cannot be built leaves its one-line reason instead (the config alone serves inspect and plan)."""
-    config = build_config(path)
+    f = GGUFFile(path)  # the header parsed once for both
+    config = build_config(path, f)
     tmp = out.with_name(f".{out.name}.{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     try:
-        tok = build_tokenizer(path)
-        tok.save_pretrained(tmp)
-        if getattr(tok, "usaf_pre_tokenizer", None):
+        build_tokenizer(path, f).save_pretrained(tmp)
+        if _byte_level(f):
             _generic_class(tmp)
     except GGUFError as e:
         (tmp / _TOKENIZER_ERROR).write_text(str(e))
