@@ -40,6 +40,8 @@ def checkpoint(family: str, out: Path, tok_dir: Path) -> Path:
     """The tiny model in the published layout (``save_pretrained``'s default), with SmolLM2's tokenizer."""
     model = make_tiny_model(family, vocab_size=VOCAB, **DIMS[family])
     model.config.bos_token_id, model.config.eos_token_id = 1, 2
+    if family == "deepseek_v3":  # as DeepSeek-V3's published config.json says (the converter reads it)
+        model.config.scoring_func = "sigmoid"
     model.save_pretrained(out)
     for name in TOKENIZER_FILES:
         if (tok_dir / name).is_file():

@@ -1,7 +1,8 @@
 """--model X.gguf: loading (config, tokenizer, tensors, expert stacks kept in their GGUF types), training,
 eval, export back to the source's types (--like-source), and the refusals of bad input.
 
-Test files: tiny qwen3_moe / qwen2_moe / olmoe / granitemoe / mixtral written by usaf's own GGUF exporter (F32), then requantized to each type
+Test files: tiny qwen3_moe / qwen2_moe / olmoe / granitemoe / mixtral / deepseek_v3 / deepseek_v2 written by usaf's own
+GGUF exporter (F32), then requantized to each type
 (K-types with usaf's round-to-nearest K-quantizer, :mod:`usaf.export.kquant`)."""
 
 import json
@@ -82,6 +83,42 @@ def test_llama_cpp_runs_the_written_gguf_as_transformers_runs_the_checkpoint(fil
     err = ge.position_errors(want, got)
     assert float((err <= ge.TOLERANCE["f32"]).float().mean()) >= 0.9, err
     assert float(err.median()) < ge.TOLERANCE["f32"] / 2, err
+
+
+_YARN = {"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0, "original_max_position_embeddings": 128,
+         "beta_fast": 32.0, "beta_slow": 1.0}
+
+
+@pytest.mark.parametrize("family,kw", [
+    ("deepseek_v3", {"q_lora_rank": None, "num_hidden_layers": 26}),  # llama.cpp: "lite" by its layer count
+    ("deepseek_v3", {"n_routed_experts": 8, "n_group": 4, "topk_group": 2, "norm_topk_prob": False,
+                     "routed_scaling_factor": 1.5}),
+    ("deepseek_v3", {"rope_parameters": {**_YARN, "mscale": 1.0, "mscale_all_dim": 1.0}}),
+    ("deepseek_v2", {"rope_parameters": {**_YARN, "mscale": 0.707, "mscale_all_dim": 0.707}}),
+])
+def test_deepseek2_variants_load_as_the_checkpoint(tmp_path, family, kw):
+    """DeepSeek-V2/V3 as llama.cpp's ``deepseek2``: without q_lora_rank, with expert groups (and the router's
+    score bias, random here), unnormalized scaled top-k and YaRN, the written file loads to the checkpoint's
+    logits, and llama.cpp (where installed) computes them within its tolerance."""
+    import usaf.export.gguf as ge
+
+    dims = {**DIMS[family], **kw}
+    ckpt = save_tiny_checkpoint(family, tmp_path / "c", **dims)
+    ref = load_model(str(ckpt), dtype=torch.float32)
+    h = usaf.prepare(load_model(str(ckpt), dtype=torch.float32), usaf.UsafConfig(quant="none"))
+    path = tmp_path / "m.gguf"
+    write_gguf(h, ckpt, path, "f32")
+    ids = ge.gguf_probe_ids(320)
+    want = _logits(ref, ids)
+    g = load_gguf(path, dtype=torch.float32).model
+    for key in ("q_lora_rank", "n_group", "topk_group", "routed_scaling_factor", "rope_parameters"):
+        assert getattr(g.config, key) == getattr(ref.config, key), key
+    assert torch.allclose(_logits(g, ids), want, atol=2e-5, rtol=1e-5)
+    if ge.have_llama_cpp():  # 26 layers accumulate llama.cpp's rounding: about 1e-3 median there, 3e-4 at 3
+        tol = ge.TOLERANCE["f32"] * (4 if dims.get("num_hidden_layers", 3) > 3 else 1)
+        err = ge.position_errors(want, ge.llama_cpp_logits(path, ids))
+        assert float((err <= tol).float().mean()) >= 0.8, err
+        assert float(err.median()) < tol / 2, err
 
 
 def test_gguf_tokenizer_and_config_built_once_in_a_child_then_cached(files, tmp_path, monkeypatch):
@@ -344,11 +381,12 @@ def test_dense_smollm2_q4_1_refused(capsys, tmp_path):
              capsys, "is a dense model (architecture 'llama', no experts)", tmp_path / "o")
 
 
-@pytest.mark.parametrize("family", ["qwen2_moe", "mixtral"])
+@pytest.mark.parametrize("family", ["qwen2_moe", "mixtral", "deepseek_v3"])
 def test_like_source_writes_shared_expert_and_attention_deltas(files, tmp_path, family):
-    """Sparse deltas of linears (qwen2moe's shared expert, the attention projections; llama's q/k rows stored
-    permuted) go into their GGUF tensors like the expert stacks': in F32 the file loads as exactly base + delta,
-    and in the source's types every untouched tensor keeps its bytes (the export's check)."""
+    """Sparse deltas of linears (qwen2moe's and deepseek's shared experts, the attention projections; llama's q/k rows stored
+    permuted; MLA's kv_b_proj stored split into attn_k_b (transposed) and attn_v_b) go into their GGUF tensors
+    like the expert stacks': in F32 the file loads as exactly base + delta, and in the source's types every
+    untouched tensor keeps its bytes (the export's check)."""
     root = tmp_path
     q = _retype(files[family][1], root / "m-q8_0.gguf", TYPES["q8_0"])
     run = root / "run"
@@ -363,7 +401,9 @@ def test_like_source_writes_shared_expert_and_attention_deltas(files, tmp_path, 
     if family == "mixtral":  # llama's permuted q/k rows
         assert any(".self_attn.q_proj." in k for k in nonempty) and any(".self_attn.k_proj." in k for k in nonempty)
     assert any(".self_attn." in k for k in nonempty)
-    assert any(".shared_expert." in k for k in nonempty) == (family == "qwen2_moe")
+    assert any(".shared_expert" in k for k in nonempty) == (family != "mixtral")  # deepseek: shared_experts
+    if family == "deepseek_v3":
+        assert any(".kv_b_proj." in k for k in nonempty)
     own = root / "own.gguf"
     assert main(["export", str(run), "--format", "gguf", "--like-source", "--out", str(own)]) == 0
     a, b = GGUFFile(q), GGUFFile(own)
@@ -371,7 +411,9 @@ def test_like_source_writes_shared_expert_and_attention_deltas(files, tmp_path, 
     if family == "mixtral":
         assert any(".attn_q." in n for n in touched) and any(".attn_k." in n for n in touched)
     assert any(".attn_" in n for n in touched)
-    assert any("_shexp." in n for n in touched) == (family == "qwen2_moe")
+    assert any("_shexp." in n for n in touched) == (family != "mixtral")
+    if family == "deepseek_v3":
+        assert any(".attn_k_b." in n for n in touched) and any(".attn_v_b." in n for n in touched)
     exact = root / "f32.gguf"
     assert main(["export", str(run), "--format", "gguf", "--like-source", "--touched-type", "f32",
                  "--out", str(exact)]) == 0
@@ -409,6 +451,10 @@ def test_prefix_layers_of_a_gguf_stay_views_of_the_file(files):
     ("olmoe", {"norm_topk_prob": True}, "norm_topk_prob=True"),
     ("qwen2_moe", {"norm_topk_prob": True}, "norm_topk_prob=True"),
     ("qwen3_moe", {"norm_topk_prob": False}, "norm_topk_prob=False"),
+    ("deepseek_v3", {"q_lora_rank": None}, "without q_lora_rank at 3 layers"),
+    ("deepseek_v3", {"num_hidden_layers": 27}, "with q_lora_rank at 27 layers"),
+    ("deepseek_v2", {"n_routed_experts": 8, "n_group": 4, "topk_group": 2, "topk_method": "group_limited_greedy"},
+     "group_limited_greedy"),
 ])
 def test_gguf_export_refuses_configs_llama_cpp_computes_otherwise(family, kw, match):
     """llama.cpp's graph of each architecture fixes some choices a transformers config may change (top-k
@@ -422,7 +468,7 @@ def test_gguf_export_refuses_configs_llama_cpp_computes_otherwise(family, kw, ma
         _supported(cfg, family)
 
 
-@pytest.mark.parametrize("family,kw", [("qwen2_moe", {}), ("olmoe", {"num_key_value_heads": 4}),
+@pytest.mark.parametrize("family,kw", [("qwen2_moe", {}), ("olmoe", {"num_key_value_heads": 4}), ("deepseek_v3", {}),
                                        ("granitemoe", {"embedding_multiplier": 2.0, "residual_multiplier": 0.5,
                                                        "attention_multiplier": 0.1, "logits_scaling": 4.0})])
 def test_trained_run_exported_as_gguf_loads_as_the_trained_model(tmp_path, family, kw):

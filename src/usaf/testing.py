@@ -74,6 +74,10 @@ GGUF_DIMS: dict[str, dict] = {
     "granitemoe": {"hidden_size": 256, "intermediate_size": 256, "num_local_experts": 4, "embedding_multiplier": 2.0,
                    "residual_multiplier": 0.5, "attention_multiplier": 0.1, "logits_scaling": 4.0},
     "mixtral": {"hidden_size": 256, "intermediate_size": 256, "num_local_experts": 4},
+    "deepseek_v3": {"hidden_size": 256, "intermediate_size": 256, "moe_intermediate_size": 256,
+                    "n_routed_experts": 4},
+    "deepseek_v2": {"hidden_size": 256, "intermediate_size": 256, "moe_intermediate_size": 256,
+                    "n_routed_experts": 4},
 }
 
 PER_EXPERT_FAMILIES: tuple[str, ...] = (

@@ -1,8 +1,9 @@
 """``usaf export RUN --format gguf``: the merged model as a GGUF file that llama.cpp loads.
 
 Covered: ``qwen3_moe`` (llama.cpp arch ``qwen3moe``), ``qwen2_moe`` (``qwen2moe``, with its gated shared
-expert), ``olmoe`` (``olmoe``), ``granitemoe`` (``granitemoe``) and ``mixtral`` (arch ``llama`` with
-experts), as
+expert), ``olmoe`` (``olmoe``), ``granitemoe`` (``granitemoe``), ``mixtral`` (arch ``llama`` with
+experts), ``deepseek_v3`` and ``deepseek_v2`` (``deepseek2``: MLA's ``kv_b_proj`` split into ``attn_k_b`` /
+``attn_v_b``, the router's score bias as ``exp_probs_b``, the gating function named), as
 llama.cpp's own ``convert_hf_to_gguf.py`` writes them:
 
 - tensor names from ``gguf.TensorNameMap``; expert stacks as ``blk.N.ffn_{gate,up,down}_exps.weight``
@@ -31,7 +32,20 @@ import numpy as np
 import torch
 
 from ..integrity import IntegrityError
-from ..load.gguf.names import ARCH, arch_name, expert_names, gguf_name, name_map, permute, qk_heads
+from ..load.gguf.model import stored_buffers
+from ..load.gguf.names import (
+    ARCH,
+    MLA,
+    arch_name,
+    expert_names,
+    gguf_name,
+    kv_b_names,
+    kv_b_rows,
+    name_map,
+    permute,
+    qk_heads,
+    split_kv_b,
+)
 from ..load.gguf.pretok import tokenizer_pre
 from ..load.hf import load_tokenizer
 from .layout import Checkpoint, ExportCheckError, ExportError, Run, Staged, check_out, disk_dtype, plan
@@ -127,13 +141,16 @@ def gguf_tensors(handle, arch_name: str) -> list[tuple[str, torch.Tensor]]:
     family = handle.family.model_type
     tmap = name_map(family, cfg.num_hidden_layers)
     out = []
-    for name, p in handle.model.named_parameters():
+    for name, p in [*handle.model.named_parameters(), *stored_buffers(handle.model)]:
         if ".deltas." in name or ".usaf_delta." in name:
             continue
         new = gguf_name(tmap, name)
         if new is None:
             raise ExportError(f"GGUF export: no llama.cpp name for {name}")
         t = p.detach()
+        if family in MLA and name.endswith("kv_b_proj.weight"):  # split as llama.cpp's converter does
+            out.extend(zip(kv_b_names(int(new.split(".")[1])), split_kv_b(t, *kv_b_rows(cfg))))
+            continue
         heads = qk_heads(family, name, cfg)
         out.append((new, permute(t, heads) if heads else t))
     for m in handle.layers:
@@ -146,18 +163,76 @@ def gguf_tensors(handle, arch_name: str) -> list[tuple[str, torch.Tensor]]:
     return out
 
 
+def _mla(w, cfg, family: str) -> None:
+    """DeepSeek-V2/V3 as llama.cpp's converter writes ``deepseek2``: MLA as MQA over the compressed cache,
+    leading dense layers, shared experts, the routing's constants and YaRN."""
+    import gguf
+
+    rope = cfg.rope_parameters or {}
+    w.add_head_count_kv(1)
+    w.add_leading_dense_block_count(cfg.first_k_dense_replace)
+    if cfg.q_lora_rank is not None:
+        w.add_q_lora_rank(cfg.q_lora_rank)
+    w.add_kv_lora_rank(cfg.kv_lora_rank)
+    w.add_key_length(cfg.kv_lora_rank + cfg.qk_rope_head_dim)
+    w.add_value_length(cfg.kv_lora_rank)
+    w.add_key_length_mla(cfg.qk_nope_head_dim + cfg.qk_rope_head_dim)
+    w.add_value_length_mla(cfg.v_head_dim)
+    w.add_expert_count(cfg.n_routed_experts)
+    w.add_expert_feed_forward_length(cfg.moe_intermediate_size)
+    w.add_expert_shared_count(cfg.n_shared_experts or 0)
+    w.add_expert_weights_scale(float(cfg.routed_scaling_factor))
+    w.add_expert_weights_norm(bool(family == "deepseek_v3" and cfg.norm_topk_prob))  # V2 never renormalizes
+    w.add_expert_gating_func(gguf.ExpertGatingFuncType.SIGMOID if family == "deepseek_v3"
+                             else gguf.ExpertGatingFuncType.SOFTMAX)
+    groups, used = _groups(cfg)
+    w.add_expert_group_count(groups)
+    w.add_expert_group_used_count(used)
+    w.add_vocab_size(cfg.vocab_size)
+    w.add_rope_dimension_count(cfg.qk_rope_head_dim)
+    if rope.get("rope_type") == "yarn":
+        w.add_rope_scaling_type(gguf.RopeScalingType.YARN)
+        w.add_rope_scaling_factor(float(rope["factor"]))
+        w.add_rope_scaling_orig_ctx_len(int(rope["original_max_position_embeddings"]))
+        for key, add in (("beta_fast", w.add_rope_scaling_yarn_beta_fast),
+                         ("beta_slow", w.add_rope_scaling_yarn_beta_slow)):
+            if rope.get(key) is not None:
+                add(float(rope[key]))
+        if rope.get("mscale_all_dim"):
+            w.add_rope_scaling_yarn_log_mul(0.1 * float(rope["mscale_all_dim"]))
+
+
+def _llama_cpp_lite(cfg) -> bool:
+    """Whether llama.cpp's deepseek2 loader takes this model for one without q_lora_rank (by its shape)."""
+    n = cfg.num_hidden_layers
+    return n in (26, 27) or (n == 48 and cfg.vocab_size == 128256)
+
+
+def _groups(cfg) -> tuple[int, int]:
+    """(expert groups, groups used) as llama.cpp takes them: every group used is no grouping (its loader
+    requires fewer groups used than groups)."""
+    n, used = cfg.n_group or 1, cfg.topk_group or 1
+    return (1, 1) if used >= n else (n, used)
+
+
 def _hparams(w, cfg, family: str, qtype: str) -> None:
     rope = getattr(cfg, "rope_parameters", None) or {}
-    if rope.get("rope_type", "default") not in ("default", None):
+    if rope.get("rope_type", "default") not in ("default", None) and not (family in MLA and
+                                                                          rope.get("rope_type") == "yarn"):
         raise ExportError(f"GGUF export: rope_type {rope.get('rope_type')!r} is not supported")
     w.add_block_count(cfg.num_hidden_layers)
     w.add_context_length(cfg.max_position_embeddings)
     w.add_embedding_length(cfg.hidden_size)
     w.add_feed_forward_length(cfg.intermediate_size)
     w.add_head_count(cfg.num_attention_heads)
-    w.add_head_count_kv(cfg.num_key_value_heads)
     w.add_rope_freq_base(float(rope.get("rope_theta", getattr(cfg, "rope_theta", 10000.0))))
     w.add_layer_norm_rms_eps(cfg.rms_norm_eps)
+    if family in MLA:
+        _mla(w, cfg, family)
+        w.add_expert_used_count(cfg.num_experts_per_tok)
+        w.add_file_type(_ftype(qtype))
+        return
+    w.add_head_count_kv(cfg.num_key_value_heads)
     head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
     w.add_key_length(head_dim)
     w.add_value_length(head_dim)
@@ -205,6 +280,21 @@ def _supported(cfg, family: str) -> None:
             raise ExportError(f"GGUF export: {family} with dense (mlp_only) layers is not supported")
         if getattr(cfg, "use_sliding_window", False):
             raise ExportError("GGUF export: sliding-window attention is not supported")
+    if family in MLA:
+        if getattr(cfg, "attention_bias", False):
+            raise ExportError(f"GGUF export: {family} with attention_bias has no llama.cpp equivalent")
+        if family == "deepseek_v3" and not getattr(cfg, "rope_interleave", True):
+            raise ExportError("GGUF export: deepseek_v3 with rope_interleave=False has no llama.cpp equivalent "
+                              "(its deepseek2 graph rotates interleaved pairs)")
+        lite = _llama_cpp_lite(cfg)
+        if (cfg.q_lora_rank is None) != lite:  # llama.cpp tells them apart by the layer count alone
+            raise ExportError(f"GGUF export: llama.cpp reads a deepseek2 file {'with' if lite else 'without'} "
+                              f"q_lora_rank at {cfg.num_hidden_layers} layers (it takes 26 or 27 layers, or 48 with "
+                              f"a 128256-token vocabulary, for a model without q_lora_rank); this model has "
+                              f"q_lora_rank={cfg.q_lora_rank}")
+        if family == "deepseek_v2" and getattr(cfg, "topk_method", "greedy") != "greedy" and _groups(cfg)[0] > 1:
+            raise ExportError("GGUF export: deepseek_v2 with group_limited_greedy routing has no llama.cpp "
+                              "equivalent (llama.cpp ranks groups by their top-2 sum, DeepSeek-V2 by their max)")
     if family == "mixtral" and getattr(cfg, "sliding_window", None):
         raise ExportError("GGUF export: mixtral with sliding_window is not supported")
 

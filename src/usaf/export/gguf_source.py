@@ -28,7 +28,7 @@ import torch
 
 from ..engine.ggml import BLOCKS, dequantize, type_name
 from ..load.gguf.model import gguf_config, gguf_fingerprint, open_gguf
-from ..load.gguf.names import expert_names, gguf_name, name_map, permute, qk_heads
+from ..load.gguf.names import MLA, expert_names, gguf_name, kv_b_names, kv_b_rows, name_map, permute, qk_heads
 from ..load.gguf.reader import GGUFFile
 from .kquant import quantize_rows, requantize_touched
 from .layout import ExportCheckError, ExportError, Run, Staged
@@ -59,9 +59,8 @@ def _new_values(run: Run, src: GGUFFile, config) -> dict[str, tuple[torch.Tensor
         m = _LAYER.search(key)
         stack = key.rsplit(".", 1)[-1]
         if stack == "weight":  # a linear's delta (shared expert, attention): flat indices into its [out, in]
-            got = _linear_rows(run, src, key, family, config)
-            if got is not None:
-                out[got[0]] = got[1:]
+            for name, *got in _linear_rows(run, src, key, family, config):
+                out[name] = tuple(got)
             continue
         if m is None or stack not in ("gate_up_proj", "down_proj"):
             raise ExportError(f"the delta's stack {key} has no GGUF counterpart")
@@ -95,18 +94,21 @@ def _base_plus(src: GGUFFile, name: str, row: torch.Tensor, col: torch.Tensor, v
     return rows, w
 
 
-def _linear_rows(run: Run, src: GGUFFile, key: str, family: str, config):
-    """``(GGUF name, rows, new rows fp32)`` (None when empty) of a linear's sparse delta (a shared-expert or attention weight):
-    the source's dequantized rows plus the delta. llama's q/k rows are stored permuted (RoPE order): the
-    delta's rows are mapped to the file's."""
+def _linear_rows(run: Run, src: GGUFFile, key: str, family: str, config) -> list:
+    """``[(GGUF name, rows, new rows fp32)]`` (empty when the delta is) of a linear's sparse delta (a shared-expert
+    or attention weight): the source's dequantized rows plus the delta. llama's q/k rows are stored permuted
+    (RoPE order): the delta's rows are mapped to the file's. MLA's ``kv_b_proj`` is stored split per head
+    (``attn_k_b`` transposed, ``attn_v_b``): each element goes to the half that holds it."""
     name = gguf_name(name_map(family, config.num_hidden_layers), key)
+    idx, vals = run.stack(key)
+    if not idx.numel():
+        return []
+    if family in MLA and key.endswith("kv_b_proj.weight") and name not in src.tensors:
+        return _kv_b_rows(src, key, name, idx, vals, config)
     if name is None or name not in src.tensors:
         raise ExportError(f"the source GGUF has no tensor for the delta of {key}")
     info = src.tensors[name]
     n_rows, cols = int(np.prod(info.shape[:-1])), info.shape[-1]
-    idx, vals = run.stack(key)
-    if not idx.numel():
-        return None
     if int(idx.max()) >= n_rows * cols:
         raise ExportError(f"the delta of {key} does not fit the GGUF's {name} {list(info.shape)}")
     row, col = idx // cols, idx % cols
@@ -116,7 +118,28 @@ def _linear_rows(run: Run, src: GGUFFile, key: str, family: str, config):
         at = torch.empty_like(order)
         at[order] = torch.arange(n_rows)
         row = at[row]
-    return name, *_base_plus(src, name, row, col, vals)
+    return [(name, *_base_plus(src, name, row, col, vals))]
+
+
+def _kv_b_rows(src: GGUFFile, key: str, name: str, idx: torch.Tensor, vals: torch.Tensor, config) -> list:
+    """The delta of ``kv_b_proj [heads * (nope + v), rank]`` on the file's ``attn_k_b [heads, rank, nope]`` and
+    ``attn_v_b [heads, v, rank]`` (:func:`usaf.load.gguf.names.split_kv_b`)."""
+    heads, nope, v = kv_b_rows(config)
+    rank = config.kv_lora_rank
+    k_b, v_b = kv_b_names(int(name.split(".")[1]))
+    if k_b not in src.tensors or v_b not in src.tensors:
+        raise ExportError(f"the source GGUF has no tensor for the delta of {key}")
+    if int(idx.max()) >= heads * (nope + v) * rank:
+        raise ExportError(f"the delta of {key} does not fit the model's kv_b_proj")
+    row, col = idx // rank, idx % rank
+    h, r = row // (nope + v), row % (nope + v)
+    out = []
+    is_k = r < nope
+    if bool(is_k.any()):  # kv_b[h, r, c] = k_b[h, c, r]
+        out.append((k_b, *_base_plus(src, k_b, h[is_k] * rank + col[is_k], r[is_k], vals[is_k])))
+    if bool((~is_k).any()):  # kv_b[h, nope + j, c] = v_b[h, j, c]
+        out.append((v_b, *_base_plus(src, v_b, h[~is_k] * v + r[~is_k] - nope, col[~is_k], vals[~is_k])))
+    return out
 
 
 def _same_types(src: GGUFFile, path: Path, new: dict) -> dict:

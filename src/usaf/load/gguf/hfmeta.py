@@ -58,7 +58,9 @@ _GENERIC = {"block_count": "num_hidden_layers", "context_length": "max_position_
             "expert_count": "num_experts", "expert_used_count": "num_experts_per_tok", "vocab_size": "vocab_size",
             "attention.scale": "attention_multiplier", "embedding_scale": "embedding_multiplier",
             "residual_scale": "residual_multiplier", "logit_scale": "logits_scaling"}
-OWN_CONFIG = {"olmoe": "olmoe", "granitemoe": "granitemoe"}  # llama.cpp architecture -> model type, read with usaf's table above
+# llama.cpp architecture -> model type, read with usaf's table above (deepseek2: V2 or V3 by its gating, decided
+# with the rest of what is specific to it by ``usaf.load.gguf.model``)
+OWN_CONFIG = {"olmoe": "olmoe", "granitemoe": "granitemoe", "deepseek2": "deepseek_v3"}
 
 
 def _own_config(f: GGUFFile) -> dict:

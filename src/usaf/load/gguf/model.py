@@ -29,7 +29,20 @@ from ...engine.model import UsafModel, decoder_layers, parse_layers, prepare
 from ..mmap import register_range
 from .hfmeta import gguf_config_values
 from .hfmeta import gguf_tokenizer as cached_tokenizer
-from .names import ARCH, arch_name, expert_names, family_of_arch, gguf_name, name_map, qk_heads, unpermute
+from .names import (
+    ARCH,
+    MLA,
+    arch_name,
+    expert_names,
+    family_of_arch,
+    gguf_name,
+    join_kv_b,
+    kv_b_names,
+    kv_b_rows,
+    name_map,
+    qk_heads,
+    unpermute,
+)
 from .reader import GGUFError, GGUFFile
 
 log = logging.getLogger("usaf")
@@ -45,8 +58,13 @@ def open_gguf(path) -> GGUFFile:
     return GGUFFile(path)
 
 
+def file_family(f: GGUFFile) -> str | None:
+    """The family the file loads as (None when usaf does not load its architecture)."""
+    return family_of_arch(f.arch, f.get(f"{f.arch}.expert_gating_func"))
+
+
 def _dense_or_unknown(f: GGUFFile) -> None:
-    family = family_of_arch(f.arch)
+    family = file_family(f)
     experts = f.get(f"{f.arch}.expert_count", 0)
     if not experts:
         raise GGUFError(f"{f.path} is a dense model (architecture {f.arch!r}, no experts); usaf fine-tunes "
@@ -59,17 +77,20 @@ def _dense_or_unknown(f: GGUFFile) -> None:
 def gguf_config(f: GGUFFile):
     """The transformers config of the model in ``f``."""
     _dense_or_unknown(f)
-    family = family_of_arch(f.arch)
+    family = file_family(f)
     d = gguf_config_values(f)
     d.pop("_model_name_or_path", None)
     d.pop("model_type", None)
     a = f.arch
     experts = f.get(f"{a}.expert_count")
-    gate = f.tensors.get(expert_names(0)["gate_up_proj"][0])
+    first = f.get(f"{a}.leading_dense_block_count", 0) if family in MLA else 0
+    gate = f.tensors.get(expert_names(first)["gate_up_proj"][0])
     if gate is None:
-        raise GGUFError(f"{f.path} has no {expert_names(0)['gate_up_proj'][0]} (experts stored otherwise)")
+        raise GGUFError(f"{f.path} has no {expert_names(first)['gate_up_proj'][0]} (experts stored otherwise)")
     inter = gate.shape[1]
-    if family in ("mixtral", "granitemoe"):
+    if family in MLA:
+        _deepseek(f, d, family, experts, first)
+    elif family in ("mixtral", "granitemoe"):
         d.pop("num_experts", None)
         d["num_local_experts"] = experts
         d["num_experts_per_tok"] = f.get(f"{a}.expert_used_count")
@@ -95,12 +116,69 @@ def gguf_config(f: GGUFFile):
     d["tie_word_embeddings"] = "output.weight" not in f.tensors
     if "rope_theta" in d:
         d["rope_parameters"] = {"rope_type": "default", "rope_theta": float(d.pop("rope_theta"))}
+        d["rope_parameters"].update(_yarn(f))
     try:
         config = AutoConfig.for_model(family, **d)
     except (TypeError, ValueError) as e:
         raise GGUFError(f"{f.path}: its metadata does not make a valid {family} config ({e})") from None
     family_for(config)
     return config
+
+
+def _yarn(f: GGUFFile) -> dict:
+    """transformers' YaRN parameters from llama.cpp's keys (empty without YaRN). llama.cpp keeps DeepSeek's
+    ``mscale_all_dim`` as ``0.1 * mscale_all_dim`` (``yarn_log_multiplier``) and no ``mscale``: the official
+    DeepSeek-V2/V3 configs have ``mscale == mscale_all_dim``, which is what is assumed here."""
+    a = f.arch
+    kind = f.get(f"{a}.rope.scaling.type")
+    if kind in (None, "none"):
+        return {}
+    if kind != "yarn":
+        raise GGUFError(f"{f.path}: rope scaling {kind!r} is not supported (none or yarn)")
+    out = {"rope_type": "yarn", "factor": float(f.get(f"{a}.rope.scaling.factor")),
+           "original_max_position_embeddings": int(f.get(f"{a}.rope.scaling.original_context_length"))}
+    for key, hf in (("yarn_beta_fast", "beta_fast"), ("yarn_beta_slow", "beta_slow")):
+        if f.get(f"{a}.rope.scaling.{key}") is not None:
+            out[hf] = float(f.get(f"{a}.rope.scaling.{key}"))
+    log_mul = f.get(f"{a}.rope.scaling.yarn_log_multiplier")
+    if log_mul:
+        out["mscale"] = out["mscale_all_dim"] = round(float(log_mul) / 0.1, 6)  # stored as float32
+    return out
+
+
+def _deepseek(f: GGUFFile, d: dict, family: str, experts: int, first: int) -> None:
+    """DeepSeek-V2/V3's config from a ``deepseek2`` file: MLA's ranks and head widths (llama.cpp stores the
+    attention as MQA over the compressed cache: its ``head_count_kv`` is 1, the model's is ``head_count``),
+    leading dense layers, shared experts and the routing's constants."""
+    a = f.arch
+
+    def get(key, default=None):
+        v = f.get(f"{a}.{key}")
+        return default if v is None else v
+
+    rope = get("rope.dimension_count")
+    kv_rank = get("attention.kv_lora_rank")
+    if rope is None or kv_rank is None:
+        raise GGUFError(f"{f.path} lacks {a}.rope.dimension_count or {a}.attention.kv_lora_rank (MLA's widths)")
+    if get("attention.key_length_mla") is not None:  # kv_b_proj split into attn_k_b / attn_v_b
+        nope, v = get("attention.key_length_mla") - rope, get("attention.value_length_mla")
+    else:  # an older file: kv_b_proj whole (attn_kv_b), key/value lengths per head
+        nope, v = get("attention.key_length") - rope, get("attention.value_length")
+    norm = bool(get("expert_weights_norm", False))
+    groups, used = get("expert_group_count", 1), get("expert_group_used_count", 1)
+    d.pop("num_experts", None)
+    d.update(num_key_value_heads=d["num_attention_heads"], n_routed_experts=experts, first_k_dense_replace=first,
+             moe_intermediate_size=get("expert_feed_forward_length"), n_shared_experts=get("expert_shared_count", 0),
+             routed_scaling_factor=float(get("expert_weights_scale", 1.0)), n_group=groups, topk_group=used,
+             q_lora_rank=get("attention.q_lora_rank") or None, kv_lora_rank=kv_rank, qk_rope_head_dim=rope,
+             qk_nope_head_dim=nope, v_head_dim=v, head_dim=rope, attention_bias=False)
+    if family == "deepseek_v3":
+        d.update(norm_topk_prob=norm, rope_interleave=True)
+    else:  # transformers' DeepSeek-V2 scales the softmax top-k weights and never renormalizes them
+        if norm:
+            raise GGUFError(f"{f.path}: DeepSeek-V2 routing with renormalized top-k weights "
+                            f"({a}.expert_weights_norm) is not supported")
+        d["topk_method"] = "greedy" if groups <= 1 else "group_limited_greedy"
 
 
 def gguf_tokenizer(path):
@@ -125,12 +203,19 @@ def gguf_fingerprint(f: GGUFFile) -> str:
     return h.hexdigest()[:32]
 
 
+def stored_buffers(model):
+    """``(name, buffer)`` of the buffers a GGUF stores: DeepSeek-V3's router score bias
+    (``e_score_correction_bias``)."""
+    return [(k, b) for k, b in model.named_buffers() if k.endswith(".e_score_correction_bias")]
+
+
 def expected_tensors(model, family: str, config) -> dict[str, tuple[str, tuple[int, ...]]]:
-    """``{GGUF name: (parameter, numpy shape)}`` of the non-expert parameters (tied lm_head left out)."""
+    """``{GGUF name: (parameter or buffer, numpy shape)}`` of the non-expert parameters (tied lm_head left out)
+    and the stored buffers (:func:`stored_buffers`)."""
     tmap = name_map(family, config.num_hidden_layers)
     out = {}
     seen = set()
-    for key, p in model.named_parameters(remove_duplicate=True):
+    for key, p in [*model.named_parameters(remove_duplicate=True), *stored_buffers(model)]:
         if key.rsplit(".", 1)[-1] in NAMES:
             continue
         if id(p) in seen:
@@ -141,6 +226,40 @@ def expected_tensors(model, family: str, config) -> dict[str, tuple[str, tuple[i
             raise GGUFError(f"no GGUF name for the model's {key}")
         out[name] = (key, tuple(p.shape))
     return out
+
+
+def _split_kv_b(f: GGUFFile, want: dict, family: str, config) -> dict[str, tuple[str, str]]:
+    """MLA's ``kv_b_proj`` stored as llama.cpp's converter writes it (``attn_k_b`` + ``attn_v_b``): taken out
+    of ``want`` (checked here) and returned as ``{parameter: (k_b name, v_b name)}``; a file holding it whole
+    (``attn_kv_b``, older conversions) keeps it in ``want``."""
+    if family not in MLA:
+        return {}
+    heads, nope, v = kv_b_rows(config)
+    out = {}
+    for name in [n for n in want if n.endswith(".attn_kv_b.weight") and n not in f.tensors]:
+        key, _ = want.pop(name)
+        k_b, v_b = kv_b_names(int(name.split(".")[1]))
+        _check_shape(f, k_b, (heads, config.kv_lora_rank, nope))
+        _check_shape(f, v_b, (heads, v, config.kv_lora_rank))
+        out[key] = (k_b, v_b)
+    return out
+
+
+def _dequantized(f: GGUFFile, name: str, dtype) -> torch.Tensor:
+    t = f.tensors[name]
+    # computed in fp32 a chunk at a time and rounded once to ``dtype``: no fp32 copy of a whole tensor
+    w = dequantize(f.raw(name), t.ggml_type, t.shape[-1], dtype=dtype).reshape(t.shape)
+    f.release(name)  # read once: its pages of the map are not kept
+    return w
+
+
+def _set(model, key: str, w: torch.Tensor, device) -> None:
+    mod_name, _, pname = key.rpartition(".")
+    mod = get_path(model, mod_name)
+    if pname in mod._buffers:
+        mod._buffers[pname] = w.to(device=device, dtype=mod._buffers[pname].dtype)
+    else:
+        mod._parameters[pname] = torch.nn.Parameter(w.to(device=device), requires_grad=False)
 
 
 def _check_shape(f: GGUFFile, name: str, shape: tuple[int, ...]) -> None:
@@ -189,21 +308,19 @@ def load_gguf(path, cfg: UsafConfig | None = None, dtype=torch.bfloat16, device=
         stacks[prefix] = names
         if layer_idx < below:
             mapped.add(prefix)
+    split = _split_kv_b(f, want, family.model_type, text)
     for name, (_, shape) in want.items():
         _check_shape(f, name, shape)
 
-    for name, (key, shape) in want.items():  # non-expert tensors: dequantized once
-        t = f.tensors[name]
-        # computed in fp32 a chunk at a time and rounded once to ``dtype``: no fp32 copy of a whole tensor
-        w = dequantize(f.raw(name), t.ggml_type, t.shape[-1], dtype=dtype).reshape(shape)
+    for name, (key, _) in want.items():  # non-expert tensors: dequantized once
+        w = _dequantized(f, name, dtype)
         heads = qk_heads(family.model_type, key, text)
         if heads:
             w = unpermute(w, heads).contiguous()
-        mod_name, _, pname = key.rpartition(".")
-        get_path(model, mod_name)._parameters[pname] = torch.nn.Parameter(w.to(device=device, dtype=dtype),
-                                                                          requires_grad=False)
+        _set(model, key, w, device)
         del w
-        f.release(name)  # read once: its pages of the map are not kept
+    for key, (k_b, v_b) in split.items():
+        _set(model, key, join_kv_b(_dequantized(f, k_b, dtype), _dequantized(f, v_b, dtype)), device)
     model.tie_weights()
     frozen = {}
     for prefix, names in stacks.items():

@@ -5,7 +5,11 @@ Families and llama.cpp architectures: ``qwen3_moe`` <-> ``qwen3moe``; ``qwen2_mo
 shared expert: ``blk.N.ffn_{gate,up,down}_shexp`` and the shared expert's gate ``blk.N.ffn_gate_inp_shexp``);
 ``olmoe`` <-> ``olmoe`` (q/k norms over the whole
 projection); ``granitemoe`` <-> ``granitemoe`` (q/k permuted like llama's); ``mixtral`` <-> ``llama`` with
-experts.
+experts; ``deepseek_v3`` (sigmoid gating, ``expert_gating_func`` 2) and ``deepseek_v2`` (softmax) <->
+``deepseek2``: multi-head latent attention stored as llama.cpp's converter writes it, ``kv_b_proj`` split per head
+into ``blk.N.attn_k_b`` (its key rows, transposed: ``[heads, kv_lora_rank, qk_nope]``) and ``blk.N.attn_v_b``
+(``[heads, v_head_dim, kv_lora_rank]``; :func:`split_kv_b` / :func:`join_kv_b`), and the router's score bias
+``e_score_correction_bias`` as ``blk.N.exp_probs_b.bias``.
 Expert stacks: ``gate_up_proj [E, 2I, H]`` is ``blk.N.ffn_gate_exps`` (rows ``[0, I)``) then
 ``blk.N.ffn_up_exps``; ``down_proj [E, H, I]`` is ``blk.N.ffn_down_exps`` (numpy order). llama's q/k rows
 are permuted from rotate-half order to llama.cpp's interleaved RoPE (:func:`permute` / :func:`unpermute`).
@@ -17,10 +21,12 @@ import torch
 
 # family -> gguf.MODEL_ARCH member name
 ARCH = {"qwen3_moe": "QWEN3MOE", "qwen2_moe": "QWEN2MOE", "olmoe": "OLMOE", "granitemoe": "GRANITE_MOE",
-        "mixtral": "LLAMA"}
+        "mixtral": "LLAMA", "deepseek_v3": "DEEPSEEK2", "deepseek_v2": "DEEPSEEK2"}
+MLA = ("deepseek_v3", "deepseek_v2")  # kv_b_proj stored split (attn_k_b, attn_v_b)
 ROPE_PERMUTED = ("LLAMA", "GRANITE_MOE")  # llama.cpp's converter permutes these archs' q/k rows
 # transformers' names that the gguf tables know under an older spelling
-_ALIASES = ((".block_sparse_moe.router.weight", ".block_sparse_moe.router.layer.weight"),)
+_ALIASES = ((".block_sparse_moe.router.weight", ".block_sparse_moe.router.layer.weight"),
+            (".mlp.gate.e_score_correction_bias", ".mlp.gate.e_score_correction.bias"))
 
 
 def _gguf():
@@ -37,8 +43,12 @@ def arch_name(family: str) -> str:
     return gguf.MODEL_ARCH_NAMES[getattr(gguf.MODEL_ARCH, ARCH[family])]
 
 
-def family_of_arch(arch: str) -> str | None:
-    """The family a GGUF architecture string loads as (None when usaf does not load it)."""
+def family_of_arch(arch: str, gating: int | None = None) -> str | None:
+    """The family a GGUF architecture string loads as (None when usaf does not load it). ``deepseek2`` is
+    DeepSeek-V3's family with sigmoid gating (``{arch}.expert_gating_func`` 2), else DeepSeek-V2's (softmax:
+    llama.cpp's reading of a file without the key)."""
+    if arch == arch_name("deepseek_v3"):
+        return "deepseek_v3" if gating == 2 else "deepseek_v2"
     return next((f for f in ARCH if arch_name(f) == arch), None)
 
 
@@ -64,6 +74,31 @@ def expert_names(layer: int) -> dict[str, list[str]]:
         return gguf.TENSOR_NAMES[getattr(gguf.MODEL_TENSOR, kind)].format(bid=layer) + ".weight"
 
     return {"gate_up_proj": [fmt("FFN_GATE_EXP"), fmt("FFN_UP_EXP")], "down_proj": [fmt("FFN_DOWN_EXP")]}
+
+
+def kv_b_names(layer: int) -> tuple[str, str]:
+    """The GGUF names of the two halves of layer ``layer``'s ``kv_b_proj`` (keys, values)."""
+    gguf = _gguf()
+    return tuple(gguf.TENSOR_NAMES[getattr(gguf.MODEL_TENSOR, k)].format(bid=layer) + ".weight"
+                 for k in ("ATTN_K_B", "ATTN_V_B"))
+
+
+def split_kv_b(w: torch.Tensor, heads: int, nope: int, v: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``kv_b_proj [heads * (nope + v), rank]`` -> ``(k_b [heads, rank, nope], v_b [heads, v, rank])``, as
+    llama.cpp's converter splits it (its keys transposed, for the absorbed attention)."""
+    kv = w.reshape(heads, nope + v, w.shape[-1])
+    k_b, v_b = kv.split([nope, v], dim=1)
+    return k_b.transpose(1, 2).contiguous(), v_b.contiguous()
+
+
+def join_kv_b(k_b: torch.Tensor, v_b: torch.Tensor) -> torch.Tensor:
+    """The inverse of :func:`split_kv_b`."""
+    return torch.cat([k_b.transpose(1, 2), v_b], dim=1).reshape(-1, k_b.shape[1])
+
+
+def kv_b_rows(config) -> tuple[int, int, int]:
+    """``(heads, qk_nope_head_dim, v_head_dim)`` of an MLA config."""
+    return config.num_attention_heads, config.qk_nope_head_dim, config.v_head_dim
 
 
 def permute(w: torch.Tensor, n_head: int) -> torch.Tensor:
