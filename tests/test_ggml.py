@@ -10,8 +10,8 @@ from usaf.engine import ggml
 gguf = pytest.importorskip("gguf")
 T = gguf.GGMLQuantizationType
 # where each type keeps its fp16 scales (byte offsets in a block)
-_F16_AT = {T.Q8_0: [0], T.Q4_0: [0], T.Q4_1: [0, 2], T.Q5_0: [0], T.Q5_1: [0, 2], T.Q4_K: [0, 2], T.Q5_K: [0, 2], T.Q6_K: [208]}
-TYPES = [T.F32, T.F16, T.BF16, T.Q8_0, T.Q4_0, T.Q4_1, T.Q5_0, T.Q5_1, T.Q4_K, T.Q5_K, T.Q6_K]
+_F16_AT = {T.MXFP4: [], T.Q8_0: [0], T.Q4_0: [0], T.Q4_1: [0, 2], T.Q5_0: [0], T.Q5_1: [0, 2], T.Q4_K: [0, 2], T.Q5_K: [0, 2], T.Q6_K: [208]}
+TYPES = [T.F32, T.F16, T.BF16, T.Q8_0, T.Q4_0, T.Q4_1, T.Q5_0, T.Q5_1, T.Q4_K, T.Q5_K, T.Q6_K, T.MXFP4]
 
 
 def _random_rows(kind, rows: int, cols: int, seed: int = 0) -> np.ndarray:
@@ -21,6 +21,8 @@ def _random_rows(kind, rows: int, cols: int, seed: int = 0) -> np.ndarray:
         x = rng.standard_normal((rows, cols)).astype(np.float32) * 3
         return gguf.quants.quantize(x, kind).view(np.uint8).reshape(rows, -1)
     raw = rng.integers(0, 256, (rows * cols // block, size), dtype=np.uint8)
+    if kind == T.MXFP4:  # E8M0 scales up to 2^31 (every code and subnormal scale; no overflow to inf)
+        raw[:, 0] = rng.integers(0, 160, len(raw))
     for at in _F16_AT[kind]:
         raw[:, at : at + 2] = (rng.standard_normal(len(raw)) * 0.05).astype(np.float16).view(np.uint8).reshape(-1, 2)
     return raw.reshape(rows, -1)
@@ -53,7 +55,7 @@ def test_chunked_and_unaligned_dequantization_is_the_reference(kind, monkeypatch
     assert torch.equal(stack.dequantize(1, 2, dtype=torch.float32), want.view(2, 5, 512)[1:2])
 
 
-@pytest.mark.parametrize("kind", [T.Q8_0, T.Q4_0, T.Q4_1, T.Q5_0, T.Q5_1], ids=lambda k: k.name)
+@pytest.mark.parametrize("kind", [T.Q8_0, T.Q4_0, T.Q4_1, T.Q5_0, T.Q5_1, T.MXFP4], ids=lambda k: k.name)
 def test_dequantize_bit_exact_quantized_weights(kind):
     x = np.random.default_rng(1).standard_normal((4, 3, 64)).astype(np.float32)
     q = gguf.quants.quantize(x, kind)
@@ -77,3 +79,22 @@ def test_stack_concatenates_parts_and_rounds_once():
 def test_unknown_type_is_named():
     with pytest.raises(ValueError, match="Q3_K is not supported"):
         ggml.dequantize_blocks(torch.zeros(1, 110, dtype=torch.uint8), int(T.Q3_K))
+
+
+def test_stack_interleaves_and_transposes_parts_as_gpt_oss_keeps_them():
+    """gpt-oss's ``gate_up_proj [E, H, 2I]`` (gate/up columns interleaved) from a GGUF's ``[E, I, H]`` gate and up
+    tensors, and ``down_proj [E, I, H]`` from its ``[E, H, I]``: the stack dequantizes straight into that layout."""
+    rng = np.random.default_rng(4)
+    gate, up = (rng.standard_normal((3, 4, 64)).astype(np.float32) for _ in range(2))
+    parts = [torch.from_numpy(gguf.quants.quantize(x, T.MXFP4)) for x in (gate, up)]
+    stack = ggml.GGMLStack(parts, [int(T.MXFP4)] * 2, 64, interleave=True, transposed=True)
+    assert stack.shape == (3, 64, 8)
+    g, u = (gguf.quants.dequantize(p.numpy(), T.MXFP4) for p in parts)
+    got = stack.dequantize(1, 3, dtype=torch.float32)
+    assert got.is_contiguous()
+    assert torch.equal(got[..., 0::2], torch.from_numpy(g[1:3]).transpose(1, 2))
+    assert torch.equal(got[..., 1::2], torch.from_numpy(u[1:3]).transpose(1, 2))
+    down = ggml.GGMLStack([parts[0]], [int(T.MXFP4)], 64, transposed=True)
+    assert down.shape == (3, 64, 4) and torch.equal(down.dequantize(0, 3, dtype=torch.float32),
+                                                    torch.from_numpy(g).transpose(1, 2))
+    assert down.to("cpu").shape == down.shape

@@ -201,6 +201,13 @@ def test_tied_embeddings_gguf_has_no_output_tensor_and_loads(tmp_path, family):
     assert ref.config.tie_word_embeddings
     h = usaf.prepare(load_model(str(ckpt), dtype=torch.float32), usaf.UsafConfig(quant="none"))
     path = tmp_path / "m.gguf"
+    if family == "gpt_oss":  # llama.cpp's gpt-oss requires output.weight: refused, nothing written
+        from usaf.export.layout import ExportError
+
+        with pytest.raises(ExportError, match="tied embeddings"):
+            write_gguf(h, ckpt, path, "f32")
+        assert not path.exists()
+        return
     write_gguf(h, ckpt, path, "f32")
     assert "output.weight" not in GGUFFile(path).tensors
     ids = torch.randint(0, 320, (2, 10), generator=torch.Generator().manual_seed(0))
@@ -209,7 +216,8 @@ def test_tied_embeddings_gguf_has_no_output_tensor_and_loads(tmp_path, family):
     assert torch.allclose(_logits(g, ids), _logits(ref, ids), atol=2e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("kind", ["f16", "bf16", "q8_0", "q4_0", "q4_1", "q5_0", "q5_1", "q4_k", "q5_k", "q6_k"])
+@pytest.mark.parametrize("kind", ["f16", "bf16", "q8_0", "q4_0", "q4_1", "q5_0", "q5_1", "q4_k", "q5_k", "q6_k",
+                                  "mxfp4"])
 def test_each_type_kept_as_the_frozen_store(files, tmp_path, kind):
     """Expert stacks stay in the file's type (views of its memory map) and dequantize to what the gguf package
     reads, bit for bit; non-expert tensors are dequantized once at load; the logits stay near the original."""
@@ -424,6 +432,49 @@ def test_like_source_writes_shared_expert_and_attention_deltas(files, tmp_path, 
     base.load_delta(run / "delta.safetensors")
     got = _logits(load_gguf(exact, dtype=torch.float32).model, ids)
     assert torch.allclose(got, _logits(base.model, ids), atol=1e-5, rtol=1e-5)
+
+
+def test_gpt_oss_mxfp4_experts_train_and_export_like_source(files, tmp_path):
+    """gpt-oss as its GGUFs are published: experts in MXFP4 (kept so, as the frozen store, dequantized into
+    gpt-oss's [E, in, out] layout with gate/up interleaved), the rest Q8_0. It trains (expert and attention
+    deltas), and --like-source writes the deltas into the file: MXFP4 blocks requantized on their own scales
+    (every untouched tensor byte-identical: the export's check), and in F32 the file loads as exactly base +
+    delta; llama.cpp (where installed) runs both files."""
+    import usaf.export.gguf as ge
+    from usaf.train.trained import delta_config
+
+    f = GGUFFile(files["gpt_oss"][1])
+    kinds = {n: TYPES["mxfp4"] if "_exps.weight" in n else TYPES["q8_0"] for n, t in f.tensors.items()
+             if len(t.shape) >= 2 and ".ffn_gate_inp" not in n and not n.endswith(".bias")}
+    q = tmp_path / "oss-mxfp4.gguf"
+    write_retyped(f, q, {}, kinds)
+    h = load_gguf(q, dtype=torch.float32)
+    st = h.layers[0].experts.frozen["gate_up_proj"]
+    assert isinstance(st, GGMLStack) and st.kinds == [TYPES["mxfp4"]] * 2 and st.shape == (4, 256, 512)
+    run = tmp_path / "run"
+    assert main(["train", "--model", str(q), "--data", str(_data(tmp_path)), "--out", str(run), "--steps", "3",
+                 "--seq-len", "32", "--batch-size", "4", "--lr", "0.02", "--density", "0.02", "--dtype", "fp32",
+                 "--attention-density", "0.05", "--calib-batches", "2", "--device", "cpu", "--quiet"]) == 0
+    own, exact = tmp_path / "own.gguf", tmp_path / "f32.gguf"
+    assert main(["export", str(run), "--format", "gguf", "--like-source", "--out", str(own)]) == 0
+    a, b = GGUFFile(q), GGUFFile(own)
+    touched = {n for n in a.tensors if a.bytes_of(n) != b.bytes_of(n)}
+    assert {n for n in touched if "_exps.weight" in n} and all(b.tensors[n].ggml_type == a.tensors[n].ggml_type
+                                                               for n in a.tensors)
+    assert main(["export", str(run), "--format", "gguf", "--like-source", "--touched-type", "f32",
+                 "--out", str(exact)]) == 0
+    ids = torch.randint(0, 320, (2, 10), generator=torch.Generator().manual_seed(1))
+    base = load_gguf(q, cfg=delta_config(str(run / "delta.safetensors")), dtype=torch.float32)
+    base.load_delta(run / "delta.safetensors")
+    want = _logits(base.model, ids)
+    assert torch.allclose(_logits(load_gguf(exact, dtype=torch.float32).model, ids), want, atol=1e-5, rtol=1e-5)
+    if ge.have_llama_cpp():  # llama.cpp also rounds activations to 8 bits against the Q8_0 weights
+        probe = ge.gguf_probe_ids(320)
+        for path in (q, own):
+            err = ge.position_errors(_logits(load_gguf(path, dtype=torch.float32).model, probe),
+                                     ge.llama_cpp_logits(path, probe))
+            assert float((err <= ge.TOLERANCE["q8_0"]).float().mean()) >= 0.8, err
+            assert float(err.median()) < ge.TOLERANCE["q8_0"] / 2, err
 
 
 def test_prefix_layers_of_a_gguf_stay_views_of_the_file(files):

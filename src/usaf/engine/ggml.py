@@ -13,7 +13,9 @@ results equal the ``gguf`` package's numpy reference bit for bit (``tests/test_g
 - ``Q4_K``: 256 elements in 8 sub-blocks of 32: ``d | dmin | 12 bytes of 6-bit scales and mins | 128 bytes``:
   ``(d * sc) * q - dmin * m``;
 - ``Q5_K``: as Q4_K with a fifth bit per element in 32 bytes before the nibbles;
-- ``Q6_K``: ``128 bytes low nibbles | 64 bytes high 2 bits | 16 int8 scales | d``: ``(d * sc) * (q - 32)``.
+- ``Q6_K``: ``128 bytes low nibbles | 64 bytes high 2 bits | 16 int8 scales | d``: ``(d * sc) * (q - 32)``;
+- ``MXFP4`` (gpt-oss's experts): ``e (E8M0) | 16 bytes``, nibbles as Q4_0's, each an E2M1 code:
+  ``kvalues[q] * 2^(e - 128)`` (llama.cpp's doubled E2M1 values with half the scale).
 
 ``dequantize_blocks`` states each formula plainly; ``dequantize`` (the hot path) computes the same fp32
 operations in the same order, in place, through buffers reused by every chunk of blocks (no temporaries per
@@ -27,8 +29,9 @@ import torch
 
 # GGML type id -> (elements per block, bytes per block), for the types usaf reads
 BLOCKS = {0: (1, 4), 1: (1, 2), 30: (1, 2), 8: (32, 34), 2: (32, 18), 3: (32, 20), 6: (32, 22), 7: (32, 24),
-          12: (256, 144), 13: (256, 176), 14: (256, 210)}
-F32, F16, BF16, Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, Q4_K, Q5_K, Q6_K = 0, 1, 30, 8, 2, 3, 6, 7, 12, 13, 14
+          12: (256, 144), 13: (256, 176), 14: (256, 210), 39: (32, 17)}
+F32, F16, BF16, Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, Q4_K, Q5_K, Q6_K, MXFP4 = 0, 1, 30, 8, 2, 3, 6, 7, 12, 13, 14, 39
+MXFP4_VALUES = (0, 1, 2, 3, 4, 6, 8, 12, 0, -1, -2, -3, -4, -6, -8, -12)  # E2M1 codes, doubled (llama.cpp's)
 
 
 def type_name(kind: int) -> str:
@@ -39,7 +42,19 @@ def type_name(kind: int) -> str:
         return gguf.GGMLQuantizationType(kind).name
     except (ImportError, ValueError):
         return {F32: "F32", F16: "F16", BF16: "BF16", Q8_0: "Q8_0", Q4_0: "Q4_0", Q4_1: "Q4_1", Q5_0: "Q5_0",
-                Q5_1: "Q5_1", Q4_K: "Q4_K", Q5_K: "Q5_K", Q6_K: "Q6_K"}.get(kind, f"type {kind}")
+                Q5_1: "Q5_1", Q4_K: "Q4_K", Q5_K: "Q5_K", Q6_K: "Q6_K", MXFP4: "MXFP4"}.get(kind, f"type {kind}")
+
+
+def e8m0_half(e: torch.Tensor) -> torch.Tensor:
+    """MXFP4's E8M0 scale bytes -> half the scale, fp32 (``ggml_e8m0_to_fp32_half``: ``2^(e - 128)``, a
+    subnormal below ``e = 2``)."""
+    x = e.to(torch.int32)
+    return torch.where(x < 2, torch.tensor(0x00200000, dtype=torch.int32, device=e.device) << x,
+                       (x - 1) << 23).view(torch.float32)
+
+
+def _mxfp4_values(device) -> torch.Tensor:
+    return torch.tensor(MXFP4_VALUES, dtype=torch.float32, device=device)
 
 
 def _f16(b: torch.Tensor) -> torch.Tensor:
@@ -106,6 +121,9 @@ def dequantize_blocks(blocks: torch.Tensor, kind: int) -> torch.Tensor:
         qh = ((blocks[:, 128:192].reshape(n, 2, 1, 32) >> shifts) & 3).reshape(n, 8, 32)
         q = (ql | (qh << 4)).to(torch.int8) - 32
         return (d * q.reshape(n, 16, 16).float()).reshape(n, 256)
+    if kind == MXFP4:
+        q = _nibbles(blocks[:, 1:], 16).reshape(n, 32).long()
+        return e8m0_half(blocks[:, :1]) * _mxfp4_values(blocks.device)[q]
     raise ValueError(f"GGML type {type_name(kind)} is not supported (supported: "
                      f"{', '.join(type_name(k) for k in BLOCKS)})")
 
@@ -148,6 +166,8 @@ class _Scratch:
             self.table = _bit_table(device)
             self.index = torch.empty(rows * 4, dtype=torch.int64, device=device)
             self.high = torch.empty(rows * 4, dtype=self.table.dtype, device=device)
+        if kind == MXFP4:
+            self.values = _mxfp4_values(device)
         if kind in (Q5_K, Q6_K):  # the high-bit bytes copied to aligned words, and one field of each at a time
             n = 32 if kind == Q5_K else 64
             self.qh = torch.empty(rows, n, dtype=torch.uint8, device=device)
@@ -218,6 +238,11 @@ def _fill(kind: int, blocks: torch.Tensor, b: torch.Tensor, s: _Scratch) -> None
         b.sub_(32)
         b.view(m, 16, 16).mul_(d)
         return
+    if kind == MXFP4:
+        _unpack_nibbles(blocks[:, 1:], 16, codes.view(m, 1, 2, 16))
+        torch.index_select(s.values, 0, codes.view(-1).to(torch.int32), out=b.view(-1))
+        b.mul_(e8m0_half(blocks[:, :1]))
+        return
     raise ValueError(f"{type_name(kind)} has no in-place path")  # ``dequantize`` refuses unknown types first
 
 
@@ -261,18 +286,27 @@ def dequantize(raw: torch.Tensor, kind: int, cols: int, dtype: torch.dtype = tor
 class GGMLStack:
     """A frozen ``[E, R, C]`` expert stack in its GGUF quantization: one or more GGUF tensors (raw rows
     ``[E, R_i, bytes per row]``, e.g. the memory map of the file) concatenated along R (gate rows, then up
-    rows). ``dequantize`` reads only the asked expert range, on the target device."""
+    rows). ``dequantize`` reads only the asked expert range, on the target device.
 
-    def __init__(self, parts: list[torch.Tensor], kinds: list[int], cols: int):
+    ``interleave``: the parts' rows alternate instead (gpt-oss: gate row j is row 2j, up row j is row 2j + 1);
+    ``transposed``: the stack is used as ``[E, C, R]`` (gpt-oss keeps its experts ``[E, in, out]``, a GGUF
+    ``[E, out, in]``), dequantized into that layout."""
+
+    def __init__(self, parts: list[torch.Tensor], kinds: list[int], cols: int, interleave: bool = False,
+                 transposed: bool = False):
         self.parts, self.kinds, self.cols = list(parts), list(kinds), int(cols)
+        self.interleave, self.transposed = bool(interleave), bool(transposed)
         e = {p.shape[0] for p in parts}
         if len(e) != 1:
             raise ValueError("the parts of an expert stack must have the same number of experts")
+        if interleave and len({p.shape[1] for p in parts}) != 1:
+            raise ValueError("interleaved parts of an expert stack must have the same number of rows")
         for p, k in zip(parts, kinds):
             block, size = BLOCKS[k]
             if p.dtype != torch.uint8 or p.dim() != 3 or p.shape[2] * block != cols * size:
                 raise ValueError(f"a {type_name(k)} part of shape {tuple(p.shape)} does not hold rows of {cols}")
-        self.shape = (e.pop(), sum(p.shape[1] for p in parts), self.cols)
+        rows = sum(p.shape[1] for p in parts)
+        self.shape = (e.pop(), self.cols, rows) if transposed else (e.pop(), rows, self.cols)
         self.dtype = torch.float32
 
     def dequantize(self, start: int = 0, stop: int | None = None, dtype=torch.bfloat16, device=None) -> torch.Tensor:
@@ -280,11 +314,19 @@ class GGMLStack:
         dev = torch.device(device) if device is not None else self.parts[0].device
         dtype = dtype or torch.float32
         k = stop - start
-        out = torch.empty(k, self.shape[1], self.cols, dtype=dtype, device=dev)
-        r0 = 0
-        for p, kind in zip(self.parts, self.kinds):
-            dequantize(p[start:stop].to(dev, non_blocking=dev.type != "cpu"), kind, self.cols,
-                       out=out[:, r0 : r0 + p.shape[1]])
+        out = torch.empty(k, *self.shape[1:], dtype=dtype, device=dev)
+        if not (self.interleave or self.transposed):  # each part straight into its rows
+            r0 = 0
+            for p, kind in zip(self.parts, self.kinds):
+                dequantize(p[start:stop].to(dev, non_blocking=dev.type != "cpu"), kind, self.cols,
+                           out=out[:, r0 : r0 + p.shape[1]])
+                r0 += p.shape[1]
+            return out
+        rows = out.transpose(1, 2) if self.transposed else out  # (k, R, C) view of the result
+        n, r0 = len(self.parts), 0
+        for i, (p, kind) in enumerate(zip(self.parts, self.kinds)):
+            part = dequantize(p[start:stop].to(dev, non_blocking=dev.type != "cpu"), kind, self.cols, dtype=dtype)
+            (rows[:, i::n] if self.interleave else rows[:, r0 : r0 + p.shape[1]]).copy_(part)
             r0 += p.shape[1]
         return out
 
@@ -295,7 +337,9 @@ class GGMLStack:
         return {f"part{i}": p for i, p in enumerate(self.parts)}
 
     def to(self, device, non_blocking: bool = False) -> GGMLStack:
-        return GGMLStack([p.to(device, non_blocking=non_blocking) for p in self.parts], self.kinds, self.cols)
+        return GGMLStack([p.to(device, non_blocking=non_blocking) for p in self.parts], self.kinds, self.cols,
+                         self.interleave, self.transposed)
 
     def to_pinned(self) -> GGMLStack:
-        return GGMLStack([p.pin_memory() for p in self.parts], self.kinds, self.cols)
+        return GGMLStack([p.pin_memory() for p in self.parts], self.kinds, self.cols, self.interleave,
+                         self.transposed)

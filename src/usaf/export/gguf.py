@@ -35,6 +35,7 @@ from ..integrity import IntegrityError
 from ..load.gguf.model import stored_buffers
 from ..load.gguf.names import (
     ARCH,
+    EXPERT_LAYOUT,
     MLA,
     arch_name,
     expert_names,
@@ -153,13 +154,22 @@ def gguf_tensors(handle, arch_name: str) -> list[tuple[str, torch.Tensor]]:
             continue
         heads = qk_heads(family, name, cfg)
         out.append((new, permute(t, heads) if heads else t))
+    interleaved, transposed = EXPERT_LAYOUT.get(family, (False, False))
     for m in handle.layers:
-        gate_up = m.experts.frozen["gate_up_proj"].tensor
+        gate_up, down = (m.experts.frozen[n].tensor for n in ("gate_up_proj", "down_proj"))
+        if transposed:  # [E, in, out] in memory; GGUF rows are outputs
+            gate_up, down = gate_up.transpose(1, 2), down.transpose(1, 2)
         inter = gate_up.shape[1] // 2
         names = expert_names(m.index)
-        out.append((names["gate_up_proj"][0], gate_up[:, :inter]))
-        out.append((names["gate_up_proj"][1], gate_up[:, inter:]))
-        out.append((names["down_proj"][0], m.experts.frozen["down_proj"].tensor))
+        gate, up = (gate_up[:, 0::2], gate_up[:, 1::2]) if interleaved else (gate_up[:, :inter], gate_up[:, inter:])
+        out.append((names["gate_up_proj"][0], gate))
+        out.append((names["gate_up_proj"][1], up))
+        out.append((names["down_proj"][0], down))
+        if m.experts.gate_up_bias is not None:  # gpt-oss: beside each stack, as .bias
+            b = m.experts.gate_up_bias
+            halves = (b[:, 0::2], b[:, 1::2]) if interleaved else (b[:, :inter], b[:, inter:])
+            out.extend((n.replace(".weight", ".bias"), t) for n, t in zip(names["gate_up_proj"], halves))
+            out.append((names["down_proj"][0].replace(".weight", ".bias"), m.experts.down_bias))
     return out
 
 
@@ -190,16 +200,24 @@ def _mla(w, cfg, family: str) -> None:
     w.add_expert_group_used_count(used)
     w.add_vocab_size(cfg.vocab_size)
     w.add_rope_dimension_count(cfg.qk_rope_head_dim)
-    if rope.get("rope_type") == "yarn":
-        w.add_rope_scaling_type(gguf.RopeScalingType.YARN)
-        w.add_rope_scaling_factor(float(rope["factor"]))
-        w.add_rope_scaling_orig_ctx_len(int(rope["original_max_position_embeddings"]))
-        for key, add in (("beta_fast", w.add_rope_scaling_yarn_beta_fast),
-                         ("beta_slow", w.add_rope_scaling_yarn_beta_slow)):
-            if rope.get(key) is not None:
-                add(float(rope[key]))
-        if rope.get("mscale_all_dim"):
-            w.add_rope_scaling_yarn_log_mul(0.1 * float(rope["mscale_all_dim"]))
+    _yarn_keys(w, rope)
+    if rope.get("rope_type") == "yarn" and rope.get("mscale_all_dim"):
+        w.add_rope_scaling_yarn_log_mul(0.1 * float(rope["mscale_all_dim"]))
+
+
+def _yarn_keys(w, rope: dict) -> None:
+    """YaRN's keys as the converter writes them (nothing for another rope type)."""
+    import gguf
+
+    if rope.get("rope_type") != "yarn":
+        return
+    w.add_rope_scaling_type(gguf.RopeScalingType.YARN)
+    w.add_rope_scaling_factor(float(rope["factor"]))
+    w.add_rope_scaling_orig_ctx_len(int(rope["original_max_position_embeddings"]))
+    for key, add in (("beta_fast", w.add_rope_scaling_yarn_beta_fast),
+                     ("beta_slow", w.add_rope_scaling_yarn_beta_slow)):
+        if rope.get(key) is not None:
+            add(float(rope[key]))
 
 
 def _llama_cpp_lite(cfg) -> bool:
@@ -217,8 +235,8 @@ def _groups(cfg) -> tuple[int, int]:
 
 def _hparams(w, cfg, family: str, qtype: str) -> None:
     rope = getattr(cfg, "rope_parameters", None) or {}
-    if rope.get("rope_type", "default") not in ("default", None) and not (family in MLA and
-                                                                          rope.get("rope_type") == "yarn"):
+    if rope.get("rope_type", "default") not in ("default", None) and not (
+            (family in MLA or family == "gpt_oss") and rope.get("rope_type") == "yarn"):
         raise ExportError(f"GGUF export: rope_type {rope.get('rope_type')!r} is not supported")
     w.add_block_count(cfg.num_hidden_layers)
     w.add_context_length(cfg.max_position_embeddings)
@@ -250,6 +268,13 @@ def _hparams(w, cfg, family: str, qtype: str) -> None:
         w.add_embedding_scale(cfg.embedding_multiplier)
         w.add_residual_scale(cfg.residual_multiplier)
         w.add_logit_scale(cfg.logits_scaling)
+    elif family == "gpt_oss":  # as the converter: YaRN, the sliding window (every other layer, from layer 0)
+        w.add_expert_count(cfg.num_local_experts)
+        w.add_expert_feed_forward_length(cfg.intermediate_size)
+        w.add_sliding_window(cfg.sliding_window)
+        w.add_vocab_size(cfg.vocab_size)
+        w.add_rope_dimension_count(head_dim)
+        _yarn_keys(w, rope)
     else:
         w.add_expert_count(cfg.num_experts)
         w.add_expert_feed_forward_length(cfg.moe_intermediate_size)
@@ -295,6 +320,22 @@ def _supported(cfg, family: str) -> None:
         if family == "deepseek_v2" and getattr(cfg, "topk_method", "greedy") != "greedy" and _groups(cfg)[0] > 1:
             raise ExportError("GGUF export: deepseek_v2 with group_limited_greedy routing has no llama.cpp "
                               "equivalent (llama.cpp ranks groups by their top-2 sum, DeepSeek-V2 by their max)")
+    if family == "gpt_oss":
+        pattern = ["sliding_attention" if i % 2 == 0 else "full_attention" for i in range(cfg.num_hidden_layers)]
+        if list(cfg.layer_types) != pattern:
+            raise ExportError("GGUF export: gpt_oss with layer_types other than sliding/full alternating from "
+                              "layer 0 has no llama.cpp equivalent")
+        if not cfg.attention_bias:
+            raise ExportError("GGUF export: gpt_oss without attention biases has no llama.cpp equivalent")
+        if cfg.tie_word_embeddings:
+            raise ExportError("GGUF export: gpt_oss with tied embeddings has no llama.cpp equivalent (it reads "
+                              "output.weight)")
+        rope = cfg.rope_parameters or {}
+        if rope.get("rope_type") == "yarn" and not rope.get("truncate", True):
+            log.warning("GGUF export: llama.cpp computes YaRN with its correction range rounded to whole "
+                        "dimensions (transformers' truncate=True); this gpt_oss config says truncate=False, so "
+                        "llama.cpp's logits on the file differ slightly from transformers' on the model (as for "
+                        "any gpt-oss file llama.cpp's converter writes)")
     if family == "mixtral" and getattr(cfg, "sliding_window", None):
         raise ExportError("GGUF export: mixtral with sliding_window is not supported")
 
@@ -317,7 +358,7 @@ def write_gguf(handle, src: Path, path: Path, qtype: str = "f16", tokenizer_pre_
     for name, t in gguf_tensors(handle, arch_name):
         data = t.float().contiguous().numpy()
         kind = _qtype(qtype)
-        if data.ndim <= 1 or name.endswith("_norm.weight") or ".ffn_gate_inp" in name:  # routers, shexp gate
+        if data.ndim <= 1 or name.endswith(("_norm.weight", ".bias")) or ".ffn_gate_inp" in name:  # routers
             kind = gguf.GGMLQuantizationType.F32
         try:
             q = gguf.quants.quantize(data, kind)

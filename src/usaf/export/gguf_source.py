@@ -28,14 +28,24 @@ import torch
 
 from ..engine.ggml import BLOCKS, dequantize, type_name
 from ..load.gguf.model import gguf_config, gguf_fingerprint, open_gguf
-from ..load.gguf.names import MLA, expert_names, gguf_name, kv_b_names, kv_b_rows, name_map, permute, qk_heads
+from ..load.gguf.names import (
+    EXPERT_LAYOUT,
+    MLA,
+    expert_names,
+    gguf_name,
+    kv_b_names,
+    kv_b_rows,
+    name_map,
+    permute,
+    qk_heads,
+)
 from ..load.gguf.reader import GGUFFile
 from .kquant import quantize_rows, requantize_touched
 from .layout import ExportCheckError, ExportError, Run, Staged
 
 _LAYER = re.compile(r"\.layers\.(\d+)\.")
 TYPES = {"f32": 0, "f16": 1, "bf16": 30, "q8_0": 8, "q4_0": 2, "q4_1": 3, "q5_0": 6, "q5_1": 7, "q4_k": 12, "q5_k": 13,
-         "q6_k": 14}
+         "q6_k": 14, "mxfp4": 39}
 
 
 def _new_values(run: Run, src: GGUFFile, config) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
@@ -70,14 +80,22 @@ def _new_values(run: Run, src: GGUFFile, config) -> dict[str, tuple[torch.Tensor
         cols = infos[0].shape[-1]
         rows_per = [i.shape[1] for i in infos]
         total = sum(rows_per)
-        row, col = idx // cols, idx % cols  # row over (E, R_total)
-        expert, r = row // total, row % total
+        interleaved, transposed = EXPERT_LAYOUT.get(family, (False, False))
+        if transposed:  # the stack is [E, cols, rows] in memory (gpt-oss): element (e, c, r)
+            expert, c_r = idx // (cols * total), idx % (cols * total)
+            col, r = c_r // total, c_r % total
+        else:
+            row, col = idx // cols, idx % cols  # row over (E, R_total)
+            expert, r = row // total, row % total
         for pi, part in enumerate(parts):
-            lo = sum(rows_per[:pi])
-            sel = (r >= lo) & (r < lo + rows_per[pi])
+            if interleaved:  # row r of the stack is row r // n of part r % n
+                sel, prow_in = r % len(parts) == pi, r // len(parts)
+            else:
+                lo = sum(rows_per[:pi])
+                sel, prow_in = (r >= lo) & (r < lo + rows_per[pi]), r - lo
             if not bool(sel.any()):
                 continue
-            prow = expert[sel] * rows_per[pi] + (r[sel] - lo)  # flat row of this part, over (E * R_i)
+            prow = expert[sel] * rows_per[pi] + prow_in[sel]  # flat row of this part, over (E * R_i)
             out[part] = _base_plus(src, part, prow, col[sel], vals[sel])
     return out
 

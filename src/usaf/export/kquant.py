@@ -13,7 +13,22 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from ..engine.ggml import BLOCKS, Q4_0, Q4_1, Q4_K, Q5_0, Q5_1, Q5_K, Q6_K, Q8_0, dequantize, type_name
+from ..engine.ggml import (
+    BLOCKS,
+    MXFP4,
+    MXFP4_VALUES,
+    Q4_0,
+    Q4_1,
+    Q4_K,
+    Q5_0,
+    Q5_1,
+    Q5_K,
+    Q6_K,
+    Q8_0,
+    dequantize,
+    e8m0_half,
+    type_name,
+)
 
 
 def _f16(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -150,6 +165,8 @@ def requantize_touched(blocks: np.ndarray, base: np.ndarray, target: np.ndarray,
     moved element falls outside the range its scales can represent (by more than half a step) is quantized
     afresh from ``target`` instead. Untyped formats (F32, F16, BF16) are written afresh (exact up to their
     rounding). ``seed`` fixes the rounding (the same run exports the same bytes)."""
+    if kind == MXFP4:
+        return _requantize_mxfp4(blocks, base, target, seed)
     if kind not in CODE_RANGE:
         return quantize_rows(target, kind)
     lo, hi = CODE_RANGE[kind]
@@ -168,4 +185,35 @@ def requantize_touched(blocks: np.ndarray, base: np.ndarray, target: np.ndarray,
     out = with_codes(blocks, q, kind)
     if outside.any():
         out[outside] = quantize_rows(target[outside], kind)
+    return out
+
+
+# MXFP4's grid (doubled E2M1 values, ascending) and the code of each grid value (+0 for zero)
+_FP4_GRID = np.array(sorted(set(MXFP4_VALUES)), dtype=np.float32)
+_FP4_CODE = np.array([MXFP4_VALUES.index(int(v)) for v in _FP4_GRID], dtype=np.uint8)
+
+
+def _requantize_mxfp4(blocks: np.ndarray, base: np.ndarray, target: np.ndarray, seed: int) -> np.ndarray:
+    """:func:`requantize_touched` for MXFP4, whose codes are not evenly spaced: each block keeps its E8M0 scale;
+    a moved element is rounded stochastically between the two nearest values of the E2M1 grid (in proportion
+    to the distance), the others keep their codes; a block with a moved element beyond the grid's ends (by
+    more than half the last step) is quantized afresh."""
+    n, block = target.shape
+    d = e8m0_half(torch.from_numpy(np.ascontiguousarray(blocks[:, :1]))).numpy()  # (n, 1)
+    packed = blocks[:, 1:]
+    q_old = np.concatenate([packed & 15, packed >> 4], axis=1).astype(np.uint8)  # (n, 32): elements 0-15, 16-31
+    x = target / d
+    moved = target != base
+    hi_i = np.clip(np.searchsorted(_FP4_GRID, x, side="left"), 1, len(_FP4_GRID) - 1)
+    lo_v, hi_v = _FP4_GRID[hi_i - 1], _FP4_GRID[hi_i]
+    p = np.clip((x - lo_v) / (hi_v - lo_v), 0, 1)
+    up = np.random.default_rng(seed).random(x.shape, dtype=np.float32) < p
+    q_new = _FP4_CODE[np.where(up, hi_i, hi_i - 1)]
+    q = np.where(moved, q_new, q_old)
+    out = np.array(blocks, dtype=np.uint8, copy=True)
+    out[:, 1:] = _nibbles(q, 16)
+    end = (_FP4_GRID[-1] - _FP4_GRID[-2]) / 2
+    outside = (moved & ((x < _FP4_GRID[0] - end) | (x > _FP4_GRID[-1] + end))).any(-1)
+    if outside.any():
+        out[outside] = quantize_rows(target[outside], MXFP4)
     return out

@@ -57,10 +57,12 @@ _GENERIC = {"block_count": "num_hidden_layers", "context_length": "max_position_
             "rope.freq_base": "rope_theta", "attention.layer_norm_rms_epsilon": "rms_norm_eps",
             "expert_count": "num_experts", "expert_used_count": "num_experts_per_tok", "vocab_size": "vocab_size",
             "attention.scale": "attention_multiplier", "embedding_scale": "embedding_multiplier",
-            "residual_scale": "residual_multiplier", "logit_scale": "logits_scaling"}
+            "residual_scale": "residual_multiplier", "logit_scale": "logits_scaling",
+            "attention.sliding_window": "sliding_window"}
 # llama.cpp architecture -> model type, read with usaf's table above (deepseek2: V2 or V3 by its gating, decided
-# with the rest of what is specific to it by ``usaf.load.gguf.model``)
-OWN_CONFIG = {"olmoe": "olmoe", "granitemoe": "granitemoe", "deepseek2": "deepseek_v3"}
+# with the rest of what is specific to it by ``usaf.load.gguf.model``); gpt-oss: transformers' reader of its
+# YaRN keys fails on files llama.cpp's converter writes
+OWN_CONFIG = {"olmoe": "olmoe", "granitemoe": "granitemoe", "deepseek2": "deepseek_v3", "gpt-oss": "gpt_oss"}
 
 
 def _own_config(f: GGUFFile) -> dict:

@@ -31,16 +31,19 @@ from .hfmeta import gguf_config_values
 from .hfmeta import gguf_tokenizer as cached_tokenizer
 from .names import (
     ARCH,
+    EXPERT_LAYOUT,
     MLA,
     arch_name,
     expert_names,
     family_of_arch,
     gguf_name,
+    interleave,
     join_kv_b,
     kv_b_names,
     kv_b_rows,
     name_map,
     qk_heads,
+    split_names,
     unpermute,
 )
 from .reader import GGUFError, GGUFFile
@@ -90,6 +93,11 @@ def gguf_config(f: GGUFFile):
     inter = gate.shape[1]
     if family in MLA:
         _deepseek(f, d, family, experts, first)
+    elif family == "gpt_oss":  # llama.cpp's head width is key_length; every layer MoE, biases everywhere
+        d.pop("num_experts", None)
+        d.pop("rope_scaling", None)  # transformers' reading of the YaRN keys; rope_parameters below
+        d.update(num_local_experts=experts, intermediate_size=inter, attention_bias=True,
+                 head_dim=f.get(f"{a}.attention.key_length", d["hidden_size"] // d["num_attention_heads"]))
     elif family in ("mixtral", "granitemoe"):
         d.pop("num_experts", None)
         d["num_local_experts"] = experts
@@ -117,6 +125,11 @@ def gguf_config(f: GGUFFile):
     if "rope_theta" in d:
         d["rope_parameters"] = {"rope_type": "default", "rope_theta": float(d.pop("rope_theta"))}
         d["rope_parameters"].update(_yarn(f))
+        if family == "gpt_oss" and d["rope_parameters"]["rope_type"] == "yarn":
+            # llama.cpp rounds YaRN's correction range to whole dimensions (transformers' truncate=True) for every
+            # file; gpt-oss's published config says truncate=False, which a GGUF cannot express: the model is
+            # loaded as llama.cpp runs the file
+            d["rope_parameters"]["truncate"] = True
     try:
         config = AutoConfig.for_model(family, **d)
     except (TypeError, ValueError) as e:
@@ -216,7 +229,7 @@ def expected_tensors(model, family: str, config) -> dict[str, tuple[str, tuple[i
     out = {}
     seen = set()
     for key, p in [*model.named_parameters(remove_duplicate=True), *stored_buffers(model)]:
-        if key.rsplit(".", 1)[-1] in NAMES:
+        if key.rsplit(".", 1)[-1] in NAMES or split_names(family, key):  # the latter: :func:`split_tensors`
             continue
         if id(p) in seen:
             continue
@@ -225,6 +238,17 @@ def expected_tensors(model, family: str, config) -> dict[str, tuple[str, tuple[i
         if name is None:
             raise GGUFError(f"no GGUF name for the model's {key}")
         out[name] = (key, tuple(p.shape))
+    return out
+
+
+def split_tensors(model, family: str) -> dict[str, tuple[list[str], tuple[int, ...]]]:
+    """``{parameter: (GGUF names, numpy shape of each)}`` of the parameters stored as several interleaved tensors
+    (:func:`usaf.load.gguf.names.split_names`)."""
+    out = {}
+    for key, p in model.named_parameters():
+        names = split_names(family, key)
+        if names:
+            out[key] = (names, (*p.shape[:-1], p.shape[-1] // len(names)))
     return out
 
 
@@ -292,6 +316,7 @@ def load_gguf(path, cfg: UsafConfig | None = None, dtype=torch.bfloat16, device=
     model.config._name_or_path = str(path)
     model.tie_weights()  # tied embeddings share one meta parameter: no output.weight is expected
     want = expected_tensors(model, family.model_type, text)
+    inter, transposed = EXPERT_LAYOUT.get(family.model_type, (False, False))
     stacks = {}
     below = parse_layers(cfg.train_layers, len(decoder_layers(model))).start if prefix_mapped else 0
     mapped = set()
@@ -302,15 +327,22 @@ def load_gguf(path, cfg: UsafConfig | None = None, dtype=torch.bfloat16, device=
         prefix = next(n for n, m in model.named_modules() if m is ex)
         names = expert_names(layer_idx)
         e, two_i, h = ex.gate_up_proj.shape
+        down = tuple(ex.down_proj.shape)
+        if transposed:  # [E, in, out] in memory
+            (e, h, two_i), down = ex.gate_up_proj.shape, (down[0], down[2], down[1])
         for g in names["gate_up_proj"]:
             _check_shape(f, g, (e, two_i // 2, h))
-        _check_shape(f, names["down_proj"][0], tuple(ex.down_proj.shape))
+        _check_shape(f, names["down_proj"][0], down)
         stacks[prefix] = names
         if layer_idx < below:
             mapped.add(prefix)
     split = _split_kv_b(f, want, family.model_type, text)
     for name, (_, shape) in want.items():
         _check_shape(f, name, shape)
+    joined = split_tensors(model, family.model_type)
+    for names, shape in joined.values():
+        for name in names:
+            _check_shape(f, name, shape)
 
     for name, (key, _) in want.items():  # non-expert tensors: dequantized once
         w = _dequantized(f, name, dtype)
@@ -321,6 +353,8 @@ def load_gguf(path, cfg: UsafConfig | None = None, dtype=torch.bfloat16, device=
         del w
     for key, (k_b, v_b) in split.items():
         _set(model, key, join_kv_b(_dequantized(f, k_b, dtype), _dequantized(f, v_b, dtype)), device)
+    for key, (names, _) in joined.items():
+        _set(model, key, interleave([_dequantized(f, n, dtype) for n in names]), device)
     model.tie_weights()
     frozen = {}
     for prefix, names in stacks.items():
@@ -335,7 +369,8 @@ def load_gguf(path, cfg: UsafConfig | None = None, dtype=torch.bfloat16, device=
                     raw = raw.to("cpu" if tier == "host" else device, copy=True)
                     f.release(n)  # copied: the file's pages are not kept as well
                 raws.append(raw)
-            frozen[prefix][stack] = GGMLStack(raws, [f.tensors[n].ggml_type for n in parts], f.tensors[parts[0]].shape[-1])
+            frozen[prefix][stack] = GGMLStack(raws, [f.tensors[n].ggml_type for n in parts],
+                                              f.tensors[parts[0]].shape[-1], interleave=inter, transposed=transposed)
     missing = [n for n, p in model.named_parameters() if p.is_meta and n.rsplit(".", 1)[-1] not in NAMES]
     if missing:
         raise GGUFError(f"{f.path} lacks the model's {missing[0]}")

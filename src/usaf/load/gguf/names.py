@@ -9,7 +9,11 @@ experts; ``deepseek_v3`` (sigmoid gating, ``expert_gating_func`` 2) and ``deepse
 ``deepseek2``: multi-head latent attention stored as llama.cpp's converter writes it, ``kv_b_proj`` split per head
 into ``blk.N.attn_k_b`` (its key rows, transposed: ``[heads, kv_lora_rank, qk_nope]``) and ``blk.N.attn_v_b``
 (``[heads, v_head_dim, kv_lora_rank]``; :func:`split_kv_b` / :func:`join_kv_b`), and the router's score bias
-``e_score_correction_bias`` as ``blk.N.exp_probs_b.bias``.
+``e_score_correction_bias`` as ``blk.N.exp_probs_b.bias``; ``gpt_oss`` <-> ``gpt-oss``: experts kept
+``[E, in, out]`` with gate/up interleaved in memory (``gate_up_proj [E, H, 2I]``: gate column j is 2j, up 2j + 1)
+and stored as the other families' ``[E, out, in]`` gate, up and down tensors (:data:`EXPERT_LAYOUT`), their
+biases beside them (``gate_up_proj_bias`` split likewise: :func:`split_names`), attention sinks
+``blk.N.attn_sinks.weight``.
 Expert stacks: ``gate_up_proj [E, 2I, H]`` is ``blk.N.ffn_gate_exps`` (rows ``[0, I)``) then
 ``blk.N.ffn_up_exps``; ``down_proj [E, H, I]`` is ``blk.N.ffn_down_exps`` (numpy order). llama's q/k rows
 are permuted from rotate-half order to llama.cpp's interleaved RoPE (:func:`permute` / :func:`unpermute`).
@@ -21,12 +25,16 @@ import torch
 
 # family -> gguf.MODEL_ARCH member name
 ARCH = {"qwen3_moe": "QWEN3MOE", "qwen2_moe": "QWEN2MOE", "olmoe": "OLMOE", "granitemoe": "GRANITE_MOE",
-        "mixtral": "LLAMA", "deepseek_v3": "DEEPSEEK2", "deepseek_v2": "DEEPSEEK2"}
+        "mixtral": "LLAMA", "deepseek_v3": "DEEPSEEK2", "deepseek_v2": "DEEPSEEK2", "gpt_oss": "GPT_OSS"}
+# family -> (gate/up rows interleaved, stacks transposed) of its experts in memory against the GGUF's tensors
+EXPERT_LAYOUT = {"gpt_oss": (True, True)}
 MLA = ("deepseek_v3", "deepseek_v2")  # kv_b_proj stored split (attn_k_b, attn_v_b)
 ROPE_PERMUTED = ("LLAMA", "GRANITE_MOE")  # llama.cpp's converter permutes these archs' q/k rows
 # transformers' names that the gguf tables know under an older spelling
 _ALIASES = ((".block_sparse_moe.router.weight", ".block_sparse_moe.router.layer.weight"),
-            (".mlp.gate.e_score_correction_bias", ".mlp.gate.e_score_correction.bias"))
+            (".mlp.gate.e_score_correction_bias", ".mlp.gate.e_score_correction.bias"),
+            (".mlp.experts.down_proj_bias", ".mlp.experts.down_proj.bias"))
+_WEIGHT_SUFFIXED = (".self_attn.sinks",)  # stored with ".weight" added (llama.cpp's converter adds it)
 
 
 def _gguf():
@@ -63,7 +71,24 @@ def gguf_name(tmap, param: str) -> str | None:
     for new, old in _ALIASES:
         if name is None and param.endswith(new):
             name = tmap.get_name(param[: -len(new)] + old, try_suffixes=(".weight", ".bias"))
+    if name is not None and param.endswith(_WEIGHT_SUFFIXED):
+        name += ".weight"
     return name
+
+
+def split_names(family: str, param: str) -> list[str] | None:
+    """The GGUF tensors a parameter is stored as when it is several (interleaved along its last dim), else None:
+    gpt-oss's ``gate_up_proj_bias [E, 2I]`` is ``blk.N.ffn_gate_exps.bias`` (even columns) and
+    ``blk.N.ffn_up_exps.bias`` (odd)."""
+    if family == "gpt_oss" and param.endswith(".mlp.experts.gate_up_proj_bias"):
+        layer = int(param.split(".layers.")[1].split(".")[0])
+        return [n.replace(".weight", ".bias") for n in expert_names(layer)["gate_up_proj"]]
+    return None
+
+
+def interleave(parts: list[torch.Tensor]) -> torch.Tensor:
+    """Parts ``[..., n]`` -> ``[..., len(parts) * n]``, element j of part i at ``len(parts) * j + i``."""
+    return torch.stack(parts, dim=-1).flatten(-2)
 
 
 def expert_names(layer: int) -> dict[str, list[str]]:
