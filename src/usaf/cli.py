@@ -424,7 +424,7 @@ def _export_parsers(sub) -> None:
                    help="GGUF from a GGUF base: the source's metadata, tensor order and types; untouched tensors "
                         "byte for byte, touched blocks requantized in their own type")
     x.add_argument("--touched-type", help="with --like-source: write the touched tensors in this type instead "
-                                          "(f32, f16, bf16, q8_0, q4_0, q4_1, q5_0, q5_1, q4_k, q5_k, q6_k)")
+                                          "(f32, f16, bf16, q8_0, q4_0, q4_1, q5_0, q5_1, q4_k, q5_k, q6_k, mxfp4)")
     x.add_argument("--tokenizer-pre", help="GGUF: llama.cpp pre-tokenizer name, when it cannot be detected")
     x.add_argument("--train-dtype", choices=tuple(NAMED_DTYPES) + ("auto",),
                    help="compute dtype training used (default: from config.yaml); matters for dequantized")
