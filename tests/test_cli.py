@@ -54,6 +54,10 @@ def test_train_then_eval_each_data_kind(ckpt, tmp_path, kind, capsys):
     for key in ("loss_first", "loss_last10", "eval_ppl_before", "eval_ppl_after", "tokens_per_s", "peak_rss_mb",
                 "active_elements", "selection_s", "reselection_s"):
         assert key in metrics, key
+    phases = {p["phase"]: p for p in metrics["phases"]}  # each phase timed, its memory sampled
+    assert list(phases) == ["setup", "load", "prefix", "eval_before", "select", "steps", "eval_after"]
+    assert all(p["seconds"] >= 0 and 0 < p["peak_anon_mb"] <= p["peak_rss_mb"] for p in phases.values())
+    assert max(p["peak_rss_mb"] for p in phases.values()) <= metrics["peak_rss_mb"] + 1
     log = [json.loads(x) for x in (out / "log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in log] == list(range(1, 13))
     assert metrics["loss_first"] == log[0]["loss"]

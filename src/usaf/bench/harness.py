@@ -10,13 +10,14 @@ from __future__ import annotations
 import json
 import os
 import platform
-import resource
 import statistics
 import subprocess
 import sys
-import threading
 
 import torch
+
+# the process-memory readings live with the memory package; named here for the benchmarks' workers
+from ..memory.meter import AnonSampler, peak_rss_mb, reset_peak_rss, rss_mb, status_kb  # noqa: F401
 
 RESULT_TAG = "USAF_BENCH_RESULT "
 
@@ -53,78 +54,6 @@ def machine_info() -> dict:
     except OSError:
         pass
     return info
-
-
-# ------------------------------------------------------------------------------------------------ memory
-def rss_mb() -> float:
-    """Current resident set size, MB (Linux /proc; else the peak)."""
-    try:
-        with open("/proc/self/statm") as f:
-            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
-    except (OSError, ValueError):
-        return peak_rss_mb()
-
-
-def peak_rss_mb() -> float:
-    """This process's peak RSS in MB: ``VmHWM`` where Linux has it (the peak of this program's own memory
-    map), else ``getrusage(RUSAGE_SELF).ru_maxrss``. ``ru_maxrss`` of a worker started by fork + exec also
-    keeps the parent's peak at the fork, so a worker of a big parent would report the parent's peak."""
-    hwm = status_kb(("VmHWM",)).get("VmHWM")
-    if hwm:
-        return hwm / 1024
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return peak / 2**20 if sys.platform == "darwin" else peak / 1024
-
-
-def status_kb(fields: tuple[str, ...]) -> dict[str, int]:
-    out = {}
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                key = line.split(":", 1)[0]
-                if key in fields:
-                    out[key] = int(line.split()[1])
-    except (OSError, ValueError):
-        pass
-    return out
-
-
-class AnonSampler:
-    """Samples anonymous RSS (``RssAnon``: heap and tensors, no library code pages) every ``interval`` s.
-
-    ``ru_maxrss`` also counts the file-backed pages of libtorch that a process touches, which differ by
-    method (backward kernels, PEFT code) and dominate a tiny model; the sampled anonymous peak does not.
-    """
-
-    def __init__(self, interval: float = 0.005):
-        self.interval = interval
-        self.peak_kb = 0
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            self.peak_kb = max(self.peak_kb, status_kb(("RssAnon",)).get("RssAnon", 0))
-            self._stop.wait(self.interval)
-
-    def __enter__(self) -> AnonSampler:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self._stop.set()
-        self._thread.join()
-        self.peak_kb = max(self.peak_kb, status_kb(("RssAnon",)).get("RssAnon", 0))
-
-
-def reset_peak_rss() -> bool:
-    """Reset the kernel's peak-RSS mark (Linux ``clear_refs`` 5) so a later phase can be measured alone."""
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
 
 
 def baseline_env(method: str) -> dict:

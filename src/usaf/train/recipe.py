@@ -38,6 +38,7 @@ from ..engine.rigl import drop_fraction, reselect
 from ..engine.select import select
 from ..load.stream import load_prepared
 from ..load.tiers import Prefetcher
+from ..memory.meter import PhaseMeter
 from ..memory.policy import use_checkpointing
 from ..memory.prefix import enable_prefix_cache, prefix_pays_off
 from ..progress import progress_bars
@@ -79,6 +80,7 @@ def train(cfg: TrainConfig) -> dict:
     level = log.level
     if not d.main:
         log.setLevel(logging.ERROR)  # rank 0 speaks for the run
+    run = None
     try:
         run = Recipe(cfg, d)
         bars = False if cfg.quiet or not d.main else None  # the phase bars: on a terminal (or USAF_PROGRESS=1)
@@ -88,9 +90,12 @@ def train(cfg: TrainConfig) -> dict:
             distributed.run_agreed(d, run.prepare_out if d.main else None)
             if not run.load_checkpoint():
                 run.select()
-            run.train_loop()
+            with run.meter.phase("steps"):
+                run.train_loop()
             return run.finish(t_start)
     finally:
+        if run is not None:
+            run.meter.stop()
         log.setLevel(level)
         distributed.shutdown(d)
 
@@ -104,9 +109,27 @@ class Recipe:
                       "losses": [], "comm_bytes": 0}
         self.ckpt = self.ckpt_tensors = self.ckpt_meta = None
         self.unreadable: list[Path] = []
+        self.meter = PhaseMeter().start()  # time and peak memory of each phase (metrics.json "phases")
 
     # ------------------------------------------------------------------------------------------ setup
     def setup(self) -> None:
+        with self.meter.phase("setup"):
+            self._setup_inputs()
+        self.handle = distributed.local_main_first(self.d, self._load_model)
+        self.model = self.handle.model
+        self.identity["base_fingerprint"] = self.handle.fingerprint
+        cfg, d, inp = self.cfg, self.d, self.inputs
+        if use_checkpointing(self.handle, cfg.checkpointing, cfg.batch_size, cfg.seq_len):  # decided once
+            enable_checkpointing(self.handle)
+        # The one-process stream of --batch-size micro-batches; rank r takes micro-batches r, r + N, r + 2N, ...
+        self.batches = Batches(inp.train, cfg.batch_size * d.world, seed=cfg.seed, rank=d.rank,
+                               world_size=d.world, pad_id=inp.pad_id)
+        steps_per_epoch = max(1, self.batches.micro_batches // (cfg.grad_accum * d.world))
+        self.total_steps = cfg.steps or max(1, math.ceil(cfg.epochs * steps_per_epoch))
+        self.scaler = LossScaler(enabled=inp.dtype == torch.float16)
+
+    def _setup_inputs(self) -> None:
+        """Settings, --out, the data and tokenizer, and the checkpoint to resume from (nothing written yet)."""
         cfg, d = self.cfg, self.d
         cfg.validate()
         self.prev = distributed.run_agreed(d, lambda: check_out_dir(cfg), main_only=True)
@@ -128,24 +151,14 @@ class Recipe:
             self.ckpt, self.ckpt_meta, self.unreadable = distributed.run_agreed(d, point, main_only=True)
             if self.ckpt is not None:
                 self.ckpt_tensors = distributed.broadcast_tensors(read.get("tensors"), d)
-        self.handle = distributed.local_main_first(d, self._load_model)
-        self.model = self.handle.model
-        self.identity["base_fingerprint"] = self.handle.fingerprint
-        if use_checkpointing(self.handle, cfg.checkpointing, cfg.batch_size, cfg.seq_len):  # decided once
-            enable_checkpointing(self.handle)
-        # The one-process stream of --batch-size micro-batches; rank r takes micro-batches r, r + N, r + 2N, ...
-        self.batches = Batches(inp.train, cfg.batch_size * d.world, seed=cfg.seed, rank=d.rank,
-                               world_size=d.world, pad_id=inp.pad_id)
-        steps_per_epoch = max(1, self.batches.micro_batches // (cfg.grad_accum * d.world))
-        self.total_steps = cfg.steps or max(1, math.ceil(cfg.epochs * steps_per_epoch))
-        self.scaler = LossScaler(enabled=inp.dtype == torch.float16)
 
     def _load_model(self):
         cfg, inp = self.cfg, self.inputs
-        handle = load_prepared(cfg.model, cfg.usaf, inp.dtype, inp.device, cfg.trust_remote_code,
-                               device_memory=cfg.device_memory, host_memory=cfg.host_memory,
-                               prefix_mapped=cfg.prefix_cache)
-        Prefetcher(handle)
+        with self.meter.phase("load"):
+            handle = load_prepared(cfg.model, cfg.usaf, inp.dtype, inp.device, cfg.trust_remote_code,
+                                   device_memory=cfg.device_memory, host_memory=cfg.host_memory,
+                                   prefix_mapped=cfg.prefix_cache)
+            Prefetcher(handle)
         if self.ckpt is not None:
             check_identity(self.out, self.ckpt_meta.get("identity"),
                            dict(self.identity, base_fingerprint=handle.fingerprint), ("base_fingerprint",))
@@ -153,7 +166,8 @@ class Recipe:
             per_step = cfg.batch_size * cfg.grad_accum * self.d.world
             visits = cfg.steps * per_step if cfg.steps else math.ceil(cfg.epochs * len(inp.train))
             if prefix_pays_off(len(inp.train), len(inp.eval), visits):
-                enable_prefix_cache(handle, inp.train, inp.eval, cfg.batch_size, inp.pad_id)
+                with self.meter.phase("prefix"):  # the support probe and the cache's build (or reuse)
+                    enable_prefix_cache(handle, inp.train, inp.eval, cfg.batch_size, inp.pad_id)
             else:
                 log.info("frozen-prefix cache off: this run visits %d of %d training sequences, fewer than "
                          "building the cache would compute (the frozen layers run in each step instead)", visits,
@@ -231,7 +245,7 @@ class Recipe:
     def select(self) -> None:
         """Eval before training, then the initial selection (zero deltas on the chosen active set)."""
         cfg, d = self.cfg, self.d
-        with RouterLoad(self.handle) as load:  # tokens per expert before training (for report.html)
+        with self.meter.phase("eval_before"), RouterLoad(self.handle) as load:  # tokens per expert (report.html)
             before = self.evaluate(load)
         self.state["eval_ppl_before"], self.state["eval_loss_before"] = before["ppl"], before["loss"]
         self.state["router_load_before"] = load.to_lists(d)
@@ -239,7 +253,8 @@ class Recipe:
         # --calib-batches micro-batches of --batch-size in all, rounded up to whole global steps (--grad-accum x
         # processes), spread over the ranks; select sums the scores in the one-process order
         n = calib_batches(cfg.calib_batches, cfg.grad_accum, d.world)
-        rep = select(self.handle, self.calib(-1, n), loss_fn=token_mean_loss)
+        with self.meter.phase("select"):
+            rep = select(self.handle, self.calib(-1, n), loss_fn=token_mean_loss)
         digest = distributed.check_same_selection(self.handle, d)
         self.state["selection_s"] = rep["seconds"]
         log.info("selected %d of %d expert weights in %.1fs%s", rep["active"], self.handle.expert_elements(),
@@ -366,7 +381,7 @@ class Recipe:
         """Eval after training; the last checkpoint, the delta file, metrics.json and loss.png. A final eval
         that is not finite, or no finite loss at all, writes nothing: the last good ones stay (exit code 2)."""
         cfg, d, state = self.cfg, self.d, self.state
-        with RouterLoad(self.handle) as load:
+        with self.meter.phase("eval_after"), RouterLoad(self.handle) as load:
             after = self.evaluate(load)
         router_load = {"before": state.get("router_load_before"), "after": load.to_lists(d)}
         losses = [x for x in state["losses"] if math.isfinite(x)]
@@ -391,6 +406,7 @@ class Recipe:
             "skipped_steps": state["skipped"], "steps": self.step, "train_tokens": state["tokens"],
             "world_size": d.world, "global_batch": global_batch(cfg, d.world), "comm_bytes": state["comm_bytes"],
             "wall_s": time.perf_counter() - t_start, "data": self.inputs.stats.to_dict(),
+            "phases": self.meter.phases,  # this run's (a resumed run: from the resume on)
         }
         if self.opt.scaler.enabled:
             metrics["loss_scale"] = self.opt.scaler.scale
