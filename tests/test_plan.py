@@ -411,3 +411,44 @@ def test_shared_deltas_planned():
     assert scores >= 8 * per_layer * 2  # bf16 score buffers of every trainable layer's shared linears
     with pytest.raises(ValueError, match="--shared-density"):
         plan.predict(QWEN15_MOE, shared_density=2.0, **kw)
+
+
+def test_stages_around_the_step(qwen_dir):
+    """The load, prefix-build and export phases: the host tier keeps the span's stacks from the load on (the disk
+    tier none); the prefix build adds every non-expert weight; the export holds the delta and the originals three
+    times (read, serialized, read back). The delta's
+    predicted bytes are those of a real delta file (indices and fp32 values, routers in fp32)."""
+    from usaf.memory.stages import delta_bytes
+
+    r = plan.predict(qwen_dir, device="cpu", host_memory="256GB", train_layers="top:8")
+    st = r["stages"]
+    assert st["expert_tier"] == "host"
+    span = sum(sizes.layer_expert_bytes(lc, "4bit", 64, 2) for lc in count_model(qwen_dir).layers[40:])
+    items = {p["item"].split(" (")[0]: p["bytes"] for p in st["load_cached"]["breakdown"]}
+    assert items["frozen experts of layers 40-47"] == span
+    assert st["load_first"]["peak_bytes"] > st["load_cached"]["peak_bytes"] > span
+    assert st["prefix"]["peak_bytes"] > st["load_cached"]["peak_bytes"] + 1.2e9  # + embeddings, head, attention
+    assert r["prefix_peak_host_bytes"] == st["prefix"]["peak_bytes"]
+    small = plan.predict(qwen_dir, device="cpu", host_memory="8GB", train_layers="top:8")["stages"]
+    assert small["expert_tier"] == "disk" and small["load_cached"]["peak_bytes"] == sizes.CPU_RUNTIME_HOST
+    delta, originals = (st["export_delta"]["breakdown"][i]["bytes"] for i in (1, 2))
+    assert originals == r["train"]["active_elements"] * 2  # bf16 values of the checkpoint
+    assert st["export_delta"]["peak_bytes"] == sizes.CPU_RUNTIME_HOST + 3 * delta + 3 * originals
+    # against a real delta file: a tiny model, its top 2 layers selected at density 0.05
+    import usaf
+    from usaf.io import read_safetensors
+    from usaf.memory.sizes import Settings
+    from usaf.testing import make_tiny_model
+
+    model = make_tiny_model("qwen3_moe", num_hidden_layers=3)
+    h = usaf.prepare(model, usaf.UsafConfig(quant="none", density=0.05, train_layers="top:2"))
+    ids = torch.randint(0, 320, (2, 16), generator=torch.Generator().manual_seed(0))
+    from usaf.engine.select import select
+
+    select(h, [{"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids}])
+    path = qwen_dir.parent / "delta.safetensors"
+    h.save_delta(path)
+    tensors, _ = read_safetensors(path)
+    got = sum(t.numel() * t.element_size() for t in tensors.values())
+    want = delta_bytes(count_model(model.config), Settings(density=0.05, train_layers="top:2"))
+    assert abs(got - want) <= 0.01 * got, (got, want)

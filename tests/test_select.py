@@ -366,3 +366,29 @@ def test_exact_reselection_grows_by_the_selection_score_of_the_trained_model():
     got = {i + offsets[k] for k, d in handle.deltas().items() for i in set(d.indices.tolist()) - before[k]}
     assert len(got) == r["grown"]
     assert len(got & want) >= 0.98 * r["grown"], (len(got & want), r["grown"])
+
+
+def test_candidate_pool_stays_bounded_when_most_scores_are_zero():
+    """A stack whose experts are mostly unvisited scores 0 almost everywhere: the pool keeps its k best (of the
+    tied ones, the first in its order) instead of every tie, so it never holds more than 2k entries; it holds
+    every positive score, and with distinct scores exactly the top k."""
+    from usaf.engine.select import _Pool
+
+    k, group = 50, 1000
+    g = torch.Generator().manual_seed(0)
+    scores = torch.zeros(20 * group)
+    hot = torch.randperm(scores.numel(), generator=g)[:30]
+    scores[hot] = torch.rand(30, generator=g) + 0.1  # fewer positive scores than k: zeros fill the pick
+    pool = _Pool(k, index=torch.int64)
+    most = 0
+    for first in range(0, scores.numel(), group):
+        pool.add(scores[first : first + group].to(torch.bfloat16), first)
+        most = max(most, pool.n)
+    assert most <= 2 * k
+    vals, idx = pool.result()
+    assert idx.numel() == k and set(hot.tolist()) <= set(idx.tolist())
+    distinct = torch.randperm(scores.numel(), generator=g).float() + 1  # no ties: the exact top k
+    pool = _Pool(k, index=torch.int64)
+    for first in range(0, scores.numel(), group):
+        pool.add(distinct[first : first + group], first)
+    assert sorted(pool.result()[1].tolist()) == sorted(torch.topk(distinct, k).indices.tolist())

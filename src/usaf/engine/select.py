@@ -328,8 +328,13 @@ class _Pool:
     """The best ``k`` candidates of one stack, at least ``floor``, over the groups of experts scored one after
     another. A group adds what scores at least the floor, or once the pool holds ``k``, its ``k``-th best (one
     comparison per element, no top-k over the group; with neither, the group's own best ``k``); past ``2k``
-    entries the pool is cut back to its ``k`` best and what ties with the ``k``-th. Entries keep the scores'
-    dtype (bf16 by default) and the stack's index dtype (int32 below 2^31 elements): 6 bytes each."""
+    entries the pool is cut back to its ``k`` best, among those equal to the ``k``-th the first ones in the pool's
+    order (:func:`usaf.engine.allocate.top_k_masks`' rule, so what the final pick can take from the pool is
+    unchanged); once it holds ``k``, a group adds only what scores above the ``k``-th (an equal one would come
+    after the kept ties). The pool never holds more than ``2k`` entries: keeping every tie let it grow to the
+    whole stack when most scores are 0 (a layer whose experts real text mostly leaves unvisited: 1.6 GB at
+    Qwen3-30B-A3B's width). Entries keep the scores' dtype (bf16 by default) and the stack's index dtype (int32
+    below 2^31 elements): 6 bytes each."""
 
     def __init__(self, k: int, floor: float = 0.0, index: torch.dtype = torch.int64):
         self.k, self.vals, self.idx, self.n, self.thr, self.full = k, [], [], 0, floor, False
@@ -342,7 +347,8 @@ class _Pool:
             keep = vals >= 0
             vals, idx = vals[keep], idx[keep]
         else:
-            idx = torch.cat([(c >= self.thr).nonzero().squeeze(1) + off
+            above = torch.gt if self.full else torch.ge  # full: equal ones come after the kept ties
+            idx = torch.cat([above(c, self.thr).nonzero().squeeze(1) + off
                              for off, c in zip(range(0, sc.numel(), _CHUNK), sc.split(_CHUNK))])
             vals = sc[idx]
         self.vals.append(vals)
@@ -353,9 +359,10 @@ class _Pool:
 
     def _cut(self) -> None:
         vals, idx = torch.cat(self.vals), torch.cat(self.idx)
-        if vals.numel() >= self.k:  # the k best, and whatever ties with the k-th
-            thr, _ = kth_largest([vals], self.k)
-            keep = vals >= thr
+        if vals.numel() >= self.k:  # the k best; of those equal to the k-th, the first ``ties`` in order
+            thr, ties = kth_largest([vals], self.k)
+            eq = vals == thr
+            keep = (vals > thr) | (eq & (eq.cumsum(0, dtype=torch.int32) <= ties))
             vals, idx = vals[keep], idx[keep]
             self.full, self.thr = True, max(self.thr, thr)
         self.vals, self.idx, self.n = [vals], [idx], vals.numel()

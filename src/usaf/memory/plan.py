@@ -26,6 +26,7 @@ from ..units import fmt_bytes, parse_memory
 from .counts import ModelCounts, count_model
 from .phase import phase
 from .sizes import Settings, check_settings, train_range
+from .stages import expert_tier, stages
 
 
 # ------------------------------------------------------------------------------------------------ predict
@@ -322,6 +323,10 @@ def predict(
         "suggestion": None,
         "suggestions": [],
     }
+    tier = expert_tier(mc, s)
+    out["stages"] = {"expert_tier": tier, **stages(mc, s, tier)}
+    for k in ("load_first", "load_cached", "prefix", "export_delta"):
+        out[f"{k}_peak_host_bytes"] = out["stages"][k]["peak_bytes"]
     out["settings"]["attn"] = s.attn or mc.attn
     if suggest and not res["fits"]:
         sug = _suggest(mc, s, res)

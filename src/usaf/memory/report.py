@@ -70,6 +70,13 @@ def format_plan(r: dict) -> str:
         return "fits" if f else "DOES NOT FIT"
 
     lines.append(f"{'':<24}{ok(train['step_fits']):>16}{ok(sel['fits']):>16}{ok(infer['fits']):>16}")
+    st = r.get("stages")
+    if st:
+        names = (("load (1st run)", "load_first"), ("load (cached)", "load_cached"), ("prefix build", "prefix"),
+                 ("export delta", "export_delta"))
+        lines += ["", "".join(f"{n:>16}" for n, _ in names).rjust(24 + 16 * len(names)),
+                  f"{'host RAM':<24}" + "".join(f"{fmt_bytes(st[k]['peak_bytes']):>16}" for _, k in names),
+                  f"            (around the steps: frozen experts on the {st['expert_tier']} tier)"]
     for title, ph in (("training step", train), ("inference", infer)):
         lines += ["", f"{title}: where each part goes"]
         for part in ph["breakdown"]:
