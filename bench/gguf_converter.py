@@ -9,7 +9,7 @@ checkpoint (F32: the same model, so float rounding; Q8_0: the file's own quantiz
 against transformers' on a few texts, and, with llama-cpp-python importable, llama.cpp's logits on the same
 file against usaf's.
 
-    python bench/gguf_converter.py --converter DIR [--dir WORK] [--json OUT]
+    python bench/gguf_converter.py --converter DIR [--dir WORK] [--json OUT] [--families qwen3_moe,...]
 """
 
 from __future__ import annotations
@@ -67,13 +67,14 @@ def main() -> int:
     ap.add_argument("--converter", required=True, help="a llama.cpp source tree (convert_hf_to_gguf.py, gguf-py)")
     ap.add_argument("--dir", default="/tmp/usaf-gguf-converter")
     ap.add_argument("--json")
+    ap.add_argument("--families", default=",".join(DIMS), help="comma-separated (default: every family)")
     a = ap.parse_args()
     converter, work = Path(a.converter), Path(a.dir)
     work.mkdir(parents=True, exist_ok=True)
     tok_dir = prepare_upcycled_smollm2()
     ids = ge.gguf_probe_ids(VOCAB)
     results = []
-    for family in DIMS:
+    for family in a.families.split(","):
         ckpt = checkpoint(family, work / family, tok_dir)
         want = load_model(str(ckpt), dtype=torch.float32)
         with torch.no_grad():

@@ -389,7 +389,7 @@ def test_dense_smollm2_q4_1_refused(capsys, tmp_path):
              capsys, "is a dense model (architecture 'llama', no experts)", tmp_path / "o")
 
 
-@pytest.mark.parametrize("family", ["qwen2_moe", "mixtral", "deepseek_v3"])
+@pytest.mark.parametrize("family", ["qwen2_moe", "mixtral", "deepseek_v3", "glm4_moe"])
 def test_like_source_writes_shared_expert_and_attention_deltas(files, tmp_path, family):
     """Sparse deltas of linears (qwen2moe's and deepseek's shared experts, the attention projections; llama's q/k rows stored
     permuted; MLA's kv_b_proj stored split into attn_k_b (transposed) and attn_v_b) go into their GGUF tensors
@@ -521,6 +521,7 @@ def test_gguf_export_refuses_configs_llama_cpp_computes_otherwise(family, kw, ma
 
 @pytest.mark.parametrize("family,kw", [("qwen2_moe", {}), ("olmoe", {"num_key_value_heads": 4}), ("deepseek_v3", {}),
                                        ("gpt_oss", {"rope_parameters": DIMS["gpt_oss"]["rope_parameters"]}),
+                                       ("glm4_moe", {"attention_bias": True, "use_qk_norm": True}),
                                        ("granitemoe", {"embedding_multiplier": 2.0, "residual_multiplier": 0.5,
                                                        "attention_multiplier": 0.1, "logits_scaling": 4.0})])
 def test_trained_run_exported_as_gguf_loads_as_the_trained_model(tmp_path, family, kw):

@@ -78,6 +78,8 @@ GGUF_DIMS: dict[str, dict] = {
                     "n_routed_experts": 4},
     "deepseek_v2": {"hidden_size": 256, "intermediate_size": 256, "moe_intermediate_size": 256,
                     "n_routed_experts": 4},
+    "glm4_moe": {"hidden_size": 256, "intermediate_size": 256, "moe_intermediate_size": 256, "n_routed_experts": 4,
+                 "attention_bias": True, "use_qk_norm": True},
     # YaRN as llama.cpp computes it (truncate=True: ``usaf.load.gguf.model``); the tiny config's is False
     "gpt_oss": {"hidden_size": 256, "intermediate_size": 256, "num_local_experts": 4,
                 "rope_parameters": {"rope_type": "yarn", "rope_theta": 150000.0, "factor": 4.0, "beta_fast": 32.0,

@@ -3,7 +3,8 @@
 Covered: ``qwen3_moe`` (llama.cpp arch ``qwen3moe``), ``qwen2_moe`` (``qwen2moe``, with its gated shared
 expert), ``olmoe`` (``olmoe``), ``granitemoe`` (``granitemoe``), ``mixtral`` (arch ``llama`` with
 experts), ``deepseek_v3`` and ``deepseek_v2`` (``deepseek2``: MLA's ``kv_b_proj`` split into ``attn_k_b`` /
-``attn_v_b``, the router's score bias as ``exp_probs_b``, the gating function named), as
+``attn_v_b``, the router's score bias as ``exp_probs_b``, the gating function named), ``gpt_oss``
+(``gpt-oss``) and ``glm4_moe`` (``glm4moe``), as
 llama.cpp's own ``convert_hf_to_gguf.py`` writes them:
 
 - tensor names from ``gguf.TensorNameMap``; expert stacks as ``blk.N.ffn_{gate,up,down}_exps.weight``
@@ -268,6 +269,21 @@ def _hparams(w, cfg, family: str, qtype: str) -> None:
         w.add_embedding_scale(cfg.embedding_multiplier)
         w.add_residual_scale(cfg.residual_multiplier)
         w.add_logit_scale(cfg.logits_scaling)
+    elif family == "glm4_moe":  # as the converter: DeepSeek-V3's routing keys, the rotated width
+        import gguf
+
+        groups, used = _groups(cfg)
+        w.add_expert_count(cfg.n_routed_experts)
+        w.add_expert_feed_forward_length(cfg.moe_intermediate_size)
+        w.add_expert_shared_count(cfg.n_shared_experts or 0)
+        w.add_leading_dense_block_count(cfg.first_k_dense_replace)
+        w.add_expert_weights_scale(float(cfg.routed_scaling_factor))
+        w.add_expert_weights_norm(bool(cfg.norm_topk_prob))
+        w.add_expert_gating_func(gguf.ExpertGatingFuncType.SIGMOID)
+        w.add_expert_group_count(groups)
+        w.add_expert_group_used_count(used)
+        w.add_vocab_size(cfg.vocab_size)
+        w.add_rope_dimension_count(int(head_dim * rope.get("partial_rotary_factor", 0.5)))
     elif family == "gpt_oss":  # as the converter: YaRN, the sliding window (every other layer, from layer 0)
         w.add_expert_count(cfg.num_local_experts)
         w.add_expert_feed_forward_length(cfg.intermediate_size)

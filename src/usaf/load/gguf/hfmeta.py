@@ -62,7 +62,8 @@ _GENERIC = {"block_count": "num_hidden_layers", "context_length": "max_position_
 # llama.cpp architecture -> model type, read with usaf's table above (deepseek2: V2 or V3 by its gating, decided
 # with the rest of what is specific to it by ``usaf.load.gguf.model``); gpt-oss: transformers' reader of its
 # YaRN keys fails on files llama.cpp's converter writes
-OWN_CONFIG = {"olmoe": "olmoe", "granitemoe": "granitemoe", "deepseek2": "deepseek_v3", "gpt-oss": "gpt_oss"}
+OWN_CONFIG = {"olmoe": "olmoe", "granitemoe": "granitemoe", "deepseek2": "deepseek_v3", "gpt-oss": "gpt_oss",
+              "glm4moe": "glm4_moe"}
 
 
 def _own_config(f: GGUFFile) -> dict:

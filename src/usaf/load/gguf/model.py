@@ -32,6 +32,7 @@ from .hfmeta import gguf_tokenizer as cached_tokenizer
 from .names import (
     ARCH,
     EXPERT_LAYOUT,
+    LEADING_DENSE,
     MLA,
     arch_name,
     expert_names,
@@ -86,13 +87,15 @@ def gguf_config(f: GGUFFile):
     d.pop("model_type", None)
     a = f.arch
     experts = f.get(f"{a}.expert_count")
-    first = f.get(f"{a}.leading_dense_block_count", 0) if family in MLA else 0
+    first = f.get(f"{a}.leading_dense_block_count", 0) if family in LEADING_DENSE else 0
     gate = f.tensors.get(expert_names(first)["gate_up_proj"][0])
     if gate is None:
         raise GGUFError(f"{f.path} has no {expert_names(first)['gate_up_proj'][0]} (experts stored otherwise)")
     inter = gate.shape[1]
     if family in MLA:
         _deepseek(f, d, family, experts, first)
+    elif family == "glm4_moe":
+        _glm4moe(f, d, experts, first)
     elif family == "gpt_oss":  # llama.cpp's head width is key_length; every layer MoE, biases everywhere
         d.pop("num_experts", None)
         d.pop("rope_scaling", None)  # transformers' reading of the YaRN keys; rope_parameters below
@@ -125,6 +128,8 @@ def gguf_config(f: GGUFFile):
     if "rope_theta" in d:
         d["rope_parameters"] = {"rope_type": "default", "rope_theta": float(d.pop("rope_theta"))}
         d["rope_parameters"].update(_yarn(f))
+        if family == "glm4_moe":  # the rotated width: rope.dimension_count of head_dim
+            d["rope_parameters"]["partial_rotary_factor"] = f.get(f"{a}.rope.dimension_count", d["head_dim"]) / d["head_dim"]
         if family == "gpt_oss" and d["rope_parameters"]["rope_type"] == "yarn":
             # llama.cpp rounds YaRN's correction range to whole dimensions (transformers' truncate=True) for every
             # file; gpt-oss's published config says truncate=False, which a GGUF cannot express: the model is
@@ -192,6 +197,30 @@ def _deepseek(f: GGUFFile, d: dict, family: str, experts: int, first: int) -> No
             raise GGUFError(f"{f.path}: DeepSeek-V2 routing with renormalized top-k weights "
                             f"({a}.expert_weights_norm) is not supported")
         d["topk_method"] = "greedy" if groups <= 1 else "group_limited_greedy"
+
+
+def _glm4moe(f: GGUFFile, d: dict, experts: int, first: int) -> None:
+    """GLM-4.5's config from a ``glm4moe`` file: DeepSeek-V3's routing (sigmoid, score bias, groups, scale,
+    renormalization), leading dense layers, shared experts, q/k/v biases and q/k norms where the file has them;
+    its ``block_count`` also counts the multi-token-prediction blocks (``nextn_predict_layers``), which the
+    model does not include."""
+    a = f.arch
+
+    def get(key, default=None):
+        v = f.get(f"{a}.{key}")
+        return default if v is None else v
+
+    if get("expert_gating_func", 2) != 2:
+        raise GGUFError(f"{f.path}: glm4moe with a gating function other than sigmoid is not supported")
+    d.pop("num_experts", None)
+    d["num_hidden_layers"] -= get("nextn_predict_layers", 0)
+    d.update(n_routed_experts=experts, first_k_dense_replace=first, num_nextn_predict_layers=0,
+             moe_intermediate_size=get("expert_feed_forward_length"), n_shared_experts=get("expert_shared_count", 0),
+             routed_scaling_factor=float(get("expert_weights_scale", 1.0)),
+             norm_topk_prob=bool(get("expert_weights_norm", False)), n_group=get("expert_group_count", 1),
+             topk_group=get("expert_group_used_count", 1),
+             head_dim=get("attention.key_length", d["hidden_size"] // d["num_attention_heads"]),
+             use_qk_norm="blk.0.attn_q_norm.weight" in f.tensors, attention_bias="blk.0.attn_q.bias" in f.tensors)
 
 
 def gguf_tokenizer(path):

@@ -13,7 +13,9 @@ into ``blk.N.attn_k_b`` (its key rows, transposed: ``[heads, kv_lora_rank, qk_no
 ``[E, in, out]`` with gate/up interleaved in memory (``gate_up_proj [E, H, 2I]``: gate column j is 2j, up 2j + 1)
 and stored as the other families' ``[E, out, in]`` gate, up and down tensors (:data:`EXPERT_LAYOUT`), their
 biases beside them (``gate_up_proj_bias`` split likewise: :func:`split_names`), attention sinks
-``blk.N.attn_sinks.weight``.
+``blk.N.attn_sinks.weight``; ``glm4_moe`` <-> ``glm4moe`` (DeepSeek-V3's routing with grouped-query attention,
+partial rotary embedding, leading dense layers; the file's multi-token-prediction blocks, counted in its
+``block_count``, are not part of the model).
 Expert stacks: ``gate_up_proj [E, 2I, H]`` is ``blk.N.ffn_gate_exps`` (rows ``[0, I)``) then
 ``blk.N.ffn_up_exps``; ``down_proj [E, H, I]`` is ``blk.N.ffn_down_exps`` (numpy order). llama's q/k rows
 are permuted from rotate-half order to llama.cpp's interleaved RoPE (:func:`permute` / :func:`unpermute`).
@@ -25,7 +27,9 @@ import torch
 
 # family -> gguf.MODEL_ARCH member name
 ARCH = {"qwen3_moe": "QWEN3MOE", "qwen2_moe": "QWEN2MOE", "olmoe": "OLMOE", "granitemoe": "GRANITE_MOE",
-        "mixtral": "LLAMA", "deepseek_v3": "DEEPSEEK2", "deepseek_v2": "DEEPSEEK2", "gpt_oss": "GPT_OSS"}
+        "mixtral": "LLAMA", "deepseek_v3": "DEEPSEEK2", "deepseek_v2": "DEEPSEEK2", "gpt_oss": "GPT_OSS",
+        "glm4_moe": "GLM4_MOE"}
+LEADING_DENSE = ("deepseek_v3", "deepseek_v2", "glm4_moe")  # ``{arch}.leading_dense_block_count`` dense layers first
 # family -> (gate/up rows interleaved, stacks transposed) of its experts in memory against the GGUF's tensors
 EXPERT_LAYOUT = {"gpt_oss": (True, True)}
 MLA = ("deepseek_v3", "deepseek_v2")  # kv_b_proj stored split (attn_k_b, attn_v_b)
