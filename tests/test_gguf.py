@@ -121,6 +121,29 @@ def test_deepseek2_variants_load_as_the_checkpoint(tmp_path, family, kw):
         assert float(err.median()) < tol / 2, err
 
 
+@pytest.mark.parametrize("family", ["qwen3_moe", "granitemoe", "glm4_moe"])
+def test_yarn_rope_written_and_read(tmp_path, family):
+    """YaRN (``rope.scaling.*``) is written for every architecture and read back into the config: the file loads
+    to the checkpoint's logits, and llama.cpp (where installed) computes the same (llama's permuted q/k rows,
+    glm4moe's partial rotary width)."""
+    import usaf.export.gguf as ge
+
+    rope = {**_YARN, **({"partial_rotary_factor": 0.5} if family == "glm4_moe" else {})}
+    ckpt = save_tiny_checkpoint(family, tmp_path / "c", **{**DIMS[family], "rope_parameters": rope})
+    ref = load_model(str(ckpt), dtype=torch.float32)
+    path = tmp_path / "m.gguf"
+    write_gguf(usaf.prepare(load_model(str(ckpt), dtype=torch.float32), usaf.UsafConfig(quant="none")), ckpt, path,
+               "f32")
+    g = load_gguf(path, dtype=torch.float32).model
+    assert g.config.rope_parameters["rope_type"] == "yarn" and g.config.rope_parameters["factor"] == 4.0
+    ids = ge.gguf_probe_ids(320)
+    want = _logits(ref, ids)
+    assert torch.allclose(_logits(g, ids), want, atol=2e-5, rtol=1e-5)
+    if ge.have_llama_cpp():
+        err = ge.position_errors(want, ge.llama_cpp_logits(path, ids))
+        assert float((err <= ge.TOLERANCE["f32"]).float().mean()) >= 0.9 and float(err.median()) < 5e-4, err
+
+
 def test_gguf_tokenizer_and_config_built_once_in_a_child_then_cached(files, tmp_path, monkeypatch):
     """The first load builds the tokenizer and config values in a child process into the cache; later loads
     read the cached directory (no child), and give what transformers builds from the file in-process. A cache

@@ -236,9 +236,8 @@ def _groups(cfg) -> tuple[int, int]:
 
 def _hparams(w, cfg, family: str, qtype: str) -> None:
     rope = getattr(cfg, "rope_parameters", None) or {}
-    if rope.get("rope_type", "default") not in ("default", None) and not (
-            (family in MLA or family == "gpt_oss") and rope.get("rope_type") == "yarn"):
-        raise ExportError(f"GGUF export: rope_type {rope.get('rope_type')!r} is not supported")
+    if rope.get("rope_type", "default") not in ("default", "yarn", None):
+        raise ExportError(f"GGUF export: rope_type {rope.get('rope_type')!r} is not supported (default or yarn)")
     w.add_block_count(cfg.num_hidden_layers)
     w.add_context_length(cfg.max_position_embeddings)
     w.add_embedding_length(cfg.hidden_size)
@@ -290,12 +289,12 @@ def _hparams(w, cfg, family: str, qtype: str) -> None:
         w.add_sliding_window(cfg.sliding_window)
         w.add_vocab_size(cfg.vocab_size)
         w.add_rope_dimension_count(head_dim)
-        _yarn_keys(w, rope)
     else:
         w.add_expert_count(cfg.num_experts)
         w.add_expert_feed_forward_length(cfg.moe_intermediate_size)
     if family == "qwen2_moe":
         w.add_expert_shared_feed_forward_length(cfg.shared_expert_intermediate_size)
+    _yarn_keys(w, rope)
     w.add_expert_used_count(cfg.num_experts_per_tok)
     w.add_file_type(_ftype(qtype))
 
