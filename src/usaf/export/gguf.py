@@ -174,14 +174,29 @@ def gguf_tensors(handle, arch_name: str) -> list[tuple[str, torch.Tensor]]:
     return out
 
 
+def _deepseek_routing(w, cfg, sigmoid: bool, norm: bool) -> None:
+    """The keys of DeepSeek's MoE (deepseek2 and glm4moe): routed and shared experts, leading dense layers, the
+    routing's scale, renormalization, gating function and groups, and the vocabulary size."""
+    import gguf
+
+    groups, used = _groups(cfg)
+    w.add_expert_count(cfg.n_routed_experts)
+    w.add_expert_feed_forward_length(cfg.moe_intermediate_size)
+    w.add_expert_shared_count(cfg.n_shared_experts or 0)
+    w.add_leading_dense_block_count(cfg.first_k_dense_replace)
+    w.add_expert_weights_scale(float(cfg.routed_scaling_factor))
+    w.add_expert_weights_norm(bool(norm))
+    w.add_expert_gating_func(gguf.ExpertGatingFuncType.SIGMOID if sigmoid else gguf.ExpertGatingFuncType.SOFTMAX)
+    w.add_expert_group_count(groups)
+    w.add_expert_group_used_count(used)
+    w.add_vocab_size(cfg.vocab_size)
+
+
 def _mla(w, cfg, family: str) -> None:
     """DeepSeek-V2/V3 as llama.cpp's converter writes ``deepseek2``: MLA as MQA over the compressed cache,
     leading dense layers, shared experts, the routing's constants and YaRN."""
-    import gguf
-
     rope = cfg.rope_parameters or {}
     w.add_head_count_kv(1)
-    w.add_leading_dense_block_count(cfg.first_k_dense_replace)
     if cfg.q_lora_rank is not None:
         w.add_q_lora_rank(cfg.q_lora_rank)
     w.add_kv_lora_rank(cfg.kv_lora_rank)
@@ -189,17 +204,8 @@ def _mla(w, cfg, family: str) -> None:
     w.add_value_length(cfg.kv_lora_rank)
     w.add_key_length_mla(cfg.qk_nope_head_dim + cfg.qk_rope_head_dim)
     w.add_value_length_mla(cfg.v_head_dim)
-    w.add_expert_count(cfg.n_routed_experts)
-    w.add_expert_feed_forward_length(cfg.moe_intermediate_size)
-    w.add_expert_shared_count(cfg.n_shared_experts or 0)
-    w.add_expert_weights_scale(float(cfg.routed_scaling_factor))
-    w.add_expert_weights_norm(bool(family == "deepseek_v3" and cfg.norm_topk_prob))  # V2 never renormalizes
-    w.add_expert_gating_func(gguf.ExpertGatingFuncType.SIGMOID if family == "deepseek_v3"
-                             else gguf.ExpertGatingFuncType.SOFTMAX)
-    groups, used = _groups(cfg)
-    w.add_expert_group_count(groups)
-    w.add_expert_group_used_count(used)
-    w.add_vocab_size(cfg.vocab_size)
+    # V2: softmax, and its top-k weights are never renormalized
+    _deepseek_routing(w, cfg, sigmoid=family == "deepseek_v3", norm=family == "deepseek_v3" and cfg.norm_topk_prob)
     w.add_rope_dimension_count(cfg.qk_rope_head_dim)
     _yarn_keys(w, rope)
     if rope.get("rope_type") == "yarn" and rope.get("mscale_all_dim"):
@@ -269,19 +275,7 @@ def _hparams(w, cfg, family: str, qtype: str) -> None:
         w.add_residual_scale(cfg.residual_multiplier)
         w.add_logit_scale(cfg.logits_scaling)
     elif family == "glm4_moe":  # as the converter: DeepSeek-V3's routing keys, the rotated width
-        import gguf
-
-        groups, used = _groups(cfg)
-        w.add_expert_count(cfg.n_routed_experts)
-        w.add_expert_feed_forward_length(cfg.moe_intermediate_size)
-        w.add_expert_shared_count(cfg.n_shared_experts or 0)
-        w.add_leading_dense_block_count(cfg.first_k_dense_replace)
-        w.add_expert_weights_scale(float(cfg.routed_scaling_factor))
-        w.add_expert_weights_norm(bool(cfg.norm_topk_prob))
-        w.add_expert_gating_func(gguf.ExpertGatingFuncType.SIGMOID)
-        w.add_expert_group_count(groups)
-        w.add_expert_group_used_count(used)
-        w.add_vocab_size(cfg.vocab_size)
+        _deepseek_routing(w, cfg, sigmoid=True, norm=cfg.norm_topk_prob)
         w.add_rope_dimension_count(int(head_dim * rope.get("partial_rotary_factor", 0.5)))
     elif family == "gpt_oss":  # as the converter: YaRN, the sliding window (every other layer, from layer 0)
         w.add_expert_count(cfg.num_local_experts)

@@ -164,6 +164,12 @@ def _yarn(f: GGUFFile) -> dict:
     return out
 
 
+def _arch_key(f: GGUFFile, key: str, default=None):
+    """The file's ``{arch}.key`` (``default`` when absent)."""
+    v = f.get(f"{f.arch}.{key}")
+    return default if v is None else v
+
+
 def _deepseek(f: GGUFFile, d: dict, family: str, experts: int, first: int) -> None:
     """DeepSeek-V2/V3's config from a ``deepseek2`` file: MLA's ranks and head widths (llama.cpp stores the
     attention as MQA over the compressed cache: its ``head_count_kv`` is 1, the model's is ``head_count``),
@@ -171,8 +177,7 @@ def _deepseek(f: GGUFFile, d: dict, family: str, experts: int, first: int) -> No
     a = f.arch
 
     def get(key, default=None):
-        v = f.get(f"{a}.{key}")
-        return default if v is None else v
+        return _arch_key(f, key, default)
 
     rope = get("rope.dimension_count")
     kv_rank = get("attention.kv_lora_rank")
@@ -204,11 +209,8 @@ def _glm4moe(f: GGUFFile, d: dict, experts: int, first: int) -> None:
     renormalization), leading dense layers, shared experts, q/k/v biases and q/k norms where the file has them;
     its ``block_count`` also counts the multi-token-prediction blocks (``nextn_predict_layers``), which the
     model does not include."""
-    a = f.arch
-
     def get(key, default=None):
-        v = f.get(f"{a}.{key}")
-        return default if v is None else v
+        return _arch_key(f, key, default)
 
     if get("expert_gating_func", 2) != 2:
         raise GGUFError(f"{f.path}: glm4moe with a gating function other than sigmoid is not supported")
