@@ -212,6 +212,9 @@ def main() -> None:
                     help="cuda only: cap the caching allocator at this size (e.g. 8GB) with "
                          "torch.cuda.set_per_process_memory_fraction; the plan is asked for the same budget")
     ap.add_argument("--threads", type=int, default=2, help="torch CPU threads (default 2)")
+    ap.add_argument("--profile", default="",
+                    help="write torch.profiler's table of the second training step (ops by self CPU time) to this "
+                         "file")
     ap.add_argument("--device-memory", default="",
                     help="simulate a device of this size (e.g. 8GB): compare usaf plan's device peaks for it "
                          "with the heap bytes in use (malloc'd, i.e. every tensor) plus the frozen stacks the "
@@ -327,8 +330,14 @@ def main() -> None:
 
     steps_phase = reset_peak_rss()  # the kernel's high-water mark, reset: the steps' own peak is measured below
     opt = usaf.UsafOptimizer(handle, lr=1e-4)
-    times, rss_steps = [], []
+    times, rss_steps, cpu_user, cpu_sys = [], [], [], []
     for k in range(a.steps):
+        prof = None
+        if a.profile and k == min(1, a.steps - 1):
+            from torch.profiler import ProfilerActivity, profile
+
+            prof = profile(activities=[ProfilerActivity.CPU]).__enter__()
+        ru0 = resource.getrusage(resource.RUSAGE_SELF)
         t0 = time.perf_counter()
         b = batch(k)
         from usaf.engine.loss import lm_loss  # the loss `usaf train` uses
@@ -340,7 +349,15 @@ def main() -> None:
         if cuda:
             torch.cuda.synchronize(device)
         times.append(time.perf_counter() - t0)
+        ru1 = resource.getrusage(resource.RUSAGE_SELF)
+        cpu_user.append(ru1.ru_utime - ru0.ru_utime)
+        cpu_sys.append(ru1.ru_stime - ru0.ru_stime)
         rss_steps.append(rss_mb())
+        if prof is not None:
+            prof.__exit__(None, None, None)
+            table = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=40, max_name_column_width=60)
+            Path(a.profile).write_text(f"step {k}: {times[-1]:.2f} s wall, {cpu_user[-1]:.2f} s user, "
+                                       f"{cpu_sys[-1]:.2f} s system\n{table}")
     heap.__exit__(None, None, None)
     heap_steps = heap.peak
     pf.close()
@@ -350,6 +367,7 @@ def main() -> None:
         "generate_s": round(gen_s, 1), "load_s": round(load_s, 1), "rss_after_load_mb": round(rss_load),
         "prefix_s": round(prefix_s, 1), "peak_rss_through_prefix_mb": round(peak_prefix),
         "calib_batches": a.calib_batches, "select_s": round(select_s, 1), "step_s_median": round(step_s, 2),
+        "step_cpu_user_s": [round(x, 2) for x in cpu_user], "step_cpu_sys_s": [round(x, 2) for x in cpu_sys],
         "tokens_per_s": round(a.seq_len * a.batch_size / step_s, 1),
         "rss_during_steps_mb": round(max(rss_steps)), "peak_rss_through_select_mb": round(peak_select),
         "steps_peak_rss_mb": round(peak_mb()) if steps_phase else None,

@@ -425,21 +425,28 @@ def test_top_candidates_with_ties_takes_k_of_the_best_values():
     assert torch.equal(vals.float().sort().values, ref.float().sort().values)
 
 
-def test_routing_pads_each_expert_to_whole_blocks():
-    from usaf.engine.routing import Routing, block_rows
+def test_routing_pads_each_expert_to_its_granule_in_pieces():
+    from usaf.engine.routing import Routing, block_rows, granule, piece_rows
 
     assert block_rows(2048, 16) == 128 and block_rows(8192, 64) == 128 and block_rows(4096, 128) == 32
     assert block_rows(10, 64) == 16 and block_rows(1 << 20, 8) == 256
+    assert granule(32) == 8 and granule(16) == 4 and piece_rows(32) == 64
     idx = torch.randint(0, 8, (300, 2), generator=torch.Generator().manual_seed(0))
     r = Routing.build(idx, 8)
+    g, step = granule(r.block), piece_rows(r.block)
     counts = torch.bincount(idx.reshape(-1), minlength=8).tolist()
     assert r.counts == counts
+    shapes = set()
     for e, a, b, c in r.segments(0, 8):
-        assert (b - a) % r.block == 0 and c <= b - a < c + r.block
+        assert (b - a) % g == 0 and c <= b - a < c + g
         assert (idx.reshape(-1)[r.slot[a : a + c]] == e).all()
         assert r.tok[a : a + c].tolist() == (r.slot[a : a + c] // 2).tolist()
-        blocks = list(r.blocks(a, b, c))
-        assert [r0 for r0, _ in blocks] == list(range(a, b, r.block)) and sum(n for _, n in blocks) == c
+        pieces = list(r.blocks(a, b, c))
+        assert [r0 for r0, _, _ in pieces] == list(range(a, b, step))
+        assert sum(n for _, n, _ in pieces) == b - a and sum(real for _, _, real in pieces) == c
+        assert all(0 < real <= n <= step for _, n, real in pieces)
+        shapes |= {n for _, n, _ in pieces}
+    assert len(shapes) <= step // g  # few matmul shapes per op
 
 
 def test_no_backward_below_the_trainable_range_after_checkpointed_selection(monkeypatch):

@@ -94,9 +94,10 @@ class SparseDelta(nn.Module):
         if a == b:
             return w
         v = (self.values if values is None else values)[a:b]
-        idx = self.local(start, stop)
+        idx = self.local(start, stop).long()
         flat = w.view(-1)
-        flat[idx] = (flat[idx].float() + sign * v.to(flat.device)).to(flat.dtype)
+        upd = flat.index_select(0, idx).float().add_(v.to(flat.device), alpha=sign)
+        flat.index_copy_(0, idx, upd.to(flat.dtype))
         return w
 
     @torch.no_grad()

@@ -3,10 +3,11 @@
 ``UsafExperts`` replaces a transformers fused-experts module. Its forward groups the routed
 (token, expert) pairs by expert, and ``ExpertsFunction`` runs only the experts that were hit:
 
-- forward: per run of hit experts, dequantize the frozen stack, add that run's delta (O(nnz)),
-  then per expert, in blocks of a fixed number of rows (``block_rows``: one matmul shape per op, so
-  oneDNN builds no new primitive per step): gather the token rows, one matmul pair, scale by the routing
-  weight and scatter-add into the (T, H) output. It keeps the layer input, the routing and (by default)
+- forward: per run of hit experts, dequantize the frozen stack (into the workspace's reused buffer), add
+  that run's delta (O(nnz)), then per expert, its rows padded to a multiple of a granule and in pieces of at
+  most two blocks (``usaf.engine.routing``: few matmul shapes per op, so oneDNN builds no new primitive per
+  step): gather the token rows, one matmul pair, scale by the routing weight and scatter-add into the (T, H)
+  output. It keeps the layer input, the routing and (by default)
   the gate/up pre-activations; no per-route copy of the inputs or outputs.
 - backward: re-dequantizes the weights (never saved), returns the input gradient, the routing-weight
   gradient and the gradient of the compact delta values, ``g[k] = sum_t dY[t, r_k] * X[t, c_k]`` over
@@ -39,16 +40,17 @@ from torch import nn
 
 from .delta import SparseDelta
 from .routing import Routing
-from .store import DenseStack, freeze_stack
+from .store import DenseStack, Workspace, freeze_stack
 
 # The stack names of the standard layout (transformers' fused experts with a gate); a module's own are
 # ``UsafExperts.names`` (its :class:`ExpertsLayout`).
 NAMES = ("gate_up_proj", "down_proj")
 
-# Relative cost of one gather-dot multiply-add vs one GEMM multiply-add (measured: bench/sparse_grad.py).
-GATHER_COST = 256.0
-# Bound on the temporary (T x nnz) gather buffer, in elements.
-GATHER_CHUNK = 1 << 22
+# Relative cost of one gather-dot multiply-add vs one GEMM multiply-add (measured: bench/sparse_grad.py, 2 CPU
+# cores: 43-180 in bf16, median ~75; 23-114 in fp32): the gather path below a density of 1/64 in an expert.
+GATHER_COST = 64.0
+# Bound on the (nnz x T) gather buffers, in elements (two of them, fp32, in the workspace).
+GATHER_CHUNK = 1 << 20
 
 
 def _default_gate(act_fn):
@@ -209,6 +211,9 @@ class UsafExperts(nn.Module):
         self._stock = [stock]
         self.deltas = nn.ModuleDict()
         self.chunk_bytes = chunk_bytes
+        # where the hot path dequantizes a run's weights; ``usaf.engine.model.prepare`` gives every experts
+        # module of a model the same one
+        self.workspace = Workspace()
         self._mode = ExpertsMode()
         # Base values replaced by merge() ({} once fold() made the effective weights the frozen stacks): while
         # set, the forward adds no delta.
@@ -256,8 +261,11 @@ class UsafExperts(nn.Module):
             if name not in self.deltas:
                 self.deltas[name] = SparseDelta(self.shape(name), device=device)
 
-    def weight(self, name: str, start: int, stop: int, dtype, device, values=None) -> torch.Tensor:
-        """Effective weights of experts ``[start, stop)``: dequantized base + delta, (n, R, C)."""
+    def weight(self, name: str, start: int, stop: int, dtype, device, values=None,
+               reuse: bool = False) -> torch.Tensor:
+        """Effective weights of experts ``[start, stop)``: dequantized base + delta, (n, R, C). ``reuse``: in the
+        workspace's buffer for ``name`` (valid until the next such call: the hot path's runs), else a new
+        tensor."""
         delta = self.deltas[name] if name in self.deltas and self._merged is None else None
         has_delta = delta is not None and len(set(delta.span(start, stop))) == 2
         frozen = self.frozen[name]
@@ -265,11 +273,11 @@ class UsafExperts(nn.Module):
         if staged is not None and name in staged[0]:  # a device copy the prefetcher sent on a side stream
             torch.cuda.current_stream(staged[0][name].device).wait_event(staged[1])
             frozen = staged[0][name]
-        if isinstance(frozen, DenseStack):
-            w = frozen.dequantize(start, stop, dtype, device) if has_delta or frozen.dtype != dtype else \
-                frozen.tensor[start:stop].to(device)
-        else:
-            w = frozen.dequantize(start, stop, dtype=dtype, device=device)
+        device = torch.device(device)
+        if isinstance(frozen, DenseStack) and not has_delta and frozen.dtype == dtype:
+            return frozen.tensor[start:stop].to(device)  # no copy where none is needed
+        out = self.workspace.get(name, (stop - start, *frozen.shape[1:]), dtype, device) if reuse else None
+        w = frozen.dequantize(start, stop, dtype=dtype, device=device, out=out)
         if has_delta:
             delta.add_to(w, start, stop, values=values)
         return w
@@ -346,22 +354,35 @@ class UsafExperts(nn.Module):
 
 
 def _sparse_grad(left: torch.Tensor, right: torch.Tensor, idx: torch.Tensor,
-                 gather_cost: float | None = None) -> torch.Tensor:
+                 gather_cost: float | None = None, workspace: Workspace | None = None) -> torch.Tensor:
     """Gather of ``(left^T @ right).view(-1)[idx]`` without forming it when that is cheaper.
 
     Args:
-        left: (T, R); right: (T, C); idx: (n,) int64 flat indices into (R, C). Returns (n,) fp32.
+        left: (T, R); right: (T, C); idx: (n,) flat indices into (R, C). Returns (n,) fp32.
+        workspace: where the GEMM path writes the dense (R, C) product (reused: no new allocation per call).
+
+    The gather path transposes both factors to fp32 rows of T values and takes, for each index, the dot
+    product of row ``r`` of ``left^T`` and row ``c`` of ``right^T``: contiguous reads of T values each, summed in
+    fp32 (the GEMM path rounds the product to the factors' dtype first).
     """
     n_tok, rows = left.shape
     cols = right.shape[1]
     if idx.numel() * (GATHER_COST if gather_cost is None else gather_cost) >= rows * cols:
-        return (left.t() @ right).view(-1).index_select(0, idx).float()
+        full = workspace.get("dW", (rows, cols), left.dtype, left.device) if workspace is not None else None
+        full = torch.mm(left.t(), right, out=full) if full is not None else left.t() @ right
+        return full.view(-1).index_select(0, idx).float()
     out = torch.empty(idx.numel(), dtype=torch.float32, device=left.device)
+    ws = workspace or Workspace()
+    dev, f32 = left.device, torch.float32
+    lt = ws.get("gather_l", (rows, n_tok), f32, dev).copy_(left.t())  # (R, T): row r is column r of left
+    rt = ws.get("gather_r", (cols, n_tok), f32, dev).copy_(right.t())
     step = max(1, GATHER_CHUNK // max(n_tok, 1))
-    lf, rf = left.float(), right.float()
     for a in range(0, idx.numel(), step):
         k = idx[a : a + step]
-        out[a : a + step] = (lf[:, k // cols] * rf[:, k % cols]).sum(0)
+        m = k.numel()
+        pl = torch.index_select(lt, 0, k // cols, out=ws.get("gather_a", (m, n_tok), f32, dev))
+        pr = torch.index_select(rt, 0, k % cols, out=ws.get("gather_b", (m, n_tok), f32, dev))
+        torch.sum(pl.mul_(pr), dim=1, out=out[a : a + m])
     return out
 
 
@@ -395,14 +416,13 @@ class ExpertsFunction(torch.autograd.Function):
         out = torch.zeros_like(x)
         save = not mod.mode.lean and not mod.mode.replay and any(ctx.needs_input_grad)
         h_all = x.new_empty(route.bounds[-1], width) if save else None
-        n = route.block
         for start, stop in ([] if mod.mode.replay else mod.runs(route.counts)):
             w_gu, w_dn = _run_weights(mod, start, stop, x, values)
             for e, a, b, c in route.segments(start, stop):
                 wg, wd = w_gu[e - start], w_dn[e - start]
                 wg = wg if mod.transposed else wg.t()
                 wd = wd if mod.down_transposed else wd.t()
-                for r0, real in route.blocks(a, b, c):
+                for r0, n, real in route.blocks(a, b, c):
                     tok = route.tok[r0 : r0 + n]
                     xe = x.index_select(0, tok)
                     if score_on_input:  # llama4: the routing score scales the expert input
@@ -433,7 +453,6 @@ class ExpertsFunction(torch.autograd.Function):
         if ctx.rec is not None:
             ctx.rec.dout = dout.detach()
         on_input = ctx.score_on_input
-        n = route.block
         wp = ctx.weights.reshape(-1)[route.slot].unsqueeze(-1)  # (S_pad, 1)
         dx_all = torch.zeros_like(x) if ctx.needs_input_grad[0] else None
         dwp = torch.zeros(route.bounds[-1], dtype=torch.float32, device=x.device)
@@ -449,15 +468,15 @@ class ExpertsFunction(torch.autograd.Function):
                 # forward orientation (in, out) and backward orientation (out, in)
                 wg_f, wg_b = (wg, wg.t()) if mod.transposed else (wg.t(), wg)
                 wd_f, wd_b = (wd, wd.t()) if mod.down_transposed else (wd.t(), wd)
-                # The expert's rows of the four factors of its weight gradients, filled block by block; the
-                # gradients themselves are one matmul per stack over all of them (inner size b - a, a
-                # multiple of the block: few distinct shapes).
+                # The expert's rows of the four factors of its weight gradients, filled piece by piece; the
+                # gradients themselves are one product per stack over all of them (inner size b - a, a
+                # multiple of the granule).
                 seg = b - a
                 f_act = x.new_empty(seg, wd_b.shape[1])
                 f_dy = x.new_empty(seg, x.shape[1])
                 f_dh = x.new_empty(seg, wg_b.shape[0])
                 f_x = x.new_empty(seg, x.shape[1])
-                for r0, real in route.blocks(a, b, c):
+                for r0, n, real in route.blocks(a, b, c):
                     tok = route.tok[r0 : r0 + n]
                     xe, we = x.index_select(0, tok), wp[r0 : r0 + n]
                     if on_input:
@@ -521,7 +540,8 @@ class ExpertsFunction(torch.autograd.Function):
                         delta = mod.deltas[name]
                         i0, i1 = delta.span(e, e + 1)
                         if i0 != i1:
-                            grads[name][i0:i1] = _sparse_grad(left, right, delta.local(e, e + 1))
+                            grads[name][i0:i1] = _sparse_grad(left, right, delta.local(e, e + 1),
+                                                              workspace=mod.workspace)
         null = _identity_weights(mod, route, ctx.weights)
         if null is not None and dx_all is not None:  # out = w * x on the null routes: dx = w * dout
             dx_all.add_((dout * null).to(dx_all.dtype))
@@ -541,7 +561,7 @@ def _run_weights(mod: UsafExperts, start: int, stop: int, x: torch.Tensor, value
     """Effective (input, down) weights of experts ``[start, stop)``; separate input stacks (dbrx's gate and
     up) are concatenated along their output axis, as one gate_up stack."""
     vals = values if values is not None else [None] * len(mod.names)
-    ws = [mod.weight(nm, start, stop, x.dtype, x.device, v) for nm, v in zip(mod.names, vals)]
+    ws = [mod.weight(nm, start, stop, x.dtype, x.device, v, reuse=True) for nm, v in zip(mod.names, vals)]
     w_in = ws[0] if len(ws) == 2 else torch.cat(ws[:-1], dim=2 if mod.transposed else 1)
     return w_in, ws[-1]
 

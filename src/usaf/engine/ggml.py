@@ -309,12 +309,18 @@ class GGMLStack:
         self.shape = (e.pop(), self.cols, rows) if transposed else (e.pop(), rows, self.cols)
         self.dtype = torch.float32
 
-    def dequantize(self, start: int = 0, stop: int | None = None, dtype=torch.bfloat16, device=None) -> torch.Tensor:
+    def dequantize(self, start: int = 0, stop: int | None = None, dtype=torch.bfloat16, device=None,
+                   out: torch.Tensor | None = None) -> torch.Tensor:
         stop = self.shape[0] if stop is None else stop
-        dev = torch.device(device) if device is not None else self.parts[0].device
-        dtype = dtype or torch.float32
         k = stop - start
-        out = torch.empty(k, *self.shape[1:], dtype=dtype, device=dev)
+        if out is not None:
+            if tuple(out.shape) != (k, *self.shape[1:]) or not out.is_contiguous():
+                raise ValueError(f"out must be a contiguous {(k, *self.shape[1:])} tensor, got {tuple(out.shape)}")
+            dtype, dev = out.dtype, out.device
+        else:
+            dev = torch.device(device) if device is not None else self.parts[0].device
+            dtype = dtype or torch.float32
+            out = torch.empty(k, *self.shape[1:], dtype=dtype, device=dev)
         if not (self.interleave or self.transposed):  # each part straight into its rows
             r0 = 0
             for p, kind in zip(self.parts, self.kinds):

@@ -3,8 +3,9 @@
 ``B x T x V`` logits, their fp32 upcast, log-softmax and gradient are the largest tensors of a training step
 on a small model (and ~0.9 GB at seq 512 for a 152k vocabulary). :func:`lm_loss` runs the model with its
 output head swapped for a capture of the final hidden states, then computes the summed token loss chunk by
-chunk in a custom autograd function whose backward recomputes each chunk's logits: no tensor larger than
-one chunk of logits exists at any time. The result equals ``token_weighted_loss(model(...).logits, labels)``
+chunk in a custom autograd function that also computes each chunk's gradient while its logits exist: no
+tensor larger than one chunk of logits exists at any time, and the head's matmul runs once forward and once
+for the gradient. The result equals ``token_weighted_loss(model(...).logits, labels)``
 (transformers' ``ForCausalLMLoss``: logits in the compute dtype, upcast to fp32, shifted labels, ``-100``
 ignored) up to float summation order; the family's logit post-processing (Granite's ``logits_scaling``,
 Gemma's final soft-capping) is applied the same way, in the compute dtype.
@@ -47,57 +48,62 @@ def _logits(h, weight, bias, scaling, cap):
 
 
 class _ChunkedCrossEntropy(torch.autograd.Function):
+    """Summed token cross-entropy of ``hidden @ weight.T`` (+ bias, the family's post-processing), a chunk of
+    rows at a time. When the hidden states need a gradient, each chunk's gradient is computed in the forward
+    while its logits exist (``softmax - onehot``, times the head): the backward only scales it by the upstream
+    gradient, so the head's matmul runs twice per step instead of three times (the loss is the end of the
+    graph: nothing else depends on it). The chunk's logits live in two buffers reused from chunk to chunk."""
+
     @staticmethod
     def forward(ctx, hidden, weight, bias, labels, scaling, cap, rows):
         n = hidden.shape[0]
+        want = ctx.needs_input_grad[0]
         total = torch.zeros((), dtype=torch.float32, device=hidden.device)
-        lse = torch.empty(n, dtype=torch.float32, device=hidden.device)
+        grad_h = torch.empty_like(hidden) if want else None
+        m = min(rows, n)
+        zb = hidden.new_empty(m, weight.shape[0])  # the chunk's logits in the compute dtype
+        z32 = torch.empty(m, weight.shape[0], dtype=torch.float32, device=hidden.device)
         for s in range(0, n, rows):
-            z = _logits(hidden[s : s + rows], weight, bias, scaling, cap).float()
+            h = hidden[s : s + rows]
+            k = h.shape[0]
+            raw = torch.mm(h, weight.t(), out=zb[:k])
+            if bias is not None:
+                raw.add_(bias)
+            if scaling is not None:
+                raw.div_(scaling)
+            t = None
+            if cap is not None:
+                t = torch.tanh(raw / cap)
+                torch.mul(t, cap, out=raw)
+            z = z32[:k].copy_(raw)
             lab = labels[s : s + rows]
             valid = lab != IGNORE_INDEX
-            lse[s : s + rows] = torch.logsumexp(z, dim=-1)
             picked = z.gather(1, lab.clamp(min=0).unsqueeze(1)).squeeze(1)
-            total += ((lse[s : s + rows] - picked) * valid).sum()
-            del z
-        ctx.save_for_backward(hidden, weight, bias, labels, lse)
-        ctx.scaling, ctx.cap, ctx.rows = scaling, cap, rows
+            top = z.amax(dim=-1)
+            p = z.sub_(top.unsqueeze(1)).exp_()  # in place: exp(z - max)
+            sums = p.sum(dim=-1)
+            lse = top + sums.log()
+            total += ((lse - picked) * valid).sum()
+            if not want:
+                continue
+            # d(sum CE)/dz = softmax(z) - onehot(label), on valid rows
+            p.div_(sums.unsqueeze(1))
+            p.scatter_add_(1, lab.clamp(min=0).unsqueeze(1), torch.full_like(sums, -1.0).unsqueeze(1))
+            p.mul_(valid.unsqueeze(1))
+            g = raw.copy_(p)  # back to the compute dtype, in the logits' buffer
+            if t is not None:  # d(cap * tanh(x / cap))/dx = 1 - tanh^2
+                g.mul_(1 - t * t)
+            if scaling is not None:
+                g.div_(scaling)
+            torch.mm(g, weight, out=grad_h[s : s + rows])
+        ctx.grad_h = grad_h
         return total
 
     @staticmethod
     def backward(ctx, grad):
-        hidden, weight, bias, labels, lse = ctx.saved_tensors
-        scaling, cap, rows = ctx.scaling, ctx.cap, ctx.rows
-        if not ctx.needs_input_grad[0]:
+        if ctx.grad_h is None:
             return None, None, None, None, None, None, None
-        grad_h = torch.empty_like(hidden)
-        for s in range(0, hidden.shape[0], rows):
-            h = hidden[s : s + rows]
-            lab = labels[s : s + rows]
-            valid = (lab != IGNORE_INDEX).unsqueeze(1)
-            raw = F.linear(h, weight, bias)
-            if scaling is not None:
-                raw = raw / scaling
-            if cap is not None:
-                t = torch.tanh(raw / cap)
-                z = (t * cap).float()
-            else:
-                z = raw.float()
-            del raw
-            # d(sum CE)/dz = softmax(z) - onehot(label), on valid rows; in place on the chunk's logits
-            p = z.sub_(lse[s : s + rows].unsqueeze(1)).exp_()
-            p.scatter_add_(1, lab.clamp(min=0).unsqueeze(1), torch.full_like(lse[s : s + rows], -1.0).unsqueeze(1))
-            p.mul_(valid * grad)
-            g = p.to(hidden.dtype)
-            del p
-            if cap is not None:  # d(cap * tanh(x / cap))/dx = 1 - tanh^2
-                g = g * (1 - t * t)
-                del t
-            if scaling is not None:
-                g = g / scaling
-            grad_h[s : s + rows] = g @ weight
-            del g
-        return grad_h, None, None, None, None, None, None
+        return ctx.grad_h * grad.to(ctx.grad_h.dtype), None, None, None, None, None, None
 
 
 def chunked_loss(hidden: torch.Tensor, head: torch.nn.Module, labels: torch.Tensor, config,

@@ -211,12 +211,14 @@ class QuantizedTensor:
         stop: int | None = None,
         dtype: torch.dtype = torch.bfloat16,
         device: torch.device | str | None = None,
+        out: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Dense experts ``[start, stop)`` as ``[stop - start, *shape[1:]]`` in ``dtype``.
 
         Only that expert range is transferred (if ``device`` differs from where the
         quantized data lives) and computed, on the target device.  The affine step is
-        done in fp32 and rounded once to ``dtype``.
+        done in fp32 and rounded once to ``dtype``. ``out``: write into this contiguous tensor of that
+        shape (its dtype and device win) and return it.
         """
         n_exp = self.num_experts
         stop = n_exp if stop is None else stop
@@ -233,8 +235,13 @@ class QuantizedTensor:
         n, gs, groups = self.numel_per_expert, self.group_size, self.groups_per_expert
         padded = groups * gs
         out_shape = (k, *self.shape[1:])
+        given = out
+        if given is not None:
+            if tuple(given.shape) != out_shape or not given.is_contiguous():
+                raise ValueError(f"out must be a contiguous {out_shape} tensor, got {tuple(given.shape)}")
+            dtype, dev = given.dtype, given.device
         if k == 0 or n == 0:
-            return torch.empty(out_shape, dtype=dtype, device=dev)
+            return given if given is not None else torch.empty(out_shape, dtype=dtype, device=dev)
 
         # async host->device copies are safe (stream-ordered); device->host ones are not
         nb = dev.type != "cpu"
@@ -242,7 +249,10 @@ class QuantizedTensor:
         s = self.scale[start:stop].to(dev, non_blocking=nb).reshape(k * groups, 1)
         z = self.zero[start:stop].to(dev, non_blocking=nb).reshape(k * groups, 1)
         rows = k * groups
-        out = torch.empty(rows, gs, dtype=dtype, device=dev)
+        if given is not None and padded == n:
+            out = given.view(rows, gs)
+        else:
+            out = torch.empty(rows, gs, dtype=dtype, device=dev)
         chunk = _DEQUANT_CHUNK_CPU if dev.type == "cpu" else _DEQUANT_CHUNK_ACCEL
         step = max(1, chunk // gs)
         direct = dtype == torch.float32
@@ -273,7 +283,9 @@ class QuantizedTensor:
             if not direct:
                 out[r0:r1].copy_(b)
         if padded == n:
-            return out.view(out_shape)
+            return given if given is not None else out.view(out_shape)
+        if given is not None:
+            return given.view(k, n).copy_(out.view(k, padded)[:, :n]).view(out_shape)
         return out.view(k, padded)[:, :n].contiguous().view(out_shape)
 
     # ------------------------------------------------------------------ (de)serialization

@@ -1,8 +1,9 @@
 """Routing bookkeeping for the fused experts function: which token rows each expert gets, in fixed blocks.
 
 ``Routing.build(top_k_index, E)`` groups the routed (token, expert) pairs by expert once per forward, on a
-padded layout where every expert's rows are a multiple of one block size (:func:`block_rows`), so that all
-expert matmuls of a layer have one shape per op.
+padded layout where every expert's rows are a multiple of a granule (:func:`granule`: a quarter of the layer's
+block, :func:`block_rows`) and are computed in pieces of at most two blocks, so that a layer's expert matmuls
+have few distinct shapes per op (at most 8) and little padding.
 """
 
 from __future__ import annotations
@@ -24,17 +25,35 @@ def block_rows(rows: int, experts: int) -> int:
     return min(256, max(16, 1 << max(0, mean.bit_length() - 1)))
 
 
+def granule(block: int) -> int:
+    """What an expert's row count is padded to a multiple of: a quarter of the block (at least 4).
+
+    Padding every expert to whole blocks computed a block at a time wasted half a block per expert on
+    average (46% more rows than routed at Qwen3-30B-A3B width, 512 tokens: blocks of 32 for a mean of 32),
+    and a matmul of 40 rows costs less than two of 32 (0.82 against 1.25 ms, 2048 x 1536 bf16, measured on
+    the CPU). With a quarter-block granule and pieces of up to two blocks the padding is about an eighth of
+    a block per expert, and each op sees at most 8 shapes.
+    """
+    return max(4, block // 4)
+
+
+def piece_rows(block: int) -> int:
+    """The most rows one expert matmul takes: two blocks (``8 * granule``)."""
+    return 8 * granule(block)
+
+
 def bucket(n: int, block: int) -> int:
-    """``n`` rows padded to a multiple of ``block``."""
-    return -(-n // block) * block
+    """``n`` rows padded to a multiple of the block's granule."""
+    g = granule(block)
+    return -(-n // g) * g
 
 
 class Routing:
     """The routed (token, expert) pairs of one forward, grouped by expert on a padded layout.
 
     Expert ``e`` owns padded rows ``[bounds[e], bounds[e + 1])``: its ``counts[e]`` real rows first, then
-    zero-gradient padding up to a multiple of ``block`` (:func:`block_rows`), computed ``block`` rows at a
-    time. ``tok`` (S_pad,) is the token row of each padded row, ``slot`` (S_pad,) its position in the
+    zero-gradient padding up to a multiple of :func:`granule` of ``block`` (:func:`block_rows`), computed in
+    pieces of at most :func:`piece_rows` rows (:meth:`blocks`). ``tok`` (S_pad,) is the token row of each padded row, ``slot`` (S_pad,) its position in the
     flattened (T * K) routing weights (padding rows point at row 0 / slot 0 and are never scattered back),
     ``pos`` (S,) the padded rows that are routed. ``null`` (T, K) bool marks the routes to an index ``>= E``
     (null experts, which run no expert), None when there is none.
@@ -76,7 +95,9 @@ class Routing:
                 yield e, a, b, self.counts[e]
 
     def blocks(self, a: int, b: int, c: int):
-        """``(r0, real)`` for the blocks of segment ``[a, b)``: rows ``[r0, r0 + block)``, the first ``real``
-        of them routed (the rest padding)."""
-        for r0 in range(a, b, self.block):
-            yield r0, min(self.block, c - (r0 - a))
+        """``(r0, n, real)`` for the pieces of segment ``[a, b)``: rows ``[r0, r0 + n)``, the first ``real``
+        of them routed (the rest padding, fewer than a granule, in the last piece)."""
+        step = piece_rows(self.block)
+        for r0 in range(a, b, step):
+            n = min(step, b - r0)
+            yield r0, n, min(n, c - (r0 - a))

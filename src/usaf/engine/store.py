@@ -1,9 +1,10 @@
 """Frozen expert weights, kept outside the parameters that train.
 
 A frozen stack is anything with ``shape``, ``nbytes()`` and
-``dequantize(start, stop, dtype, device) -> fresh dense (stop - start, R, C) tensor``: either a plain
+``dequantize(start, stop, dtype, device, out=None) -> dense (stop - start, R, C) tensor``: either a plain
 dense tensor (bf16 / fp16 / fp32) or a group-quantized one (``usaf.engine.quant.QuantizedTensor``). The result of
-``dequantize`` is always a new tensor that the caller may modify in place (deltas are added to it).
+``dequantize`` is always a tensor that the caller may modify in place (deltas are added to it): a new one, or
+``out`` when given (a :class:`Workspace` buffer, reused from call to call).
 """
 
 from __future__ import annotations
@@ -20,8 +21,11 @@ class DenseStack:
         self.shape = tuple(tensor.shape)
         self.dtype = tensor.dtype
 
-    def dequantize(self, start: int = 0, stop: int | None = None, dtype=None, device=None) -> torch.Tensor:
+    def dequantize(self, start: int = 0, stop: int | None = None, dtype=None, device=None,
+                   out: torch.Tensor | None = None) -> torch.Tensor:
         block = self.tensor[start:stop]
+        if out is not None:
+            return out.copy_(block)
         dtype = dtype or block.dtype
         device = device or block.device
         return block.to(device=device, dtype=dtype, copy=True)
@@ -34,6 +38,40 @@ class DenseStack:
 
     def tensors(self) -> dict[str, torch.Tensor]:
         return {"dense": self.tensor}
+
+
+class Workspace:
+    """Reused buffers for the dequantized weights of the hot path, one per slot name (one per stack of the
+    standard layout), shared by every experts module of a model.
+
+    A run of experts' weights is written into the same memory step after step instead of a new allocation:
+    on the CPU a fresh allocation of that size is a new ``mmap`` whose every page faults and is zeroed by the
+    kernel on first touch (about 1 s of system time per Qwen3-30B-A3B-width layer and step, measured with
+    ``bench/experts_layer.py``), and freeing it unmaps them again. A buffer only grows (to the largest run
+    asked for); :meth:`clear` drops them all.
+    """
+
+    def __init__(self) -> None:
+        self._bufs: dict[str, torch.Tensor] = {}
+
+    def get(self, slot: str, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+        """A contiguous ``shape`` tensor of ``dtype`` on ``device`` (uninitialized) in the slot's buffer."""
+        n = 1
+        for s in shape:
+            n *= int(s)
+        nbytes = n * torch.empty((), dtype=dtype).element_size()
+        key = f"{slot}@{device}"
+        buf = self._bufs.get(key)
+        if buf is None or buf.numel() < nbytes:
+            self._bufs.pop(key, None)  # free the old one before the larger one exists
+            buf = self._bufs[key] = torch.empty(nbytes, dtype=torch.uint8, device=device)
+        return buf[:nbytes].view(dtype).view(shape)
+
+    def nbytes(self) -> int:
+        return sum(b.numel() for b in self._bufs.values())
+
+    def clear(self) -> None:
+        self._bufs.clear()
 
 
 def freeze_stack(tensor: torch.Tensor, quant: str, group_size: int = 64):

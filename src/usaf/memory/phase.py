@@ -24,6 +24,7 @@ from .sizes import (
     layer_kept_lean,
     logits_bytes,
     padded,
+    sparse_grad_bytes,
     train_range,
 )
 
@@ -249,8 +250,13 @@ class _Phase:
         dq = max(dequant_bytes(lc, s.chunk_mb, d) for lc in self.moe_res)
         scratch_el = DEQUANT_SCRATCH_CPU if s.cpu else DEQUANT_SCRATCH_ACCEL
         scratch = 0 if s.quant == "none" else min(scratch_el, max(sum(lc.stack_numels) for lc in self.moe_res)) * 4
-        p.add(f"dequantized expert weights (runs of <= {s.chunk_mb} MB) + scratch", dq + scratch, "device", "layer")
+        # the workspace of the hot path: kept from the first forward on (usaf.engine.store.Workspace)
+        p.add(f"dequantized expert weights (workspace: a run of <= {s.chunk_mb} MB)", dq, "device", "step")
+        p.add("dequantization scratch", scratch, "device", "layer")
         if self.train:
+            rows = 2 * max(padded(lc, self.n_tok * self.mc.top_k) // max(1, lc.num_experts) for lc in self.moe_train)
+            p.add("delta gradients' workspace (one expert)",
+                  max(sparse_grad_bytes(lc, self.mc.hidden, rows, d) for lc in self.moe_train), "device", "step")
             ckpt = int(self.active * (self.per_el + 12)) + self.router * 12
             p.add("checkpoint staging (host copy of deltas, moments, routers)", ckpt, self.host_tier, "save")
             self.scores, score_dtype = score_bytes(s, self.moe_train)

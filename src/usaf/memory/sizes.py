@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from ..engine.experts import GATHER_CHUNK, GATHER_COST
 from ..engine.loss import CHUNK_BYTES, MIN_ROWS
 from ..engine.model import parse_layers
 from ..engine.routing import block_rows, bucket
@@ -128,19 +129,27 @@ def layer_expert_bytes(lc: LayerCounts, quant: str, group_size: int, d: int, bit
 
 
 def dequant_bytes(lc: LayerCounts, chunk_mb: int, d: int) -> int:
-    """Peak dequantized expert weights of one layer (``UsafExperts.runs`` caps a run at chunk_mb of bf16).
-
-    One run holds its gate/up and down weights; when a layer has several runs, the next run's gate/up is
-    dequantized while the previous run's weights are still referenced.
-    """
+    """Dequantized expert weights of one layer's largest run (``UsafExperts.runs`` caps a run at chunk_mb of
+    bf16): its gate/up and down weights, in the model's workspace (``usaf.engine.store.Workspace``: reused
+    from run to run and layer to layer, and kept from the first forward on)."""
     if not lc.moe:
         return 0
     per_expert = sum(lc.stack_numels) // lc.num_experts
     cap = max(1, (chunk_mb << 20) // max(2 * per_expert, 1))
-    run = min(cap, lc.num_experts) * per_expert * d
-    if cap >= lc.num_experts:
-        return run
-    return run + run * lc.stack_numels[0] // sum(lc.stack_numels)
+    return min(cap, lc.num_experts) * per_expert * d
+
+
+def sparse_grad_bytes(lc: LayerCounts, hidden: int, rows: int, d: int) -> int:
+    """The workspace of the delta gradients of one expert (``usaf.engine.experts._sparse_grad``): the dense
+    product of its largest stack (the GEMM path), both factors transposed to fp32 and the two gathered
+    blocks (the gather path, taken below a density of ``1 / GATHER_COST`` in the expert). ``rows``: the most
+    rows an expert gets."""
+    if not lc.moe:
+        return 0
+    numel = max(lc.stack_numels) // lc.num_experts
+    sides = numel // max(hidden, 1) + hidden  # rows + columns of that stack ([2I, H] or [H, I])
+    gathered = min(GATHER_CHUNK, int(numel / GATHER_COST) * rows)
+    return numel * d + sides * rows * 4 + 2 * gathered * 4
 
 
 def layer_activations(
