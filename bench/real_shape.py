@@ -115,6 +115,39 @@ class HeapPeak:
             h.remove()
 
 
+# Where an op's time is booked: the first of these found among its enclosing Python frames (innermost first;
+# torch.profiler's with_stack events). Ops that autograd's engine runs for built-in backward functions have no
+# Python frame: "backward of built-in ops".
+_PLACES = (("usaf/engine/quant.py", "4-bit dequantization"), ("usaf/engine/delta.py", "delta added to the weights"),
+           ("_sparse_grad", "delta-value gradients"), ("usaf/engine/experts.py", "experts: matmuls, gate, gathers"),
+           ("usaf/engine/routing.py", "routing bookkeeping"), ("usaf/engine/loss.py", "LM head + loss"),
+           ("usaf/engine/optim.py", "optimizer"), ("torch/optim", "optimizer"),
+           ("usaf/engine/linear.py", "sparse linear deltas (shared experts, attention)"),
+           ("modeling_", "model code: attention, norms, router (forward)"))
+_WAITS = ("acquire of _thread.lock", "get of _queue", "threading.py", "real_shape.py")
+
+
+def where_time_goes(prof) -> str:
+    """torch.profiler's self CPU time of one step, by the code that issued each op (see ``_PLACES``)."""
+    book: dict[str, float] = {}
+    for ev in prof.events():
+        if any(w in ev.name for w in _WAITS):
+            continue  # a thread waiting (the main thread while autograd's engine runs), or this harness
+        place, node = "backward of built-in ops (attention, norms, router, embeddings)", ev
+        while node is not None:
+            hit = next((name for key, name in _PLACES if key in node.name), None)
+            if hit:
+                place = hit
+                break
+            if ".py(" in node.name:
+                place = "other Python"
+            node = node.cpu_parent
+        book[place] = book.get(place, 0.0) + ev.self_cpu_time_total / 1e6
+    total = sum(book.values())
+    rows = [f"{name:<66} {sec:7.2f} s {100 * sec / total:5.1f}%" for name, sec in sorted(book.items(), key=lambda x: -x[1])]
+    return "self CPU time by place (threads' waits left out):\n" + "\n".join(rows) + f"\n{'total':<66} {total:7.2f} s\n"
+
+
 def write_checkpoint(d: Path, layers: int) -> None:
     from accelerate import init_empty_weights
     from safetensors.torch import save_file
@@ -310,7 +343,9 @@ def main() -> None:
     ckpt = use_checkpointing(handle, a.checkpointing, a.batch_size, a.seq_len)  # auto: usaf train's choice
     if ckpt:
         enable_checkpointing(handle)
-    heap = HeapPeak(model).__enter__()
+    # The heap sampler (glibc mallinfo2 every 2 ms and at every layer) walks the heap: it cost about a sixth of
+    # a core at this shape, so it runs only where its figures are used (--device-memory).
+    heap = HeapPeak(model).__enter__() if a.device_memory else None
     heap_resident = heap_in_use()  # non-expert weights of the trainable range, prefix cache handle, data
     cuda = device.type == "cuda"
     if cuda:
@@ -325,7 +360,7 @@ def main() -> None:
         torch.cuda.reset_peak_memory_stats(device)
     select_s = time.perf_counter() - t0
     peak_select = peak_mb()
-    heap_select = heap.reset()
+    heap_select = heap.reset() if heap else 0
     from usaf.bench.harness import reset_peak_rss
 
     steps_phase = reset_peak_rss()  # the kernel's high-water mark, reset: the steps' own peak is measured below
@@ -336,7 +371,7 @@ def main() -> None:
         if a.profile and k == min(1, a.steps - 1):
             from torch.profiler import ProfilerActivity, profile
 
-            prof = profile(activities=[ProfilerActivity.CPU]).__enter__()
+            prof = profile(activities=[ProfilerActivity.CPU], with_stack=True).__enter__()
         ru0 = resource.getrusage(resource.RUSAGE_SELF)
         t0 = time.perf_counter()
         b = batch(k)
@@ -357,9 +392,10 @@ def main() -> None:
             prof.__exit__(None, None, None)
             table = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=40, max_name_column_width=60)
             Path(a.profile).write_text(f"step {k}: {times[-1]:.2f} s wall, {cpu_user[-1]:.2f} s user, "
-                                       f"{cpu_sys[-1]:.2f} s system\n{table}")
-    heap.__exit__(None, None, None)
-    heap_steps = heap.peak
+                                       f"{cpu_sys[-1]:.2f} s system\n{where_time_goes(prof)}\n{table}")
+    if heap:
+        heap.__exit__(None, None, None)
+    heap_steps = heap.peak if heap else 0
     pf.close()
     step_s = sorted(times)[len(times) // 2]
     out = {

@@ -39,6 +39,7 @@ import torch
 from torch import nn
 
 from .delta import SparseDelta
+from .quant import QuantizedTensor
 from .routing import Routing
 from .store import DenseStack, Workspace, freeze_stack
 
@@ -276,8 +277,14 @@ class UsafExperts(nn.Module):
         device = torch.device(device)
         if isinstance(frozen, DenseStack) and not has_delta and frozen.dtype == dtype:
             return frozen.tensor[start:stop].to(device)  # no copy where none is needed
-        out = self.workspace.get(name, (stop - start, *frozen.shape[1:]), dtype, device) if reuse else None
-        w = frozen.dequantize(start, stop, dtype=dtype, device=device, out=out)
+        if reuse:
+            out = self.workspace.get(name, (stop - start, *frozen.shape[1:]), dtype, device)
+            if isinstance(frozen, QuantizedTensor):
+                w = frozen.dequantize(start, stop, out=out, workspace=self.workspace)
+            else:
+                w = frozen.dequantize(start, stop, dtype=dtype, device=device, out=out)
+        else:
+            w = frozen.dequantize(start, stop, dtype=dtype, device=device)
         if has_delta:
             delta.add_to(w, start, stop, values=values)
         return w

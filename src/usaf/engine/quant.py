@@ -212,13 +212,15 @@ class QuantizedTensor:
         dtype: torch.dtype = torch.bfloat16,
         device: torch.device | str | None = None,
         out: torch.Tensor | None = None,
+        workspace=None,
     ) -> torch.Tensor:
         """Dense experts ``[start, stop)`` as ``[stop - start, *shape[1:]]`` in ``dtype``.
 
         Only that expert range is transferred (if ``device`` differs from where the
         quantized data lives) and computed, on the target device.  The affine step is
         done in fp32 and rounded once to ``dtype``. ``out``: write into this contiguous tensor of that
-        shape (its dtype and device win) and return it.
+        shape (its dtype and device win) and return it. ``workspace``: a ``usaf.engine.store.Workspace``
+        holding the chunk's scratch buffers from call to call.
         """
         n_exp = self.num_experts
         stop = n_exp if stop is None else stop
@@ -256,14 +258,23 @@ class QuantizedTensor:
         chunk = _DEQUANT_CHUNK_CPU if dev.type == "cpu" else _DEQUANT_CHUNK_ACCEL
         step = max(1, chunk // gs)
         direct = dtype == torch.float32
-        buf = None if direct else torch.empty(min(step, rows), gs, dtype=torch.float32, device=dev)
+
+        def scratch(slot, shape, dt):
+            if workspace is None:
+                return torch.empty(shape, dtype=dt, device=dev)
+            return workspace.get(slot, shape, dt, dev)
+
+        buf = None if direct else scratch("dequant_f32", (min(step, rows), gs), torch.float32)
+        if dev.type == "cpu":  # the scales and zeros in fp32 once (the same values), not converted per chunk op
+            s = scratch("dequant_scale", (rows, 1), torch.float32).copy_(s)
+            z = scratch("dequant_zero", (rows, 1), torch.float32).copy_(z)
         if self.bits == 4:
             half = gs // 2
             words = q.view(rows, half).view(torch.int32)  # [rows, gs // 8]
             mask = 0x0F0F0F0F
             # the codes of a chunk, unpacked in place as [rows, 2, half] bytes (low nibbles, then high): one
             # contiguous uint8 -> float copy after (a strided one into the halves of ``b`` is ~50x slower on CPU)
-            codes = torch.empty(min(step, rows), 2, half, dtype=torch.uint8, device=dev)
+            codes = scratch("dequant_codes", (min(step, rows), 2, half), torch.uint8)
             codes32 = codes.view(torch.int32)  # [rows, 2, gs // 8]
         else:
             codes8 = q.view(rows, gs)

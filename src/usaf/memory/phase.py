@@ -252,7 +252,9 @@ class _Phase:
         scratch = 0 if s.quant == "none" else min(scratch_el, max(sum(lc.stack_numels) for lc in self.moe_res)) * 4
         # the workspace of the hot path: kept from the first forward on (usaf.engine.store.Workspace)
         p.add(f"dequantized expert weights (workspace: a run of <= {s.chunk_mb} MB)", dq, "device", "step")
-        p.add("dequantization scratch", scratch, "device", "layer")
+        # a chunk's fp32 values and codes, and the run's scales and zeros in fp32 (CPU), in the same workspace
+        scales = 0 if s.quant == "none" or not s.cpu else dq // d // s.group_size * 8
+        p.add("dequantization scratch (workspace)", scratch + scales, "device", "step")
         if self.train:
             rows = 2 * max(padded(lc, self.n_tok * self.mc.top_k) // max(1, lc.num_experts) for lc in self.moe_train)
             p.add("delta gradients' workspace (one expert)",
