@@ -58,6 +58,22 @@ def test_sparse_grad_gather_and_gemm_paths_agree():
                                atol=1e-6)
     torch.testing.assert_close(experts._sparse_grad(left, right, idx, gather_cost=1e9), dense, rtol=1e-5,
                                atol=1e-6)
+    # through a workspace reused across calls of other sizes, and with gathers in several chunks
+    from usaf.engine.store import Workspace
+
+    ws = Workspace()
+    for cost in (0.0, 1e9, 0.0):
+        other = experts._sparse_grad(right, left, idx[:4] % 140, gather_cost=cost, workspace=ws)
+        torch.testing.assert_close(other, (right.t() @ left).reshape(-1)[idx[:4] % 140], rtol=1e-5, atol=1e-6)
+        got = experts._sparse_grad(left, right, idx, gather_cost=cost, workspace=ws)
+        torch.testing.assert_close(got, dense, rtol=1e-5, atol=1e-6)
+    monkey = experts.GATHER_CHUNK
+    try:
+        experts.GATHER_CHUNK = 14  # two indices per chunk at 7 rows
+        torch.testing.assert_close(experts._sparse_grad(left, right, idx, gather_cost=0.0, workspace=ws), dense,
+                                   rtol=1e-5, atol=1e-6)
+    finally:
+        experts.GATHER_CHUNK = monkey
 
 
 @pytest.mark.parametrize("family", FAMILIES)

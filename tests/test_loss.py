@@ -66,3 +66,28 @@ def test_trainable_head_falls_back_to_full_logits():
     assert head.weight.grad is not None
     s_ref, _ = token_weighted_loss(model(input_ids=IDS).logits, b["labels"])
     assert torch.allclose(s, s_ref)
+
+
+def test_chunked_loss_gradient_follows_the_upstream_gradient(monkeypatch):
+    """The head's gradient is computed in the loss's forward (for an upstream gradient of 1) and scaled in the
+    backward: a scaled loss gives scaled gradients, and no gradient is computed without grad mode."""
+    monkeypatch.setattr(L, "MIN_ROWS", 5)
+    monkeypatch.setattr(L, "CHUNK_BYTES", 1)
+    model = make_tiny_model("qwen3_moe", seed=1)
+    handle = usaf.prepare(model, usaf.UsafConfig(quant="none", density=0.01))
+    usaf.select(handle, [_batch(False)])
+    b = _batch(True)
+    s, n = L.lm_loss(model, b, "cpu")
+    s.backward()
+    ref = [p.grad.clone() for p in handle.trainable_parameters() if p.grad is not None]
+    for p in handle.trainable_parameters():
+        p.grad = None
+    s2, _ = L.lm_loss(model, b, "cpu")
+    (s2 * 2.5 / n).backward()
+    got = [p.grad for p in handle.trainable_parameters() if p.grad is not None]
+    assert len(got) == len(ref) > 0
+    for g, r in zip(got, ref):
+        torch.testing.assert_close(g, r * 2.5 / n, rtol=1e-2, atol=1e-7)  # bf16 head gradient, scaled after
+    with torch.no_grad():
+        s3, _ = L.lm_loss(model, b, "cpu")
+    assert torch.equal(s3, s2.detach()) and not s3.requires_grad

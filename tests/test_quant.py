@@ -267,3 +267,37 @@ def test_unaligned_buffer(offset):
     moved = QuantizedTensor(q, qt.scale, qt.zero, qt.shape, qt.bits, qt.group_size)
     assert torch.equal(moved.dequantize(), qt.dequantize())
     assert torch.equal(moved.dequantize(1, 3, dtype=torch.float32), qt.dequantize(1, 3, dtype=torch.float32))
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("shape", [(5, 12, 64), (3, 7, 10)])  # whole groups; a padded last group
+def test_dequantize_into_a_workspace_equals_a_fresh_tensor(bits, shape):
+    from usaf.engine.store import DenseStack, Workspace
+
+    w = torch.randn(shape, generator=torch.Generator().manual_seed(3)).to(torch.bfloat16)
+    q = QuantizedTensor.quantize(w, QuantSpec(bits=bits, group_size=64))
+    ws = Workspace()
+    for start, stop in ((0, shape[0]), (1, 3), (2, 3)):
+        fresh = q.dequantize(start, stop, torch.bfloat16)
+        out = ws.get("w", (stop - start, *shape[1:]), torch.bfloat16, torch.device("cpu"))
+        got = q.dequantize(start, stop, out=out, workspace=ws)
+        assert got.data_ptr() == out.data_ptr() and torch.equal(got, fresh)
+    dense = DenseStack(w)
+    out = ws.get("w", (2, *shape[1:]), torch.float32, torch.device("cpu"))
+    assert torch.equal(dense.dequantize(1, 3, out=out), w[1:3].float())
+    with pytest.raises(ValueError, match="contiguous"):
+        q.dequantize(0, 2, out=torch.empty(2, *shape[1:]).transpose(1, 2))
+
+
+def test_workspace_reuses_its_memory_and_grows():
+    from usaf.engine.store import Workspace
+
+    ws, cpu = Workspace(), torch.device("cpu")
+    a = ws.get("x", (4, 8), torch.float32, cpu)
+    b = ws.get("x", (2, 8), torch.bfloat16, cpu)  # smaller: the same memory
+    assert b.data_ptr() == a.data_ptr() and b.shape == (2, 8) and b.dtype == torch.bfloat16
+    c = ws.get("x", (16, 8), torch.float32, cpu)  # larger: a new buffer of that size
+    assert c.shape == (16, 8) and ws.nbytes() == 16 * 8 * 4
+    assert ws.get("y", (3,), torch.int32, cpu).data_ptr() != c.data_ptr()  # slots do not share
+    ws.clear()
+    assert ws.nbytes() == 0

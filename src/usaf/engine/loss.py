@@ -38,15 +38,6 @@ def logit_post(config) -> tuple[float | None, float | None]:
     return (float(scaling) if scaling not in (None, 1, 1.0) else None), (float(cap) if cap else None)
 
 
-def _logits(h, weight, bias, scaling, cap):
-    z = F.linear(h, weight, bias)
-    if scaling is not None:
-        z = z / scaling
-    if cap is not None:
-        z = torch.tanh(z / cap) * cap
-    return z
-
-
 class _ChunkedCrossEntropy(torch.autograd.Function):
     """Summed token cross-entropy of ``hidden @ weight.T`` (+ bias, the family's post-processing), a chunk of
     rows at a time. When the hidden states need a gradient, each chunk's gradient is computed in the forward
