@@ -39,7 +39,6 @@ import torch
 from torch import nn
 
 from .delta import SparseDelta
-from .quant import QuantizedTensor
 from .routing import Routing
 from .store import DenseStack, Workspace, freeze_stack
 
@@ -279,10 +278,7 @@ class UsafExperts(nn.Module):
             return frozen.tensor[start:stop].to(device)  # no copy where none is needed
         if reuse:
             out = self.workspace.get(name, (stop - start, *frozen.shape[1:]), dtype, device)
-            if isinstance(frozen, QuantizedTensor):
-                w = frozen.dequantize(start, stop, out=out, workspace=self.workspace)
-            else:
-                w = frozen.dequantize(start, stop, dtype=dtype, device=device, out=out)
+            w = frozen.dequantize(start, stop, dtype=dtype, device=device, out=out, workspace=self.workspace)
         else:
             w = frozen.dequantize(start, stop, dtype=dtype, device=device)
         if has_delta:

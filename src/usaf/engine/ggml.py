@@ -310,7 +310,8 @@ class GGMLStack:
         self.dtype = torch.float32
 
     def dequantize(self, start: int = 0, stop: int | None = None, dtype=torch.bfloat16, device=None,
-                   out: torch.Tensor | None = None) -> torch.Tensor:
+                   out: torch.Tensor | None = None, workspace=None) -> torch.Tensor:
+        """``workspace``: accepted for the common signature of frozen stacks (not used here)."""
         stop = self.shape[0] if stop is None else stop
         k = stop - start
         if out is not None:

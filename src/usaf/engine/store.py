@@ -1,7 +1,7 @@
 """Frozen expert weights, kept outside the parameters that train.
 
 A frozen stack is anything with ``shape``, ``nbytes()`` and
-``dequantize(start, stop, dtype, device, out=None) -> dense (stop - start, R, C) tensor``: either a plain
+``dequantize(start, stop, dtype, device, out=None, workspace=None) -> dense (stop - start, R, C) tensor``: either a plain
 dense tensor (bf16 / fp16 / fp32) or a group-quantized one (``usaf.engine.quant.QuantizedTensor``). The result of
 ``dequantize`` is always a tensor that the caller may modify in place (deltas are added to it): a new one, or
 ``out`` when given (a :class:`Workspace` buffer, reused from call to call).
@@ -22,7 +22,8 @@ class DenseStack:
         self.dtype = tensor.dtype
 
     def dequantize(self, start: int = 0, stop: int | None = None, dtype=None, device=None,
-                   out: torch.Tensor | None = None) -> torch.Tensor:
+                   out: torch.Tensor | None = None, workspace=None) -> torch.Tensor:
+        """``workspace``: accepted for a common signature (a dense copy needs no scratch)."""
         block = self.tensor[start:stop]
         if out is not None:
             return out.copy_(block)
