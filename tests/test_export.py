@@ -416,3 +416,26 @@ def test_gguf_llama_cpp_logits(runs, hf_exports, tmp_path, family, qtype):
     assert (got.argmax(-1) == want.argmax(-1)).float().mean() >= 0.8
     tok = usaf.load.hf.load_tokenizer(str(ckpt))
     assert ge.llama_cpp_tokens(out, ge.CHECK_TEXT) == tok(ge.CHECK_TEXT)["input_ids"]
+
+
+def test_auto_dtype_follows_the_cpu_and_export_uses_the_recorded_one(tmp_path, monkeypatch):
+    """``auto`` is bf16 only on a CPU with native bf16 matmuls (fp32 on AVX2-only CPUs, where torch's bf16
+    matmul is many times slower); an export merges in the dtype the run recorded, whatever ``auto`` means on
+    the exporting machine."""
+    import usaf.load.hf as hf
+
+    monkeypatch.setattr(hf, "cpu_bf16_is_native", lambda: True)
+    assert hf.resolve_dtype("auto", torch.device("cpu")) == torch.bfloat16
+    monkeypatch.setattr(hf, "cpu_bf16_is_native", lambda: False)
+    assert hf.resolve_dtype("auto", torch.device("cpu")) == torch.float32
+    assert hf.resolve_dtype("bf16", torch.device("cpu")) == torch.bfloat16
+
+    ckpt = save_tiny_checkpoint("qwen3_moe", tmp_path / "ckpt")
+    handle = usaf.prepare(load_model(str(ckpt), dtype=torch.bfloat16), usaf.UsafConfig(quant="none"))
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.yaml").write_text(yaml.safe_dump({"model": str(ckpt), "dtype": "auto"}))
+    handle.save_delta(run / "delta.safetensors", eval_settings=json.dumps({"dtype": "bf16"}))
+    assert load_run(run).train_dtype == torch.bfloat16  # recorded, though auto is fp32 here (patched)
+    handle.save_delta(run / "delta.safetensors")  # a delta without the record: config.yaml's auto
+    assert load_run(run).train_dtype == torch.float32

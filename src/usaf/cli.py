@@ -41,6 +41,7 @@ from .train.generate import generate
 from .train.recipe import train
 from .train.report import write_report
 from .train.trained import evaluate_data, load_trained
+from .units import cpu_bf16_is_native
 
 USER_ERRORS: tuple[type[BaseException], ...] = (ValueError, FileNotFoundError, NotADirectoryError,
                                                  PermissionError, KeyError)
@@ -222,7 +223,8 @@ def cmd_plan(args: argparse.Namespace) -> int:
         shared_density=args.shared_density,
         train_layers=args.train_layers,
         quant=args.quant,
-        dtype=args.dtype,
+        dtype=args.dtype if args.dtype != "auto" else
+        ("bf16" if args.device != "cpu" or cpu_bf16_is_native() else "fp32"),
         device_memory=args.device_memory,
         host_memory=args.host_memory,
         device=args.device,
@@ -384,7 +386,8 @@ def _plan_parser(sub) -> None:
                    help="fraction of the shared experts' linear weights that train (as usaf train)")
     q.add_argument("--train-layers", default="top:8", help="all | top:N | a-b (default: top:8)")
     q.add_argument("--quant", default="4bit", choices=QUANTS)
-    q.add_argument("--dtype", default="bf16", choices=tuple(DTYPE_BYTES))
+    q.add_argument("--dtype", default="auto", choices=tuple(DTYPE_BYTES) + ("auto",),
+                   help="compute dtype (default auto: bf16 on an accelerator and on CPUs with native bf16, else fp32)")
     q.add_argument("--device", default="cuda", help="cuda (any accelerator) or cpu (default: cuda)")
     q.add_argument("--chunk-mb", type=int, default=256, help="dequantized expert weights per run, MB")
     q.add_argument(

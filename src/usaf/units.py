@@ -72,3 +72,12 @@ def parse_bytes(text: str | int | None, flag: str = "memory") -> int | None:
     if text in (None, "", 0):
         return None
     return parse_memory(text, flag)
+
+
+def cpu_bf16_is_native() -> bool:
+    """Whether this CPU runs bf16 matmuls natively (oneDNN's bf16 path: AVX512 or AMX). Without it (AVX2-only
+    CPUs) torch's bf16 matmul falls back to a scalar kernel, measured 40x slower than fp32 (docs/benchmarks.md)."""
+    try:
+        return bool(torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False

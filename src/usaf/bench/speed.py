@@ -46,6 +46,7 @@ from ..engine.loss import token_mean_loss
 from ..engine.model import decoder_layers
 from ..engine.store import freeze_stack
 from ..memory.policy import use_checkpointing
+from ..units import cpu_bf16_is_native
 from .harness import (
     AnonSampler,
     baseline_env,
@@ -90,7 +91,7 @@ KEYS: dict[str, tuple[type, object, str]] = {
     "batch": (int, 4, "sequences per step"),
     "steps": (int, 6, "timed steps (the median is reported)"),
     "warmup": (int, 2, "untimed warmup steps before the timed ones"),
-    "dtype": (str, "bf16", "compute dtype: bf16 | fp32"),
+    "dtype": (str, "auto", "compute dtype: bf16 | fp32 | auto (bf16 where the CPU has native bf16, else fp32)"),
     "density": (float, 0.005, "usaf density"),
     "quant": (str, "4bit", "usaf base storage: 4bit | 8bit | none"),
     "calib": (int, 2, "usaf selection batches"),
@@ -132,6 +133,8 @@ def parse_extra(extra: list[str] | None, quick: bool = False) -> dict:
     if quick:
         cfg.update(QUICK)
     cfg.update(given)
+    if cfg["dtype"] == "auto":
+        cfg["dtype"] = "bf16" if cpu_bf16_is_native() else "fp32"
     if cfg["dtype"] not in ("bf16", "fp32"):
         raise ValueError(f"dtype must be bf16 or fp32, got {cfg['dtype']!r}")
     if int(cfg["jobs"]) < 0:

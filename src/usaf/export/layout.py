@@ -109,7 +109,9 @@ def load_run(run, base: str | None = None, train_dtype: str | None = None) -> Ru
     if not base:
         raise ExportError(f"{run}: which base model? give --base (no config.yaml naming the model)")
     tensors, meta = read_delta(delta)
-    spec = train_dtype or cfg.get("dtype") or "auto"
+    # the dtype the run trained in, as it recorded it (``auto`` resolves by the machine, which may differ)
+    recorded = json.loads(meta.get("eval_settings") or "{}").get("dtype")
+    spec = train_dtype or recorded or cfg.get("dtype") or "auto"
     try:
         dtype = NAMED_DTYPES.get(spec) or resolve_dtype(spec, resolve_device(cfg.get("device") or "auto"))
     except ValueError:

@@ -11,7 +11,7 @@ from transformers import AutoConfig, AutoTokenizer
 from ..engine.families import UnsupportedModelError, auto_model_class, family_for, supported
 from ..integrity import verify_export
 from ..io import check_safetensors
-from ..units import DTYPES
+from ..units import DTYPES, cpu_bf16_is_native
 from .gguf.model import gguf_config, gguf_tokenizer, is_gguf, load_gguf, open_gguf
 from .gguf.reader import GGUFError
 
@@ -36,7 +36,8 @@ def resolve_device(spec: str = "auto") -> torch.device:
 
 
 def resolve_dtype(spec: str, device: torch.device) -> torch.dtype:
-    """``auto``: bf16 on CPU (its matmuls are fastest there) and on GPUs that have it, else fp32."""
+    """``auto``: bf16 on GPUs that have it and on CPUs with native bf16 matmuls (where they are fastest);
+    fp32 elsewhere."""
     if spec in DTYPES:
         return DTYPES[spec]
     if spec not in ("", "auto"):
@@ -45,7 +46,7 @@ def resolve_dtype(spec: str, device: torch.device) -> torch.dtype:
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float32
     if device.type == "mps":
         return torch.float32
-    return torch.bfloat16
+    return torch.bfloat16 if cpu_bf16_is_native() else torch.float32
 
 
 def _check_model_dir(model: str) -> None:
