@@ -94,7 +94,7 @@ class TrainConfig:
                                   "output on disk ($USAF_CACHE/prefix); they then need no memory")
     seed: int = _f(0, "random seed")
     device: str = _f("auto", "auto | cpu | cuda | cuda:N | mps")
-    dtype: str = _f("auto", "compute dtype: auto (bf16 where fast) | bf16 | fp16 | fp32")
+    dtype: str = _f("auto", "compute dtype: auto (bf16 where native: GPUs with bf16, CPUs with oneDNN bf16; else fp32) | bf16 | fp16 | fp32")
     resume: str = _f("", "resume the run in this output directory")
     overwrite: bool = _f(False, "replace an existing run in --out")
     quiet: bool = _f(False, "no progress bar")
