@@ -41,7 +41,7 @@ from .train.generate import generate
 from .train.recipe import train
 from .train.report import write_report
 from .train.trained import evaluate_data, load_trained
-from .units import cpu_bf16_is_native
+from .units import auto_dtype_name
 
 USER_ERRORS: tuple[type[BaseException], ...] = (ValueError, FileNotFoundError, NotADirectoryError,
                                                  PermissionError, KeyError)
@@ -223,8 +223,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
         shared_density=args.shared_density,
         train_layers=args.train_layers,
         quant=args.quant,
-        dtype=args.dtype if args.dtype != "auto" else
-        ("bf16" if args.device != "cpu" or cpu_bf16_is_native() else "fp32"),
+        dtype=args.dtype if args.dtype != "auto" else auto_dtype_name(on_cpu=args.device == "cpu"),
         device_memory=args.device_memory,
         host_memory=args.host_memory,
         device=args.device,

@@ -81,3 +81,8 @@ def cpu_bf16_is_native() -> bool:
         return bool(torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported())
     except (AttributeError, RuntimeError):
         return False
+
+
+def auto_dtype_name(on_cpu: bool) -> str:
+    """What ``--dtype auto`` means by name: bf16 on an accelerator and on CPUs with native bf16, else fp32."""
+    return "bf16" if not on_cpu or cpu_bf16_is_native() else "fp32"

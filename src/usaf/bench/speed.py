@@ -46,7 +46,7 @@ from ..engine.loss import token_mean_loss
 from ..engine.model import decoder_layers
 from ..engine.store import freeze_stack
 from ..memory.policy import use_checkpointing
-from ..units import cpu_bf16_is_native
+from ..units import auto_dtype_name
 from .harness import (
     AnonSampler,
     baseline_env,
@@ -134,7 +134,7 @@ def parse_extra(extra: list[str] | None, quick: bool = False) -> dict:
         cfg.update(QUICK)
     cfg.update(given)
     if cfg["dtype"] == "auto":
-        cfg["dtype"] = "bf16" if cpu_bf16_is_native() else "fp32"
+        cfg["dtype"] = auto_dtype_name(on_cpu=True)
     if cfg["dtype"] not in ("bf16", "fp32"):
         raise ValueError(f"dtype must be bf16 or fp32, got {cfg['dtype']!r}")
     if int(cfg["jobs"]) < 0:
