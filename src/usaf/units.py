@@ -76,7 +76,7 @@ def parse_bytes(text: str | int | None, flag: str = "memory") -> int | None:
 
 def cpu_bf16_is_native() -> bool:
     """Whether this CPU runs bf16 matmuls natively (oneDNN's bf16 path: AVX512 or AMX). Without it (AVX2-only
-    CPUs) torch's bf16 matmul falls back to a scalar kernel, measured 40x slower than fp32 (docs/benchmarks.md)."""
+    CPUs) torch's bf16 matmul takes a slow fallback, measured 40x slower than fp32 (docs/benchmarks.md)."""
     try:
         return bool(torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported())
     except (AttributeError, RuntimeError):
