@@ -18,7 +18,7 @@
 # CPU_RUN (1; 0 skips step 3), CPU_THREADS (all cores).
 #
 # Exit code: 0 when every step ran (a plan miss is reported, not failed); 1 when a step failed; 2 when
-# there is no CUDA device. Written without a GPU: see docs/memory.md ("untested on GPU").
+# there is no CUDA device. Run on an H200: see docs/memory.md ("GPU check").
 set -uo pipefail
 
 cd "$(dirname "${BASH_SOURCE[0]}")/.." || exit 1

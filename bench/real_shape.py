@@ -261,6 +261,7 @@ def main() -> None:
     if device.type == "cuda":
         if not torch.cuda.is_available():
             sys.exit("real_shape.py --device cuda: no CUDA device is available (torch.cuda.is_available() is False)")
+        device = torch.device("cuda", torch.cuda.current_device())  # the allocator's calls need the index
         if a.device_memory:
             sys.exit("--device-memory simulates a device on the CPU; with --device cuda use --device-cap")
         if a.device_cap:

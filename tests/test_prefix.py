@@ -9,6 +9,7 @@ import usaf
 from usaf.cli import main
 from usaf.engine import forward
 from usaf.engine.forward import prefix_hidden, suffix_logits, suffix_matches
+from usaf.memory.prefix import release_prefix
 from usaf.testing import FAMILIES, make_tiny_model, save_tiny_checkpoint
 
 IDS = torch.randint(6, 320, (2, 16), generator=torch.Generator().manual_seed(1))
@@ -28,6 +29,14 @@ def test_prefix_hidden_and_suffix_forward_are_exact(family):
         logits = suffix_logits(model, start, hidden, MASK)
     assert torch.equal(logits[MASK.bool()], full.logits[MASK.bool()])
     assert suffix_matches(model, start, IDS, MASK)
+    # the prefix layers and (unless the head shares them) the input embeddings released: the same suffix
+    embed, head = model.get_input_embeddings(), model.get_output_embeddings()
+    tied = head.weight is embed.weight
+    weights = embed.weight.numel() * embed.weight.element_size()
+    assert release_prefix(handle, start) >= (0 if tied else weights)
+    assert (embed.weight.device.type == "meta") == (not tied)
+    with torch.no_grad():
+        assert torch.equal(suffix_logits(model, start, hidden, MASK), logits)
 
 
 def test_suffix_forward_forgets_the_rope_deltas_of_another_batch(monkeypatch):
@@ -110,3 +119,16 @@ def test_no_prefix_cache_for_a_short_run_on_a_large_dataset(tmp_path, monkeypatc
     assert main(common + ["--steps", "60", "--out", str(tmp_path / "whole"), "--reselect-every", "0"]) == 0
     # about one epoch: built
     assert built and len(list((tmp_path / "prefix").glob("*.bin"))) == 1
+
+
+def test_tied_input_embeddings_stay_with_the_head():
+    model = make_tiny_model("qwen3_moe", tie_word_embeddings=True)
+    assert model.get_output_embeddings().weight is model.get_input_embeddings().weight
+    handle = usaf.prepare(model, usaf.UsafConfig(quant="none", train_layers="top:1"))
+    start = handle.trainable_layers[0].index
+    with torch.no_grad():
+        hidden = prefix_hidden(model, start, IDS, MASK)
+        logits = suffix_logits(model, start, hidden, MASK)
+        release_prefix(handle, start)
+        assert model.get_input_embeddings().weight.device.type == "cpu"
+        assert torch.equal(suffix_logits(model, start, hidden, MASK), logits)

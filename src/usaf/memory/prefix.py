@@ -109,9 +109,15 @@ def first_trainable_layer(handle: UsafModel) -> int:
 
 @torch.no_grad()
 def release_prefix(handle: UsafModel, start: int) -> int:
-    """Drop the weights of the frozen layers below ``start`` (they are not run any more). Returns bytes freed."""
+    """Drop the weights of the frozen layers below ``start`` (they are not run any more), and the input
+    embeddings unless the LM head shares them: the forward from the cache enters at layer ``start`` with
+    the cached states as ``inputs_embeds``. On a GPU they are the vocabulary x hidden matrix the device would
+    otherwise keep (594 MB at Qwen3-30B-A3B's widths in bf16). Returns bytes freed."""
+    if start <= 0:
+        return 0
     freed = 0
-    layers = decoder_layers(handle.model)
+    model = handle.model
+    layers = decoder_layers(model)
     for m in handle.layers:
         if m.index < start:
             for s in m.experts.release():
@@ -120,6 +126,10 @@ def release_prefix(handle: UsafModel, start: int) -> int:
     for layer in list(layers)[:start]:
         freed += sum(p.numel() * p.element_size() for p in layer.parameters())
         layer.to("meta")
+    embed, head = model.get_input_embeddings(), model.get_output_embeddings()
+    if embed is not None and not (head is not None and getattr(head, "weight", None) is embed.weight):
+        freed += sum(p.numel() * p.element_size() for p in embed.parameters() if p.device.type != "meta")
+        embed.to("meta")
     return freed
 
 
