@@ -192,7 +192,8 @@ def test_method_trains_only_its_scope(setup, method):
 
         state = effective(model.usaf)
         # the reference: the same model prepared alike (a 4-bit base is quantized in every layer), no training
-        fresh = AutoModelForCausalLM.from_pretrained(cfg["model_dir"], dtype=torch.bfloat16)
+        fresh = AutoModelForCausalLM.from_pretrained(
+            cfg["model_dir"], dtype=torch.float32 if info["dtype"] == "fp32" else torch.bfloat16)
         ref = effective(usaf.prepare(fresh, model.usaf.config))
     elif m.name == "lora":
         state = {k.replace("base_model.model.", "").replace(".base_layer", ""): v
@@ -347,3 +348,17 @@ def test_bad_settings():
         parse_settings(["task=code"])
     with pytest.raises(ValueError, match="not key=value"):
         parse_settings(["steps"])
+
+
+def test_bench_dtype_follows_the_cpu_and_a_method_may_override_it(monkeypatch):
+    from usaf import units
+
+    for native, want in ((True, "bf16"), (False, "fp32")):
+        monkeypatch.setattr(units, "cpu_bf16_is_native", lambda native=native: native)
+        cfg = parse_settings([])
+        assert cfg["dtype"] == want
+        assert all(parse_method(m, cfg).opts["dtype"] == want for m in ("usaf", "router", "lora/r=2"))
+        assert parse_method("lora/r=2/dtype=bf16", cfg).opts["dtype"] == "bf16"
+    assert parse_settings(["dtype=bf16"])["dtype"] == "bf16"
+    with pytest.raises(ValueError, match="dtype"):
+        parse_settings(["dtype=fp16"])

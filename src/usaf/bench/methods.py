@@ -44,9 +44,9 @@ OPTIONS: dict[str, dict[str, object]] = {
              "rigl_batches": 1,
              "router": 1, "quant": "none", "score": UsafConfig().score, "alloc": "global", "warmup": None, "attn": None,
              "attn_lr": None, "attn_units": "column", "shared": None, "shared_lr": None, "shared_units": "column",
-             "ckpt": "auto", "dtype": "bf16", "beta1": 0.9, "beta2": 0.999},
-    "router": {"lr": None, "warmup": None},
-    "lora": {"r": 8, "alpha": 0, "lr": None, "attn": 1, "shared": 0, "warmup": None, "dtype": "bf16"},
+             "ckpt": "auto", "dtype": None, "beta1": 0.9, "beta2": 0.999},
+    "router": {"lr": None, "warmup": None, "dtype": None},
+    "lora": {"r": 8, "alpha": 0, "lr": None, "attn": 1, "shared": 0, "warmup": None, "dtype": None},
     "full": {"lr": None, "warmup": None},
     "esft": {"lr": None, "top_p": 0.2, "warmup": None},
 }
@@ -55,7 +55,8 @@ SETTING_DEFAULTS = {("usaf", "density"): "density", ("usaf", "lr"): "lr_usaf", (
                     ("usaf", "attn"): "attention_density", ("usaf", "attn_lr"): "lr_attention",
                     ("usaf", "shared"): "shared_density", ("usaf", "shared_lr"): "lr_shared",
                     ("router", "lr"): "lr_router", ("lora", "lr"): "lr_lora", ("full", "lr"): "lr_full",
-                    ("esft", "lr"): "lr_esft"}
+                    ("esft", "lr"): "lr_esft", ("usaf", "dtype"): "dtype", ("router", "dtype"): "dtype",
+                    ("lora", "dtype"): "dtype"}
 ALIASES = {"usaf-norigl": "usaf/rigl=0", "lora-r8": "lora/r=8", "lora-r16": "lora/r=16",
            "lora-r16-experts": "lora/r=16/attn=0"}
 DEFAULT_METHODS = ("usaf", "usaf-norigl", "router", "lora-r8", "lora-r16", "full", "esft")
@@ -256,7 +257,7 @@ def _schedule(opt_groups, lr_fn):
 
 def setup_method(m: Method, cfg: dict, model_dir: str, data: dict) -> Setup:
     """Load the model for ``m``, make exactly its scope trainable (asserted) and return its training step."""
-    fp32 = m.name in ("full", "esft") or m.opts.get("dtype") == "fp32"  # dtype=fp32: the base in fp32 (a control)
+    fp32 = m.name in ("full", "esft") or m.opts.get("dtype") == "fp32"  # the bench's dtype setting, or per method
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32 if fp32 else torch.bfloat16)
     model.config.use_cache = False
     loaded = resident_rss_mb(model)  # the loaded model, before anything of the method

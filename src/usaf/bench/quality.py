@@ -51,6 +51,7 @@ from ..data.load import load_examples
 from ..load.hf import load_tokenizer
 from ..train.evaluate import evaluate
 from ..train.generate import generate
+from ..units import auto_dtype_name
 from .beds import BEDS, bed_model
 from .corpora import CorpusError, write_task_files
 from .harness import (
@@ -93,6 +94,8 @@ KEYS: dict[str, tuple[type, object, str]] = {
     "gen_tokens": (int, 48, "new tokens per generation"),
     "methods": (str, "", "comma-separated method specs, `|` for alternatives (default: "
                          + ",".join(DEFAULT_METHODS) + "; --quick: usaf,router,lora/r=2,esft)"),
+    "dtype": (str, "auto", "compute dtype of the base for base, usaf, router and LoRA (full and ESFT train in "
+                           "fp32): auto (bf16 where the CPU has native bf16, else fp32) | bf16 | fp32"),
     "seed": (int, 0, "seed of data order and initialisation"),
     "threads": (int, 0, "torch threads per worker (0 = torch default)"),
     "timeout": (int, 7200, "seconds allowed per worker"),
@@ -118,6 +121,10 @@ def parse_settings(extra: list[str] | None, quick: bool = False) -> dict:
             cfg[key] = typ(value)
         except ValueError:
             raise ValueError(f"bench setting {word!r}: {value!r} is not a {typ.__name__}") from None
+    if cfg["dtype"] == "auto":  # the bench runs on the CPU; without native bf16 a bf16 base runs 10-40x slower
+        cfg["dtype"] = auto_dtype_name(on_cpu=True)
+    if cfg["dtype"] not in ("bf16", "fp32"):
+        raise ValueError(f"dtype must be auto, bf16 or fp32, got {cfg['dtype']!r}")
     if cfg["task"] not in ("docs", "chat", "both"):
         raise ValueError(f"task must be docs, chat or both, got {cfg['task']!r}")
     for k in ("seq", "batch", "steps", "eval_seqs", "calib"):
@@ -201,6 +208,9 @@ def _generations(model, tok, data: dict, cfg: dict) -> list[str]:
     return [generate(model, tok, q, max_new_tokens=cfg["gen_tokens"]) for q, _ in data.get("prompts", [])]
 
 
+_DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
+
+
 def run_worker(method: str, task: str, cfg: dict) -> dict:
     """One method (or ``base``: evaluation only) on one task, in this process."""
     if cfg.get("threads"):
@@ -211,7 +221,8 @@ def run_worker(method: str, task: str, cfg: dict) -> dict:
     data = load_task(cfg, task, tok, task_files(task, Path(cfg["data_dir"])))
     rec: dict = {"method": method, "task": task, "bed": cfg.get("bed_name"), "train_tokens": data["train_tokens"]}
     if method == "base":
-        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16)
+        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=_DTYPES[cfg.get("dtype", "bf16")])
+        rec["dtype"] = cfg.get("dtype", "bf16")
         rec["loaded_rss_mb"] = round(rss_mb(), 1)
         t0 = time.perf_counter()
         rec.update(_evaluate(model, data))
