@@ -191,6 +191,15 @@ def check_safetensors(path) -> None:
         raise ValueError(f"{path} is truncated: {size} bytes, its header needs {8 + n + end}")
 
 
+def recorded_eval_settings(metadata: dict[str, str]) -> dict:
+    """How a run evaluated, as it recorded it in its delta file's metadata (``eval_settings``: seq-len, batch
+    size, dtype, seed, held-out or eval file); ``{}`` when absent or unreadable."""
+    try:
+        return dict(json.loads(metadata.get("eval_settings") or "{}"))
+    except (ValueError, TypeError):
+        return {}
+
+
 def cache_dir(name: str, override: str) -> Path:
     """``$override`` if set, else ``$USAF_CACHE/name`` (default ``~/.cache/usaf/name``): where usaf keeps a
     kind of cache (quantized stacks, token stores, prefix states, GGUF tokenizers)."""

@@ -31,7 +31,7 @@ from safetensors import safe_open
 
 from ..engine.families import transposed_of
 from ..integrity import EXPORT_RECORD, file_checksums, verify_export
-from ..io import atomic_save_safetensors, atomic_write_json, read_safetensors
+from ..io import atomic_save_safetensors, atomic_write_json, read_safetensors, recorded_eval_settings
 from ..load.hf import load_config, resolve_device, resolve_dtype
 from ..load.stream import meta_model, source_keys
 
@@ -110,7 +110,7 @@ def load_run(run, base: str | None = None, train_dtype: str | None = None) -> Ru
         raise ExportError(f"{run}: which base model? give --base (no config.yaml naming the model)")
     tensors, meta = read_delta(delta)
     # the dtype the run trained in, as it recorded it (``auto`` resolves by the machine, which may differ)
-    recorded = json.loads(meta.get("eval_settings") or "{}").get("dtype")
+    recorded = recorded_eval_settings(meta).get("dtype")
     spec = train_dtype or recorded or cfg.get("dtype") or "auto"
     try:
         dtype = NAMED_DTYPES.get(spec) or resolve_dtype(spec, resolve_device(cfg.get("device") or "auto"))

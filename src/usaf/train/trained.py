@@ -5,7 +5,6 @@ the run evaluated (``eval_settings``: seq-len, batch size, dtype, seed, held-out
 
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
 
@@ -13,6 +12,7 @@ from safetensors import safe_open
 
 from ..config import UsafConfig
 from ..data.store import load_stored
+from ..io import recorded_eval_settings
 from ..load.hf import load_model, load_tokenizer, resolve_device, resolve_dtype
 from ..load.stream import load_prepared
 from .evaluate import evaluate_examples
@@ -48,12 +48,7 @@ def delta_config(delta: str) -> UsafConfig:
 
 def eval_settings(delta: str | None) -> dict:
     """How the run that wrote ``delta`` evaluated (``{}`` for a delta without them, or no delta)."""
-    if not delta:
-        return {}
-    try:
-        return dict(json.loads(delta_metadata(delta).get("eval_settings") or "{}"))
-    except (ValueError, TypeError):
-        return {}
+    return recorded_eval_settings(delta_metadata(delta)) if delta else {}
 
 
 def load_trained(model: str, delta: str | None, device: str = "auto", dtype: str | None = "auto",
