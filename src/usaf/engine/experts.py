@@ -37,6 +37,9 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
+from torch.nn import functional as F
+from transformers.activations import SiLUActivation
+from transformers.integrations.moe import _default_apply_gate
 
 from .delta import SparseDelta
 from .routing import Routing
@@ -202,6 +205,11 @@ class UsafExperts(nn.Module):
             self._gate = lambda h, _s=stock: apply_gate(_s, h)
         else:
             self._gate = _default_gate(_get(stock, layout.act))
+        # silu(gate) * up on concatenated halves (most families): the backward computes the gate's derivative
+        # itself, the same ops autograd would run, without an autograd call per block of rows
+        act = getattr(stock, layout.act, None) if "." not in layout.act else None
+        self.swiglu = (layout.gated and layout.concatenated and apply_gate in (None, _default_apply_gate)
+                       and isinstance(act, (nn.SiLU, SiLUActivation)))
         # Keep the stock module (minus its big tensors) for its gate constants (e.g. gpt_oss alpha/limit).
         for path in [st.path for st in layout.stacks] + bias_paths:
             owner, _, leaf = path.rpartition(".")
@@ -357,12 +365,14 @@ class UsafExperts(nn.Module):
 
 
 def _sparse_grad(left: torch.Tensor, right: torch.Tensor, idx: torch.Tensor,
-                 gather_cost: float | None = None, workspace: Workspace | None = None) -> torch.Tensor:
+                 gather_cost: float | None = None, workspace: Workspace | None = None,
+                 out: torch.Tensor | None = None) -> torch.Tensor:
     """Gather of ``(left^T @ right).view(-1)[idx]`` without forming it when that is cheaper.
 
     Args:
         left: (T, R); right: (T, C); idx: (n,) flat indices into (R, C). Returns (n,) fp32.
         workspace: where the GEMM path writes the dense (R, C) product (reused: no new allocation per call).
+        out: an (n,) fp32 tensor to write the result into (and return).
 
     The gather path transposes both factors to fp32 rows of T values and takes, for each index, the dot
     product of row ``r`` of ``left^T`` and row ``c`` of ``right^T``: contiguous reads of T values each, summed in
@@ -373,8 +383,10 @@ def _sparse_grad(left: torch.Tensor, right: torch.Tensor, idx: torch.Tensor,
     if idx.numel() * (GATHER_COST if gather_cost is None else gather_cost) >= rows * cols:
         full = workspace.get("dW", (rows, cols), left.dtype, left.device) if workspace is not None else None
         full = torch.mm(left.t(), right, out=full) if full is not None else left.t() @ right
-        return full.view(-1).index_select(0, idx).float()
-    out = torch.empty(idx.numel(), dtype=torch.float32, device=left.device)
+        picked = full.view(-1).index_select(0, idx).float()
+        return out.copy_(picked) if out is not None else picked
+    if out is None:
+        out = torch.empty(idx.numel(), dtype=torch.float32, device=left.device)
     ws = workspace or Workspace()
     dev, f32 = left.device, torch.float32
     lt = ws.get("gather_l", (rows, n_tok), f32, dev).copy_(left.t())  # (R, T): row r is column r of left
@@ -464,6 +476,8 @@ class ExpertsFunction(torch.autograd.Function):
         hook = mod.mode.score_hook
         inputs, down = mod.names[:-1], mod.names[-1]
         spans = [(sum(mod.widths[:i]), sum(mod.widths[: i + 1])) for i in range(len(inputs))]
+        swiglu = mod.swiglu
+        half = sum(mod.widths[: len(inputs)]) // 2
         for start, stop in mod.runs(route.counts):
             w_gu, w_dn = _run_weights(mod, start, stop, x)
             for e, a, b, c in route.segments(start, stop):
@@ -481,7 +495,9 @@ class ExpertsFunction(torch.autograd.Function):
                 f_x = x.new_empty(seg, x.shape[1])
                 for r0, n, real in route.blocks(a, b, c):
                     tok = route.tok[r0 : r0 + n]
-                    xe, we = x.index_select(0, tok), wp[r0 : r0 + n]
+                    o = r0 - a
+                    # the expert's input rows go straight into their factor (unless llama4 scales them first)
+                    xe, we = torch.index_select(x, 0, tok, out=None if on_input else f_x[o : o + n]), wp[r0 : r0 + n]
                     if on_input:
                         xe_raw, xe = xe, xe * we
                     if h_all is not None:
@@ -491,10 +507,16 @@ class ExpertsFunction(torch.autograd.Function):
                         if mod.gate_up_bias is not None:
                             he = he + mod.gate_up_bias[e]
                     g = dout.index_select(0, tok)
-                    g[real:] = 0  # padding rows carry no gradient
-                    with torch.enable_grad():
-                        hh = he.detach().requires_grad_(True)
-                        act = mod._gate(hh)  # (n, I)
+                    if real < n:
+                        g[real:] = 0  # padding rows carry no gradient
+                    if swiglu:  # act = silu(gate) * up, written in place into the expert's act factor
+                        gate, up = he[:, :half], he[:, half:]
+                        sg = F.silu(gate)
+                        act = torch.mul(sg, up, out=f_act[o : o + n])
+                    else:
+                        with torch.enable_grad():
+                            hh = he.detach().requires_grad_(True)
+                            act = mod._gate(hh)  # (n, I)
                     if mod.post_expert_norm is not None:  # y = norm(act @ Wd (+ bias)): its backward by autograd
                         y_pre = act.detach() @ wd_f
                         if mod.down_bias is not None:
@@ -517,9 +539,14 @@ class ExpertsFunction(torch.autograd.Function):
                         if mod.down_bias is not None:
                             dw += g.float() @ mod.down_bias[e].float()
                         dwp[r0 : r0 + real] = dw[:real]
-                        dye = g * we.to(g.dtype)
+                        dye = torch.mul(g, we.to(g.dtype), out=f_dy[o : o + n])
                         dact = dact * we.to(dact.dtype)
-                    (dh,) = torch.autograd.grad(act, hh, dact)
+                    if swiglu:  # d gate = silu'(gate) * (dact * up), d up = dact * silu(gate), into f_dh's rows
+                        dh = f_dh[o : o + n]
+                        torch.mul(dact, sg, out=dh[:, half:])
+                        torch.ops.aten.silu_backward(dact * up, gate, grad_input=dh[:, :half])
+                    else:
+                        (dh,) = torch.autograd.grad(act, hh, dact)
                     if dx_all is not None or on_input:  # else no input gradient is wanted (the lowest trained
                         dxe = dh @ wg_b                 # layer, a scoring replay): one matmul less
                         if on_input:  # xe = w * x: dw = dxe . x, dx = w * dxe
@@ -527,9 +554,12 @@ class ExpertsFunction(torch.autograd.Function):
                             dxe = dxe * we.to(dxe.dtype)
                         if dx_all is not None:
                             dx_all.index_add_(0, tok[:real], dxe[:real].to(dx_all.dtype))
-                    o = r0 - a
-                    f_act[o : o + n], f_dy[o : o + n] = act.detach(), dye
-                    f_dh[o : o + n], f_x[o : o + n] = dh, xe
+                    if not swiglu:
+                        f_act[o : o + n], f_dh[o : o + n] = act.detach(), dh
+                    if on_input or mod.post_expert_norm is not None:  # else written in place above
+                        f_dy[o : o + n] = dye
+                    if on_input:
+                        f_x[o : o + n] = xe
                 # dW = left^T @ right in the native layout of each stack; an input stack's part of the
                 # pre-activation gradient is its slice of f_dh.
                 pairs = {down: (f_act, f_dy) if mod.down_transposed else (f_dy, f_act)}
@@ -543,8 +573,8 @@ class ExpertsFunction(torch.autograd.Function):
                         delta = mod.deltas[name]
                         i0, i1 = delta.span(e, e + 1)
                         if i0 != i1:
-                            grads[name][i0:i1] = _sparse_grad(left, right, delta.local(e, e + 1),
-                                                              workspace=mod.workspace)
+                            _sparse_grad(left, right, delta.local(e, e + 1), workspace=mod.workspace,
+                                         out=grads[name][i0:i1])
         null = _identity_weights(mod, route, ctx.weights)
         if null is not None and dx_all is not None:  # out = w * x on the null routes: dx = w * dout
             dx_all.add_((dout * null).to(dx_all.dtype))

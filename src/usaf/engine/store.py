@@ -52,27 +52,55 @@ class Workspace:
     asked for); :meth:`clear` drops them all.
     """
 
+    MAX_VIEWS = 1024  # views kept for reuse (all dropped when more shapes than this were asked for)
+
     def __init__(self) -> None:
         self._bufs: dict[str, torch.Tensor] = {}
+        # Host time matters as much as memory here: the per-expert loop asks for buffers thousands of times a
+        # step, and on a GPU every tensor op is launch overhead. A shape asked for before gets the same view
+        # back with no op at all; a new one costs one op (``as_strided`` of the slot's buffer, viewed once per
+        # dtype), not three.
+        self._views: dict[tuple, torch.Tensor] = {}  # (slot, device, shape, dtype) -> view
+        self._typed: dict[tuple, torch.Tensor] = {}  # (slot, device, dtype) -> the whole buffer in that dtype
 
     def get(self, slot: str, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
         """A contiguous ``shape`` tensor of ``dtype`` on ``device`` (uninitialized) in the slot's buffer."""
+        dev = str(device)
+        shape = tuple(int(s) for s in shape)
+        vkey = (slot, dev, shape, dtype)
+        view = self._views.get(vkey)
+        if view is not None:
+            return view
         n = 1
         for s in shape:
-            n *= int(s)
-        nbytes = n * torch.empty((), dtype=dtype).element_size()
-        key = f"{slot}@{device}"
+            n *= s
+        nbytes = n * dtype.itemsize
+        key = f"{slot}@{dev}"
         buf = self._bufs.get(key)
         if buf is None or buf.numel() < nbytes:
             self._bufs.pop(key, None)  # free the old one before the larger one exists
-            buf = self._bufs[key] = torch.empty(nbytes, dtype=torch.uint8, device=device)
-        return buf[:nbytes].view(dtype).view(shape)
+            self._views = {k: v for k, v in self._views.items() if k[:2] != (slot, dev)}
+            self._typed = {k: v for k, v in self._typed.items() if k[:2] != (slot, dev)}
+            buf = self._bufs[key] = torch.empty(-(-nbytes // 16) * 16, dtype=torch.uint8, device=device)
+        typed = self._typed.get((slot, dev, dtype))
+        if typed is None:
+            typed = self._typed[(slot, dev, dtype)] = buf.view(dtype)
+        strides, step = [], 1
+        for s in reversed(shape):
+            strides.append(step)
+            step *= max(s, 1)
+        if len(self._views) >= self.MAX_VIEWS:
+            self._views.clear()
+        view = self._views[vkey] = typed.as_strided(shape, tuple(reversed(strides)))
+        return view
 
     def nbytes(self) -> int:
         return sum(b.numel() for b in self._bufs.values())
 
     def clear(self) -> None:
         self._bufs.clear()
+        self._views.clear()
+        self._typed.clear()
 
 
 def freeze_stack(tensor: torch.Tensor, quant: str, group_size: int = 64):
