@@ -126,8 +126,12 @@ def release_prefix(handle: UsafModel, start: int) -> int:
     for layer in list(layers)[:start]:
         freed += sum(p.numel() * p.element_size() for p in layer.parameters())
         layer.to("meta")
-    embed, head = model.get_input_embeddings(), model.get_output_embeddings()
-    if embed is not None and not (head is not None and getattr(head, "weight", None) is embed.weight):
+    try:
+        embed, head = model.get_input_embeddings(), model.get_output_embeddings()
+    except (NotImplementedError, AttributeError):  # a model that does not say which they are: kept
+        embed = head = None
+    shared = getattr(head, "weight", None)
+    if embed is not None and not (shared is not None and shared is getattr(embed, "weight", None)):
         freed += sum(p.numel() * p.element_size() for p in embed.parameters() if p.device.type != "meta")
         embed.to("meta")
     return freed
