@@ -10,6 +10,9 @@ checkpoint is ever created). Then runs the real path: streamed load (disk tier: 
 frozen-prefix cache for the layers below the trainable range, selection, training steps. Prints JSON with
 tokens/s, peak RSS per phase and the planner's prediction.
 
+``--dtype auto`` (the default) computes in bf16 on a GPU and on CPUs with native bf16, in fp32 elsewhere, as
+``usaf train --dtype auto`` does (on a CPU with AVX2 only, bf16 runs 10-40x slower); ``--dtype bf16`` forces it.
+
 ``--device cuda`` runs the same job on the GPU (the experts' tier chosen as ``usaf train`` chooses it, from the
 device's memory) and adds the device's peaks (``torch.cuda.max_memory_allocated`` and ``..._reserved``) of the
 selection pass and of the training steps, next to ``usaf plan``'s device prediction. ``--device-cap 8GB``
@@ -245,6 +248,8 @@ def main() -> None:
                     help="cuda only: cap the caching allocator at this size (e.g. 8GB) with "
                          "torch.cuda.set_per_process_memory_fraction; the plan is asked for the same budget")
     ap.add_argument("--threads", type=int, default=2, help="torch CPU threads (default 2)")
+    ap.add_argument("--dtype", default="auto", choices=("auto", "bf16", "fp32"),
+                    help="compute dtype (auto: bf16 on a GPU and on CPUs with native bf16, else fp32, as usaf train)")
     ap.add_argument("--profile", default="",
                     help="write torch.profiler's table of the second training step (ops by self CPU time) to this "
                          "file")
@@ -285,12 +290,16 @@ def main() -> None:
     from usaf.memory.prefix import PrefixCache, first_trainable_layer, release_prefix
 
     heap_runtime = heap_in_use()  # Python + torch + transformers imported: the plan's host "runtime" item
+    from usaf.units import auto_dtype_name
+
+    dtype_name = auto_dtype_name(on_cpu=device.type == "cpu") if a.dtype == "auto" else a.dtype
+    dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[dtype_name]
     d = Path(a.dir) / f"L{a.layers}"
     cfg = usaf.UsafConfig(quant="4bit", train_layers=f"top:{a.train_top}", density=0.005)
     t0 = time.perf_counter()
     if not (d / "config.json").exists():
         write_checkpoint(d, a.layers)
-    cpath = cache_path(d, ShardReader(d), cfg, torch.bfloat16, Path(a.dir) / "quant")
+    cpath = cache_path(d, ShardReader(d), cfg, dtype, Path(a.dir) / "quant")
     if not cpath.exists():
         write_quant_cache(cpath, a.layers)
     gen_s = time.perf_counter() - t0
@@ -304,7 +313,7 @@ def main() -> None:
         tier = choose_tier(expert_bytes(AutoConfig.from_pretrained(d), cfg), device, a.device_cap or None)
     else:
         tier = "disk"
-    handle = load_streamed(d, cfg, dtype=torch.bfloat16, device=device, tier=tier, cache_root=Path(a.dir) / "quant")
+    handle = load_streamed(d, cfg, dtype=dtype, device=device, tier=tier, cache_root=Path(a.dir) / "quant")
     model = handle.model
     model.to(device)
     load_s, rss_load = time.perf_counter() - t0, rss_mb()
@@ -410,7 +419,7 @@ def main() -> None:
         "steps_peak_rss_mb": round(peak_mb()) if steps_phase else None,
         "peak_rss_mb": round(max(peak_select, peak_mb())),
         "active": handle.active(), "cache_gb": round(cpath.stat().st_size / 1e9, 2),
-        "checkpointing": ckpt, "device": str(device), "threads": a.threads,
+        "checkpointing": ckpt, "device": str(device), "threads": a.threads, "dtype": dtype_name,
     }
     if cuda:
         from usaf.memory.plan import predict
@@ -418,7 +427,7 @@ def main() -> None:
 
         mb = lambda x: round(x / 2**20)  # noqa: E731
         p = predict(json.loads((d / "config.json").read_text()), seq_len=a.seq_len, batch_size=a.batch_size,
-                    density=0.005, train_layers=f"top:{a.train_top}", quant="4bit", dtype="bf16", calib_batches=a.calib_batches,
+                    density=0.005, train_layers=f"top:{a.train_top}", quant="4bit", dtype=dtype_name, calib_batches=a.calib_batches,
                     device_memory=a.device_cap or None, device="cuda")
         runtime = sum(q["bytes"] for q in p["train"]["breakdown"]
                       if q["tier"] == "device" and q["item"].startswith("runtime (CUDA"))
@@ -441,7 +450,7 @@ def main() -> None:
         from usaf.memory.plan import predict
 
         p = predict(json.loads((d / "config.json").read_text()), seq_len=a.seq_len, batch_size=a.batch_size,
-                    density=0.005, train_layers=f"top:{a.train_top}", quant="4bit", dtype="bf16", calib_batches=a.calib_batches,
+                    density=0.005, train_layers=f"top:{a.train_top}", quant="4bit", dtype=dtype_name, calib_batches=a.calib_batches,
                     device_memory=None, host_memory=None, device="cpu")
         out["plan_train_peak_host_mb"] = round(p.get("train_peak_host_bytes", 0) / 2**20)
         out["plan_select_peak_host_mb"] = round(p.get("select_peak_host_bytes", 0) / 2**20)
@@ -455,7 +464,7 @@ def main() -> None:
         from usaf.memory.plan import predict
 
         p = predict(json.loads((d / "config.json").read_text()), seq_len=a.seq_len, batch_size=a.batch_size,
-                    density=0.005, train_layers=f"top:{a.train_top}", quant="4bit", dtype="bf16", calib_batches=a.calib_batches,
+                    density=0.005, train_layers=f"top:{a.train_top}", quant="4bit", dtype=dtype_name, calib_batches=a.calib_batches,
                     device_memory=a.device_memory, device="cuda")
         parts = p["train"]["breakdown"]
         on_dev = lambda pred: sum(q["bytes"] for q in parts if q["tier"] == "device" and pred(q["item"]))  # noqa: E731
