@@ -182,3 +182,18 @@ def test_cuda_interrupt_then_resume_equals_the_uninterrupted_run(files, tmp_path
         else:
             torch.testing.assert_close(db[k], da[k], rtol=1e-4, atol=1e-6)
     print(f"resume on CUDA bitwise identical: {la == lb and all(torch.equal(da[k], db[k]) for k in da)}")
+
+
+def test_cuda_prefix_cache_trains_as_without_it(files, tmp_path, monkeypatch):
+    """--train-layers top:1 on the GPU: the frozen-prefix cache (its layers and the untied input embeddings
+    released from the device) gives the losses and eval of the same run without it."""
+    monkeypatch.setenv("USAF_PREFIX_CACHE", str(tmp_path / "prefix"))
+    common = ("--device", "cuda", "--dtype", "fp32", "--train-layers", "top:1", "--steps", "12")
+    assert _train(files, tmp_path / "off", *common, "--no-prefix-cache") == 0
+    assert _train(files, tmp_path / "on", *common) == 0
+    assert len(list((tmp_path / "prefix").glob("*.bin"))) == 1  # the cache was built and used
+    assert [r["loss"] for r in _log(tmp_path / "on")] == pytest.approx([r["loss"] for r in _log(tmp_path / "off")],
+                                                                      rel=1e-5)
+    mon = json.loads((tmp_path / "on" / "metrics.json").read_text())
+    moff = json.loads((tmp_path / "off" / "metrics.json").read_text())
+    assert mon["eval_ppl_after"] == pytest.approx(moff["eval_ppl_after"], rel=1e-5)
