@@ -301,3 +301,34 @@ def test_workspace_reuses_its_memory_and_grows():
     assert ws.get("y", (3,), torch.int32, cpu).data_ptr() != c.data_ptr()  # slots do not share
     ws.clear()
     assert ws.nbytes() == 0
+
+
+def test_workspace_hands_back_a_seen_shape_without_a_tensor_op():
+    """The hot path asks for buffers thousands of times a step; on a GPU each tensor op is host time. A shape
+    seen before costs no op (the same view), a new one one op; after the buffer grows, no view of the old one
+    is handed out."""
+    from collections import Counter
+
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from usaf.engine.store import Workspace
+
+    class Ops(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.n = Counter()
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.n[str(func.overloadpacket)] += 1
+            return func(*args, **(kwargs or {}))
+
+    ws, cpu = Workspace(), torch.device("cpu")
+    a = ws.get("x", (4, 8), torch.float32, cpu)
+    with Ops() as ops:
+        again = ws.get("x", (4, 8), torch.float32, "cpu")  # the device as a string: the same slot
+        other = ws.get("x", (2, 8), torch.float32, cpu)
+    assert again is a and sum(ops.n.values()) == 1 and other.data_ptr() == a.data_ptr()
+    a.fill_(1.0)
+    big = ws.get("x", (64, 8), torch.float32, cpu)  # grows: a new buffer
+    assert big.data_ptr() != a.data_ptr()
+    assert ws.get("x", (4, 8), torch.float32, cpu).data_ptr() == big.data_ptr()  # not the stale view
