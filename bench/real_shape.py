@@ -290,10 +290,10 @@ def main() -> None:
     from usaf.memory.prefix import PrefixCache, first_trainable_layer, release_prefix
 
     heap_runtime = heap_in_use()  # Python + torch + transformers imported: the plan's host "runtime" item
-    from usaf.units import auto_dtype_name
+    from usaf.units import DTYPES, auto_dtype_name
 
     dtype_name = auto_dtype_name(on_cpu=device.type == "cpu") if a.dtype == "auto" else a.dtype
-    dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[dtype_name]
+    dtype = DTYPES[dtype_name]
     d = Path(a.dir) / f"L{a.layers}"
     cfg = usaf.UsafConfig(quant="4bit", train_layers=f"top:{a.train_top}", density=0.005)
     t0 = time.perf_counter()

@@ -51,7 +51,7 @@ from ..data.load import load_examples
 from ..load.hf import load_tokenizer
 from ..train.evaluate import evaluate
 from ..train.generate import generate
-from ..units import auto_dtype_name
+from ..units import DTYPES, auto_dtype_name
 from .beds import BEDS, bed_model
 from .corpora import CorpusError, write_task_files
 from .harness import (
@@ -208,9 +208,6 @@ def _generations(model, tok, data: dict, cfg: dict) -> list[str]:
     return [generate(model, tok, q, max_new_tokens=cfg["gen_tokens"]) for q, _ in data.get("prompts", [])]
 
 
-_DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
-
-
 def run_worker(method: str, task: str, cfg: dict) -> dict:
     """One method (or ``base``: evaluation only) on one task, in this process."""
     if cfg.get("threads"):
@@ -221,7 +218,7 @@ def run_worker(method: str, task: str, cfg: dict) -> dict:
     data = load_task(cfg, task, tok, task_files(task, Path(cfg["data_dir"])))
     rec: dict = {"method": method, "task": task, "bed": cfg.get("bed_name"), "train_tokens": data["train_tokens"]}
     if method == "base":
-        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=_DTYPES[cfg.get("dtype", "bf16")])
+        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=DTYPES[cfg.get("dtype", "bf16")])
         rec["dtype"] = cfg.get("dtype", "bf16")
         rec["loaded_rss_mb"] = round(rss_mb(), 1)
         t0 = time.perf_counter()

@@ -34,11 +34,11 @@ from ..integrity import EXPORT_RECORD, file_checksums, verify_export
 from ..io import atomic_save_safetensors, atomic_write_json, read_safetensors, recorded_eval_settings
 from ..load.hf import load_config, resolve_device, resolve_dtype
 from ..load.stream import meta_model, source_keys
+from ..units import DTYPES as NAMED_DTYPES  # fp32 | bf16 | fp16 -> torch dtype (usaf export --train-dtype)
 
 log = logging.getLogger("usaf")
 
 DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}
-NAMED_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 PROVENANCE = EXPORT_RECORD
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf", ".ckpt")
 _PER_EXPERT_NAMES = (("gate_proj", "up_proj", "down_proj"), ("w1", "w3", "w2"))
