@@ -20,6 +20,9 @@ _scratch("USAF_QUANT_CACHE", "usaf-quant-cache-")
 _scratch("USAF_TOKENS_CACHE", "usaf-tokens-cache-")
 # And the tokenizers built from GGUF files (usaf.load.gguf.tokenizer).
 _scratch("USAF_TOKENIZER_CACHE", "usaf-tokenizer-cache-")
+# Built in the test process, not in a child interpreter per GGUF file (seconds each); the child path has its own
+# test (tests/test_gguf.py::test_gguf_tokenizer_and_config_built_once_in_a_child_then_cached).
+os.environ.setdefault("USAF_GGUF_META_CHILD", "0")
 
 
 @pytest.fixture(scope="session")

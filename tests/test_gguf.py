@@ -155,6 +155,7 @@ def test_gguf_tokenizer_and_config_built_once_in_a_child_then_cached(files, tmp_
 
     ckpt, path = files["qwen3_moe"]
     monkeypatch.setenv("USAF_TOKENIZER_CACHE", str(tmp_path / "tok"))
+    monkeypatch.setenv("USAF_GGUF_META_CHILD", "1")
     children = []
     real = subprocess.run
     monkeypatch.setattr(gt.subprocess, "run", lambda *a, **k: children.append(a) or real(*a, **k))

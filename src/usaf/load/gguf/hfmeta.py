@@ -9,7 +9,8 @@ config values, 65 MB for the tokenizer). A saved ``tokenizer.json`` loads for wh
 costs (about 45 MB), so the conversion runs in a child, and every load (in this run and the next) reads the
 cached directory. The key hashes the file's metadata bytes (vocabulary, merges, template, hyper-parameters)
 and the transformers version. Where the cache cannot be written, or the child cannot run, both are built in
-this process.
+this process. ``USAF_GGUF_META_CHILD=0`` builds the cache entry in this process instead of a child (no second
+interpreter to start: the test suite's setting; the process keeps the conversion's memory).
 
     python -m usaf.load.gguf.hfmeta FILE.gguf DIR     # what the child runs
 """
@@ -189,6 +190,9 @@ def cached(f: GGUFFile) -> Path | None:
         log.info("the cache %s cannot be written: the GGUF's tokenizer and config are built in this process",
                  out.parent)
         return None
+    if os.environ.get("USAF_GGUF_META_CHILD", "1") == "0":
+        _build_into(f.path, out)
+        return out
     env = dict(os.environ)  # the child imports this very package, wherever it was imported from
     root = str(Path(__file__).resolve().parents[3])
     env["PYTHONPATH"] = os.pathsep.join([root, *filter(None, [env.get("PYTHONPATH")])])
