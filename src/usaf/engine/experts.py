@@ -43,6 +43,7 @@ from transformers.integrations.moe import _default_apply_gate
 
 from .delta import SparseDelta
 from .routing import Routing
+from .spill import PreactSpill
 from .store import DenseStack, Workspace, freeze_stack
 
 # The stack names of the standard layout (transformers' fused experts with a gate); a module's own are
@@ -222,6 +223,8 @@ class UsafExperts(nn.Module):
         # where the hot path dequantizes a run's weights; ``usaf.engine.model.prepare`` gives every experts
         # module of a model the same one
         self.workspace = Workspace()
+        # where the lean backward finds the gate/up pre-activations its forward wrote (CPU; else recomputed)
+        self.preact_spill: PreactSpill | None = None
         self._mode = ExpertsMode()
         # Base values replaced by merge() ({} once fold() made the effective weights the frozen stacks): while
         # set, the forward adds no delta.
@@ -429,8 +432,11 @@ class ExpertsFunction(torch.autograd.Function):
         wp = weights.reshape(-1)[route.slot].unsqueeze(-1)  # (S_pad, 1)
         width = sum(mod.widths)
         out = torch.zeros_like(x)
-        save = not mod.mode.lean and not mod.mode.replay and any(ctx.needs_input_grad)
-        h_all = x.new_empty(route.bounds[-1], width) if save else None
+        save = not mod.mode.replay and any(ctx.needs_input_grad)
+        h_all = x.new_empty(route.bounds[-1], width) if save and not mod.mode.lean else None
+        spilled = None  # lean on the CPU: the pre-activations go to the spill file instead of being recomputed
+        if save and mod.mode.lean and mod.preact_spill is not None and x.device.type == "cpu":
+            spilled = mod.preact_spill.region(route.bounds[-1], width, x.dtype)
         for start, stop in ([] if mod.mode.replay else mod.runs(route.counts)):
             w_gu, w_dn = _run_weights(mod, start, stop, x, values)
             for e, a, b, c in route.segments(start, stop):
@@ -447,6 +453,8 @@ class ExpertsFunction(torch.autograd.Function):
                         h = h + mod.gate_up_bias[e]
                     if h_all is not None:
                         h_all[r0 : r0 + n] = h
+                    elif spilled is not None:
+                        spilled.write(r0, h)
                     y = mod._gate(h) @ wd
                     if mod.down_bias is not None:
                         y = y + mod.down_bias[e]
@@ -458,13 +466,15 @@ class ExpertsFunction(torch.autograd.Function):
         null = _identity_weights(mod, route, weights)
         if null is not None:  # identity null experts: out[t] += sum_k w[t, k] x[t] over the null routes
             out.add_((x * null).to(out.dtype))
-        ctx.x, ctx.weights, ctx.h_all = x.detach(), weights.detach(), h_all
+        ctx.x, ctx.weights, ctx.h_all, ctx.spilled = x.detach(), weights.detach(), h_all, spilled
         ctx.mod, ctx.route, ctx.score_on_input, ctx.rec = mod, route, score_on_input, rec
         return out
 
     @staticmethod
     def backward(ctx, dout):
         x, h_all, mod, route = ctx.x, ctx.h_all, ctx.mod, ctx.route
+        spilled = ctx.spilled if ctx.spilled is not None and ctx.spilled.ok else None
+        width = sum(mod.widths)
         if ctx.rec is not None:
             ctx.rec.dout = dout.detach()
         on_input = ctx.score_on_input
@@ -502,6 +512,8 @@ class ExpertsFunction(torch.autograd.Function):
                         xe_raw, xe = xe, xe * we
                     if h_all is not None:
                         he = h_all[r0 : r0 + n]
+                    elif spilled is not None:  # what the forward wrote, into one reused buffer
+                        he = spilled.read(r0, mod.workspace.get("preact", (n, width), x.dtype, x.device))
                     else:
                         he = xe @ wg_f
                         if mod.gate_up_bias is not None:
@@ -575,6 +587,8 @@ class ExpertsFunction(torch.autograd.Function):
                         if i0 != i1:
                             _sparse_grad(left, right, delta.local(e, e + 1), workspace=mod.workspace,
                                          out=grads[name][i0:i1])
+        if ctx.spilled is not None:
+            ctx.spilled.free()
         null = _identity_weights(mod, route, ctx.weights)
         if null is not None and dx_all is not None:  # out = w * x on the null routes: dx = w * dout
             dx_all.add_((dout * null).to(dx_all.dtype))

@@ -28,6 +28,7 @@ from .families import Family, UnsupportedModelError, family_for, get_path
 from .linear import attach, attention_linears, shared_expert_linears
 from .linear import merge as merge_linear
 from .linear import unmerge as unmerge_linear
+from .spill import PreactSpill
 from .store import Workspace
 
 FORMAT_VERSION = "1"
@@ -373,12 +374,13 @@ def prepare(model: nn.Module, config: UsafConfig | None = None, frozen: dict | N
     for p in model.parameters():
         p.requires_grad_(False)
     workspace = Workspace()  # one set of dequantization buffers for all the layers (they run one at a time)
+    spill = PreactSpill()  # one file for the lean experts' pre-activations of every layer (opened on first use)
     for i, layer, site in sites:
         name = names[id(site.experts)]
         experts = UsafExperts(site.experts, site.layout, config.quant, config.group_size,
                               chunk_bytes=config.chunk_mb << 20, frozen=(frozen or {}).get(name),
                               null_experts=site.null_experts)
-        experts.workspace = workspace
+        experts.workspace, experts.preact_spill = workspace, spill
         setattr(site.block, site.attr, experts)
         if family.dispatch == "llama4":
             site.block.forward = types.MethodType(llama4_block_forward, site.block)

@@ -23,15 +23,10 @@ from collections.abc import Iterator
 
 import torch
 
-from ..io import cache_dir
 from .experts import Captured
+from .spill import read_into, spill_dir, write_at
 
 log = logging.getLogger("usaf")
-
-
-def spill_dir():
-    """Where calibration records go: ``$USAF_SPILL_DIR``, else ``$USAF_CACHE/spill``."""
-    return cache_dir("spill", "USAF_SPILL_DIR")
 
 
 class _Slot:
@@ -102,12 +97,7 @@ class CallRecords:
 
     def _write(self, t: torch.Tensor) -> _Slot:
         slot = _Slot(self._end, t)
-        data = t.detach().contiguous().cpu().view(-1).view(torch.uint8).numpy()
-        view, pos = memoryview(data), self._end
-        while view:
-            n = os.pwrite(self._fd, view, pos)
-            view, pos = view[n:], pos + n
-        self._end = pos
+        self._end = write_at(self._fd, t.cpu(), self._end)
         return slot
 
     def _store(self, c: Captured):
@@ -122,13 +112,7 @@ class CallRecords:
             return c
 
     def _read(self, s: _Slot) -> torch.Tensor:
-        buf = torch.empty(s.nbytes, dtype=torch.uint8)
-        view, pos = memoryview(buf.numpy()), s.offset
-        while view:
-            n = os.preadv(self._fd, [view], pos)
-            if n <= 0:
-                raise OSError(f"calibration spill file is short at byte {pos}")
-            view, pos = view[n:], pos + n
+        buf = read_into(self._fd, torch.empty(s.nbytes, dtype=torch.uint8), s.offset)
         t = buf.view(s.dtype).view(s.shape)
         return t if s.device.type == "cpu" else t.to(s.device)
 
