@@ -83,6 +83,7 @@ class ModelCounts:
     lm_head_params: int  # 0 when tied to the embeddings
     other_params: int  # final norm and anything outside the decoder layers, embeddings and head
     total_params: int
+    stored_bytes: int = 2  # bytes per value of the checkpoint's floating tensors (its config's dtype; 2 if unsaid)
 
     @property
     def num_layers(self) -> int:
@@ -339,4 +340,13 @@ def _count(config, trust_remote_code: bool) -> ModelCounts:
         lm_head_params=head_params,
         other_params=other,
         total_params=total,
+        stored_bytes=_stored_bytes(config),
     )
+
+
+def _stored_bytes(config) -> int:
+    """Bytes per value of the checkpoint's weights, from its config's ``dtype`` (``torch_dtype`` before
+    transformers 5); 2 (bf16) where the config does not say."""
+    dt = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
+    name = str(dt).replace("torch.", "") if dt is not None else ""
+    return {"float32": 4, "float64": 8, "float16": 2, "bfloat16": 2}.get(name, 2)

@@ -307,9 +307,10 @@ class _Phase:
         head = (mc.lm_head_params or (mc.embed_params if mc.tied else 0)) * d
         need_embed = (not self.train) or (not s.prefix_cache) or mc.tied or gguf
         embed = mc.embed_params * d if need_embed and not mc.tied else 0
-        if embed and s.cpu and not gguf:
+        if embed and s.cpu and not gguf and mc.stored_bytes == d:
             # on the CPU the input embeddings stay a view of the checkpoint's memory map (the streamed load):
-            # a forward reads only its batch's rows, and only those pages are resident
+            # a forward reads only its batch's rows, and only those pages are resident. Not when the compute
+            # dtype differs from the checkpoint's (fp32 from bf16 on a CPU without bf16): then they are a copy.
             embed = min(embed, self.n_tok * mc.hidden * d)
         ne_total = sum(per_layer) + head + embed + mc.other_params * d
         ne_staging = max(2 * max(per_layer, default=0), head, embed)
