@@ -228,6 +228,9 @@ class _Phase:
                   "step" if self.act_ckpt else "select-step")
             p.add("activations: one layer recomputed (experts not re-run)", lean, "device",
                   "layer" if self.act_ckpt else "select")
+            if s.cpu:  # the lean experts' gate/up pre-activations, written by the forward (usaf.engine.spill)
+                spilled = sum(padded(lc, n_tok * mc.top_k) * d * 2 * lc.expert_inter for lc in self.moe_train)
+                p.add("lean experts' gate/up pre-activations (spill file)", spilled, "disk")
             if not self.act_ckpt:
                 full = [layer_activations(mc, lc, s, d, attn, first=k == 0) for k, lc in enumerate(span_layers)]
                 p.add(f"activations: {len(self.span)} layers in full", sum(full), "device", "train-step")
