@@ -114,3 +114,15 @@ def test_a_training_step_with_checkpointing_keeps_one_block_of_preactivations(tm
         sizes.append(__import__("os").fstat(spill.fd).st_size)
     assert sizes[0] > 0 and sizes[1] == sizes[0]
     assert spill._live == 0
+
+
+def test_a_copied_model_gets_its_own_file(tmp_path, monkeypatch):
+    handle = _handle("qwen3_moe", tmp_path, monkeypatch)
+    _grads(handle, "spill")  # the file is open now
+    other = copy.deepcopy(handle)
+    spill = other.layers[0].experts.preact_spill
+    assert spill is not handle.layers[0].experts.preact_spill and spill.fd is None
+    assert all(m.experts.preact_spill is spill for m in other.layers)  # still one per model
+    plain = _grads(other, "plain")
+    assert all(torch.equal(a, b) for a, b in zip(plain, _grads(other, "spill")))
+    assert spill.fd is not None

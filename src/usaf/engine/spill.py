@@ -58,7 +58,7 @@ class Region:
     """A forward's part of the file: rows of ``width`` values of ``dtype``, from byte ``offset``. Freed by its
     backward (or when dropped unused)."""
 
-    __slots__ = ("owner", "offset", "row_bytes", "ok", "__weakref__")
+    __slots__ = ("owner", "offset", "row_bytes", "ok")
 
     def __init__(self, owner: PreactSpill, offset: int, row_bytes: int):
         self.owner, self.offset, self.row_bytes, self.ok = owner, offset, row_bytes, True
@@ -131,6 +131,12 @@ class PreactSpill:
         self._live -= 1
         if self._live <= 0:
             self._live, self._end = 0, 0
+
+    def __deepcopy__(self, memo) -> PreactSpill:
+        """A copied model gets a file of its own (opened on its first use)."""
+        new = PreactSpill(self.directory)
+        new.failed = self.failed
+        return new
 
     def close(self) -> None:
         if self._file is not None:
