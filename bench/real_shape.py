@@ -451,7 +451,7 @@ def main() -> None:
 
         p = predict(json.loads((d / "config.json").read_text()), seq_len=a.seq_len, batch_size=a.batch_size,
                     density=0.005, train_layers=f"top:{a.train_top}", quant="4bit", dtype=dtype_name, calib_batches=a.calib_batches,
-                    device_memory=None, host_memory=None, device="cpu")
+                    device_memory=None, host_memory=None, device="cpu", prefix_cache=start > 0)  # as run here
         out["plan_train_peak_host_mb"] = round(p.get("train_peak_host_bytes", 0) / 2**20)
         out["plan_select_peak_host_mb"] = round(p.get("select_peak_host_bytes", 0) / 2**20)
         out["plan_step_peak_host_mb"] = round(p.get("train", {}).get("step_peak_host_bytes", 0) / 2**20)
