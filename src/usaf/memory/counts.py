@@ -348,5 +348,6 @@ def _stored_bytes(config) -> int:
     """Bytes per value of the checkpoint's weights, from its config's ``dtype`` (``torch_dtype`` before
     transformers 5); 2 (bf16) where the config does not say."""
     dt = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
-    name = str(dt).replace("torch.", "") if dt is not None else ""
-    return {"float32": 4, "float64": 8, "float16": 2, "bfloat16": 2}.get(name, 2)
+    if isinstance(dt, str):
+        dt = getattr(torch, dt.removeprefix("torch."), None)
+    return dt.itemsize if isinstance(dt, torch.dtype) and dt.is_floating_point else 2
