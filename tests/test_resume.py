@@ -106,3 +106,32 @@ def test_resume_with_another_shared_density_is_refused(qwen2, tmp_path, capsys):
     assert check_out_dir(TrainConfig(**dict(keep, resume=str(out)), usaf=old)) is not None
     with pytest.raises(RunError, match="usaf.shared_density"):
         check_out_dir(TrainConfig(**dict(keep, resume=str(out)), usaf=UsafConfig(**saved["usaf"])))
+
+
+@pytest.mark.parametrize("quant", ["4bit", "8bit", "none"])
+def test_a_run_from_before_the_rounding_search_resumes_with_minmax_at_4bit(tmp_path, quant):
+    """A 4-bit run whose config.yaml has no quant_rounding was quantized by min/max rounding: resuming it
+    with today's default (mse) is refused with the setting named, and with minmax accepted. The rounding
+    changes nothing at 8 bits or without quantization, so there it is not compared."""
+    import yaml
+
+    from usaf.config import TrainConfig, UsafConfig, to_dict
+    from usaf.train.resume import RunError, check_out_dir
+
+    out = tmp_path / "run"
+    out.mkdir()
+    saved = to_dict(TrainConfig(out=str(out), usaf=UsafConfig(quant=quant)))
+    del saved["usaf"]["quant_rounding"]
+    (out / "config.yaml").write_text(yaml.safe_dump(saved))
+    keep = {k: v for k, v in saved.items() if k != "usaf"}
+
+    def resume(rounding):
+        return check_out_dir(TrainConfig(**dict(keep, resume=str(out)),
+                                         usaf=UsafConfig(**saved["usaf"], quant_rounding=rounding)))
+
+    assert resume("minmax") is not None
+    if quant == "4bit":
+        with pytest.raises(RunError, match=r"usaf.quant_rounding: 'minmax' -> 'mse'"):
+            resume("mse")
+    else:
+        assert resume("mse") is not None

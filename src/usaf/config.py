@@ -22,6 +22,9 @@ class UsafConfig:
     train_layers: str = _f("all", "decoder layers that train: all | top:N | a-b (inclusive, 0-based)")
     quant: str = _f("4bit", "frozen expert storage: 4bit | 8bit | none", choices=("4bit", "8bit", "none"))
     group_size: int = _f(64, "quantization group size (64 -> 4.5 bits/weight at 4-bit)")
+    quant_rounding: str = _f("mse", "how each 4-bit group's scale and minimum are chosen: mse (a weighted least-squares "
+                                    "search; measured best, docs/quantization.md) | minmax (the group's min and max, "
+                                    "round to nearest: 10x faster to quantize)", choices=("mse", "minmax"))
     train_router: bool = _f(True, "train the routers of the trainable layers (fp32 masters)")
     attention_density: float = _f(0.0, "fraction of the attention projection weights (q/k/v/o) of the trainable "
                                        "layers that train as sparse deltas too (0 = experts and routers only)")

@@ -241,7 +241,7 @@ def build_prepared(cfg: dict, ucfg: usaf.UsafConfig) -> usaf.UsafModel:
             if name in stacks:  # frozen now, the way UsafExperts freezes the stock stack; the meta one goes back
                 prefix, experts, layout, st = stacks[name]
                 stack = stack_tensor(experts, st, computing_experts(experts, layout))
-                frozen.setdefault(prefix, {})[st.name] = freeze_stack(stack, ucfg.quant, ucfg.group_size)
+                frozen.setdefault(prefix, {})[st.name] = freeze_stack(stack, ucfg.quant, ucfg.group_size, ucfg.quant_rounding)
                 del stack
                 owner._parameters[leaf] = meta
                 del value

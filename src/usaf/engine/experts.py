@@ -164,7 +164,8 @@ class UsafExperts(nn.Module):
     """
 
     def __init__(self, stock: nn.Module, layout: ExpertsLayout, quant: str = "none", group_size: int = 64,
-                 chunk_bytes: int = 256 << 20, frozen: dict | None = None, null_experts: str = "skip"):
+                 chunk_bytes: int = 256 << 20, frozen: dict | None = None, null_experts: str = "skip",
+                 rounding: str = "mse"):
         super().__init__()
         if null_experts not in ("skip", "identity"):
             raise ValueError(f"null_experts must be 'skip' or 'identity', got {null_experts!r}")
@@ -180,7 +181,7 @@ class UsafExperts(nn.Module):
         self.num_experts = computing_experts(stock, layout)
         self.null_identity = null_experts == "identity"
         stacks = {st.name: stack_tensor(stock, st, self.num_experts) for st in layout.stacks}
-        self.frozen = frozen or {name: freeze_stack(t, quant, group_size) for name, t in stacks.items()}
+        self.frozen = frozen or {name: freeze_stack(t, quant, group_size, rounding) for name, t in stacks.items()}
         self.base_dtype = first.dtype
         self.frozen_numel = {name: t.numel() for name, t in stacks.items()}
         self._expert_bytes = 2 * sum(t[0].numel() for t in stacks.values())  # one expert, bf16

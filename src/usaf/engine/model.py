@@ -286,6 +286,7 @@ class UsafModel:
             "train_layers": self.config.train_layers,
             "quant": self.config.quant,
             "group_size": str(self.config.group_size),
+            "quant_rounding": self.config.quant_rounding,
             "train_router": str(self.config.train_router),
             "attention_density": repr(self.config.attention_density),
             "shared_density": repr(self.config.shared_density),
@@ -379,7 +380,7 @@ def prepare(model: nn.Module, config: UsafConfig | None = None, frozen: dict | N
         name = names[id(site.experts)]
         experts = UsafExperts(site.experts, site.layout, config.quant, config.group_size,
                               chunk_bytes=config.chunk_mb << 20, frozen=(frozen or {}).get(name),
-                              null_experts=site.null_experts)
+                              null_experts=site.null_experts, rounding=config.quant_rounding)
         experts.workspace, experts.preact_spill = workspace, spill
         setattr(site.block, site.attr, experts)
         if family.dispatch == "llama4":

@@ -28,7 +28,16 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["QuantSpec", "QuantizedTensor"]
+__all__ = ["ROUNDINGS", "QuantSpec", "QuantizedTensor"]
+
+# How a group's scale and minimum are chosen. "mse": a weighted least-squares search (the default,
+# docs/quantization.md); "minmax": round to nearest on the group's min/max (the format's first quantizer).
+ROUNDINGS = ("mse", "minmax")
+# The "mse" search: starting ranges (fractions of max - min, the minimum kept) refined by this many
+# least-squares steps each; the weights are llama.cpp's for K-quants without an importance matrix.
+_SEARCH_SHRINK = (1.0, 0.95, 0.9, 0.85)
+_SEARCH_STEPS = 2
+_SEARCH_BLOCK = 1 << 19
 
 _FP16_MAX = 65504.0
 # Elements dequantized per step: on CPU the fp32 scratch buffer (2 MiB) stays in cache,
@@ -46,9 +55,12 @@ class QuantSpec:
 
     bits: int
     group_size: int = 64
+    rounding: str = "mse"
 
     def __post_init__(self) -> None:
         _check_spec(self.bits, self.group_size)
+        if self.rounding not in ROUNDINGS:
+            raise ValueError(f"rounding must be one of {', '.join(ROUNDINGS)}, got {self.rounding!r}")
 
     @property
     def qmax(self) -> int:
@@ -60,6 +72,94 @@ def _check_spec(bits: int, group_size: int) -> None:
         raise ValueError(f"bits must be 4 or 8, got {bits}")
     if group_size < 8 or group_size % 8:
         raise ValueError(f"group_size must be a positive multiple of 8, got {group_size}")
+
+
+def _codes(g: torch.Tensor, s: torch.Tensor, z: torch.Tensor, qmax: int, out: torch.Tensor) -> torch.Tensor:
+    """``clamp(round((g - z) / s), 0, qmax)`` into ``out`` (code 0 where ``s == 0``), as the format computes it."""
+    safe = torch.where(s > 0, s, torch.ones_like(s))
+    return torch.sub(g, z, out=out).div_(safe).round_().clamp_(0, qmax)
+
+
+def _search(g, mn, mx, s16, z16, qmax):
+    """Per group, the fp16 ``(scale, zero)`` of smallest weighted squared error among min/max rounding
+    (``s16``, ``z16``) and, for each range in ``_SEARCH_SHRINK``, ``_SEARCH_STEPS`` least-squares refinements
+    (codes fixed, then the scale and minimum that fit them best, rounded to fp16, then new codes).
+
+    The weight of element x is ``rms(group) + |x|`` (llama.cpp's for K-quants without an importance matrix):
+    large weights, which carry most of a layer's output, are kept closer. A group's error is never above
+    min/max rounding's, since that is one of the candidates. ``g``: fp32 ``[k, G, gs]``, left unchanged;
+    the others ``[k, G, 1]``. Works on blocks of ``_SEARCH_BLOCK`` elements, transposed to ``[gs, groups]``
+    so that the per-group scalars broadcast along contiguous rows and the sums run across them."""
+    gs = g.shape[-1]
+    rows = g.reshape(-1, gs)
+    n = rows.shape[0]
+    cols = [t.reshape(1, -1) for t in (mn, mx, s16, z16)]
+    best_s = torch.empty(1, n, dtype=torch.float16, device=g.device)
+    best_z = torch.empty_like(best_s)
+    step = max(1, _SEARCH_BLOCK // gs)
+    bufs = torch.empty(5, gs, min(step, n), dtype=torch.float32, device=g.device)
+    for r0 in range(0, n, step):
+        r1 = min(n, r0 + step)
+        b = bufs[:, :, : r1 - r0]
+        b[0].copy_(rows[r0:r1].t())
+        best_s[:, r0:r1], best_z[:, r0:r1] = _search_block(b, *(t[:, r0:r1] for t in cols), qmax)
+    return best_s.view_as(s16), best_z.view_as(z16)
+
+
+def _colsum(t: torch.Tensor) -> torch.Tensor:
+    """``t.sum(dim=0, keepdim=True)`` for ``[n, B]``, in a fixed pairwise order of elementwise adds: the same
+    bits whatever ``B`` and the number of threads (a reduction kernel may split its sums by either), so a
+    stack quantized whole, expert by expert or on another machine gets the same codes. Sums in place:
+    ``t`` is overwritten; the result is a view of its first row."""
+    n = t.shape[0]
+    while n > 1:
+        h = n // 2
+        if n % 2:
+            t[:1].add_(t[n - 1 : n])
+        t[:h].add_(t[h : 2 * h])
+        n = h
+    return t[:1]
+
+
+def _search_block(b, mn, mx, s16, z16, qmax):
+    """``_search`` on one block: ``b[0]`` holds the groups as columns ``[gs, B]``; ``b[1:]`` is scratch."""
+    x, w, wx, q, t = b
+    rms = _colsum(torch.mul(x, x, out=t)).div(x.shape[0]).sqrt_()
+    torch.abs(x, out=w).add_(rms)
+    torch.mul(w, x, out=wx)
+    sw = _colsum(t.copy_(w)).clone()
+    swx = _colsum(t.copy_(wx)).clone()
+
+    def codes(s, z):  # round((x - z) / s) as x * (1/s) - z/s; code 0 where s == 0
+        inv = torch.reciprocal(s).nan_to_num_(posinf=0.0)
+        return torch.addcmul(-z * inv, x, inv, out=q).round_().clamp_(0, qmax)
+
+    def error(s, z):  # sum of w (q s + z - x)^2, computed directly (moments would cancel)
+        codes(s, z)
+        torch.addcmul(z, q, s, out=t).sub_(x).square_().mul_(w)
+        return _colsum(t).clone()
+
+    z0 = z16.float()
+    best_s, best_z = s16.float(), z0
+    best = error(best_s, best_z)
+    rng = mx - mn
+    for shrink in _SEARCH_SHRINK:
+        s, z = (rng * (shrink / qmax)).half().float(), z0
+        for _ in range(_SEARCH_STEPS):  # codes fixed: the weighted least-squares line through them
+            codes(s, z)
+            sq = _colsum(torch.mul(w, q, out=t)).clone()
+            sqq = _colsum(torch.mul(w, q, out=t).mul_(q)).clone()
+            sqx = _colsum(torch.mul(q, wx, out=t)).clone()
+            den = sw * sqq - sq * sq
+            ns = ((sw * sqx - sq * swx) / den).half().float()
+            nz = ((swx - ns * sq) / sw).half().float()
+            ok = (den > 0) & (ns >= 0) & torch.isfinite(ns) & torch.isfinite(nz)
+            s, z = torch.where(ok, ns, s), torch.where(ok, nz, z)
+        err = error(s, z)
+        better = err < best
+        best = torch.where(better, err, best)
+        best_s, best_z = torch.where(better, s, best_s), torch.where(better, z, best_z)
+    return best_s.half(), best_z.half()
 
 
 class QuantizedTensor:
@@ -142,10 +242,11 @@ class QuantizedTensor:
     def quantize(cls, w: torch.Tensor, spec: QuantSpec) -> QuantizedTensor:
         """Quantize ``w`` (leading expert dim) on ``w``'s device, a few experts at a time.
 
-        Peak extra memory is one fp32 copy of ``max(one expert, 2**20 elements)`` plus the
-        outputs.  Round-to-nearest (ties to even), asymmetric min/max per group; scale and
-        zero are rounded to fp16 *before* the codes are computed, so the codes are optimal
-        for the stored parameters.
+        Peak extra memory is a few fp32 copies of ``max(one expert, 2**20 elements)`` plus the
+        outputs.  Asymmetric per group: scale and minimum from ``spec.rounding`` ("mse": a weighted
+        least-squares search, ``_search``; "minmax": the group's min/max), rounded to fp16 *before* the
+        codes are computed (round to nearest, ties to even), so the codes are the nearest ones for the
+        stored parameters.
         """
         if not isinstance(spec, QuantSpec):
             raise TypeError("spec must be a QuantSpec")
@@ -189,6 +290,8 @@ class QuantizedTensor:
                     f"experts [{e0}, {e1}) contain non-finite values or values whose range does not fit "
                     f"fp16 (|w| must stay well below {_FP16_MAX})"
                 )
+            if spec.rounding == "mse" and bits == 4:  # at 8 bits: 5% less error for 10x the time
+                s16, z16 = _search(g, mn, mx, s16, z16, qmax)
             sf = s16.float()
             safe = torch.where(sf > 0, sf, torch.ones_like(sf))
             g.sub_(z16.float()).div_(safe).round_().clamp_(0, qmax)

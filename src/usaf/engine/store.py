@@ -103,12 +103,13 @@ class Workspace:
         self._typed.clear()
 
 
-def freeze_stack(tensor: torch.Tensor, quant: str, group_size: int = 64):
+def freeze_stack(tensor: torch.Tensor, quant: str, group_size: int = 64, rounding: str = "mse"):
     """Build the frozen form of an expert stack.
 
     Args:
         tensor: (E, R, C) weights in any float dtype.
         quant: "none" (keep the tensor's dtype), "4bit" or "8bit" (group-wise, ``usaf.quant``).
+        rounding: how the groups' scales and minimums are chosen (``QuantSpec.rounding``).
     """
     if quant in (None, "none"):
         return DenseStack(tensor)
@@ -116,4 +117,4 @@ def freeze_stack(tensor: torch.Tensor, quant: str, group_size: int = 64):
     bits = {"4bit": 4, "8bit": 8}.get(quant)
     if bits is None:
         raise ValueError(f"unknown quantization {quant!r} (choose 4bit, 8bit or none)")
-    return QuantizedTensor.quantize(tensor.detach(), QuantSpec(bits=bits, group_size=group_size))
+    return QuantizedTensor.quantize(tensor.detach(), QuantSpec(bits=bits, group_size=group_size, rounding=rounding))

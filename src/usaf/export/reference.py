@@ -105,6 +105,7 @@ def reference_model(base: str, tensors: dict, meta: dict, dtype, quant: str = "n
                 p.data = p.data.to(compute_dtype)
     cfg = UsafConfig(density=float(meta.get("density", 0.005)), train_layers=meta.get("train_layers", "all"),
                      quant=quant, group_size=int(meta.get("group_size", 64)),
+                     quant_rounding=meta.get("quant_rounding", "minmax"),  # a delta from before the search
                      train_router=meta.get("train_router", "True") == "True",
                      attention_density=float(meta.get("attention_density", 0.0)),
                      shared_density=float(meta.get("shared_density", 0.0)))

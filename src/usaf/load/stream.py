@@ -162,9 +162,9 @@ class _StackBuilder:
     ``shape``: the stack's ``[E, R, C]`` (``meta`` may be dbrx's 2-D ``[E * R, C]`` parameter)."""
 
     def __init__(self, reader: ShardReader, meta_model, key: str, meta: torch.Tensor, dtype, quant: str,
-                 group_size: int, shape: tuple[int, ...]):
+                 group_size: int, shape: tuple[int, ...], rounding: str = "mse"):
         self.reader, self.key, self.shape, self.dtype = reader, key, tuple(shape), dtype
-        self.quant, self.group_size = quant, group_size
+        self.quant, self.group_size, self.rounding = quant, group_size, rounding
         disk = reader.keys()
         if key in disk:
             self.mode, self.src = "fused", key
@@ -201,7 +201,8 @@ class _StackBuilder:
                 parts.append(w.unsqueeze(0))
             else:
                 bits = 4 if self.quant == "4bit" else 8
-                parts.append(QuantizedTensor.quantize(w.unsqueeze(0), QuantSpec(bits=bits, group_size=self.group_size)))
+                spec = QuantSpec(bits=bits, group_size=self.group_size, rounding=self.rounding)
+                parts.append(QuantizedTensor.quantize(w.unsqueeze(0), spec))
             if bar is not None:
                 bar.update(1)
         if self.quant in ("none", None):
@@ -213,7 +214,9 @@ class _StackBuilder:
 def cache_path(model_dir: Path, reader: ShardReader, cfg: UsafConfig, dtype, cache_root: Path | None) -> Path:
     """``$USAF_QUANT_CACHE`` or ``$USAF_CACHE/quant`` (default ``~/.cache/usaf/quant``)."""
     root = cache_root or cache_dir("quant", "USAF_QUANT_CACHE")
-    tag = f"v2|{Path(model_dir).resolve()}|{reader.files_signature()}|{cfg.quant}|{cfg.group_size}|{dtype}"
+    tag = (f"v2|{Path(model_dir).resolve()}|{reader.files_signature()}|{cfg.quant}|{cfg.group_size}|{dtype}"
+           # the search changes only 4-bit groups; the tags of the caches from before it stay as they were
+           + (f"|{cfg.quant_rounding}" if cfg.quant == "4bit" and cfg.quant_rounding != "minmax" else ""))
     return root / f"{hashlib.sha256(tag.encode()).hexdigest()[:24]}.safetensors"
 
 
@@ -293,7 +296,8 @@ def load_streamed(model_dir, cfg: UsafConfig | None = None, dtype=torch.bfloat16
         # them in memory (the disk tier maps the file after): the first run's peak is one stack, not all.
         keep = tier in ("device", "host")
         frozen = {}
-        builders = [(prefix, name, _StackBuilder(reader, model, key, m, dtype, cfg.quant, cfg.group_size, shape))
+        builders = [(prefix, name, _StackBuilder(reader, model, key, m, dtype, cfg.quant, cfg.group_size, shape,
+                                                       cfg.quant_rounding))
                     for key, (prefix, name, m, shape) in stacks.items()]
 
         def write(tmp):
@@ -308,7 +312,8 @@ def load_streamed(model_dir, cfg: UsafConfig | None = None, dtype=torch.bfloat16
                     if keep and b.key not in mapped:
                         frozen.setdefault(prefix, {})[name] = stack
                     del stack
-                out.finish({"base_fingerprint": base_fp, "quant": cfg.quant, "group_size": str(cfg.group_size)})
+                out.finish({"base_fingerprint": base_fp, "quant": cfg.quant, "group_size": str(cfg.group_size),
+                        "quant_rounding": cfg.quant_rounding})
 
         atomic_write(cpath, write)
         log.info("expert stacks quantized and cached in %s", cpath)

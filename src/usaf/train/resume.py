@@ -24,13 +24,13 @@ from . import checkpoint
 log = logging.getLogger("usaf")
 
 RESUME_KEYS = ("seq_len", "seed")
-RESUME_USAF_KEYS = ("density", "train_layers", "quant", "group_size", "train_router", "attention_density",
-                    "shared_density", "shared_units")
+RESUME_USAF_KEYS = ("density", "train_layers", "quant", "group_size", "quant_rounding", "train_router",
+                    "attention_density", "shared_density", "shared_units")
 # Compared by content (data files, tokenized data, model config, base weights), not by path.
 RESUME_PATH_KEYS = ("model", "data", "eval_data")
 _NOT_SETTINGS = ("resume", "overwrite", "quiet", "out")
 # What a run saved before a setting existed trained with, where that differs from today's default.
-_ABSENT_MEANS = {"shared_density": 0.0}
+_ABSENT_MEANS = {"shared_density": 0.0, "quant_rounding": "minmax"}
 
 
 class RunError(ValueError):
@@ -55,7 +55,8 @@ def check_out_dir(cfg: TrainConfig) -> dict | None:
         diffs = [k for k in RESUME_KEYS if str(prev.get(k)) != str(getattr(cfg, k))]
         # a key the saved config lacks (a run from before the setting existed) trained with the default of then
         saved = prev.get("usaf") or {}
-        diffs += [f"usaf.{k}" for k in RESUME_USAF_KEYS
+        keys = [k for k in RESUME_USAF_KEYS if k != "quant_rounding" or cfg.usaf.quant == "4bit"]  # 4-bit only
+        diffs += [f"usaf.{k}" for k in keys
                   if str(saved.get(k, _ABSENT_MEANS.get(k, getattr(UsafConfig, k)))) != str(getattr(cfg.usaf, k))]
         if diffs:
             raise RunError(f"cannot resume {out}: settings differ ({diff_text(prev, cfg, diffs)}); "
@@ -78,7 +79,14 @@ def _get(d: dict, dotted: str):
 
 def diff_text(prev: dict, cfg: TrainConfig, keys: list[str]) -> str:
     now = to_dict(cfg)
-    return ", ".join(f"{k}: {_get(prev, k)!r} -> {_get(now, k)!r}" for k in keys)
+
+    def before(k: str):  # an engine setting the saved config lacks: what such a run trained with
+        v = _get(prev, k)
+        if v == {} and k.startswith("usaf."):
+            v = _ABSENT_MEANS.get(k[5:], getattr(UsafConfig, k[5:], v))
+        return v
+
+    return ", ".join(f"{k}: {before(k)!r} -> {_get(now, k)!r}" for k in keys)
 
 
 def changed_settings(prev: dict, cfg: TrainConfig) -> list[str]:
