@@ -23,8 +23,8 @@ import usaf
 from usaf.bench.beds import BEDS, bed_model
 from usaf.bench.corpora import write_task_files
 from usaf.bench.harness import machine_info
-from usaf.engine.model import decoder_layers
 from usaf.engine.experts import UsafExperts
+from usaf.engine.model import decoder_layers
 from usaf.load.hf import load_model, load_tokenizer
 from usaf.train.evaluate import evaluate
 

@@ -1,9 +1,9 @@
-"""Group-wise round-to-nearest quantization of frozen expert stacks.
+"""Group-wise quantization of frozen expert stacks.
 
 The frozen MoE expert weights (``[E, R, C]`` tensors, or any N-D tensor whose leading
 dimension is the expert index) are stored as unsigned 4- or 8-bit codes with one fp16
-``scale`` and one fp16 ``zero`` (the group minimum) per group of ``group_size``
-consecutive elements of the *flattened per-expert* data::
+``scale`` and one fp16 ``zero`` (an offset: the group minimum, or what the 4-bit search chose)
+per group of ``group_size`` consecutive elements of the *flattened per-expert* data::
 
     w[e].flatten()[g * group_size + j]  ~=  code * scale[e, g] + zero[e, g]
 
@@ -72,12 +72,6 @@ def _check_spec(bits: int, group_size: int) -> None:
         raise ValueError(f"bits must be 4 or 8, got {bits}")
     if group_size < 8 or group_size % 8:
         raise ValueError(f"group_size must be a positive multiple of 8, got {group_size}")
-
-
-def _codes(g: torch.Tensor, s: torch.Tensor, z: torch.Tensor, qmax: int, out: torch.Tensor) -> torch.Tensor:
-    """``clamp(round((g - z) / s), 0, qmax)`` into ``out`` (code 0 where ``s == 0``), as the format computes it."""
-    safe = torch.where(s > 0, s, torch.ones_like(s))
-    return torch.sub(g, z, out=out).div_(safe).round_().clamp_(0, qmax)
 
 
 def _search(g, mn, mx, s16, z16, qmax):
@@ -242,8 +236,8 @@ class QuantizedTensor:
     def quantize(cls, w: torch.Tensor, spec: QuantSpec) -> QuantizedTensor:
         """Quantize ``w`` (leading expert dim) on ``w``'s device, a few experts at a time.
 
-        Peak extra memory is a few fp32 copies of ``max(one expert, 2**20 elements)`` plus the
-        outputs.  Asymmetric per group: scale and minimum from ``spec.rounding`` ("mse": a weighted
+        Peak extra memory is one fp32 copy of ``max(one expert, 2**20 elements)``, the 4-bit search's
+        scratch (five fp32 blocks of ``_SEARCH_BLOCK`` elements: 10 MiB) and the outputs.  Asymmetric per group: scale and minimum from ``spec.rounding`` ("mse": a weighted
         least-squares search, ``_search``; "minmax": the group's min/max), rounded to fp16 *before* the
         codes are computed (round to nearest, ties to even), so the codes are the nearest ones for the
         stored parameters.
