@@ -89,9 +89,8 @@ def main() -> None:
         for rounding in ("none", "minmax", "mse"):  # "none" first: its stacks are the originals
             model = load_model(str(path), dtype=torch.float32)
             t0 = time.perf_counter()
-            quant = "none" if rounding == "none" else "4bit"
-            handle = usaf.prepare(model, usaf.UsafConfig(quant=quant, quant_rounding=rounding if quant != "none"
-                                                         else "mse"))
+            cfg = usaf.UsafConfig(quant="none") if rounding == "none" else usaf.UsafConfig(quant_rounding=rounding)
+            handle = usaf.prepare(model, cfg)
             prep_s = time.perf_counter() - t0
             if originals is None:
                 originals = {key: w.clone() for key, w in stacks(handle.model)}

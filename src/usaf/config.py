@@ -56,6 +56,17 @@ class UsafConfig:
     layer_share_cap: float = _f(4.0, "a layer may take at most this multiple of its fair share of budget")
     chunk_mb: int = _f(256, "max dequantized expert weights held at once per layer, MB")
 
+    @classmethod
+    def from_delta_meta(cls, meta: dict) -> UsafConfig:
+        """The engine settings a delta file's metadata records (``UsafModel.delta_metadata``); a key a delta
+        from before the setting lacks takes what such a run trained with."""
+        return cls(quant=meta.get("quant", "none"), group_size=int(meta.get("group_size", 64)),
+                   quant_rounding=meta.get("quant_rounding", "minmax"),  # a delta from before the search
+                   train_layers=meta.get("train_layers", "all"), density=float(meta.get("density", 0.005)),
+                   train_router=meta.get("train_router", "True") == "True",
+                   attention_density=float(meta.get("attention_density", 0.0)),
+                   shared_density=float(meta.get("shared_density", 0.0)))
+
 
 @dataclass
 class TrainConfig:

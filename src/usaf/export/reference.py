@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import gc
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -103,12 +104,7 @@ def reference_model(base: str, tensors: dict, meta: dict, dtype, quant: str = "n
             for st in site.layout.stacks if site is not None else ():
                 p = get_path(site.experts, st.path)
                 p.data = p.data.to(compute_dtype)
-    cfg = UsafConfig(density=float(meta.get("density", 0.005)), train_layers=meta.get("train_layers", "all"),
-                     quant=quant, group_size=int(meta.get("group_size", 64)),
-                     quant_rounding=meta.get("quant_rounding", "minmax"),  # a delta from before the search
-                     train_router=meta.get("train_router", "True") == "True",
-                     attention_density=float(meta.get("attention_density", 0.0)),
-                     shared_density=float(meta.get("shared_density", 0.0)))
+    cfg = replace(UsafConfig.from_delta_meta(meta), quant=quant)
     handle = prepare(model, cfg)
     handle.load_delta_state({k: v for k, v in tensors.items()
                              if k.startswith("router::") or k.endswith((".indices", ".values"))})

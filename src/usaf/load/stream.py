@@ -313,7 +313,7 @@ def load_streamed(model_dir, cfg: UsafConfig | None = None, dtype=torch.bfloat16
                         frozen.setdefault(prefix, {})[name] = stack
                     del stack
                 out.finish({"base_fingerprint": base_fp, "quant": cfg.quant, "group_size": str(cfg.group_size),
-                        "quant_rounding": cfg.quant_rounding})
+                            "quant_rounding": cfg.quant_rounding})
 
         atomic_write(cpath, write)
         log.info("expert stacks quantized and cached in %s", cpath)

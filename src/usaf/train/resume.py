@@ -53,11 +53,8 @@ def check_out_dir(cfg: TrainConfig) -> dict | None:
         if not isinstance(prev, dict):
             raise RunError(f"--resume {cfg.resume}: {saved} is not a usaf run config")
         diffs = [k for k in RESUME_KEYS if str(prev.get(k)) != str(getattr(cfg, k))]
-        # a key the saved config lacks (a run from before the setting existed) trained with the default of then
-        saved = prev.get("usaf") or {}
         keys = [k for k in RESUME_USAF_KEYS if k != "quant_rounding" or cfg.usaf.quant == "4bit"]  # 4-bit only
-        diffs += [f"usaf.{k}" for k in keys
-                  if str(saved.get(k, _ABSENT_MEANS.get(k, getattr(UsafConfig, k)))) != str(getattr(cfg.usaf, k))]
+        diffs += [f"usaf.{k}" for k in keys if str(_saved_usaf(prev, k)) != str(getattr(cfg.usaf, k))]
         if diffs:
             raise RunError(f"cannot resume {out}: settings differ ({diff_text(prev, cfg, diffs)}); "
                            f"use the run's settings, or start a new run in another --out")
@@ -77,16 +74,17 @@ def _get(d: dict, dotted: str):
     return d
 
 
+def _saved_usaf(prev: dict, key: str):
+    """Engine setting ``key`` of a saved run config; one the config lacks (a run from before the setting existed)
+    is what such a run trained with (``_ABSENT_MEANS``, else the default)."""
+    saved = prev.get("usaf") or {}
+    return saved[key] if key in saved else _ABSENT_MEANS.get(key, getattr(UsafConfig, key))
+
+
 def diff_text(prev: dict, cfg: TrainConfig, keys: list[str]) -> str:
     now = to_dict(cfg)
-
-    def before(k: str):  # an engine setting the saved config lacks: what such a run trained with
-        v = _get(prev, k)
-        if v == {} and k.startswith("usaf."):
-            v = _ABSENT_MEANS.get(k[5:], getattr(UsafConfig, k[5:], v))
-        return v
-
-    return ", ".join(f"{k}: {before(k)!r} -> {_get(now, k)!r}" for k in keys)
+    before = [_saved_usaf(prev, k[5:]) if k.startswith("usaf.") else _get(prev, k) for k in keys]
+    return ", ".join(f"{k}: {b!r} -> {_get(now, k)!r}" for k, b in zip(keys, before))
 
 
 def changed_settings(prev: dict, cfg: TrainConfig) -> list[str]:

@@ -39,12 +39,7 @@ def delta_metadata(delta: str) -> dict[str, str]:
 def delta_config(delta: str) -> UsafConfig:
     """The engine settings a delta file was trained with (from its metadata); refuses a non-delta file."""
     meta = delta_metadata(delta)
-    return UsafConfig(quant=meta.get("quant", "none"), group_size=int(meta.get("group_size", 64)),
-                      quant_rounding=meta.get("quant_rounding", "minmax"),  # a delta from before the search
-                      train_layers=meta.get("train_layers", "all"), density=float(meta.get("density", 0.005)),
-                      train_router=meta.get("train_router", "True") == "True",
-                      attention_density=float(meta.get("attention_density", 0.0)),
-                      shared_density=float(meta.get("shared_density", 0.0)))
+    return UsafConfig.from_delta_meta(meta)
 
 
 def eval_settings(delta: str | None) -> dict:
