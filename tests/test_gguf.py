@@ -573,3 +573,54 @@ def test_trained_run_exported_as_gguf_loads_as_the_trained_model(tmp_path, famil
     assert float((err <= 2e-2).float().mean()) >= 0.9 and float(err.median()) < 2e-3, err
     base = _logits(load_model(ckpt, dtype=torch.float32), ids)
     assert float(ge.position_errors(want, base).median()) > 10 * float(err.median())  # the deltas are in the file
+
+
+def _mapped_rss(addr: int) -> int:
+    """Resident bytes of this process's mapping that holds ``addr`` (``/proc/self/smaps``)."""
+    rss, inside = None, False
+    with open("/proc/self/smaps") as fh:
+        for line in fh:
+            head = line.split()[0]
+            if "-" in head and ":" not in head:
+                lo, hi = (int(x, 16) for x in head.split("-"))
+                inside = lo <= addr < hi
+            elif inside and head == "Rss:":
+                rss = int(line.split()[1]) * 1024
+    assert rss is not None
+    return rss
+
+
+@pytest.mark.skipif(not __import__("os").path.exists("/proc/self/smaps"), reason="needs /proc/self/smaps")
+def test_gguf_stacks_on_the_cpu_stay_mapped_and_give_their_pages_back(files):
+    """On the CPU a GGUF's stacks stay views of the file (no copy in RAM, whatever the budgets), and under the
+    Prefetcher every layer, trainable ones included, gives its pages back after each forward and backward:
+    after a training pass the file's mapping holds almost none of the experts' bytes. The gradients are those
+    of stacks copied into RAM."""
+    from usaf.load.mmap import _MMAP_RANGES
+    from usaf.load.stream import load_prepared
+    from usaf.load.tiers import Prefetcher
+
+    _, path = files["qwen3_moe"]
+    cfg = usaf.UsafConfig(quant="none", train_layers="top:2", density=0.05)
+    ids = torch.randint(0, 320, (2, 12), generator=torch.Generator().manual_seed(0))
+    grads = {}
+    for tier in ("host", "auto"):
+        h = load_prepared(str(path), cfg, torch.float32, "cpu", tier=tier)
+        views = [t.data_ptr() in _MMAP_RANGES for m in h.layers for s in m.experts.frozen.values()
+                 for t in s.tensors().values()]
+        assert all(views) if tier == "auto" else not any(views)
+        torch.manual_seed(0)
+        for m in h.trainable_layers:
+            for d in m.experts.deltas.values():
+                d.values.data.normal_(0, 1e-2)
+        pf = Prefetcher(h)
+        h.model.train()
+        h.model(ids).logits.float().logsumexp(-1).mean().backward()
+        pf.close()
+        grads[tier] = [d.values.grad.clone() for m in h.trainable_layers for d in m.experts.deltas.values()]
+        if tier == "auto":
+            expert_bytes = sum(t.numel() for m in h.layers for s in m.experts.frozen.values()
+                               for t in s.tensors().values())
+            addr = next(iter(h.layers[-1].experts.frozen["gate_up_proj"].tensors().values())).data_ptr()
+            assert _mapped_rss(addr) < expert_bytes / 8, (_mapped_rss(addr), expert_bytes)
+    assert all(torch.equal(a, b) for a, b in zip(grads["host"], grads["auto"]))

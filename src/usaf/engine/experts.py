@@ -227,6 +227,9 @@ class UsafExperts(nn.Module):
         # where the lean backward finds the gate/up pre-activations its forward wrote (CPU; else recomputed)
         self.preact_spill: PreactSpill | None = None
         self._mode = ExpertsMode()
+        # called after each pass over the frozen stacks (the forward, the backward): the disk tier sets it so
+        # that a trainable layer's mapped pages are given back between uses (``usaf.load.tiers.Prefetcher``)
+        self.after_pass = None
         # Base values replaced by merge() ({} once fold() made the effective weights the frozen stacks): while
         # set, the forward adds no delta.
         self._merged: dict[str, torch.Tensor] | None = None
@@ -469,6 +472,8 @@ class ExpertsFunction(torch.autograd.Function):
             out.add_((x * null).to(out.dtype))
         ctx.x, ctx.weights, ctx.h_all, ctx.spilled = x.detach(), weights.detach(), h_all, spilled
         ctx.mod, ctx.route, ctx.score_on_input, ctx.rec = mod, route, score_on_input, rec
+        if mod.after_pass is not None and not mod.mode.replay:
+            mod.after_pass()
         return out
 
     @staticmethod
@@ -590,6 +595,8 @@ class ExpertsFunction(torch.autograd.Function):
                                          out=grads[name][i0:i1])
         if ctx.spilled is not None:
             ctx.spilled.free()
+        if mod.after_pass is not None:
+            mod.after_pass()
         null = _identity_weights(mod, route, ctx.weights)
         if null is not None and dx_all is not None:  # out = w * x on the null routes: dx = w * dout
             dx_all.add_((dout * null).to(dx_all.dtype))

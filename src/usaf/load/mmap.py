@@ -61,6 +61,11 @@ def evict(stack) -> None:
             mm.madvise(mmap.MADV_DONTNEED, start, end - start)
 
 
+def is_mapped(stack) -> bool:
+    """Whether any tensor of ``stack`` is a recorded view of a memory map (the disk tier)."""
+    return any(t.data_ptr() in _MMAP_RANGES for t in stack.tensors().values())
+
+
 def register_range(t: torch.Tensor, mm: mmap.mmap, offset: int, length: int) -> None:
     """Record that ``t`` views ``length`` bytes at ``offset`` of ``mm`` (so that :func:`evict` can drop them)."""
     _MMAP_RANGES[t.data_ptr()] = (weakref.ref(mm), offset, length)

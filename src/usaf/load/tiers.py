@@ -20,7 +20,7 @@ from ..engine.model import UsafModel, compute_device, decoder_layers
 from ..engine.quant import QuantizedTensor
 from ..engine.store import DenseStack
 from ..units import parse_bytes
-from .mmap import evict
+from .mmap import evict, is_mapped
 
 log = logging.getLogger("usaf")
 
@@ -69,6 +69,10 @@ class Prefetcher:
         for i in order:  # frozen layers on the disk tier give their pages back after use
             if not moe[i].trainable:
                 self.hooks.append(layers[i].register_forward_hook(lambda mod, a, out, _m=moe[i]: self._evict(_m)))
+            elif self.stream is None and any(is_mapped(s) for s in moe[i].experts.frozen.values()):
+                # trainable layers on the disk tier too, after each pass (forward, backward): their pages are
+                # read again from the page cache on the next use
+                moe[i].experts.after_pass = lambda _m=moe[i]: self._evict(_m)
 
     def _prefetch(self, layer) -> None:
         tensors = [t for s in layer.experts.frozen.values() for t in s.tensors().values()]
@@ -108,6 +112,7 @@ class Prefetcher:
             h.remove()
         for m in self.handle.layers:
             m.experts.set_mode(staged=None)
+            m.experts.after_pass = None
         self.pool.shutdown(wait=True)
 
 

@@ -86,18 +86,25 @@ class _Plan:
 
 
 def _place_block(
-    p: _Plan, name: str, pieces: list[int], device_staging: int, mapped: int, reserve: int = 0
+    p: _Plan, name: str, pieces: list[int], device_staging: int, mapped: int, reserve: int = 0,
+    disk: bool = False,
 ) -> dict:
     """Greedy placement of frozen pieces (layers): device if they all fit, else device/host/disk per piece.
 
     Pieces not on the device are streamed: ``device_staging`` bytes of device buffers (current + prefetched
     piece) are reserved first; if any piece ends on disk, ``mapped`` bytes of its mmap pages stay resident
     in host RAM (reserved before placing, so the greedy fill leaves room for them). ``reserve``: device
-    bytes to leave free for what is placed later (its streaming buffers at least).
+    bytes to leave free for what is placed later (its streaming buffers at least). ``disk``: every piece stays
+    mapped whatever the budgets (a GGUF on the CPU: ``usaf.load.stream.load_prepared``).
     """
     total = sum(pieces)
     counts = {"device": 0, "host": 0, "disk": 0}
     if total == 0:
+        return counts
+    if disk:
+        p.add(f"{name} ({len(pieces)} of {len(pieces)})", total, "disk")
+        p.add(f"{name}: mmap pages in use", mapped, "device" if p.cpu else "host")
+        counts["disk"] = len(pieces)
         return counts
     if total + reserve <= p.device_free():
         p.add(name, total, "device")
@@ -322,7 +329,8 @@ class _Phase:
         # leave room for the experts' streaming buffers (or the experts themselves, if smaller)
         self.ne_placed = _place_block(p, "non-expert weights", [ne_total], ne_staging, ne_staging,
                                       reserve=min(staging, sum(ex_pieces)))
-        self.placed = _place_block(p, f"frozen experts ({s.quant})", ex_pieces, staging, staging)
+        self.placed = _place_block(p, f"frozen experts ({s.quant})", ex_pieces, staging, staging,
+                                   disk=gguf and s.cpu)
         if self.train:  # the scores go to the device if it has room at the selection moment; disk parts
             if not s.cpu and p.select_peak("device") + self.scores <= p.device_budget:
                 next(q for q in p.parts if q["item"].startswith("selection: importance"))["tier"] = "device"
