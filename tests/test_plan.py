@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 import weakref
 
 import pytest
@@ -470,3 +473,41 @@ def test_stages_around_the_step(qwen_dir):
     got = sum(t.numel() * t.element_size() for t in tensors.values())
     want = delta_bytes(count_model(model.config), Settings(density=0.05, train_layers="top:2"))
     assert abs(got - want) <= 0.01 * got, (got, want)
+
+
+_FAULTS = """
+import importlib.util, resource, sys, torch
+spec = importlib.util.spec_from_file_location("usaf_runtime", sys.argv[1])  # what `import usaf` runs first
+runtime = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(runtime)
+runtime.tune()
+for i in range(3):  # warm up: the heap grows once
+    torch.empty(4 << 20, dtype=torch.uint8).fill_(1)
+r0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+for i in range(20):  # a 4 MiB buffer, written and freed, as a step's activations are
+    torch.empty(4 << 20, dtype=torch.uint8).fill_(1)
+print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - r0)
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's malloc")
+def test_malloc_threshold_knob_reuses_heap_buffers_below_it():
+    """``USAF_MALLOC_THRESHOLD_MIB``: below the threshold a freed buffer is reused from the heap (measured: a
+    quarter of the page faults or fewer); by default (1 MiB) each 4 MiB buffer is mapped afresh and every page
+    is faulted in again. A bad value is
+    named on stderr and ignored."""
+
+    def faults(value):
+        env = dict(os.environ, USAF_MALLOC_THRESHOLD_MIB=value)
+        env.pop("USAF_NO_MALLOC_TUNING", None)
+        env.pop("USAF_NO_RUNTIME_TUNING", None)
+        src = os.path.join(os.path.dirname(plan.__file__), "..", "runtime.py")
+        p = subprocess.run([sys.executable, "-c", _FAULTS, src], env=env, capture_output=True, text=True, check=True)
+        return int(p.stdout.split()[-1]), p.stderr
+
+    default, _ = faults("")
+    big, _ = faults("16")
+    bad, err = faults("lots")
+    assert default >= 20 * 1000, default  # 1024 pages of 4 KiB per buffer, each time
+    assert big * 3 < default, (big, default)
+    assert bad >= 20 * 1000 and "ignoring USAF_MALLOC_THRESHOLD_MIB='lots'" in err, (bad, err)

@@ -5,7 +5,10 @@ and selection buffers stay in the heap, and oneDNN keeps one primitive per matmu
 most of the gap between the training and the inference peak. usaf therefore, at import:
 - sets glibc's trim and mmap thresholds to 1 MiB (big buffers go back to the OS when freed) and one arena;
 - caps oneDNN's primitive cache (``ONEDNN_PRIMITIVE_CACHE_CAPACITY``, default 32) unless the user set it.
-``USAF_NO_MALLOC_TUNING=1`` turns the glibc part off; ``USAF_NO_RUNTIME_TUNING=1`` turns both off (the
+``USAF_MALLOC_THRESHOLD_MIB`` (an integer, 1-32) sets both glibc thresholds instead of 1 MiB: buffers below it are
+then reused from the heap instead of mapped (and faulted in, zeroed) afresh, for faster CPU steps and a higher
+peak (docs/benchmarks.md, "glibc's thresholds"). ``USAF_NO_MALLOC_TUNING=1`` turns the glibc part off;
+``USAF_NO_RUNTIME_TUNING=1`` turns both off (the
 benchmarks' baseline methods run that way: the settings suit usaf's allocation pattern, not theirs - with
 them, PEFT LoRA on fused experts ran 1.8x slower, measured).
 """
@@ -17,6 +20,21 @@ import os
 import sys
 
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD, _M_ARENA_MAX = -1, -3, -8
+MALLOC_THRESHOLD = 1 << 20
+
+
+def malloc_threshold() -> int:
+    """glibc's trim and mmap thresholds in bytes: ``USAF_MALLOC_THRESHOLD_MIB`` MiB (1-32: glibc's mmap threshold
+    caps at 32 MiB), else 1 MiB. A bad value is named on stderr and ignored (this runs at import, before any
+    command line is parsed, and without torch: oneDNN reads its settings when torch loads)."""
+    raw = os.environ.get("USAF_MALLOC_THRESHOLD_MIB", "").strip()
+    if not raw:
+        return MALLOC_THRESHOLD
+    if not raw.isdigit() or not 1 <= int(raw) <= 32:
+        print(f"usaf: ignoring USAF_MALLOC_THRESHOLD_MIB={raw!r}: not a whole number of MiB from 1 to 32",
+              file=sys.stderr)
+        return MALLOC_THRESHOLD
+    return int(raw) << 20
 
 
 def tune() -> None:
@@ -30,8 +48,9 @@ def tune() -> None:
         return
     try:
         libc = ctypes.CDLL("libc.so.6")
-        libc.mallopt(_M_TRIM_THRESHOLD, 1 << 20)
-        libc.mallopt(_M_MMAP_THRESHOLD, 1 << 20)
+        size = malloc_threshold()
+        libc.mallopt(_M_TRIM_THRESHOLD, size)
+        libc.mallopt(_M_MMAP_THRESHOLD, size)
         libc.mallopt(_M_ARENA_MAX, 1)
     except (OSError, AttributeError):  # not glibc
         pass
