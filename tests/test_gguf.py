@@ -606,12 +606,14 @@ def test_gguf_stacks_on_the_cpu_stay_mapped_and_give_their_pages_back(files):
     grads = {}
     for tier in ("host", "auto"):
         h = load_prepared(str(path), cfg, torch.float32, "cpu", tier=tier)
+        usaf.select(h, [{"input_ids": ids, "labels": ids}])
         views = [t.data_ptr() in _MMAP_RANGES for m in h.layers for s in m.experts.frozen.values()
                  for t in s.tensors().values()]
         assert all(views) if tier == "auto" else not any(views)
         torch.manual_seed(0)
         for m in h.trainable_layers:
             for d in m.experts.deltas.values():
+                assert d.values.numel() > 0
                 d.values.data.normal_(0, 1e-2)
         pf = Prefetcher(h)
         h.model.train()

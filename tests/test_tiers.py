@@ -138,3 +138,32 @@ def test_a_skipped_layer_is_not_paged_back_in_after_its_eviction(tmp_path, monke
         last[i] = op
     assert start == 3
     assert all(last[i] == "evict" for i in last if i < start), log
+
+
+def test_merged_deltas_on_the_disk_tier_are_not_given_back(tmp_path):
+    """A trainable layer on the disk tier gives its pages back after each pass, but not while its deltas are
+    merged into the stacks: they live in the map's copy-on-write pages, and dropping those would silently
+    revert the base to the file's bytes (the second forward would then lack the deltas)."""
+    ckpt = save_tiny_checkpoint("mixtral", tmp_path / "c", per_expert=True)
+    cfg = usaf.UsafConfig(quant="none", density=0.05, train_layers="top:1")
+    outs = {}
+    for tier in ("host", "disk"):
+        h = stream.load_streamed(ckpt, cfg, dtype=torch.float32, cache_root=tmp_path / "q", tier=tier)
+        usaf.select(h, [{"input_ids": IDS, "labels": IDS}])
+        pf = Prefetcher(h)
+        with torch.no_grad():
+            base = h.model(IDS).logits
+            torch.manual_seed(0)
+            for m in h.trainable_layers:
+                for d in m.experts.deltas.values():
+                    assert d.values.numel() > 0
+                    d.values.normal_(0, 0.5)
+            plain = h.model(IDS).logits
+            h.merge()
+            outs[tier] = [h.model(IDS).logits for _ in range(2)]
+            h.unmerge()
+            after = h.model(IDS).logits
+        pf.close()
+        assert not torch.allclose(plain, base, atol=1e-3)  # the deltas change the logits
+        assert torch.allclose(outs[tier][0], plain, atol=1e-5) and torch.equal(after, plain)
+    assert torch.equal(outs["disk"][0], outs["disk"][1]) and torch.equal(outs["disk"][1], outs["host"][1])

@@ -99,6 +99,8 @@ class Prefetcher:
         layer.experts.set_mode(staged=None)
 
     def _evict(self, layer) -> None:
+        if layer.experts.merged:  # merged deltas live in the map's copy-on-write pages: dropping them would lose them
+            return
         # A read-ahead of this layer still queued or running would page it back in after the eviction (a
         # layer skipped by the suffix forward returns at once): cancel it, or wait for it, first.
         touch = self.pending.pop(id(layer), None)
