@@ -3,9 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 import weakref
 
 import pytest
@@ -474,42 +471,3 @@ def test_stages_around_the_step(qwen_dir):
     want = delta_bytes(count_model(model.config), Settings(density=0.05, train_layers="top:2"))
     assert abs(got - want) <= 0.01 * got, (got, want)
 
-
-_MAPPED = """
-import ctypes, importlib.util, sys, torch
-spec = importlib.util.spec_from_file_location("usaf_runtime", sys.argv[1])  # what `import usaf` runs first
-runtime = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(runtime)
-runtime.tune()
-
-class Info(ctypes.Structure):  # glibc's struct mallinfo2
-    _fields_ = [(n, ctypes.c_size_t) for n in ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks",
-                                                "fsmblks", "uordblks", "fordblks", "keepcost")]
-
-libc = ctypes.CDLL("libc.so.6")
-libc.mallinfo2.restype = Info
-before = libc.mallinfo2().hblkhd
-t = torch.empty(4 << 20, dtype=torch.uint8)  # a 4 MiB buffer, as a step's activations are
-print(libc.mallinfo2().hblkhd - before)  # bytes glibc mapped for it (0: taken from the heap)
-"""
-
-
-@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's malloc")
-def test_malloc_threshold_knob_serves_buffers_below_it_from_the_heap():
-    """``USAF_MALLOC_THRESHOLD_MIB``: a buffer below the threshold comes from the heap (reused there when freed,
-    with no page faults); by default (1 MiB) a 4 MiB buffer is mapped afresh (every page faulted in and zeroed
-    on first write). A bad value is named on stderr and ignored."""
-
-    def mapped(value):
-        env = dict(os.environ, USAF_MALLOC_THRESHOLD_MIB=value)
-        env.pop("USAF_NO_MALLOC_TUNING", None)
-        env.pop("USAF_NO_RUNTIME_TUNING", None)
-        src = os.path.join(os.path.dirname(plan.__file__), "..", "runtime.py")
-        p = subprocess.run([sys.executable, "-c", _MAPPED, src], env=env, capture_output=True, text=True, check=True)
-        return int(p.stdout.split()[-1]), p.stderr
-
-    default, _ = mapped("")
-    big, _ = mapped("16")
-    bad, err = mapped("lots")
-    assert default >= 4 << 20 and big == 0, (default, big)
-    assert bad >= 4 << 20 and "ignoring USAF_MALLOC_THRESHOLD_MIB='lots'" in err, (bad, err)

@@ -31,6 +31,7 @@ def test_budgets():
     assert choose_tier(10**9, "cpu", host_memory="8GB") == "host"
     assert choose_tier(10**10, "cpu", host_memory="8GB") == "disk"
     assert choose_tier(10**9, "cpu", device_memory="1GB", host_memory="64GB") == "disk"
+    assert choose_tier(10**9, "cpu", host_memory="8GB", in_file=True) == "disk"  # a GGUF stays mapped on the CPU
 
 
 @pytest.mark.cuda

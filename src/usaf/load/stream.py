@@ -391,11 +391,7 @@ def load_prepared(model: str, cfg: UsafConfig, dtype, device, trust_remote_code:
     family_for(load_config(model, trust_remote_code))
     if is_gguf(model):
         if tier == "auto":
-            tier = choose_tier(gguf_expert_bytes(model), device, device_memory, host_memory)
-            if tier == "host" and torch.device(device).type == "cpu":
-                # the file already holds the store's bytes: a copy in RAM would only duplicate its pages in
-                # the page cache; mapped, every layer gives its pages back after each use
-                tier = "disk"
+            tier = choose_tier(gguf_expert_bytes(model), device, device_memory, host_memory, in_file=True)
             log.info("frozen expert stacks (GGUF) on the %s tier", tier)
         handle = load_gguf(model, cfg, dtype=dtype, device=device, tier=tier, prefix_mapped=prefix_mapped)
         handle.model.to(device)

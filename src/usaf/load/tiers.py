@@ -25,9 +25,13 @@ from .mmap import evict, is_mapped
 log = logging.getLogger("usaf")
 
 
-def choose_tier(expert_bytes: int, device, device_memory=None, host_memory=None) -> str:
-    """Where the frozen expert stacks go: the fastest tier that holds them with room to spare."""
+def choose_tier(expert_bytes: int, device, device_memory=None, host_memory=None, in_file: bool = False) -> str:
+    """Where the frozen expert stacks go: the fastest tier that holds them with room to spare. ``in_file``: the
+    stacks are already a file in the store's format (a GGUF); on the CPU they then stay mapped (disk), since a
+    copy in RAM would only hold the page cache's bytes a second time."""
     device = torch.device(device)
+    if in_file and device.type == "cpu":
+        return "disk"
     host = parse_bytes(host_memory) or psutil.virtual_memory().available
     if device.type == "cuda":
         dev = parse_bytes(device_memory) or torch.cuda.mem_get_info(device)[0]

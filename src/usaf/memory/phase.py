@@ -95,7 +95,7 @@ def _place_block(
     piece) are reserved first; if any piece ends on disk, ``mapped`` bytes of its mmap pages stay resident
     in host RAM (reserved before placing, so the greedy fill leaves room for them). ``reserve``: device
     bytes to leave free for what is placed later (its streaming buffers at least). ``disk``: every piece stays
-    mapped whatever the budgets (a GGUF on the CPU: ``usaf.load.stream.load_prepared``).
+    mapped whatever the budgets (a GGUF on the CPU: ``usaf.load.tiers.choose_tier``'s ``in_file``).
     """
     total = sum(pieces)
     counts = {"device": 0, "host": 0, "disk": 0}

@@ -74,7 +74,7 @@ def delta_bytes(mc: ModelCounts, s: Settings) -> int:
 def expert_tier(mc: ModelCounts, s: Settings) -> str:
     """``usaf.load.tiers.choose_tier`` from the counts: the fastest tier that holds every frozen stack with room
     to spare (60% of the budget; the host budget being the RAM ``usaf train`` would find available). A GGUF's
-    stacks on the CPU stay mapped from the file (``usaf.load.stream.load_prepared``)."""
+    stacks on the CPU stay mapped from the file (``choose_tier``'s ``in_file``)."""
     if s.quant == "gguf" and s.cpu:
         return "disk"
     d = DTYPE_BYTES[s.dtype]
