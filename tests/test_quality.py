@@ -7,6 +7,7 @@ the corpora are small stand-ins in the same formats and the model is a tiny rand
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -28,7 +29,16 @@ from usaf.bench.methods import (
     parse_method,
     setup_method,
 )
-from usaf.bench.quality import expand_methods, load_task, parse_settings, run_quality, run_worker, task_files
+from usaf.bench.quality import (
+    expand_methods,
+    load_task,
+    parse_settings,
+    read_task,
+    run_quality,
+    run_worker,
+    save_task,
+    task_files,
+)
 from usaf.testing import save_tiny_checkpoint
 
 RST = """\
@@ -312,6 +322,28 @@ def test_method_specs_and_grids(setup):
     with pytest.raises(ValueError, match="alloc=layer needs rigl=0"):  # refused before a worker starts
         parse_method("usaf/alloc=layer", cfg)
     assert parse_method("usaf/alloc=layer/rigl=0", cfg).opts["alloc"] == "layer"
+
+
+@pytest.mark.parametrize("task", ["docs", "chat"])
+def test_task_file_holds_the_batches_the_worker_would_tokenize(setup, tmp_path, task):
+    """The parent tokenizes each task once and its workers read the file: the same batches, bit for bit, and the
+    same perplexity as the worker that tokenizes the files itself."""
+    from usaf.load.hf import load_tokenizer
+
+    cfg, _ = setup
+    cfg = dict(cfg, seq=256)
+    data = load_task(cfg, task, load_tokenizer(cfg["model_dir"]), task_files(task, Path(cfg["data_dir"])))
+    save_task(data, tmp_path / "t.safetensors")
+    back = read_task(tmp_path / "t.safetensors")
+    assert set(back) == set(data)
+    for k in ("train", "eval", "general", "calib"):
+        assert len(back[k]) == len(data[k]) > 0
+        for a, b in zip(back[k], data[k]):
+            assert set(a) == set(b) and all(torch.equal(a[n], b[n]) for n in a)
+    assert back["train_tokens"] == data["train_tokens"] and back.get("prompts") == data.get("prompts")
+    if task == "docs":
+        via_file = run_worker("base", task, dict(cfg, task_data={task: str(tmp_path / "t.safetensors")}))
+        assert via_file["ppl_domain"] == run_worker("base", task, cfg)["ppl_domain"]
 
 
 def test_worker_reports(setup):
