@@ -268,8 +268,11 @@ def test_router_master_weights_follow_adamw():
     assert torch.equal(p.detach(), master.detach().to(torch.bfloat16))
 
 
-def test_reselection_keeps_budget_values_and_moments():
-    _, model, handle = _prepared("qwen3_moe", density=0.05)
+@pytest.mark.parametrize("allocation", ["global", "layer", "stack"])
+def test_reselection_keeps_budget_values_and_moments(allocation):
+    """RigL keeps the budget (with ``layer`` / ``stack`` allocations: each unit's own count, the fraction
+    replaced within each unit), the kept elements' values and moments, and grows with zeros."""
+    _, model, handle = _prepared("qwen3_moe", density=0.05, allocation=allocation)
     seq = torch.arange(24) % 7 + 10
     batches = [{"input_ids": seq.repeat(2, 1), "labels": seq.repeat(2, 1)}]
     rep = usaf.select(handle, batches)
@@ -285,8 +288,23 @@ def test_reselection_keeps_budget_values_and_moments():
         for i, v, m1, m2 in zip(d.indices.tolist(), d.values.tolist(), st["exp_avg"].tolist(),
                                 st["exp_avg_sq"].tolist()):
             before[(key, i)] = (v, m1, m2)
+    units = {}  # budget unit -> its active count
+    for m in handle.trainable_layers:
+        for n in m.experts.names:
+            u = "all" if allocation == "global" else m.index if allocation == "layer" else (m.index, n)
+            units[u] = units.get(u, 0) + len(m.experts.deltas[n])
     r = usaf.reselect(handle, opt, batches, fraction=0.3)
     assert r["grown"] > 0 and handle.active() == rep["active"]
+    after = {}
+    for m in handle.trainable_layers:
+        for n in m.experts.names:
+            u = "all" if allocation == "global" else m.index if allocation == "layer" else (m.index, n)
+            new = sum(i not in {j for (k, j) in before if k == m.key(n)} for i in m.experts.deltas[n].indices.tolist())
+            c, g = after.get(u, (0, 0))
+            after[u] = (c + len(m.experts.deltas[n]), g + new)
+    assert {u: c for u, (c, _) in after.items()} == units  # every unit keeps its count
+    if allocation != "global":  # each unit replaced the fraction of its own elements
+        assert {u: g for u, (_, g) in after.items()} == {u: round(0.3 * c) for u, c in units.items()}
     kept = grown = 0
     for key, d in handle.deltas().items():
         st = opt.state_of(d.values)

@@ -319,9 +319,10 @@ def test_method_specs_and_grids(setup):
         parse_method("qlora", cfg)
     with pytest.raises(ValueError, match="not key=value"):
         parse_method("usaf/rank=4", cfg)
-    with pytest.raises(ValueError, match="alloc=layer needs rigl=0"):  # refused before a worker starts
-        parse_method("usaf/alloc=layer", cfg)
-    assert parse_method("usaf/alloc=layer/rigl=0", cfg).opts["alloc"] == "layer"
+    with pytest.raises(ValueError, match="alloc=expert needs rigl=0"):  # refused before a worker starts
+        parse_method("usaf/alloc=expert", cfg)
+    assert parse_method("usaf/alloc=expert/rigl=0", cfg).opts["alloc"] == "expert"
+    assert parse_method("usaf/alloc=layer", cfg).opts["alloc"] == "layer"  # RigL keeps per-layer budgets
 
 
 @pytest.mark.parametrize("task", ["docs", "chat"])

@@ -71,9 +71,9 @@ def test_scores_match_their_definition_on_dense_gradients(score):
         assert len(got & want) >= 0.98 * k, (score, m.index, len(got & want), k)
 
 
-@pytest.mark.parametrize("allocation", ["global", "layer", "expert", "channel"])
+@pytest.mark.parametrize("allocation", ["global", "layer", "expert", "stack", "channel"])
 def test_allocations_spend_the_budget_in_their_units(allocation):
-    _, handle = _prepared(allocation=allocation, density=0.05)
+    stock, handle = _prepared(allocation=allocation, density=0.05)
     rep = usaf.select(handle, BATCHES)
     assert rep["active"] == handle.budget() == rep["budget"]
     layers = handle.trainable_layers
@@ -86,6 +86,16 @@ def test_allocations_spend_the_budget_in_their_units(allocation):
         got = [sum(int(((d.indices >= e * d.per_expert) & (d.indices < (e + 1) * d.per_expert)).sum())
                    for d in (m.experts.deltas[n] for n in NAMES)) for m, e in units]
         assert got == want
+    if allocation == "stack":  # each stack of each layer its own density, its best elements by score
+        units = [(m, n) for m in layers for n in NAMES]
+        want = quotas([m.experts.deltas[n].numel for m, n in units], handle.budget())
+        assert [len(m.experts.deltas[n]) for m, n in units] == want
+        grads = _dense_grads(stock, list(handle.deltas()))
+        for m, n in units:  # the default score, |sum dL/dW|, ranked within the stack
+            s = sum(g[f"{m.prefix}.{n}"] for g in grads).abs().reshape(-1)
+            d = m.experts.deltas[n]
+            top = set(torch.topk(s, len(d)).indices.tolist())
+            assert len(top & set(d.indices.tolist())) >= 0.98 * len(d), (m.index, n)
     if allocation == "channel":  # whole channels (gate row, up row, down column), at most one partial
         partial = 0
         for m in layers:
@@ -101,7 +111,7 @@ def test_allocations_spend_the_budget_in_their_units(allocation):
                     partial += 0 < hit < full
 
 
-@pytest.mark.parametrize("allocation", ["channel", "expert"])
+@pytest.mark.parametrize("allocation", ["channel", "expert", "stack"])
 def test_sparse_gradients_stay_exact_after_any_selection(allocation):
     stock, handle = _prepared(allocation=allocation, density=0.05)
     usaf.select(handle, BATCHES)
@@ -119,7 +129,7 @@ def test_random_score_is_seeded_and_allocation_refuses_rigl():
     usaf.select(a, BATCHES)
     usaf.select(b, BATCHES)
     assert all(torch.equal(x.indices, y.indices) for x, y in zip(a.deltas().values(), b.deltas().values()))
-    _, h = _prepared(allocation="layer", density=0.05)
+    _, h = _prepared(allocation="expert", density=0.05)
     usaf.select(h, BATCHES)
     with pytest.raises(ValueError, match="RigL"):
         usaf.reselect(h, None, BATCHES, 0.3)
@@ -144,7 +154,7 @@ def test_selection_and_reselection_with_null_experts(allocation, score):
         sum(d.numel for d in handle.deltas().values())
     rep = usaf.select(handle, BATCHES)
     assert rep["active"] == handle.budget() == rep["budget"] and live()
-    if allocation == "global":
+    if allocation in ("global", "layer"):
         opt = usaf.UsafOptimizer(handle, lr=0.02)
         handle.model(**BATCHES[0]).loss.backward()
         opt.step()

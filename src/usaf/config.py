@@ -45,9 +45,9 @@ class UsafConfig:
                               "sq = sum grad^2 (Fisher), adam = (sum grad)^2 / sqrt(sum grad^2), gw = |w| x sum |grad|, "
                               "random (a control)", choices=("abs", "sq", "signed", "adam", "gw", "random"))
     allocation: str = _f("global", "how the budget is spread: global (one threshold, each layer capped at "
-                                   "layer_share_cap x its share) | layer | expert (each gets its own density) | "
+                                   "layer_share_cap x its share) | layer | expert | stack (each gets its own density) | "
                                    "channel (whole expert channels: gate row, up row, down column)",
-                         choices=("global", "layer", "expert", "channel"))
+                         choices=("global", "layer", "expert", "stack", "channel"))
     score_seed: int = _f(0, "seed of the random score (score=random)")
     score_dtype: str = _f("bf16", "dtype of the dense importance buffers: bf16 (half the memory) | fp32",
                           choices=("bf16", "fp32"))
@@ -141,9 +141,9 @@ class TrainConfig:
             (cfg.max_skips >= 0, f"--max-skips must be >= 0, got {cfg.max_skips}"),
             (u.group_size >= 1, f"--group-size must be at least 1, got {u.group_size}"),
         ]
-        checks.append((u.allocation == "global" or cfg.reselect_every == 0,
+        checks.append((u.allocation in ("global", "layer", "stack") or cfg.reselect_every == 0,
                        f"--allocation {u.allocation} keeps a fixed budget per unit: use --reselect-every 0 "
-                       f"(RigL reselection needs --allocation global)"))
+                       f"(RigL reselection needs --allocation global, layer or stack)"))
         for ok, msg in checks:
             if not ok:
                 raise ValueError(msg)

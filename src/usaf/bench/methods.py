@@ -34,7 +34,7 @@ from ..engine.linear import shared_expert_linears
 from ..engine.loss import lm_loss, token_weighted_loss
 from ..engine.model import decoder_layers, parse_layers
 from ..engine.optim import lr_lambda
-from ..engine.rigl import drop_fraction, reselect
+from ..engine.rigl import RESELECTABLE, drop_fraction, reselect
 from ..memory.policy import use_checkpointing
 from .harness import rss_mb
 
@@ -93,10 +93,10 @@ def parse_method(spec: str, settings: dict) -> Method:
             opts[key] = settings[SETTING_DEFAULTS.get((name, key), key)]
     if opts.get("dtype", "bf16") not in ("bf16", "fp32"):
         raise ValueError(f"method {spec!r}: dtype must be bf16 or fp32, got {opts['dtype']!r}")
-    if name == "usaf" and opts["alloc"] != "global" and int(opts["rigl"] or 0) > 0:
-        # refused here, before any worker starts (RigL reselection keeps one global budget)
-        raise ValueError(f"method {spec!r}: alloc={opts['alloc']} needs rigl=0 (RigL reselection keeps a global "
-                         f"budget)")
+    if name == "usaf" and opts["alloc"] not in RESELECTABLE and int(opts["rigl"] or 0) > 0:
+        # refused here, before any worker starts (RigL reselection keeps a global, per-layer or per-stack budget)
+        raise ValueError(f"method {spec!r}: alloc={opts['alloc']} needs rigl=0 (RigL reselection keeps a global, "
+                         f"per-layer or per-stack budget)")
     return Method(spec, name, opts)
 
 

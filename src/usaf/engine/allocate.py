@@ -7,6 +7,9 @@
   near the budget);
 - ``layer``: every layer gets the density of its own elements (largest-remainder quotas, exact in total);
 - ``expert``: every expert of every layer gets the density of its own elements;
+- ``stack``: every expert stack of every layer (``gate_up_proj``, ``down_proj``, ...) gets the density of its
+  own elements, the best of each by score: a stack whose gradients are smaller in scale (the moefy bed's
+  ``down_proj``, which the global threshold left almost empty) still trains its share;
 - ``channel``: structured: whole channels ``j`` of an expert (gate row ``j``, up row ``j``, down column
   ``j``: the weights of one intermediate neuron, ``3H`` elements; ``2H`` without a gate), the best by summed
   score over all layers; the budget's remainder (less than one channel) is the first elements of the next
@@ -28,7 +31,7 @@ SCORES = ("abs", "sq", "signed", "gw", "random")
 def score_dtype(cfg) -> torch.dtype:
     """The dtype of the dense score buffers (``UsafConfig.score_dtype``)."""
     return torch.float32 if cfg.score_dtype == "fp32" else torch.bfloat16
-ALLOCATIONS = ("global", "layer", "expert", "channel")
+ALLOCATIONS = ("global", "layer", "expert", "stack", "channel")
 
 
 def quotas(sizes: list[int], budget: int) -> list[int]:
@@ -103,6 +106,11 @@ def layer_pick(m: MoeLayer, scores: dict[str, torch.Tensor], k: int) -> dict[str
     flat = torch.cat([scores[n] for n in names])
     top = torch.topk(flat, min(k, flat.numel()), sorted=False).indices
     return _split(top, names, [scores[n].numel() for n in names], [0] * len(names))
+
+
+def stack_pick(scores: dict[str, torch.Tensor], ks: dict[str, int]) -> dict[str, torch.Tensor]:
+    """The ``ks[stack]`` best elements of each stack of one layer."""
+    return {n: torch.topk(s, min(ks[n], s.numel()), sorted=False).indices for n, s in scores.items()}
 
 
 def expert_pick(m: MoeLayer, scores: dict[str, torch.Tensor], ks: list[int]) -> dict[str, torch.Tensor]:

@@ -4,6 +4,10 @@ Every R steps: a fraction ``f(t)`` (cosine decay to 0) of the active elements wi
 ``|delta|`` is dropped (they revert to the base: the effective model is always base + current deltas);
 as many currently inactive elements with the largest recent gradient magnitude are grown with value 0
 and zero moments. Kept elements keep their values and AdamW moments.
+
+With ``allocation`` ``layer`` or ``stack`` every unit (a layer; a stack of a layer) keeps its own count: the
+fraction is dropped and grown within each unit, so the per-unit budgets of the selection hold through
+training. The other fixed allocations (``expert``, ``channel``) train without reselection.
 """
 
 from __future__ import annotations
@@ -26,18 +30,33 @@ def drop_fraction(step: int, total_steps: int, initial: float) -> float:
     return initial * 0.5 * (1 + math.cos(math.pi * t))
 
 
+RESELECTABLE = ("global", "layer", "stack")  # the allocations RigL keeps (globally, per layer, per stack)
+
+
+def _unit(allocation: str, layer: int, name: str):
+    """The budget unit of stack ``name`` of layer ``layer``: one for all (global), the layer, or the stack."""
+    return None if allocation == "global" else layer if allocation == "layer" else (layer, name)
+
+
 @torch.no_grad()
-def _drop_masks(handle: UsafModel, k: int) -> dict[str, torch.Tensor]:
-    """Boolean keep-masks per delta after dropping the ``k`` globally smallest ``|values|``."""
-    deltas = handle.deltas()
-    mags = torch.cat([d.values.detach().abs().float().cpu() for d in deltas.values()])
-    keep = torch.ones(mags.numel(), dtype=torch.bool)
-    if k > 0:
-        keep[torch.topk(mags, k, largest=False, sorted=False).indices] = False
-    out, pos = {}, 0
-    for key, d in deltas.items():
-        out[key] = keep[pos : pos + len(d)].to(d.values.device)
-        pos += len(d)
+def _drop_masks(handle: UsafModel, ks: dict) -> dict[str, torch.Tensor]:
+    """Boolean keep-masks per delta after dropping, in every budget unit ``u``, its ``ks[u]`` smallest
+    ``|values|``."""
+    alloc = handle.config.allocation
+    groups: dict = {}
+    for m in handle.trainable_layers:
+        for n in m.experts.names:
+            groups.setdefault(_unit(alloc, m.index, n), []).append((m.key(n), m.experts.deltas[n]))
+    out = {}
+    for u, members in groups.items():
+        mags = torch.cat([d.values.detach().abs().float().cpu() for _, d in members])
+        keep = torch.ones(mags.numel(), dtype=torch.bool)
+        if ks.get(u, 0) > 0:
+            keep[torch.topk(mags, ks[u], largest=False, sorted=False).indices] = False
+        pos = 0
+        for key, d in members:
+            out[key] = keep[pos : pos + len(d)].to(d.values.device)
+            pos += len(d)
     return out
 
 
@@ -49,19 +68,37 @@ def reselect(handle: UsafModel, opt: UsafOptimizer | None, batches: Iterable[dic
     streamed in the backward), or with ``exact`` by the selection's own score (``config.score``, e.g. ``|Σg|``)
     over every inactive element: the calibration pass and replay of :func:`usaf.engine.select.candidates`."""
     t0 = time.perf_counter()
-    if handle.config.allocation != "global" and fraction > 0:
-        raise ValueError(f"RigL reselection keeps a global budget; allocation={handle.config.allocation!r} "
+    alloc = handle.config.allocation
+    if alloc not in RESELECTABLE and fraction > 0:
+        raise ValueError(f"RigL reselection keeps a global, per-layer or per-stack budget; allocation={alloc!r} "
                          f"trains without it (--reselect-every 0)")
     active = handle.expert_active()  # the attention and shared-expert deltas keep their sets (selected once)
     k = int(round(fraction * active))
     if k == 0:
         return {"dropped": 0, "grown": 0, "active": handle.active(), "seconds": time.perf_counter() - t0}
-    # Grow candidates are scored with the current effective weights, excluding the active set.
+    # Grow candidates are scored with the current effective weights, excluding the active set. Each stack's
+    # pool holds up to layer_share_cap x its fair share of k: enough for any unit's own count.
     cands = candidates(handle, batches, k, exclude_active=True, loss_fn=loss_fn, n_batches=n_batches,
                        streaming=not exact)
-    grown = pick(cands, k)
-    n_grow = sum(v.numel() for v in grown.values())
-    keep = _drop_masks(handle, n_grow)  # drop exactly as many as can be grown: the budget is kept
+    if alloc == "global":
+        grown = pick(cands, k)
+        ks = {None: sum(v.numel() for v in grown.values())}
+    else:  # each unit replaces the fraction of its own active elements, from its own candidates
+        by_unit: dict = {}
+        for c in cands:
+            by_unit.setdefault(_unit(alloc, c[0].index, c[1]), []).append(c)
+        sizes: dict = {}
+        for m in handle.trainable_layers:
+            for n in m.experts.names:
+                u = _unit(alloc, m.index, n)
+                sizes[u] = sizes.get(u, 0) + len(m.experts.deltas[n])
+        grown, ks = {}, {}
+        for u, size in sizes.items():
+            g = pick(by_unit.get(u, []), int(round(fraction * size)))
+            grown.update(g)
+            ks[u] = sum(v.numel() for v in g.values())
+    n_grow = sum(ks.values())
+    keep = _drop_masks(handle, ks)  # drop exactly as many as can be grown, unit by unit: the budgets are kept
     with torch.no_grad():
         for m in handle.trainable_layers:
             for n in m.experts.names:

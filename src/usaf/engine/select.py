@@ -38,6 +38,7 @@ from .allocate import (
     prune,
     quotas,
     score_dtype,
+    stack_pick,
 )
 from .attention import LinearScores, random_scores, scored_linears, select_linears
 from .checkpointing import lean_passes
@@ -310,7 +311,7 @@ def _dtype_power(handle: UsafModel) -> tuple[torch.dtype, int]:
 
 def scored_layers(handle: UsafModel, cal: Calibration):
     """Yield ``(layer, {stack: flat scores})`` (:func:`final_scores`, whole layers) for every trainable layer,
-    from the top (the ``layer`` / ``expert`` / ``channel`` allocations)."""
+    from the top (the ``layer`` / ``expert`` / ``stack`` / ``channel`` allocations)."""
     cfg = handle.config
     dtype, power = _dtype_power(handle)
     layers = list(reversed(handle.trainable_layers))
@@ -506,7 +507,7 @@ def select(handle: UsafModel, batches: Iterable[dict], density: float | None = N
 
 
 def _allocate(handle: UsafModel, budget: int, cal: Calibration) -> dict:
-    """The ``layer`` / ``expert`` / ``channel`` allocations (exact budget; see :mod:`usaf.engine.allocate`)."""
+    """The ``layer`` / ``expert`` / ``stack`` / ``channel`` allocations (exact budget; see :mod:`usaf.engine.allocate`)."""
     cfg = handle.config
     layers = handle.trainable_layers
     sizes = {m.index: [m.experts.deltas[n].per_expert for n in m.experts.names] for m in layers}
@@ -516,12 +517,18 @@ def _allocate(handle: UsafModel, budget: int, cal: Calibration) -> dict:
     elif cfg.allocation == "expert":
         units = [(m.index, e) for m in layers for e in range(m.experts.num_experts)]
         share = dict(zip(units, quotas([sum(sizes[i]) for i, _ in units], budget)))
+    elif cfg.allocation == "stack":
+        units = [(m.index, n) for m in layers for n in m.experts.names]
+        share = dict(zip(units, quotas([m.experts.deltas[n].per_expert * m.experts.num_experts
+                                        for m in layers for n in m.experts.names], budget)))
     out, channels = {}, {}
     for m, scores in scored_layers(handle, cal):
         if cfg.allocation == "layer":
             picked = layer_pick(m, scores, share[m.index])
         elif cfg.allocation == "expert":
             picked = expert_pick(m, scores, [share[(m.index, e)] for e in range(m.experts.num_experts)])
+        elif cfg.allocation == "stack":
+            picked = stack_pick(scores, {n: share[(m.index, n)] for n in m.experts.names})
         else:
             channels[m.index] = channel_scores(m, scores).cpu()
             picked = {}
