@@ -141,6 +141,7 @@ class TrainConfig:
             (cfg.max_skips >= 0, f"--max-skips must be >= 0, got {cfg.max_skips}"),
             (u.group_size >= 1, f"--group-size must be at least 1, got {u.group_size}"),
         ]
+        # the allocations RigL keeps (usaf.engine.rigl.RESELECTABLE; config imports nothing of the engine)
         checks.append((u.allocation in ("global", "layer", "stack") or cfg.reselect_every == 0,
                        f"--allocation {u.allocation} keeps a fixed budget per unit: use --reselect-every 0 "
                        f"(RigL reselection needs --allocation global, layer or stack)"))

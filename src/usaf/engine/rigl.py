@@ -77,7 +77,8 @@ def reselect(handle: UsafModel, opt: UsafOptimizer | None, batches: Iterable[dic
     if k == 0:
         return {"dropped": 0, "grown": 0, "active": handle.active(), "seconds": time.perf_counter() - t0}
     # Grow candidates are scored with the current effective weights, excluding the active set. Each stack's
-    # pool holds up to layer_share_cap x its fair share of k: enough for any unit's own count.
+    # pool holds up to layer_share_cap (4) x its fair share of k: a unit's own count whenever each stack is at
+    # least a quarter of its layer (gate_up / down: two thirds / one third).
     cands = candidates(handle, batches, k, exclude_active=True, loss_fn=loss_fn, n_batches=n_batches,
                        streaming=not exact)
     if alloc == "global":
