@@ -299,7 +299,8 @@ def test_reselection_keeps_budget_values_and_moments(allocation):
     for m in handle.trainable_layers:
         for n in m.experts.names:
             u = "all" if allocation == "global" else m.index if allocation == "layer" else (m.index, n)
-            new = sum(i not in {j for (k, j) in before if k == m.key(n)} for i in m.experts.deltas[n].indices.tolist())
+            had = {j for (k, j) in before if k == m.key(n)}
+            new = sum(i not in had for i in m.experts.deltas[n].indices.tolist())
             c, g = after.get(u, (0, 0))
             after[u] = (c + len(m.experts.deltas[n]), g + new)
     assert {u: c for u, (c, _) in after.items()} == units  # every unit keeps its count

@@ -217,10 +217,11 @@ def read_task(path: Path) -> dict:
         if meta.get("format") != "usaf-quality-task-1":
             raise ValueError(f"bench quality: {path} is not a task file of this version")
         flat = {k: f.get_tensor(k) for k in f.keys()}
-    out: dict = {}
-    for s in _SETS:
-        n = len({k.split(".")[1] for k in flat if k.startswith(s + ".")})
-        out[s] = [{k.split(".")[2]: v for k, v in flat.items() if k.startswith(f"{s}.{i}.")} for i in range(n)]
+    grouped: dict = {s: {} for s in _SETS}  # set -> batch number -> {field: tensor}
+    for key, v in flat.items():
+        s, i, name = key.split(".")
+        grouped[s].setdefault(int(i), {})[name] = v
+    out: dict = {s: [grouped[s][i] for i in range(len(grouped[s]))] for s in _SETS}
     out["calib"] = out["train"][: int(meta["calib"])]
     out["train_tokens"] = int(meta["train_tokens"])
     prompts = json.loads(meta["prompts"])

@@ -38,15 +38,20 @@ def _unit(allocation: str, layer: int, name: str):
     return None if allocation == "global" else layer if allocation == "layer" else (layer, name)
 
 
-@torch.no_grad()
-def _drop_masks(handle: UsafModel, ks: dict) -> dict[str, torch.Tensor]:
-    """Boolean keep-masks per delta after dropping, in every budget unit ``u``, its ``ks[u]`` smallest
-    ``|values|``."""
+def _units(handle: UsafModel) -> dict:
+    """``{budget unit: [(delta key, delta)]}`` of the expert stacks, in the model's order."""
     alloc = handle.config.allocation
     groups: dict = {}
     for m in handle.trainable_layers:
         for n in m.experts.names:
             groups.setdefault(_unit(alloc, m.index, n), []).append((m.key(n), m.experts.deltas[n]))
+    return groups
+
+
+@torch.no_grad()
+def _drop_masks(groups: dict, ks: dict) -> dict[str, torch.Tensor]:
+    """Boolean keep-masks per delta after dropping, in every budget unit ``u`` of ``groups`` (:func:`_units`),
+    its ``ks[u]`` smallest ``|values|``."""
     out = {}
     for u, members in groups.items():
         mags = torch.cat([d.values.detach().abs().float().cpu() for _, d in members])
@@ -81,6 +86,7 @@ def reselect(handle: UsafModel, opt: UsafOptimizer | None, batches: Iterable[dic
     # least a quarter of its layer (gate_up / down: two thirds / one third).
     cands = candidates(handle, batches, k, exclude_active=True, loss_fn=loss_fn, n_batches=n_batches,
                        streaming=not exact)
+    groups = _units(handle)
     if alloc == "global":
         grown = pick(cands, k)
         ks = {None: sum(v.numel() for v in grown.values())}
@@ -88,18 +94,13 @@ def reselect(handle: UsafModel, opt: UsafOptimizer | None, batches: Iterable[dic
         by_unit: dict = {}
         for c in cands:
             by_unit.setdefault(_unit(alloc, c[0].index, c[1]), []).append(c)
-        sizes: dict = {}
-        for m in handle.trainable_layers:
-            for n in m.experts.names:
-                u = _unit(alloc, m.index, n)
-                sizes[u] = sizes.get(u, 0) + len(m.experts.deltas[n])
         grown, ks = {}, {}
-        for u, size in sizes.items():
-            g = pick(by_unit.get(u, []), int(round(fraction * size)))
+        for u, members in groups.items():
+            g = pick(by_unit.get(u, []), int(round(fraction * sum(len(d) for _, d in members))))
             grown.update(g)
             ks[u] = sum(v.numel() for v in g.values())
     n_grow = sum(ks.values())
-    keep = _drop_masks(handle, ks)  # drop exactly as many as can be grown, unit by unit: the budgets are kept
+    keep = _drop_masks(groups, ks)  # drop exactly as many as can be grown, unit by unit: the budgets are kept
     with torch.no_grad():
         for m in handle.trainable_layers:
             for n in m.experts.names:
