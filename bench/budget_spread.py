@@ -3,7 +3,7 @@
 Runs the selection of one usaf method of ``usaf bench quality`` (its data and settings; ``--quick`` size with
 the given overrides) in this process, without training, and prints for each trainable layer and stack: the
 active count, how many input columns and output rows hold any, and the share held by the top 5 columns, the
-top 10% of columns and the top 10% of rows.
+top 10% of columns and the top 10% of rows (a JSON line each).
 
     python bench/budget_spread.py BED TASK [METHOD] [key=value ...]
     python bench/budget_spread.py upcycle chat usaf/rigl=0 calib=4 layers=top:8 seq=256
@@ -12,6 +12,7 @@ top 10% of columns and the top 10% of rows.
 from __future__ import annotations
 
 import argparse
+import json
 import tempfile
 from pathlib import Path
 
@@ -56,7 +57,7 @@ def main() -> None:
         data = load_task(run, a.task, load_tokenizer(run["model_dir"]), task_files(a.task, Path(run["data_dir"])))
         st = setup_method(parse_method(a.method, run), run, run["model_dir"], data)
         for row in spread(st.handle):
-            print(row)
+            print(json.dumps(row))  # one JSON line per layer and stack
 
 
 if __name__ == "__main__":

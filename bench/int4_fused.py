@@ -31,6 +31,7 @@ from usaf.engine.quant import QuantizedTensor, QuantSpec
 def repack(q: QuantizedTensor, e: int, rows: int, cols: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Expert ``e`` of ``q`` (4-bit, groups along ``cols``) as the fused kernel's packed codes and scales/zeros."""
     gs = q.group_size
+    assert cols % gs == 0, "the kernel's groups run along a row: each of usaf's groups must lie in one row"
     b = q.qdata[e].view(-1, gs // 2)  # per group: low nibbles hold the first half, high nibbles the second
     codes = torch.cat([b & 0x0F, b >> 4], 1).reshape(rows, cols).to(torch.int32)
     packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes, 2)
