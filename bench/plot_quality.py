@@ -21,7 +21,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 
 def points(paths: list[str]) -> dict:
-    """``{(bed, task): {"base": rec, "rows": {key: best rec}}}`` with ``key`` the spec without ``lr=``."""
+    """``{(bed, task): {"base": rec, "rows": {key: best rec}}}`` with ``key`` the spec without ``lr=`` (plain
+    ``usaf`` as ``usaf/density=D``, its density from the record's options)."""
     out: dict = defaultdict(lambda: {"base": None, "rows": {}})
     for p in paths:
         doc = json.load(open(p))
@@ -34,8 +35,9 @@ def points(paths: list[str]) -> dict:
                     if "error" in r:
                         continue
                     key = re.sub(r"/lr=[^/]+", "", r["method"])
-                    if key == "usaf":  # the default density: a point of the density line
-                        key = f"usaf/density={r['options']['density']:g}"
+                    density = r.get("options", {}).get("density")
+                    if key == "usaf" and density is not None:  # the default density: a point of the density line
+                        key = f"usaf/density={density:g}"
                     best = slot["rows"].get(key)
                     if best is None or r["ppl_domain"] < best["ppl_domain"]:
                         slot["rows"][key] = r
@@ -97,7 +99,8 @@ def tables(data: dict) -> str:
         out.append("|---|---|---|---|---|---|---|---|---|")
         for key, r in sorted(slot["rows"].items(), key=lambda kv: (kv[0].split("/")[0], kv[1]["trainable_params"])):
             lr = re.search(r"/lr=([^/]+)", r["method"])
-            out.append(f"| {key} | {lr.group(1) if lr else r.get('options', {}).get('lr', '-')} | {r['ppl_domain']:.3f} | {r['ppl_general']:.3f} "
+            lr = lr.group(1) if lr else f"{r.get('options', {}).get('lr', 0):g} (default)"
+            out.append(f"| {key} | {lr} | {r['ppl_domain']:.3f} | {r['ppl_general']:.3f} "
                        f"({r['ppl_general'] - b['ppl_general']:+.2f}) | {r['trainable_params']:,} | "
                        f"{r.get('steps_peak_rss_mb') or 0:.0f} | {r.get('train_added_mb') or 0:.0f} | "
                        f"{r['tokens_per_s']:.0f} | {r['shipped_bytes'] / 1e6:.2f} |")
