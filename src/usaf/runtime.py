@@ -7,7 +7,9 @@ most of the gap between the training and the inference peak. usaf therefore, at 
 - caps oneDNN's primitive cache (``ONEDNN_PRIMITIVE_CACHE_CAPACITY``, default 32) unless the user set it.
 ``USAF_MALLOC_THRESHOLD_MIB`` (an integer, 1-32) sets both glibc thresholds instead of 1 MiB: buffers below it are
 then reused from the heap instead of mapped (and faulted in, zeroed) afresh, for faster CPU steps and a higher
-peak (docs/benchmarks.md, "glibc's thresholds"). ``USAF_NO_MALLOC_TUNING=1`` turns the glibc part off;
+peak (docs/benchmarks.md, "glibc's thresholds"). ``USAF_MALLOC_THRESHOLD_KIB`` (64-32768) sets them in KiB, and
+below 1 MiB the other way: the heap then keeps fewer freed buffers between steps, for a lower peak and slower
+steps (docs/quality.md, "What the memory usaf's training adds is made of"). ``USAF_NO_MALLOC_TUNING=1`` turns the glibc part off;
 ``USAF_NO_RUNTIME_TUNING=1`` turns both off (the
 benchmarks' baseline methods run that way: the settings suit usaf's allocation pattern, not theirs - with
 them, PEFT LoRA on fused experts ran 1.8x slower, measured).
@@ -24,17 +26,20 @@ MALLOC_THRESHOLD = 1 << 20
 
 
 def malloc_threshold() -> int:
-    """glibc's trim and mmap thresholds in bytes: ``USAF_MALLOC_THRESHOLD_MIB`` MiB (1-32: glibc's mmap threshold
-    caps at 32 MiB), else 1 MiB. A bad value is named on stderr and ignored (this runs at import, before any
-    command line is parsed, and without torch: oneDNN reads its settings when torch loads)."""
-    raw = os.environ.get("USAF_MALLOC_THRESHOLD_MIB", "").strip()
-    if not raw:
-        return MALLOC_THRESHOLD
-    if not raw.isdigit() or not 1 <= int(raw) <= 32:
-        print(f"usaf: ignoring USAF_MALLOC_THRESHOLD_MIB={raw!r}: not a whole number of MiB from 1 to 32",
-              file=sys.stderr)
-        return MALLOC_THRESHOLD
-    return int(raw) << 20
+    """glibc's trim and mmap thresholds in bytes: ``USAF_MALLOC_THRESHOLD_KIB`` KiB (64-32768), else
+    ``USAF_MALLOC_THRESHOLD_MIB`` MiB (1-32: glibc's mmap threshold caps at 32 MiB), else 1 MiB. A bad value is
+    named on stderr and ignored (this runs at import, before any command line is parsed, and without torch:
+    oneDNN reads its settings when torch loads)."""
+    for name, low, high, shift in (("USAF_MALLOC_THRESHOLD_KIB", 64, 32 << 10, 10),
+                                   ("USAF_MALLOC_THRESHOLD_MIB", 1, 32, 20)):
+        raw = os.environ.get(name, "").strip()
+        if not raw:
+            continue
+        if raw.isdigit() and low <= int(raw) <= high:
+            return int(raw) << shift
+        unit = "KiB" if shift == 10 else "MiB"
+        print(f"usaf: ignoring {name}={raw!r}: not a whole number of {unit} from {low} to {high}", file=sys.stderr)
+    return MALLOC_THRESHOLD
 
 
 def tune() -> None:
