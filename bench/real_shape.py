@@ -49,12 +49,6 @@ def peak_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-class _MallInfo2(__import__("ctypes").Structure):
-    _fields_ = [(n, __import__("ctypes").c_size_t) for n in
-                ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks", "fordblks",
-                 "keepcost")]
-
-
 def heap_in_use() -> int:
     """Bytes the process has allocated with malloc and not freed (glibc ``mallinfo2``: arenas + mmapped).
 
@@ -62,12 +56,11 @@ def heap_in_use() -> int:
     cache) and library code are not. This is the "simulated device" of ``--device-memory``: on a GPU these
     allocations would be the device's.
     """
-    import ctypes
+    # usaf is imported late in this script: its runtime baseline is measured before
+    from usaf.memory.meter import malloc_info
 
-    libc = ctypes.CDLL("libc.so.6")
-    libc.mallinfo2.restype = _MallInfo2
-    m = libc.mallinfo2()
-    return m.uordblks + m.hblkhd
+    m = malloc_info()
+    return m["in_use"] + m["mapped"]
 
 
 class HeapPeak:

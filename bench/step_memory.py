@@ -3,8 +3,9 @@
 Sets up one method of `usaf bench quality` in this process exactly as its worker does (the same settings, data
 and setup), then runs the training steps with a 2 ms RSS sampler and prints, per step, RSS at its start, its
 peak and its end, and glibc's heap (``mallinfo2``: bytes in use, free bytes kept in the heap, mapped bytes).
-``--mmap-kib N`` sets glibc's mmap and trim thresholds to N KiB before anything is loaded (usaf's default is
-1 MiB, ``usaf.runtime``): allocations of N KiB or more are then mapped afresh and returned when freed.
+``--mmap-kib N`` sets glibc's mmap and trim thresholds to N KiB before usaf is imported (as
+``USAF_MALLOC_THRESHOLD_KIB=N`` does; usaf's default is 1 MiB, ``usaf.runtime``): allocations of N KiB or more are
+then mapped afresh and returned when freed.
 
     python bench/step_memory.py moefy chat --steps 20 [--mmap-kib 256] [--method usaf] [--json FILE]
 
@@ -14,21 +15,12 @@ The "added" figure is the bench's: the steps' peak RSS minus the RSS of the prep
 from __future__ import annotations
 
 import argparse
-import ctypes
 import json
+import os
 import tempfile
 import threading
 import time
 from pathlib import Path
-
-import usaf.runtime  # noqa: F401  (usaf's process settings, as in the bench's worker)
-
-_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
-
-
-class _MallInfo2(ctypes.Structure):
-    _fields_ = [(n, ctypes.c_size_t) for n in
-                "arena ordblks smblks hblks hblkhd usmblks fsmblks uordblks fordblks keepcost".split()]
 
 
 def main() -> None:
@@ -40,11 +32,8 @@ def main() -> None:
     ap.add_argument("--mmap-kib", type=int, default=0, help="glibc's mmap and trim thresholds in KiB (0: usaf's)")
     ap.add_argument("--json")
     a = ap.parse_args()
-    libc = ctypes.CDLL("libc.so.6")
-    libc.mallinfo2.restype = _MallInfo2
-    if a.mmap_kib:
-        libc.mallopt(_M_MMAP_THRESHOLD, a.mmap_kib << 10)
-        libc.mallopt(_M_TRIM_THRESHOLD, a.mmap_kib << 10)
+    if a.mmap_kib:  # read by usaf.runtime when usaf is imported (below), as in the bench's worker
+        os.environ["USAF_MALLOC_THRESHOLD_KIB"] = str(a.mmap_kib)
 
     import torch
 
@@ -52,17 +41,13 @@ def main() -> None:
     from usaf.bench.methods import parse_method, setup_method
     from usaf.bench.quality import ensure_inputs, load_task, parse_settings, task_files
     from usaf.load.hf import load_tokenizer
-
-    page = 4096
-
-    def rss() -> float:
-        with open("/proc/self/statm") as f:
-            return int(f.read().split()[1]) * page / 2**20
+    from usaf.memory.meter import malloc_info
+    from usaf.memory.meter import rss_mb as rss
 
     def heap() -> dict:
-        m = libc.mallinfo2()
-        return {"heap_used_mb": round(m.uordblks / 2**20, 1), "heap_free_mb": round(m.fordblks / 2**20, 1),
-                "mapped_mb": round(m.hblkhd / 2**20, 1)}
+        m = malloc_info()
+        names = {"in_use": "heap_used_mb", "free": "heap_free_mb", "mapped": "mapped_mb"}
+        return {names[k]: round(v / 2**20, 1) for k, v in m.items()}
 
     peak, going = [0.0], [True]
 

@@ -29,8 +29,8 @@ print(libc.mallinfo2().hblkhd - before)  # bytes glibc mapped for it (0: taken f
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's malloc")
 def test_malloc_threshold_knob_serves_buffers_below_it_from_the_heap():
-    """``USAF_MALLOC_THRESHOLD_MIB`` (and ``_KIB``): a buffer below the threshold comes from the heap (reused there when freed,
-    with no page faults); by default (1 MiB) a 4 MiB buffer is mapped afresh (every page faulted in and zeroed
+    """``USAF_MALLOC_THRESHOLD_MIB`` (and ``_KIB``): a buffer below the threshold comes from the heap (reused
+    there when freed, with no page faults); by default (1 MiB) a 4 MiB buffer is mapped afresh (every page faulted in and zeroed
     on first write). A bad value is named on stderr and ignored."""
 
     def mapped(value, size=4 << 20, name="USAF_MALLOC_THRESHOLD_MIB"):

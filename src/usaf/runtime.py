@@ -9,8 +9,8 @@ most of the gap between the training and the inference peak. usaf therefore, at 
 then reused from the heap instead of mapped (and faulted in, zeroed) afresh, for faster CPU steps and a higher
 peak (docs/benchmarks.md, "glibc's thresholds"). ``USAF_MALLOC_THRESHOLD_KIB`` (64-32768) sets them in KiB, and
 below 1 MiB the other way: the heap then keeps fewer freed buffers between steps, for a lower peak and slower
-steps (docs/quality.md, "What the memory usaf's training adds is made of"). ``USAF_NO_MALLOC_TUNING=1`` turns the glibc part off;
-``USAF_NO_RUNTIME_TUNING=1`` turns both off (the
+steps (docs/quality.md, "What the memory usaf's training adds is made of").
+``USAF_NO_MALLOC_TUNING=1`` turns the glibc part off; ``USAF_NO_RUNTIME_TUNING=1`` turns both off (the
 benchmarks' baseline methods run that way: the settings suit usaf's allocation pattern, not theirs - with
 them, PEFT LoRA on fused experts ran 1.8x slower, measured).
 """
@@ -30,14 +30,13 @@ def malloc_threshold() -> int:
     ``USAF_MALLOC_THRESHOLD_MIB`` MiB (1-32: glibc's mmap threshold caps at 32 MiB), else 1 MiB. A bad value is
     named on stderr and ignored (this runs at import, before any command line is parsed, and without torch:
     oneDNN reads its settings when torch loads)."""
-    for name, low, high, shift in (("USAF_MALLOC_THRESHOLD_KIB", 64, 32 << 10, 10),
-                                   ("USAF_MALLOC_THRESHOLD_MIB", 1, 32, 20)):
+    for unit, low, high, shift in (("KiB", 64, 32 << 10, 10), ("MiB", 1, 32, 20)):
+        name = f"USAF_MALLOC_THRESHOLD_{unit.upper()}"
         raw = os.environ.get(name, "").strip()
         if not raw:
             continue
         if raw.isdigit() and low <= int(raw) <= high:
             return int(raw) << shift
-        unit = "KiB" if shift == 10 else "MiB"
         print(f"usaf: ignoring {name}={raw!r}: not a whole number of {unit} from {low} to {high}", file=sys.stderr)
     return MALLOC_THRESHOLD
 
